@@ -1,0 +1,6 @@
+import type { Argv } from "yargs";
+
+/** A command module adds its commands to the parser. One line per module here. */
+export type CommandModule = (cli: Argv) => Argv;
+
+export const commands: CommandModule[] = [];

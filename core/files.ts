@@ -1,0 +1,97 @@
+import { randomBytes } from "node:crypto";
+import { constants, promises as fs } from "node:fs";
+import path from "node:path";
+import { CORE_CODES, ShoalError } from "./errors.js";
+
+export class FileReadError extends ShoalError {
+  constructor(
+    readonly path: string,
+    cause: unknown,
+  ) {
+    const reason = (cause as NodeJS.ErrnoException)?.code ?? String(cause);
+    super(CORE_CODES.SHOAL_FILE_READ, `cannot read ${path}: ${reason}`, {
+      cause,
+      fix: "check that the file exists and that this user may read it",
+    });
+  }
+}
+
+export class FileWriteError extends ShoalError {
+  constructor(
+    readonly path: string,
+    cause: unknown,
+  ) {
+    const reason = (cause as NodeJS.ErrnoException)?.code ?? String(cause);
+    super(CORE_CODES.SHOAL_FILE_WRITE, `cannot write ${path}: ${reason}`, {
+      cause,
+      fix: "check the directory's permissions and free space",
+    });
+  }
+}
+
+/** Reads a file, turning I/O failures into a {@link FileReadError} that names it. */
+export async function readFileChecked(file: string): Promise<Buffer> {
+  try {
+    return await fs.readFile(file);
+  } catch (err) {
+    throw new FileReadError(file, err);
+  }
+}
+
+/**
+ * Writes `data` to `file` atomically: a temporary file in the same directory,
+ * fsync, chmod, then rename. A crash or error leaves the old file (or none),
+ * never a partial one. `mode` defaults to 0644; use 0600 for secrets.
+ */
+export async function writeFileAtomic(file: string, data: string | Uint8Array, mode = 0o644): Promise<void> {
+  const tmp = path.join(path.dirname(file), `.${path.basename(file)}.${randomBytes(6).toString("hex")}.tmp`);
+  let handle: fs.FileHandle | undefined;
+  try {
+    handle = await fs.open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, mode);
+    await handle.writeFile(data);
+    await handle.chmod(mode);
+    await handle.sync();
+    await handle.close();
+    handle = undefined;
+    await fs.rename(tmp, file);
+  } catch (err) {
+    await handle?.close().catch(() => {});
+    await fs.rm(tmp, { force: true }).catch(() => {});
+    throw new FileWriteError(file, err);
+  }
+}
+
+/**
+ * Runs `fn` while holding an exclusive lock on `lockFile` (created with O_EXCL,
+ * removed afterwards). Another process waiting for the lock retries for up to
+ * `timeoutMs`; a lock older than `staleMs` is taken over (its holder crashed).
+ */
+export async function withFileLock<T>(
+  lockFile: string,
+  fn: () => Promise<T>,
+  { timeoutMs = 10_000, staleMs = 30_000 } = {},
+): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (let attempt = 0; ; attempt++) {
+    try {
+      const h = await fs.open(lockFile, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600);
+      await h.writeFile(String(process.pid));
+      await h.close();
+      break;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw new FileWriteError(lockFile, err);
+      const st = await fs.stat(lockFile).catch(() => undefined);
+      if (st && Date.now() - st.mtimeMs > staleMs) {
+        await fs.rm(lockFile, { force: true });
+        continue;
+      }
+      if (Date.now() > deadline) throw new FileWriteError(lockFile, new Error("lock held too long"));
+      await new Promise((r) => setTimeout(r, Math.min(5 + attempt * 2, 50) * Math.random() + 2));
+    }
+  }
+  try {
+    return await fn();
+  } finally {
+    await fs.rm(lockFile, { force: true });
+  }
+}
