@@ -1,0 +1,140 @@
+import { type Static, Type as T, type TSchema } from "@sinclair/typebox";
+import { Value } from "@sinclair/typebox/value";
+
+/**
+ * The job protocol between the orchestrator and compute nodes: the kinds of
+ * message (the envelope's `typ`) and the schema of each body. Both daemons
+ * validate every body they receive against these schemas, so a node that sends
+ * garbage is logged and ignored, never trusted.
+ *
+ * Directions (see DESIGN.md "Subjects and permissions"):
+ * - compute → orchestrator on `shoal.compute.<id>.out.<kind>`: register, heartbeat,
+ *   status, logs, result, result-chunk, renew. `register`, `result` and `renew`
+ *   are requests: the orchestrator replies on the node's inbox.
+ * - orchestrator → compute on `shoal.compute.<id>.in`: bid, run, cancel. `bid`
+ *   and `run` are requests: the node replies (allow_responses).
+ * - orchestrator → all on `shoal.broadcast.<kind>`: revocation.
+ */
+
+const Resources = T.Object({
+  /** CPU cores (fractions allowed). */
+  cpu: T.Number({ minimum: 0 }),
+  /** Memory in bytes. */
+  memory: T.Number({ minimum: 0 }),
+});
+export type Resources = Static<typeof Resources>;
+
+/** Who submitted a job, as the API authenticated them. */
+const Submitter = T.Object({
+  sub: T.String(),
+  namespace: T.String(),
+  method: T.String(),
+});
+export type Submitter = Static<typeof Submitter>;
+
+export const Approval = T.Union([T.Literal("APPROVED"), T.Literal("PENDING"), T.Literal("REJECTED")]);
+export type Approval = Static<typeof Approval>;
+
+export const BODY_SCHEMAS = {
+  register: T.Object({
+    nodeId: T.String(),
+    /** The node's certificate chain (leaf first), so verifiers can cache it by fingerprint. */
+    chainPem: T.String(),
+    labels: T.Record(T.String(), T.String()),
+    capacity: Resources,
+    engines: T.Array(T.String()),
+    version: T.String(),
+    /** Executions the node still runs or holds unacknowledged results for (resync after reconnect). */
+    executions: T.Array(T.Object({ executionId: T.String(), state: T.String() })),
+  }),
+  "register-reply": T.Object({
+    approval: Approval,
+    heartbeatIntervalMs: T.Integer({ minimum: 100 }),
+    /** The orchestrator's chain, so the node can verify what it signs. */
+    chainPem: T.String(),
+    reason: T.Optional(T.String()),
+  }),
+  heartbeat: T.Object({
+    nodeId: T.String(),
+    seq: T.Integer({ minimum: 0 }),
+    allocated: Resources,
+    running: T.Array(T.String()),
+  }),
+  bid: T.Object({
+    jobId: T.String(),
+    executionId: T.String(),
+    /** The whole validated job spec (core/job-spec), so the node can apply its job-selection policy. */
+    spec: T.Unknown(),
+    submitter: Submitter,
+    resources: Resources,
+  }),
+  "bid-reply": T.Object({ accept: T.Boolean(), reason: T.Optional(T.String()) }),
+  run: T.Object({
+    jobId: T.String(),
+    executionId: T.String(),
+    spec: T.Unknown(),
+    submitter: Submitter,
+    timeoutMs: T.Integer({ minimum: 1 }),
+  }),
+  "run-reply": T.Object({ accepted: T.Boolean(), reason: T.Optional(T.String()) }),
+  cancel: T.Object({ executionId: T.String(), reason: T.String() }),
+  status: T.Object({
+    executionId: T.String(),
+    state: T.Union([T.Literal("Running"), T.Literal("Failed"), T.Literal("Cancelled")]),
+    error: T.Optional(T.String()),
+  }),
+  logs: T.Object({
+    executionId: T.String(),
+    stream: T.Union([T.Literal("stdout"), T.Literal("stderr")]),
+    seq: T.Integer({ minimum: 0 }),
+    /** base64 */
+    data: T.String(),
+  }),
+  /** One chunk of one result file; `sha256` is of the decoded `data`, and the envelope signs it all. */
+  "result-chunk": T.Object({
+    executionId: T.String(),
+    file: T.String(),
+    index: T.Integer({ minimum: 0 }),
+    sha256: T.String(),
+    data: T.String(),
+  }),
+  /** The final outcome of an execution with the manifest of its result files; acknowledged by reply. */
+  result: T.Object({
+    executionId: T.String(),
+    state: T.Union([T.Literal("Completed"), T.Literal("Failed")]),
+    exitCode: T.Integer(),
+    error: T.Optional(T.String()),
+    stdout: T.String(),
+    stderr: T.String(),
+    stdoutTruncated: T.Boolean(),
+    stderrTruncated: T.Boolean(),
+    files: T.Array(
+      T.Object({
+        name: T.String(),
+        size: T.Integer({ minimum: 0 }),
+        sha256: T.String(),
+        chunks: T.Array(T.String()),
+      }),
+    ),
+  }),
+  "result-reply": T.Object({ stored: T.Boolean(), reason: T.Optional(T.String()) }),
+  revocation: T.Object({
+    serials: T.Array(T.String()),
+    fingerprints: T.Array(T.String()),
+    identities: T.Array(T.String()),
+  }),
+} satisfies Record<string, TSchema>;
+
+export type MessageKind = keyof typeof BODY_SCHEMAS;
+export type MessageBody<K extends MessageKind> = Static<(typeof BODY_SCHEMAS)[K]>;
+
+/** True when `body` has the shape the protocol requires for `kind`. */
+export function isValidBody<K extends MessageKind>(kind: K, body: unknown): body is MessageBody<K> {
+  return Value.Check(BODY_SCHEMAS[kind], body);
+}
+
+/** The first problem with `body`, for the log line that says why a message was ignored. */
+export function describeInvalidBody(kind: MessageKind, body: unknown): string {
+  const first = Value.Errors(BODY_SCHEMAS[kind], body).First();
+  return first ? `${kind}${first.path}: ${first.message}` : `${kind}: valid`;
+}
