@@ -1,0 +1,21 @@
+import { defineCodes, ShoalError } from "../core/index.js";
+
+export const COMPUTE_CODES = defineCodes("compute", {
+  SHOAL_COMPUTE_IDENTITY:
+    "The node's own certificate is missing, unreadable, outside its validity, not chained to the CA or not a compute identity.",
+  SHOAL_COMPUTE_REJECTED: "The orchestrator rejected this node's registration (`shoal node reject`).",
+  SHOAL_COMPUTE_DATA_DIR_LOCKED: "Another compute node already runs with this data directory.",
+  SHOAL_COMPUTE_SPOOL: "A pending result in the spool cannot be read or written.",
+  SHOAL_COMPUTE_NOT_RUNNING: "The compute node was used before start() or after close().",
+});
+
+export type ComputeCode = keyof typeof COMPUTE_CODES;
+
+/** A failure of the compute daemon; `code` says which. */
+export class ComputeError extends ShoalError {
+  declare readonly code: ComputeCode;
+
+  constructor(code: ComputeCode, message: string, options: { cause?: unknown; fix?: string } = {}) {
+    super(code, message, options);
+  }
+}

@@ -1,0 +1,225 @@
+import { createHash } from "node:crypto";
+import { promises as fs } from "node:fs";
+import path from "node:path";
+import { writeFileAtomic } from "../core/index.js";
+import type { MessageBody } from "../fabric/index.js";
+import { COMPUTE_CODES, ComputeError } from "./errors.js";
+
+/** One chunk of a result file, with the hex SHA-256 of its bytes. */
+export interface ResultChunk {
+  sha256: string;
+  data: Uint8Array;
+}
+
+/** A result file as the executor's result collector hands it over. */
+export interface CollectedFile {
+  name: string;
+  size: number;
+  /** Hex SHA-256 of the whole file. */
+  sha256: string;
+  chunks: readonly ResultChunk[];
+}
+
+/** A result kept on disk until the orchestrator acknowledges it. */
+export interface SpooledResult {
+  jobId: string;
+  /** The `result` manifest exactly as it will be sent; `files[].chunks` are the chunk digests in order. */
+  result: MessageBody<"result">;
+  /** When the result was spooled (ms since the epoch). */
+  spooledAt: number;
+}
+
+const MANIFEST = "manifest.json";
+const CHUNKS = "chunks";
+const HEX_SHA256 = /^[0-9a-f]{64}$/;
+/** Execution ids become directory names: no separators, no dot-only names. */
+const SAFE_ID = /^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$/;
+
+/** True for an execution id that is safe as a single directory name. */
+export function isSafeExecutionId(id: string): boolean {
+  return SAFE_ID.test(id) && id !== "." && id !== "..";
+}
+
+function sha256Hex(data: Uint8Array): string {
+  return createHash("sha256").update(data).digest("hex");
+}
+
+/**
+ * Results waiting for the orchestrator's acknowledgement, under
+ * `DATA-DIR/spool/<executionId>/`: the chunks first (`chunks/<sha256>`, content
+ * addressed), then `manifest.json` written atomically. An entry counts only once
+ * its manifest exists, so a crash half-way through leaves nothing that is sent;
+ * such leftovers are swept by {@link ResultSpool.list}. An entry is deleted only
+ * after the orchestrator replied `stored: true`.
+ */
+export class ResultSpool {
+  readonly #root: string;
+
+  /** @param root the spool directory, normally `DATA-DIR/spool` */
+  constructor(root: string) {
+    this.#root = root;
+  }
+
+  get root(): string {
+    return this.#root;
+  }
+
+  async init(): Promise<void> {
+    await this.#io(this.#root, () => fs.mkdir(this.#root, { recursive: true, mode: 0o700 }));
+  }
+
+  /**
+   * Stores a finished execution's outcome and files. Checks every chunk
+   * against its digest and every file against its size and digest first, so
+   * the spool never holds something the orchestrator would refuse.
+   * Returns the manifest to send.
+   */
+  async put(
+    jobId: string,
+    outcome: Omit<MessageBody<"result">, "files">,
+    files: readonly CollectedFile[],
+  ): Promise<SpooledResult> {
+    const executionId = outcome.executionId;
+    this.#assertId(executionId);
+    const dir = path.join(this.#root, executionId);
+    const chunkDir = path.join(dir, CHUNKS);
+    await this.#io(chunkDir, () => fs.mkdir(chunkDir, { recursive: true, mode: 0o700 }));
+    try {
+      return await this.#write(jobId, outcome, files, dir);
+    } catch (err) {
+      await fs.rm(dir, { recursive: true, force: true });
+      throw err;
+    }
+  }
+
+  async #write(
+    jobId: string,
+    outcome: Omit<MessageBody<"result">, "files">,
+    files: readonly CollectedFile[],
+    dir: string,
+  ): Promise<SpooledResult> {
+    const executionId = outcome.executionId;
+    const chunkDir = path.join(dir, CHUNKS);
+    const manifestFiles: MessageBody<"result">["files"] = [];
+    for (const file of files) {
+      const whole = createHash("sha256");
+      let size = 0;
+      const digests: string[] = [];
+      for (const chunk of file.chunks) {
+        const digest = sha256Hex(chunk.data);
+        if (digest !== bareDigest(chunk.sha256)) {
+          throw new ComputeError(
+            COMPUTE_CODES.SHOAL_COMPUTE_SPOOL,
+            `result ${file.name} of ${executionId}: a chunk does not match its digest`,
+            { fix: "this is a bug in the result collector; report it with the log" },
+          );
+        }
+        whole.update(chunk.data);
+        size += chunk.data.length;
+        digests.push(digest);
+        await writeFileAtomic(path.join(chunkDir, digest), chunk.data, 0o600);
+      }
+      if (size !== file.size || whole.digest("hex") !== bareDigest(file.sha256)) {
+        throw new ComputeError(
+          COMPUTE_CODES.SHOAL_COMPUTE_SPOOL,
+          `result ${file.name} of ${executionId}: chunks do not add up to the file's size and digest`,
+          { fix: "this is a bug in the result collector; report it with the log" },
+        );
+      }
+      manifestFiles.push({ name: file.name, size, sha256: bareDigest(file.sha256), chunks: digests });
+    }
+    const entry: SpooledResult = {
+      jobId,
+      result: { ...outcome, files: manifestFiles },
+      spooledAt: Date.now(),
+    };
+    await writeFileAtomic(path.join(dir, MANIFEST), JSON.stringify(entry), 0o600);
+    return entry;
+  }
+
+  /**
+   * Every complete entry, oldest first. Directories without a manifest (a
+   * crash while spooling) are removed; an unreadable manifest is reported by
+   * `onBroken` and its entry left in place for the operator.
+   */
+  async list(onBroken: (executionId: string, err: unknown) => void = () => {}): Promise<SpooledResult[]> {
+    const names = await this.#io(this.#root, () => fs.readdir(this.#root));
+    const entries: SpooledResult[] = [];
+    for (const name of names) {
+      if (!isSafeExecutionId(name)) continue;
+      const manifest = path.join(this.#root, name, MANIFEST);
+      let text: string;
+      try {
+        text = await fs.readFile(manifest, "utf8");
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === "ENOENT") {
+          await fs.rm(path.join(this.#root, name), { recursive: true, force: true });
+        } else {
+          onBroken(name, err);
+        }
+        continue;
+      }
+      try {
+        const entry = JSON.parse(text) as SpooledResult;
+        if (entry.result?.executionId !== name) throw new Error("manifest names another execution");
+        entries.push(entry);
+      } catch (err) {
+        onBroken(name, err);
+      }
+    }
+    return entries.sort((a, b) => a.spooledAt - b.spooledAt);
+  }
+
+  /** The bytes of one spooled chunk, checked against its digest. */
+  async readChunk(executionId: string, digest: string): Promise<Buffer> {
+    this.#assertId(executionId);
+    if (!HEX_SHA256.test(digest)) {
+      throw new ComputeError(
+        COMPUTE_CODES.SHOAL_COMPUTE_SPOOL,
+        `not a chunk digest: ${JSON.stringify(digest)}`,
+      );
+    }
+    const file = path.join(this.#root, executionId, CHUNKS, digest);
+    const data = await this.#io(file, () => fs.readFile(file));
+    if (sha256Hex(data) !== digest) {
+      throw new ComputeError(COMPUTE_CODES.SHOAL_COMPUTE_SPOOL, `spooled chunk ${file} is corrupt`, {
+        fix: "the disk changed the file; the result will be reported as failed",
+      });
+    }
+    return data;
+  }
+
+  /** Forgets an acknowledged result. Idempotent. */
+  async remove(executionId: string): Promise<void> {
+    this.#assertId(executionId);
+    const dir = path.join(this.#root, executionId);
+    await this.#io(dir, () => fs.rm(dir, { recursive: true, force: true }));
+  }
+
+  #assertId(executionId: string): void {
+    if (!isSafeExecutionId(executionId)) {
+      throw new ComputeError(
+        COMPUTE_CODES.SHOAL_COMPUTE_SPOOL,
+        `unsafe execution id ${JSON.stringify(executionId)}`,
+      );
+    }
+  }
+
+  async #io<T>(file: string, op: () => Promise<T>): Promise<T> {
+    try {
+      return await op();
+    } catch (err) {
+      if (err instanceof ComputeError) throw err;
+      throw new ComputeError(
+        COMPUTE_CODES.SHOAL_COMPUTE_SPOOL,
+        `spool ${file}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`,
+        { cause: err, fix: "check the data directory's permissions and free space" },
+      );
+    }
+  }
+}
+
+/** Accepts `sha256:HEX` or bare hex. */
+function bareDigest(digest: string): string {
+  return digest.startsWith("sha256:") ? digest.slice(7) : digest;
+}

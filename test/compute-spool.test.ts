@@ -1,0 +1,100 @@
+import "reflect-metadata";
+import { createHash } from "node:crypto";
+import { promises as fs } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import t, { type Test } from "tap";
+import { ResultSpool } from "../compute/index.js";
+
+const sha = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
+
+async function tempSpool(t: Test): Promise<ResultSpool> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), "shoal-spool-"));
+  t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
+  const spool = new ResultSpool(path.join(dir, "spool"));
+  await spool.init();
+  return spool;
+}
+
+const outcome = (executionId: string) => ({
+  executionId,
+  state: "Completed" as const,
+  exitCode: 0,
+  stdout: "hi\n",
+  stderr: "",
+  stdoutTruncated: false,
+  stderrTruncated: false,
+});
+
+function file(name: string, parts: string[]) {
+  const chunks = parts.map((p) => {
+    const data = Buffer.from(p);
+    return { sha256: sha(data), data };
+  });
+  const whole = Buffer.concat(chunks.map((c) => c.data));
+  return { name, size: whole.length, sha256: `sha256:${sha(whole)}`, chunks };
+}
+
+t.test("put then list and read back every chunk; remove forgets it", async (t) => {
+  const spool = await tempSpool(t);
+  const entry = await spool.put("job-1", outcome("exec-1"), [file("out.txt", ["hello ", "world"])]);
+  t.same(entry.result.files[0]?.chunks, [sha(Buffer.from("hello ")), sha(Buffer.from("world"))]);
+  t.equal(entry.result.files[0]?.sha256, sha(Buffer.from("hello world")), "digest stored bare");
+
+  const listed = await spool.list();
+  t.equal(listed.length, 1);
+  t.same(listed[0]?.result, entry.result);
+  t.equal(listed[0]?.jobId, "job-1");
+  const back = await Promise.all(entry.result.files[0]!.chunks.map((d) => spool.readChunk("exec-1", d)));
+  t.equal(Buffer.concat(back).toString(), "hello world");
+  const mode = (await fs.stat(path.join(spool.root, "exec-1", "manifest.json"))).mode & 0o777;
+  t.equal(mode, 0o600, "manifest is private");
+
+  await spool.remove("exec-1");
+  await spool.remove("exec-1");
+  t.same(await spool.list(), []);
+});
+
+t.test("an entry without a manifest (crash while spooling) is swept, not sent", async (t) => {
+  const spool = await tempSpool(t);
+  await fs.mkdir(path.join(spool.root, "exec-half", "chunks"), { recursive: true });
+  await fs.writeFile(path.join(spool.root, "exec-half", "chunks", "x"), "partial");
+  t.same(await spool.list(), []);
+  await t.rejects(fs.stat(path.join(spool.root, "exec-half")), { code: "ENOENT" });
+});
+
+t.test("a corrupted chunk is detected on read", async (t) => {
+  const spool = await tempSpool(t);
+  const entry = await spool.put("job-1", outcome("exec-2"), [file("a", ["abc"])]);
+  const digest = entry.result.files[0]!.chunks[0]!;
+  await fs.writeFile(path.join(spool.root, "exec-2", "chunks", digest), "abd");
+  await t.rejects(spool.readChunk("exec-2", digest), { code: "SHOAL_COMPUTE_SPOOL" });
+});
+
+t.test("a broken manifest is reported and left for the operator", async (t) => {
+  const spool = await tempSpool(t);
+  await spool.put("job-1", outcome("exec-3"), []);
+  await fs.writeFile(path.join(spool.root, "exec-3", "manifest.json"), "{not json");
+  const broken: string[] = [];
+  t.same(await spool.list((id) => broken.push(id)), []);
+  t.same(broken, ["exec-3"]);
+});
+
+t.test("chunks that do not match their digests are refused before anything is kept", async (t) => {
+  const spool = await tempSpool(t);
+  const bad = file("a", ["abc"]);
+  bad.chunks[0]!.sha256 = sha(Buffer.from("other"));
+  await t.rejects(spool.put("job-1", outcome("exec-4"), [bad]), { code: "SHOAL_COMPUTE_SPOOL" });
+  const short = file("b", ["abc"]);
+  short.size = 4;
+  await t.rejects(spool.put("job-1", outcome("exec-5"), [short]), { code: "SHOAL_COMPUTE_SPOOL" });
+  await t.rejects(fs.stat(path.join(spool.root, "exec-5")), { code: "ENOENT" }, "nothing partial left");
+  t.same(await spool.list(), []);
+});
+
+t.test("execution ids that could escape the spool are refused", async (t) => {
+  const spool = await tempSpool(t);
+  for (const id of ["..", "../x", "a/b", ""]) {
+    await t.rejects(spool.put("job", outcome(id), []), { code: "SHOAL_COMPUTE_SPOOL" }, id);
+  }
+});
