@@ -82,9 +82,9 @@ export class ConfigFileError extends ShoalError {
 
 /**
  * The candidate nearest to `wanted`, or undefined when none is close. A
- * case-insensitive match always wins; otherwise the smallest edit distance
- * (with transpositions) within a third of the length; failing that, the one
- * candidate whose last segment matches (the key under another section).
+ * case-insensitive match always wins, then a candidate one edit away (with
+ * transpositions), then the only candidate whose last segment matches, then
+ * the nearest candidate within a third of the length.
  */
 export function nearestKey(wanted: string, candidates: Iterable<string>): string | undefined {
   const lower = wanted.toLowerCase();
@@ -102,8 +102,10 @@ export function nearestKey(wanted: string, candidates: Iterable<string>): string
     }
     if (c.slice(c.lastIndexOf(".") + 1) === last) sameLeaf.push(candidate);
   }
-  if (best !== undefined && bestDistance <= Math.max(2, Math.floor(wanted.length / 3))) return best;
-  return sameLeaf.length === 1 ? sameLeaf[0] : undefined;
+  // A near-miss spelling wins; otherwise the key under another section (`Compute.CPU` → `Compute.Resources.CPU`).
+  if (best !== undefined && bestDistance <= 1) return best;
+  if (sameLeaf.length === 1) return sameLeaf[0];
+  return best !== undefined && bestDistance <= Math.max(2, Math.floor(wanted.length / 3)) ? best : undefined;
 }
 
 /** Optimal string alignment distance: insertions, deletions, substitutions and adjacent transpositions. */

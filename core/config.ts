@@ -4,15 +4,7 @@ import path from "node:path";
 import { Kind, type TObject, type TSchema } from "@sinclair/typebox";
 import { TypeCompiler } from "@sinclair/typebox/compiler";
 import { Value } from "@sinclair/typebox/value";
-import {
-  type Document,
-  isMap,
-  isScalar,
-  LineCounter,
-  parseDocument,
-  YAMLMap,
-  type Node as YamlNode,
-} from "yaml";
+import { Document, isMap, isScalar, LineCounter, parseDocument, YAMLMap, type Node as YamlNode } from "yaml";
 import {
   ConfigFileError,
   ConfigInvalidError,
@@ -175,6 +167,26 @@ export function getConfigValue(config: ShoalConfig, keyPath: string): unknown {
 }
 
 /**
+ * The configuration as a YAML config file, each key preceded by its
+ * description as a comment (what `shoal config default` prints).
+ */
+export function configToYaml(config: ShoalConfig): string {
+  const doc = new Document(config);
+  const describe = (map: unknown, prefix: string[]) => {
+    if (!isMap(map)) return;
+    for (const pair of map.items) {
+      if (!isScalar(pair.key)) continue;
+      const key = KEYS.get([...prefix, String(pair.key.value)].join("."));
+      if (!key) continue;
+      pair.key.commentBefore = ` ${key.schema.description}`;
+      if (key.section) describe(pair.value, key.segments as string[]);
+    }
+  };
+  describe(doc.contents, []);
+  return doc.toString();
+}
+
+/**
  * Sets one key in a YAML config file, as `shoal config set` does: checks the key
  * and value (and that the file as a whole stays valid), keeps the file's
  * comments and layout, and replaces the file atomically. Creates the file (0600,
@@ -191,9 +203,8 @@ export async function setConfigFileValue(file: string, keyPath: string, raw: str
   if (doc.contents === null || (isScalar(doc.contents) && doc.contents.value === null))
     doc.contents = new YAMLMap();
   for (let i = 1; i < target.length; i++) {
-    // `Compute:` with nothing under it is a null scalar that setIn cannot descend into.
-    const node = doc.getIn(target.slice(0, i), true);
-    if (isScalar(node) && node.value === null) doc.setIn(target.slice(0, i), new YAMLMap());
+    // `Compute:` with nothing under it holds no map that setIn could descend into.
+    if (!isMap(doc.getIn(target.slice(0, i), true))) doc.setIn(target.slice(0, i), new YAMLMap());
   }
   doc.setIn(target, value);
   await fs.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
