@@ -1,0 +1,301 @@
+import type { ServerOptions } from "node:https";
+import { PassThrough } from "node:stream";
+import { Type as T } from "@sinclair/typebox";
+import Fastify, {
+  type FastifyError,
+  type FastifyInstance,
+  type FastifyReply,
+  type FastifyRequest,
+  type preHandlerAsyncHookHandler,
+} from "fastify";
+import { isShoalError, type Logger } from "../core/index.js";
+import type { Submitter } from "../fabric/protocol.js";
+import { ORCHESTRATOR_CODES } from "./errors.js";
+import type { JobService } from "./job-service.js";
+import type { NodeService } from "./node-service.js";
+
+/** Largest request body (a job with an inline WASM module). */
+export const DEFAULT_BODY_LIMIT = 32 * 1024 * 1024;
+
+export interface ApiOptions {
+  jobs: JobService;
+  nodes: NodeService;
+  log: Logger;
+  /** TLS of the listener (key, cert, or an SNICallback from the API TLS manager). */
+  https: ServerOptions;
+  /** The fabric CA bundle served at `GET /api/v1/pki/ca`. */
+  caBundlePem: () => string;
+  /** What `GET /api/v1/agent/node` says about this orchestrator. */
+  nodeInfo: () => Record<string, unknown>;
+  version: string;
+  /**
+   * Who is calling. Runs first in the pipeline (authn); the default treats
+   * every caller as anonymous until issue 5 plugs in tokens.
+   */
+  authenticate?: (req: FastifyRequest) => Promise<Submitter>;
+  /** Further hooks (authz) run after authentication and before validation-dependent handlers. */
+  preHandlers?: preHandlerAsyncHookHandler[];
+  /** @default DEFAULT_BODY_LIMIT */
+  bodyLimit?: number;
+}
+
+declare module "fastify" {
+  interface FastifyRequest {
+    /** The authenticated caller, set by the authn hook. */
+    principal: Submitter;
+  }
+}
+
+const ANONYMOUS: Submitter = { sub: "anonymous", namespace: "default", method: "anonymous" };
+
+const JobIdParams = T.Object({ id: T.String({ pattern: "^[A-Za-z0-9._-]{1,128}$" }) });
+const JobStates = ["Pending", "Queued", "Running", "Completed", "Failed", "Stopped"] as const;
+const ListQuery = T.Object(
+  {
+    state: T.Optional(T.Union(JobStates.map((s) => T.Literal(s)))),
+    limit: T.Optional(T.Integer({ minimum: 1, maximum: 10_000 })),
+  },
+  { additionalProperties: false },
+);
+const FollowQuery = T.Object({ follow: T.Optional(T.Boolean()) }, { additionalProperties: false });
+const SubmitBody = T.Object(
+  { Job: T.Object({}, { additionalProperties: true }) },
+  { additionalProperties: false },
+);
+const StopBody = T.Union([
+  T.Object({ Reason: T.Optional(T.String({ maxLength: 1024 })) }, { additionalProperties: false }),
+  T.Null(),
+]);
+
+/** The error body every failure answers with. */
+export interface ApiErrorBody {
+  error: { code: string; message: string; fix?: string; field?: string };
+}
+
+function errorReply(err: unknown): { status: number; body: ApiErrorBody } {
+  const e = err as FastifyError & { status?: number; field?: string; fix?: string };
+  if (e.validation) {
+    const v = e.validation[0];
+    const where = (v?.instancePath ?? "").replace(/^\//, "").replaceAll("/", ".");
+    const field =
+      v?.keyword === "additionalProperties"
+        ? [where, String((v.params as { additionalProperty?: string }).additionalProperty)]
+            .filter(Boolean)
+            .join(".")
+        : v?.keyword === "required"
+          ? [where, String((v.params as { missingProperty?: string }).missingProperty)]
+              .filter(Boolean)
+              .join(".")
+          : where;
+    return {
+      status: 400,
+      body: {
+        error: {
+          code: ORCHESTRATOR_CODES.SHOAL_ORCH_REQUEST_INVALID,
+          message: `${e.validationContext ?? "request"}${field ? ` ${field}` : ""}: ${v?.message ?? e.message}`,
+          fix: "correct the request; docs/api.md describes every endpoint",
+          field,
+        },
+      },
+    };
+  }
+  if (isShoalError(err)) {
+    const status = typeof e.status === "number" ? e.status : "field" in e ? 400 : 500;
+    return {
+      status,
+      body: { error: { code: err.code, message: err.message, fix: err.fix, field: e.field } },
+    };
+  }
+  if (typeof e.statusCode === "number" && e.statusCode >= 400 && e.statusCode < 500) {
+    return {
+      status: e.statusCode,
+      body: {
+        error: {
+          code: ORCHESTRATOR_CODES.SHOAL_ORCH_REQUEST_INVALID,
+          message: e.message,
+          fix: "correct the request; docs/api.md describes every endpoint",
+        },
+      },
+    };
+  }
+  return {
+    status: 500,
+    body: { error: { code: "SHOAL_INTERNAL", message: "internal error", fix: "report it with the log" } },
+  };
+}
+
+/** Streams objects as NDJSON until `end` is called or the client goes away. */
+function ndjson(req: FastifyRequest, reply: FastifyReply) {
+  const out = new PassThrough();
+  let stop: () => void = () => {};
+  req.raw.on("close", () => stop());
+  reply.header("content-type", "application/x-ndjson").header("cache-control", "no-cache");
+  return {
+    stream: out,
+    write: (obj: unknown) => out.write(`${JSON.stringify(obj)}\n`),
+    end: () => out.end(),
+    onClose: (fn: () => void) => {
+      stop = fn;
+    },
+  };
+}
+
+/**
+ * The HTTPS API under /api/v1. Every request goes through the same pipeline:
+ * `onRequest` authn (sets `req.principal`) → `preHandler` hooks (authz,
+ * issue 5) → schema validation of params, query and body → a thin handler
+ * that calls JobService / NodeService. Errors become
+ * `{ error: { code, message, fix, field } }` with a 4xx/5xx status.
+ */
+export function buildApi(o: ApiOptions): FastifyInstance {
+  const app = Fastify({
+    https: o.https,
+    bodyLimit: o.bodyLimit ?? DEFAULT_BODY_LIMIT,
+    loggerInstance: o.log,
+    disableRequestLogging: true,
+    // Unknown fields are errors, not silently dropped (fastify's default drops them).
+    ajv: { customOptions: { removeAdditional: false, coerceTypes: "array" } },
+  }) as unknown as FastifyInstance;
+
+  const authenticate = o.authenticate ?? (async () => ANONYMOUS);
+  app.decorateRequest("principal", null as unknown as Submitter);
+  app.addHook("onRequest", async (req) => {
+    req.principal = await authenticate(req);
+  });
+  for (const hook of o.preHandlers ?? []) app.addHook("preHandler", hook);
+
+  app.setErrorHandler((err, req, reply) => {
+    const { status, body } = errorReply(err);
+    if (status >= 500) req.log.error({ err }, "request failed");
+    void reply.status(status).send(body);
+  });
+  app.setNotFoundHandler((req, reply) => {
+    void reply.status(404).send({
+      error: {
+        code: ORCHESTRATOR_CODES.SHOAL_ORCH_REQUEST_INVALID,
+        message: `no route ${req.method} ${req.url.split("?")[0]}`,
+        fix: "docs/api.md lists the endpoints",
+      },
+    } satisfies ApiErrorBody);
+  });
+
+  const v1 = "/api/v1";
+
+  app.get(`${v1}/agent/alive`, async () => ({ Status: "OK" }));
+  app.get(`${v1}/agent/version`, async () => ({ Version: o.version }));
+  app.get(`${v1}/agent/node`, async () => o.nodeInfo());
+  app.get(`${v1}/pki/ca`, async (_req, reply) => reply.type("application/x-pem-file").send(o.caBundlePem()));
+
+  app.put(`${v1}/orchestrator/jobs`, { schema: { body: SubmitBody } }, async (req, reply) => {
+    const job = await o.jobs.submit((req.body as { Job: unknown }).Job, req.principal);
+    return reply.status(201).send({ JobID: job.ID, Job: job });
+  });
+  app.get(`${v1}/orchestrator/jobs`, { schema: { querystring: ListQuery } }, async (req) => {
+    const q = req.query as { state?: (typeof JobStates)[number]; limit?: number };
+    return { Items: o.jobs.list({ state: q.state, limit: q.limit }) };
+  });
+  app.get(`${v1}/orchestrator/jobs/:id`, { schema: { params: JobIdParams } }, async (req) => ({
+    Job: o.jobs.get((req.params as { id: string }).id),
+  }));
+  app.delete(`${v1}/orchestrator/jobs/:id`, { schema: { params: JobIdParams } }, async (req) => {
+    const job = await o.jobs.stop((req.params as { id: string }).id);
+    return { JobID: job.ID, State: job.State, Job: job };
+  });
+  app.post(
+    `${v1}/orchestrator/jobs/:id/stop`,
+    { schema: { params: JobIdParams, body: StopBody } },
+    async (req) => {
+      const reason = (req.body as { Reason?: string } | null)?.Reason;
+      const job = await o.jobs.stop((req.params as { id: string }).id, reason);
+      return { JobID: job.ID, State: job.State, Job: job };
+    },
+  );
+  app.get(`${v1}/orchestrator/jobs/:id/executions`, { schema: { params: JobIdParams } }, async (req) => ({
+    Items: o.jobs.executions((req.params as { id: string }).id),
+  }));
+
+  // With ?follow=true the history streams as NDJSON until the job is final,
+  // then one last line {"Job": ...}: this is what `job run --wait` watches.
+  app.get(
+    `${v1}/orchestrator/jobs/:id/history`,
+    { schema: { params: JobIdParams, querystring: FollowQuery } },
+    async (req, reply) => {
+      const id = (req.params as { id: string }).id;
+      if (!(req.query as { follow?: boolean }).follow) return { Items: o.jobs.history(id) };
+      const s = ndjson(req, reply);
+      s.onClose(
+        o.jobs.follow(
+          id,
+          (event) => s.write({ Event: event }),
+          (job) => {
+            s.write({ Job: job });
+            s.end();
+          },
+        ),
+      );
+      return reply.send(s.stream);
+    },
+  );
+
+  app.get(
+    `${v1}/orchestrator/jobs/:id/logs`,
+    { schema: { params: JobIdParams, querystring: FollowQuery } },
+    async (req, reply) => {
+      const id = (req.params as { id: string }).id;
+      const s = ndjson(req, reply);
+      if ((req.query as { follow?: boolean }).follow) {
+        s.onClose(
+          o.jobs.followLogs(
+            id,
+            (e) => s.write(e),
+            () => s.end(),
+          ),
+        );
+      } else {
+        for (const e of await o.jobs.logs(id)) s.write(e);
+        s.end();
+      }
+      return reply.send(s.stream);
+    },
+  );
+
+  app.get(`${v1}/orchestrator/jobs/:id/results`, { schema: { params: JobIdParams } }, async (req) => ({
+    Items: o.jobs.results((req.params as { id: string }).id),
+  }));
+  app.get(
+    `${v1}/orchestrator/jobs/:id/results/:execution/*`,
+    {
+      schema: {
+        params: T.Object({ id: T.String(), execution: T.String(), "*": T.String({ minLength: 1 }) }),
+      },
+    },
+    async (req, reply) => {
+      const p = req.params as { id: string; execution: string; "*": string };
+      const { file, stream } = await o.jobs.openResult(p.id, p.execution, p["*"]);
+      return reply
+        .type("application/octet-stream")
+        .header("content-length", file.size)
+        .header("x-shoal-sha256", file.sha256)
+        .send(stream);
+    },
+  );
+
+  const NodeIdParams = T.Object({ id: T.String({ pattern: "^[A-Za-z0-9._-]{1,128}$" }) });
+  app.get(`${v1}/orchestrator/nodes`, async () => ({ Items: o.nodes.list() }));
+  app.get(`${v1}/orchestrator/nodes/:id`, { schema: { params: NodeIdParams } }, async (req) => ({
+    Node: o.nodes.get((req.params as { id: string }).id),
+  }));
+  app.post(`${v1}/orchestrator/nodes/:id/approve`, { schema: { params: NodeIdParams } }, async (req) => ({
+    Node: await o.nodes.approve((req.params as { id: string }).id),
+  }));
+  app.post(`${v1}/orchestrator/nodes/:id/reject`, { schema: { params: NodeIdParams } }, async (req) => ({
+    Node: await o.nodes.reject((req.params as { id: string }).id),
+  }));
+  app.delete(`${v1}/orchestrator/nodes/:id`, { schema: { params: NodeIdParams } }, async (req) => {
+    const id = (req.params as { id: string }).id;
+    await o.nodes.delete(id);
+    return { NodeID: id, Deleted: true };
+  });
+
+  return app;
+}

@@ -1,0 +1,50 @@
+import { defineCodes, ShoalError } from "../core/index.js";
+
+export const ORCHESTRATOR_CODES = defineCodes("orchestrator", {
+  SHOAL_ORCH_REQUEST_INVALID: "An API request body, query or path parameter does not fit its schema.",
+  SHOAL_ORCH_JOB_NOT_FOUND: "No job with that ID.",
+  SHOAL_ORCH_NODE_NOT_FOUND: "No node with that ID.",
+  SHOAL_ORCH_JOB_FINISHED: "The job is already Completed, Failed or Stopped.",
+  SHOAL_ORCH_RESULTS_NOT_FOUND: "The job, execution or result file has no stored result.",
+  SHOAL_ORCH_SHUTTING_DOWN: "The orchestrator is shutting down and takes no new work.",
+  SHOAL_ORCH_STATE_STORE: "The JetStream KV state store cannot be reached or written.",
+  SHOAL_ORCH_DATA_DIR: "The data directory cannot be created or used.",
+});
+
+/**
+ * An error the API turns into an HTTP status and the body
+ * `{ error: { code, message, fix, field } }`.
+ */
+export class OrchestratorError extends ShoalError {
+  constructor(
+    code: keyof typeof ORCHESTRATOR_CODES,
+    message: string,
+    readonly status: number,
+    options: { cause?: unknown; fix?: string; field?: string } = {},
+  ) {
+    super(code, message, options);
+    this.field = options.field;
+  }
+  readonly field: string | undefined;
+}
+
+export function jobNotFound(id: string): OrchestratorError {
+  return new OrchestratorError(ORCHESTRATOR_CODES.SHOAL_ORCH_JOB_NOT_FOUND, `no job ${id}`, 404, {
+    fix: "list jobs with `shoal job list`",
+  });
+}
+
+export function nodeNotFound(id: string): OrchestratorError {
+  return new OrchestratorError(ORCHESTRATOR_CODES.SHOAL_ORCH_NODE_NOT_FOUND, `no node ${id}`, 404, {
+    fix: "list nodes with `shoal node list`",
+  });
+}
+
+export function shuttingDown(): OrchestratorError {
+  return new OrchestratorError(
+    ORCHESTRATOR_CODES.SHOAL_ORCH_SHUTTING_DOWN,
+    "the orchestrator is shutting down",
+    503,
+    { fix: "retry once it is back up" },
+  );
+}

@@ -1,0 +1,249 @@
+import { randomUUID } from "node:crypto";
+import type { Readable } from "node:stream";
+import type { Logger } from "../core/index.js";
+import type { Submitter } from "../fabric/protocol.js";
+import { jobNotFound, ORCHESTRATOR_CODES, OrchestratorError, shuttingDown } from "./errors.js";
+import type { LogEntry, LogStore } from "./log-store.js";
+import {
+  type ExecutionRecord,
+  type JobEvent,
+  type JobRecord,
+  type JobState,
+  type JobView,
+  type ResultFile,
+  TERMINAL_JOB_STATES,
+} from "./records.js";
+import type { ResultsStore } from "./results-store.js";
+import type { StateStore } from "./state-store.js";
+
+/** What a job spec parser yields: the validated spec and what the orchestrator needs of it. */
+export interface ParsedJob {
+  spec: unknown;
+  name: string;
+  namespace: string;
+  type: "batch" | "ops";
+  count: number;
+}
+
+/** The dispatcher as the job service sees it: it places new jobs and stops running ones. */
+export interface JobDispatch {
+  /** Look for nodes for the job now (it is stored and Pending). */
+  enqueue(jobId: string): void;
+  /** Cancel the job's active executions and mark it Stopped. */
+  stop(jobId: string, reason: string): Promise<void>;
+}
+
+export interface JobServiceOptions {
+  store: StateStore;
+  logs: LogStore;
+  results: ResultsStore;
+  log: Logger;
+  /** Validates a submitted spec; throws an error with `field` (HTTP 400) for a bad one. */
+  parseSpec: (raw: unknown) => ParsedJob;
+  dispatch: JobDispatch;
+}
+
+export interface ListOptions {
+  state?: JobState;
+  /** @default 100 */
+  limit?: number;
+}
+
+export interface ExecutionResults {
+  ExecutionID: string;
+  NodeID: string;
+  Files: ResultFile[];
+}
+
+/**
+ * The API's view of jobs: submit, read, stop, follow. Testable without HTTP;
+ * the routes in api.ts only translate to and from it.
+ */
+export class JobService {
+  readonly #o: JobServiceOptions;
+  #accepting = true;
+
+  constructor(options: JobServiceOptions) {
+    this.#o = options;
+  }
+
+  /** Refuse new submissions (graceful shutdown). */
+  refuseNewWork(): void {
+    this.#accepting = false;
+  }
+
+  /**
+   * Validates and stores a job (durably, before returning) and hands it to the
+   * dispatcher. Throws the parser's error for a bad spec.
+   */
+  async submit(raw: unknown, submitter: Submitter): Promise<JobView> {
+    if (!this.#accepting) throw shuttingDown();
+    const parsed = this.#o.parseSpec(raw);
+    const now = Date.now();
+    const job: JobRecord = {
+      ID: `j-${randomUUID()}`,
+      Name: parsed.name,
+      Namespace: parsed.namespace,
+      Type: parsed.type,
+      Spec: parsed.spec,
+      Submitter: submitter,
+      State: "Pending",
+      StateMessage: "submitted",
+      Count: parsed.count,
+      Retries: 0,
+      CreateTime: now,
+      ModifyTime: now,
+    };
+    this.#o.store.putJob(job);
+    this.#o.store.appendEvent({
+      Time: now,
+      JobID: job.ID,
+      Type: "JobStateUpdate",
+      State: "Pending",
+      Message: `submitted by ${submitter.sub}`,
+    });
+    await this.#o.store.flush();
+    this.#o.log.info({ job: job.ID, type: job.Type, submitter: submitter.sub }, "job submitted");
+    this.#o.dispatch.enqueue(job.ID);
+    return { ...job, Executions: [] };
+  }
+
+  list(options: ListOptions = {}): JobRecord[] {
+    const limit = options.limit ?? 100;
+    const out: JobRecord[] = [];
+    for (const job of this.#o.store.jobs.values()) {
+      if (!options.state || job.State === options.state) out.push(job);
+    }
+    return out.sort((a, b) => b.CreateTime - a.CreateTime).slice(0, limit);
+  }
+
+  get(id: string): JobView {
+    return { ...this.#require(id), Executions: this.#o.store.executionsOf(id) };
+  }
+
+  executions(id: string): ExecutionRecord[] {
+    this.#require(id);
+    return this.#o.store.executionsOf(id);
+  }
+
+  history(id: string): JobEvent[] {
+    this.#require(id);
+    return this.#o.store.history(id);
+  }
+
+  /** Stops a job that is not finished yet; returns it as it is afterwards. */
+  async stop(id: string, reason = "stopped by user"): Promise<JobView> {
+    const job = this.#require(id);
+    if (TERMINAL_JOB_STATES.has(job.State)) {
+      throw new OrchestratorError(
+        ORCHESTRATOR_CODES.SHOAL_ORCH_JOB_FINISHED,
+        `job ${id} is already ${job.State}`,
+        409,
+        { fix: "nothing to stop" },
+      );
+    }
+    await this.#o.dispatch.stop(id, reason);
+    return this.get(id);
+  }
+
+  /**
+   * Calls `onEvent` with the job's history so far and then each new event,
+   * and `onEnd` once the job is in a final state. Returns the unsubscribe
+   * function. Fed by the store's change notifications (no polling).
+   */
+  follow(id: string, onEvent: (e: JobEvent) => void, onEnd: (job: JobView) => void): () => void {
+    this.#require(id);
+    let done = false;
+    const finish = () => {
+      if (done) return;
+      done = true;
+      unsubscribe();
+      // Let the final execution writes of this tick land before the snapshot.
+      setImmediate(() => onEnd(this.get(id)));
+    };
+    const unsubscribe = this.#o.store.watchJob(id, (change) => {
+      if (done) return;
+      if (change.type === "event") onEvent(change.event);
+      if (change.type === "job" && TERMINAL_JOB_STATES.has(change.job.State)) finish();
+    });
+    for (const e of this.#o.store.history(id)) onEvent(e);
+    if (TERMINAL_JOB_STATES.has(this.#require(id).State)) finish();
+    return () => {
+      done = true;
+      unsubscribe();
+    };
+  }
+
+  async logs(id: string): Promise<LogEntry[]> {
+    this.#require(id);
+    return this.#o.logs.read(id);
+  }
+
+  /**
+   * Calls `onEntry` for stored lines and then live ones until the job is
+   * final (`onEnd`). Lines that arrive while the stored ones are read are
+   * buffered, so none is lost or repeated.
+   */
+  followLogs(id: string, onEntry: (e: LogEntry) => void, onEnd: () => void): () => void {
+    this.#require(id);
+    const buffered: LogEntry[] = [];
+    let replaying = true;
+    let closed = false;
+    const stopLogs = this.#o.logs.follow(id, (e) => (replaying ? buffered.push(e) : onEntry(e)));
+    const stopJob = this.#o.store.watchJob(id, (change) => {
+      if (change.type === "job" && TERMINAL_JOB_STATES.has(change.job.State)) end();
+    });
+    const end = () => {
+      if (closed) return;
+      closed = true;
+      stopLogs();
+      stopJob();
+      onEnd();
+    };
+    void this.#o.logs.read(id).then((stored) => {
+      if (closed) return;
+      const seen = new Set(stored.map((e) => `${e.ExecutionID}/${e.Stream}/${e.Seq}`));
+      for (const e of stored) onEntry(e);
+      for (const e of buffered) if (!seen.has(`${e.ExecutionID}/${e.Stream}/${e.Seq}`)) onEntry(e);
+      replaying = false;
+      if (TERMINAL_JOB_STATES.has(this.#require(id).State)) end();
+    });
+    return () => {
+      closed = true;
+      stopLogs();
+      stopJob();
+    };
+  }
+
+  /** The stored result files of each execution of the job. */
+  results(id: string): ExecutionResults[] {
+    return this.executions(id)
+      .filter((e) => e.Results)
+      .map((e) => ({ ExecutionID: e.ID, NodeID: e.NodeID, Files: e.Results ?? [] }));
+  }
+
+  async openResult(
+    id: string,
+    executionId: string,
+    name: string,
+  ): Promise<{ file: ResultFile; stream: Readable }> {
+    const execution = this.executions(id).find((e) => e.ID === executionId);
+    const file = execution?.Results?.find((f) => f.name === name);
+    const opened = file ? await this.#o.results.open(id, executionId, name) : undefined;
+    if (!file || !opened) {
+      throw new OrchestratorError(
+        ORCHESTRATOR_CODES.SHOAL_ORCH_RESULTS_NOT_FOUND,
+        `no result ${name} for execution ${executionId} of job ${id}`,
+        404,
+        { fix: "list the stored results with GET .../results" },
+      );
+    }
+    return { file, stream: opened.stream };
+  }
+
+  #require(id: string): JobRecord {
+    const job = this.#o.store.jobs.get(id);
+    if (!job) throw jobNotFound(id);
+    return job;
+  }
+}

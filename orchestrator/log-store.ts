@@ -1,0 +1,67 @@
+import { EventEmitter } from "node:events";
+import { promises as fs } from "node:fs";
+import path from "node:path";
+
+/** One line of an execution's output, as `GET .../logs` streams it (NDJSON). */
+export interface LogEntry {
+  Time: number;
+  ExecutionID: string;
+  Stream: "stdout" | "stderr";
+  Seq: number;
+  /** The bytes as UTF-8 text. */
+  Data: string;
+}
+
+/**
+ * Execution logs, kept in `DATA-DIR/logs/<job>.ndjson` for later and fanned
+ * out live to followers (`job logs --follow`) as they arrive.
+ */
+export class LogStore {
+  readonly #dir: string;
+  readonly #emitter = new EventEmitter();
+  /** Appends per job are chained so lines keep their order. */
+  readonly #tails = new Map<string, Promise<void>>();
+
+  constructor(dataDir: string) {
+    this.#dir = path.join(dataDir, "logs");
+    this.#emitter.setMaxListeners(0);
+  }
+
+  async init(): Promise<void> {
+    await fs.mkdir(this.#dir, { recursive: true, mode: 0o700 });
+  }
+
+  append(jobId: string, entry: LogEntry): Promise<void> {
+    this.#emitter.emit(jobId, entry);
+    const prev = this.#tails.get(jobId) ?? Promise.resolve();
+    const next = prev.then(() =>
+      fs.appendFile(this.#file(jobId), `${JSON.stringify(entry)}\n`, { mode: 0o600 }),
+    );
+    const settled = next.catch(() => {});
+    this.#tails.set(jobId, settled);
+    void settled.then(() => {
+      if (this.#tails.get(jobId) === settled) this.#tails.delete(jobId);
+    });
+    return next;
+  }
+
+  /** Every stored line of the job, oldest first. */
+  async read(jobId: string): Promise<LogEntry[]> {
+    await this.#tails.get(jobId);
+    const text = await fs.readFile(this.#file(jobId), "utf8").catch(() => "");
+    return text
+      .split("\n")
+      .filter((l) => l.length > 0)
+      .map((l) => JSON.parse(l) as LogEntry);
+  }
+
+  /** Calls `listener` for each new line of the job; returns the unsubscribe function. */
+  follow(jobId: string, listener: (entry: LogEntry) => void): () => void {
+    this.#emitter.on(jobId, listener);
+    return () => this.#emitter.off(jobId, listener);
+  }
+
+  #file(jobId: string): string {
+    return path.join(this.#dir, `${jobId}.ndjson`);
+  }
+}

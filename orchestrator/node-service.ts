@@ -1,0 +1,188 @@
+import type { Logger } from "../core/index.js";
+import type { Approval, MessageBody } from "../fabric/protocol.js";
+import { nodeNotFound } from "./errors.js";
+import type { NodeRecord } from "./records.js";
+import type { StateStore } from "./state-store.js";
+
+export interface NodeServiceOptions {
+  store: StateStore;
+  log: Logger;
+  /** `Orchestrator.NodeManager.ManualApproval`: new nodes wait for `shoal node approve`. */
+  manualApproval: boolean;
+  /** `Orchestrator.NodeManager.DisconnectTimeout` in ms: no heartbeat for this long → LOST. */
+  disconnectTimeoutMs: number;
+  /** How often nodes are told to send heartbeats (`register-reply`). */
+  heartbeatIntervalMs: number;
+  /** Called when a node goes LOST (its executions must move elsewhere). */
+  onLost?: (node: NodeRecord) => void;
+}
+
+/** A node as the API lists it: everything but its certificate chain. */
+export type NodeView = Omit<NodeRecord, "ChainPem">;
+
+function view(node: NodeRecord): NodeView {
+  const { ChainPem: _chain, ...rest } = node;
+  return rest;
+}
+
+/**
+ * The node registry: registration, heartbeats, approval and health. A node
+ * with no heartbeat for half the disconnect timeout is UNHEALTHY (no new work),
+ * for the whole timeout LOST (its executions are rescheduled). Each node has one
+ * timer re-armed by its heartbeats, so nothing polls.
+ */
+export class NodeService {
+  readonly #o: NodeServiceOptions;
+  readonly #timers = new Map<string, { unhealthy: NodeJS.Timeout; lost: NodeJS.Timeout }>();
+
+  constructor(options: NodeServiceOptions) {
+    this.#o = options;
+  }
+
+  /** Arms the health timers of nodes loaded from KV (after a restart they must check in again). */
+  start(): void {
+    for (const node of this.#o.store.nodes.values()) {
+      if (node.Health !== "LOST") this.#arm(node.ID);
+    }
+  }
+
+  close(): void {
+    for (const t of this.#timers.values()) {
+      clearTimeout(t.unhealthy);
+      clearTimeout(t.lost);
+    }
+    this.#timers.clear();
+  }
+
+  list(): NodeView[] {
+    return [...this.#o.store.nodes.values()].map(view).sort((a, b) => a.ID.localeCompare(b.ID));
+  }
+
+  get(id: string): NodeView {
+    return view(this.#require(id));
+  }
+
+  /** The full record, for the dispatcher (capacity, labels, chain). */
+  record(id: string): NodeRecord | undefined {
+    return this.#o.store.nodes.get(id);
+  }
+
+  async approve(id: string): Promise<NodeView> {
+    return this.#setApproval(id, "APPROVED");
+  }
+
+  async reject(id: string): Promise<NodeView> {
+    return this.#setApproval(id, "REJECTED");
+  }
+
+  /**
+   * Forgets a node. Its broker access comes from its certificate: revoke that
+   * (`shoal pki revoke`) to keep it out; a node that registers again reappears
+   * as new (PENDING under manual approval).
+   */
+  async delete(id: string): Promise<void> {
+    const node = this.#require(id);
+    this.#disarm(id);
+    this.#o.store.deleteNode(id);
+    await this.#o.store.flush();
+    this.#o.onLost?.({ ...node, Health: "LOST" });
+  }
+
+  /** Records a `register` from the node proven to be `nodeId`; returns its approval. */
+  register(nodeId: string, body: MessageBody<"register">, chainPem: string): NodeRecord {
+    const now = Date.now();
+    const prev = this.#o.store.nodes.get(nodeId);
+    const approval: Approval = prev?.Approval ?? (this.#o.manualApproval ? "PENDING" : "APPROVED");
+    const node: NodeRecord = {
+      ID: nodeId,
+      Labels: body.labels,
+      Capacity: body.capacity,
+      Engines: body.engines,
+      Version: body.version,
+      Approval: approval,
+      Health: "HEALTHY",
+      LastSeen: now,
+      FirstSeen: prev?.FirstSeen ?? now,
+      ChainPem: chainPem,
+    };
+    this.#o.store.putNode(node);
+    this.#arm(nodeId);
+    if (!prev) this.#o.log.info({ node: nodeId, approval }, "node registered");
+    return node;
+  }
+
+  /** Records a heartbeat; false when the node is unknown (it must register first). */
+  heartbeat(nodeId: string): boolean {
+    const node = this.#o.store.nodes.get(nodeId);
+    if (!node) return false;
+    const now = Date.now();
+    if (node.Health !== "HEALTHY") {
+      this.#o.store.putNode({ ...node, Health: "HEALTHY", LastSeen: now });
+      this.#o.log.info({ node: nodeId }, "node healthy again");
+    } else {
+      // LastSeen is kept in memory on every beat but written to KV only on health changes.
+      node.LastSeen = now;
+    }
+    this.#arm(nodeId);
+    return true;
+  }
+
+  /** True when the node may be given new work. */
+  isSchedulable(node: NodeRecord): boolean {
+    return node.Approval === "APPROVED" && node.Health === "HEALTHY";
+  }
+
+  async #setApproval(id: string, approval: Approval): Promise<NodeView> {
+    const node = this.#require(id);
+    const next = { ...node, Approval: approval };
+    this.#o.store.putNode(next);
+    await this.#o.store.flush();
+    this.#o.log.info({ node: id, approval }, "node approval changed");
+    if (approval === "REJECTED") this.#o.onLost?.(next);
+    return view(next);
+  }
+
+  #require(id: string): NodeRecord {
+    const node = this.#o.store.nodes.get(id);
+    if (!node) throw nodeNotFound(id);
+    return node;
+  }
+
+  #arm(id: string): void {
+    const t = this.#timers.get(id);
+    if (t) {
+      t.unhealthy.refresh();
+      t.lost.refresh();
+      return;
+    }
+    const timeout = this.#o.disconnectTimeoutMs;
+    const unhealthy = setTimeout(() => this.#mark(id, "UNHEALTHY"), Math.max(1, Math.floor(timeout / 2)));
+    const lost = setTimeout(() => {
+      this.#disarm(id);
+      this.#mark(id, "LOST");
+    }, timeout);
+    unhealthy.unref();
+    lost.unref();
+    this.#timers.set(id, { unhealthy, lost });
+  }
+
+  #disarm(id: string): void {
+    const t = this.#timers.get(id);
+    if (!t) return;
+    clearTimeout(t.unhealthy);
+    clearTimeout(t.lost);
+    this.#timers.delete(id);
+  }
+
+  #mark(id: string, health: "UNHEALTHY" | "LOST"): void {
+    const node = this.#o.store.nodes.get(id);
+    if (!node || node.Health === health || node.Health === "LOST") return;
+    const next = { ...node, Health: health };
+    this.#o.store.putNode(next);
+    this.#o.log.warn(
+      { node: id, health, lastSeen: new Date(node.LastSeen).toISOString() },
+      "node health changed",
+    );
+    if (health === "LOST") this.#o.onLost?.(next);
+  }
+}

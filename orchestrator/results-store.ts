@@ -1,0 +1,151 @@
+import { createHash, randomBytes } from "node:crypto";
+import { createReadStream, promises as fs } from "node:fs";
+import path from "node:path";
+import type { Readable } from "node:stream";
+import type { MessageBody } from "../fabric/protocol.js";
+import type { ResultFile } from "./records.js";
+
+/** Largest single result chunk accepted (the node's chunks are far smaller). */
+export const MAX_CHUNK_BYTES = 4 * 1024 * 1024;
+
+/** Why a result manifest was not stored; sent back in result-reply `reason`. */
+export class ResultRejected extends Error {}
+
+const SEGMENT = /^[A-Za-z0-9._-]+$/;
+
+/** True for a relative result path that cannot leave its directory. */
+export function isSafeResultName(name: string): boolean {
+  if (name.length === 0 || name.length > 255) return false;
+  return name.split("/").every((s) => SEGMENT.test(s) && s !== "." && s !== "..");
+}
+
+function sha256(data: Uint8Array): string {
+  return createHash("sha256").update(data).digest("hex");
+}
+
+/** Accepts `sha256:HEX` or bare hex, as nodes may send either. */
+function bareDigest(d: string): string {
+  return d.startsWith("sha256:") ? d.slice(7) : d;
+}
+
+/**
+ * Result files under `DATA-DIR/results/<job>/<execution>/`. Chunks are staged
+ * on disk as they arrive (each checked against its own digest); the manifest
+ * then names, per file, the digests of its chunks in order and of the whole
+ * file. A file is stored only if every chunk is present and matches and the
+ * assembled file matches too; the execution's directory appears by one rename,
+ * so a crash leaves either all its files or none.
+ */
+export class ResultsStore {
+  readonly #root: string;
+  readonly #staging: string;
+
+  constructor(dataDir: string) {
+    this.#root = path.join(dataDir, "results");
+    this.#staging = path.join(this.#root, ".staging");
+  }
+
+  async init(): Promise<void> {
+    await fs.mkdir(this.#staging, { recursive: true, mode: 0o700 });
+  }
+
+  /** Stages one chunk after checking its digest; returns false (and keeps nothing) for a bad one. */
+  async stageChunk(chunk: MessageBody<"result-chunk">): Promise<boolean> {
+    if (!isSafeResultName(chunk.file)) return false;
+    const data = Buffer.from(chunk.data, "base64");
+    if (data.length > MAX_CHUNK_BYTES || sha256(data) !== bareDigest(chunk.sha256)) return false;
+    const dir = this.#stagingDir(chunk.executionId);
+    await fs.mkdir(dir, { recursive: true, mode: 0o700 });
+    await fs.writeFile(this.#chunkPath(chunk.executionId, chunk.file, chunk.index), data, { mode: 0o600 });
+    return true;
+  }
+
+  /**
+   * Assembles and verifies the files of a manifest, then moves them into
+   * place. Throws {@link ResultRejected} naming the first problem. Storing the
+   * same execution twice (a node resending after a lost acknowledgement) keeps
+   * the first copy.
+   */
+  async commit(jobId: string, manifest: MessageBody<"result">): Promise<ResultFile[]> {
+    const finalDir = this.executionDir(jobId, manifest.executionId);
+    const files: ResultFile[] = manifest.files.map((f) => ({ name: f.name, size: f.size, sha256: f.sha256 }));
+    if (await exists(finalDir)) return files;
+    const tmpDir = `${finalDir}.${randomBytes(6).toString("hex")}.tmp`;
+    try {
+      await fs.mkdir(tmpDir, { recursive: true, mode: 0o700 });
+      for (const f of manifest.files) {
+        if (!isSafeResultName(f.name))
+          throw new ResultRejected(`unsafe result file name ${JSON.stringify(f.name)}`);
+        const hash = createHash("sha256");
+        const target = path.join(tmpDir, f.name);
+        await fs.mkdir(path.dirname(target), { recursive: true, mode: 0o700 });
+        const out = await fs.open(target, "w", 0o600);
+        let size = 0;
+        try {
+          for (const [index, digest] of f.chunks.entries()) {
+            const data = await fs
+              .readFile(this.#chunkPath(manifest.executionId, f.name, index))
+              .catch(() => undefined);
+            if (!data) throw new ResultRejected(`${f.name}: chunk ${index} missing`);
+            if (sha256(data) !== bareDigest(digest)) {
+              throw new ResultRejected(`${f.name}: chunk ${index} does not match its digest`);
+            }
+            hash.update(data);
+            size += data.length;
+            await out.write(data);
+          }
+          await out.sync();
+        } finally {
+          await out.close();
+        }
+        if (size !== f.size) throw new ResultRejected(`${f.name}: ${size} bytes, manifest says ${f.size}`);
+        if (hash.digest("hex") !== bareDigest(f.sha256)) {
+          throw new ResultRejected(`${f.name}: file does not match its digest`);
+        }
+      }
+      await fs.mkdir(path.dirname(finalDir), { recursive: true, mode: 0o700 });
+      await fs.rename(tmpDir, finalDir);
+    } catch (err) {
+      await fs.rm(tmpDir, { recursive: true, force: true });
+      throw err;
+    }
+    await this.discardStaged(manifest.executionId);
+    return files;
+  }
+
+  async discardStaged(executionId: string): Promise<void> {
+    await fs.rm(this.#stagingDir(executionId), { recursive: true, force: true });
+  }
+
+  executionDir(jobId: string, executionId: string): string {
+    return path.join(this.#root, jobId, executionId);
+  }
+
+  /** A stored result file, or undefined. */
+  async open(
+    jobId: string,
+    executionId: string,
+    name: string,
+  ): Promise<{ size: number; stream: Readable } | undefined> {
+    if (!isSafeResultName(name)) return undefined;
+    const file = path.join(this.executionDir(jobId, executionId), name);
+    const st = await fs.stat(file).catch(() => undefined);
+    if (!st?.isFile()) return undefined;
+    return { size: st.size, stream: createReadStream(file) };
+  }
+
+  #stagingDir(executionId: string): string {
+    return path.join(this.#staging, executionId);
+  }
+
+  #chunkPath(executionId: string, file: string, index: number): string {
+    return path.join(this.#stagingDir(executionId), `${sha256(Buffer.from(file)).slice(0, 32)}.${index}`);
+  }
+}
+
+async function exists(p: string): Promise<boolean> {
+  return fs.stat(p).then(
+    () => true,
+    () => false,
+  );
+}
