@@ -1,0 +1,63 @@
+/**
+ * The PKI: CA creation, issuance, CSR signing, path validation with
+ * explanations, revocation lists and PKCS#12 export. No network.
+ */
+export {
+  type InitPkiOptions,
+  type IssuedCertificate,
+  initPki,
+  openPki,
+  PKI_FILES,
+  Pki,
+  writeIssued,
+} from "./authority.js";
+export { EKU_OIDS, type ExtKeyUsage } from "./certificate-builder.js";
+export { type CertInfo, inspectCertificate } from "./certificate-info.js";
+export { type CrlEntry, DEFAULT_CRL_VALIDITY_MS, type ParsedCrl, parseCrl } from "./crl.js";
+export { type CheckedCsr, checkCsr, createCsr } from "./csr.js";
+export {
+  CertificateVerificationError,
+  PKI_CODES,
+  type PkiCode,
+  PkiError,
+  type VerifyFailure,
+} from "./errors.js";
+export {
+  type CertificateStatus,
+  INVENTORY_FILE,
+  type InventoryEntry,
+  type InventoryFile,
+  REVOCATION_REASONS,
+  type RevocationReason,
+  readInventory,
+} from "./inventory.js";
+export {
+  DEFAULT_KEY_TYPE,
+  exportPrivateKey,
+  generatePrivateKey,
+  importPrivateKey,
+  isKeyType,
+  KEY_TYPES,
+  type KeyType,
+} from "./key-types.js";
+export { certFingerprint, readCertificates } from "./pem.js";
+export {
+  BACKDATE_MS,
+  DEFAULT_CA_DAYS,
+  DEFAULT_LEAF_DAYS,
+  type IssueRequest,
+  LOOPBACK_NAMES,
+} from "./profiles.js";
+export {
+  DEFAULT_TRUST_DOMAIN,
+  IDENTITY_ROLES,
+  type IdentityRole,
+  isIdentityRole,
+  isRole,
+  isValidId,
+  parseSpiffeId,
+  ROLES,
+  type Role,
+  spiffeId,
+} from "./spiffe.js";
+export { type VerifyOptions, type VerifyResult, verifyCertificate } from "./verify.js";
