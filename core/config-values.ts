@@ -129,6 +129,7 @@ export function describeExpectation(schema: TSchema): string {
     case "String":
       if (schema["x-shoal"] === "duration") return "a duration like 30s, 5m or 24h";
       if (schema["x-shoal"] === "size") return "a size like 512Mi or 4Gi";
+      if (schema["x-shoal"] === "path") return "a path (a leading ~ is the home directory)";
       return schema.minLength ? "a non-empty string" : "a string";
     default:
       return "a section of keys";
