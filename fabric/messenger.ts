@@ -1,0 +1,82 @@
+import type { Msg, Subscription } from "@nats-io/transport-node";
+import { type Logger, silentLogger } from "../core/index.js";
+import type { FabricConnection } from "./connection.js";
+import type { EnvelopeSigner, EnvelopeVerifier, VerifiedEnvelope } from "./envelope.js";
+import { FabricError } from "./errors.js";
+import type { MessageBody, MessageKind } from "./protocol.js";
+
+/** Answers a verified request with a signed reply addressed to its sender. */
+export interface SignedReplier {
+  respond<K extends MessageKind>(kind: K, body: MessageBody<K>): void;
+}
+
+export type VerifiedHandler = (
+  envelope: VerifiedEnvelope,
+  reply: SignedReplier | undefined,
+  msg: Msg,
+) => void | Promise<void>;
+
+/**
+ * Signed messaging over a fabric connection: every publish is an envelope signed
+ * by this daemon, every delivery is verified before the handler sees it (refused
+ * messages are logged with their code and dropped), and replies are signed too.
+ */
+export class FabricMessenger {
+  readonly #log: Logger;
+
+  constructor(
+    readonly connection: FabricConnection,
+    readonly signer: EnvelopeSigner,
+    readonly verifier: EnvelopeVerifier,
+    logger: Logger = silentLogger,
+  ) {
+    this.#log = logger.child({ component: "fabric-messenger" });
+  }
+
+  publishSigned<K extends MessageKind>(subject: string, kind: K, aud: string, body: MessageBody<K>): void {
+    this.connection.publish(subject, this.signer.sign(kind, aud, body));
+  }
+
+  /** Sends a signed request and returns the verified reply, which must come from `aud`. */
+  async requestSigned<K extends MessageKind>(
+    subject: string,
+    kind: K,
+    aud: string,
+    body: MessageBody<K>,
+    timeoutMs = 10_000,
+  ): Promise<VerifiedEnvelope> {
+    const msg = await this.connection.request(subject, this.signer.sign(kind, aud, body), timeoutMs);
+    return this.verifier.verify(msg.string(), { subject: msg.subject, expectedIss: aud });
+  }
+
+  /**
+   * Subscribes (confirmed by the broker) and hands each verified envelope to
+   * `handler`; `onRejected` sees refused ones (default: a warning in the log).
+   */
+  subscribeVerified(
+    subject: string,
+    handler: VerifiedHandler,
+    onRejected: (error: FabricError, msg: Msg) => void = (error, msg) =>
+      this.#log.warn({ code: error.code, subject: msg.subject, details: error.details }, error.message),
+  ): Promise<Subscription> {
+    return this.connection.subscribe(subject, {
+      callback: (err, msg) => {
+        if (err) return;
+        let envelope: VerifiedEnvelope;
+        try {
+          envelope = this.verifier.verify(msg.string(), { subject: msg.subject });
+        } catch (e) {
+          if (e instanceof FabricError) onRejected(e, msg);
+          else this.#log.error({ err: e }, "envelope verification crashed");
+          return;
+        }
+        const reply: SignedReplier | undefined = msg.reply
+          ? { respond: (kind, body) => msg.respond(this.signer.sign(kind, envelope.iss, body)) }
+          : undefined;
+        Promise.resolve()
+          .then(() => handler(envelope, reply, msg))
+          .catch((e: unknown) => this.#log.error({ err: e, kind: envelope.kind }, "handler failed"));
+      },
+    });
+  }
+}
