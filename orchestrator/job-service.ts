@@ -102,7 +102,16 @@ export class JobService {
       State: "Pending",
       Message: `submitted by ${submitter.sub}`,
     });
-    await this.#o.store.flush();
+    try {
+      await this.#o.store.flush();
+    } catch (cause) {
+      throw new OrchestratorError(
+        ORCHESTRATOR_CODES.SHOAL_ORCH_STATE_STORE,
+        `job ${job.ID} could not be stored durably`,
+        503,
+        { cause, fix: "check the nats-server log lines; retry once the store is writable" },
+      );
+    }
     this.#o.log.info({ job: job.ID, type: job.Type, submitter: submitter.sub }, "job submitted");
     this.#o.dispatch.enqueue(job.ID);
     return { ...job, Executions: [] };

@@ -39,6 +39,11 @@ export class NodeService {
     this.#o = options;
   }
 
+  /** How often nodes are told to send heartbeats. */
+  get heartbeatIntervalMs(): number {
+    return this.#o.heartbeatIntervalMs;
+  }
+
   /** Arms the health timers of nodes loaded from KV (after a restart they must check in again). */
   start(): void {
     for (const node of this.#o.store.nodes.values()) {

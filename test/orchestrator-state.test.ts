@@ -1,47 +1,11 @@
 import "reflect-metadata";
-import { spawn } from "node:child_process";
-import { promises as fs } from "node:fs";
-import net from "node:net";
-import os from "node:os";
-import path from "node:path";
 import { jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import t from "tap";
 import { silentLogger } from "../core/index.js";
 import type { JobRecord } from "../orchestrator/records.js";
 import { StateStore } from "../orchestrator/state-store.js";
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address() as net.AddressInfo;
-      s.close(() => resolve(port));
-    });
-    s.on("error", reject);
-  });
-}
-
-/** A plain loopback nats-server with JetStream in `dir`, for state-store tests (no fabric involved). */
-async function startJetStream(t: { teardown: (fn: () => void) => void }, dir: string): Promise<string> {
-  const port = await freePort();
-  const child = spawn("nats-server", ["-js", "-a", "127.0.0.1", "-p", String(port), "-sd", dir], {
-    stdio: "ignore",
-  });
-  t.teardown(() => {
-    child.kill("SIGTERM");
-  });
-  const url = `127.0.0.1:${port}`;
-  for (let i = 0; i < 100; i++) {
-    const nc = await connect({ servers: url, reconnect: false }).catch(() => undefined);
-    if (nc) {
-      await nc.close();
-      return url;
-    }
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error("nats-server did not start");
-}
+import { startJetStream, tempDir } from "./helpers/cluster.js";
 
 function job(id: string, createTime: number): JobRecord {
   return {
@@ -61,8 +25,7 @@ function job(id: string, createTime: number): JobRecord {
 }
 
 t.test("state survives a reconnect: memory first, KV behind, coalesced writes", async (t) => {
-  const dir = await fs.mkdtemp(path.join(os.tmpdir(), "shoal-state-"));
-  t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
+  const dir = await tempDir(t, "shoal-state-");
   const url = await startJetStream(t, dir);
 
   const nc = await connect({ servers: url });

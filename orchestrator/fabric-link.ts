@@ -1,0 +1,242 @@
+import { promises as fs } from "node:fs";
+import type { Msg, Subscription } from "@nats-io/transport-node";
+import type { Logger } from "../core/index.js";
+import {
+  broadcastAudience,
+  EnvelopeSigner,
+  EnvelopeVerifier,
+  type FabricConnection,
+  type MessageBody,
+  type MessageKind,
+  PeerCertificateCache,
+  parseSubject,
+  ReplayGuard,
+  subjects,
+  type VerifiedEnvelope,
+} from "../fabric/index.js";
+import type { Pki } from "../pki/index.js";
+import type { Dispatcher, NodeChannel } from "./dispatcher.js";
+import type { NodeService } from "./node-service.js";
+import type { StateStore } from "./state-store.js";
+
+export interface FabricLinkOptions {
+  fabric: FabricConnection;
+  pki: Pki;
+  store: StateStore;
+  nodes: NodeService;
+  log: Logger;
+  /** The orchestrator's identity certificate and key files. */
+  identity: { certFile: string; keyFile: string };
+  /** How long a bid or run request may take. @default 10000 */
+  requestTimeoutMs?: number;
+}
+
+const NODE_ID = /^[a-z0-9][a-z0-9_-]{0,62}$/;
+
+/**
+ * The orchestrator's side of the fabric: one subscription to every node's
+ * `.out.>` subjects, where each message is a signed envelope verified against
+ * the sender's certificate (chain, validity, role against the subject, replay)
+ * before anything looks at its body; and the {@link NodeChannel} the dispatcher
+ * uses to send signed bid/run/cancel messages. A node that sends garbage is
+ * logged and ignored.
+ */
+export class FabricLink implements NodeChannel {
+  readonly #o: FabricLinkOptions;
+  readonly #signer: EnvelopeSigner;
+  readonly #verifier: EnvelopeVerifier;
+  readonly #peers: PeerCertificateCache;
+  #dispatcher: Dispatcher | undefined;
+  #sub: Subscription | undefined;
+  readonly #revoked = new Set<string>();
+
+  private constructor(o: FabricLinkOptions, signer: EnvelopeSigner) {
+    this.#o = o;
+    this.#signer = signer;
+    this.#peers = new PeerCertificateCache({ caPem: o.pki.caCertPem, trustDomain: o.pki.trustDomain });
+    this.#verifier = new EnvelopeVerifier({
+      identity: signer.identity,
+      peers: this.#peers,
+      replayGuard: new ReplayGuard(),
+    });
+    // Nodes known from before a restart can be verified at once.
+    for (const node of o.store.nodes.values()) {
+      try {
+        if (node.ChainPem) this.#peers.add(node.ChainPem);
+      } catch (err) {
+        o.log.warn({ node: node.ID, err }, "stored node certificate no longer acceptable");
+      }
+    }
+  }
+
+  static async create(o: FabricLinkOptions): Promise<FabricLink> {
+    const [certPem, keyPem] = await Promise.all([
+      fs.readFile(o.identity.certFile, "utf8"),
+      fs.readFile(o.identity.keyFile, "utf8"),
+    ]);
+    return new FabricLink(o, new EnvelopeSigner({ certPem, keyPem }));
+  }
+
+  /** The dispatcher that status/logs/result messages go to. */
+  attach(dispatcher: Dispatcher): void {
+    this.#dispatcher = dispatcher;
+  }
+
+  async start(): Promise<void> {
+    this.#sub = await this.#o.fabric.subscribe(subjects.computeOutAny, {
+      callback: (err, msg) => {
+        if (err) {
+          this.#o.log.error({ err }, "subscription failed");
+          return;
+        }
+        void this.#handle(msg).catch((e) =>
+          this.#o.log.error({ err: e, subject: msg.subject }, "message handling failed"),
+        );
+      },
+    });
+  }
+
+  async close(): Promise<void> {
+    this.#sub?.unsubscribe();
+  }
+
+  async bid(nodeId: string, body: MessageBody<"bid">): Promise<MessageBody<"bid-reply">> {
+    return this.#request(nodeId, "bid", body, "bid-reply");
+  }
+
+  async run(nodeId: string, body: MessageBody<"run">): Promise<MessageBody<"run-reply">> {
+    return this.#request(nodeId, "run", body, "run-reply");
+  }
+
+  async cancel(nodeId: string, body: MessageBody<"cancel">): Promise<void> {
+    this.#o.fabric.publish(
+      subjects.computeIn(nodeId),
+      this.#signer.sign("cancel", this.#identityOf(nodeId), body),
+    );
+  }
+
+  /**
+   * Applies revocations from the PKI inventory: the certificates stop
+   * verifying here at once, and every node is told (broadcast) so it stops
+   * trusting them too. Returns how many were new.
+   */
+  revoke(revoked: readonly { serial: string; fingerprint: string }[]): number {
+    const fresh = revoked.filter((r) => !this.#revoked.has(r.serial));
+    if (fresh.length === 0) return 0;
+    for (const r of fresh) this.#revoked.add(r.serial);
+    const body = {
+      serials: fresh.map((r) => r.serial),
+      fingerprints: fresh.map((r) => r.fingerprint),
+      identities: [],
+    };
+    this.#peers.revoke(body);
+    this.#o.fabric.publish(
+      subjects.broadcast("revocation"),
+      this.#signer.sign("revocation", broadcastAudience(this.#o.pki.trustDomain), body),
+    );
+    return fresh.length;
+  }
+
+  #identityOf(nodeId: string): string {
+    return `spiffe://${this.#o.pki.trustDomain}/compute/${nodeId}`;
+  }
+
+  async #request<K extends MessageKind, R extends MessageKind>(
+    nodeId: string,
+    kind: K,
+    body: MessageBody<K>,
+    replyKind: R,
+  ): Promise<MessageBody<R>> {
+    const aud = this.#identityOf(nodeId);
+    const msg = await this.#o.fabric.request(
+      subjects.computeIn(nodeId),
+      this.#signer.sign(kind, aud, body),
+      this.#o.requestTimeoutMs ?? 10_000,
+    );
+    const reply = this.#verifier.verify(msg.string(), { subject: msg.subject, expectedIss: aud });
+    if (reply.kind !== replyKind) throw new Error(`${nodeId} answered ${kind} with ${reply.kind}`);
+    return reply.body as MessageBody<R>;
+  }
+
+  #reply<K extends MessageKind>(msg: Msg, to: string, kind: K, body: MessageBody<K>): void {
+    if (msg.reply) msg.respond(this.#signer.sign(kind, to, body));
+  }
+
+  async #handle(msg: Msg): Promise<void> {
+    const parsed = parseSubject(msg.subject);
+    if (parsed?.type !== "compute-out" || !NODE_ID.test(parsed.nodeId)) return;
+    const token = msg.string();
+    let env: VerifiedEnvelope;
+    try {
+      if (parsed.kind === "register") this.#learnChain(token);
+      env = this.#verifier.verify(token, { subject: msg.subject });
+    } catch (err) {
+      this.#o.log.warn(
+        {
+          node: parsed.nodeId,
+          kind: parsed.kind,
+          code: (err as { code?: string }).code,
+          reason: (err as Error).message,
+        },
+        "fabric message refused",
+      );
+      return;
+    }
+    const nodeId = env.sender.id;
+    const d = this.#dispatcher;
+    switch (env.kind) {
+      case "register": {
+        const body = env.body as MessageBody<"register">;
+        if (body.nodeId !== nodeId) {
+          this.#o.log.warn({ node: nodeId, claimed: body.nodeId }, "register names another node; ignored");
+          return;
+        }
+        const node = this.#o.nodes.register(nodeId, body, env.sender.chainPem);
+        this.#reply(msg, env.iss, "register-reply", {
+          approval: node.Approval,
+          heartbeatIntervalMs: this.#o.nodes.heartbeatIntervalMs,
+          chainPem: this.#signer.chainPem,
+          ...(node.Approval === "APPROVED" ? {} : { reason: `node is ${node.Approval}` }),
+        });
+        d?.reconcile(nodeId, body.executions);
+        return;
+      }
+      case "heartbeat":
+        if (!this.#o.nodes.heartbeat(nodeId))
+          this.#o.log.debug({ node: nodeId }, "heartbeat from an unregistered node");
+        return;
+      case "status":
+        d?.handleStatus(nodeId, env.body as MessageBody<"status">);
+        return;
+      case "logs":
+        d?.handleLogs(nodeId, env.body as MessageBody<"logs">);
+        return;
+      case "result-chunk":
+        await d?.handleResultChunk(nodeId, env.body as MessageBody<"result-chunk">);
+        return;
+      case "result": {
+        if (!d) return;
+        const reply = await d.handleResult(nodeId, env.body as MessageBody<"result">);
+        this.#reply(msg, env.iss, "result-reply", reply);
+        return;
+      }
+      default:
+        this.#o.log.warn({ node: nodeId, kind: env.kind }, "unexpected message kind; ignored");
+    }
+  }
+
+  /**
+   * A `register` carries the sender's chain, needed to verify the envelope
+   * itself: the chain is checked against the CA (path validation, role, trust
+   * domain) before it is cached; the signature check that follows proves the
+   * sender holds its key.
+   */
+  #learnChain(token: string): void {
+    const payload = token.split(".")[1];
+    if (!payload) return;
+    const claims = JSON.parse(Buffer.from(payload, "base64url").toString("utf8")) as {
+      body?: { chainPem?: unknown };
+    };
+    if (typeof claims.body?.chainPem === "string") this.#peers.add(claims.body.chainPem);
+  }
+}

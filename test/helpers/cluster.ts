@@ -1,0 +1,146 @@
+import { type ChildProcess, spawn } from "node:child_process";
+import { promises as fs } from "node:fs";
+import net from "node:net";
+import os from "node:os";
+import path from "node:path";
+import { connect } from "@nats-io/transport-node";
+import type { Test } from "tap";
+
+const ROOT = path.resolve(import.meta.dirname, "..", "..");
+
+/** A free loopback TCP port. */
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address() as net.AddressInfo;
+      s.close(() => resolve(port));
+    });
+    s.on("error", reject);
+  });
+}
+
+/** A temp directory removed when the test ends. */
+export async function tempDir(t: Test, prefix = "shoal-e2e-"): Promise<string> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), prefix));
+  t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+/**
+ * A plain loopback nats-server with JetStream storing in `dir`, for tests of
+ * the orchestrator's state store that do not involve the fabric (no TLS).
+ */
+export async function startJetStream(t: Test, dir: string): Promise<string> {
+  const port = await freePort();
+  const child = spawn("nats-server", ["-js", "-a", "127.0.0.1", "-p", String(port), "-sd", dir], {
+    stdio: "ignore",
+  });
+  t.teardown(() => {
+    child.kill("SIGTERM");
+  });
+  const url = `127.0.0.1:${port}`;
+  for (let i = 0; i < 200; i++) {
+    const nc = await connect({ servers: url, reconnect: false }).catch(() => undefined);
+    if (nc) {
+      await nc.close();
+      return url;
+    }
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  throw new Error("nats-server did not start");
+}
+
+/** A running `shoal ...` process started from the TypeScript sources. */
+export interface ShoalProcess {
+  child: ChildProcess;
+  /** Everything written to stdout so far. */
+  stdout: () => string;
+  stderr: () => string;
+  /** Resolves with the first stdout+stderr match of `re` (rejects when the process exits first). */
+  waitFor: (re: RegExp, timeoutMs?: number) => Promise<RegExpMatchArray>;
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+/**
+ * Runs the real CLI (`cli/main.ts` through the same TypeScript loader tap
+ * uses) as a child process, killed when the test ends.
+ */
+export function spawnShoal(t: Test, args: string[], env: NodeJS.ProcessEnv = {}): ShoalProcess {
+  const child = spawn(
+    process.execPath,
+    [
+      "--import",
+      "@tapjs/typescript/import",
+      "--input-type=module",
+      "--eval",
+      `import "reflect-metadata"; const { main } = await import(${JSON.stringify(path.join(ROOT, "cli", "main.ts"))}); process.exitCode = await main(process.argv.slice(1));`,
+      ...args,
+    ],
+    {
+      cwd: ROOT,
+      env: { ...process.env, TS_NODE_TRANSPILE_ONLY: "1", SHOAL_CONFIG: "", ...env },
+      stdio: ["ignore", "pipe", "pipe"],
+    },
+  );
+  let out = "";
+  let err = "";
+  const listeners = new Set<() => void>();
+  child.stdout?.on("data", (d: Buffer) => {
+    out += d.toString();
+    for (const l of listeners) l();
+  });
+  child.stderr?.on("data", (d: Buffer) => {
+    err += d.toString();
+    for (const l of listeners) l();
+  });
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+    child.once("exit", (code, signal) => {
+      resolve({ code, signal });
+      for (const l of listeners) l();
+    });
+  });
+  let done = false;
+  void exited.then(() => {
+    done = true;
+  });
+  t.teardown(async () => {
+    if (!done) {
+      child.kill("SIGKILL");
+      await exited;
+    }
+  });
+  const waitFor = (re: RegExp, timeoutMs = 30_000) =>
+    new Promise<RegExpMatchArray>((resolve, reject) => {
+      const check = () => {
+        const m = (out + err).match(re);
+        if (m) {
+          listeners.delete(check);
+          clearTimeout(timer);
+          resolve(m);
+        } else if (done) {
+          listeners.delete(check);
+          clearTimeout(timer);
+          reject(new Error(`process exited before ${re}:\n${out}\n${err.slice(-4000)}`));
+        }
+      };
+      const timer = setTimeout(() => {
+        listeners.delete(check);
+        reject(new Error(`timed out waiting for ${re}:\n${out}\n${err.slice(-4000)}`));
+      }, timeoutMs);
+      listeners.add(check);
+      check();
+    });
+  return { child, stdout: () => out, stderr: () => err, waitFor, exited };
+}
+
+/** Runs a `shoal ...` command to completion. */
+export async function runShoal(
+  t: Test,
+  args: string[],
+  env: NodeJS.ProcessEnv = {},
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const p = spawnShoal(t, args, env);
+  const { code } = await p.exited;
+  return { code, stdout: p.stdout(), stderr: p.stderr() };
+}
