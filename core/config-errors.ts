@@ -60,23 +60,19 @@ export class ConfigInvalidError extends ConfigError {
   }
 }
 
-/** The config file cannot be read or is not valid YAML (`SHOAL_CONFIG_FILE`). */
-export class ConfigFileError extends ShoalError {
+/** The config file cannot be read or is not valid YAML (`SHOAL_CONFIG_FILE`); `source` is `file:line`. */
+export class ConfigFileError extends ConfigError {
   constructor(
     readonly file: string,
     message: string,
     readonly line: number | undefined,
-    options: { cause?: unknown; fix?: string } = {},
+    options: { cause?: unknown } = {},
   ) {
-    super(CORE_CODES.SHOAL_CONFIG_FILE, `${file}${line === undefined ? "" : `:${line}`}: ${message}`, {
+    const source = line === undefined ? file : `${file}:${line}`;
+    super(CORE_CODES.SHOAL_CONFIG_FILE, `${source}: ${message}`, undefined, source, undefined, {
       fix: "fix the file, or point --config / SHOAL_CONFIG at the right one",
       ...options,
     });
-  }
-
-  /** `file:line`, or the file alone. */
-  get source(): ConfigSource {
-    return this.line === undefined ? this.file : `${this.file}:${this.line}`;
   }
 }
 

@@ -4,7 +4,7 @@ import os from "node:os";
 import path from "node:path";
 import t, { type Test } from "tap";
 import {
-  type ConfigError,
+  ConfigError,
   configEnvName,
   configKeys,
   defaultConfig,
@@ -31,11 +31,11 @@ async function writeYaml(t: Test, text: string): Promise<string> {
 }
 
 /** The ConfigError a promise rejects with (fails the test if it resolves or throws something else). */
-async function configError(t: Test, p: Promise<unknown>): Promise<ConfigError & { file?: string }> {
+async function configError(t: Test, p: Promise<unknown>): Promise<ConfigError> {
   try {
     await p;
   } catch (err) {
-    t.ok(err instanceof Error && "code" in err, "rejects with a coded error");
+    t.ok(err instanceof ConfigError, "rejects with a ConfigError");
     return err as ConfigError;
   }
   t.fail("expected a config error");
@@ -321,6 +321,7 @@ t.test("config file problems are SHOAL_CONFIG_FILE errors with file:line", async
   let err = await configError(t, loadConfig({ file: syntax, env: {} }));
   t.equal(err.code, "SHOAL_CONFIG_FILE");
   t.match(err.message, new RegExp(`^${syntax.replaceAll(".", "\\.")}:4: not valid YAML`));
+  t.equal(err.source, `${syntax}:4`);
 
   const dup = await writeYaml(t, "API:\n  Port: 1\n  Port: 2\n");
   err = await configError(t, loadConfig({ file: dup, env: {} }));
