@@ -226,9 +226,11 @@ function resolveKey(
       source,
     );
   }
-  const dot = keyPath.lastIndexOf(".");
-  const parent = dot > 0 ? KEYS.get(keyPath.slice(0, dot)) : undefined;
-  if (parent?.map && dot < keyPath.length - 1) return { key: parent, entry: keyPath.slice(dot + 1) };
+  // A map entry's name may itself hold dots (`Compute.Labels.kubernetes.io/arch`).
+  const map = LEAVES.find(
+    (k) => k.map && keyPath.startsWith(`${k.path}.`) && keyPath.length > k.path.length + 1,
+  );
+  if (map) return { key: map, entry: keyPath.slice(map.path.length + 1) };
   throw new ConfigUnknownKeyError(keyPath, source, nearestKey(keyPath, KEYS.keys()));
 }
 

@@ -270,6 +270,8 @@ t.test("Compute.Labels: whole map, single entries, and replacement", async (t) =
   t.same((await loadConfig({ env: {}, overrides: ["Compute.Labels="] })).Compute.Labels, {});
   t.equal(getConfigValue(res.config, "Compute.Labels.os"), "linux");
   t.equal(getConfigValue(res.config, "Compute.Labels.none"), undefined);
+  const dotted = await loadConfig({ env: {}, overrides: ["Compute.Labels.kubernetes.io/arch=arm64"] });
+  t.same(dotted.Compute.Labels, { "kubernetes.io/arch": "arm64" }, "entry names may hold dots");
 });
 
 t.test("keys that must be set together, or not together", async (t) => {
