@@ -151,11 +151,19 @@ export function buildApi(o: ApiOptions): FastifyInstance {
   const app = Fastify({
     https: o.https,
     bodyLimit: o.bodyLimit ?? DEFAULT_BODY_LIMIT,
-    loggerInstance: o.log,
-    disableRequestLogging: true,
+    // Per-request lines only for failures: the API is on the hot path of every job.
+    loggerInstance: o.log.child({}, { level: o.log.levelVal > 40 ? o.log.level : "warn" }),
     // Unknown fields are errors, not silently dropped (fastify's default drops them).
     ajv: { customOptions: { removeAdditional: false, coerceTypes: "array" } },
   }) as unknown as FastifyInstance;
+
+  // An empty body with a JSON content type (DELETE, POST .../approve) is no body, not an error.
+  const parseJson = app.getDefaultJsonParser("error", "error");
+  app.removeContentTypeParser("application/json");
+  app.addContentTypeParser("application/json", { parseAs: "string" }, (req, body, done) => {
+    if (body === "") done(null, undefined);
+    else parseJson(req, body as string, done);
+  });
 
   const authenticate = o.authenticate ?? (async () => ANONYMOUS);
   app.decorateRequest("principal", null as unknown as Submitter);

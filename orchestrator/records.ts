@@ -1,3 +1,4 @@
+import type { ExecutionState, JobState } from "../core/index.js";
 import type { Approval, Resources, Submitter } from "../fabric/protocol.js";
 
 /**
@@ -7,18 +8,8 @@ import type { Approval, Resources, Submitter } from "../fabric/protocol.js";
  * Shoal's the same way. Times are milliseconds since the epoch.
  */
 
-export type JobState = "Pending" | "Queued" | "Running" | "Completed" | "Failed" | "Stopped";
+export type { ExecutionState, JobState };
 export const TERMINAL_JOB_STATES: ReadonlySet<JobState> = new Set(["Completed", "Failed", "Stopped"]);
-
-export type ExecutionState =
-  | "AskForBid"
-  | "BidAccepted"
-  | "BidRejected"
-  | "Running"
-  | "Completed"
-  | "Failed"
-  | "Cancelled"
-  | "Lost";
 export const TERMINAL_EXECUTION_STATES: ReadonlySet<ExecutionState> = new Set([
   "BidRejected",
   "Completed",

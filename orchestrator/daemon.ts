@@ -1,0 +1,345 @@
+import { promises as fs } from "node:fs";
+import type { AddressInfo } from "node:net";
+import os from "node:os";
+import path from "node:path";
+import { jetstream } from "@nats-io/jetstream";
+import type { FastifyInstance } from "fastify";
+import { type Logger, parseDuration, type ShoalConfig } from "../core/index.js";
+import { connectFabric, type FabricConnection, NatsSupervisor } from "../fabric/index.js";
+import { initPki, openPki, type Pki } from "../pki/index.js";
+import { buildApi } from "./api.js";
+import { ensureIdentityCertificate, ensureServerCertificate } from "./certificates.js";
+import { Dispatcher } from "./dispatcher.js";
+import { ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
+import { FabricLink } from "./fabric-link.js";
+import { brokerIdentities, InventoryWatcher } from "./inventory-watch.js";
+import { jobRequirements, parseSubmittedJob } from "./job-requirements.js";
+import { JobService } from "./job-service.js";
+import { LogStore } from "./log-store.js";
+import { NodeService } from "./node-service.js";
+import { placeJob } from "./placement.js";
+import { ResultsStore } from "./results-store.js";
+import { StateStore } from "./state-store.js";
+
+export interface OrchestratorOptions {
+  config: ShoalConfig;
+  logger: Logger;
+  version: string;
+  /** Where the start-up banner goes (CA fingerprint, join lines). @default stdout */
+  print?: (line: string) => void;
+  /** The orchestrator's identity id. @default "orchestrator" */
+  id?: string;
+}
+
+/** What a running orchestrator tells its operator and tests. */
+export interface OrchestratorEndpoints {
+  apiUrl: string;
+  natsUrl: string;
+  caFile: string;
+  caFingerprint: string;
+  pkiDir: string;
+}
+
+/** How long graceful shutdown waits for in-flight API requests and streams. */
+const DRAIN_TIMEOUT_MS = 5000;
+
+/**
+ * `shoal orchestrator serve`: the PKI (created under DATA-DIR/pki on first
+ * start), the supervised nats-server with one broker user per live identity
+ * in that PKI, the state in JetStream KV, the dispatcher on the fabric and the
+ * HTTPS API. Lifecycle: start(), close() (idempotent: refuse new work, drain,
+ * close transports), closed(), [Symbol.asyncDispose].
+ */
+export class Orchestrator {
+  readonly #o: OrchestratorOptions;
+  readonly #log: Logger;
+  readonly #cleanups: (() => Promise<unknown>)[] = [];
+  #closing: Promise<Error | undefined> | undefined;
+  #closedResolve!: (e: Error | undefined) => void;
+  readonly #closed = new Promise<Error | undefined>((r) => {
+    this.#closedResolve = r;
+  });
+  #endpoints: OrchestratorEndpoints | undefined;
+  #jobs: JobService | undefined;
+  #api: FastifyInstance | undefined;
+  #dispatcher: Dispatcher | undefined;
+  #nodes: NodeService | undefined;
+  #store: StateStore | undefined;
+
+  constructor(options: OrchestratorOptions) {
+    this.#o = options;
+    this.#log = options.logger.child({ component: "orchestrator" });
+  }
+
+  get endpoints(): OrchestratorEndpoints {
+    if (!this.#endpoints) throw new Error("orchestrator not started");
+    return this.#endpoints;
+  }
+
+  async start(): Promise<OrchestratorEndpoints> {
+    try {
+      return await this.#start();
+    } catch (err) {
+      await this.#shutdown();
+      throw err;
+    }
+  }
+
+  async #start(): Promise<OrchestratorEndpoints> {
+    const c = this.#o.config;
+    const dataDir = c.DataDir;
+    const id = this.#o.id ?? "orchestrator";
+    await fs.mkdir(dataDir, { recursive: true, mode: 0o700 }).catch((cause) => {
+      throw new OrchestratorError(ORCHESTRATOR_CODES.SHOAL_ORCH_DATA_DIR, `cannot create ${dataDir}`, 500, {
+        cause,
+        fix: "choose a writable --data-dir",
+      });
+    });
+
+    // PKI: our own under DATA-DIR/pki unless it exists already.
+    const pkiDir = path.join(dataDir, "pki");
+    const created = !(await exists(path.join(pkiDir, "ca.crt")));
+    if (created) await initPki(pkiDir, { trustDomain: c.PKI.TrustDomain });
+    const pki = await openPki(pkiDir);
+
+    const advertise = c.Orchestrator.Advertise || os.hostname();
+    const names = ["localhost", "127.0.0.1", os.hostname(), advertise];
+    const operatorTls =
+      c.Orchestrator.TLS.CACert && c.Orchestrator.TLS.ServerCert && c.Orchestrator.TLS.ServerKey;
+    const caFile = operatorTls ? c.Orchestrator.TLS.CACert : path.join(pkiDir, "ca.crt");
+    const natsTls = operatorTls
+      ? { certFile: c.Orchestrator.TLS.ServerCert, keyFile: c.Orchestrator.TLS.ServerKey }
+      : await ensureServerCertificate(pki, path.join(dataDir, "nats", "server"), names);
+    const identity = await ensureIdentityCertificate(pki, path.join(dataDir, "identity", "orchestrator"), id);
+
+    // The broker, its users following the PKI inventory.
+    const natsDir = path.join(dataDir, "nats");
+    await killLeftoverServer(natsDir, this.#log);
+    const supervisor = new NatsSupervisor({
+      dir: natsDir,
+      serverPath: c.Orchestrator.NATS.ServerPath,
+      host: c.Orchestrator.Host,
+      port: c.Orchestrator.Port === 0 ? -1 : c.Orchestrator.Port,
+      tls: {
+        caFile,
+        ...natsTls,
+        timeoutSeconds: parseDuration(c.Orchestrator.TLS.ServerTimeout) / 1000,
+      },
+      identities: await brokerIdentities(pki, c.Orchestrator.NodeManager.Identities),
+      logger: this.#o.logger,
+    });
+    this.#cleanups.push(() => supervisor.close());
+    await supervisor.start();
+    await fs.writeFile(path.join(natsDir, "nats-server.pid"), String(supervisor.pid ?? ""), { mode: 0o600 });
+
+    const localUrl = `tls://127.0.0.1:${supervisor.port}`;
+    const fabric: FabricConnection = await connectFabric({
+      servers: localUrl,
+      caFile,
+      certFile: identity.certFile,
+      keyFile: identity.keyFile,
+      identity: `spiffe://${pki.trustDomain}/orchestrator/${id}`,
+      name: `orchestrator-${id}`,
+      logger: this.#o.logger,
+    });
+    this.#cleanups.push(() => fabric.close());
+
+    // State, services, dispatcher.
+    const store = await StateStore.open(jetstream(fabric.nc), this.#log.child({ component: "state" }));
+    this.#store = store;
+    this.#cleanups.push(() => store.flush());
+    const logs = new LogStore(dataDir);
+    const results = new ResultsStore(dataDir);
+    await Promise.all([logs.init(), results.init()]);
+    const disconnectTimeoutMs = parseDuration(c.Orchestrator.NodeManager.DisconnectTimeout);
+    const limits = {
+      executionTimeoutMs: parseDuration(c.Orchestrator.Scheduler.ExecutionTimeout),
+      queueTimeoutMs: parseDuration(c.Orchestrator.Scheduler.QueueTimeout),
+    };
+    let dispatcher: Dispatcher | undefined;
+    const nodes = new NodeService({
+      store,
+      log: this.#log.child({ component: "nodes" }),
+      manualApproval: c.Orchestrator.NodeManager.ManualApproval,
+      disconnectTimeoutMs,
+      heartbeatIntervalMs: Math.max(100, Math.min(5000, Math.floor(disconnectTimeoutMs / 4))),
+      onLost: (node) => dispatcher?.nodeLost(node),
+    });
+    this.#nodes = nodes;
+    const link = await FabricLink.create({
+      fabric,
+      pki,
+      store,
+      nodes,
+      identity,
+      log: this.#log.child({ component: "fabric-link" }),
+    });
+    this.#cleanups.push(() => link.close());
+    // Trust changes: the inventory decides the broker's users and which certificates still verify.
+    const applyInventory = async () => {
+      const entries = await pki.list();
+      link.revoke(entries.filter((e) => e.status === "revoked"));
+      await supervisor.setIdentities(await brokerIdentities(pki, c.Orchestrator.NodeManager.Identities));
+    };
+    await applyInventory();
+    const watcher = new InventoryWatcher(pkiDir, applyInventory, this.#log);
+    watcher.start();
+    this.#cleanups.push(() => watcher.close());
+    dispatcher = new Dispatcher({
+      store,
+      nodes,
+      logs,
+      results,
+      channel: link,
+      log: this.#log.child({ component: "dispatcher" }),
+      requirements: (job) => jobRequirements(job, limits),
+      place: placeJob,
+      queueTimeoutMs: limits.queueTimeoutMs,
+      executionTimeoutMs: limits.executionTimeoutMs,
+      retryBudget: c.Orchestrator.Scheduler.RetryBudget,
+    });
+    this.#dispatcher = dispatcher;
+    link.attach(dispatcher);
+    store.watchAll((change) => {
+      if (change.type === "node") dispatcher?.nodeChanged();
+    });
+    const jobs = new JobService({
+      store,
+      logs,
+      results,
+      log: this.#log.child({ component: "jobs" }),
+      parseSpec: parseSubmittedJob,
+      dispatch: dispatcher,
+    });
+    this.#jobs = jobs;
+    nodes.start();
+    dispatcher.start();
+    await link.start();
+
+    // The HTTPS API, with a server certificate from the same PKI.
+    const apiTls = await ensureServerCertificate(pki, path.join(dataDir, "api", "server"), names);
+    const [key, cert] = await Promise.all([fs.readFile(apiTls.keyFile), fs.readFile(apiTls.certFile)]);
+    const caPem = await fs.readFile(caFile, "utf8");
+    const api = buildApi({
+      jobs,
+      nodes,
+      log: this.#log.child({ component: "api" }),
+      https: { key, cert },
+      caBundlePem: () => caPem,
+      version: this.#o.version,
+      nodeInfo: () => ({
+        ID: id,
+        Type: "orchestrator",
+        Version: this.#o.version,
+        NATS: supervisor.url.replace("127.0.0.1", advertise),
+        CAFingerprint: pki.rootFingerprint,
+        TrustDomain: pki.trustDomain,
+      }),
+    });
+    this.#api = api;
+    await api.listen({ host: c.API.Host, port: c.API.Port });
+    const apiPort = (api.server.address() as AddressInfo).port;
+
+    this.#endpoints = {
+      apiUrl: `https://127.0.0.1:${apiPort}`,
+      natsUrl: localUrl,
+      caFile,
+      caFingerprint: pki.rootFingerprint,
+      pkiDir,
+    };
+    this.#banner(pki, advertise, supervisor.port, apiPort, created);
+    this.#log.info({ api: this.#endpoints.apiUrl, nats: localUrl }, "orchestrator ready");
+    return this.#endpoints;
+  }
+
+  #banner(pki: Pki, advertise: string, natsPort: number, apiPort: number, created: boolean): void {
+    const print = this.#o.print ?? ((line: string) => process.stdout.write(`${line}\n`));
+    const dataDir = this.#o.config.DataDir;
+    print(`Shoal orchestrator ready${created ? " (new PKI created)" : ""}`);
+    print(`  API:            https://${advertise}:${apiPort}`);
+    print(`  NATS (mTLS):    tls://${advertise}:${natsPort}`);
+    print(`  CA certificate: ${path.join(pki.dir, "ca.crt")}`);
+    print(`  CA fingerprint: ${pki.rootFingerprint}`);
+    print("To add a compute node, issue its identity and start it with the CA certificate:");
+    print(`  shoal pki issue compute --dir ${pki.dir} --id node-1 --out node-1`);
+    print(
+      `  shoal compute serve --orchestrators tls://${advertise}:${natsPort} -c Compute.TLS.CACert=${path.join(pki.dir, "ca.crt")} -c Compute.TLS.ClientCert=node-1.crt -c Compute.TLS.ClientKey=node-1.key --data-dir ${path.join(dataDir, "..", "node-1")}`,
+    );
+    print(
+      `Use the API: export SHOAL_API=https://${advertise}:${apiPort}; shoal agent alive --ca-cert ${path.join(pki.dir, "ca.crt")}`,
+    );
+  }
+
+  /** Stops gracefully: refuse new work, drain the API, stop dispatching, flush state, close transports. */
+  close(): Promise<Error | undefined> {
+    this.#closing ??= this.#shutdown();
+    return this.#closing;
+  }
+
+  async #shutdown(): Promise<Error | undefined> {
+    let error: Error | undefined;
+    this.#jobs?.refuseNewWork();
+    if (this.#api) {
+      const api = this.#api;
+      const forced = setTimeout(() => api.server.closeAllConnections?.(), DRAIN_TIMEOUT_MS);
+      await api.close().catch((err) => {
+        error ??= err;
+      });
+      clearTimeout(forced);
+    }
+    this.#dispatcher?.close();
+    this.#nodes?.close();
+    for (const cleanup of this.#cleanups.reverse()) {
+      try {
+        const result = await cleanup();
+        if (result instanceof Error) error ??= result;
+      } catch (err) {
+        error ??= err as Error;
+      }
+    }
+    this.#cleanups.length = 0;
+    this.#log.info("orchestrator stopped");
+    this.#closedResolve(error);
+    return error;
+  }
+
+  closed(): Promise<Error | undefined> {
+    return this.#closed;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+
+  /** For tests: the in-process services. */
+  get services(): { jobs: JobService; nodes: NodeService; store: StateStore } {
+    if (!this.#jobs || !this.#nodes || !this.#store) throw new Error("orchestrator not started");
+    return { jobs: this.#jobs, nodes: this.#nodes, store: this.#store };
+  }
+}
+
+async function exists(p: string): Promise<boolean> {
+  return fs.access(p).then(
+    () => true,
+    () => false,
+  );
+}
+
+/**
+ * A nats-server left running by an orchestrator that was killed (SIGKILL
+ * gives it no chance to stop its child) holds the port and the JetStream
+ * store: stop it, but only if it is ours (its command line names our config).
+ */
+async function killLeftoverServer(natsDir: string, log: Logger): Promise<void> {
+  const pidFile = path.join(natsDir, "nats-server.pid");
+  const pid = Number(await fs.readFile(pidFile, "utf8").catch(() => ""));
+  if (!Number.isInteger(pid) || pid <= 0) return;
+  const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, "utf8").catch(() => "");
+  if (!cmdline.includes(path.join(natsDir, "nats.conf"))) return;
+  log.warn({ pid }, "stopping a nats-server left by a previous run");
+  process.kill(pid, "SIGTERM");
+  for (let i = 0; i < 100 && (await exists(`/proc/${pid}`)); i++) {
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  if (await exists(`/proc/${pid}`)) process.kill(pid, "SIGKILL");
+}

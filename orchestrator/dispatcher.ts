@@ -1,0 +1,577 @@
+import { randomUUID } from "node:crypto";
+import type { Constraint, Logger } from "../core/index.js";
+import type { MessageBody, Resources } from "../fabric/protocol.js";
+import type { JobDispatch } from "./job-service.js";
+import type { LogStore } from "./log-store.js";
+import type { NodeService } from "./node-service.js";
+import {
+  type ExecutionRecord,
+  type ExecutionState,
+  type JobRecord,
+  type NodeRecord,
+  TERMINAL_EXECUTION_STATES,
+  TERMINAL_JOB_STATES,
+} from "./records.js";
+import { ResultRejected, type ResultsStore } from "./results-store.js";
+import type { StateStore } from "./state-store.js";
+
+/** How the dispatcher talks to one compute node (signed envelopes over the fabric). */
+export interface NodeChannel {
+  bid(nodeId: string, body: MessageBody<"bid">): Promise<MessageBody<"bid-reply">>;
+  run(nodeId: string, body: MessageBody<"run">): Promise<MessageBody<"run-reply">>;
+  cancel(nodeId: string, body: MessageBody<"cancel">): Promise<void>;
+}
+
+/** Where a job may run and what it takes, derived from its spec. */
+export interface JobRequirements {
+  /** Engines a node must offer. */
+  engines: string[];
+  resources: Resources;
+  /** The job's label constraints, for the scheduler's reasons. */
+  constraints: readonly Constraint[];
+  /** True when the node's labels satisfy the job's constraints. */
+  matches: (labels: Readonly<Record<string, string>>) => boolean;
+  /** The job's own limits, when its spec sets them. */
+  executionTimeoutMs?: number;
+  queueTimeoutMs?: number;
+}
+
+/** A placement decision for one job, from the pure scheduler. */
+export interface Placement {
+  /** Nodes to ask for a bid now, best first. */
+  nodes: string[];
+  /** Why the remaining executions could not be placed (shown while Queued). */
+  reason?: string;
+}
+
+/** The scheduler as the dispatcher uses it: pure decisions on snapshots. */
+export type PlaceFn = (input: {
+  job: JobRecord;
+  requirements: JobRequirements;
+  /** How many more executions the job needs; for ops, every matching node not yet used. */
+  wanted: number | "all";
+  nodes: readonly NodeRecord[];
+  allocated: ReadonlyMap<string, Resources>;
+  /** Nodes that already hold, ran, or declined an execution of this job. */
+  exclude: ReadonlySet<string>;
+  isSchedulable: (node: NodeRecord) => boolean;
+}) => Placement;
+
+export interface DispatcherOptions {
+  store: StateStore;
+  nodes: NodeService;
+  logs: LogStore;
+  results: ResultsStore;
+  channel: NodeChannel;
+  log: Logger;
+  requirements: (job: JobRecord) => JobRequirements;
+  place: PlaceFn;
+  /** `Orchestrator.Scheduler.*` in ms / count. */
+  queueTimeoutMs: number;
+  executionTimeoutMs: number;
+  retryBudget: number;
+  /** Extra time past an execution's deadline before the orchestrator fails it itself. @default 5000 */
+  timeoutGraceMs?: number;
+}
+
+const ACTIVE: ReadonlySet<ExecutionState> = new Set(["AskForBid", "BidAccepted", "Running"]);
+
+function isActive(e: ExecutionRecord): boolean {
+  return ACTIVE.has(e.State);
+}
+
+function add(a: Resources, b: Resources, sign = 1): Resources {
+  return { cpu: Math.max(0, a.cpu + sign * b.cpu), memory: Math.max(0, a.memory + sign * b.memory) };
+}
+
+/**
+ * Moves jobs through their lives: asks the scheduler where to place them,
+ * bids and runs on nodes over the fabric, tracks node capacity, timeouts,
+ * stops, node losses (rescheduling within the retry budget) and results. All
+ * decisions are made synchronously on the in-memory state, so two events
+ * never race on one job; only the fabric round trips are awaited.
+ */
+export class Dispatcher implements JobDispatch {
+  readonly #o: DispatcherOptions;
+  readonly #allocated = new Map<string, Resources>();
+  readonly #deadlines = new Map<string, NodeJS.Timeout>();
+  readonly #queueTimers = new Map<string, NodeJS.Timeout>();
+  /** Queued jobs in submission order, re-examined whenever capacity or nodes change. */
+  readonly #queue = new Set<string>();
+  #reexamine: NodeJS.Immediate | undefined;
+  #closed = false;
+
+  constructor(options: DispatcherOptions) {
+    this.#o = options;
+  }
+
+  /**
+   * Rebuilds the in-memory view after a (re)start: capacity in use, deadline
+   * timers, the queue. Bids and runs that were in flight when the previous
+   * process died are abandoned (the node is told to cancel) and placed again.
+   */
+  start(): void {
+    const now = Date.now();
+    for (const e of this.#o.store.executions.values()) {
+      if (!isActive(e)) continue;
+      if (e.State === "Running") {
+        this.#reserve(e.NodeID, e.Resources);
+        this.#armDeadline(e, now);
+      } else {
+        this.#setExecution(e, "Failed", "interrupted by an orchestrator restart before it started");
+        void this.#cancelOnNode(e, "interrupted by an orchestrator restart");
+      }
+    }
+    const pending = [...this.#o.store.jobs.values()]
+      .filter((j) => !TERMINAL_JOB_STATES.has(j.State))
+      .sort((a, b) => a.CreateTime - b.CreateTime);
+    for (const job of pending) this.#evaluate(job.ID);
+  }
+
+  close(): void {
+    this.#closed = true;
+    for (const t of this.#deadlines.values()) clearTimeout(t);
+    for (const t of this.#queueTimers.values()) clearTimeout(t);
+    if (this.#reexamine) clearImmediate(this.#reexamine);
+    this.#deadlines.clear();
+    this.#queueTimers.clear();
+  }
+
+  /** Capacity in use on each node (active executions), for the API and tests. */
+  allocated(nodeId: string): Resources {
+    return this.#allocated.get(nodeId) ?? { cpu: 0, memory: 0 };
+  }
+
+  enqueue(jobId: string): void {
+    this.#evaluate(jobId);
+  }
+
+  async stop(jobId: string, reason: string): Promise<void> {
+    const job = this.#o.store.jobs.get(jobId);
+    if (!job || TERMINAL_JOB_STATES.has(job.State)) return;
+    this.#finishJob(job, "Stopped", reason);
+    await this.#o.store.flush();
+  }
+
+  /** A node (re)appeared, was approved or became healthy: queued work may fit now. */
+  nodeChanged(): void {
+    this.#scheduleReexamine();
+  }
+
+  /**
+   * After a node registers, reconcile what it says it holds with what we
+   * think it runs: executions we consider running but it does not know are
+   * lost; executions it runs that we do not want are cancelled.
+   */
+  reconcile(nodeId: string, reported: MessageBody<"register">["executions"]): void {
+    const held = new Set(reported.map((r) => r.executionId));
+    for (const e of this.#o.store.executions.values()) {
+      if (e.NodeID === nodeId && e.State === "Running" && !held.has(e.ID)) {
+        this.#loseExecution(e, "the node restarted and no longer has this execution");
+      }
+    }
+    for (const r of reported) {
+      const e = this.#o.store.executions.get(r.executionId);
+      if (!e || e.NodeID !== nodeId) {
+        void this.#o.channel
+          .cancel(nodeId, { executionId: r.executionId, reason: "unknown execution" })
+          .catch(() => {});
+      } else if (TERMINAL_EXECUTION_STATES.has(e.State) && e.State !== "Completed" && e.State !== "Failed") {
+        void this.#cancelOnNode(e, `execution is ${e.State}`);
+      }
+    }
+    this.#scheduleReexamine();
+  }
+
+  /** The node is gone (LOST, deleted or rejected): its executions move elsewhere. */
+  nodeLost(node: NodeRecord): void {
+    for (const e of this.#o.store.executions.values()) {
+      if (e.NodeID === node.ID && isActive(e)) {
+        this.#loseExecution(
+          e,
+          `node ${node.ID} is ${node.Approval === "REJECTED" ? "REJECTED" : node.Health}`,
+        );
+      }
+    }
+  }
+
+  handleStatus(nodeId: string, body: MessageBody<"status">): void {
+    const e = this.#owned(nodeId, body.executionId);
+    if (!e || !isActive(e)) return;
+    if (body.state === "Running") {
+      if (e.State !== "Running") this.#setExecution(e, "Running", "running");
+      return;
+    }
+    this.#endExecution(e, body.state, body.error ?? `node reported ${body.state}`);
+  }
+
+  handleLogs(nodeId: string, body: MessageBody<"logs">): void {
+    const e = this.#owned(nodeId, body.executionId);
+    if (!e) return;
+    void this.#o.logs
+      .append(e.JobID, {
+        Time: Date.now(),
+        ExecutionID: e.ID,
+        Stream: body.stream,
+        Seq: body.seq,
+        Data: Buffer.from(body.data, "base64").toString("utf8"),
+      })
+      .catch((err) => this.#o.log.error({ err, execution: e.ID }, "cannot store log line"));
+  }
+
+  async handleResultChunk(nodeId: string, body: MessageBody<"result-chunk">): Promise<void> {
+    const e = this.#owned(nodeId, body.executionId);
+    if (!e) return;
+    if (!(await this.#o.results.stageChunk(body))) {
+      this.#o.log.warn(
+        { node: nodeId, execution: e.ID, file: body.file, index: body.index },
+        "bad result chunk ignored",
+      );
+    }
+  }
+
+  /**
+   * Stores a result manifest and its staged chunks and answers whether it is
+   * stored — only after the files and the execution's new state are durable,
+   * because the node deletes its copy when it reads `stored: true`.
+   */
+  async handleResult(nodeId: string, body: MessageBody<"result">): Promise<MessageBody<"result-reply">> {
+    const e = this.#owned(nodeId, body.executionId);
+    if (!e) return { stored: false, reason: "unknown execution" };
+    if (e.State === "Completed" || e.State === "Failed") {
+      // A resend after a lost acknowledgement: already stored.
+      if (e.Results || body.files.length === 0) return { stored: true };
+    } else if (!isActive(e)) {
+      await this.#o.results.discardStaged(e.ID);
+      return { stored: false, reason: `execution is ${e.State}; its result is no longer wanted` };
+    }
+    let files: ExecutionRecord["Results"];
+    try {
+      files = body.files.length > 0 ? await this.#o.results.commit(e.JobID, body) : [];
+    } catch (err) {
+      if (!(err instanceof ResultRejected)) throw err;
+      this.#o.log.warn({ node: nodeId, execution: e.ID, reason: err.message }, "result rejected");
+      return { stored: false, reason: err.message };
+    }
+    const current = this.#o.store.executions.get(e.ID) ?? e;
+    const extra: Partial<ExecutionRecord> = {
+      ExitCode: body.exitCode,
+      Stdout: body.stdout,
+      Stderr: body.stderr,
+      StdoutTruncated: body.stdoutTruncated,
+      StderrTruncated: body.stderrTruncated,
+      Results: files,
+    };
+    if (isActive(current)) {
+      const message = body.state === "Completed" ? `exit code ${body.exitCode}` : (body.error ?? "failed");
+      this.#endExecution(current, body.state, message, extra);
+    } else {
+      this.#o.store.putExecution({ ...current, ...extra });
+    }
+    await this.#o.store.flush();
+    return { stored: true };
+  }
+
+  // ---- placement ------------------------------------------------------------------------------
+
+  #evaluate(jobId: string): void {
+    if (this.#closed) return;
+    const job = this.#o.store.jobs.get(jobId);
+    if (!job || TERMINAL_JOB_STATES.has(job.State)) {
+      this.#unqueue(jobId);
+      return;
+    }
+    let requirements: JobRequirements;
+    try {
+      requirements = this.#o.requirements(job);
+    } catch (err) {
+      this.#finishJob(job, "Failed", `cannot read the job's requirements: ${(err as Error).message}`);
+      return;
+    }
+    const executions = this.#o.store.executionsOf(jobId);
+    const active = executions.filter(isActive);
+    const completed = executions.filter((e) => e.State === "Completed").length;
+    const exclude = new Set(
+      executions
+        .filter(
+          (e) => isActive(e) || e.State === "Completed" || e.State === "BidRejected" || e.State === "Failed",
+        )
+        .map((e) => e.NodeID),
+    );
+    const firstPlacement = executions.length === 0;
+    const wanted: number | "all" =
+      job.Type === "ops" && firstPlacement ? "all" : job.Count - completed - active.length;
+    if (wanted !== "all" && wanted <= 0) return;
+    const placement = this.#o.place({
+      job,
+      requirements,
+      wanted,
+      nodes: [...this.#o.store.nodes.values()],
+      allocated: this.#allocated,
+      exclude,
+      isSchedulable: (n) => this.#o.nodes.isSchedulable(n),
+    });
+    let current = job;
+    if (job.Type === "ops" && firstPlacement && placement.nodes.length > 0) {
+      current = { ...job, Count: placement.nodes.length };
+      this.#o.store.putJob(current);
+    }
+    for (const nodeId of placement.nodes) this.#launch(current, nodeId, requirements);
+    const stillWanted = wanted === "all" ? placement.nodes.length === 0 : placement.nodes.length < wanted;
+    if (stillWanted) {
+      this.#queue.add(jobId);
+      if (active.length === 0 && placement.nodes.length === 0) {
+        current = this.#o.store.setJobState(current, "Queued", placement.reason ?? "waiting for a node");
+        this.#armQueueTimeout(current, requirements);
+      }
+    } else {
+      this.#unqueue(jobId);
+    }
+    if (placement.nodes.length > 0 && current.State !== "Running") {
+      this.#o.store.setJobState(current, "Running", "placed");
+    }
+  }
+
+  #launch(job: JobRecord, nodeId: string, requirements: JobRequirements): void {
+    const now = Date.now();
+    const execution: ExecutionRecord = {
+      ID: `e-${randomUUID()}`,
+      JobID: job.ID,
+      NodeID: nodeId,
+      State: "AskForBid",
+      StateMessage: "asking the node for a bid",
+      Resources: requirements.resources,
+      CreateTime: now,
+      ModifyTime: now,
+    };
+    this.#o.store.putExecution(execution);
+    this.#o.store.appendEvent({
+      Time: now,
+      JobID: job.ID,
+      ExecutionID: execution.ID,
+      NodeID: nodeId,
+      Type: "ExecutionStateUpdate",
+      State: "AskForBid",
+      Message: `placed on ${nodeId}`,
+    });
+    this.#reserve(nodeId, execution.Resources);
+    void this.#bidAndRun(job, execution, requirements).catch((err) => {
+      this.#o.log.error({ err, execution: execution.ID }, "dispatch failed");
+    });
+  }
+
+  async #bidAndRun(job: JobRecord, execution: ExecutionRecord, requirements: JobRequirements): Promise<void> {
+    const timeoutMs = requirements.executionTimeoutMs ?? this.#o.executionTimeoutMs;
+    let bid: MessageBody<"bid-reply">;
+    try {
+      bid = await this.#o.channel.bid(execution.NodeID, {
+        jobId: job.ID,
+        executionId: execution.ID,
+        spec: job.Spec,
+        submitter: job.Submitter,
+        resources: execution.Resources,
+      });
+    } catch (err) {
+      this.#failBeforeStart(execution, `bid request failed: ${(err as Error).message}`);
+      return;
+    }
+    let e = this.#o.store.executions.get(execution.ID);
+    if (e?.State !== "AskForBid") return; // stopped or lost meanwhile
+    if (!bid.accept) {
+      this.#endExecution(e, "BidRejected", bid.reason ? `bid rejected: ${bid.reason}` : "bid rejected");
+      return;
+    }
+    e = this.#setExecution(e, "BidAccepted", "bid accepted");
+    let run: MessageBody<"run-reply">;
+    try {
+      run = await this.#o.channel.run(e.NodeID, {
+        jobId: job.ID,
+        executionId: e.ID,
+        spec: job.Spec,
+        submitter: job.Submitter,
+        timeoutMs,
+      });
+    } catch (err) {
+      this.#failBeforeStart(e, `run request failed: ${(err as Error).message}`);
+      return;
+    }
+    e = this.#o.store.executions.get(execution.ID);
+    if (e?.State !== "BidAccepted") return;
+    if (!run.accepted) {
+      this.#endExecution(e, "BidRejected", `run refused: ${run.reason ?? "no reason given"}`);
+      return;
+    }
+    const now = Date.now();
+    e = this.#setExecution(e, "Running", "running", { Deadline: now + timeoutMs });
+    this.#armDeadline(e, now);
+  }
+
+  /** A node that cannot be reached before the run started: try another node, no retry spent. */
+  #failBeforeStart(execution: ExecutionRecord, message: string): void {
+    const e = this.#o.store.executions.get(execution.ID);
+    if (!e || !isActive(e)) return;
+    this.#o.log.warn({ execution: e.ID, node: e.NodeID }, message);
+    this.#endExecution(e, "BidRejected", message);
+  }
+
+  // ---- execution and job endings ------------------------------------------------------------
+
+  #setExecution(
+    e: ExecutionRecord,
+    state: ExecutionState,
+    message: string,
+    extra: Partial<ExecutionRecord> = {},
+  ): ExecutionRecord {
+    const wasActive = isActive(e);
+    const next = this.#o.store.setExecutionState(e, state, message, extra);
+    if (wasActive && !isActive(next)) {
+      this.#release(e.NodeID, e.Resources);
+      const t = this.#deadlines.get(e.ID);
+      if (t) clearTimeout(t);
+      this.#deadlines.delete(e.ID);
+      this.#scheduleReexamine();
+    }
+    return next;
+  }
+
+  /** An execution ended: record it and decide what that means for its job. */
+  #endExecution(
+    e: ExecutionRecord,
+    state: ExecutionState,
+    message: string,
+    extra: Partial<ExecutionRecord> = {},
+  ): void {
+    this.#setExecution(e, state, message, extra);
+    const job = this.#o.store.jobs.get(e.JobID);
+    if (!job || TERMINAL_JOB_STATES.has(job.State)) return;
+    if (state === "Failed") {
+      this.#finishJob(job, "Failed", `execution ${e.ID} on ${e.NodeID} failed: ${message}`);
+      return;
+    }
+    if (state === "BidRejected") {
+      if (job.Type === "batch") {
+        this.#evaluate(job.ID);
+        return;
+      }
+      // ops runs on every matching node that takes it: one fewer to wait for.
+      if (job.Count <= 1) {
+        this.#finishJob(job, "Failed", `every matching node declined: ${message}`);
+        return;
+      }
+      this.#o.store.putJob({ ...job, Count: job.Count - 1, ModifyTime: Date.now() });
+    }
+    const executions = this.#o.store.executionsOf(job.ID);
+    const completed = executions.filter((x) => x.State === "Completed").length;
+    if (completed >= job.Count && !executions.some(isActive)) {
+      this.#finishJob(job, "Completed", `${completed} execution(s) completed`);
+    }
+  }
+
+  #loseExecution(e: ExecutionRecord, message: string): void {
+    this.#setExecution(e, "Lost", message);
+    const job = this.#o.store.jobs.get(e.JobID);
+    if (!job || TERMINAL_JOB_STATES.has(job.State)) return;
+    if (job.Retries >= this.#o.retryBudget) {
+      this.#finishJob(job, "Failed", `${message}; retry budget of ${this.#o.retryBudget} spent`);
+      return;
+    }
+    this.#o.store.putJob({ ...job, Retries: job.Retries + 1, ModifyTime: Date.now() });
+    this.#o.log.info(
+      { job: job.ID, execution: e.ID, retry: job.Retries + 1 },
+      "rescheduling a lost execution",
+    );
+    this.#evaluate(job.ID);
+  }
+
+  #finishJob(job: JobRecord, state: "Completed" | "Failed" | "Stopped", message: string): void {
+    this.#unqueue(job.ID);
+    for (const e of this.#o.store.executionsOf(job.ID)) {
+      if (!isActive(e)) continue;
+      this.#setExecution(e, "Cancelled", `job ${state}: ${message}`);
+      void this.#cancelOnNode(e, message);
+    }
+    this.#o.store.setJobState(job, state, message);
+    this.#o.log.info({ job: job.ID, state, message }, "job finished");
+  }
+
+  async #cancelOnNode(e: ExecutionRecord, reason: string): Promise<void> {
+    try {
+      await this.#o.channel.cancel(e.NodeID, { executionId: e.ID, reason });
+    } catch (err) {
+      this.#o.log.debug({ err, execution: e.ID }, "cancel not delivered");
+    }
+  }
+
+  // ---- timers, queue, capacity ----------------------------------------------------------------
+
+  #armDeadline(e: ExecutionRecord, now: number): void {
+    if (e.Deadline === undefined) return;
+    const grace = this.#o.timeoutGraceMs ?? 5000;
+    const t = setTimeout(
+      () => {
+        this.#deadlines.delete(e.ID);
+        const current = this.#o.store.executions.get(e.ID);
+        if (!current || !isActive(current)) return;
+        void this.#cancelOnNode(current, "execution timeout");
+        this.#endExecution(current, "Failed", "execution timeout: the node did not finish in time");
+      },
+      Math.max(0, e.Deadline - now) + grace,
+    );
+    t.unref();
+    this.#deadlines.set(e.ID, t);
+  }
+
+  #armQueueTimeout(job: JobRecord, requirements: JobRequirements): void {
+    if (this.#queueTimers.has(job.ID)) return;
+    const timeout = requirements.queueTimeoutMs ?? this.#o.queueTimeoutMs;
+    const since = job.QueuedSince ?? Date.now();
+    const t = setTimeout(
+      () => {
+        this.#queueTimers.delete(job.ID);
+        const current = this.#o.store.jobs.get(job.ID);
+        if (current?.State !== "Queued") return;
+        this.#finishJob(current, "Failed", `queue timeout: ${current.StateMessage}`);
+      },
+      Math.max(0, since + timeout - Date.now()),
+    );
+    t.unref();
+    this.#queueTimers.set(job.ID, t);
+  }
+
+  #unqueue(jobId: string): void {
+    this.#queue.delete(jobId);
+    const t = this.#queueTimers.get(jobId);
+    if (t) clearTimeout(t);
+    this.#queueTimers.delete(jobId);
+  }
+
+  /** Re-examines queued jobs once per tick however many things changed in it. */
+  #scheduleReexamine(): void {
+    if (this.#reexamine || this.#queue.size === 0 || this.#closed) return;
+    this.#reexamine = setImmediate(() => {
+      this.#reexamine = undefined;
+      for (const id of [...this.#queue]) this.#evaluate(id);
+    });
+  }
+
+  #reserve(nodeId: string, r: Resources): void {
+    this.#allocated.set(nodeId, add(this.allocated(nodeId), r));
+  }
+
+  #release(nodeId: string, r: Resources): void {
+    this.#allocated.set(nodeId, add(this.allocated(nodeId), r, -1));
+  }
+
+  /** The execution if it exists and belongs to `nodeId`; a node cannot touch another's work. */
+  #owned(nodeId: string, executionId: string): ExecutionRecord | undefined {
+    const e = this.#o.store.executions.get(executionId);
+    if (!e || e.NodeID !== nodeId) {
+      this.#o.log.warn(
+        { node: nodeId, execution: executionId },
+        "message about an execution the node does not hold; ignored",
+      );
+      return undefined;
+    }
+    return e;
+  }
+}

@@ -1,0 +1,34 @@
+/**
+ * The orchestrator: the daemon (`shoal orchestrator serve`), its HTTPS API, the
+ * node registry, the dispatcher and the KV-backed job store.
+ */
+import pkg from "../package.json" with { type: "json" };
+
+/** The version the API reports at `GET /api/v1/agent/version`. */
+export const ORCHESTRATOR_VERSION: string = pkg.version;
+
+export { type ApiErrorBody, type ApiOptions, buildApi } from "./api.js";
+export { Orchestrator, type OrchestratorEndpoints, type OrchestratorOptions } from "./daemon.js";
+export {
+  Dispatcher,
+  type JobRequirements,
+  type NodeChannel,
+  type PlaceFn,
+  type Placement,
+} from "./dispatcher.js";
+export { ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
+export { type ExecutionResults, JobService, type ParsedJob } from "./job-service.js";
+export type { LogEntry } from "./log-store.js";
+export { NodeService, type NodeView } from "./node-service.js";
+export type {
+  ExecutionRecord,
+  ExecutionState,
+  JobEvent,
+  JobRecord,
+  JobState,
+  JobView,
+  NodeHealth,
+  NodeRecord,
+  ResultFile,
+} from "./records.js";
+export { isSafeResultName } from "./results-store.js";

@@ -1,0 +1,208 @@
+import "reflect-metadata";
+import { Agent, request } from "node:https";
+import { jetstream } from "@nats-io/jetstream";
+import { connect } from "@nats-io/transport-node";
+import t from "tap";
+import { silentLogger } from "../core/index.js";
+import { buildApi } from "../orchestrator/api.js";
+import { parseSubmittedJob } from "../orchestrator/job-requirements.js";
+import { type JobDispatch, JobService } from "../orchestrator/job-service.js";
+import { LogStore } from "../orchestrator/log-store.js";
+import { NodeService } from "../orchestrator/node-service.js";
+import { ResultsStore } from "../orchestrator/results-store.js";
+import { StateStore } from "../orchestrator/state-store.js";
+import { startJetStream, tempDir } from "./helpers/cluster.js";
+import { freshPki } from "./helpers/pki.js";
+
+/** A minimal valid WASM module (magic + version): enough for the spec check. */
+const WASM = Buffer.from([0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00]).toString("base64");
+
+function spec(overrides: Record<string, unknown> = {}, task: Record<string, unknown> = {}) {
+  return {
+    Name: "hello",
+    Type: "batch",
+    Tasks: [
+      {
+        Name: "main",
+        Engine: { Type: "wasm", Params: { EntryModule: { Type: "inline", Params: { Content: WASM } } } },
+        ...task,
+      },
+    ],
+    ...overrides,
+  };
+}
+
+t.test("the API validates every body and answers errors with code, message, fix and field", async (t) => {
+  const dir = await tempDir(t, "shoal-api-");
+  const url = await startJetStream(t, dir);
+  const nc = await connect({ servers: url });
+  t.teardown(() => nc.close());
+  const store = await StateStore.open(jetstream(nc), silentLogger);
+  const logs = new LogStore(dir);
+  const results = new ResultsStore(dir);
+  await Promise.all([logs.init(), results.init()]);
+  const enqueued: string[] = [];
+  const stopped: string[] = [];
+  // The dispatcher's side of the contract, recorded: placement is tested end to end.
+  const dispatch: JobDispatch = {
+    enqueue: (id) => enqueued.push(id),
+    stop: async (id, reason) => {
+      stopped.push(id);
+      const job = store.jobs.get(id);
+      if (job) store.setJobState(job, "Stopped", reason);
+    },
+  };
+  const jobs = new JobService({
+    store,
+    logs,
+    results,
+    log: silentLogger,
+    parseSpec: parseSubmittedJob,
+    dispatch,
+  });
+  const nodes = new NodeService({
+    store,
+    log: silentLogger,
+    manualApproval: true,
+    disconnectTimeoutMs: 60_000,
+    heartbeatIntervalMs: 1000,
+  });
+  t.teardown(() => nodes.close());
+  const { pki } = await freshPki(t);
+  const server = await pki.issue({ role: "server", dns: ["localhost"] });
+  const api = buildApi({
+    jobs,
+    nodes,
+    log: silentLogger,
+    https: { key: server.keyPem!, cert: server.certPem },
+    caBundlePem: () => pki.caCertPem,
+    nodeInfo: () => ({ ID: "orchestrator" }),
+    version: "test",
+  });
+  await api.listen({ host: "127.0.0.1", port: 0 });
+  t.teardown(() => api.close());
+  const port = (api.server.address() as { port: number }).port;
+  const agent = new Agent({ ca: pki.caCertPem });
+
+  // biome-ignore lint/suspicious/noExplicitAny: response bodies are checked field by field below
+  type Json = Record<string, any>;
+  const call = (method: string, path: string, body?: unknown) =>
+    new Promise<{ status: number; json: Json; text: string }>((resolve, reject) => {
+      const req = request(
+        {
+          host: "127.0.0.1",
+          servername: "localhost",
+          port,
+          path,
+          method,
+          agent,
+          headers: { "content-type": "application/json" },
+        },
+        (res) => {
+          let text = "";
+          res.on("data", (d) => {
+            text += d;
+          });
+          res.on("end", () => {
+            let json: Json = {};
+            try {
+              json = JSON.parse(text);
+            } catch {}
+            resolve({ status: res.statusCode ?? 0, json, text });
+          });
+        },
+      );
+      req.on("error", reject);
+      req.end(body === undefined ? undefined : JSON.stringify(body));
+    });
+
+  t.equal((await call("GET", "/api/v1/agent/alive")).json.Status, "OK");
+  t.match((await call("GET", "/api/v1/pki/ca")).text, /BEGIN CERTIFICATE/, "the CA bundle is public");
+
+  const ok = await call("PUT", "/api/v1/orchestrator/jobs", { Job: spec() });
+  t.equal(ok.status, 201);
+  const id = ok.json.JobID as string;
+  t.match(id, /^j-/);
+  t.same(enqueued, [id], "a stored job is handed to the dispatcher");
+  t.equal((await call("GET", `/api/v1/orchestrator/jobs/${id}`)).json.Job.State, "Pending");
+  t.equal((await call("GET", "/api/v1/orchestrator/jobs")).json.Items.length, 1);
+
+  const bad: [string, unknown, string][] = [
+    ["unknown engine", spec({}, { Engine: { Type: "docker", Params: {} } }), "Tasks[0].Engine.Type"],
+    ["unknown field", spec({ Colour: "red" }), "Colour"],
+    ["negative CPU", spec({}, { Resources: { CPU: -1 } }), "Tasks[0].Resources.CPU"],
+    [
+      "module that is not WASM",
+      spec(
+        {},
+        {
+          Engine: {
+            Type: "wasm",
+            Params: {
+              EntryModule: { Type: "inline", Params: { Content: Buffer.from("hello").toString("base64") } },
+            },
+          },
+        },
+      ),
+      "Tasks[0].Engine.Params.EntryModule",
+    ],
+  ];
+  for (const [what, job, field] of bad) {
+    const r = await call("PUT", "/api/v1/orchestrator/jobs", { Job: job });
+    t.equal(r.status, 400, `${what}: 400`);
+    t.equal(r.json.error?.code, "SHOAL_JOB_INVALID", `${what}: code`);
+    t.match(r.json.error?.field, field, `${what}: names ${field}`);
+    t.ok(r.json.error?.fix, `${what}: says how to fix it`);
+  }
+  const envelope = await call("PUT", "/api/v1/orchestrator/jobs", { Job: spec(), Extra: 1 });
+  t.equal(envelope.status, 400);
+  t.equal(envelope.json.error.code, "SHOAL_ORCH_REQUEST_INVALID");
+  t.equal(envelope.json.error.field, "Extra", "an unknown field of the request itself is named too");
+
+  const missing = await call("GET", "/api/v1/orchestrator/jobs/j-nope");
+  t.equal(missing.status, 404);
+  t.equal(missing.json.error.code, "SHOAL_ORCH_JOB_NOT_FOUND");
+
+  const stop = await call("DELETE", `/api/v1/orchestrator/jobs/${id}`);
+  t.equal(stop.json.State, "Stopped");
+  const again = await call("DELETE", `/api/v1/orchestrator/jobs/${id}`);
+  t.equal(again.status, 409);
+  t.equal(again.json.error.code, "SHOAL_ORCH_JOB_FINISHED");
+  t.same(
+    (await call("GET", `/api/v1/orchestrator/jobs/${id}/history`)).json.Items.map(
+      (e: { State: string }) => e.State,
+    ),
+    ["Pending", "Stopped"],
+  );
+
+  // Nodes: registration under manual approval waits for an operator.
+  nodes.register(
+    "n1",
+    {
+      nodeId: "n1",
+      chainPem: "",
+      labels: { zone: "a" },
+      capacity: { cpu: 2, memory: 1 << 30 },
+      engines: ["wasm"],
+      version: "test",
+      executions: [],
+    },
+    "",
+  );
+  t.equal((await call("GET", "/api/v1/orchestrator/nodes/n1")).json.Node.Approval, "PENDING");
+  t.equal((await call("POST", "/api/v1/orchestrator/nodes/n1/approve")).json.Node.Approval, "APPROVED");
+  t.equal((await call("POST", "/api/v1/orchestrator/nodes/n1/reject")).json.Node.Approval, "REJECTED");
+  t.equal((await call("DELETE", "/api/v1/orchestrator/nodes/n1")).json.Deleted, true);
+  t.equal((await call("GET", "/api/v1/orchestrator/nodes/n1")).json.error.code, "SHOAL_ORCH_NODE_NOT_FOUND");
+  t.equal(
+    (await call("GET", "/api/v1/orchestrator/nodes/bad%20id")).status,
+    400,
+    "path parameters are validated",
+  );
+
+  // Shutting down: no new work.
+  jobs.refuseNewWork();
+  const refused = await call("PUT", "/api/v1/orchestrator/jobs", { Job: spec() });
+  t.equal(refused.status, 503);
+  t.equal(refused.json.error.code, "SHOAL_ORCH_SHUTTING_DOWN");
+});
