@@ -1,0 +1,218 @@
+import { createHash } from "node:crypto";
+import { constants, promises as fs } from "node:fs";
+import path from "node:path";
+import { formatBytes, OUTPUTS_DIR, type ResultPath } from "../../core/index.js";
+import { ENGINE_CODES, EngineError } from "./errors.js";
+
+/** Largest single result file. @default 64 MiB */
+export const DEFAULT_RESULT_MAX_FILE_BYTES = 64 * 1024 * 1024;
+/** Largest sum of an execution's result files. @default 256 MiB */
+export const DEFAULT_RESULT_MAX_TOTAL_BYTES = 256 * 1024 * 1024;
+/** Most result files per execution. @default 10000 */
+export const DEFAULT_RESULT_MAX_FILES = 10_000;
+/** Size of the chunks results travel in (each signed with its digest). @default 256 KiB */
+export const DEFAULT_RESULT_CHUNK_BYTES = 256 * 1024;
+
+export interface ResultCaps {
+  /** @default DEFAULT_RESULT_MAX_FILE_BYTES */
+  maxFileBytes?: number;
+  /** @default DEFAULT_RESULT_MAX_TOTAL_BYTES */
+  maxTotalBytes?: number;
+  /** @default DEFAULT_RESULT_MAX_FILES */
+  maxFiles?: number;
+  /** @default DEFAULT_RESULT_CHUNK_BYTES */
+  chunkBytes?: number;
+}
+
+export interface ResultFileChunk {
+  index: number;
+  /** Hex SHA-256 of `data`. */
+  sha256: string;
+  data: Buffer;
+}
+
+export interface CollectedResultFile {
+  /** `<ResultPath.Name>` for a file, `<ResultPath.Name>/<relative path>` for files under a directory. */
+  name: string;
+  /** Where it is on the host. */
+  path: string;
+  size: number;
+  /** Hex SHA-256 of the whole file. */
+  sha256: string;
+  chunks: ResultFileChunk[];
+}
+
+export interface CollectedResults {
+  /** Sorted by name. */
+  files: CollectedResultFile[];
+  /** Names of ResultPaths that the program did not create. */
+  missing: string[];
+}
+
+interface Budget {
+  files: number;
+  bytes: number;
+}
+
+/**
+ * Reads a task's `ResultPaths` from `outputsDir` (`/outputs` in the sandbox):
+ * a file becomes one result, a directory every regular file under it. A
+ * symlink is followed only when it stays inside `outputsDir`, and a link to a
+ * directory is skipped (no cycles); one leading outside refuses the whole
+ * collection (SHOAL_RESULT_ESCAPE). Sizes are capped per file and in total
+ * (SHOAL_RESULT_TOO_LARGE). Each file comes back in chunks with digests.
+ */
+export async function collectResults(
+  outputsDir: string,
+  resultPaths: readonly ResultPath[],
+  caps: ResultCaps = {},
+): Promise<CollectedResults> {
+  const limits = {
+    maxFileBytes: caps.maxFileBytes ?? DEFAULT_RESULT_MAX_FILE_BYTES,
+    maxTotalBytes: caps.maxTotalBytes ?? DEFAULT_RESULT_MAX_TOTAL_BYTES,
+    maxFiles: caps.maxFiles ?? DEFAULT_RESULT_MAX_FILES,
+    chunkBytes: caps.chunkBytes ?? DEFAULT_RESULT_CHUNK_BYTES,
+  };
+  const root = await fs.realpath(outputsDir);
+  const found = new Map<string, string>();
+  const missing: string[] = [];
+  const budget: Budget = { files: 0, bytes: 0 };
+  for (const rp of resultPaths) {
+    const rel = path.posix.relative(OUTPUTS_DIR, rp.Path);
+    if (rel.startsWith("..") || path.posix.isAbsolute(rel)) {
+      throw new EngineError(
+        ENGINE_CODES.SHOAL_RESULT_ESCAPE,
+        `result path ${rp.Path} is outside ${OUTPUTS_DIR}`,
+      );
+    }
+    const host = path.join(root, rel);
+    const real = await insideRoot(host, root, rp.Path);
+    if (real === undefined) {
+      missing.push(rp.Name);
+      continue;
+    }
+    const stat = await fs.stat(real);
+    if (stat.isDirectory()) await walk(real, rp.Name, root, found, budget, limits);
+    else if (stat.isFile()) add(found, rp.Name, real, stat.size, budget, limits);
+  }
+  const files: CollectedResultFile[] = [];
+  for (const name of [...found.keys()].sort()) files.push(await readChunked(name, found.get(name)!, limits));
+  return { files, missing };
+}
+
+/** The real path of `p` if it exists and stays inside `root`; undefined if it does not exist. */
+async function insideRoot(p: string, root: string, shown: string): Promise<string | undefined> {
+  let real: string;
+  try {
+    real = await fs.realpath(p);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+    throw err;
+  }
+  if (real !== root && !real.startsWith(`${root}/`)) {
+    throw new EngineError(
+      ENGINE_CODES.SHOAL_RESULT_ESCAPE,
+      `result ${shown} leads outside ${OUTPUTS_DIR} (to ${real})`,
+      {
+        fix: "write results as regular files under /outputs",
+      },
+    );
+  }
+  return real;
+}
+
+function add(
+  found: Map<string, string>,
+  name: string,
+  real: string,
+  size: number,
+  budget: Budget,
+  limits: Required<ResultCaps>,
+): void {
+  if (found.has(name)) return;
+  if (size > limits.maxFileBytes) {
+    throw new EngineError(
+      ENGINE_CODES.SHOAL_RESULT_TOO_LARGE,
+      `result ${name} is ${formatBytes(size)}; a result file may be at most ${formatBytes(limits.maxFileBytes)}`,
+      { fix: "write smaller results, or split them over several files and jobs" },
+    );
+  }
+  budget.files++;
+  budget.bytes += size;
+  if (budget.files > limits.maxFiles || budget.bytes > limits.maxTotalBytes) {
+    throw new EngineError(
+      ENGINE_CODES.SHOAL_RESULT_TOO_LARGE,
+      `results exceed ${limits.maxFiles} files or ${formatBytes(limits.maxTotalBytes)} in total`,
+      { fix: "return fewer or smaller files" },
+    );
+  }
+  found.set(name, real);
+}
+
+async function walk(
+  dir: string,
+  prefix: string,
+  root: string,
+  found: Map<string, string>,
+  budget: Budget,
+  limits: Required<ResultCaps>,
+): Promise<void> {
+  const entries = await fs.readdir(dir, { withFileTypes: true });
+  entries.sort((a, b) => (a.name < b.name ? -1 : 1));
+  for (const entry of entries) {
+    const p = path.join(dir, entry.name);
+    const name = `${prefix}/${entry.name}`;
+    if (entry.isDirectory()) await walk(p, name, root, found, budget, limits);
+    else if (entry.isFile()) add(found, name, p, (await fs.lstat(p)).size, budget, limits);
+    else if (entry.isSymbolicLink()) {
+      const real = await insideRoot(p, root, path.posix.join(OUTPUTS_DIR, path.relative(root, p)));
+      const stat = real === undefined ? undefined : await fs.stat(real);
+      if (real !== undefined && stat?.isFile()) add(found, name, real, stat.size, budget, limits);
+    }
+  }
+}
+
+/** Reads a file (not following a final symlink: the path given is already real) in digested chunks. */
+async function readChunked(
+  name: string,
+  real: string,
+  limits: Required<ResultCaps>,
+): Promise<CollectedResultFile> {
+  const handle = await fs.open(real, constants.O_RDONLY | constants.O_NOFOLLOW);
+  try {
+    const stat = await handle.stat();
+    if (!stat.isFile() || stat.size > limits.maxFileBytes) {
+      throw new EngineError(
+        ENGINE_CODES.SHOAL_RESULT_TOO_LARGE,
+        `result ${name} changed while it was collected`,
+      );
+    }
+    const whole = createHash("sha256");
+    const chunks: ResultFileChunk[] = [];
+    let size = 0;
+    for (;;) {
+      const buf = Buffer.alloc(limits.chunkBytes);
+      let filled = 0;
+      while (filled < buf.length) {
+        const { bytesRead } = await handle.read(buf, filled, buf.length - filled, size + filled);
+        if (bytesRead === 0) break;
+        filled += bytesRead;
+      }
+      if (filled === 0) break;
+      const data = filled === buf.length ? buf : Buffer.from(buf.subarray(0, filled));
+      whole.update(data);
+      chunks.push({ index: chunks.length, sha256: createHash("sha256").update(data).digest("hex"), data });
+      size += filled;
+      if (size > limits.maxFileBytes) {
+        throw new EngineError(
+          ENGINE_CODES.SHOAL_RESULT_TOO_LARGE,
+          `result ${name} grew past the limit while it was collected`,
+        );
+      }
+      if (filled < buf.length) break;
+    }
+    return { name, path: real, size, sha256: whole.digest("hex"), chunks };
+  } finally {
+    await handle.close();
+  }
+}

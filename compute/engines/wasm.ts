@@ -1,0 +1,217 @@
+import { promises as fs } from "node:fs";
+import path from "node:path";
+import { performance } from "node:perf_hooks";
+import { Worker } from "node:worker_threads";
+import { INPUTS_DIR, OUTPUTS_DIR, type Task } from "../../core/index.js";
+import { ENGINE_CODES, EngineError } from "./errors.js";
+import {
+  BaseExecutor,
+  DEFAULT_MAX_LOG_FILE_BYTES,
+  type EngineFailure,
+  type EngineRunRequest,
+  type EngineRunResult,
+  stopFailure,
+} from "./executor.js";
+import { resolveEntryModule } from "./job-inputs.js";
+import { OutputCapture } from "./output-capture.js";
+import { capModuleMemory } from "./wasm-module.js";
+import type { WasmWorkerData, WasmWorkerMessage } from "./wasm-worker.js";
+
+// From source (tests, tsx) the worker is the .ts file next to this one; from dist/, the .js.
+const WORKER_URL = new URL(`./wasm-worker.${import.meta.url.endsWith(".ts") ? "ts" : "js"}`, import.meta.url);
+
+/** How often the stream spools are read while a module runs. @default 50 */
+export const DEFAULT_WASM_LOG_POLL_MS = 50;
+
+export interface WasmExecutorOptions {
+  /** `Compute.Inputs.AllowedPaths`: where a `localFile` EntryModule may come from. */
+  allowedPaths?: readonly string[];
+  /** @default DEFAULT_WASM_LOG_POLL_MS */
+  logPollMs?: number;
+}
+
+type StopReason = "timeout" | "cancel" | "output";
+
+/**
+ * Runs WebAssembly (WASI preview1) modules, each in its own worker thread:
+ * `/inputs` and `/outputs` are preopened (fds 3 and 4, in that order), stdin
+ * is /dev/null, stdout and stderr go to files in the work directory that are
+ * read back while the module runs (capped). The module's memory is capped by
+ * rewriting its declared maximum (see capModuleMemory); the worker's JS heap
+ * by `resourceLimits`. Timeout and cancel terminate the worker.
+ *
+ * node:wasi is not a security sandbox for the file system (Node's own
+ * warning): it confines paths to the preopens, but it does not make
+ * `/inputs` read-only. Inputs are per-execution copies, so a module can only
+ * change its own copy.
+ */
+export class WasmExecutor extends BaseExecutor {
+  readonly engine = "wasm" as const;
+  readonly #allowedPaths: readonly string[];
+  readonly #pollMs: number;
+
+  constructor(options: WasmExecutorOptions = {}) {
+    super();
+    this.#allowedPaths = options.allowedPaths ?? [];
+    this.#pollMs = options.logPollMs ?? DEFAULT_WASM_LOG_POLL_MS;
+  }
+
+  protected async execute(req: EngineRunRequest, signal: AbortSignal): Promise<EngineRunResult> {
+    const params = wasmParams(req.task);
+    const bytes = await resolveEntryModule(params.EntryModule, { allowedPaths: this.#allowedPaths });
+    const module = await compile(capModuleMemory(bytes, req.limits.maxMemoryBytes), params.Entrypoint);
+    const started = performance.now();
+    const stdout = new OutputCapture(req.limits.maxStdoutBytes, (c) => req.onLog?.("stdout", c));
+    const stderr = new OutputCapture(req.limits.maxStderrBytes, (c) => req.onLog?.("stderr", c));
+    const maxLog = req.limits.maxLogFileBytes ?? DEFAULT_MAX_LOG_FILE_BYTES;
+    const spools = await Promise.all(
+      (["stdout", "stderr"] as const).map(async (name) => {
+        const file = path.join(req.workDir, `.${req.executionId}.${name}`);
+        return { file, write: await fs.open(file, "w", 0o600), read: await fs.open(file, "r"), offset: 0 };
+      }),
+    );
+    const stdin = await fs.open("/dev/null", "r");
+    let stopReason: StopReason | undefined;
+    let outcome: WasmWorkerMessage | undefined;
+    let workerError: Error | undefined;
+    try {
+      const data: WasmWorkerData = {
+        module,
+        args: [req.task.Name, ...params.Parameters],
+        env: { ...req.task.Env, ...params.EnvironmentVariables },
+        preopens: {
+          [INPUTS_DIR]: await fs.realpath(req.inputsDir),
+          [OUTPUTS_DIR]: await fs.realpath(req.outputsDir),
+        },
+        stdin: stdin.fd,
+        stdout: spools[0]!.write.fd,
+        stderr: spools[1]!.write.fd,
+        entrypoint: params.Entrypoint,
+        maxMemoryBytes: req.limits.maxMemoryBytes,
+      };
+      const worker = new Worker(WORKER_URL, {
+        workerData: data,
+        stdout: true,
+        stderr: true,
+        resourceLimits: { maxOldGenerationSizeMb: 64, maxYoungGenerationSizeMb: 16, stackSizeMb: 4 },
+      });
+      // The worker's own console (Node's WASI warning) is not the module's output.
+      worker.stdout.resume();
+      worker.stderr.resume();
+      const stop = (reason: StopReason) => {
+        stopReason ??= reason;
+        void worker.terminate();
+      };
+      const captures = [stdout, stderr];
+      let draining: Promise<void> | undefined;
+      const drain = () =>
+        (draining ??= (async () => {
+          for (const [i, spool] of spools.entries()) {
+            spool.offset = await readNew(spool.read, spool.offset, captures[i]!);
+            if (spool.offset > maxLog) stop("output");
+          }
+        })().finally(() => {
+          draining = undefined;
+        }));
+      const poll = setInterval(drain, this.#pollMs);
+      const timer = setTimeout(() => stop("timeout"), req.timeoutMs);
+      const onAbort = () => stop("cancel");
+      if (signal.aborted) onAbort();
+      else signal.addEventListener("abort", onAbort, { once: true });
+      worker.on("message", (m: WasmWorkerMessage) => {
+        outcome = m;
+      });
+      worker.on("error", (err) => {
+        workerError = err;
+      });
+      await new Promise((resolve) => worker.once("exit", resolve));
+      clearInterval(poll);
+      clearTimeout(timer);
+      signal.removeEventListener("abort", onAbort);
+      await draining;
+      await drain();
+    } finally {
+      await Promise.all([stdin.close(), ...spools.flatMap((s) => [s.write.close(), s.read.close()])]);
+      await Promise.all(spools.map((s) => fs.rm(s.file, { force: true })));
+    }
+    const out = stdout.result();
+    const err = stderr.result();
+    const result = {
+      stdout: out.data,
+      stdoutTruncated: out.truncated,
+      stderr: err.data,
+      stderrTruncated: err.truncated,
+      durationMs: Math.round(performance.now() - started),
+    };
+    const failure = failureOf(stopReason, outcome, workerError, req);
+    if (failure) return { exitCode: -1, ...result, error: failure };
+    return { exitCode: (outcome as { exitCode: number }).exitCode, ...result };
+  }
+}
+
+function wasmParams(task: Task) {
+  if (task.Engine.Type !== "wasm") throw new Error("unreachable: checked by BaseExecutor.run");
+  return task.Engine.Params;
+}
+
+async function compile(bytes: Uint8Array, entrypoint: string): Promise<WebAssembly.Module> {
+  let module: WebAssembly.Module;
+  try {
+    module = await WebAssembly.compile(bytes);
+  } catch (err) {
+    throw new EngineError(
+      ENGINE_CODES.SHOAL_ENGINE_MODULE_INVALID,
+      `invalid WebAssembly module: ${(err as Error).message}`,
+      {
+        cause: err,
+      },
+    );
+  }
+  const exports = WebAssembly.Module.exports(module);
+  const missing = [
+    exports.some((e) => e.name === "memory" && e.kind === "memory") ? undefined : "memory",
+    exports.some((e) => e.name === entrypoint && e.kind === "function")
+      ? undefined
+      : `function ${entrypoint}`,
+  ].filter(Boolean);
+  if (missing.length > 0) {
+    throw new EngineError(
+      ENGINE_CODES.SHOAL_ENGINE_MODULE_INVALID,
+      `invalid WebAssembly module: it does not export ${missing.join(" or ")}`,
+      {
+        fix: "build a WASI command module, or set Engine.Params.Entrypoint to one of its exported functions",
+      },
+    );
+  }
+  return module;
+}
+
+/** Reads what was appended to a spool since `offset` into `capture`; returns the new offset. */
+async function readNew(handle: fs.FileHandle, offset: number, capture: OutputCapture): Promise<number> {
+  const buf = Buffer.alloc(64 * 1024);
+  let pos = offset;
+  for (;;) {
+    const { bytesRead } = await handle.read(buf, 0, buf.length, pos);
+    if (bytesRead === 0) return pos;
+    capture.push(Buffer.from(buf.subarray(0, bytesRead)));
+    pos += bytesRead;
+  }
+}
+
+function failureOf(
+  stopReason: StopReason | undefined,
+  outcome: WasmWorkerMessage | undefined,
+  workerError: Error | undefined,
+  req: EngineRunRequest,
+): EngineFailure | undefined {
+  if (stopReason === "output") {
+    return {
+      code: ENGINE_CODES.SHOAL_ENGINE_OUTPUT_LIMIT,
+      message: `killed: wrote more than ${req.limits.maxLogFileBytes ?? DEFAULT_MAX_LOG_FILE_BYTES} bytes to one stream`,
+    };
+  }
+  if (stopReason) return stopFailure(stopReason, req.timeoutMs);
+  if (outcome && "exitCode" in outcome) return undefined;
+  const message = outcome?.error ?? workerError?.message ?? "the worker ended without a result";
+  return { code: ENGINE_CODES.SHOAL_ENGINE_CRASHED, message };
+}
