@@ -1,0 +1,89 @@
+import { RateLimitedError } from "./errors.js";
+
+export interface LoginLimits {
+  /** Failures within `windowMs` that lock a user out. @default 5 */
+  maxFailuresPerUser?: number;
+  /** Failures within `windowMs` that lock an address out (it may be guessing many users). @default 20 */
+  maxFailuresPerAddress?: number;
+  /** How far back failures count. @default 900_000 (15 min) */
+  windowMs?: number;
+  /** How long a lockout lasts; it doubles with each further lockout in a row, up to `maxLockoutMs`. @default 60_000 */
+  lockoutMs?: number;
+  /** @default 3_600_000 (1 h) */
+  maxLockoutMs?: number;
+  /** Keys tracked at once; beyond it the least recently failed are forgotten (memory bound). @default 100_000 */
+  maxKeys?: number;
+}
+
+interface Entry {
+  failures: number[];
+  lockedUntil: number;
+  lockouts: number;
+}
+
+/**
+ * Failed-login limiter per user and per source address: a sliding window of
+ * failures with a lockout that doubles on repeat offences. Pure: time comes
+ * from the injected clock, so tests step it instead of sleeping.
+ */
+export class LoginRateLimiter {
+  readonly #limits: Required<LoginLimits>;
+  readonly #now: () => number;
+  readonly #entries = new Map<string, Entry>();
+
+  constructor(limits: LoginLimits = {}, now: () => number = Date.now) {
+    this.#limits = {
+      maxFailuresPerUser: limits.maxFailuresPerUser ?? 5,
+      maxFailuresPerAddress: limits.maxFailuresPerAddress ?? 20,
+      windowMs: limits.windowMs ?? 15 * 60_000,
+      lockoutMs: limits.lockoutMs ?? 60_000,
+      maxLockoutMs: limits.maxLockoutMs ?? 60 * 60_000,
+      maxKeys: limits.maxKeys ?? 100_000,
+    };
+    this.#now = now;
+  }
+
+  /** Throws {@link RateLimitedError} (SHOAL_AUTH_RATE_LIMITED) if the user or the address is locked out. */
+  check(subject: { user?: string; address?: string }): void {
+    const now = this.#now();
+    for (const [kind, key] of keysOf(subject)) {
+      const e = this.#entries.get(key);
+      if (e && e.lockedUntil > now) throw new RateLimitedError(e.lockedUntil - now, kind);
+    }
+  }
+
+  /** Counts a failed login; locks the user or address once its window holds too many failures. */
+  recordFailure(subject: { user?: string; address?: string }): void {
+    const now = this.#now();
+    for (const [kind, key] of keysOf(subject)) {
+      const e = this.#entries.get(key) ?? { failures: [], lockedUntil: 0, lockouts: 0 };
+      this.#entries.delete(key); // re-insert: Map order is then least recently failed first
+      e.failures = e.failures.filter((t) => t > now - this.#limits.windowMs);
+      if (e.lockouts > 0 && now > e.lockedUntil + this.#limits.windowMs) e.lockouts = 0; // quiet for a window: forgiven
+      e.failures.push(now);
+      const max = kind === "user" ? this.#limits.maxFailuresPerUser : this.#limits.maxFailuresPerAddress;
+      if (e.failures.length >= max) {
+        const lockout = Math.min(this.#limits.lockoutMs * 2 ** e.lockouts, this.#limits.maxLockoutMs);
+        e.lockedUntil = now + lockout;
+        e.lockouts++;
+        e.failures = [];
+      }
+      this.#entries.set(key, e);
+    }
+    while (this.#entries.size > this.#limits.maxKeys) {
+      this.#entries.delete(this.#entries.keys().next().value as string);
+    }
+  }
+
+  /** A successful login clears the user's record (not the address's: one good account does not excuse guessing). */
+  recordSuccess(subject: { user?: string }): void {
+    if (subject.user !== undefined) this.#entries.delete(`user:${subject.user}`);
+  }
+}
+
+function keysOf(subject: { user?: string; address?: string }): Array<["user" | "address", string]> {
+  const keys: Array<["user" | "address", string]> = [];
+  if (subject.user !== undefined) keys.push(["user", `user:${subject.user}`]);
+  if (subject.address !== undefined) keys.push(["address", `addr:${subject.address}`]);
+  return keys;
+}

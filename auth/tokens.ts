@@ -1,0 +1,292 @@
+import { createPrivateKey, createPublicKey, type KeyObject, randomBytes } from "node:crypto";
+import {
+  calculateJwkThumbprint,
+  exportJWK,
+  type JWTPayload,
+  errors as joseErrors,
+  jwtVerify,
+  SignJWT,
+} from "jose";
+import { AUTH_CODES, AuthError } from "./errors.js";
+import type { RevocationList } from "./revocation.js";
+import { AUTH_METHODS, type AuthMethod, type Principal } from "./types.js";
+
+/** Only ES256; pinned on verification so `alg: none`, HS256-with-the-public-key and other curves are refused. */
+const ALGORITHM = "ES256";
+/** The JWT `typ` header of API tokens (RFC 9068), so no other ES256 JWS (a fabric envelope) passes as one. */
+const TOKEN_TYPE = "at+jwt";
+/** `API.Auth.TokenTTL`. @default 86_400 (24 h) */
+export const DEFAULT_TOKEN_TTL_SECONDS = 24 * 60 * 60;
+/** @default 30 */
+export const DEFAULT_CLOCK_TOLERANCE_SECONDS = 30;
+
+export interface TokenServiceOptions {
+  /** The orchestrator's ES256 (EC P-256) private key, as a KeyObject or PKCS#8/SEC1 PEM. */
+  signingKey: KeyObject | string;
+  /** Further public keys whose tokens are accepted: other orchestrators', or the previous key while rotating. */
+  verificationKeys?: Array<KeyObject | string>;
+  /** `iss`: who signs, e.g. the orchestrator's SPIFFE id. */
+  issuer: string;
+  /** `aud`: the API the token is for, e.g. `https://orch.example.com:1234`. */
+  audience: string;
+  /** Longest lifetime of a token; a login may ask for less. @default DEFAULT_TOKEN_TTL_SECONDS */
+  ttlSeconds?: number;
+  /** @default DEFAULT_CLOCK_TOLERANCE_SECONDS */
+  clockToleranceSeconds?: number;
+  revocations: RevocationList;
+  /** @default Date.now */
+  now?: () => number;
+}
+
+/** The claims of a Shoal API token. */
+export interface TokenClaims {
+  iss: string;
+  aud: string;
+  sub: string;
+  iat: number;
+  exp: number;
+  jti: string;
+  roles: string[];
+  ns: string;
+  method: AuthMethod;
+}
+
+export interface IssuedToken {
+  token: string;
+  claims: TokenClaims;
+}
+
+export interface VerifiedToken {
+  principal: Principal;
+  claims: TokenClaims;
+}
+
+/**
+ * Issues and verifies the API's JWTs (ES256, signed by the orchestrator) and
+ * checks every verification against the revocation list.
+ */
+export class TokenService {
+  readonly #signingKey: KeyObject;
+  readonly #kid: string;
+  readonly #keys: Map<string, KeyObject>;
+  readonly #issuer: string;
+  readonly #audience: string;
+  readonly #ttl: number;
+  readonly #tolerance: number;
+  readonly #revocations: RevocationList;
+  readonly #now: () => number;
+
+  private constructor(
+    o: TokenServiceOptions,
+    signingKey: KeyObject,
+    kid: string,
+    keys: Map<string, KeyObject>,
+  ) {
+    this.#signingKey = signingKey;
+    this.#kid = kid;
+    this.#keys = keys;
+    this.#issuer = o.issuer;
+    this.#audience = o.audience;
+    this.#ttl = o.ttlSeconds ?? DEFAULT_TOKEN_TTL_SECONDS;
+    this.#tolerance = o.clockToleranceSeconds ?? DEFAULT_CLOCK_TOLERANCE_SECONDS;
+    this.#revocations = o.revocations;
+    this.#now = o.now ?? Date.now;
+  }
+
+  /** Checks the keys (EC P-256 only) and computes their key ids (JWK thumbprints). */
+  static async create(options: TokenServiceOptions): Promise<TokenService> {
+    if (
+      !(options.ttlSeconds === undefined || (Number.isInteger(options.ttlSeconds) && options.ttlSeconds > 0))
+    ) {
+      throw new RangeError("ttlSeconds must be a positive integer");
+    }
+    const signingKey = p256(
+      typeof options.signingKey === "string" ? createPrivateKey(options.signingKey) : options.signingKey,
+      "private",
+    );
+    const keys = new Map<string, KeyObject>();
+    const publicKey = createPublicKey(signingKey);
+    const kid = await thumbprint(publicKey);
+    keys.set(kid, publicKey);
+    for (const k of options.verificationKeys ?? []) {
+      const key = p256(typeof k === "string" ? createPublicKey(k) : createPublicKey(k), "public");
+      keys.set(await thumbprint(key), key);
+    }
+    return new TokenService(options, signingKey, kid, keys);
+  }
+
+  get ttlSeconds(): number {
+    return this.#ttl;
+  }
+
+  /**
+   * Signs a token for `principal`. Its lifetime is the smaller of
+   * `ttlSeconds` (what the login asked for) and the configured TTL.
+   */
+  async issue(principal: Principal, options: { ttlSeconds?: number } = {}): Promise<IssuedToken> {
+    if (principal.kind === "anonymous") throw new TypeError("anonymous callers get no token");
+    const asked = options.ttlSeconds;
+    const ttl = asked !== undefined && asked > 0 ? Math.min(Math.floor(asked), this.#ttl) : this.#ttl;
+    const iat = Math.floor(this.#now() / 1000);
+    const claims: TokenClaims = {
+      iss: this.#issuer,
+      aud: this.#audience,
+      sub: principal.id,
+      iat,
+      exp: iat + ttl,
+      jti: randomBytes(16).toString("base64url"),
+      roles: [...principal.roles],
+      ns: principal.namespace,
+      method: principal.method,
+    };
+    const token = await new SignJWT({ roles: claims.roles, ns: claims.ns, method: claims.method })
+      .setProtectedHeader({ alg: ALGORITHM, typ: TOKEN_TYPE, kid: this.#kid })
+      .setIssuer(claims.iss)
+      .setAudience(claims.aud)
+      .setSubject(claims.sub)
+      .setIssuedAt(claims.iat)
+      .setExpirationTime(claims.exp)
+      .setJti(claims.jti)
+      .sign(this.#signingKey);
+    return { token, claims };
+  }
+
+  /**
+   * Verifies signature (ES256 only, by a known key), `typ`, `iss`, `aud`,
+   * `exp`, the claim types, and that the `jti` is not revoked. Each failure is
+   * an {@link AuthError} with its own code.
+   */
+  async verify(token: string): Promise<VerifiedToken> {
+    const claims = await this.#verifySignatureAndClaims(token);
+    if (this.#revocations.isRevoked(claims.jti)) {
+      throw new AuthError(AUTH_CODES.SHOAL_AUTH_TOKEN_REVOKED, "token has been revoked", {
+        fix: "log in again (`shoal auth login`)",
+      });
+    }
+    return { claims, principal: principalOf(claims) };
+  }
+
+  /** Verifies a token (it must be ours and unexpired) and revokes its jti everywhere. */
+  async revokeToken(token: string): Promise<TokenClaims> {
+    const { claims } = await this.verify(token);
+    await this.#revocations.revoke(claims.jti, claims.exp);
+    return claims;
+  }
+
+  /** Revokes a token known only by its jti; the record is kept for the longest token lifetime. */
+  async revokeJti(jti: string): Promise<void> {
+    await this.#revocations.revoke(jti, Math.floor(this.#now() / 1000) + this.#ttl + this.#tolerance);
+  }
+
+  async #verifySignatureAndClaims(token: string): Promise<TokenClaims> {
+    let payload: JWTPayload;
+    try {
+      ({ payload } = await jwtVerify(
+        token,
+        (header) => {
+          const key = header.kid === undefined ? undefined : this.#keys.get(header.kid);
+          if (!key) throw new joseErrors.JWKSNoMatchingKey("token signed by an unknown key");
+          return key;
+        },
+        {
+          algorithms: [ALGORITHM],
+          typ: TOKEN_TYPE,
+          issuer: this.#issuer,
+          audience: this.#audience,
+          requiredClaims: ["sub", "jti", "iat", "exp"],
+          clockTolerance: this.#tolerance,
+          currentDate: new Date(this.#now()),
+        },
+      ));
+    } catch (err) {
+      throw tokenError(err);
+    }
+    const { roles, ns, method } = payload as Record<string, unknown>;
+    if (
+      !Array.isArray(roles) ||
+      !roles.every((r) => typeof r === "string") ||
+      typeof ns !== "string" ||
+      !(AUTH_METHODS as readonly unknown[]).includes(method) ||
+      typeof payload.sub !== "string" ||
+      typeof payload.jti !== "string"
+    ) {
+      throw new AuthError(AUTH_CODES.SHOAL_AUTH_TOKEN_INVALID, "token claims are malformed", {
+        fix: "log in again (`shoal auth login`)",
+      });
+    }
+    return {
+      iss: payload.iss as string,
+      aud: this.#audience,
+      sub: payload.sub,
+      iat: payload.iat as number,
+      exp: payload.exp as number,
+      jti: payload.jti,
+      roles: roles as string[],
+      ns,
+      method: method as AuthMethod,
+    };
+  }
+}
+
+function principalOf(c: TokenClaims): Principal {
+  return {
+    id: c.sub,
+    kind: c.sub.startsWith("client:") ? "client" : "user",
+    roles: c.roles,
+    namespace: c.ns,
+    method: c.method,
+  };
+}
+
+function tokenError(err: unknown): AuthError {
+  const relogin = "log in again (`shoal auth login`)";
+  if (err instanceof joseErrors.JWTExpired) {
+    return new AuthError(AUTH_CODES.SHOAL_AUTH_TOKEN_EXPIRED, "token has expired", {
+      cause: err,
+      fix: relogin,
+    });
+  }
+  if (err instanceof joseErrors.JOSEAlgNotAllowed) {
+    return new AuthError(
+      AUTH_CODES.SHOAL_AUTH_TOKEN_ALGORITHM,
+      `token algorithm refused: only ${ALGORITHM}`,
+      {
+        cause: err,
+        fix: relogin,
+      },
+    );
+  }
+  if (err instanceof joseErrors.JWTClaimValidationFailed && (err.claim === "aud" || err.claim === "iss")) {
+    return new AuthError(
+      AUTH_CODES.SHOAL_AUTH_TOKEN_AUDIENCE,
+      `token was issued ${err.claim === "aud" ? "for another API" : "by another issuer"} (${err.claim})`,
+      { cause: err, fix: "use the token obtained from this API (`shoal auth login --api URL`)" },
+    );
+  }
+  const reason = err instanceof joseErrors.JOSEError ? err.message : String(err);
+  return new AuthError(AUTH_CODES.SHOAL_AUTH_TOKEN_INVALID, `token is not valid: ${reason}`, {
+    cause: err,
+    fix: relogin,
+  });
+}
+
+function p256(key: KeyObject, kind: "private" | "public"): KeyObject {
+  if (
+    key.type !== kind ||
+    key.asymmetricKeyType !== "ec" ||
+    key.asymmetricKeyDetails?.namedCurve !== "prime256v1"
+  ) {
+    throw new AuthError(
+      AUTH_CODES.SHOAL_AUTH_KEY_UNSUPPORTED,
+      `token ${kind} key must be an EC P-256 key (ES256)`,
+      {
+        fix: "use the orchestrator's ECDSA P-256 key",
+      },
+    );
+  }
+  return key;
+}
+
+async function thumbprint(publicKey: KeyObject): Promise<string> {
+  return calculateJwkThumbprint(await exportJWK(publicKey));
+}
