@@ -1,6 +1,7 @@
 import type { KeyObject, X509Certificate } from "node:crypto";
 import { promises as fs } from "node:fs";
 import path from "node:path";
+import type { SubjectPublicKeyInfo } from "@peculiar/asn1-x509";
 import { FileWriteError, readFileChecked, writeFileAtomic } from "../core/index.js";
 import { buildCertificate, type Signer, serialHex, signerFromCertificate } from "./certificate-builder.js";
 import { describeCertificate } from "./certificate-info.js";
@@ -22,6 +23,7 @@ import {
   assertKeyType,
   DEFAULT_KEY_TYPE,
   exportPrivateKey,
+  generateKeyMaterial,
   generatePrivateKey,
   importPrivateKey,
   type KeyType,
@@ -214,21 +216,19 @@ export class Pki {
    * clock and randomness); {@link issue} records it. Exposed for benchmarks
    * and callers that record in bulk.
    */
-  mint(req: IssueRequest, publicKey?: KeyObject): IssuedCertificate {
-    const keyType = assertKeyType(req.keyType ?? this.keyType);
-    const key = publicKey ? undefined : generatePrivateKey(keyType);
-    const subjectKey = publicKey ?? key!;
+  mint(req: IssueRequest, csrKey?: { spki: SubjectPublicKeyInfo; keyType: KeyType }): IssuedCertificate {
+    const material = csrKey ? undefined : generateKeyMaterial(assertKeyType(req.keyType ?? this.keyType));
     const plan = planLeaf(req, {
       trustDomain: this.trustDomain,
-      publicKey: subjectKey,
+      publicKey: csrKey?.spki ?? material!.spki,
       now: this.now(),
       issuerNotAfter: this.issuerNotAfter,
-      keyType: publicKey ? keyTypeOf(publicKey) : keyType,
+      keyType: csrKey?.keyType ?? req.keyType ?? this.keyType,
     });
     const der = buildCertificate(plan.template, this.#signer);
     return {
       certPem: toPem("CERTIFICATE", der) + this.issuerCertPem,
-      ...(key ? { keyPem: exportPrivateKey(key) } : {}),
+      ...(material ? { keyPem: material.privateKeyPem } : {}),
       serial: serialHex(plan.template.serial),
       fingerprint: sha256Fingerprint(der),
       notBefore: plan.template.notBefore,
@@ -259,7 +259,7 @@ export class Pki {
     opts: { out?: string } = {},
   ): Promise<IssuedCertificate> {
     const csr = checkCsr(csrPem);
-    return this.#record(this.mint(req, csr.publicKey), opts.out);
+    return this.#record(this.mint(req, csr), opts.out);
   }
 
   async #record(issued: IssuedCertificate, out: string | undefined): Promise<IssuedCertificate> {

@@ -9,7 +9,6 @@ import {
   Certificate,
   ExtendedKeyUsage,
   Extension,
-  Extensions,
   GeneralName,
   id_ce_authorityKeyIdentifier,
   id_ce_basicConstraints,
@@ -26,12 +25,12 @@ import {
   RelativeDistinguishedName,
   SubjectAlternativeName,
   SubjectKeyIdentifier,
-  SubjectPublicKeyInfo,
-  TBSCertificate,
+  type SubjectPublicKeyInfo,
   Validity,
   Version,
 } from "@peculiar/asn1-x509";
-import { type KeyType, signatureAlgorithm, signDer, spkiDer } from "./key-types.js";
+import { DER_TAG, derBitString, derInteger, derSequence, derWrap } from "./der.js";
+import { type KeyType, signatureAlgorithm, signDer } from "./key-types.js";
 
 /*
  * Pure certificate construction: every function here is a function of its inputs
@@ -58,8 +57,8 @@ export interface Signer {
 export interface CertificateTemplate {
   serial: Uint8Array;
   subject: Name;
-  /** The subject's public key (a private key is accepted and its public half used). */
-  publicKey: KeyObject;
+  /** The subject's public key (see `publicKeyInfo` for a KeyObject). */
+  publicKey: SubjectPublicKeyInfo;
   notBefore: Date;
   notAfter: Date;
   /** For CA certificates: the path length constraint. Absent for leaves. */
@@ -108,10 +107,6 @@ export function keyIdentifier(spki: SubjectPublicKeyInfo): ArrayBuffer {
   return digest.buffer.slice(digest.byteOffset, digest.byteOffset + digest.byteLength);
 }
 
-export function parseSpki(key: KeyObject): SubjectPublicKeyInfo {
-  return AsnConvert.parse(spkiDer(key), SubjectPublicKeyInfo);
-}
-
 function extension(extnID: string, critical: boolean, value: unknown): Extension {
   return new Extension({ extnID, critical, extnValue: new OctetString(AsnConvert.serialize(value)) });
 }
@@ -123,32 +118,82 @@ function algorithmIdentifier(type: KeyType): AlgorithmIdentifier {
   );
 }
 
+const encode = (value: unknown) => new Uint8Array(AsnConvert.serialize(value));
+
+/** `[0] EXPLICIT INTEGER 2`: X.509 v3. */
+const VERSION_V3 = derWrap(DER_TAG.CONTEXT_0, derInteger(Uint8Array.of(Version.v3)));
+
+/** What every certificate from one signer shares, encoded once per signer. */
+interface SignerParts {
+  algorithm: Uint8Array;
+  issuer: Uint8Array;
+  authorityKeyId: Uint8Array;
+}
+const signerParts = new WeakMap<Signer, SignerParts>();
+
+function partsOf(signer: Signer): SignerParts {
+  let parts = signerParts.get(signer);
+  if (!parts) {
+    parts = {
+      algorithm: encode(algorithmIdentifier(signer.keyType)),
+      issuer: encode(signer.name),
+      authorityKeyId: encode(
+        extension(
+          id_ce_authorityKeyIdentifier,
+          false,
+          new AuthorityKeyIdentifier({ keyIdentifier: new KeyIdentifier(signer.keyId) }),
+        ),
+      ),
+    };
+    signerParts.set(signer, parts);
+  }
+  return parts;
+}
+
+/** Extensions that are the same for every certificate of a profile are encoded once. */
+const constantExtensions = new Map<string, Uint8Array>();
+function constantExtension(key: string, make: () => Extension): Uint8Array {
+  let der = constantExtensions.get(key);
+  if (!der) {
+    der = encode(make());
+    constantExtensions.set(key, der);
+  }
+  return der;
+}
+
 /**
- * Builds and signs a certificate. `signer` undefined means self-signed by
- * `selfKey` (the root). Returns the DER certificate.
+ * Builds and signs a certificate, by `signer` or self-signed (the root).
+ * Returns the DER certificate.
  */
 export function buildCertificate(
   template: CertificateTemplate,
   signer: Signer | { selfSigned: KeyObject; keyType: KeyType },
 ): Buffer {
-  const spki = parseSpki(template.publicKey);
-  const ski = keyIdentifier(spki);
-  const issuer = "selfSigned" in signer ? template.subject : signer.name;
-  const signingKey = "selfSigned" in signer ? signer.selfSigned : signer.key;
+  const spki = template.publicKey;
+  const selfSigned = "selfSigned" in signer;
+  const algorithm = selfSigned ? encode(algorithmIdentifier(signer.keyType)) : partsOf(signer).algorithm;
+  const issuer = selfSigned ? encode(template.subject) : partsOf(signer).issuer;
 
-  const exts: Extension[] = [
-    extension(
-      id_ce_basicConstraints,
-      true,
-      template.ca
-        ? new BasicConstraints({ cA: true, pathLenConstraint: template.ca.pathLen })
-        : new BasicConstraints(),
+  const exts: Uint8Array[] = [
+    constantExtension(`bc:${template.ca?.pathLen ?? "leaf"}`, () =>
+      extension(
+        id_ce_basicConstraints,
+        true,
+        template.ca
+          ? new BasicConstraints({ cA: true, pathLenConstraint: template.ca.pathLen })
+          : new BasicConstraints(),
+      ),
     ),
-    extension(id_ce_keyUsage, true, new KeyUsage(template.keyUsage)),
+    constantExtension(`ku:${template.keyUsage}`, () =>
+      extension(id_ce_keyUsage, true, new KeyUsage(template.keyUsage)),
+    ),
   ];
-  if (template.extKeyUsage?.length) {
+  const usages = template.extKeyUsage ?? [];
+  if (usages.length > 0) {
     exts.push(
-      extension(id_ce_extKeyUsage, false, new ExtendedKeyUsage(template.extKeyUsage.map((u) => EKU_OIDS[u]))),
+      constantExtension(`eku:${usages.join(",")}`, () =>
+        extension(id_ce_extKeyUsage, false, new ExtendedKeyUsage(usages.map((u) => EKU_OIDS[u]))),
+      ),
     );
   }
   const names: GeneralName[] = [
@@ -160,37 +205,25 @@ export function buildCertificate(
   ];
   if (names.length > 0) {
     // Critical only when the subject is empty (RFC 5280 §4.2.1.6); ours always has a CN.
-    exts.push(extension(id_ce_subjectAltName, false, new SubjectAlternativeName(names)));
+    exts.push(encode(extension(id_ce_subjectAltName, false, new SubjectAlternativeName(names))));
   }
-  exts.push(extension(id_ce_subjectKeyIdentifier, false, new SubjectKeyIdentifier(ski)));
-  if (!("selfSigned" in signer)) {
-    exts.push(
-      extension(
-        id_ce_authorityKeyIdentifier,
-        false,
-        new AuthorityKeyIdentifier({ keyIdentifier: new KeyIdentifier(signer.keyId) }),
-      ),
-    );
-  }
+  exts.push(
+    encode(extension(id_ce_subjectKeyIdentifier, false, new SubjectKeyIdentifier(keyIdentifier(spki)))),
+  );
+  if (!selfSigned) exts.push(partsOf(signer).authorityKeyId);
 
-  const tbs = new TBSCertificate({
-    version: Version.v3,
-    serialNumber: new Uint8Array(template.serial).buffer,
-    signature: algorithmIdentifier(signer.keyType),
+  const tbs = derSequence(
+    VERSION_V3,
+    derInteger(template.serial),
+    algorithm,
     issuer,
-    validity: new Validity({ notBefore: template.notBefore, notAfter: template.notAfter }),
-    subject: template.subject,
-    subjectPublicKeyInfo: spki,
-    extensions: new Extensions(exts),
-  });
-  const tbsDer = new Uint8Array(AsnConvert.serialize(tbs));
-  const signature = signDer(signingKey, signer.keyType, tbsDer);
-  const cert = new Certificate({
-    tbsCertificate: tbs,
-    signatureAlgorithm: algorithmIdentifier(signer.keyType),
-    signatureValue: new Uint8Array(signature).buffer,
-  });
-  return Buffer.from(AsnConvert.serialize(cert));
+    encode(new Validity({ notBefore: template.notBefore, notAfter: template.notAfter })),
+    encode(template.subject),
+    encode(spki),
+    derWrap(DER_TAG.CONTEXT_3, derSequence(...exts)),
+  );
+  const signature = signDer(selfSigned ? signer.selfSigned : signer.key, signer.keyType, tbs);
+  return derSequence(tbs, algorithm, derBitString(signature));
 }
 
 /** The parts of a CA certificate needed to sign with it. */

@@ -1,15 +1,23 @@
 import { createPublicKey, type KeyObject } from "node:crypto";
 import { Attributes, CertificationRequest, CertificationRequestInfo } from "@peculiar/asn1-csr";
 import { AsnConvert } from "@peculiar/asn1-schema";
-import { AlgorithmIdentifier } from "@peculiar/asn1-x509";
-import { buildName, parseSpki } from "./certificate-builder.js";
+import { AlgorithmIdentifier, type SubjectPublicKeyInfo } from "@peculiar/asn1-x509";
+import { buildName } from "./certificate-builder.js";
 import { PKI_CODES, PkiError } from "./errors.js";
-import { type KeyType, keyTypeOf, signatureAlgorithm, signDer, verifyDer } from "./key-types.js";
+import {
+  type KeyType,
+  keyTypeOf,
+  publicKeyInfo,
+  signatureAlgorithm,
+  signDer,
+  verifyDer,
+} from "./key-types.js";
 import { pemBlocks, toPem } from "./pem.js";
 
 /** What the CA takes from a CSR: only its public key, once the CSR's signature proves possession. */
 export interface CheckedCsr {
   publicKey: KeyObject;
+  spki: SubjectPublicKeyInfo;
   keyType: KeyType;
 }
 
@@ -22,7 +30,7 @@ export function createCsr(key: KeyObject, commonName: string): string {
   const info = new CertificationRequestInfo({
     version: 0,
     subject: buildName(commonName),
-    subjectPKInfo: parseSpki(key),
+    subjectPKInfo: publicKeyInfo(key),
     attributes: new Attributes(),
   });
   const infoDer = new Uint8Array(AsnConvert.serialize(info));
@@ -76,5 +84,5 @@ export function checkCsr(input: string | Uint8Array, what = "CSR"): CheckedCsr {
       fix: "the CSR was altered or signed with another key; make it again with the node's own key",
     });
   }
-  return { publicKey, keyType };
+  return { publicKey, spki: csr.certificationRequestInfo.subjectPKInfo, keyType };
 }

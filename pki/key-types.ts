@@ -1,4 +1,5 @@
 import {
+  createECDH,
   createPrivateKey,
   createPublicKey,
   generateKeyPairSync,
@@ -6,7 +7,12 @@ import {
   sign,
   verify,
 } from "node:crypto";
+import { ECParameters, ECPrivateKey, id_ecPublicKey, id_secp256r1, id_secp384r1 } from "@peculiar/asn1-ecc";
+import { PrivateKey, PrivateKeyInfo } from "@peculiar/asn1-pkcs8";
+import { AsnConvert, OctetString } from "@peculiar/asn1-schema";
+import { AlgorithmIdentifier, SubjectPublicKeyInfo } from "@peculiar/asn1-x509";
 import { PKI_CODES, PkiError } from "./errors.js";
+import { toPem } from "./pem.js";
 
 /** The key types the PKI creates. */
 export const KEY_TYPES = ["ecdsa-p256", "ecdsa-p384", "rsa-3072"] as const;
@@ -160,4 +166,63 @@ export function importPrivateKey(pem: string | Buffer, what: string, passphrase?
       fix: "the PEM is corrupt; restore it or issue a new certificate and key",
     });
   }
+}
+
+/** The SubjectPublicKeyInfo of a key (private or public), as an ASN.1 object. */
+export function publicKeyInfo(key: KeyObject): SubjectPublicKeyInfo {
+  return AsnConvert.parse(spkiDer(key), SubjectPublicKeyInfo);
+}
+
+/** A new key pair as the encodings a certificate and its key file need. */
+export interface KeyMaterial {
+  spki: SubjectPublicKeyInfo;
+  /** Unencrypted PKCS#8 PEM. */
+  privateKeyPem: string;
+}
+
+const EC_CURVES = {
+  "ecdsa-p256": { ecdh: "prime256v1", oid: id_secp256r1, size: 32 },
+  "ecdsa-p384": { ecdh: "secp384r1", oid: id_secp384r1, size: 48 },
+} as const;
+
+const ecAlgorithms = new Map<string, AlgorithmIdentifier>();
+function ecAlgorithm(curveOid: string): AlgorithmIdentifier {
+  let alg = ecAlgorithms.get(curveOid);
+  if (!alg) {
+    const parameters = AsnConvert.serialize(new ECParameters({ namedCurve: curveOid }));
+    alg = new AlgorithmIdentifier({ algorithm: id_ecPublicKey, parameters });
+    ecAlgorithms.set(curveOid, alg);
+  }
+  return alg;
+}
+
+/**
+ * Generates a key pair for a leaf certificate. For ECDSA the key comes from
+ * OpenSSL through node:crypto's ECDH (same curves, raw scalar and point) and is
+ * encoded with @peculiar/asn1-* (SEC 1 ECPrivateKey inside PKCS#8), because
+ * OpenSSL 3's PEM/DER encoders cost more than generating and signing together.
+ */
+export function generateKeyMaterial(type: KeyType): KeyMaterial {
+  if (type === "rsa-3072") {
+    const key = generatePrivateKey(type);
+    return { spki: publicKeyInfo(key), privateKeyPem: exportPrivateKey(key) };
+  }
+  const curve = EC_CURVES[type];
+  const ecdh = createECDH(curve.ecdh);
+  const point = ecdh.generateKeys();
+  const scalar = ecdh.getPrivateKey();
+  const d = Buffer.alloc(curve.size);
+  scalar.copy(d, curve.size - scalar.length);
+  const algorithm = ecAlgorithm(curve.oid);
+  const publicKey = new Uint8Array(point).buffer;
+  const ecPrivateKey = new ECPrivateKey({ version: 1, privateKey: new OctetString(d), publicKey });
+  const pkcs8 = new PrivateKeyInfo({
+    privateKeyAlgorithm: algorithm,
+    privateKey: new PrivateKey(AsnConvert.serialize(ecPrivateKey)),
+  });
+  d.fill(0);
+  return {
+    spki: new SubjectPublicKeyInfo({ algorithm, subjectPublicKey: publicKey }),
+    privateKeyPem: toPem("PRIVATE KEY", new Uint8Array(AsnConvert.serialize(pkcs8))),
+  };
 }

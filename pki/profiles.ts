@@ -1,5 +1,6 @@
 import type { KeyObject } from "node:crypto";
 import { isIP } from "node:net";
+import type { SubjectPublicKeyInfo } from "@peculiar/asn1-x509";
 import {
   buildName,
   type CertificateTemplate,
@@ -8,7 +9,7 @@ import {
   randomSerial,
 } from "./certificate-builder.js";
 import { PKI_CODES, PkiError } from "./errors.js";
-import type { KeyType } from "./key-types.js";
+import { type KeyType, publicKeyInfo } from "./key-types.js";
 import { assertId, assertRole, type IdentityRole, type Role, spiffeId } from "./spiffe.js";
 
 /** `notBefore` is set this far in the past so peers with a slightly slow clock accept new certificates. */
@@ -107,7 +108,13 @@ export function leafValidity(
 /** The names, usages and validity of a leaf for a role (pure). */
 export function planLeaf(
   req: IssueRequest,
-  ctx: { trustDomain: string; publicKey: KeyObject; now: Date; issuerNotAfter: Date; keyType: KeyType },
+  ctx: {
+    trustDomain: string;
+    publicKey: SubjectPublicKeyInfo;
+    now: Date;
+    issuerNotAfter: Date;
+    keyType: KeyType;
+  },
 ): LeafPlan {
   const role = assertRole(req.role);
   const { notBefore, notAfter } = leafValidity(req, ctx.now, ctx.issuerNotAfter);
@@ -178,7 +185,7 @@ export function caTemplates(opts: {
     root: {
       serial: randomSerial(),
       subject: buildName(opts.name, opts.trustDomain),
-      publicKey: opts.rootKey,
+      publicKey: publicKeyInfo(opts.rootKey),
       notBefore,
       notAfter,
       ca: { pathLen: 1 },
@@ -187,7 +194,7 @@ export function caTemplates(opts: {
     issuer: {
       serial: randomSerial(),
       subject: buildName(issuerName, opts.trustDomain),
-      publicKey: opts.issuerKey,
+      publicKey: publicKeyInfo(opts.issuerKey),
       // Within the root's window, as path validation expects.
       notBefore,
       notAfter,
