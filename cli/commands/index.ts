@@ -1,7 +1,17 @@
 import type { Argv } from "yargs";
+import { agentCommand } from "./agent.js";
 import { configCommand } from "./config.js";
+import { jobCommand } from "./job.js";
+import { nodeCommand } from "./node.js";
+import { orchestratorCommand } from "./orchestrator.js";
 
 /** A command module adds its commands to the parser. One line per module here. */
 export type CommandModule = (cli: Argv) => Argv;
 
-export const commands: CommandModule[] = [configCommand];
+export const commands: CommandModule[] = [
+  configCommand,
+  orchestratorCommand,
+  jobCommand,
+  nodeCommand,
+  agentCommand,
+];

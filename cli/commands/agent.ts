@@ -1,0 +1,41 @@
+import { type ApiArgs, ApiClient, printJson, withApiOptions } from "./api-options.js";
+import type { CommandModule } from "./index.js";
+
+type Args = ApiArgs & Record<string, unknown>;
+
+async function show(argv: Args, path: string): Promise<void> {
+  const api = new ApiClient(argv);
+  try {
+    const r = await api.json("GET", path);
+    if (argv.output === "json") return printJson(r);
+    for (const [k, v] of Object.entries(r))
+      process.stdout.write(`${k}: ${typeof v === "string" ? v : JSON.stringify(v)}\n`);
+  } finally {
+    api.close();
+  }
+}
+
+/** `shoal agent alive | version | node`: the orchestrator's own status. */
+export const agentCommand: CommandModule = (cli) =>
+  cli.command("agent", "the orchestrator agent's status", (yargs) =>
+    withApiOptions(yargs)
+      .command(
+        "alive",
+        "is the API up",
+        () => {},
+        (argv: Args) => show(argv, "agent/alive"),
+      )
+      .command(
+        "version",
+        "the orchestrator's version",
+        () => {},
+        (argv: Args) => show(argv, "agent/version"),
+      )
+      .command(
+        "node",
+        "the orchestrator's identity and endpoints",
+        () => {},
+        (argv: Args) => show(argv, "agent/node"),
+      )
+      .demandCommand(1, "name a subcommand: alive, version or node"),
+  );

@@ -1,0 +1,80 @@
+import type { NodeView } from "../../orchestrator/index.js";
+import { type ApiArgs, ApiClient, printJson, printTable, withApiOptions } from "./api-options.js";
+import type { CommandModule } from "./index.js";
+
+type Args = ApiArgs & Record<string, unknown>;
+
+async function call(argv: Args, method: string, path: string): Promise<Record<string, unknown>> {
+  const api = new ApiClient(argv);
+  try {
+    return await api.json(method, path);
+  } finally {
+    api.close();
+  }
+}
+
+function show(argv: Args, node: NodeView): void {
+  if (argv.output === "json") {
+    printJson(node);
+    return;
+  }
+  const labels = Object.entries(node.Labels)
+    .map(([k, v]) => `${k}=${v}`)
+    .join(",");
+  process.stdout.write(
+    `ID:       ${node.ID}\nApproval: ${node.Approval}\nHealth:   ${node.Health}\nEngines:  ${node.Engines.join(",")}\nCPU:      ${node.Capacity.cpu}\nMemory:   ${node.Capacity.memory}\nLabels:   ${labels}\nVersion:  ${node.Version}\nLastSeen: ${new Date(node.LastSeen).toISOString()}\n`,
+  );
+}
+
+/** `shoal node list | describe | approve | reject | delete`. */
+export const nodeCommand: CommandModule = (cli) =>
+  cli.command("node", "compute nodes known to the orchestrator", (yargs) => {
+    const byId = (y: typeof yargs) => y.positional("id", { type: "string", demandOption: true });
+    return withApiOptions(yargs)
+      .command(
+        "list",
+        "every node with its approval and health",
+        () => {},
+        async (argv: Args) => {
+          const { Items } = (await call(argv, "GET", "orchestrator/nodes")) as { Items: NodeView[] };
+          if (argv.output === "json") return printJson(Items);
+          printTable(
+            ["ID", "APPROVAL", "HEALTH", "ENGINES", "CPU", "LABELS"],
+            Items.map((n) => [
+              n.ID,
+              n.Approval,
+              n.Health,
+              n.Engines.join(","),
+              n.Capacity.cpu,
+              Object.entries(n.Labels)
+                .map(([k, v]) => `${k}=${v}`)
+                .join(","),
+            ]),
+          );
+        },
+      )
+      .command("describe <id>", "one node", byId, async (argv: Args) =>
+        show(argv, (await call(argv, "GET", `orchestrator/nodes/${argv.id}`)).Node as NodeView),
+      )
+      .command("approve <id>", "let a PENDING node take jobs", byId, async (argv: Args) =>
+        show(argv, (await call(argv, "POST", `orchestrator/nodes/${argv.id}/approve`)).Node as NodeView),
+      )
+      .command(
+        "reject <id>",
+        "refuse a node work (its executions move elsewhere)",
+        byId,
+        async (argv: Args) =>
+          show(argv, (await call(argv, "POST", `orchestrator/nodes/${argv.id}/reject`)).Node as NodeView),
+      )
+      .command(
+        "delete <id>",
+        "forget a node (revoke its certificate to keep it out)",
+        byId,
+        async (argv: Args) => {
+          const r = await call(argv, "DELETE", `orchestrator/nodes/${argv.id}`);
+          if (argv.output === "json") printJson(r);
+          else process.stdout.write(`${argv.id} deleted\n`);
+        },
+      )
+      .demandCommand(1, "name a subcommand; see shoal node --help");
+  });
