@@ -122,25 +122,19 @@ export function decideBid(policy: JobSelectionPolicy, demand: JobDemand, free: R
       `submitter ${JSON.stringify(demand.submitter.sub)} is not in Compute.JobSelection.AllowedSubmitters`,
     );
   }
-  if (demand.networked && !policy.acceptNetworkedJobs) {
-    return refuse(
-      "network",
-      "the job asks for network access and Compute.JobSelection.AcceptNetworkedJobs is false",
-    );
-  }
-  if (demand.inputs.length === 0 && policy.rejectStatelessJobs) {
+  if (policy.rejectStatelessJobs && !demand.inputs.some((i) => i.role === "input")) {
     return refuse("stateless", "the job has no inputs and Compute.JobSelection.RejectStatelessJobs is true");
   }
   for (const input of demand.inputs) {
-    if (input.localPath !== undefined) {
-      const localPath = input.localPath;
-      if (!policy.allowedInputPaths.some((root) => isPathWithin(localPath, root))) {
-        return refuse("input-path", `input path ${localPath} is not under Compute.Inputs.AllowedPaths`);
-      }
-    } else if (policy.locality === "local") {
+    const localPath = input.localPath;
+    if (localPath === undefined) continue;
+    if (!policy.allowedInputPaths.some((root) => isPathWithin(localPath, root))) {
+      return refuse("input-path", `${input.role} path ${localPath} is not under Compute.Inputs.AllowedPaths`);
+    }
+    if (policy.locality === "local" && input.present === false) {
       return refuse(
         "locality",
-        `input of type ${input.type} is not local and Compute.JobSelection.Locality is local`,
+        `${input.role} path ${localPath} is not on this node and Compute.JobSelection.Locality is local`,
       );
     }
   }

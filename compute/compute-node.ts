@@ -1,0 +1,872 @@
+import { EventEmitter, on } from "node:events";
+import { promises as fs } from "node:fs";
+import path from "node:path";
+import type { Subscription } from "@nats-io/transport-node";
+import {
+  isShoalError,
+  jobResources,
+  type Logger,
+  parseByteSize,
+  parseDuration,
+  parseJobSpec,
+  type ShoalConfig,
+  silentLogger,
+} from "../core/index.js";
+import {
+  type Approval,
+  broadcastAudience,
+  connectFabric,
+  EnvelopeSigner,
+  EnvelopeVerifier,
+  type FabricConnection,
+  FabricError,
+  FabricMessenger,
+  type MessageBody,
+  PeerCertificateCache,
+  ReplayGuard,
+  type SignedReplier,
+  subjects,
+  type VerifiedEnvelope,
+} from "../fabric/index.js";
+import pkg from "../package.json" with { type: "json" };
+import { CapacityLedger } from "./capacity-ledger.js";
+import { lockDataDir } from "./data-dir-lock.js";
+import { createEngineRunner, type EngineRunner } from "./engine-runner.js";
+import { COMPUTE_CODES, ComputeError } from "./errors.js";
+import { ExecutionManager, failedOutcome } from "./execution-manager.js";
+import { decideBid, type JobSelectionPolicy, jobDemand } from "./job-selection.js";
+import { defaultTlsFiles, loadNodeIdentity, type NodeIdentity } from "./node-identity.js";
+import { ResultSpool, type SpooledResult } from "./result-spool.js";
+
+/** The Shoal version a node reports when it registers. */
+export const COMPUTE_VERSION: string = pkg.version;
+
+/** Running executions may finish for this long when the node shuts down. @default 30 s */
+export const DEFAULT_SHUTDOWN_GRACE_MS = 30_000;
+/** How long a shutting-down node keeps trying to deliver spooled results. @default 3 s */
+export const DEFAULT_DELIVERY_FLUSH_MS = 3000;
+/** Timeout of `register` and `result` requests. @default 10 s */
+export const DEFAULT_REQUEST_TIMEOUT_MS = 10_000;
+/** An accepted bid's reservation is released when no `run` follows within this time. @default 60 s */
+export const DEFAULT_BID_RESERVATION_MS = 60_000;
+/** A result refused (`stored: false`) this many times is dropped from the spool. */
+export const MAX_RESULT_REFUSALS = 3;
+/** Longest pause between retries (registration, result delivery, first connection). @default 30 s */
+export const MAX_RETRY_BACKOFF_MS = 30_000;
+
+export interface ComputeNodeOptions {
+  /** The validated config (`loadConfig`); `DataDir` and `Compute.*` are used. */
+  config: ShoalConfig;
+  logger?: Logger;
+  /** @default COMPUTE_VERSION */
+  version?: string;
+  /** @default DEFAULT_SHUTDOWN_GRACE_MS */
+  shutdownGraceMs?: number;
+  /** @default DEFAULT_DELIVERY_FLUSH_MS */
+  deliveryFlushMs?: number;
+  /** @default DEFAULT_REQUEST_TIMEOUT_MS */
+  requestTimeoutMs?: number;
+  /** @default DEFAULT_BID_RESERVATION_MS */
+  bidReservationMs?: number;
+  /** First retry pause; doubles up to MAX_RETRY_BACKOFF_MS, with jitter. @default 500 */
+  retryBaseMs?: number;
+}
+
+/** What happens to a node, as data (see {@link ComputeNode.events}). */
+export type ComputeNodeEvent =
+  | { type: "connected"; server: string }
+  | { type: "disconnected" }
+  | { type: "reconnected" }
+  | { type: "registered"; approval: Approval; orchestrator: string }
+  | { type: "bid"; executionId: string; accept: boolean; reason?: string }
+  | { type: "run"; executionId: string; accepted: boolean; reason?: string }
+  | { type: "cancelled"; executionId: string; reason: string }
+  | { type: "result-spooled"; executionId: string; state: "Completed" | "Failed" }
+  | { type: "result-acknowledged"; executionId: string }
+  | { type: "result-refused"; executionId: string; reason: string; dropped: boolean }
+  | { type: "message-refused"; subject: string; code: string; reason: string }
+  | { type: "closed"; error: Error | undefined };
+
+/** The compute node's lifecycle phase. */
+type Phase = "new" | "starting" | "running" | "closing" | "closed";
+
+type RegisterReply = MessageBody<"register-reply"> & { iss: string };
+
+interface PendingDelivery {
+  entry: SpooledResult;
+  refusals: number;
+}
+
+const ORCHESTRATOR_ROLE = "orchestrator";
+
+function jitter(ms: number): number {
+  return Math.round(ms / 2 + Math.random() * (ms / 2));
+}
+
+/**
+ * A compute node: proves its identity (from its certificate), connects to the
+ * fabric over mTLS, registers, heartbeats, answers bids by its job-selection
+ * policy, runs executions, streams their logs, and delivers results from an
+ * on-disk spool until the orchestrator acknowledges them. Every incoming
+ * message is a verified envelope from an orchestrator addressed to this node;
+ * anything else is logged and ignored.
+ *
+ * Usable in-process (tests, benchmarks); `shoal compute serve` wraps it.
+ */
+export class ComputeNode {
+  readonly #o: ComputeNodeOptions;
+  readonly #log: Logger;
+  readonly #dataDir: string;
+  readonly #events = new EventEmitter();
+  readonly #stopEvents = new AbortController();
+  readonly #deliveries = new Map<string, PendingDelivery>();
+  readonly #reservations = new Map<string, NodeJS.Timeout>();
+  readonly #subscriptions: Subscription[] = [];
+  #phase: Phase = "new";
+  #identity: NodeIdentity | undefined;
+  #fabric: FabricConnection | undefined;
+  #messenger: FabricMessenger | undefined;
+  #verifier: EnvelopeVerifier | undefined;
+  #peers: PeerCertificateCache | undefined;
+  #engines: EngineRunner | undefined;
+  #manager: ExecutionManager | undefined;
+  #spool: ResultSpool | undefined;
+  #ledger: CapacityLedger | undefined;
+  #policy: JobSelectionPolicy | undefined;
+  #unlock: (() => Promise<void>) | undefined;
+  /** The orchestrator's identity, learned from its register reply; the audience of what we send. */
+  #orchestrator: string | undefined;
+  #approval: Approval | undefined;
+  #connected = false;
+  #needRegister = true;
+  #heartbeat: NodeJS.Timeout | undefined;
+  #heartbeatMs = 0;
+  #heartbeatSeq = 0;
+  /** Wakes the session and delivery loops (reconnect, new result, registration, close). */
+  #wakers = new Set<() => void>();
+  #loops: Promise<void>[] = [];
+  #closing: Promise<void> | undefined;
+  #fatal: Error | undefined;
+  readonly #closed: Promise<Error | undefined>;
+  #resolveClosed!: (err: Error | undefined) => void;
+
+  constructor(options: ComputeNodeOptions) {
+    this.#o = options;
+    this.#log = (options.logger ?? silentLogger).child({ component: "compute" });
+    this.#dataDir = options.config.DataDir;
+    this.#events.setMaxListeners(0);
+    this.#closed = new Promise((resolve) => {
+      this.#resolveClosed = resolve;
+    });
+  }
+
+  /** This node's id (from its certificate); known once start() has checked the identity. */
+  get id(): string {
+    if (!this.#identity)
+      throw new ComputeError(COMPUTE_CODES.SHOAL_COMPUTE_NOT_RUNNING, "the node has not started");
+    return this.#identity.id;
+  }
+
+  /** `spiffe://<td>/compute/<id>`. */
+  get identity(): string {
+    if (!this.#identity)
+      throw new ComputeError(COMPUTE_CODES.SHOAL_COMPUTE_NOT_RUNNING, "the node has not started");
+    return this.#identity.spiffeId;
+  }
+
+  /** The approval from the last register reply, if any. */
+  get approval(): Approval | undefined {
+    return this.#approval;
+  }
+
+  get dataDir(): string {
+    return this.#dataDir;
+  }
+
+  /** Executions running now. */
+  running(): string[] {
+    return this.#manager?.running() ?? [];
+  }
+
+  /** Executions whose results wait for the orchestrator's acknowledgement. */
+  pendingResults(): string[] {
+    return [...this.#deliveries.keys()];
+  }
+
+  /**
+   * Status events from now on, until the node is closed. The listener is
+   * attached when this is called, so call it before start() to see everything.
+   */
+  events(): AsyncIterable<ComputeNodeEvent> {
+    const iterator = on(this.#events, "event", { signal: this.#stopEvents.signal });
+    return (async function* () {
+      try {
+        for await (const [event] of iterator) yield event as ComputeNodeEvent;
+      } catch (err) {
+        if ((err as Error).name !== "AbortError") throw err;
+      }
+    })();
+  }
+
+  #emit(event: ComputeNodeEvent): void {
+    this.#events.emit("event", event);
+  }
+
+  /**
+   * Checks the identity, locks the data directory, recovers the spool and
+   * interrupted executions, connects to the fabric (retrying while nothing
+   * answers) and starts registering. Resolves once connected and subscribed;
+   * registration, heartbeats and result delivery continue in the background.
+   *
+   * @throws ComputeError SHOAL_COMPUTE_IDENTITY, SHOAL_COMPUTE_DATA_DIR_LOCKED; FabricError for TLS/broker refusals.
+   */
+  async start(): Promise<void> {
+    if (this.#phase !== "new") {
+      throw new ComputeError(COMPUTE_CODES.SHOAL_COMPUTE_NOT_RUNNING, "start() may be called once");
+    }
+    this.#phase = "starting";
+    try {
+      await this.#startUp();
+    } catch (err) {
+      this.#fatal = err as Error;
+      await this.close();
+      throw err;
+    }
+  }
+
+  async #startUp(): Promise<void> {
+    const c = this.#o.config.Compute;
+    const defaults = defaultTlsFiles(this.#dataDir);
+    const identity = await loadNodeIdentity({
+      caCert: c.TLS.CACert || defaults.caCert,
+      clientCert: c.TLS.ClientCert || defaults.clientCert,
+      clientKey: c.TLS.ClientKey || defaults.clientKey,
+    });
+    this.#identity = identity;
+    const log = this.#log.child({ node: identity.id });
+    this.#unlock = await lockDataDir(this.#dataDir);
+
+    this.#spool = new ResultSpool(path.join(this.#dataDir, "spool"));
+    await this.#spool.init();
+    this.#engines = await createEngineRunner({
+      execAllow: c.Engines.Exec.Allow,
+      allowedInputPaths: c.Inputs.AllowedPaths,
+      wasmMaxMemoryBytes: parseByteSize(c.Engines.WASM.MaxMemory),
+      log,
+    });
+    this.#ledger = new CapacityLedger({ cpu: c.Resources.CPU, memory: parseByteSize(c.Resources.Memory) });
+    this.#policy = {
+      engines: this.#engines.engines,
+      execAllow: c.Engines.Exec.Allow,
+      labels: c.Labels,
+      locality: c.JobSelection.Locality,
+      rejectStatelessJobs: c.JobSelection.RejectStatelessJobs,
+      allowedSubmitters: c.JobSelection.AllowedSubmitters,
+      allowedInputPaths: c.Inputs.AllowedPaths,
+    };
+    this.#manager = new ExecutionManager({
+      root: path.join(this.#dataDir, "executions"),
+      spool: this.#spool,
+      runner: this.#engines.run,
+      log,
+      onLog: (executionId, stream, seq, data) =>
+        this.#publish("logs", { executionId, stream, seq, data: Buffer.from(data).toString("base64") }),
+      onSpooled: (entry) => {
+        this.#ledger?.release(entry.result.executionId);
+        this.#emit({
+          type: "result-spooled",
+          executionId: entry.result.executionId,
+          state: entry.result.state,
+        });
+        this.#queueDelivery(entry);
+      },
+      onCancelled: (executionId, reason) => {
+        this.#ledger?.release(executionId);
+        this.#publish("status", { executionId, state: "Cancelled", error: reason });
+        this.#emit({ type: "cancelled", executionId, reason });
+      },
+    });
+    await this.#manager.recover();
+    for (const entry of await this.#spool.list((id, err) =>
+      log.error({ executionId: id, err }, "unreadable spool entry left in place"),
+    )) {
+      this.#queueDelivery(entry);
+    }
+
+    this.#peers = new PeerCertificateCache({ caPem: identity.caPem, trustDomain: identity.trustDomain });
+    this.#verifier = new EnvelopeVerifier({
+      identity: identity.spiffeId,
+      peers: this.#peers,
+      replayGuard: new ReplayGuard(),
+    });
+    const signer = new EnvelopeSigner({ certPem: identity.chainPem, keyPem: identity.keyPem });
+    this.#fabric = await this.#connect(identity);
+    if (!this.#fabric) return; // closed while waiting for the broker
+    this.#messenger = new FabricMessenger(
+      this.#fabric,
+      signer,
+      this.#verifier,
+      this.#o.logger ?? silentLogger,
+    );
+    this.#connected = true;
+    this.#emit({ type: "connected", server: this.#fabric.nc.getServer() });
+
+    this.#subscriptions.push(
+      await this.#messenger.subscribeVerified(
+        subjects.computeIn(identity.id),
+        (env, reply) => this.#onMessage(env, reply),
+        (error, msg) => this.#refused(msg.subject, error),
+      ),
+      await this.#messenger.subscribeVerified(
+        subjects.broadcast("revocation"),
+        (env) => {
+          if (env.kind !== "revocation") return;
+          const removed = this.#peers?.revoke(env.body as MessageBody<"revocation">) ?? 0;
+          log.info({ removed }, "revocation applied");
+        },
+        (error, msg) => this.#refused(msg.subject, error),
+      ),
+    );
+    void this.#watchFabric(this.#fabric);
+    this.#phase = "running";
+    this.#loops.push(this.#sessionLoop(), this.#deliveryLoop());
+    log.info(
+      { identity: identity.spiffeId, engines: this.#policy.engines, capacity: this.#ledger.capacity },
+      "compute node started",
+    );
+  }
+
+  /** Dials the fabric; while nothing answers, retries with backoff until it does or the node closes. */
+  async #connect(identity: NodeIdentity): Promise<FabricConnection | undefined> {
+    const c = this.#o.config.Compute;
+    let delay = this.#o.retryBaseMs ?? 500;
+    for (;;) {
+      try {
+        return await connectFabric({
+          servers: c.Orchestrators,
+          caFile: identity.files.caCert,
+          certFile: identity.files.clientCert,
+          keyFile: identity.files.clientKey,
+          identity: identity.spiffeId,
+          ...(this.#o.logger ? { logger: this.#o.logger } : {}),
+        });
+      } catch (err) {
+        if (!isShoalError(err, "SHOAL_NATS_UNREACHABLE")) throw err;
+        this.#log.warn({ code: err.code, reason: err.message }, "no orchestrator answers yet; retrying");
+        await this.#sleep(jitter(delay));
+        delay = Math.min(delay * 2, MAX_RETRY_BACKOFF_MS);
+        if (this.#phase === "closing" || this.#phase === "closed") return undefined;
+      }
+    }
+  }
+
+  async #watchFabric(fabric: FabricConnection): Promise<void> {
+    for await (const s of fabric.status()) {
+      if (s.type === "disconnected") {
+        this.#connected = false;
+        this.#emit({ type: "disconnected" });
+      } else if (s.type === "reconnected") {
+        this.#connected = true;
+        this.#needRegister = true;
+        this.#emit({ type: "reconnected" });
+        this.#wake();
+      } else if (s.type === "closed") {
+        this.#connected = false;
+        if (this.#phase === "running") {
+          this.#fatal = s.error ?? new FabricError("SHOAL_NATS_CLOSED", "the fabric connection closed");
+          void this.close();
+        }
+      }
+    }
+  }
+
+  // ---- messages ------------------------------------------------------------------------------
+
+  #refused(subject: string, error: FabricError): void {
+    this.#log.warn(
+      { code: error.code, subject, details: error.details },
+      `message refused: ${error.message}`,
+    );
+    this.#emit({ type: "message-refused", subject, code: error.code, reason: error.message });
+  }
+
+  async #onMessage(env: VerifiedEnvelope, reply: SignedReplier | undefined): Promise<void> {
+    if (env.sender.role !== ORCHESTRATOR_ROLE || env.aud !== this.#identity?.spiffeId) {
+      const reason = `${env.kind} from ${env.iss} to ${env.aud}: only an orchestrator may send to this node, addressed to it`;
+      this.#log.warn({ kind: env.kind, iss: env.iss, aud: env.aud }, "message refused");
+      this.#emit({ type: "message-refused", subject: "in", code: "SHOAL_ENVELOPE_AUDIENCE", reason });
+      return;
+    }
+    switch (env.kind) {
+      case "bid": {
+        const body = env.body as MessageBody<"bid">;
+        const answer = await this.#bid(body);
+        this.#emit({ type: "bid", executionId: body.executionId, ...answer });
+        reply?.respond("bid-reply", answer);
+        return;
+      }
+      case "run": {
+        const body = env.body as MessageBody<"run">;
+        const answer = await this.#run(body);
+        this.#emit({ type: "run", executionId: body.executionId, ...answer });
+        reply?.respond("run-reply", answer);
+        if (answer.accepted && this.#manager?.has(body.executionId)) {
+          this.#publish("status", { executionId: body.executionId, state: "Running" });
+        }
+        return;
+      }
+      case "cancel":
+        await this.#cancel(env.body as MessageBody<"cancel">);
+        return;
+      default:
+        this.#log.warn(
+          { kind: env.kind, iss: env.iss },
+          "unexpected message kind on the node's subject; ignored",
+        );
+    }
+  }
+
+  #parseSpec(spec: unknown): ReturnType<typeof parseJobSpec> | string {
+    try {
+      return parseJobSpec(spec as object);
+    } catch (err) {
+      return `invalid job spec: ${(err as Error).message}`;
+    }
+  }
+
+  /** The job-selection decision, with the host paths looked up. */
+  async #decide(
+    spec: ReturnType<typeof parseJobSpec>,
+    submitter: MessageBody<"bid">["submitter"],
+    resources: MessageBody<"bid">["resources"],
+  ): Promise<{ accept: boolean; reason?: string }> {
+    const demand = jobDemand(spec, submitter, resources);
+    const inputs = await Promise.all(
+      demand.inputs.map(async (i) =>
+        i.localPath === undefined
+          ? i
+          : {
+              ...i,
+              present: await fs.access(i.localPath).then(
+                () => true,
+                () => false,
+              ),
+            },
+      ),
+    );
+    const decision = decideBid(this.#policy!, { ...demand, inputs }, this.#ledger!.free());
+    return decision.accept ? { accept: true } : { accept: false, reason: decision.reason };
+  }
+
+  async #bid(body: MessageBody<"bid">): Promise<{ accept: boolean; reason?: string }> {
+    if (this.#phase !== "running") return { accept: false, reason: "the node is shutting down" };
+    if (this.#approval !== "APPROVED")
+      return { accept: false, reason: `the node is ${this.#approval ?? "not registered"}` };
+    if (this.#manager?.has(body.executionId) || this.#ledger?.has(body.executionId)) return { accept: true };
+    const spec = this.#parseSpec(body.spec);
+    if (typeof spec === "string") return { accept: false, reason: spec };
+    const decision = await this.#decide(spec, body.submitter, body.resources);
+    if (decision.accept) this.#reserve(body.executionId, body.resources);
+    return decision;
+  }
+
+  #reserve(executionId: string, resources: MessageBody<"bid">["resources"]): void {
+    this.#ledger!.hold(executionId, resources);
+    clearTimeout(this.#reservations.get(executionId));
+    const timer = setTimeout(() => {
+      this.#reservations.delete(executionId);
+      if (!this.#manager?.has(executionId)) this.#ledger?.release(executionId);
+    }, this.#o.bidReservationMs ?? DEFAULT_BID_RESERVATION_MS);
+    timer.unref();
+    this.#reservations.set(executionId, timer);
+  }
+
+  async #run(body: MessageBody<"run">): Promise<{ accepted: boolean; reason?: string }> {
+    if (this.#phase !== "running") return { accepted: false, reason: "the node is shutting down" };
+    if (this.#approval !== "APPROVED") {
+      return { accepted: false, reason: `the node is ${this.#approval ?? "not registered"}` };
+    }
+    const { executionId } = body;
+    if (this.#manager!.has(executionId)) return { accepted: true };
+    if (this.#deliveries.has(executionId)) {
+      this.#wake();
+      return { accepted: true };
+    }
+    const spec = this.#parseSpec(body.spec);
+    if (typeof spec === "string") return { accepted: false, reason: spec };
+    clearTimeout(this.#reservations.get(executionId));
+    this.#reservations.delete(executionId);
+    if (!this.#ledger!.has(executionId)) {
+      // No bid before (or its reservation expired): apply the policy now.
+      const resources = jobResources(spec);
+      const decision = await this.#decide(spec, body.submitter, resources);
+      if (!decision.accept) return { accepted: false, reason: decision.reason ?? "refused" };
+      this.#ledger!.hold(executionId, resources);
+    }
+    try {
+      this.#manager!.start({
+        jobId: body.jobId,
+        executionId,
+        spec,
+        submitter: body.submitter,
+        timeoutMs: body.timeoutMs,
+      });
+    } catch (err) {
+      this.#ledger!.release(executionId);
+      return { accepted: false, reason: (err as Error).message };
+    }
+    return { accepted: true };
+  }
+
+  async #cancel(body: MessageBody<"cancel">): Promise<void> {
+    const { executionId, reason } = body;
+    if (this.#manager?.cancel(executionId, reason)) return;
+    if (this.#ledger?.has(executionId)) {
+      clearTimeout(this.#reservations.get(executionId));
+      this.#reservations.delete(executionId);
+      this.#ledger.release(executionId);
+      this.#emit({ type: "cancelled", executionId, reason });
+      return;
+    }
+    if (this.#deliveries.delete(executionId)) {
+      // The orchestrator no longer wants this result (it does not know the execution, or it ended otherwise).
+      await this.#spool?.remove(executionId);
+      this.#log.info({ executionId, reason }, "spooled result dropped on the orchestrator's cancel");
+      this.#emit({ type: "cancelled", executionId, reason });
+    }
+  }
+
+  /** Publishes a signed message to the orchestrator; dropped (and logged) when not connected yet. */
+  #publish<K extends "logs" | "status" | "heartbeat" | "result-chunk">(kind: K, body: MessageBody<K>): void {
+    if (!this.#messenger || !this.#identity) return;
+    try {
+      this.#messenger.publishSigned(
+        subjects.computeOut(this.#identity.id, kind),
+        kind,
+        this.#audience(),
+        body,
+      );
+    } catch (err) {
+      this.#log.warn({ kind, err }, "cannot publish");
+    }
+  }
+
+  #audience(): string {
+    return this.#orchestrator ?? broadcastAudience(this.#identity!.trustDomain);
+  }
+
+  // ---- registration and heartbeats ------------------------------------------------------------
+
+  #heldExecutions(): MessageBody<"register">["executions"] {
+    return [
+      ...(this.#manager?.running() ?? []).map((executionId) => ({ executionId, state: "Running" })),
+      ...[...this.#deliveries.values()].map((d) => ({
+        executionId: d.entry.result.executionId,
+        state: d.entry.result.state,
+      })),
+    ];
+  }
+
+  /**
+   * One `register` round trip. The reply carries the orchestrator's chain,
+   * which is needed to verify the reply itself: it is path-validated against
+   * the CA before it is trusted, then the reply's signature, subject, replay
+   * and role (orchestrator) are checked.
+   */
+  async #register(): Promise<RegisterReply> {
+    const identity = this.#identity!;
+    const c = this.#o.config.Compute;
+    const body: MessageBody<"register"> = {
+      nodeId: identity.id,
+      chainPem: identity.chainPem,
+      labels: { ...c.Labels },
+      capacity: { ...this.#ledger!.capacity },
+      engines: [...this.#policy!.engines],
+      version: this.#o.version ?? COMPUTE_VERSION,
+      executions: this.#heldExecutions(),
+    };
+    const msg = await this.#fabric!.request(
+      subjects.computeOut(identity.id, "register"),
+      this.#messenger!.signer.sign("register", broadcastAudience(identity.trustDomain), body),
+      this.#o.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS,
+    );
+    const token = msg.string();
+    const chainPem = unverifiedChain(token);
+    if (chainPem) this.#peers!.add(chainPem);
+    const env = this.#verifier!.verify(token, { subject: msg.subject, expectedAud: identity.spiffeId });
+    if (env.kind !== "register-reply" || env.sender.role !== ORCHESTRATOR_ROLE) {
+      throw new FabricError("SHOAL_ENVELOPE_ROLE", `register answered with ${env.kind} by ${env.iss}`);
+    }
+    return { ...(env.body as MessageBody<"register-reply">), iss: env.iss };
+  }
+
+  /** Registers (again after every reconnect), re-registers while PENDING, stops on REJECTED. */
+  async #sessionLoop(): Promise<void> {
+    let delay = this.#o.retryBaseMs ?? 500;
+    while (this.#phase === "running") {
+      if (!this.#needRegister || !this.#connected) {
+        await this.#sleep(this.#approval === "PENDING" ? this.#heartbeatMs : MAX_RETRY_BACKOFF_MS);
+        if (this.#approval === "PENDING") this.#needRegister = true;
+        continue;
+      }
+      let reply: RegisterReply;
+      try {
+        reply = await this.#register();
+      } catch (err) {
+        const code = (err as { code?: string }).code;
+        this.#log.warn({ code, reason: (err as Error).message }, "registration failed; retrying");
+        await this.#sleep(jitter(delay));
+        delay = Math.min(delay * 2, MAX_RETRY_BACKOFF_MS);
+        continue;
+      }
+      delay = this.#o.retryBaseMs ?? 500;
+      this.#needRegister = false;
+      this.#orchestrator = reply.iss;
+      this.#approval = reply.approval;
+      this.#log.info(
+        { approval: reply.approval, orchestrator: reply.iss, reason: reply.reason },
+        "registered",
+      );
+      this.#emit({ type: "registered", approval: reply.approval, orchestrator: reply.iss });
+      if (reply.approval === "REJECTED") {
+        this.#fatal = new ComputeError(
+          COMPUTE_CODES.SHOAL_COMPUTE_REJECTED,
+          `the orchestrator rejected node ${this.#identity!.id}${reply.reason ? `: ${reply.reason}` : ""}`,
+          { fix: "ask the operator to approve it (shoal node delete, then approve), or stop this node" },
+        );
+        void this.close();
+        return;
+      }
+      const configured = parseDuration(this.#o.config.Compute.Heartbeat.Interval);
+      this.#startHeartbeat(Math.max(100, Math.min(configured, reply.heartbeatIntervalMs)));
+      this.#wake();
+    }
+  }
+
+  #startHeartbeat(intervalMs: number): void {
+    if (this.#heartbeat && this.#heartbeatMs === intervalMs) return;
+    clearInterval(this.#heartbeat);
+    this.#heartbeatMs = intervalMs;
+    this.#heartbeat = setInterval(() => {
+      if (!this.#connected || !this.#orchestrator) return;
+      this.#publish("heartbeat", {
+        nodeId: this.#identity!.id,
+        seq: this.#heartbeatSeq++,
+        allocated: this.#ledger!.allocated(),
+        running: this.#manager!.running(),
+      });
+    }, intervalMs);
+    this.#heartbeat.unref();
+  }
+
+  // ---- results ---------------------------------------------------------------------------------
+
+  #queueDelivery(entry: SpooledResult): void {
+    const existing = this.#deliveries.get(entry.result.executionId);
+    this.#deliveries.set(entry.result.executionId, { entry, refusals: existing?.refusals ?? 0 });
+    this.#wake();
+  }
+
+  #canDeliver(): boolean {
+    return (
+      this.#connected &&
+      this.#orchestrator !== undefined &&
+      this.#approval !== "REJECTED" &&
+      !this.#needRegister
+    );
+  }
+
+  /** Sends spooled results one at a time, oldest first, until each is acknowledged or refused for good. */
+  async #deliveryLoop(): Promise<void> {
+    let delay = this.#o.retryBaseMs ?? 500;
+    // Runs on while closing, so results spooled by the drain still get their chance.
+    while (this.#phase === "running" || this.#phase === "closing") {
+      const next = this.#deliveries.values().next();
+      if (next.done || !this.#canDeliver()) {
+        await this.#sleep(MAX_RETRY_BACKOFF_MS);
+        continue;
+      }
+      const pending = next.value;
+      const executionId = pending.entry.result.executionId;
+      try {
+        const reply = await this.#deliver(pending);
+        delay = this.#o.retryBaseMs ?? 500;
+        if (reply.stored) {
+          this.#deliveries.delete(executionId);
+          await this.#spool!.remove(executionId);
+          this.#log.info({ executionId }, "result acknowledged");
+          this.#emit({ type: "result-acknowledged", executionId });
+          continue;
+        }
+        pending.refusals++;
+        const reason = reply.reason ?? "no reason given";
+        const dropped = pending.refusals >= MAX_RESULT_REFUSALS;
+        this.#log.warn(
+          { executionId, reason, refusals: pending.refusals, dropped },
+          "result refused by the orchestrator",
+        );
+        this.#emit({ type: "result-refused", executionId, reason, dropped });
+        if (dropped) {
+          this.#deliveries.delete(executionId);
+          await this.#spool!.remove(executionId);
+          continue;
+        }
+        // Move it to the back so one refused result does not hold up the others.
+        this.#deliveries.delete(executionId);
+        this.#deliveries.set(executionId, pending);
+      } catch (err) {
+        const code = (err as { code?: string }).code;
+        this.#log.warn(
+          { executionId, code, reason: (err as Error).message },
+          "result not delivered; will retry",
+        );
+      }
+      await this.#sleep(jitter(delay));
+      delay = Math.min(delay * 2, MAX_RETRY_BACKOFF_MS);
+    }
+  }
+
+  /** Publishes every chunk of a spooled result, then requests the manifest's acknowledgement. */
+  async #deliver(pending: PendingDelivery): Promise<MessageBody<"result-reply">> {
+    const identity = this.#identity!;
+    let { entry } = pending;
+    const executionId = entry.result.executionId;
+    try {
+      for (const file of entry.result.files) {
+        for (const [index, digest] of file.chunks.entries()) {
+          const data = await this.#spool!.readChunk(executionId, digest);
+          this.#publish("result-chunk", {
+            executionId,
+            file: file.name,
+            index,
+            sha256: digest,
+            data: data.toString("base64"),
+          });
+        }
+        await this.#fabric!.flush();
+      }
+    } catch (err) {
+      if (!isShoalError(err, COMPUTE_CODES.SHOAL_COMPUTE_SPOOL)) throw err;
+      // The files rotted on disk: report the execution as failed rather than send what does not verify.
+      this.#log.error({ executionId, err }, "spooled result files are corrupt; reporting a failure instead");
+      entry = await this.#spool!.put(
+        entry.jobId,
+        failedOutcome(executionId, `the node lost the result files: ${(err as Error).message}`),
+        [],
+      );
+      pending.entry = entry;
+    }
+    const env = await this.#messenger!.requestSigned(
+      subjects.computeOut(identity.id, "result"),
+      "result",
+      this.#audience(),
+      entry.result,
+      this.#o.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS,
+    );
+    if (env.kind !== "result-reply" || env.sender.role !== ORCHESTRATOR_ROLE) {
+      throw new FabricError("SHOAL_ENVELOPE_KIND", `result answered with ${env.kind} by ${env.iss}`);
+    }
+    return env.body as MessageBody<"result-reply">;
+  }
+
+  // ---- waiting and shutdown --------------------------------------------------------------------
+
+  #wake(): void {
+    const wakers = [...this.#wakers];
+    this.#wakers.clear();
+    for (const w of wakers) w();
+  }
+
+  /** Sleeps up to `ms`, or until woken (reconnect, new result, registration, close). */
+  #sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.#wakers.delete(done);
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      this.#wakers.add(done);
+    });
+  }
+
+  /**
+   * Shuts down in order: refuse new bids and runs, let running executions
+   * finish (up to the grace period, then abort them; their results are
+   * spooled), try briefly to deliver spooled results, drain the connection,
+   * release the data directory. Idempotent: returns the same promise.
+   */
+  close(): Promise<void> {
+    this.#closing ??= this.#shutdown();
+    return this.#closing;
+  }
+
+  async #shutdown(): Promise<void> {
+    const wasRunning = this.#phase === "running";
+    this.#phase = "closing";
+    this.#wake();
+    try {
+      for (const t of this.#reservations.values()) clearTimeout(t);
+      this.#reservations.clear();
+      await this.#manager?.drain(this.#o.shutdownGraceMs ?? DEFAULT_SHUTDOWN_GRACE_MS);
+      await this.#engines?.close();
+      if (wasRunning && this.#deliveries.size > 0 && this.#canDeliver()) {
+        await this.#flushDeliveries(this.#o.deliveryFlushMs ?? DEFAULT_DELIVERY_FLUSH_MS);
+      }
+      this.#phase = "closed";
+      this.#wake();
+      clearInterval(this.#heartbeat);
+      await Promise.all(this.#loops);
+      for (const sub of this.#subscriptions) sub.unsubscribe();
+      await this.#fabric?.close();
+    } catch (err) {
+      this.#fatal ??= err as Error;
+    } finally {
+      this.#phase = "closed";
+      clearInterval(this.#heartbeat);
+      await this.#unlock?.().catch(() => {});
+      if (this.#deliveries.size > 0) {
+        this.#log.info({ pending: this.pendingResults() }, "results kept in the spool until the next start");
+      }
+      this.#log.info({ error: this.#fatal?.message }, "compute node stopped");
+      this.#emit({ type: "closed", error: this.#fatal });
+      this.#stopEvents.abort();
+      this.#resolveClosed(this.#fatal);
+    }
+  }
+
+  /** Waits until every spooled result is acknowledged or `ms` passes. */
+  async #flushDeliveries(ms: number): Promise<void> {
+    const deadline = Date.now() + ms;
+    const iterator = this.events()[Symbol.asyncIterator]();
+    const timeout = new Promise<void>((resolve) => setTimeout(resolve, ms).unref());
+    this.#wake();
+    while (this.#deliveries.size > 0 && Date.now() < deadline) {
+      await Promise.race([iterator.next(), timeout]);
+    }
+    await iterator.return?.();
+  }
+
+  /** Resolves (never rejects) when the node has stopped: to the error that stopped it, if any. */
+  closed(): Promise<Error | undefined> {
+    return this.#closed;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}
+
+/** The chain an orchestrator puts in its register reply, read before the reply can be verified. */
+function unverifiedChain(token: string): string | undefined {
+  const payload = token.split(".")[1];
+  if (!payload) return undefined;
+  try {
+    const claims = JSON.parse(Buffer.from(payload, "base64url").toString("utf8")) as {
+      body?: { chainPem?: unknown };
+    };
+    return typeof claims.body?.chainPem === "string" ? claims.body.chainPem : undefined;
+  } catch {
+    return undefined;
+  }
+}

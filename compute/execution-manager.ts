@@ -1,0 +1,306 @@
+import { promises as fs } from "node:fs";
+import path from "node:path";
+import type { JobSpec, Logger } from "../core/index.js";
+import { writeFileAtomic } from "../core/index.js";
+import type { MessageBody, Submitter } from "../fabric/index.js";
+import { COMPUTE_CODES, ComputeError } from "./errors.js";
+import {
+  type CollectedFile,
+  isSafeExecutionId,
+  type ResultSpool,
+  type SpooledResult,
+} from "./result-spool.js";
+
+/** What the orchestrator asked this node to run. */
+export interface ExecutionRequest {
+  jobId: string;
+  executionId: string;
+  spec: JobSpec;
+  submitter: Submitter;
+  timeoutMs: number;
+}
+
+/** Everything a runner needs for one execution; the manager owns the directories and the clock. */
+export interface ExecutionContext {
+  jobId: string;
+  executionId: string;
+  spec: JobSpec;
+  submitter: Submitter;
+  /** `DATA-DIR/executions/<executionId>`; removed after the result is spooled. */
+  workDir: string;
+  /** `workDir/inputs`, created empty. */
+  inputsDir: string;
+  /** `workDir/outputs`, created empty. */
+  outputsDir: string;
+  /** The execution's time limit; the engine enforces it (the manager aborts a little later as a backstop). */
+  timeoutMs: number;
+  /** Aborted on cancel, backstop timeout or shutdown; the runner must stop promptly. */
+  signal: AbortSignal;
+  /** Output as it is produced. */
+  onLog(stream: "stdout" | "stderr", data: Uint8Array): void;
+}
+
+/** How an execution ended, with its result files. */
+export type ExecutionOutcome = Omit<MessageBody<"result">, "executionId" | "files"> & {
+  files: readonly CollectedFile[];
+};
+
+/** Runs one execution to its end: prepares inputs, runs the engine, collects results. */
+export type ExecutionRunner = (ctx: ExecutionContext) => Promise<ExecutionOutcome>;
+
+/** Why an execution was stopped before it ended by itself. */
+type StopReason = { kind: "cancel" | "timeout" | "shutdown"; message: string };
+
+export interface ExecutionManagerOptions {
+  /** Parent of the work directories, normally `DATA-DIR/executions`. */
+  root: string;
+  spool: ResultSpool;
+  runner: ExecutionRunner;
+  log: Logger;
+  /** Batched output: one call per stream per flush. `seq` counts up per execution from 0. */
+  onLog(executionId: string, stream: "stdout" | "stderr", seq: number, data: Uint8Array): void;
+  /** The execution's outcome is on disk in the spool and ready to be sent. */
+  onSpooled(entry: SpooledResult): void;
+  /** The orchestrator's cancel took effect; nothing is spooled. */
+  onCancelled(executionId: string, reason: string): void;
+  /** Output is sent at least this often while it is produced. @default 100 */
+  logFlushMs?: number;
+  /** Output is sent as soon as this much is buffered. @default 65536 */
+  logFlushBytes?: number;
+}
+
+interface Running {
+  request: ExecutionRequest;
+  controller: AbortController;
+  stop: StopReason | undefined;
+  done: Promise<void>;
+}
+
+const MARKER = "execution.json";
+/** How long past its time limit an execution may take (inputs, results) before the manager aborts it. */
+export const TIMEOUT_BACKSTOP_MS = 5000;
+
+/** Output of one execution, gathered into batches so each log message is worth its signature. */
+class LogBatcher {
+  #seq = 0;
+  readonly #pending = { stdout: [] as Uint8Array[], stderr: [] as Uint8Array[] };
+  #bytes = 0;
+  #timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    readonly emit: (stream: "stdout" | "stderr", seq: number, data: Uint8Array) => void,
+    readonly flushMs: number,
+    readonly flushBytes: number,
+  ) {}
+
+  push(stream: "stdout" | "stderr", data: Uint8Array): void {
+    if (data.length === 0) return;
+    this.#pending[stream].push(Buffer.from(data));
+    this.#bytes += data.length;
+    if (this.#bytes >= this.flushBytes) this.flush();
+    else this.#timer ??= setTimeout(() => this.flush(), this.flushMs);
+  }
+
+  flush(): void {
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+    for (const stream of ["stdout", "stderr"] as const) {
+      const parts = this.#pending[stream];
+      if (parts.length === 0) continue;
+      this.#pending[stream] = [];
+      this.emit(stream, this.#seq++, Buffer.concat(parts));
+    }
+    this.#bytes = 0;
+  }
+}
+
+/**
+ * Runs executions: one work directory each under `DATA-DIR/executions/<id>/`
+ * (with `inputs/` and `outputs/`), a time limit, batched output, and the
+ * outcome written to the result spool before anyone is told about it. A cancel
+ * from the orchestrator aborts the runner and spools nothing; a timeout or a
+ * shutdown aborts it and spools a Failed result saying why.
+ */
+export class ExecutionManager {
+  readonly #o: ExecutionManagerOptions;
+  readonly #running = new Map<string, Running>();
+
+  constructor(options: ExecutionManagerOptions) {
+    this.#o = options;
+  }
+
+  /**
+   * Turns the work directories left by a previous process (it crashed or was
+   * killed mid-run) into spooled Failed results, so the orchestrator learns
+   * what happened once the node is back. Returns what it spooled.
+   */
+  async recover(): Promise<SpooledResult[]> {
+    await fs.mkdir(this.#o.root, { recursive: true, mode: 0o700 });
+    const recovered: SpooledResult[] = [];
+    for (const name of await fs.readdir(this.#o.root)) {
+      const workDir = path.join(this.#o.root, name);
+      const marker = await fs
+        .readFile(path.join(workDir, MARKER), "utf8")
+        .then((t) => JSON.parse(t) as { jobId: string; executionId: string })
+        .catch(() => undefined);
+      if (marker?.executionId === name && isSafeExecutionId(name)) {
+        recovered.push(
+          await this.#o.spool.put(
+            marker.jobId,
+            failedOutcome(name, "the compute node stopped while the execution ran (crash or kill)"),
+            [],
+          ),
+        );
+        this.#o.log.warn(
+          { executionId: name, jobId: marker.jobId },
+          "execution interrupted by a restart; reported as failed",
+        );
+      }
+      await fs.rm(workDir, { recursive: true, force: true });
+    }
+    return recovered;
+  }
+
+  /** Ids of the executions that are running now. */
+  running(): string[] {
+    return [...this.#running.keys()];
+  }
+
+  has(executionId: string): boolean {
+    return this.#running.has(executionId);
+  }
+
+  /** Starts an execution in the background; its end is reported through the callbacks. */
+  start(request: ExecutionRequest): void {
+    if (!isSafeExecutionId(request.executionId)) {
+      throw new ComputeError(
+        COMPUTE_CODES.SHOAL_COMPUTE_SPOOL,
+        `unsafe execution id ${JSON.stringify(request.executionId)}`,
+      );
+    }
+    if (this.#running.has(request.executionId)) return;
+    const controller = new AbortController();
+    const entry: Running = { request, controller, stop: undefined, done: Promise.resolve() };
+    this.#running.set(request.executionId, entry);
+    entry.done = this.#run(entry).finally(() => this.#running.delete(request.executionId));
+  }
+
+  /** Aborts a running execution on the orchestrator's request; false when it is not running here. */
+  cancel(executionId: string, reason: string): boolean {
+    const entry = this.#running.get(executionId);
+    if (!entry) return false;
+    this.#stop(entry, { kind: "cancel", message: reason });
+    return true;
+  }
+
+  /**
+   * Lets running executions finish for up to `graceMs`, then aborts the rest;
+   * their Failed results are spooled before this resolves.
+   */
+  async drain(graceMs: number): Promise<void> {
+    const all = () => Promise.all([...this.#running.values()].map((r) => r.done));
+    if (this.#running.size === 0) return;
+    let timer: NodeJS.Timeout | undefined;
+    const grace = new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, graceMs);
+    });
+    await Promise.race([all(), grace]);
+    clearTimeout(timer);
+    for (const entry of this.#running.values()) {
+      this.#stop(entry, {
+        kind: "shutdown",
+        message: "the compute node shut down before the execution finished",
+      });
+    }
+    await all();
+  }
+
+  #stop(entry: Running, reason: StopReason): void {
+    if (entry.stop) return;
+    entry.stop = reason;
+    entry.controller.abort(new Error(reason.message));
+  }
+
+  async #run(entry: Running): Promise<void> {
+    const { request, controller } = entry;
+    const { executionId, jobId } = request;
+    const log = this.#o.log.child({ executionId, jobId });
+    const workDir = path.join(this.#o.root, executionId);
+    const batcher = new LogBatcher(
+      (stream, seq, data) => this.#o.onLog(executionId, stream, seq, data),
+      this.#o.logFlushMs ?? 100,
+      this.#o.logFlushBytes ?? 64 * 1024,
+    );
+    const timer = setTimeout(
+      () =>
+        this.#stop(entry, { kind: "timeout", message: `execution timed out after ${request.timeoutMs} ms` }),
+      request.timeoutMs + TIMEOUT_BACKSTOP_MS,
+    );
+    let outcome: ExecutionOutcome;
+    try {
+      const inputsDir = path.join(workDir, "inputs");
+      const outputsDir = path.join(workDir, "outputs");
+      await fs.mkdir(inputsDir, { recursive: true, mode: 0o700 });
+      await fs.mkdir(outputsDir, { recursive: true, mode: 0o700 });
+      await writeFileAtomic(path.join(workDir, MARKER), JSON.stringify({ jobId, executionId }), 0o600);
+      log.info("execution started");
+      outcome = await this.#o.runner({
+        jobId,
+        executionId,
+        spec: request.spec,
+        submitter: request.submitter,
+        workDir,
+        inputsDir,
+        outputsDir,
+        timeoutMs: request.timeoutMs,
+        signal: controller.signal,
+        onLog: (stream, data) => {
+          if (entry.stop?.kind !== "cancel") batcher.push(stream, data);
+        },
+      });
+    } catch (err) {
+      outcome = { ...failedOutcome(executionId, describeFailure(err)), files: [] };
+    } finally {
+      clearTimeout(timer);
+      batcher.flush();
+    }
+    try {
+      if (entry.stop?.kind === "cancel") {
+        log.info({ reason: entry.stop.message }, "execution cancelled");
+        this.#o.onCancelled(executionId, entry.stop.message);
+        return;
+      }
+      if (entry.stop) {
+        outcome = { ...outcome, state: "Failed", error: entry.stop.message, files: [] };
+      }
+      const { files, ...rest } = outcome;
+      const spooled = await this.#o.spool.put(jobId, { ...rest, executionId }, files);
+      log.info({ state: spooled.result.state, exitCode: spooled.result.exitCode }, "execution finished");
+      this.#o.onSpooled(spooled);
+    } catch (err) {
+      log.error({ err }, "cannot spool the result of an execution");
+    } finally {
+      await fs.rm(workDir, { recursive: true, force: true }).catch(() => {});
+    }
+  }
+}
+
+/** A Failed outcome with no output, for executions that never produced one. */
+export function failedOutcome(executionId: string, error: string): Omit<MessageBody<"result">, "files"> {
+  return {
+    executionId,
+    state: "Failed",
+    exitCode: -1,
+    error,
+    stdout: "",
+    stderr: "",
+    stdoutTruncated: false,
+    stderrTruncated: false,
+  };
+}
+
+function describeFailure(err: unknown): string {
+  if (err instanceof Error && "code" in err && typeof err.code === "string")
+    return `${err.code}: ${err.message}`;
+  return err instanceof Error ? err.message : String(err);
+}
