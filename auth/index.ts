@@ -53,6 +53,13 @@ export {
   defaultPolicyDir,
   loadPolicies,
 } from "./policy.js";
+export {
+  type PolicyCase,
+  type PolicyCaseResult,
+  type PolicyCases,
+  parsePolicyCases,
+  runPolicyCases,
+} from "./policy-cases.js";
 export { type LoginLimits, LoginRateLimiter } from "./rate-limit.js";
 export { type RevocationEvent, RevocationList } from "./revocation.js";
 export { rolePolicies, rolePolicyId } from "./role-policies.js";

@@ -1,9 +1,11 @@
 import type { Argv } from "yargs";
 import { agentCommand } from "./agent.js";
+import { authToolsCommand } from "./auth-tools.js";
 import { configCommand } from "./config.js";
 import { jobCommand } from "./job.js";
 import { nodeCommand } from "./node.js";
 import { orchestratorCommand } from "./orchestrator.js";
+import { policyCommand } from "./policy.js";
 
 /** A command module adds its commands to the parser. One line per module here. */
 export type CommandModule = (cli: Argv) => Argv;
@@ -14,4 +16,6 @@ export const commands: CommandModule[] = [
   jobCommand,
   nodeCommand,
   agentCommand,
+  policyCommand,
+  authToolsCommand,
 ];
