@@ -1,18 +1,14 @@
-import { type ApiArgs, ApiClient, printJson, withApiOptions } from "./api-options.js";
+import { type ApiArgs, printJson, withApiOptions, withClient } from "./api-options.js";
 import type { CommandModule } from "./index.js";
 
-type Args = ApiArgs & Record<string, unknown>;
+type Args = ApiArgs & { output?: unknown } & Record<string, unknown>;
 
 async function show(argv: Args, path: string): Promise<void> {
-  const api = new ApiClient(argv);
-  try {
-    const r = await api.json("GET", path);
-    if (argv.output === "json") return printJson(r);
-    for (const [k, v] of Object.entries(r))
-      process.stdout.write(`${k}: ${typeof v === "string" ? v : JSON.stringify(v)}\n`);
-  } finally {
-    api.close();
-  }
+  const r = await withClient(argv, (api) => api.get<Record<string, unknown>>(`/api/v1/${path}`));
+  if (argv.output === "json") return printJson(r);
+  for (const [k, v] of Object.entries(r))
+    process.stdout.write(`${k}: ${typeof v === "string" ? v : JSON.stringify(v)}
+`);
 }
 
 /** `shoal agent alive | version | node`: the orchestrator's own status. */

@@ -1,153 +1,42 @@
-import { readFileSync } from "node:fs";
 import { Agent, request } from "node:https";
 import type { Readable } from "node:stream";
-import type { Argv } from "yargs";
-import { ShoalError } from "../../core/index.js";
+import { readFileChecked, ShoalError } from "../../core/index.js";
+import { type ApiArgs, ApiClient, apiClientOptions, resolveApiUrl } from "../api-client.js";
 
-/** The options every API command takes (DESIGN.md "Client settings"). */
-export interface ApiArgs {
-  api?: string;
-  "ca-cert"?: string;
-  insecure?: boolean;
-  output?: unknown;
-}
+export { type ApiArgs, withApiOptions } from "../api-client.js";
 
-export function withApiOptions<T>(yargs: Argv<T>): Argv<T & ApiArgs> {
-  return yargs
-    .option("api", {
-      type: "string",
-      describe: "orchestrator API URL [default: $SHOAL_API, else https://127.0.0.1:1234]",
-    })
-    .option("ca-cert", {
-      type: "string",
-      describe: "CA certificate to trust for the API (e.g. DATA-DIR/pki/ca.crt)",
-    })
-    .option("insecure", {
-      type: "boolean",
-      describe: "skip verification of the API certificate (dangerous)",
-    }) as Argv<T & ApiArgs>;
-}
-
-/** An error the API answered with `{ error: { code, message, fix, field } }`. */
-export class ApiRequestError extends ShoalError {
-  constructor(
-    readonly status: number,
-    body: { code?: string; message?: string; fix?: string; field?: string },
-  ) {
-    super(
-      body.code ?? "SHOAL_INTERNAL",
-      `${body.message ?? `HTTP ${status}`}${body.field ? ` (field ${body.field})` : ""}`,
-      {
-        fix: body.fix,
-      },
-    );
-    this.field = body.field;
+/** Runs `fn` with an API client built from `--api`, `--ca-cert`, `--insecure`; closes it afterwards. */
+export async function withClient<T>(argv: ApiArgs, fn: (api: ApiClient) => Promise<T>): Promise<T> {
+  const api = await ApiClient.create(apiClientOptions(argv));
+  try {
+    return await fn(api);
+  } finally {
+    api.close();
   }
-  readonly field: string | undefined;
 }
 
 /**
- * A minimal HTTPS client for the orchestrator API: JSON calls, NDJSON streams
- * and raw downloads, trusting `--ca-cert` (or the system roots).
+ * A raw download (result files are bytes, not JSON), trusting the same CA as
+ * the API client. The caller checks the digest.
  */
-export class ApiClient {
-  readonly #base: URL;
-  readonly #agent: Agent;
-
-  constructor(args: ApiArgs) {
-    this.#base = new URL(args.api ?? process.env.SHOAL_API ?? "https://127.0.0.1:1234");
-    if (args.insecure)
-      process.stderr.write("shoal: WARNING: --insecure: the API's certificate is not verified\n");
-    this.#agent = new Agent({
-      keepAlive: true,
-      ...(args["ca-cert"] ? { ca: readFileSync(args["ca-cert"]) } : {}),
-      rejectUnauthorized: !args.insecure,
-    });
-  }
-
-  async json<T = Record<string, unknown>>(method: string, path: string, body?: unknown): Promise<T> {
-    const res = await this.#send(method, path, body);
-    const text = await readAll(res);
-    return JSON.parse(text) as T;
-  }
-
-  /** Each NDJSON line of a streaming response, as it arrives. */
-  async *lines<T = Record<string, unknown>>(path: string): AsyncIterable<T> {
-    const res = await this.#send("GET", path);
-    let buffered = "";
-    for await (const chunk of res) {
-      buffered += chunk.toString();
-      let nl = buffered.indexOf("\n");
-      while (nl >= 0) {
-        const line = buffered.slice(0, nl);
-        buffered = buffered.slice(nl + 1);
-        if (line.trim()) yield JSON.parse(line) as T;
-        nl = buffered.indexOf("\n");
-      }
-    }
-  }
-
-  /** A raw response body (result downloads) with its headers. */
-  async download(
-    path: string,
-  ): Promise<{ stream: Readable; headers: Record<string, string | string[] | undefined> }> {
-    const res = await this.#send("GET", path);
-    return { stream: res, headers: res.headers };
-  }
-
-  close(): void {
-    this.#agent.destroy();
-  }
-
-  #send(method: string, path: string, body?: unknown): Promise<import("node:http").IncomingMessage> {
-    const url = new URL(`/api/v1/${path}`, this.#base);
-    const payload = body === undefined ? undefined : JSON.stringify(body);
-    return new Promise((resolve, reject) => {
-      const req = request(
-        url,
-        {
-          method,
-          agent: this.#agent,
-          headers: payload
-            ? { "content-type": "application/json", "content-length": Buffer.byteLength(payload) }
-            : {},
-        },
-        (res) => {
-          if ((res.statusCode ?? 500) < 400) return resolve(res);
-          readAll(res).then((text) => {
-            let err: { code?: string; message?: string; fix?: string; field?: string } = {};
-            try {
-              err = (JSON.parse(text) as { error?: typeof err }).error ?? {};
-            } catch {
-              err = { message: text };
-            }
-            reject(new ApiRequestError(res.statusCode ?? 500, err));
-          }, reject);
-        },
+export async function download(argv: ApiArgs, path: string): Promise<Readable> {
+  const o = apiClientOptions(argv);
+  const url = new URL(`${resolveApiUrl(o.url)}/api/v1/${path}`);
+  const ca = o.caFile ? await readFileChecked(o.caFile) : undefined;
+  const agent = new Agent({ rejectUnauthorized: !o.insecure, ...(ca ? { ca } : {}) });
+  return new Promise((resolve, reject) => {
+    request(url, { agent }, (res) => {
+      if ((res.statusCode ?? 500) < 400) return resolve(res);
+      res.resume();
+      reject(
+        new ShoalError("SHOAL_USAGE", `GET ${path} answered ${res.statusCode}`, {
+          fix: "list the results with GET .../results",
+        }),
       );
-      req.on("error", (cause: NodeJS.ErrnoException) =>
-        reject(
-          new ShoalError(
-            "SHOAL_USAGE",
-            `cannot reach the API at ${this.#base.origin}: ${cause.code ?? cause.message}`,
-            {
-              cause,
-              fix: /CERT|SELF_SIGNED|issuer/i.test(String(cause.code ?? cause.message))
-                ? "pass the fabric CA with --ca-cert DATA-DIR/pki/ca.crt"
-                : "check --api / SHOAL_API and that `shoal orchestrator serve` runs",
-            },
-          ),
-        ),
-      );
-      req.end(payload);
-    });
-  }
-}
-
-async function readAll(stream: Readable): Promise<string> {
-  let text = "";
-  for await (const chunk of stream) text += chunk.toString();
-  return text;
+    })
+      .on("error", reject)
+      .end();
+  });
 }
 
 /** Prints rows as an aligned text table. */

@@ -5,21 +5,20 @@ import { pipeline } from "node:stream/promises";
 import { readFileChecked, readJobSpecDocument, ShoalError, wasmJobSpec } from "../../core/index.js";
 import type { ExecutionResults, JobEvent, JobRecord, JobView, LogEntry } from "../../orchestrator/index.js";
 import { isSafeResultName } from "../../orchestrator/index.js";
-import { type ApiArgs, ApiClient, printJson, printTable, withApiOptions } from "./api-options.js";
+import type { ApiClient } from "../api-client.js";
+import {
+  type ApiArgs,
+  download as fetchFile,
+  printJson,
+  printTable,
+  withApiOptions,
+  withClient,
+} from "./api-options.js";
 import type { CommandModule } from "./index.js";
 
-type Args = ApiArgs & Record<string, unknown>;
+type Args = ApiArgs & { output?: unknown } & Record<string, unknown>;
 
 const json = (argv: Args) => argv.output === "json";
-
-async function withClient<T>(argv: Args, fn: (api: ApiClient) => Promise<T>): Promise<T> {
-  const api = new ApiClient(argv);
-  try {
-    return await fn(api);
-  } finally {
-    api.close();
-  }
-}
 
 function time(ms: number | undefined): string {
   return ms ? new Date(ms).toISOString().replace("T", " ").slice(0, 19) : "";
@@ -47,8 +46,11 @@ function printExecutions(executions: JobView["Executions"]): void {
 
 /** Follows a job to its final state through the streaming history endpoint (no polling). */
 async function follow(api: ApiClient, id: string, print: boolean): Promise<JobView> {
-  for await (const line of api.lines<{ Event?: JobEvent; Job?: JobView }>(
-    `orchestrator/jobs/${id}/history?follow=true`,
+  for await (const line of api.stream<{ Event?: JobEvent; Job?: JobView }>(
+    `/api/v1/orchestrator/jobs/${id}/history`,
+    {
+      query: { follow: true },
+    },
   )) {
     if (line.Event && print) {
       const e = line.Event;
@@ -64,19 +66,20 @@ async function follow(api: ApiClient, id: string, print: boolean): Promise<JobVi
 }
 
 async function streamLogs(api: ApiClient, id: string, followLive: boolean): Promise<void> {
-  for await (const entry of api.lines<LogEntry>(
-    `orchestrator/jobs/${id}/logs${followLive ? "?follow=true" : ""}`,
-  )) {
+  for await (const entry of api.stream<LogEntry>(`/api/v1/orchestrator/jobs/${id}/logs`, {
+    query: { follow: followLive || undefined },
+  })) {
     (entry.Stream === "stderr" ? process.stderr : process.stdout).write(entry.Data);
   }
 }
 
 async function download(
+  argv: Args,
   api: ApiClient,
   id: string,
   outDir: string,
 ): Promise<{ file: string; sha256: string }[]> {
-  const { Items } = await api.json<{ Items: ExecutionResults[] }>("GET", `orchestrator/jobs/${id}/results`);
+  const { Items } = await api.get<{ Items: ExecutionResults[] }>(`/api/v1/orchestrator/jobs/${id}/results`);
   const written: { file: string; sha256: string }[] = [];
   for (const execution of Items) {
     for (const f of execution.Files) {
@@ -84,7 +87,8 @@ async function download(
         throw new ShoalError("SHOAL_USAGE", `refusing result name ${JSON.stringify(f.name)}`);
       const target = path.join(outDir, execution.ExecutionID, f.name);
       await fs.mkdir(path.dirname(target), { recursive: true });
-      const { stream } = await api.download(
+      const stream = await fetchFile(
+        argv,
         `orchestrator/jobs/${id}/results/${execution.ExecutionID}/${f.name.split("/").map(encodeURIComponent).join("/")}`,
       );
       const hash = createHash("sha256");
@@ -155,7 +159,7 @@ export const jobCommand: CommandModule = (cli) =>
             });
           }
           await withClient(argv, async (api) => {
-            const { JobID } = await api.json<{ JobID: string }>("PUT", "orchestrator/jobs", { Job: spec });
+            const { JobID } = await api.put<{ JobID: string }>("/api/v1/orchestrator/jobs", { Job: spec });
             if (!argv.wait && !argv.follow) {
               if (json(argv)) printJson({ JobID });
               else process.stdout.write(`${JobID}\n`);
@@ -183,10 +187,9 @@ export const jobCommand: CommandModule = (cli) =>
             .option("limit", { type: "number", describe: "at most this many" }),
         async (argv: Args) =>
           withClient(argv, async (api) => {
-            const q = new URLSearchParams();
-            if (argv.state) q.set("state", String(argv.state));
-            if (argv.limit) q.set("limit", String(argv.limit));
-            const { Items } = await api.json<{ Items: JobRecord[] }>("GET", `orchestrator/jobs?${q}`);
+            const { Items } = await api.get<{ Items: JobRecord[] }>("/api/v1/orchestrator/jobs", {
+              query: { state: argv.state as string | undefined, limit: argv.limit as number | undefined },
+            });
             if (json(argv)) return printJson(Items);
             printTable(
               ["ID", "NAME", "TYPE", "STATE", "CREATED"],
@@ -200,7 +203,7 @@ export const jobCommand: CommandModule = (cli) =>
         (y) => y.positional("id", { type: "string", demandOption: true }),
         async (argv: Args) =>
           withClient(argv, async (api) => {
-            const { Job } = await api.json<{ Job: JobView }>("GET", `orchestrator/jobs/${argv.id}`);
+            const { Job } = await api.get<{ Job: JobView }>(`/api/v1/orchestrator/jobs/${argv.id}`);
             if (json(argv)) printJson(Job);
             else printJob(Job);
           }),
@@ -221,9 +224,8 @@ export const jobCommand: CommandModule = (cli) =>
         (y) => y.positional("id", { type: "string", demandOption: true }),
         async (argv: Args) =>
           withClient(argv, async (api) => {
-            const r = await api.json<{ JobID: string; State: string }>(
-              "DELETE",
-              `orchestrator/jobs/${argv.id}`,
+            const r = await api.delete<{ JobID: string; State: string }>(
+              `/api/v1/orchestrator/jobs/${argv.id}`,
             );
             if (json(argv)) printJson(r);
             else process.stdout.write(`${r.JobID} ${r.State}\n`);
@@ -235,9 +237,8 @@ export const jobCommand: CommandModule = (cli) =>
         (y) => y.positional("id", { type: "string", demandOption: true }),
         async (argv: Args) =>
           withClient(argv, async (api) => {
-            const { Items } = await api.json<{ Items: JobView["Executions"] }>(
-              "GET",
-              `orchestrator/jobs/${argv.id}/executions`,
+            const { Items } = await api.get<{ Items: JobView["Executions"] }>(
+              `/api/v1/orchestrator/jobs/${argv.id}/executions`,
             );
             if (json(argv)) printJson(Items);
             else printExecutions(Items);
@@ -249,9 +250,8 @@ export const jobCommand: CommandModule = (cli) =>
         (y) => y.positional("id", { type: "string", demandOption: true }),
         async (argv: Args) =>
           withClient(argv, async (api) => {
-            const { Items } = await api.json<{ Items: JobEvent[] }>(
-              "GET",
-              `orchestrator/jobs/${argv.id}/history`,
+            const { Items } = await api.get<{ Items: JobEvent[] }>(
+              `/api/v1/orchestrator/jobs/${argv.id}/history`,
             );
             if (json(argv)) return printJson(Items);
             printTable(
@@ -269,7 +269,7 @@ export const jobCommand: CommandModule = (cli) =>
             .option("out", { type: "string", demandOption: true }),
         async (argv: Args) =>
           withClient(argv, async (api) => {
-            const files = await download(api, String(argv.id), String(argv.out));
+            const files = await download(argv, api, String(argv.id), String(argv.out));
             if (json(argv)) return printJson(files);
             for (const f of files) process.stdout.write(`${f.file}  sha256:${f.sha256}\n`);
           }),

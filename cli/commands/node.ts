@@ -1,16 +1,11 @@
 import type { NodeView } from "../../orchestrator/index.js";
-import { type ApiArgs, ApiClient, printJson, printTable, withApiOptions } from "./api-options.js";
+import { type ApiArgs, printJson, printTable, withApiOptions, withClient } from "./api-options.js";
 import type { CommandModule } from "./index.js";
 
-type Args = ApiArgs & Record<string, unknown>;
+type Args = ApiArgs & { output?: unknown } & Record<string, unknown>;
 
-async function call(argv: Args, method: string, path: string): Promise<Record<string, unknown>> {
-  const api = new ApiClient(argv);
-  try {
-    return await api.json(method, path);
-  } finally {
-    api.close();
-  }
+function call(argv: Args, method: string, path: string): Promise<Record<string, unknown>> {
+  return withClient(argv, (api) => api.request<Record<string, unknown>>(method, `/api/v1/${path}`));
 }
 
 function show(argv: Args, node: NodeView): void {
