@@ -2,7 +2,7 @@ import { createHash } from "node:crypto";
 import { createWriteStream, promises as fs } from "node:fs";
 import path from "node:path";
 import { pipeline } from "node:stream/promises";
-import { readFileChecked, readJobSpecDocument, ShoalError, wasmJobSpec } from "../../core/index.js";
+import { loadJobSpecFile, readFileChecked, ShoalError, wasmJobSpec } from "../../core/index.js";
 import type { ExecutionResults, JobEvent, JobRecord, JobView, LogEntry } from "../../orchestrator/index.js";
 import { isSafeResultName } from "../../orchestrator/index.js";
 import type { ApiClient } from "../api-client.js";
@@ -152,7 +152,7 @@ export const jobCommand: CommandModule = (cli) =>
                 .replace(/[^A-Za-z0-9._-]/g, "-");
             spec = wasmJobSpec({ name, module, args });
           } else if (typeof argv.spec === "string") {
-            spec = readJobSpecDocument(await readFileChecked(argv.spec));
+            spec = await loadJobSpecFile(argv.spec);
           } else {
             throw new ShoalError("SHOAL_USAGE", "name a job spec file or --wasm MODULE.wasm", {
               fix: "shoal job run job.yaml, or shoal job run --wasm hello.wasm -- ARGS",
