@@ -267,6 +267,7 @@ export class ExecutionManager {
     try {
       if (entry.stop?.kind === "cancel") {
         log.info({ reason: entry.stop.message }, "execution cancelled");
+        this.#running.delete(executionId);
         this.#o.onCancelled(executionId, entry.stop.message);
         return;
       }
@@ -276,6 +277,8 @@ export class ExecutionManager {
       const { files, ...rest } = outcome;
       const spooled = await this.#o.spool.put(jobId, { ...rest, executionId }, files);
       log.info({ state: spooled.result.state, exitCode: spooled.result.exitCode }, "execution finished");
+      // No longer running once its result is on disk: callbacks see the node as it now is.
+      this.#running.delete(executionId);
       this.#o.onSpooled(spooled);
     } catch (err) {
       log.error({ err }, "cannot spool the result of an execution");
