@@ -1,3 +1,4 @@
+import { createHash, X509Certificate } from "node:crypto";
 import { parseSpiffeId } from "../pki/index.js";
 import { type NatsPermissions, permissionsFor } from "./permissions.js";
 
@@ -127,4 +128,23 @@ export function usersLosingKeys(before: BrokerUsers, after: BrokerUsers): string
 /** True when two user sets would render the same broker configuration. */
 export function sameBrokerUsers(a: BrokerUsers, b: BrokerUsers): boolean {
   return JSON.stringify([a.users, a.pinnedKeys]) === JSON.stringify([b.users, b.pinnedKeys]);
+}
+
+/**
+ * The broker identity a certificate stands for, with its key pinned (for callers
+ * that hold the certificate files, e.g. the PKI directory's issued certificates).
+ */
+export function brokerIdentityFromCertificate(certPem: string, revoked = false): BrokerIdentity | undefined {
+  const leaf = new X509Certificate(certPem);
+  const spiffeId = leaf.subjectAltName?.match(/URI:(spiffe:\/\/[^,\s]+)/)?.[1];
+  if (!spiffeId) return undefined;
+  return {
+    spiffeId,
+    notBefore: new Date(leaf.validFrom),
+    notAfter: new Date(leaf.validTo),
+    revoked,
+    publicKeySha256: createHash("sha256")
+      .update(leaf.publicKey.export({ type: "spki", format: "der" }))
+      .digest("hex"),
+  };
 }

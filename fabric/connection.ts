@@ -1,4 +1,5 @@
 import { readFile } from "node:fs/promises";
+import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import {
   AuthorizationError,
   ClosedConnectionError,
@@ -132,6 +133,27 @@ function hostPort(server: string): { host: string; port: number } {
   return { host: url.hostname.replace(/^\[|\]$/g, ""), port: url.port ? Number(url.port) : 4222 };
 }
 
+/**
+ * nats.js sets no TLS servername for IP-address servers, so Node checks the
+ * server certificate against "localhost" instead of the dialed IP. Check it
+ * against the configured server hosts instead: with one server this is exact,
+ * with several the certificate must be valid for one of them.
+ */
+function serverIdentityCheck(
+  servers: readonly string[],
+): (name: string, cert: PeerCertificate) => Error | undefined {
+  const hosts = servers.map((s) => hostPort(s).host);
+  return (_name, cert) => {
+    let first: Error | undefined;
+    for (const host of hosts) {
+      const err = checkServerIdentity(host, cert);
+      if (!err) return undefined;
+      first ??= err;
+    }
+    return first;
+  };
+}
+
 async function readMaterial(o: FabricConnectOptions): Promise<ClientTlsMaterial> {
   const read = async (file: string) => {
     try {
@@ -191,13 +213,22 @@ export async function connectFabric(options: FabricConnectOptions): Promise<Fabr
   const material = await readMaterial(options);
   preflightClientCertificate(material, options.identity, now());
   const first = servers[0] ?? "tls://127.0.0.1:4222";
+  // nats.js hands these to node:tls as they are, including checkServerIdentity.
+  const tls = {
+    caFile: options.caFile,
+    certFile: options.certFile,
+    keyFile: options.keyFile,
+    checkServerIdentity: serverIdentityCheck(servers),
+  };
   let nc: NatsConnection;
   try {
     nc = await connect({
       servers,
       name: options.name ?? options.identity,
       inboxPrefix: subjects.inboxPrefix(parsed.id),
-      tls: { caFile: options.caFile, certFile: options.certFile, keyFile: options.keyFile },
+      tls,
+      // Gossiped cluster URLs would be dialed without our host check list.
+      ignoreClusterUpdates: true,
       timeout: options.connectTimeoutMs ?? 10_000,
       maxReconnectAttempts: -1,
       reconnectTimeWait: options.reconnectTimeWaitMs ?? 1000,

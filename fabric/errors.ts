@@ -10,8 +10,6 @@ export const FABRIC_CODES = defineCodes("fabric", {
   SHOAL_TLS_CLIENT_KEY_MISMATCH: "The client key file does not belong to the client certificate.",
   SHOAL_TLS_CLIENT_IDENTITY:
     "The client certificate's URI SAN is not the identity this daemon was configured with.",
-  SHOAL_TLS_CLIENT_CERT_REJECTED:
-    "The server refused the client certificate for a reason the client cannot see.",
   SHOAL_TLS_SERVER_UNKNOWN_CA: "The server's certificate does not chain to the CA file the client trusts.",
   SHOAL_TLS_SAN_MISMATCH: "The server's certificate is not valid for the host name or IP that was dialed.",
   SHOAL_TLS_SERVER_CERT_EXPIRED: "The server's certificate is past its notAfter date.",

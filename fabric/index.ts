@@ -7,6 +7,7 @@ export {
   type BrokerIdentity,
   type BrokerUser,
   type BrokerUsers,
+  brokerIdentityFromCertificate,
   computeBrokerUsers,
   type ExclusionReason,
   sameBrokerUsers,

@@ -46,7 +46,7 @@ const TLS_REASONS: [RegExp, FabricCode][] = [
     FABRIC_CODES.SHOAL_TLS_CLIENT_CERT_NOT_YET_VALID,
   ],
   [/expired or is not yet valid/, FABRIC_CODES.SHOAL_TLS_CLIENT_CERT_EXPIRED],
-  [/certificate not pinned/, FABRIC_CODES.SHOAL_TLS_CLIENT_CERT_REJECTED],
+  [/certificate not pinned/, FABRIC_CODES.SHOAL_NATS_AUTHORIZATION],
 ];
 
 /**

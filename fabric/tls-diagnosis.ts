@@ -155,6 +155,8 @@ export interface ProbeResult {
   readonly hostMismatch?: string;
   /** The TLS alert or socket error during or right after the handshake. */
   readonly tlsError?: { code: string | undefined; message: string };
+  /** The TLS handshake completed (from the client's side). */
+  readonly handshake?: boolean;
   /** The first protocol line after CONNECT+PING: "PONG" or "-ERR '...'" */
   readonly reply?: string;
 }
@@ -219,6 +221,7 @@ export function probeNatsServer(
         rejectUnauthorized: false,
       });
       t.on("secureConnect", () => {
+        out.handshake = true;
         const pc = t.getPeerCertificate();
         if (pc?.raw) {
           out.serverCertificate = {
@@ -348,29 +351,33 @@ export function diagnoseProbe(
       },
     );
   }
-  if (r.tlsError) {
-    const alert = r.tlsError.message;
-    if (!m.certPem) {
-      return new TlsError(
-        FABRIC_CODES.SHOAL_TLS_NO_CLIENT_CERT,
-        `${server} requires a client certificate and none was given`,
-        {
-          fix: "set the client certificate and key files (Compute.TLS.ClientCert/ClientKey)",
-          details: { server, alert },
-        },
-      );
-    }
+  if (!m.certPem && (r.tlsError || !r.reply)) {
     return new TlsError(
-      FABRIC_CODES.SHOAL_TLS_CLIENT_CERT_REJECTED,
-      `${server} refused the client certificate ${identity ?? ""} (${r.tlsError.code ?? alert}) although it passes local checks`,
+      FABRIC_CODES.SHOAL_TLS_NO_CLIENT_CERT,
+      `${server} requires a client certificate and none was given`,
       {
-        fix: "the broker trusts another CA or this certificate's key was revoked: check the orchestrator's nats-server log and `shoal pki list`",
-        details: { server, alert, code: r.tlsError.code },
+        fix: "set the client certificate and key files (Compute.TLS.ClientCert/ClientKey)",
+        details: { server, alert: r.tlsError?.message },
       },
     );
   }
-  if (r.reply?.startsWith("-ERR") && /authorization/i.test(r.reply)) {
-    return new BrokerAuthorizationError(identity, server);
+  if (r.tlsError && !r.handshake) {
+    return new TlsError(
+      FABRIC_CODES.SHOAL_TLS_HANDSHAKE,
+      `TLS handshake with ${server} failed: ${r.tlsError.message}`,
+      {
+        fix: "check the orchestrator's nats-server log for this client; it names the reason",
+        details: { server, alert: r.tlsError.message, code: r.tlsError.code },
+      },
+    );
+  }
+  // The local certificate passed every check against the fabric CA, yet the broker
+  // refused it after the handshake (an alert, a socket closed because the key is not
+  // pinned, or -ERR): this identity or key is not admitted (unknown, revoked, expired).
+  if (r.tlsError || !r.reply || (r.reply.startsWith("-ERR") && /authoriz/i.test(r.reply))) {
+    return new BrokerAuthorizationError(identity, server, {
+      cause: r.tlsError ?? r.reply ?? "connection closed right after the TLS handshake",
+    });
   }
   return undefined;
 }
