@@ -166,7 +166,8 @@ export class Authorizer {
     }
     return Object.freeze({
       decision: answer.response.decision,
-      reasons: Object.freeze(answer.response.diagnostics.reason),
+      // Cedar lists them in hash order; sorted, equal decisions read alike in the audit log.
+      reasons: Object.freeze([...answer.response.diagnostics.reason].sort()),
       errors: Object.freeze(
         answer.response.diagnostics.errors.map((e) => `${e.policyId}: ${e.error.message}`),
       ),

@@ -74,7 +74,7 @@ export class PolicyFileError extends AuthError {
     readonly file: string,
     readonly problems: readonly PolicyProblem[],
   ) {
-    super(code, `${file}: ${problems.map(formatProblem).join("\n  ")}`, {
+    super(code, problems.length ? problems.map(formatProblem).join("\n") : `${file}: invalid`, {
       fix:
         code === AUTH_CODES.SHOAL_AUTH_POLICY_SCHEMA
           ? "make the policy fit configs/policies/shoal.cedarschema (entity types, attributes and actions)"
