@@ -275,33 +275,9 @@ export class Pki {
     return issued;
   }
 
-  /** Marks a certificate revoked (by serial or by its PEM). Revoking twice keeps the first date. */
+  /** Marks a certificate revoked (by serial or by its PEM); see {@link revokeCertificate}. */
   async revoke(serialOrCertPem: string, reason: RevocationReason = "unspecified"): Promise<InventoryEntry> {
-    assertRevocationReason(reason);
-    let serial: string;
-    let fingerprint: string | undefined;
-    if (serialOrCertPem.includes("-----BEGIN")) {
-      const info = describeCertificate(readCertificates(serialOrCertPem, "the certificate")[0]!);
-      serial = info.serial;
-      fingerprint = info.fingerprint;
-    } else {
-      serial = normalizeSerial(serialOrCertPem);
-    }
-    const at = this.now();
-    return updateInventory(this.dir, (inv) => {
-      const entry = inv.certificates.find((e) => e.serial === serial);
-      if (!entry || (fingerprint && entry.fingerprint !== fingerprint)) {
-        throw new PkiError(PKI_CODES.SHOAL_PKI_UNKNOWN_SERIAL, `this PKI never issued serial ${serial}`, {
-          fix: "check the serial with `shoal pki list --dir DIR`, or use the --dir of the CA that issued it",
-        });
-      }
-      if (entry.status !== "revoked") {
-        entry.status = "revoked";
-        entry.revokedAt = at;
-        entry.reason = reason;
-      }
-      return { ...entry };
-    });
+    return revokeCertificate(this.dir, serialOrCertPem, reason, this.now());
   }
 
   /** A fresh CRL (PEM) signed by the issuing CA, listing every revoked certificate. */
@@ -326,10 +302,50 @@ export class Pki {
 
   /** Every certificate issued, with its status now (valid, revoked or expired). */
   async list(): Promise<InventoryEntry[]> {
-    const inv = await readInventory(this.dir);
-    const now = this.now();
-    return inv.certificates.map((e) => ({ ...e, status: statusAt(e, now) }));
+    return listCertificates(this.dir, this.now());
   }
+}
+
+/**
+ * Marks a certificate of the PKI in `dir` revoked, by serial (hex, colons
+ * allowed) or by its PEM. Needs no CA key. Revoking twice keeps the first date.
+ */
+export async function revokeCertificate(
+  dir: string,
+  serialOrCertPem: string,
+  reason: RevocationReason = "unspecified",
+  at: Date = new Date(),
+): Promise<InventoryEntry> {
+  assertRevocationReason(reason);
+  let serial: string;
+  let fingerprint: string | undefined;
+  if (serialOrCertPem.includes("-----BEGIN")) {
+    const info = describeCertificate(readCertificates(serialOrCertPem, "the certificate")[0]!);
+    serial = info.serial;
+    fingerprint = info.fingerprint;
+  } else {
+    serial = normalizeSerial(serialOrCertPem);
+  }
+  return updateInventory(dir, (inv) => {
+    const entry = inv.certificates.find((e) => e.serial === serial);
+    if (!entry || (fingerprint && entry.fingerprint !== fingerprint)) {
+      throw new PkiError(PKI_CODES.SHOAL_PKI_UNKNOWN_SERIAL, `this PKI never issued serial ${serial}`, {
+        fix: "check the serial with `shoal pki list --dir DIR`, or use the --dir of the CA that issued it",
+      });
+    }
+    if (entry.status !== "revoked") {
+      entry.status = "revoked";
+      entry.revokedAt = at;
+      entry.reason = reason;
+    }
+    return { ...entry };
+  });
+}
+
+/** Every certificate the PKI in `dir` issued, with its status at `at`. Needs no CA key. */
+export async function listCertificates(dir: string, at: Date = new Date()): Promise<InventoryEntry[]> {
+  const inv = await readInventory(dir);
+  return inv.certificates.map((e) => ({ ...e, status: statusAt(e, at) }));
 }
 
 function inventoryEntry(issued: IssuedCertificate): InventoryEntry {

@@ -64,8 +64,11 @@ export class CertificateVerificationError extends ShoalError {
     );
   }
 
+  /** One line per failed check: `CODE: cause: fix`, e.g. "… — not 10.0.5.17: reissue with --ip 10.0.5.17". */
   override describe(): string {
-    return this.failures.map((f) => `${f.code}: ${f.message}\n  fix: ${f.fix}`).join("\n");
+    const n = this.failures.length;
+    const lines = this.failures.map((f) => `  ${f.code}: ${f.message}: ${f.fix}`);
+    return [`certificate rejected (${n} failed check${n === 1 ? "" : "s"})`, ...lines].join("\n");
   }
 
   override toJSON(): Record<string, unknown> {

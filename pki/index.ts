@@ -3,12 +3,15 @@
  * explanations, revocation lists and PKCS#12 export. No network.
  */
 export {
+  DEFAULT_CA_NAME,
   type InitPkiOptions,
   type IssuedCertificate,
   initPki,
+  listCertificates,
   openPki,
   PKI_FILES,
   Pki,
+  revokeCertificate,
   writeIssued,
 } from "./authority.js";
 export { EKU_OIDS, type ExtKeyUsage } from "./certificate-builder.js";
@@ -23,6 +26,7 @@ export {
   type VerifyFailure,
 } from "./errors.js";
 export {
+  assertRevocationReason,
   type CertificateStatus,
   INVENTORY_FILE,
   type InventoryEntry,
@@ -32,6 +36,7 @@ export {
   readInventory,
 } from "./inventory.js";
 export {
+  assertKeyType,
   DEFAULT_KEY_TYPE,
   exportPrivateKey,
   generatePrivateKey,
@@ -41,6 +46,7 @@ export {
   type KeyType,
 } from "./key-types.js";
 export { certFingerprint, readCertificates } from "./pem.js";
+export { DEFAULT_P12_ITERATIONS, exportPkcs12, type Pkcs12Options } from "./pkcs12.js";
 export {
   BACKDATE_MS,
   DEFAULT_CA_DAYS,
@@ -49,6 +55,7 @@ export {
   LOOPBACK_NAMES,
 } from "./profiles.js";
 export {
+  assertRole,
   DEFAULT_TRUST_DOMAIN,
   IDENTITY_ROLES,
   type IdentityRole,

@@ -5,6 +5,7 @@ import { configCommand } from "./config.js";
 import { jobCommand } from "./job.js";
 import { nodeCommand } from "./node.js";
 import { orchestratorCommand } from "./orchestrator.js";
+import { pkiCommand } from "./pki.js";
 import { policyCommand } from "./policy.js";
 
 /** A command module adds its commands to the parser. One line per module here. */
@@ -18,4 +19,5 @@ export const commands: CommandModule[] = [
   agentCommand,
   policyCommand,
   authToolsCommand,
+  pkiCommand,
 ];
