@@ -1,5 +1,5 @@
 import { randomUUID } from "node:crypto";
-import type { Constraint, Logger } from "../core/index.js";
+import type { Logger } from "../core/index.js";
 import type { MessageBody, Resources } from "../fabric/protocol.js";
 import type { JobDispatch } from "./job-service.js";
 import type { LogStore } from "./log-store.js";
@@ -24,13 +24,7 @@ export interface NodeChannel {
 
 /** Where a job may run and what it takes, derived from its spec. */
 export interface JobRequirements {
-  /** Engines a node must offer. */
-  engines: string[];
   resources: Resources;
-  /** The job's label constraints, for the scheduler's reasons. */
-  constraints: readonly Constraint[];
-  /** True when the node's labels satisfy the job's constraints. */
-  matches: (labels: Readonly<Record<string, string>>) => boolean;
   /** The job's own limits, when its spec sets them. */
   executionTimeoutMs?: number;
   queueTimeoutMs?: number;
@@ -44,17 +38,13 @@ export interface Placement {
   reason?: string;
 }
 
-/** The scheduler as the dispatcher uses it: pure decisions on snapshots. */
+/** The scheduler as the dispatcher uses it: a pure decision on a snapshot of one job. */
 export type PlaceFn = (input: {
   job: JobRecord;
-  requirements: JobRequirements;
-  /** How many more executions the job needs; for ops, every matching node not yet used. */
-  wanted: number | "all";
+  executions: readonly ExecutionRecord[];
   nodes: readonly NodeRecord[];
+  /** Capacity in use on each node by every job's active executions. */
   allocated: ReadonlyMap<string, Resources>;
-  /** Nodes that already hold, ran, or declined an execution of this job. */
-  exclude: ReadonlySet<string>;
-  isSchedulable: (node: NodeRecord) => boolean;
 }) => Placement;
 
 export interface DispatcherOptions {
@@ -291,26 +281,17 @@ export class Dispatcher implements JobDispatch {
     const executions = this.#o.store.executionsOf(jobId);
     const active = executions.filter(isActive);
     const completed = executions.filter((e) => e.State === "Completed").length;
-    const exclude = new Set(
-      executions
-        .filter(
-          (e) => isActive(e) || e.State === "Completed" || e.State === "BidRejected" || e.State === "Failed",
-        )
-        .map((e) => e.NodeID),
-    );
     const firstPlacement = executions.length === 0;
     const wanted: number | "all" =
       job.Type === "ops" && firstPlacement ? "all" : job.Count - completed - active.length;
     if (wanted !== "all" && wanted <= 0) return;
-    const placement = this.#o.place({
+    const found = this.#o.place({
       job,
-      requirements,
-      wanted,
+      executions,
       nodes: [...this.#o.store.nodes.values()],
       allocated: this.#allocated,
-      exclude,
-      isSchedulable: (n) => this.#o.nodes.isSchedulable(n),
     });
+    const placement = wanted === "all" ? found : { ...found, nodes: found.nodes.slice(0, wanted) };
     let current = job;
     if (job.Type === "ops" && firstPlacement && placement.nodes.length > 0) {
       current = { ...job, Count: placement.nodes.length };

@@ -1,9 +1,7 @@
 import {
   executionTimeoutMs,
   type JobSpec,
-  jobEngines,
   jobResources,
-  matchesConstraint,
   parseJobSpec,
   queueTimeoutMs,
 } from "../core/index.js";
@@ -33,12 +31,8 @@ export function jobRequirements(
   limits: { executionTimeoutMs: number; queueTimeoutMs: number },
 ): JobRequirements {
   const spec = job.Spec as JobSpec;
-  const engines = jobEngines(spec);
   return {
-    engines,
     resources: jobResources(spec),
-    matches: (labels) => spec.Constraints.every((c) => matchesConstraint(labels, c)),
-    constraints: spec.Constraints,
     executionTimeoutMs: Math.min(limits.executionTimeoutMs, ...spec.Tasks.map(executionTimeoutMs)),
     queueTimeoutMs: Math.min(limits.queueTimeoutMs, queueTimeoutMs(spec)),
   };

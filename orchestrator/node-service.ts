@@ -132,11 +132,6 @@ export class NodeService {
     return true;
   }
 
-  /** True when the node may be given new work. */
-  isSchedulable(node: NodeRecord): boolean {
-    return node.Approval === "APPROVED" && node.Health === "HEALTHY";
-  }
-
   async #setApproval(id: string, approval: Approval): Promise<NodeView> {
     const node = this.#require(id);
     const next = { ...node, Approval: approval };
