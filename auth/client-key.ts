@@ -36,7 +36,8 @@ export function challengePayload(challenge: { nonce: string; audience: string },
 
 /** A client's id: hex SHA-256 of its public key's DER SubjectPublicKeyInfo (like Bacalhau's client id). */
 export function clientIdOf(publicKey: KeyObject | string): string {
-  const key = typeof publicKey === "string" ? createPublicKey(publicKey) : createPublicKey(publicKey);
+  const key =
+    typeof publicKey === "string" || publicKey.type === "private" ? createPublicKey(publicKey) : publicKey;
   return createHash("sha256")
     .update(key.export({ type: "spki", format: "der" }))
     .digest("hex");

@@ -109,7 +109,7 @@ export class TokenService {
     const kid = await thumbprint(publicKey);
     keys.set(kid, publicKey);
     for (const k of options.verificationKeys ?? []) {
-      const key = p256(typeof k === "string" ? createPublicKey(k) : createPublicKey(k), "public");
+      const key = p256(typeof k === "string" || k.type === "private" ? createPublicKey(k) : k, "public");
       keys.set(await thumbprint(key), key);
     }
     return new TokenService(options, signingKey, kid, keys);
