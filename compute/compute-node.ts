@@ -696,6 +696,7 @@ export class ComputeNode {
           await this.#spool!.remove(executionId);
           this.#log.info({ executionId }, "result acknowledged");
           this.#emit({ type: "result-acknowledged", executionId });
+          this.#wake();
           continue;
         }
         pending.refusals++;
@@ -705,12 +706,14 @@ export class ComputeNode {
           { executionId, reason, refusals: pending.refusals, dropped },
           "result refused by the orchestrator",
         );
-        this.#emit({ type: "result-refused", executionId, reason, dropped });
         if (dropped) {
           this.#deliveries.delete(executionId);
           await this.#spool!.remove(executionId);
+          this.#emit({ type: "result-refused", executionId, reason, dropped });
+          this.#wake();
           continue;
         }
+        this.#emit({ type: "result-refused", executionId, reason, dropped });
         // Move it to the back so one refused result does not hold up the others.
         this.#deliveries.delete(executionId);
         this.#deliveries.set(executionId, pending);
@@ -779,6 +782,7 @@ export class ComputeNode {
 
   /** Sleeps up to `ms`, or until woken (reconnect, new result, registration, close). */
   #sleep(ms: number): Promise<void> {
+    if (this.#phase === "closed") return Promise.resolve();
     return new Promise((resolve) => {
       const done = () => {
         clearTimeout(timer);
@@ -835,16 +839,11 @@ export class ComputeNode {
     }
   }
 
-  /** Waits until every spooled result is acknowledged or `ms` passes. */
+  /** Waits until every spooled result is acknowledged (or dropped) or `ms` passes. */
   async #flushDeliveries(ms: number): Promise<void> {
     const deadline = Date.now() + ms;
-    const iterator = this.events()[Symbol.asyncIterator]();
-    const timeout = new Promise<void>((resolve) => setTimeout(resolve, ms).unref());
     this.#wake();
-    while (this.#deliveries.size > 0 && Date.now() < deadline) {
-      await Promise.race([iterator.next(), timeout]);
-    }
-    await iterator.return?.();
+    while (this.#deliveries.size > 0 && Date.now() < deadline) await this.#sleep(deadline - Date.now());
   }
 
   /** Resolves (never rejects) when the node has stopped: to the error that stopped it, if any. */

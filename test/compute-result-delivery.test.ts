@@ -1,0 +1,167 @@
+import "reflect-metadata";
+import { execFile } from "node:child_process";
+import { promises as fs } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { promisify } from "node:util";
+import t from "tap";
+import { ComputeNode, type ComputeNodeEvent } from "../compute/index.js";
+import { computeConfig, OrchestratorStandIn } from "./helpers/compute-standin.js";
+import { startTestFabric, type TestIdentity } from "./helpers/nats.js";
+
+const repo = path.resolve(import.meta.dirname, "..");
+const root = await fs.mkdtemp(path.join(os.tmpdir(), "shoal-compute-delivery-"));
+t.teardown(() => fs.rm(root, { recursive: true, force: true }));
+const upperWasm = path.join(root, "upper.wasm");
+await promisify(execFile)("wat2wasm", [path.join(repo, "configs/jobs/upper.wat"), "-o", upperWasm]);
+const upper = await fs.readFile(upperWasm);
+
+const spec = (text: string) => ({
+  Name: "upper",
+  Tasks: [
+    {
+      Name: "main",
+      Engine: {
+        Type: "wasm",
+        Params: { EntryModule: { Type: "inline", Params: { Content: upper.toString("base64") } } },
+      },
+      InputSources: [{ Target: "/inputs/in.txt", Source: { Type: "inline", Params: { Content: text } } }],
+      ResultPaths: [{ Name: "outputs", Path: "/outputs" }],
+      Resources: { CPU: "100m", Memory: "16Mi" },
+    },
+  ],
+});
+const submitter = { sub: "alice", namespace: "default", method: "password" };
+
+const fabric = await startTestFabric(t);
+const orch = await OrchestratorStandIn.start(t, fabric, await fabric.identity("orchestrator", "orch-1"));
+
+async function startNode(identity: TestIdentity, dataDir: string) {
+  const node = new ComputeNode({
+    config: await computeConfig(fabric, identity, dataDir),
+    requestTimeoutMs: 300,
+    retryBaseMs: 100,
+    shutdownGraceMs: 200,
+    deliveryFlushMs: 300,
+  });
+  t.teardown(() => node.close());
+  const events: ComputeNodeEvent[] = [];
+  const iterator = node.events()[Symbol.asyncIterator]();
+  /** Resolves with the next event that matches. */
+  const until = async (p: (e: ComputeNodeEvent) => boolean) => {
+    for (;;) {
+      const { value, done } = await iterator.next();
+      if (done) throw new Error("the node closed first");
+      events.push(value);
+      if (p(value)) return value;
+    }
+  };
+  await node.start();
+  return { node, until };
+}
+
+async function spoolEntries(dataDir: string): Promise<string[]> {
+  return fs.readdir(path.join(dataDir, "spool"));
+}
+
+t.test("an unacknowledged result stays in the spool and is sent again after a restart", async (t) => {
+  const identity = await fabric.identity("compute", "node-restart");
+  const dataDir = path.join(root, "restart");
+  orch.resultReply = () => undefined; // the orchestrator never answers
+  const first = await startNode(identity, dataDir);
+  await orch.next("register", (b) => b.nodeId === "node-restart");
+  const ids = { jobId: "job-r", executionId: "exec-r" };
+  await orch.request("node-restart", "run", { ...ids, spec: spec("kept\n"), submitter, timeoutMs: 30_000 });
+  await first.until((e) => e.type === "result-spooled");
+  await orch.next("result", (b) => b.executionId === "exec-r");
+  t.same(await spoolEntries(dataDir), ["exec-r"], "kept while unacknowledged");
+  const manifest = JSON.parse(
+    await fs.readFile(path.join(dataDir, "spool", "exec-r", "manifest.json"), "utf8"),
+  );
+  t.equal(manifest.result.state, "Completed");
+  await first.node.close();
+  t.same(await spoolEntries(dataDir), ["exec-r"], "still there after the node stopped");
+
+  orch.resultReply = () => ({ stored: true });
+  const second = await startNode(identity, dataDir);
+  const reg = await orch.next("register", (b) => b.nodeId === "node-restart");
+  t.same(
+    reg.body.executions,
+    [{ executionId: "exec-r", state: "Completed" }],
+    "register lists the held result",
+  );
+  await second.until((e) => e.type === "result-acknowledged" && e.executionId === "exec-r");
+  const resent = await orch.next("result", (b) => b.executionId === "exec-r");
+  t.equal(resent.body.files[0]?.name, "outputs/out.txt");
+  t.same(await spoolEntries(dataDir), [], "removed once stored");
+});
+
+t.test(
+  "a result pending across a broker restart is delivered after reconnecting and registering again",
+  async (t) => {
+    const identity = await fabric.identity("compute", "node-reconnect");
+    const dataDir = path.join(root, "reconnect");
+    orch.resultReply = () => undefined;
+    const { until } = await startNode(identity, dataDir);
+    await orch.next("register", (b) => b.nodeId === "node-reconnect");
+    await orch.request("node-reconnect", "run", {
+      jobId: "job-c",
+      executionId: "exec-c",
+      spec: spec("across\n"),
+      submitter,
+      timeoutMs: 30_000,
+    });
+    await orch.next("result", (b) => b.executionId === "exec-c");
+
+    // Stop answering at all: kill the broker; the supervisor starts it again on the same port.
+    orch.resultReply = () => ({ stored: true });
+    process.kill(fabric.supervisor.pid!, "SIGKILL");
+    await until((e) => e.type === "disconnected");
+    await until((e) => e.type === "reconnected");
+    const reg = await orch.next("register", (b) => b.nodeId === "node-reconnect");
+    t.same(reg.body.executions, [{ executionId: "exec-c", state: "Completed" }]);
+    await until((e) => e.type === "result-acknowledged" && e.executionId === "exec-c");
+    t.same(await spoolEntries(dataDir), []);
+  },
+);
+
+t.test("a result the orchestrator keeps refusing is dropped after the limit", async (t) => {
+  const identity = await fabric.identity("compute", "node-refused");
+  const dataDir = path.join(root, "refused");
+  orch.resultReply = () => ({
+    stored: false,
+    reason: "execution is Cancelled; its result is no longer wanted",
+  });
+  const { until } = await startNode(identity, dataDir);
+  await orch.next("register", (b) => b.nodeId === "node-refused");
+  await orch.request("node-refused", "run", {
+    jobId: "job-x",
+    executionId: "exec-x",
+    spec: spec("x\n"),
+    submitter,
+    timeoutMs: 30_000,
+  });
+  const dropped = await until((e) => e.type === "result-refused" && e.dropped);
+  t.match(dropped, { executionId: "exec-x", reason: /no longer wanted/ });
+  t.same(await spoolEntries(dataDir), []);
+});
+
+t.test("a second node on the same data directory is refused", async (t) => {
+  const identity = await fabric.identity("compute", "node-lock");
+  const dataDir = path.join(root, "lock");
+  await startNode(identity, dataDir);
+  const twin = new ComputeNode({ config: await computeConfig(fabric, identity, dataDir) });
+  await t.rejects(twin.start(), { code: "SHOAL_COMPUTE_DATA_DIR_LOCKED" });
+  t.match(await twin.closed(), { code: "SHOAL_COMPUTE_DATA_DIR_LOCKED" });
+});
+
+t.test("a REJECTED node stops with a clear error", async (t) => {
+  const identity = await fabric.identity("compute", "node-rejected");
+  orch.approval = "REJECTED";
+  t.teardown(() => {
+    orch.approval = "APPROVED";
+  });
+  const { node } = await startNode(identity, path.join(root, "rejected"));
+  const error = await node.closed();
+  t.match(error, { code: "SHOAL_COMPUTE_REJECTED", message: /node-rejected/ });
+});
