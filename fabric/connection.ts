@@ -170,6 +170,16 @@ async function readMaterial(o: FabricConnectOptions): Promise<ClientTlsMaterial>
   };
 }
 
+/** The local certificate's problem (expired, wrong key...) as an error, if any. */
+function localProblem(material: ClientTlsMaterial, identity: string, now: Date): FabricError | undefined {
+  try {
+    preflightClientCertificate(material, identity, now);
+    return undefined;
+  } catch (err) {
+    return toFabricError(err, identity);
+  }
+}
+
 /**
  * Probes `server` and returns the error that explains why it cannot be used,
  * or `undefined` when it is fine now. Exported for `shoal compute serve` and
@@ -270,6 +280,7 @@ export class FabricConnection {
   readonly #closed: Promise<FabricError | undefined>;
   #closing: Promise<FabricError | undefined> | undefined;
   #diagnoseTimer: NodeJS.Timeout | undefined;
+  #connected = true;
   /** Recent permission errors, so publishConfirmed() can tell which publish failed. */
   #violations: PermissionViolation[] = [];
 
@@ -302,6 +313,7 @@ export class FabricConnection {
     for await (const s of this.nc.status()) {
       switch (s.type) {
         case "disconnect":
+          this.#connected = false;
           this.#log.warn({ server: s.server }, "disconnected from the fabric");
           this.#status.push({ type: "disconnected", server: s.server });
           this.#scheduleDiagnosis(s.server);
@@ -310,6 +322,7 @@ export class FabricConnection {
           this.#status.push({ type: "reconnecting" });
           break;
         case "reconnect":
+          this.#connected = true;
           clearTimeout(this.#diagnoseTimer);
           this.#log.info({ server: s.server }, "reconnected to the fabric");
           this.#status.push({ type: "reconnected", server: s.server });
@@ -344,7 +357,9 @@ export class FabricConnection {
       try {
         const material = await readMaterial(this.#options).catch(() => this.#material);
         const url = server.includes("://") ? server : `tls://${server}`;
-        const error = await diagnoseServer(url, material, this.identity);
+        const error =
+          (await localProblem(material, this.identity, this.#options.now?.() ?? new Date())) ??
+          (await diagnoseServer(url, material, this.identity));
         if (error && !this.#closing) {
           this.#log.error({ code: error.code, details: error.details }, error.message);
           this.#status.push({ type: "error", error });
@@ -417,8 +432,9 @@ export class FabricConnection {
     if (!this.#closing) {
       this.#closing = (async () => {
         clearTimeout(this.#diagnoseTimer);
+        // Draining needs the server; while disconnected there is nothing to deliver.
         if (!this.nc.isClosed()) {
-          await this.nc.drain().catch(() => this.nc.close());
+          await (this.#connected ? this.nc.drain() : this.nc.close()).catch(() => this.nc.close());
         }
         return this.#closed;
       })();

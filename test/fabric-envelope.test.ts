@@ -1,0 +1,281 @@
+import "reflect-metadata";
+import { createPrivateKey, X509Certificate } from "node:crypto";
+import { promises as fs } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { CompactSign, compactVerify } from "jose";
+import t from "tap";
+import {
+  broadcastAudience,
+  EnvelopeSigner,
+  EnvelopeVerifier,
+  FABRIC_CODES,
+  type MessageBody,
+  PeerCertificateCache,
+  ReplayGuard,
+  subjects,
+} from "../fabric/index.js";
+import { type IssuedCertificate, initPki, openPki } from "../pki/index.js";
+
+const dir = await fs.mkdtemp(path.join(os.tmpdir(), "shoal-envelope-"));
+t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
+await initPki(path.join(dir, "pki"), { trustDomain: "test.local" });
+const pki = await openPki(path.join(dir, "pki"));
+const n1 = pki.mint({ role: "compute", id: "n1" });
+const n2 = pki.mint({ role: "compute", id: "n2" });
+const orch = pki.mint({ role: "orchestrator", id: "o1" });
+const ORCH = orch.spiffeId as string;
+const N1 = n1.spiffeId as string;
+
+const heartbeat: MessageBody<"heartbeat"> = {
+  nodeId: "n1",
+  seq: 1,
+  allocated: { cpu: 0, memory: 0 },
+  running: [],
+};
+const HB = subjects.computeOut("n1", "heartbeat");
+
+function signer(c: IssuedCertificate, now?: () => number) {
+  return new EnvelopeSigner({ keyPem: c.keyPem as string, certPem: c.certPem, ...(now ? { now } : {}) });
+}
+
+/** The orchestrator's verifier, with n1 and n2 registered. */
+function orchestratorVerifier(now: () => number = Date.now) {
+  const peers = new PeerCertificateCache({ caPem: pki.caCertPem, trustDomain: "test.local", now });
+  peers.add(n1.certPem);
+  peers.add(n2.certPem);
+  const verifier = new EnvelopeVerifier({
+    identity: ORCH,
+    peers,
+    replayGuard: new ReplayGuard({ now }),
+    now,
+  });
+  return { peers, verifier };
+}
+
+/** Signs arbitrary header/claims with jose (a hostile or foreign sender). */
+async function joseSign(
+  c: IssuedCertificate,
+  header: Record<string, unknown>,
+  claims: Record<string, unknown>,
+) {
+  return new CompactSign(new TextEncoder().encode(JSON.stringify(claims)))
+    .setProtectedHeader({ alg: "ES256", ...header })
+    .sign(createPrivateKey(c.keyPem as string));
+}
+
+function claimsFor(extra: Record<string, unknown> = {}) {
+  const now = Math.floor(Date.now() / 1000);
+  return {
+    iss: N1,
+    aud: ORCH,
+    jti: "j".repeat(22),
+    iat: now,
+    exp: now + 60,
+    typ: "heartbeat",
+    body: heartbeat,
+    ...extra,
+  };
+}
+
+t.test("a signed envelope verifies and carries the typed body and sender", async (t) => {
+  const { verifier } = orchestratorVerifier();
+  const token = signer(n1).sign("heartbeat", ORCH, heartbeat);
+  const env = verifier.verify(token, { subject: HB });
+  t.equal(env.iss, N1);
+  t.equal(env.kind, "heartbeat");
+  t.same(env.body, heartbeat);
+  t.equal(env.sender.id, "n1");
+  t.equal(env.sender.fingerprint, n1.fingerprint);
+});
+
+t.test("tokens are standard compact JWS: jose verifies ours, we verify jose's", async (t) => {
+  const s = signer(n1);
+  const ours = s.sign("heartbeat", ORCH, heartbeat);
+  const leaf = new X509Certificate(n1.certPem);
+  const { payload, protectedHeader } = await compactVerify(ours, leaf.publicKey);
+  t.equal(protectedHeader.alg, "ES256");
+  t.equal(protectedHeader["x5t#S256"], s.x5t);
+  t.equal(JSON.parse(new TextDecoder().decode(payload)).typ, "heartbeat");
+  const { verifier } = orchestratorVerifier();
+  const theirs = await joseSign(n1, { "x5t#S256": s.x5t }, claimsFor());
+  t.equal(verifier.verify(theirs, { subject: HB }).iss, N1);
+});
+
+t.test("P-384 and RSA identities sign with ES384 and PS256", async (t) => {
+  for (const [keyType, alg] of [
+    ["ecdsa-p384", "ES384"],
+    ["rsa-3072", "PS256"],
+  ] as const) {
+    const c = pki.mint({ role: "compute", id: `k-${alg.toLowerCase()}`, keyType });
+    const { peers, verifier } = orchestratorVerifier();
+    peers.add(c.certPem);
+    const s = signer(c);
+    t.equal(s.alg, alg);
+    const env = verifier.verify(s.sign("heartbeat", ORCH, heartbeat), {
+      subject: subjects.computeOut(c.id as string, "heartbeat"),
+    });
+    t.equal(env.sender.alg, alg);
+    const { protectedHeader } = await compactVerify(
+      s.sign("heartbeat", ORCH, heartbeat),
+      new X509Certificate(c.certPem).publicKey,
+    );
+    t.equal(protectedHeader.alg, alg, `jose agrees on ${alg}`);
+  }
+});
+
+t.test("a tampered body is refused", async (t) => {
+  const { verifier } = orchestratorVerifier();
+  const [h, p, sig] = signer(n1).sign("heartbeat", ORCH, heartbeat).split(".");
+  const claims = JSON.parse(Buffer.from(p as string, "base64url").toString());
+  claims.body.seq = 99;
+  const tampered = `${h}.${Buffer.from(JSON.stringify(claims)).toString("base64url")}.${sig}`;
+  t.throws(() => verifier.verify(tampered, { subject: HB }), { code: FABRIC_CODES.SHOAL_ENVELOPE_SIGNATURE });
+});
+
+t.test("a signature by another key under n1's certificate is refused", async (t) => {
+  const { verifier } = orchestratorVerifier();
+  const forged = await joseSign(n2, { "x5t#S256": signer(n1).x5t }, claimsFor());
+  t.throws(() => verifier.verify(forged, { subject: HB }), { code: FABRIC_CODES.SHOAL_ENVELOPE_SIGNATURE });
+});
+
+t.test("n2 cannot claim to be n1, nor speak on n1's subject", async (t) => {
+  const { verifier } = orchestratorVerifier();
+  const n2x5t = signer(n2).x5t;
+  const claimsN1 = await joseSign(n2, { "x5t#S256": n2x5t }, claimsFor());
+  t.throws(() => verifier.verify(claimsN1, { subject: HB }), { code: FABRIC_CODES.SHOAL_ENVELOPE_ISSUER });
+  const honest = signer(n2).sign("heartbeat", ORCH, { ...heartbeat, nodeId: "n1" });
+  t.throws(() => verifier.verify(honest, { subject: HB }), { code: FABRIC_CODES.SHOAL_ENVELOPE_ROLE });
+  t.throws(() => verifier.verify(honest, { subject: subjects.computeIn("n1") }), {
+    code: FABRIC_CODES.SHOAL_ENVELOPE_ROLE,
+  });
+  t.throws(() => verifier.verify(honest, { subject: subjects.broadcast("revocation") }), {
+    code: FABRIC_CODES.SHOAL_ENVELOPE_ROLE,
+  });
+  t.throws(() => verifier.verify(signer(n2).sign("heartbeat", ORCH, heartbeat), { subject: "_INBOX_n2.x" }), {
+    code: FABRIC_CODES.SHOAL_ENVELOPE_ROLE,
+  });
+});
+
+t.test("the kind must match the subject", async (t) => {
+  const { verifier } = orchestratorVerifier();
+  const status = signer(n1).sign("status", ORCH, { executionId: "e1", state: "Running" });
+  t.throws(() => verifier.verify(status, { subject: HB }), { code: FABRIC_CODES.SHOAL_ENVELOPE_KIND });
+});
+
+t.test("a replayed jti is refused", async (t) => {
+  const { verifier } = orchestratorVerifier();
+  const token = signer(n1).sign("heartbeat", ORCH, heartbeat);
+  verifier.verify(token, { subject: HB });
+  t.throws(() => verifier.verify(token, { subject: HB }), { code: FABRIC_CODES.SHOAL_ENVELOPE_REPLAY });
+});
+
+t.test("an expired or future-dated envelope is refused", async (t) => {
+  const { verifier } = orchestratorVerifier();
+  const old = signer(n1, () => Date.now() - 10 * 60_000).sign("heartbeat", ORCH, heartbeat);
+  t.throws(() => verifier.verify(old, { subject: HB }), { code: FABRIC_CODES.SHOAL_ENVELOPE_EXPIRED });
+  const future = signer(n1, () => Date.now() + 10 * 60_000).sign("heartbeat", ORCH, heartbeat);
+  t.throws(() => verifier.verify(future, { subject: HB }), {
+    code: FABRIC_CODES.SHOAL_ENVELOPE_NOT_YET_VALID,
+  });
+  const slightlyAhead = signer(n1, () => Date.now() + 10_000).sign("heartbeat", ORCH, heartbeat);
+  t.equal(verifier.verify(slightlyAhead, { subject: HB }).iss, N1, "within the clock skew");
+  const forever = await joseSign(
+    n1,
+    { "x5t#S256": signer(n1).x5t },
+    claimsFor({ exp: Math.floor(Date.now() / 1000) + 86400 }),
+  );
+  t.throws(
+    () => verifier.verify(forever, { subject: HB }),
+    { code: FABRIC_CODES.SHOAL_ENVELOPE_NOT_YET_VALID },
+    "too long a lifetime",
+  );
+});
+
+t.test("an envelope for another audience is refused; broadcasts use the trust domain", async (t) => {
+  const { verifier } = orchestratorVerifier();
+  const toN2 = signer(n1).sign("heartbeat", n2.spiffeId as string, heartbeat);
+  t.throws(() => verifier.verify(toN2, { subject: HB }), { code: FABRIC_CODES.SHOAL_ENVELOPE_AUDIENCE });
+  // n1 verifies the orchestrator's broadcast.
+  const peers = new PeerCertificateCache({ caPem: pki.caCertPem, trustDomain: "test.local" });
+  peers.add(orch.certPem);
+  const nodeVerifier = new EnvelopeVerifier({ identity: N1, peers, replayGuard: new ReplayGuard() });
+  const revocation = { serials: [], fingerprints: [], identities: [] };
+  const b = signer(orch).sign("revocation", broadcastAudience("test.local"), revocation);
+  t.same(nodeVerifier.verify(b, { subject: subjects.broadcast("revocation") }).body, revocation);
+});
+
+t.test("a revoked sender is refused, and cannot be re-added", async (t) => {
+  const { peers, verifier } = orchestratorVerifier();
+  const token = signer(n1).sign("heartbeat", ORCH, heartbeat);
+  t.equal(peers.revoke({ serials: [n1.serial] }), 1);
+  t.throws(() => verifier.verify(token, { subject: HB }), { code: FABRIC_CODES.SHOAL_ENVELOPE_REVOKED });
+  t.throws(() => peers.add(n1.certPem), { code: FABRIC_CODES.SHOAL_ENVELOPE_REVOKED });
+});
+
+t.test("unknown senders, bad chains, oversize and malformed tokens are refused", async (t) => {
+  const { verifier, peers } = orchestratorVerifier();
+  const stranger = pki.mint({ role: "compute", id: "n3" });
+  t.throws(() => verifier.verify(signer(stranger).sign("heartbeat", ORCH, heartbeat), { subject: HB }), {
+    code: FABRIC_CODES.SHOAL_ENVELOPE_UNKNOWN_SENDER,
+  });
+  await initPki(path.join(dir, "foreign"), { trustDomain: "test.local" });
+  const foreign = (await openPki(path.join(dir, "foreign"))).mint({ role: "compute", id: "n1" });
+  t.throws(() => peers.add(foreign.certPem), { code: FABRIC_CODES.SHOAL_ENVELOPE_SENDER_CERT });
+  const expired = pki.mint({
+    role: "compute",
+    id: "old",
+    notBefore: new Date(Date.now() - 3 * 86400_000),
+    notAfter: new Date(Date.now() - 86400_000),
+  });
+  t.throws(() => peers.add(expired.certPem), { code: FABRIC_CODES.SHOAL_ENVELOPE_SENDER_CERT });
+  const user = pki.mint({ role: "user", id: "alice" });
+  t.throws(() => peers.add(user.certPem), { code: FABRIC_CODES.SHOAL_ENVELOPE_SENDER_CERT });
+  const small = new EnvelopeVerifier({
+    identity: ORCH,
+    peers,
+    replayGuard: new ReplayGuard(),
+    maxBytes: 200,
+  });
+  t.throws(() => small.verify(signer(n1).sign("heartbeat", ORCH, heartbeat), { subject: HB }), {
+    code: FABRIC_CODES.SHOAL_ENVELOPE_TOO_LARGE,
+  });
+  for (const bad of [
+    "",
+    "a.b",
+    "a.b.c.d",
+    "!!.!!.!!",
+    `${Buffer.from("{}").toString("base64url")}.e30.sig`,
+  ]) {
+    t.throws(
+      () => verifier.verify(bad, { subject: HB }),
+      { code: FABRIC_CODES.SHOAL_ENVELOPE_MALFORMED },
+      bad,
+    );
+  }
+  const wrongBody = await joseSign(n1, { "x5t#S256": signer(n1).x5t }, claimsFor({ body: { nodeId: 7 } }));
+  t.throws(() => verifier.verify(wrongBody, { subject: HB }), {
+    code: FABRIC_CODES.SHOAL_ENVELOPE_BODY_INVALID,
+  });
+  t.throws(() => new EnvelopeSigner({ keyPem: n2.keyPem as string, certPem: n1.certPem }), {
+    code: FABRIC_CODES.SHOAL_ENVELOPE_SIGNER_KEY,
+  });
+});
+
+t.test("the replay guard is bounded, scoped per issuer and forgets after exp + skew", async (t) => {
+  let now = 1_000_000;
+  const guard = new ReplayGuard({ maxEntries: 3, now: () => now });
+  t.equal(guard.check("a", "j1", now + 100), "fresh");
+  t.equal(guard.check("a", "j1", now + 100), "replay");
+  t.equal(guard.check("b", "j1", now + 100), "fresh", "another issuer's id is not burned");
+  t.equal(guard.check("a", "j2", now + 5000), "fresh");
+  t.equal(guard.check("a", "j3", now + 100), "full", "fails closed when full of live entries");
+  now += 200;
+  t.equal(guard.check("a", "j3", now + 100), "fresh", "expired entries are swept");
+  t.equal(
+    guard.check("a", "j1", now + 100),
+    "fresh",
+    "an expired id may be seen again (its envelope no longer verifies)",
+  );
+  t.ok(guard.size <= 3);
+});
