@@ -38,9 +38,13 @@ export interface AcmeIssuerOptions {
   /** First delay when polling the CA for an order's progress. @default 1000 */
   pollMinMs?: number;
   log: Logger;
+  /** The clock. @default () => new Date() */
+  now?: () => Date;
 }
 
 const ACCOUNT_KEY_FILE = "account.key";
+/** The account URL the CA gave, with the directory it belongs to. */
+const ACCOUNT_FILE = "account.json";
 
 /**
  * Obtains certificates for one domain over ACME (HTTP-01) with acme-client, and
@@ -150,13 +154,16 @@ export class AcmeIssuer {
   }
 
   /** Orders a new certificate, answers its HTTP-01 challenge, and caches the result. */
-  async obtain(now: Date): Promise<TlsMaterial> {
+  async obtain(): Promise<TlsMaterial> {
     const { domain, directoryUrl } = this.#o;
     const log = this.#o.log;
+    await this.#reachDirectory();
+    const account = await this.#account();
     try {
       const client = new acme.Client({
         directoryUrl,
-        accountKey: await this.#accountKey(),
+        accountKey: account.key,
+        ...(account.url ? { accountUrl: account.url } : {}),
         backoffMin: this.#o.pollMinMs ?? 1000,
         backoffMax: Math.max(this.#o.pollMinMs ?? 1000, 10_000),
       });
@@ -180,6 +187,8 @@ export class AcmeIssuer {
           this.#tokens.delete(challenge.token);
         },
       });
+      if (!account.url) await this.#saveAccountUrl(client.getAccountUrl());
+      const now = (this.#o.now ?? (() => new Date()))();
       const material = checkTlsMaterial(certPem, keyPem.toString("utf8"), "acme", now, {
         cert: `the certificate from ${directoryUrl}`,
         key: "the key generated for it",
@@ -192,15 +201,48 @@ export class AcmeIssuer {
       return material;
     } catch (err) {
       if (err instanceof ApiTlsError || err instanceof FileWriteError) throw err;
+      // The CA may have forgotten the account (a reset test CA): register afresh next time.
+      if (account.url) await fs.rm(path.join(this.#o.cachePath, ACCOUNT_FILE), { force: true });
       throw new ApiTlsError(
         API_TLS_CODES.SHOAL_API_TLS_ACME_FAILED,
         `ACME order for ${domain} at ${directoryUrl} failed: ${(err as Error).message}`,
         {
           cause: err,
-          fix: `check that ${domain} resolves to this host, that the CA reaches the challenge listener (${this.#describeListener()}) on port 80 of ${domain}, and that API.TLS.AutoCertDirectory is right`,
+          fix: `check that ${domain} resolves to this host and that the CA reaches the challenge listener (${this.#describeListener()}) on port 80 of ${domain}`,
         },
       );
     }
+  }
+
+  /**
+   * Fetches the directory once with node's own client, so an unreachable or
+   * untrusted CA gets a precise error (acme-client 5.4 turns network errors
+   * into "Cannot read properties of undefined").
+   */
+  async #reachDirectory(): Promise<void> {
+    const { directoryUrl } = this.#o;
+    const fail = (why: string, cause?: unknown) =>
+      new ApiTlsError(
+        API_TLS_CODES.SHOAL_API_TLS_ACME_FAILED,
+        `cannot reach the ACME directory ${directoryUrl}: ${why}`,
+        {
+          cause,
+          fix: "check API.TLS.AutoCertDirectory and that this host may make outbound HTTPS requests to it",
+        },
+      );
+    await new Promise<void>((resolve, reject) => {
+      const req = https.get(
+        directoryUrl,
+        { timeout: 30_000, ...(this.#o.directoryCaPem ? { ca: this.#o.directoryCaPem } : {}) },
+        (res) => {
+          res.resume();
+          if (res.statusCode === 200) resolve();
+          else reject(fail(`HTTP ${res.statusCode}`));
+        },
+      );
+      req.on("timeout", () => req.destroy(new Error("no answer within 30 s")));
+      req.on("error", (err: NodeJS.ErrnoException) => reject(fail(err.code ?? err.message, err)));
+    });
   }
 
   #describeListener(): string {
@@ -208,16 +250,35 @@ export class AcmeIssuer {
     return a ? `${a.address}:${a.port}` : "not listening";
   }
 
-  /** The cached account key, or a new one written 0600 (an unreadable one is replaced and logged). */
-  async #accountKey(): Promise<string> {
+  /**
+   * The cached account key (a new one is written 0600; an unreadable one is
+   * replaced and logged) and, when known for this directory, the account URL.
+   * Passing the URL skips acme-client's re-registration, which sends an account
+   * update that some CAs (pebble) refuse.
+   */
+  async #account(): Promise<{ key: string; url?: string }> {
     const file = path.join(this.#o.cachePath, ACCOUNT_KEY_FILE);
-    const existing = await fs.readFile(file, "utf8").catch(() => undefined);
-    if (existing?.includes("PRIVATE KEY")) return existing;
-    if (existing !== undefined)
-      this.#o.log.warn({ file }, "ACME account key unreadable; creating a new account");
-    const key = (await acme.crypto.createPrivateEcdsaKey()).toString("utf8");
-    await writeFileAtomic(file, key, 0o600);
-    return key;
+    let key = await fs.readFile(file, "utf8").catch(() => undefined);
+    if (!key?.includes("PRIVATE KEY")) {
+      if (key !== undefined)
+        this.#o.log.warn({ file }, "ACME account key unreadable; creating a new account");
+      key = (await acme.crypto.createPrivateEcdsaKey()).toString("utf8");
+      await writeFileAtomic(file, key, 0o600);
+      await fs.rm(path.join(this.#o.cachePath, ACCOUNT_FILE), { force: true });
+      return { key };
+    }
+    const saved = await fs
+      .readFile(path.join(this.#o.cachePath, ACCOUNT_FILE), "utf8")
+      .then((t) => JSON.parse(t) as { directoryUrl?: unknown; url?: unknown })
+      .catch(() => undefined);
+    return saved?.directoryUrl === this.#o.directoryUrl && typeof saved.url === "string"
+      ? { key, url: saved.url }
+      : { key };
+  }
+
+  async #saveAccountUrl(url: string): Promise<void> {
+    const record = { directoryUrl: this.#o.directoryUrl, url };
+    await writeFileAtomic(path.join(this.#o.cachePath, ACCOUNT_FILE), `${JSON.stringify(record)}\n`, 0o600);
   }
 
   /** Stops the challenge listener. */

@@ -23,6 +23,13 @@ export interface TlsMaterial {
   readonly sans: readonly string[];
 }
 
+/**
+ * A certificate whose notBefore is at most this far ahead of our clock is
+ * accepted: a CA's clock may run slightly ahead of ours (ACME CAs stamp the
+ * issue time, without backdating).
+ */
+export const NOT_BEFORE_SKEW_MS = 5 * 60 * 1000;
+
 /** The leaf's SANs as `DNS:x` / `IP:y` (node spells IPs `IP Address:`). */
 function subjectAltNames(leaf: X509Certificate): string[] {
   return (leaf.subjectAltName ?? "")
@@ -83,7 +90,7 @@ export function checkTlsMaterial(
   }
   const notBefore = new Date(leaf.validFrom);
   const notAfter = new Date(leaf.validTo);
-  if (now < notBefore || now > notAfter) {
+  if (now.getTime() + NOT_BEFORE_SKEW_MS < notBefore.getTime() || now > notAfter) {
     throw new ApiTlsError(
       API_TLS_CODES.SHOAL_API_TLS_EXPIRED,
       `the certificate in ${where.cert} is valid from ${notBefore.toISOString()} to ${notAfter.toISOString()}, not now (${now.toISOString()})`,

@@ -248,6 +248,7 @@ export class ApiTlsManager implements AsyncDisposable {
         directoryUrl: tls.AutoCertDirectory,
         cachePath: path.resolve(tls.AutoCertCachePath || path.join(this.#o.dataDir, "autocert")),
         log: this.#log,
+        now,
       });
       return new AcmeSource(issuer, fraction, this.#log);
     }
@@ -604,7 +605,7 @@ class AcmeSource implements CertificateSource {
     const have = current ?? (await this.issuer.cached(now));
     if (!force && have && now < renewalTime(have, this.fraction)) return have;
     try {
-      return await this.issuer.obtain(now);
+      return await this.issuer.obtain();
     } catch (err) {
       // A still-valid certificate keeps serving at start-up; renewal retries later.
       if (current === undefined && have && now < have.notAfter) {
