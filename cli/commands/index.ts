@@ -1,6 +1,7 @@
 import type { Argv } from "yargs";
 import { agentCommand } from "./agent.js";
 import { authToolsCommand } from "./auth-tools.js";
+import { computeCommand } from "./compute.js";
 import { configCommand } from "./config.js";
 import { jobCommand } from "./job.js";
 import { nodeCommand } from "./node.js";
@@ -14,6 +15,7 @@ export type CommandModule = (cli: Argv) => Argv;
 export const commands: CommandModule[] = [
   configCommand,
   orchestratorCommand,
+  computeCommand,
   jobCommand,
   nodeCommand,
   agentCommand,
