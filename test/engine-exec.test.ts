@@ -103,13 +103,14 @@ t.test("the environment is scrubbed to PATH, SHOAL_* and the job's Env", async (
   t.teardown(() => {
     delete process.env.SHOAL_TEST_CANARY;
   });
-  const res = await exec.run(await request(task("/usr/bin/env", [], { GREETING: "hi" })), never);
+  // env -0: NUL-separated, since tap's own variables may hold newlines.
+  const res = await exec.run(await request(task("/usr/bin/env", ["-0"], { GREETING: "hi" })), never);
   t.equal(res.exitCode, 0);
   const env: Record<string, string> = Object.fromEntries(
     res.stdout
       .toString()
-      .trim()
-      .split("\n")
+      .split("\0")
+      .filter(Boolean)
       .map((l) => l.split(/=(.*)/s).slice(0, 2)),
   );
   // tap's processinfo plugin wraps child_process.spawn and adds its own variables

@@ -1,79 +1,14 @@
 import "reflect-metadata";
-import { execFile } from "node:child_process";
-import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
-import os from "node:os";
 import path from "node:path";
-import { promisify } from "node:util";
 import t from "tap";
-import {
-  capModuleMemory,
-  collectResults,
-  type EngineRunRequest,
-  prepareInputs,
-  WasmExecutor,
-} from "../compute/engines/index.js";
-import { parseJobSpec, type Task } from "../core/index.js";
+import { collectResults, prepareInputs, WasmExecutor } from "../compute/engines/index.js";
+import type { Task } from "../core/index.js";
+import { FD_WRITE, LOOP, PROC_EXIT, repo, wasmFixtures, wasmTask } from "./helpers/wasm-fixtures.js";
 
-const repo = path.resolve(import.meta.dirname, "..");
-const MiB = 1024 * 1024;
-
-const root = await mkdtemp(path.join(os.tmpdir(), "shoal-wasm-"));
-t.teardown(() => rm(root, { recursive: true, force: true }));
-
-/** Compiles WAT text (or a .wat file) with wabt's wat2wasm, as scripts/build-wasm does. */
-async function wat(source: string): Promise<Buffer> {
-  const file = source.endsWith(".wat")
-    ? source
-    : path.join(root, `m${Math.random().toString(36).slice(2)}.wat`);
-  if (file !== source) await writeFile(file, source);
-  const out = `${file}.${process.pid}.wasm`;
-  await promisify(execFile)("wat2wasm", [file, "-o", out]);
-  return readFile(out);
-}
-
-const FD_WRITE = `(import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))`;
-const PROC_EXIT = `(import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))`;
-
-function task(
-  module: Buffer,
-  params: Record<string, unknown> = {},
-  extra: Record<string, unknown> = {},
-): Task {
-  return parseJobSpec({
-    Name: "t",
-    Tasks: [
-      {
-        Name: "main",
-        Engine: {
-          Type: "wasm",
-          Params: {
-            EntryModule: { Type: "inline", Params: { Content: module.toString("base64") } },
-            ...params,
-          },
-        },
-        ...extra,
-      },
-    ],
-  }).Tasks[0]!;
-}
-
-let n = 0;
-async function request(tk: Task, over: Partial<EngineRunRequest> = {}): Promise<EngineRunRequest> {
-  const workDir = path.join(root, `exec-${n++}`);
-  await mkdir(path.join(workDir, "inputs"), { recursive: true });
-  await mkdir(path.join(workDir, "outputs"), { recursive: true });
-  return {
-    executionId: `e${n}`,
-    task: tk,
-    workDir,
-    inputsDir: path.join(workDir, "inputs"),
-    outputsDir: path.join(workDir, "outputs"),
-    timeoutMs: 20_000,
-    limits: { maxMemoryBytes: 16 * MiB, maxStdoutBytes: MiB, maxStderrBytes: MiB },
-    ...over,
-  };
-}
-
+const fx = await wasmFixtures(t);
+const wat = fx.wat;
+const request = fx.request;
+const task = wasmTask;
 const wasm = new WasmExecutor();
 t.teardown(() => wasm.close());
 const never = new AbortController().signal;
@@ -150,82 +85,6 @@ t.test("proc_exit codes are reported; Entrypoint picks another export", async (t
     code: "SHOAL_ENGINE_MODULE_INVALID",
     message: /does not export function missing/,
   });
-});
-
-const LOOP = `(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))`;
-
-t.test("an endless loop is killed at the timeout, and on cancel", async (t) => {
-  const module = await wat(LOOP);
-  const res = await wasm.run(await request(task(module), { timeoutMs: 300 }), never);
-  t.equal(res.exitCode, -1);
-  t.equal(res.error?.code, "SHOAL_ENGINE_TIMEOUT");
-  const abort = new AbortController();
-  const running = wasm.run(await request(task(module)), abort.signal);
-  setTimeout(() => abort.abort(), 300);
-  const cancelled = await running;
-  t.equal(cancelled.error?.code, "SHOAL_ENGINE_CANCELLED");
-});
-
-const GROW = `(module ${PROC_EXIT} (memory (export "memory") 1)
-  (func (export "_start")
-    (if (i32.lt_s (memory.grow (i32.const 1000)) (i32.const 0)) (then (call $proc_exit (i32.const 4))))))`;
-
-t.test("memory is capped: a large initial memory is refused, growth past the cap fails", async (t) => {
-  const huge = await wat(`(module (memory (export "memory") 2000) (func (export "_start")))`);
-  await t.rejects(wasm.run(await request(task(huge)), never), { code: "SHOAL_ENGINE_MEMORY_LIMIT" });
-  t.throws(() => capModuleMemory(huge, 16 * MiB), { code: "SHOAL_ENGINE_MEMORY_LIMIT" });
-  const grow = await wat(GROW);
-  const capped = await wasm.run(await request(task(grow)), never);
-  t.equal(capped.exitCode, 4, "memory.grow by 1000 pages fails under a 16 MiB cap");
-  const roomy = await wasm.run(
-    await request(task(grow), {
-      limits: { maxMemoryBytes: 128 * MiB, maxStdoutBytes: 1, maxStderrBytes: 1 },
-    }),
-    never,
-  );
-  t.equal(roomy.exitCode, 0, "and succeeds under a 128 MiB cap");
-  const declared = await wat(`(module (memory (export "memory") 1 4) (func (export "_start")))`);
-  t.equal(capModuleMemory(declared, 16 * MiB), declared, "a module already within the cap is left as is");
-});
-
-const SPAM = (times: string) => `(module ${FD_WRITE} (memory (export "memory") 1)
-  (data (i32.const 100) "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\\n")
-  (func (export "_start") (local $i i32)
-    (i32.store (i32.const 0) (i32.const 100)) (i32.store (i32.const 4) (i32.const 64))
-    (block $done (loop $l
-      ${times}
-      (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
-      (drop (call $fd_write (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 8)))
-      (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br $l)))))`;
-
-t.test("stdout and stderr are capped and flagged; a runaway writer is killed", async (t) => {
-  const hundred = await wat(SPAM("(br_if $done (i32.ge_u (local.get $i) (i32.const 100)))"));
-  const res = await wasm.run(
-    await request(task(hundred), {
-      limits: { maxMemoryBytes: 16 * MiB, maxStdoutBytes: 1000, maxStderrBytes: 10 },
-    }),
-    never,
-  );
-  t.equal(res.exitCode, 0);
-  t.equal(res.stdout.length, 1000);
-  t.ok(res.stdoutTruncated);
-  t.equal(res.stderr.length, 10);
-  t.ok(res.stderrTruncated);
-  const endless = await wat(SPAM(""));
-  const killed = await wasm.run(
-    await request(task(endless), {
-      limits: {
-        maxMemoryBytes: 16 * MiB,
-        maxStdoutBytes: 100,
-        maxStderrBytes: 100,
-        maxLogFileBytes: 1 * MiB,
-      },
-    }),
-    never,
-  );
-  t.equal(killed.error?.code, "SHOAL_ENGINE_OUTPUT_LIMIT");
-  t.equal(killed.stdout.length, 100);
 });
 
 t.test("upper reads /inputs/in.txt and writes /outputs/out.txt", async (t) => {
