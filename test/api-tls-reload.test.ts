@@ -126,6 +126,30 @@ t.test("SIGHUP → reload() swaps the certificate", async (t) => {
   t.ok(again.ok && !again.changed, "a reload with unchanged files changes nothing");
 });
 
+t.test("status() yields events as data and ends when the manager closes", async (t) => {
+  const s = await setup(t);
+  // The watcher is kept out (long debounce) so only the explicit reloads produce events.
+  const manager = new ApiTlsManager({
+    api: filesConfig(s.certFile, s.keyFile),
+    dataDir: s.root,
+    reloadDebounceMs: 600_000,
+  });
+  await manager.start();
+  const seen: string[] = [];
+  const done = (async () => {
+    for await (const e of manager.status()) seen.push(`${e.type}:${e.type === "loaded" ? e.reason : e.code}`);
+  })();
+  await writeFileAtomic(s.keyFile, "garbage", 0o600);
+  await manager.reload();
+  await writeIssued(s.prefix, await s.mint("next"));
+  await manager.reload();
+  await manager.close();
+  await done;
+  t.same(seen, ["reload-failed:SHOAL_API_TLS_BAD_PEM", "loaded:reload"]);
+  t.equal(await manager.closed(), undefined, "closed() resolves to no error");
+  t.equal(manager.close(), manager.close(), "close() returns the same promise");
+});
+
 t.test("a bad replacement is logged with its code and the old certificate kept", async (t) => {
   const s = await setup(t);
   const { log, lines } = capturedLogger();
