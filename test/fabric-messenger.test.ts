@@ -1,0 +1,121 @@
+import "reflect-metadata";
+import { readFile } from "node:fs/promises";
+import t from "tap";
+import {
+  connectFabric,
+  EnvelopeSigner,
+  EnvelopeVerifier,
+  FABRIC_CODES,
+  type FabricError,
+  FabricMessenger,
+  PeerCertificateCache,
+  ReplayGuard,
+  subjects,
+} from "../fabric/index.js";
+import { startTestFabric, type TestIdentity } from "./helpers/nats.js";
+
+const fabric = await startTestFabric(t, { jetStream: false });
+const n1 = await fabric.identity("compute", "n1");
+const n2 = await fabric.identity("compute", "n2");
+const orch = await fabric.identity("orchestrator", "o1");
+
+async function messenger(id: TestIdentity, peers: TestIdentity[]): Promise<FabricMessenger> {
+  const conn = await connectFabric({
+    servers: fabric.url,
+    caFile: fabric.caFile,
+    certFile: id.certFile,
+    keyFile: id.keyFile,
+    identity: id.spiffeId,
+  });
+  t.teardown(() => conn.close());
+  const cache = new PeerCertificateCache({ caPem: fabric.caPem, trustDomain: fabric.trustDomain });
+  for (const p of peers) cache.add(p.issued.certPem);
+  const signer = new EnvelopeSigner({
+    keyPem: await readFile(id.keyFile, "utf8"),
+    certPem: await readFile(id.certFile, "utf8"),
+  });
+  const verifier = new EnvelopeVerifier({
+    identity: id.spiffeId,
+    peers: cache,
+    replayGuard: new ReplayGuard(),
+  });
+  return new FabricMessenger(conn, signer, verifier);
+}
+
+const node = await messenger(n1, [orch]);
+const node2 = await messenger(n2, [orch]);
+const orchestrator = await messenger(orch, [n1, n2]);
+
+t.test("a signed request to a node gets a verified signed reply from that node", async (t) => {
+  const sub = await node.subscribeVerified(subjects.computeIn("n1"), (env, reply) => {
+    t.equal(env.iss, orch.spiffeId);
+    t.equal(env.kind, "cancel");
+    reply?.respond("run-reply", { accepted: true });
+  });
+  t.teardown(() => sub.unsubscribe());
+  const reply = await orchestrator.requestSigned(subjects.computeIn("n1"), "cancel", n1.spiffeId, {
+    executionId: "e1",
+    reason: "test",
+  });
+  t.equal(reply.iss, n1.spiffeId);
+  t.same(reply.body, { accepted: true });
+});
+
+t.test("the orchestrator drops what n2 signs on n1's behalf and keeps n1's own", async (t) => {
+  const refused: FabricError[] = [];
+  const accepted: string[] = [];
+  let seen!: () => void;
+  const both = new Promise<void>((r) => {
+    seen = r;
+  });
+  const check = () => accepted.length + refused.length === 1 && seen();
+  const sub = await orchestrator.subscribeVerified(
+    subjects.computeOutAny,
+    (env) => {
+      accepted.push(env.iss);
+      check();
+    },
+    (err) => {
+      refused.push(err);
+      check();
+    },
+  );
+  t.teardown(() => sub.unsubscribe());
+  // n2 cannot publish on n1's subject at all (broker), so it tries on its own subject with n1's nodeId:
+  // accepted as n2's message — the identity comes from the certificate, not the body.
+  node2.publishSigned(subjects.computeOut("n2", "heartbeat"), "heartbeat", orch.spiffeId, {
+    nodeId: "n1",
+    seq: 1,
+    allocated: { cpu: 0, memory: 0 },
+    running: [],
+  });
+  await both;
+  t.same(accepted, [n2.spiffeId], "attributed to n2, whatever the body says");
+  t.same(refused, []);
+});
+
+t.test("a replayed copy of a genuine n1 message is delivered once", async (t) => {
+  const accepted: number[] = [];
+  let onRefused!: (e: FabricError) => void;
+  const refused = new Promise<FabricError>((r) => {
+    onRefused = r;
+  });
+  const sub = await orchestrator.subscribeVerified(
+    subjects.computeOut("n1", "heartbeat"),
+    (env) => {
+      accepted.push((env.body as { seq: number }).seq);
+    },
+    (err) => onRefused(err),
+  );
+  t.teardown(() => sub.unsubscribe());
+  const token = node.signer.sign("heartbeat", orch.spiffeId, {
+    nodeId: "n1",
+    seq: 2,
+    allocated: { cpu: 0, memory: 0 },
+    running: [],
+  });
+  node.connection.publish(subjects.computeOut("n1", "heartbeat"), token);
+  node.connection.publish(subjects.computeOut("n1", "heartbeat"), token);
+  t.equal((await refused).code, FABRIC_CODES.SHOAL_ENVELOPE_REPLAY);
+  t.same(accepted, [2]);
+});
