@@ -69,7 +69,13 @@ export class Authorizer {
 
   constructor(options: AuthorizerOptions) {
     this.#policies = options.policies;
-    this.#audit = (options.logger ?? silentLogger).child({ component: "audit" });
+    // Audit lines have a fixed shape holding no secrets, so they replace the root's
+    // wildcard redaction (which costs ~150 µs a line) with a cheap top-level one:
+    // with it, logging would cap decisions at a few thousand per second.
+    this.#audit = (options.logger ?? silentLogger).child(
+      { component: "audit" },
+      { redact: { paths: ["token", "password", "secret"], censor: "[redacted]" } },
+    );
     this.#cacheSize = options.cacheSize ?? 10_000;
     this.setRoles(options.roles);
   }

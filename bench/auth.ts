@@ -1,0 +1,108 @@
+import "reflect-metadata";
+import { generateKeyPairSync } from "node:crypto";
+import { pino } from "pino";
+import {
+  type AuthorizationRequest,
+  Authorizer,
+  BUILTIN_ROLES,
+  loadPolicies,
+  MemoryAuthStore,
+  type Principal,
+  RevocationList,
+  TokenService,
+} from "../auth/index.js";
+import { createLogger } from "../core/index.js";
+
+/**
+ * Authorization decisions and token verifications per second. The baseline is
+ * Cedar evaluating every request (cache off); the cached rows use the same
+ * prepared policy set with the relation-keyed decision cache, on requests
+ * whose users, jobs and namespaces all differ (so the exact request is never
+ * repeated). Every decision is written to the audit log, as in the daemon.
+ */
+
+const DURATION_MS = Number(process.env.BENCH_MS ?? 2000);
+
+/** Operations per second of wall time and of this process's CPU time (less sensitive to a busy machine). */
+interface Rate {
+  wall: number;
+  cpu: number;
+}
+
+async function measure(fn: (i: number) => unknown): Promise<Rate> {
+  for (let i = 0; i < 500; i++) await fn(i); // warm up
+  let n = 0;
+  const cpu0 = process.cpuUsage();
+  const start = performance.now();
+  while (performance.now() - start < DURATION_MS) {
+    for (let k = 0; k < 100; k++) await fn(n++);
+  }
+  const wall = (performance.now() - start) / 1000;
+  const cpu = process.cpuUsage(cpu0);
+  return { wall: n / wall, cpu: n / ((cpu.user + cpu.system) / 1e6) };
+}
+
+const ROLES = ["admin", "operator", "submitter", "reader"];
+const ACTIONS = ["job:read", "job:stop", "job:logs", "job:submit"] as const;
+
+/** A varied stream: 1000 users over 4 roles and 10 namespaces, half acting on their own jobs. */
+function request(i: number): AuthorizationRequest {
+  const u = i % 1000;
+  const principal: Principal = {
+    id: `user-${u}`,
+    kind: "user",
+    roles: [ROLES[u % 4]!],
+    namespace: `ns-${u % 10}`,
+    method: "password",
+  };
+  const own = i % 2 === 0;
+  return {
+    principal,
+    action: ACTIONS[i % 4]!,
+    resource: {
+      type: "Job",
+      id: `job-${i}`,
+      owner: own ? principal.id : `user-${(u + 1) % 1000}`,
+      namespace: own ? principal.namespace : `ns-${(u + 3) % 10}`,
+    },
+  };
+}
+
+// The daemon's pino destination (sonic-boom), writing to /dev/null.
+const audit = createLogger({
+  destination: pino.destination({ dest: "/dev/null", sync: false }) as unknown as NodeJS.WritableStream,
+});
+const policies = await loadPolicies();
+const uncached = new Authorizer({ policies, roles: BUILTIN_ROLES, logger: audit, cacheSize: 0 });
+const cached = new Authorizer({ policies, roles: BUILTIN_ROLES, logger: audit });
+const cachedQuiet = new Authorizer({ policies, roles: BUILTIN_ROLES });
+
+const baseline = await measure((i) => uncached.authorize(request(i)));
+const withCache = await measure((i) => cached.authorize(request(i)));
+const withCacheQuiet = await measure((i) => cachedQuiet.authorize(request(i)));
+
+const store = new MemoryAuthStore();
+const revocations = new RevocationList(store);
+for (let i = 0; i < 10_000; i++)
+  await revocations.revoke(`revoked-${i}`, Math.floor(Date.now() / 1000) + 3600);
+const tokens = await TokenService.create({
+  signingKey: generateKeyPairSync("ec", { namedCurve: "prime256v1" }).privateKey,
+  issuer: "spiffe://shoal.local/orchestrator/bench",
+  audience: "https://bench:1234",
+  revocations,
+});
+const issued = await Promise.all(
+  Array.from({ length: 100 }, (_, i) => tokens.issue(request(i).principal).then((r) => r.token)),
+);
+const verify = await measure((i) => tokens.verify(issued[i % issued.length]!));
+const issue = await measure((i) => tokens.issue(request(i).principal));
+
+const row = (name: string, r: Rate, base?: Rate) =>
+  `${name.padEnd(50)} ${Math.round(r.wall).toString().padStart(8)}/s wall ${Math.round(r.cpu).toString().padStart(8)}/s cpu` +
+  (base ? `  ×${(r.cpu / base.cpu).toFixed(1)} vs baseline` : "");
+console.log(`auth benchmark (${DURATION_MS} ms per row, audit log on; target ≥ 20000 decisions/s)`);
+console.log(row("decisions, Cedar every request (baseline)", baseline));
+console.log(row("decisions, prepared set + relation cache", withCache, baseline));
+console.log(row("  the same without the audit log", withCacheQuiet, baseline));
+console.log(row("token verifications (ES256, 10k revoked)", verify));
+console.log(row("token issues (ES256)", issue));
