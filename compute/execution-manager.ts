@@ -264,27 +264,29 @@ export class ExecutionManager {
       clearTimeout(timer);
       batcher.flush();
     }
-    try {
-      if (entry.stop?.kind === "cancel") {
-        log.info({ reason: entry.stop.message }, "execution cancelled");
-        this.#running.delete(executionId);
-        this.#o.onCancelled(executionId, entry.stop.message);
-        return;
-      }
-      if (entry.stop) {
-        outcome = { ...outcome, state: "Failed", error: entry.stop.message, files: [] };
-      }
-      const { files, ...rest } = outcome;
-      const spooled = await this.#o.spool.put(jobId, { ...rest, executionId }, files);
-      log.info({ state: spooled.result.state, exitCode: spooled.result.exitCode }, "execution finished");
-      // No longer running once its result is on disk: callbacks see the node as it now is.
+    const removeWorkDir = () => fs.rm(workDir, { recursive: true, force: true }).catch(() => {});
+    if (entry.stop?.kind === "cancel") {
+      await removeWorkDir();
+      log.info({ reason: entry.stop.message }, "execution cancelled");
       this.#running.delete(executionId);
-      this.#o.onSpooled(spooled);
-    } catch (err) {
-      log.error({ err }, "cannot spool the result of an execution");
-    } finally {
-      await fs.rm(workDir, { recursive: true, force: true }).catch(() => {});
+      this.#o.onCancelled(executionId, entry.stop.message);
+      return;
     }
+    if (entry.stop) outcome = { ...outcome, state: "Failed", error: entry.stop.message, files: [] };
+    const { files, ...rest } = outcome;
+    let spooled: SpooledResult;
+    try {
+      spooled = await this.#o.spool.put(jobId, { ...rest, executionId }, files);
+    } catch (err) {
+      log.error({ err }, "cannot spool the result of an execution; it is lost");
+      await removeWorkDir();
+      return;
+    }
+    await removeWorkDir();
+    log.info({ state: spooled.result.state, exitCode: spooled.result.exitCode }, "execution finished");
+    // No longer running once its result is on disk: callbacks see the node as it now is.
+    this.#running.delete(executionId);
+    this.#o.onSpooled(spooled);
   }
 }
 

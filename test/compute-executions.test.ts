@@ -1,0 +1,144 @@
+import "reflect-metadata";
+import { execFile } from "node:child_process";
+import { promises as fs } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { promisify } from "node:util";
+import t, { type Test } from "tap";
+import {
+  createEngineRunner,
+  ExecutionManager,
+  fitForManifest,
+  ResultSpool,
+  type SpooledResult,
+} from "../compute/index.js";
+import { parseJobSpec, silentLogger } from "../core/index.js";
+
+const root = await fs.mkdtemp(path.join(os.tmpdir(), "shoal-executions-"));
+t.teardown(() => fs.rm(root, { recursive: true, force: true }));
+
+/** Prints "tick" then spins until killed. */
+const LOUD_LOOP = `(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 32) "tick\\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 32))
+    (i32.store (i32.const 4) (i32.const 5))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (loop $l (br $l))))`;
+await fs.writeFile(path.join(root, "loop.wat"), LOUD_LOOP);
+await promisify(execFile)("wat2wasm", [path.join(root, "loop.wat"), "-o", path.join(root, "loop.wasm")]);
+const loop = await fs.readFile(path.join(root, "loop.wasm"));
+const spec = parseJobSpec({
+  Name: "loop",
+  Tasks: [
+    {
+      Name: "main",
+      Engine: {
+        Type: "wasm",
+        Params: { EntryModule: { Type: "inline", Params: { Content: loop.toString("base64") } } },
+      },
+      Resources: { Memory: "16Mi" },
+    },
+  ],
+});
+const submitter = { sub: "alice", namespace: "default", method: "password" };
+
+async function setup(t: Test, name: string) {
+  const dir = path.join(root, name);
+  const spool = new ResultSpool(path.join(dir, "spool"));
+  await spool.init();
+  const engines = await createEngineRunner({
+    execAllow: [],
+    allowedInputPaths: [],
+    wasmMaxMemoryBytes: 64 * 2 ** 20,
+    log: silentLogger,
+  });
+  t.teardown(() => engines.close());
+  const spooled: SpooledResult[] = [];
+  const logs: { seq: number; bytes: number }[] = [];
+  let onSpooled: () => void = () => {};
+  const manager = new ExecutionManager({
+    root: path.join(dir, "executions"),
+    spool,
+    runner: engines.run,
+    log: silentLogger,
+    onLog: (_id, _stream, seq, data) => logs.push({ seq, bytes: data.length }),
+    onSpooled: (e) => {
+      spooled.push(e);
+      onSpooled();
+    },
+    onCancelled: () => {},
+  });
+  const nextSpooled = () =>
+    new Promise<SpooledResult>((resolve) => {
+      onSpooled = () => resolve(spooled.at(-1)!);
+    });
+  return { dir, spool, manager, spooled, logs, nextSpooled };
+}
+
+t.test("the engine's time limit fails the execution and its work directory is removed", async (t) => {
+  const { manager, nextSpooled, dir } = await setup(t, "timeout");
+  const done = nextSpooled();
+  manager.start({ jobId: "j", executionId: "e-timeout", spec, submitter, timeoutMs: 300 });
+  const entry = await done;
+  t.equal(entry.result.state, "Failed");
+  t.match(entry.result.error, /SHOAL_ENGINE_TIMEOUT/);
+  t.same(await fs.readdir(path.join(dir, "executions")), []);
+});
+
+t.test(
+  "shutdown: output streams in numbered batches; executions still running after the grace period are aborted and spooled as failed",
+  async (t) => {
+    const { manager, spooled, logs } = await setup(t, "drain");
+    manager.start({ jobId: "j", executionId: "e-drain", spec, submitter, timeoutMs: 60_000 });
+    await new Promise<void>((resolve) => {
+      const poll = setInterval(() => {
+        if (logs.length === 0) return;
+        clearInterval(poll);
+        resolve();
+      }, 20);
+    });
+    t.same(logs[0], { seq: 0, bytes: 5 }, "the first batch is numbered 0");
+    t.same(manager.running(), ["e-drain"]);
+    await manager.drain(100);
+    t.same(manager.running(), []);
+    t.equal(spooled.length, 1);
+    t.equal(spooled[0]?.result.state, "Failed");
+    t.match(spooled[0]?.result.error, /shut down/);
+  },
+);
+
+t.test("work directories left by a crash become failed results; stray directories are removed", async (t) => {
+  const { dir, manager, spool } = await setup(t, "recover");
+  const executions = path.join(dir, "executions");
+  await fs.mkdir(path.join(executions, "e-crashed", "outputs"), { recursive: true });
+  await fs.writeFile(
+    path.join(executions, "e-crashed", "execution.json"),
+    JSON.stringify({ jobId: "j-crashed", executionId: "e-crashed" }),
+  );
+  await fs.mkdir(path.join(executions, "stray"), { recursive: true });
+  const recovered = await manager.recover();
+  t.equal(recovered.length, 1);
+  t.equal(recovered[0]?.jobId, "j-crashed");
+  t.match(recovered[0]?.result, {
+    executionId: "e-crashed",
+    state: "Failed",
+    error: /stopped while the execution ran/,
+  });
+  t.same(await fs.readdir(executions), []);
+  t.same(
+    (await spool.list()).map((e) => e.result.executionId),
+    ["e-crashed"],
+  );
+});
+
+t.test("output carried in a manifest is cut to fit its JSON budget", async (t) => {
+  t.same(fitForManifest("short", 100), { text: "short", cut: false });
+  const control = "\u0001".repeat(100);
+  const fitted = fitForManifest(control, 62);
+  t.ok(fitted.cut);
+  t.ok(JSON.stringify(fitted.text).length <= 62);
+  t.ok(JSON.stringify(`${fitted.text}\u0001`).length > 62, "as much as fits");
+});
