@@ -397,13 +397,32 @@ export class NatsSupervisor {
     await writeFileAtomic(this.#configFile, this.#render(users), 0o600);
     const running = this.#running;
     if (!running?.child.pid) return; // a restart picks the new file up
-    const confirmed = new Promise<void>((resolve, reject) => running.reloadWaiters.push({ resolve, reject }));
+    let timer: NodeJS.Timeout | undefined;
+    const confirmed = new Promise<void>((resolve, reject) => {
+      const waiter = { resolve, reject };
+      running.reloadWaiters.push(waiter);
+      // Neither "Reloaded" nor "Failed to reload" in time: do not hang the reload chain.
+      timer = setTimeout(() => {
+        running.reloadWaiters = running.reloadWaiters.filter((w) => w !== waiter);
+        reject(
+          new NatsServerError(
+            FABRIC_CODES.SHOAL_NATS_SERVER_RELOAD,
+            "nats-server did not confirm the reload within 10 s",
+            {
+              fix: "check the nats-server log lines; the next identity change or expiry reloads again",
+            },
+          ),
+        );
+      }, 10_000);
+    });
     running.child.kill("SIGHUP");
     try {
       await confirmed;
     } catch (err) {
       this.#status.push({ type: "reload-failed", error: err as NatsServerError });
       throw err;
+    } finally {
+      clearTimeout(timer);
     }
     const names = users.users.map((u) => u.user);
     this.#log.info({ reason, users: names.length }, "nats-server reloaded");
