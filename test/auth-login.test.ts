@@ -238,3 +238,30 @@ t.test("first admin: from SHOAL_ADMIN_PASSWORD, or generated and written 0600 on
     name: "admin",
   });
 });
+
+t.test("shoal auth hash-password prints a hash of SHOAL_PASSWORD and refuses a weak one", async (t) => {
+  const { main } = await import("../cli/main.js");
+  const run = async (password: string) => {
+    const out: string[] = [];
+    const err: string[] = [];
+    const saved = { out: process.stdout.write, err: process.stderr.write, env: process.env.SHOAL_PASSWORD };
+    process.stdout.write = ((s: string) => out.push(s) > 0) as typeof process.stdout.write;
+    process.stderr.write = ((s: string) => err.push(s) > 0) as typeof process.stderr.write;
+    process.env.SHOAL_PASSWORD = password;
+    try {
+      return { code: await main(["auth", "hash-password"]), out: out.join(""), err: err.join("") };
+    } finally {
+      process.stdout.write = saved.out;
+      process.stderr.write = saved.err;
+      if (saved.env === undefined) delete process.env.SHOAL_PASSWORD;
+      else process.env.SHOAL_PASSWORD = saved.env;
+      process.exitCode = undefined;
+    }
+  };
+  const ok = await run(PASSWORD);
+  t.equal(ok.code, 0);
+  t.ok(await verifyPassword(PASSWORD, ok.out.trim()));
+  const weak = await run("short");
+  t.equal(weak.code, 1);
+  t.match(weak.err, /SHOAL_AUTH_WEAK_PASSWORD/);
+});
