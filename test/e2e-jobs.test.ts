@@ -1,0 +1,157 @@
+import "reflect-metadata";
+import { promises as fs } from "node:fs";
+import path from "node:path";
+import t from "tap";
+import { openPki, writeIssued } from "../pki/index.js";
+import { freePort, runShoal, type ShoalProcess, spawnShoal, tempDir } from "./helpers/cluster.js";
+
+/**
+ * End to end with real processes: `shoal orchestrator serve`, compute nodes
+ * from `shoal compute serve`, and the CLI. Requires dist/wasm (scripts/build-wasm).
+ */
+t.test("orchestrator and compute nodes run batch, ops and queued jobs", async (t) => {
+  const dir = await tempDir(t);
+  const apiPort = await freePort();
+  const orch = spawnShoal(t, [
+    "orchestrator",
+    "serve",
+    "--data-dir",
+    path.join(dir, "orch"),
+    "-c",
+    `API.Port=${apiPort}`,
+    "-c",
+    "API.Host=127.0.0.1",
+    "-c",
+    "Orchestrator.Port=0",
+    "-c",
+    "Orchestrator.Host=127.0.0.1",
+    "-c",
+    "Logging.Level=warn",
+  ]);
+  const natsPort = (await orch.waitFor(/NATS \(mTLS\):\s+tls:\/\/\S+:(\d+)/))[1];
+  const pkiDir = path.join(dir, "orch", "pki");
+  const ca = path.join(pkiDir, "ca.crt");
+  const api = ["--api", `https://127.0.0.1:${apiPort}`, "--ca-cert", ca];
+  const pki = await openPki(pkiDir);
+
+  const startNode = async (id: string, labels: string): Promise<ShoalProcess> => {
+    const prefix = path.join(dir, id, "identity");
+    await fs.mkdir(path.dirname(prefix), { recursive: true });
+    await writeIssued(prefix, await pki.issue({ role: "compute", id }));
+    const node = spawnShoal(t, [
+      "compute",
+      "serve",
+      "--data-dir",
+      path.join(dir, id),
+      "--orchestrators",
+      `tls://127.0.0.1:${natsPort}`,
+      "-c",
+      `Compute.TLS.CACert=${ca}`,
+      "-c",
+      `Compute.TLS.ClientCert=${prefix}.crt`,
+      "-c",
+      `Compute.TLS.ClientKey=${prefix}.key`,
+      "-c",
+      `Compute.Labels=${labels}`,
+      "-c",
+      "Logging.Level=warn",
+    ]);
+    // The node is usable once the orchestrator lists it HEALTHY and APPROVED.
+    for (;;) {
+      const list = await runShoal(t, ["node", "list", "--output", "json", ...api]);
+      const nodes = JSON.parse(list.stdout || "[]") as { ID: string; Health: string; Approval: string }[];
+      if (nodes.some((n) => n.ID === id && n.Health === "HEALTHY" && n.Approval === "APPROVED")) return node;
+      if (node.child.exitCode !== null) throw new Error(`compute ${id} exited:\n${node.stderr()}`);
+    }
+  };
+  await startNode("n1", "env=edge,zone=a");
+  await startNode("n2", "env=edge,zone=b");
+
+  t.test("a batch WASM job completes with its stdout", async (t) => {
+    const r = await runShoal(t, [
+      "job",
+      "run",
+      "--wasm",
+      "dist/wasm/hello.wasm",
+      "--wait",
+      "--output",
+      "json",
+      ...api,
+      "--",
+      "e2e",
+    ]);
+    t.equal(r.code, 0, r.stderr);
+    const job = JSON.parse(r.stdout);
+    t.equal(job.State, "Completed");
+    t.equal(job.Executions.length, 1);
+    t.equal(job.Executions[0].ExitCode, 0);
+    t.match(job.Executions[0].Stdout, /hello from wasm[\s\S]*e2e/);
+  });
+
+  t.test("result files come back verified and `job get` checks their digests", async (t) => {
+    const r = await runShoal(t, [
+      "job",
+      "run",
+      "configs/jobs/upper.yaml",
+      "--wait",
+      "--output",
+      "json",
+      ...api,
+    ]);
+    t.equal(r.code, 0, r.stderr);
+    const job = JSON.parse(r.stdout);
+    const out = path.join(dir, "results");
+    const got = await runShoal(t, ["job", "get", job.ID, "--out", out, ...api]);
+    t.equal(got.code, 0, got.stderr);
+    const [line] = got.stdout.trim().split("\n");
+    const file = line!.split(/\s+/)[0]!;
+    t.match(await fs.readFile(file, "utf8"), /SHOAL RUNS WEBASSEMBLY ON THE EDGE/);
+  });
+
+  t.test("an ops job runs once on every matching node", async (t) => {
+    const r = await runShoal(t, [
+      "job",
+      "run",
+      "configs/jobs/ops-hello.yaml",
+      "--wait",
+      "--output",
+      "json",
+      ...api,
+    ]);
+    t.equal(r.code, 0, r.stderr);
+    const job = JSON.parse(r.stdout);
+    t.equal(job.State, "Completed");
+    t.same(job.Executions.map((e: { NodeID: string }) => e.NodeID).sort(), ["n1", "n2"]);
+  });
+
+  t.test("a job no node matches queues, then runs when such a node joins", async (t) => {
+    const spec = path.join(dir, "zone-c.yaml");
+    const module = path.resolve("dist/wasm/hello.wasm");
+    await fs.writeFile(
+      spec,
+      `Name: zone-c\nConstraints:\n  - {Key: zone, Operator: "=", Values: [c]}\nTasks:\n  - Name: main\n    Engine: {Type: wasm, Params: {EntryModule: {Type: localFile, Params: {SourcePath: ${module}}}}}\n`,
+    );
+    const submitted = await runShoal(t, ["job", "run", spec, ...api]);
+    t.equal(submitted.code, 0, submitted.stderr);
+    const id = submitted.stdout.trim();
+    const before = JSON.parse(
+      (await runShoal(t, ["job", "describe", id, "--output", "json", ...api])).stdout,
+    );
+    t.equal(before.State, "Queued");
+    await startNode("n3", "env=lab,zone=c");
+    // `logs --follow` ends when the job reaches a final state (fed by the store's changes).
+    const logs = await runShoal(t, ["job", "logs", id, "--follow", ...api]);
+    t.equal(logs.code, 0, logs.stderr);
+    const final = JSON.parse((await runShoal(t, ["job", "describe", id, "--output", "json", ...api])).stdout);
+    t.equal(final.State, "Completed");
+    t.equal(final.Executions[0].NodeID, "n3");
+  });
+
+  t.test("bad input is refused with the field named", async (t) => {
+    const spec = path.join(dir, "bad.yaml");
+    await fs.writeFile(spec, "Name: bad\nTasks:\n  - Name: main\n    Engine: {Type: docker, Params: {}}\n");
+    const r = await runShoal(t, ["job", "run", spec, ...api]);
+    t.not(r.code, 0);
+    t.match(r.stderr, /SHOAL_JOB_INVALID[\s\S]*Tasks\[0\]\.Engine\.Type/);
+  });
+});
