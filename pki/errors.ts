@@ -20,6 +20,10 @@ export const PKI_CODES = defineCodes("pki", {
   SHOAL_PKI_UNKNOWN_SERIAL: "A serial number or certificate that this PKI never issued.",
   SHOAL_PKI_INVENTORY_CORRUPT: "The PKI inventory file is not valid JSON of the expected shape.",
   SHOAL_PKI_BAD_CRL: "A certificate revocation list is malformed.",
+  SHOAL_PKI_JOIN_TOKEN_INVALID:
+    "A join token that is malformed, unknown to this PKI or has the wrong secret.",
+  SHOAL_PKI_JOIN_TOKEN_EXPIRED: "A join token past its expiry.",
+  SHOAL_PKI_JOIN_TOKEN_USED: "A join token that was already redeemed (tokens are single-use).",
   SHOAL_PKI_VERIFY_FAILED: "`pki verify` found at least one failed check; each is listed with its own code.",
   SHOAL_PKI_UNTRUSTED: "Verification: the certificate does not chain to the given CA.",
   SHOAL_PKI_BAD_SIGNATURE: "Verification: a signature in the chain does not verify.",

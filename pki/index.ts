@@ -36,6 +36,14 @@ export {
   readInventory,
 } from "./inventory.js";
 export {
+  createJoinToken,
+  DEFAULT_JOIN_TOKEN_TTL_MS,
+  JOIN_TOKENS_FILE,
+  type JoinTokenRecord,
+  listJoinTokens,
+  redeemJoinToken,
+} from "./join-tokens.js";
+export {
   assertKeyType,
   DEFAULT_KEY_TYPE,
   exportPrivateKey,

@@ -1,12 +1,14 @@
 import { existsSync } from "node:fs";
 import path from "node:path";
-import { CORE_CODES, readFileChecked, ShoalError, writeFileAtomic } from "../../core/index.js";
+import { CORE_CODES, parseDuration, readFileChecked, ShoalError, writeFileAtomic } from "../../core/index.js";
 import {
   assertKeyType,
   assertRevocationReason,
   assertRole,
   type CertInfo,
   CertificateVerificationError,
+  certFingerprint,
+  createJoinToken,
   DEFAULT_CA_DAYS,
   DEFAULT_CA_NAME,
   DEFAULT_LEAF_DAYS,
@@ -17,6 +19,7 @@ import {
   inspectCertificate,
   KEY_TYPES,
   listCertificates,
+  listJoinTokens,
   openPki,
   PKI_FILES,
   parseCrl,
@@ -397,6 +400,68 @@ export const pkiCommand: CommandModule = (cli) =>
           if (json(argv)) return printJson({ file: argv.out, bytes: p12.length });
           say(`wrote ${argv.out} (0600)`);
         },
+      )
+      .command("join-token", "single-use tokens that let a new node enroll", (jt) =>
+        jt
+          .command(
+            "create",
+            "create a join token",
+            (y) =>
+              y
+                .option("dir", dirOption)
+                .option("ttl", { type: "string", default: "1h", describe: "lifetime, e.g. 30m, 1h, 24h" })
+                .option("label", {
+                  type: "string",
+                  array: true,
+                  describe: "k=v label given to the node; repeatable",
+                }),
+            async (argv: Args) => {
+              let ttlMs: number;
+              try {
+                ttlMs = parseDuration(String(argv.ttl));
+              } catch {
+                throw usage(`--ttl ${argv.ttl} is not a duration`, "use e.g. --ttl 30m, 1h or 24h");
+              }
+              const labels: Record<string, string> = {};
+              for (const pair of list(argv.label) ?? []) {
+                const [k, ...v] = pair.split("=");
+                if (!k || v.length === 0)
+                  throw usage(`--label ${pair} is not k=v`, "give labels as --label region=eu");
+                labels[k] = v.join("=");
+              }
+              const dir = String(argv.dir);
+              const fingerprint = certFingerprint(await readFileChecked(path.join(dir, PKI_FILES.rootCert)));
+              const created = await createJoinToken(dir, { ttlMs, labels });
+              if (json(argv)) return printJson({ ...created, caFingerprint: fingerprint });
+              say(`join token ${created.id} (single use, expires ${created.expiresAt.toISOString()}):`);
+              say(`  ${created.token}`);
+              say("on the new node:");
+              say(
+                `  shoal compute serve --orchestrators tls://ORCHESTRATOR:4222 --join ${created.token} --ca-fingerprint ${fingerprint}`,
+              );
+            },
+          )
+          .command(
+            "list",
+            "join tokens with their expiry and use (never the secrets)",
+            (y) => y.option("dir", dirOption),
+            async (argv: Args) => {
+              const tokens = await listJoinTokens(String(argv.dir));
+              if (json(argv)) return printJson(tokens);
+              printTable(
+                ["ID", "EXPIRES", "USED BY", "LABELS"],
+                tokens.map((t) => [
+                  t.id,
+                  t.expiresAt.toISOString(),
+                  t.usedBy ?? "",
+                  Object.entries(t.labels)
+                    .map(([k, v]) => `${k}=${v}`)
+                    .join(","),
+                ]),
+              );
+            },
+          )
+          .demandCommand(1, "name a subcommand; see shoal pki join-token --help"),
       )
       .demandCommand(1, "name a subcommand; see shoal pki --help"),
   );

@@ -1,0 +1,76 @@
+import "reflect-metadata";
+import { promises as fs } from "node:fs";
+import path from "node:path";
+import t from "tap";
+import { createJoinToken, listJoinTokens, redeemJoinToken } from "../pki/index.js";
+import { freshPki, shoalInProcess, tempDir } from "./helpers/pki.js";
+
+t.test("a join token is redeemed once, with its labels", async (t) => {
+  const { dir } = await freshPki(t);
+  const created = await createJoinToken(dir, { ttlMs: 60_000, labels: { region: "eu" } });
+  t.match(created.token, /^shoal1\.[0-9a-f]{16}\.[A-Za-z0-9_-]{43}$/);
+  const stored = await fs.readFile(path.join(dir, "join-tokens.json"), "utf8");
+  t.notOk(stored.includes(created.token.split(".")[2]!), "the secret is not stored");
+  t.equal((await fs.stat(path.join(dir, "join-tokens.json"))).mode & 0o777, 0o600);
+  t.same(await redeemJoinToken(dir, created.token, { nodeId: "edge-1" }), {
+    id: created.id,
+    labels: { region: "eu" },
+  });
+  await t.rejects(redeemJoinToken(dir, created.token, { nodeId: "edge-2" }), {
+    code: "SHOAL_PKI_JOIN_TOKEN_USED",
+    message: /edge-1/,
+  });
+  t.match(await listJoinTokens(dir), [{ id: created.id, usedBy: "edge-1" }]);
+});
+
+t.test("wrong, malformed and expired tokens are refused with their codes", async (t) => {
+  const { dir } = await freshPki(t);
+  const now = new Date("2030-01-01T00:00:00Z");
+  const created = await createJoinToken(dir, { ttlMs: 60_000, now });
+  const [prefix, id] = created.token.split(".");
+  await t.rejects(redeemJoinToken(dir, `${prefix}.${id}.${"A".repeat(43)}`, { nodeId: "n", now }), {
+    code: "SHOAL_PKI_JOIN_TOKEN_INVALID",
+  });
+  await t.rejects(redeemJoinToken(dir, "not-a-token", { nodeId: "n", now }), {
+    code: "SHOAL_PKI_JOIN_TOKEN_INVALID",
+  });
+  await t.rejects(
+    redeemJoinToken(dir, created.token, { nodeId: "n", now: new Date("2030-01-01T00:01:01Z") }),
+    {
+      code: "SHOAL_PKI_JOIN_TOKEN_EXPIRED",
+    },
+  );
+  t.ok(await redeemJoinToken(dir, created.token, { nodeId: "n", now }), "still usable inside its TTL");
+  await t.rejects(createJoinToken(await tempDir(t)), { code: "SHOAL_PKI_NOT_FOUND" });
+});
+
+t.test("concurrent redemptions of one token: exactly one wins", async (t) => {
+  const { dir } = await freshPki(t);
+  const { token } = await createJoinToken(dir);
+  const results = await Promise.allSettled(
+    Array.from({ length: 8 }, (_, i) => redeemJoinToken(dir, token, { nodeId: `n${i}` })),
+  );
+  t.equal(results.filter((r) => r.status === "fulfilled").length, 1);
+});
+
+t.test("the CLI prints the token and the join command with the CA fingerprint", async (t) => {
+  const { dir, pki } = await freshPki(t);
+  const r = await shoalInProcess([
+    "pki",
+    "join-token",
+    "create",
+    "--dir",
+    dir,
+    "--ttl",
+    "30m",
+    "--label",
+    "zone=a",
+  ]);
+  t.equal(r.code, 0, r.stderr);
+  t.match(r.stdout, `--ca-fingerprint ${pki.rootFingerprint}`);
+  const token = /--join (\S+)/.exec(r.stdout)?.[1];
+  t.same((await redeemJoinToken(dir, token!, { nodeId: "n1" })).labels, { zone: "a" });
+  const bad = await shoalInProcess(["pki", "join-token", "create", "--dir", dir, "--ttl", "soon"]);
+  t.equal(bad.code, 1);
+  t.match(bad.stderr, /SHOAL_USAGE/);
+});
