@@ -82,7 +82,11 @@ t.test("orchestrator and compute nodes run batch, ops and queued jobs", async (t
     ]);
     t.equal(r.code, 0, r.stderr);
     const job = JSON.parse(r.stdout);
-    t.equal(job.State, "Completed");
+    t.equal(
+      job.State,
+      "Completed",
+      JSON.stringify({ message: job.StateMessage, executions: job.Executions }),
+    );
     t.equal(job.Executions.length, 1);
     t.equal(job.Executions[0].ExitCode, 0);
     t.match(job.Executions[0].Stdout, /hello from wasm[\s\S]*e2e/);

@@ -63,20 +63,14 @@ export interface ShoalProcess {
 }
 
 /**
- * Runs the real CLI (`cli/main.ts` through the same TypeScript loader tap
- * uses) as a child process, killed when the test ends.
+ * Runs the real CLI (test/helpers/shoal-cli.ts, i.e. bin/shoal from the
+ * sources, through the TypeScript loader tap uses) as a child process,
+ * killed when the test ends.
  */
 export function spawnShoal(t: Test, args: string[], env: NodeJS.ProcessEnv = {}): ShoalProcess {
   const child = spawn(
     process.execPath,
-    [
-      "--import",
-      "@tapjs/typescript/import",
-      "--input-type=module",
-      "--eval",
-      `import "reflect-metadata"; const { main } = await import(${JSON.stringify(path.join(ROOT, "cli", "main.ts"))}); process.exitCode = await main(process.argv.slice(1));`,
-      ...args,
-    ],
+    ["--import", "@tapjs/typescript/import", path.join(ROOT, "test", "helpers", "shoal-cli.ts"), ...args],
     {
       cwd: ROOT,
       env: { ...process.env, TS_NODE_TRANSPILE_ONLY: "1", SHOAL_CONFIG: "", ...env },
@@ -94,15 +88,13 @@ export function spawnShoal(t: Test, args: string[], env: NodeJS.ProcessEnv = {})
     err += d.toString();
     for (const l of listeners) l();
   });
+  let done = false;
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
     child.once("exit", (code, signal) => {
+      done = true;
       resolve({ code, signal });
       for (const l of listeners) l();
     });
-  });
-  let done = false;
-  void exited.then(() => {
-    done = true;
   });
   t.teardown(async () => {
     if (!done) {
