@@ -32,3 +32,4 @@ export type {
   ResultFile,
 } from "./records.js";
 export { isSafeResultName } from "./results-store.js";
+export * from "./api-tls.js";

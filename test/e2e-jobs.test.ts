@@ -2,8 +2,7 @@ import "reflect-metadata";
 import { promises as fs } from "node:fs";
 import path from "node:path";
 import t from "tap";
-import { openPki, writeIssued } from "../pki/index.js";
-import { freePort, runShoal, type ShoalProcess, spawnShoal, tempDir } from "./helpers/cluster.js";
+import { runShoal, startComputeNode, startOrchestrator, tempDir } from "./helpers/cluster.js";
 
 /**
  * End to end with real processes: `shoal orchestrator serve`, compute nodes
@@ -11,59 +10,10 @@ import { freePort, runShoal, type ShoalProcess, spawnShoal, tempDir } from "./he
  */
 t.test("orchestrator and compute nodes run batch, ops and queued jobs", async (t) => {
   const dir = await tempDir(t);
-  const apiPort = await freePort();
-  const orch = spawnShoal(t, [
-    "orchestrator",
-    "serve",
-    "--data-dir",
-    path.join(dir, "orch"),
-    "-c",
-    `API.Port=${apiPort}`,
-    "-c",
-    "API.Host=127.0.0.1",
-    "-c",
-    "Orchestrator.Port=0",
-    "-c",
-    "Orchestrator.Host=127.0.0.1",
-    "-c",
-    "Logging.Level=warn",
-  ]);
-  const natsPort = (await orch.waitFor(/NATS \(mTLS\):\s+tls:\/\/\S+:(\d+)/))[1];
-  const pkiDir = path.join(dir, "orch", "pki");
-  const ca = path.join(pkiDir, "ca.crt");
-  const api = ["--api", `https://127.0.0.1:${apiPort}`, "--ca-cert", ca];
-  const pki = await openPki(pkiDir);
-
-  const startNode = async (id: string, labels: string): Promise<ShoalProcess> => {
-    const prefix = path.join(dir, id, "identity");
-    await fs.mkdir(path.dirname(prefix), { recursive: true });
-    await writeIssued(prefix, await pki.issue({ role: "compute", id }));
-    const node = spawnShoal(t, [
-      "compute",
-      "serve",
-      "--data-dir",
-      path.join(dir, id),
-      "--orchestrators",
-      `tls://127.0.0.1:${natsPort}`,
-      "-c",
-      `Compute.TLS.CACert=${ca}`,
-      "-c",
-      `Compute.TLS.ClientCert=${prefix}.crt`,
-      "-c",
-      `Compute.TLS.ClientKey=${prefix}.key`,
-      "-c",
-      `Compute.Labels=${labels}`,
-      "-c",
-      "Logging.Level=warn",
-    ]);
-    // The node is usable once the orchestrator lists it HEALTHY and APPROVED.
-    for (;;) {
-      const list = await runShoal(t, ["node", "list", "--output", "json", ...api]);
-      const nodes = JSON.parse(list.stdout || "[]") as { ID: string; Health: string; Approval: string }[];
-      if (nodes.some((n) => n.ID === id && n.Health === "HEALTHY" && n.Approval === "APPROVED")) return node;
-      if (node.child.exitCode !== null) throw new Error(`compute ${id} exited:\n${node.stderr()}`);
-    }
-  };
+  const orch = await startOrchestrator(t, path.join(dir, "orch"));
+  const { api } = orch;
+  const startNode = (id: string, labels: string) =>
+    startComputeNode(t, orch, path.join(dir, id), id, ["-c", `Compute.Labels=${labels}`]);
   await startNode("n1", "env=edge,zone=a");
   await startNode("n2", "env=edge,zone=b");
 

@@ -5,6 +5,7 @@ import os from "node:os";
 import path from "node:path";
 import { connect } from "@nats-io/transport-node";
 import type { Test } from "tap";
+import { openPki, type Pki, writeIssued } from "../../pki/index.js";
 
 const ROOT = path.resolve(import.meta.dirname, "..", "..");
 
@@ -135,4 +136,85 @@ export async function runShoal(
   const p = spawnShoal(t, args, env);
   const { code } = await p.exited;
   return { code, stdout: p.stdout(), stderr: p.stderr() };
+}
+
+/** An orchestrator started by `startOrchestrator`, with what clients need to reach it. */
+export interface OrchestratorHandle {
+  proc: ShoalProcess;
+  dataDir: string;
+  pkiDir: string;
+  pki: Pki;
+  ca: string;
+  apiPort: number;
+  natsPort: number;
+  /** `--api URL --ca-cert CA` for CLI calls. */
+  api: string[];
+}
+
+/**
+ * Starts `shoal orchestrator serve` on loopback with both ports chosen by the
+ * kernel (read back from its banner, so parallel tests never race for a port).
+ */
+export async function startOrchestrator(
+  t: Test,
+  dataDir: string,
+  extra: string[] = [],
+  env: NodeJS.ProcessEnv = {},
+): Promise<OrchestratorHandle> {
+  const base = ["-c", "API.Host=127.0.0.1", "-c", "API.Port=0", "-c", "Orchestrator.Host=127.0.0.1"];
+  const ports = ["-c", "Orchestrator.Port=0", "-c", "Logging.Level=warn"];
+  const proc = spawnShoal(
+    t,
+    ["orchestrator", "serve", "--data-dir", dataDir, ...base, ...ports, ...extra],
+    env,
+  );
+  const apiPort = Number((await proc.waitFor(/API:\s+https:\/\/\S+:(\d+)/))[1]);
+  const natsPort = Number((await proc.waitFor(/NATS \(mTLS\):\s+tls:\/\/\S+:(\d+)/))[1]);
+  const pkiDir = path.join(dataDir, "pki");
+  const ca = path.join(pkiDir, "ca.crt");
+  const api = ["--api", `https://127.0.0.1:${apiPort}`, "--ca-cert", ca];
+  return { proc, dataDir, pkiDir, pki: await openPki(pkiDir), ca, apiPort, natsPort, api };
+}
+
+/**
+ * Issues a compute identity from the orchestrator's PKI, starts `shoal compute
+ * serve` with it and resolves once the orchestrator lists the node HEALTHY and
+ * APPROVED.
+ */
+export async function startComputeNode(
+  t: Test,
+  orch: OrchestratorHandle,
+  dataDir: string,
+  id: string,
+  extra: string[] = [],
+): Promise<ShoalProcess> {
+  const prefix = path.join(dataDir, "identity");
+  await fs.mkdir(dataDir, { recursive: true });
+  await writeIssued(prefix, await orch.pki.issue({ role: "compute", id }));
+  const node = spawnShoal(t, [
+    "compute",
+    "serve",
+    "--data-dir",
+    dataDir,
+    "--orchestrators",
+    `tls://127.0.0.1:${orch.natsPort}`,
+    "-c",
+    `Compute.TLS.CACert=${orch.ca}`,
+    "-c",
+    `Compute.TLS.ClientCert=${prefix}.crt`,
+    "-c",
+    `Compute.TLS.ClientKey=${prefix}.key`,
+    "-c",
+    "Logging.Level=warn",
+    ...extra,
+  ]);
+  const deadline = Date.now() + 30_000;
+  while (Date.now() < deadline) {
+    const list = await runShoal(t, ["node", "list", "--output", "json", ...orch.api]);
+    const nodes = JSON.parse(list.stdout || "[]") as { ID: string; Health: string; Approval: string }[];
+    if (nodes.some((n) => n.ID === id && n.Health === "HEALTHY" && n.Approval === "APPROVED")) return node;
+    if (node.child.exitCode !== null) throw new Error(`compute ${id} exited:\n${node.stderr()}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`compute ${id} was not HEALTHY and APPROVED within 30 s:\n${node.stderr()}`);
 }
