@@ -8,6 +8,7 @@ import pkg from "../package.json" with { type: "json" };
 export const ORCHESTRATOR_VERSION: string = pkg.version;
 
 export { type ApiErrorBody, type ApiOptions, buildApi } from "./api.js";
+export * from "./api-tls.js";
 export { Orchestrator, type OrchestratorEndpoints, type OrchestratorOptions } from "./daemon.js";
 export {
   Dispatcher,
@@ -32,4 +33,3 @@ export type {
   ResultFile,
 } from "./records.js";
 export { isSafeResultName } from "./results-store.js";
-export * from "./api-tls.js";
