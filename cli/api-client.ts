@@ -515,7 +515,7 @@ export function withApiOptions<T>(yargs: Argv<T>): Argv<T & ApiArgs> {
     .option("ca-cert", {
       type: "string",
       describe:
-        "CA certificate to trust for the API, e.g. DATA_DIR/pki/ca.crt (API.TLS.CAFile) [default: system roots]",
+        "CA certificate to trust for the API, e.g. DATA_DIR/pki/ca.crt (API.TLS.CAFile) [default: $SHOAL_API_TLS_CAFILE, else system roots]",
     })
     .option("insecure", {
       type: "boolean",
@@ -523,15 +523,20 @@ export function withApiOptions<T>(yargs: Argv<T>): Argv<T & ApiArgs> {
     }) as Argv<T & ApiArgs>;
 }
 
-/** Client options from the command line, then the config (`API.TLS.CAFile`, `API.TLS.Insecure`). */
+/**
+ * Client options from the command line, then the config (`API.TLS.CAFile`,
+ * `API.TLS.Insecure`), then their environment variables
+ * (`SHOAL_API_TLS_CAFILE`, `SHOAL_API_TLS_INSECURE=true`).
+ */
 export function apiClientOptions(
   argv: ApiArgs,
   config?: { API: { TLS: Pick<ShoalConfig["API"]["TLS"], "CAFile" | "Insecure"> } },
+  env: NodeJS.ProcessEnv = process.env,
 ): ApiClientOptions {
-  const caFile = argv["ca-cert"] || config?.API.TLS.CAFile || undefined;
+  const caFile = argv["ca-cert"] || config?.API.TLS.CAFile || env.SHOAL_API_TLS_CAFILE || undefined;
   return {
     ...(argv.api ? { url: argv.api } : {}),
     ...(caFile ? { caFile } : {}),
-    insecure: argv.insecure ?? config?.API.TLS.Insecure ?? false,
+    insecure: argv.insecure ?? config?.API.TLS.Insecure ?? env.SHOAL_API_TLS_INSECURE === "true",
   };
 }
