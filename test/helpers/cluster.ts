@@ -168,7 +168,8 @@ export async function startOrchestrator(
     ["orchestrator", "serve", "--data-dir", dataDir, ...base, ...ports, ...extra],
     env,
   );
-  const apiPort = Number((await proc.waitFor(/API:\s+https:\/\/\S+:(\d+)/))[1]);
+  // Generous: first start mints a PKI, and a loaded 2-core CI machine is slow to spawn.
+  const apiPort = Number((await proc.waitFor(/API:\s+https:\/\/\S+:(\d+)/, 90_000))[1]);
   const natsPort = Number((await proc.waitFor(/NATS \(mTLS\):\s+tls:\/\/\S+:(\d+)/))[1]);
   const pkiDir = path.join(dataDir, "pki");
   const ca = path.join(pkiDir, "ca.crt");
