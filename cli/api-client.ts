@@ -5,6 +5,7 @@ import { isIP } from "node:net";
 import tls from "node:tls";
 import type { Argv } from "yargs";
 import { defineCodes, readFileChecked, type ShoalConfig, ShoalError } from "../core/index.js";
+import { isUnknownCaCode } from "../pki/index.js";
 
 /** Codes of the CLI's HTTPS client: each turns a transport or HTTP failure into a cause and a fix. */
 export const API_CLIENT_CODES = defineCodes("api-tls", {
@@ -30,15 +31,6 @@ export const DEFAULT_API_URL = "https://127.0.0.1:1234";
 /** @default 30 s: connect + handshake + response headers; streams are exempt once open. */
 export const DEFAULT_API_TIMEOUT_MS = 30_000;
 
-const UNKNOWN_CA_CODES = new Set([
-  "UNABLE_TO_VERIFY_LEAF_SIGNATURE",
-  "UNABLE_TO_GET_ISSUER_CERT",
-  "UNABLE_TO_GET_ISSUER_CERT_LOCALLY",
-  "SELF_SIGNED_CERT_IN_CHAIN",
-  "DEPTH_ZERO_SELF_SIGNED_CERT",
-  "CERT_UNTRUSTED",
-  "CERT_SIGNATURE_FAILURE",
-]);
 const EXPIRED_CODES = new Set(["CERT_HAS_EXPIRED", "CERT_NOT_YET_VALID"]);
 const UNREACHABLE_CODES = new Set([
   "ECONNREFUSED",
@@ -312,7 +304,7 @@ export class ApiClient {
   /** Turns a request error into an ApiClientError; for an unknown CA, looks at the presented chain to say who issued it. */
   async #diagnose(err: unknown, target: URL): Promise<ShoalError> {
     const code = (err as NodeJS.ErrnoException).code ?? "";
-    if (UNKNOWN_CA_CODES.has(code)) {
+    if (isUnknownCaCode(code)) {
       const issuer = await presentedIssuer(target, this.#o.timeoutMs ?? DEFAULT_API_TIMEOUT_MS);
       const trusted = this.#caFile
         ? `the CA in ${this.#caFile}`

@@ -1,6 +1,7 @@
 import { createPrivateKey, X509Certificate } from "node:crypto";
 import net from "node:net";
 import tls from "node:tls";
+import { isUnknownCaCode } from "../pki/index.js";
 import {
   BrokerAuthorizationError,
   BrokerUnreachableError,
@@ -256,15 +257,6 @@ export function probeNatsServer(
   });
 }
 
-const UNKNOWN_CA_CODES = new Set([
-  "UNABLE_TO_VERIFY_LEAF_SIGNATURE",
-  "UNABLE_TO_GET_ISSUER_CERT",
-  "UNABLE_TO_GET_ISSUER_CERT_LOCALLY",
-  "SELF_SIGNED_CERT_IN_CHAIN",
-  "DEPTH_ZERO_SELF_SIGNED_CERT",
-  "CERT_SIGNATURE_FAILURE",
-]);
-
 /**
  * Turns a probe into the one error that explains it, or `undefined` when the
  * probe found nothing wrong (the failure was transient).
@@ -321,7 +313,7 @@ export function diagnoseProbe(
       },
     );
   }
-  if (r.serverChainError && UNKNOWN_CA_CODES.has(r.serverChainError)) {
+  if (isUnknownCaCode(r.serverChainError)) {
     return new TlsError(
       FABRIC_CODES.SHOAL_TLS_SERVER_UNKNOWN_CA,
       `the server certificate of ${server} does not chain to the CA in ${m.files.ca} (${r.serverChainError})`,

@@ -75,4 +75,5 @@ export {
   type Role,
   spiffeId,
 } from "./spiffe.js";
+export { isUnknownCaCode } from "./tls-verify-codes.js";
 export { type VerifyOptions, type VerifyResult, verifyCertificate } from "./verify.js";
