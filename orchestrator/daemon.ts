@@ -2,12 +2,14 @@ import { promises as fs } from "node:fs";
 import type { AddressInfo } from "node:net";
 import os from "node:os";
 import path from "node:path";
+import type { Server as TlsServer } from "node:tls";
 import { jetstream } from "@nats-io/jetstream";
 import type { FastifyInstance } from "fastify";
 import { type Logger, parseDuration, type ShoalConfig } from "../core/index.js";
 import { connectFabric, type FabricConnection, NatsSupervisor } from "../fabric/index.js";
 import { initPki, openPki, type Pki } from "../pki/index.js";
 import { buildApi } from "./api.js";
+import { ApiTlsManager, type ApiTlsManagerOptions } from "./api-tls.js";
 import { ensureIdentityCertificate, ensureServerCertificate } from "./certificates.js";
 import { Dispatcher } from "./dispatcher.js";
 import { ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
@@ -29,6 +31,8 @@ export interface OrchestratorOptions {
   print?: (line: string) => void;
   /** The orchestrator's identity id. @default "orchestrator" */
   id?: string;
+  /** ACME details that are not config keys (challenge listener port, a test CA's trust). */
+  acme?: ApiTlsManagerOptions["acme"];
 }
 
 /** What a running orchestrator tells its operator and tests. */
@@ -65,6 +69,7 @@ export class Orchestrator {
   #dispatcher: Dispatcher | undefined;
   #nodes: NodeService | undefined;
   #store: StateStore | undefined;
+  #apiTls: ApiTlsManager | undefined;
 
   constructor(options: OrchestratorOptions) {
     this.#o = options;
@@ -216,15 +221,24 @@ export class Orchestrator {
     dispatcher.start();
     await link.start();
 
-    // The HTTPS API, with a server certificate from the same PKI.
-    const apiTls = await ensureServerCertificate(pki, path.join(dataDir, "api", "server"), names);
-    const [key, cert] = await Promise.all([fs.readFile(apiTls.keyFile), fs.readFile(apiTls.certFile)]);
+    // The HTTPS API: its certificate from operator files, ACME or this PKI, swapped live on reload and renewal.
+    const apiTls = new ApiTlsManager({
+      api: c.API,
+      dataDir,
+      pki,
+      advertise: c.Orchestrator.Advertise ? [c.Orchestrator.Advertise] : [],
+      log: this.#o.logger,
+      ...(this.#o.acme ? { acme: this.#o.acme } : {}),
+    });
+    await apiTls.start();
+    this.#apiTls = apiTls;
+    this.#cleanups.push(() => apiTls.close());
     const caPem = await fs.readFile(caFile, "utf8");
     const api = buildApi({
       jobs,
       nodes,
       log: this.#log.child({ component: "api" }),
-      https: { key, cert },
+      https: apiTls.serverOptions(),
       caBundlePem: () => caPem,
       version: this.#o.version,
       nodeInfo: () => ({
@@ -236,6 +250,7 @@ export class Orchestrator {
         TrustDomain: pki.trustDomain,
       }),
     });
+    apiTls.attach(api.server as unknown as TlsServer);
     this.#api = api;
     await api.listen({ host: c.API.Host, port: c.API.Port });
     const apiPort = (api.server.address() as AddressInfo).port;
@@ -268,6 +283,15 @@ export class Orchestrator {
     print(
       `Use the API: export SHOAL_API=https://${advertise}:${apiPort}; shoal agent alive --ca-cert ${path.join(pki.dir, "ca.crt")}`,
     );
+  }
+
+  /**
+   * SIGHUP: re-reads the API certificate files (or re-checks a PKI/ACME
+   * certificate's names and age). Never throws; a bad certificate is logged
+   * with its code and the current one kept.
+   */
+  async reload(): Promise<void> {
+    await this.#apiTls?.reload();
   }
 
   /** Stops gracefully: refuse new work, drain the API, stop dispatching, flush state, close transports. */

@@ -8,7 +8,7 @@ type ServeArgs = ConfigArgs & { "data-dir"?: string } & Record<string, unknown>;
 /**
  * `shoal orchestrator serve`: runs until SIGTERM/SIGINT, then shuts down
  * gracefully (refuse new work, drain, close transports, flush logs) and exits 0;
- * a second signal exits at once.
+ * a second signal exits at once. SIGHUP reloads the API certificate.
  */
 export const orchestratorCommand: CommandModule = (cli) =>
   cli.command("orchestrator", "run the orchestrator daemon", (yargs) =>
@@ -32,12 +32,18 @@ export const orchestratorCommand: CommandModule = (cli) =>
             logger.info({ signal }, "shutting down");
             void daemon.close();
           };
+          const onHangup = () => {
+            logger.info({ signal: "SIGHUP" }, "reloading certificates");
+            void daemon.reload();
+          };
           process.on("SIGTERM", onSignal);
           process.on("SIGINT", onSignal);
+          process.on("SIGHUP", onHangup);
           await daemon.start();
           const error = await daemon.closed();
           process.off("SIGTERM", onSignal);
           process.off("SIGINT", onSignal);
+          process.off("SIGHUP", onHangup);
           logger.flush();
           if (error) throw error;
         },

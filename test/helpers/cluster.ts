@@ -103,7 +103,7 @@ export function spawnShoal(t: Test, args: string[], env: NodeJS.ProcessEnv = {})
       await exited;
     }
   });
-  const waitFor = (re: RegExp, timeoutMs = 30_000) =>
+  const waitFor = (re: RegExp, timeoutMs = 60_000) =>
     new Promise<RegExpMatchArray>((resolve, reject) => {
       const check = () => {
         const m = (out + err).match(re);
