@@ -25,7 +25,9 @@ import { type FromPublisher, HEARTBEAT, type PublisherRun, type ToPublisher } fr
 // "per core" figure, and ratios within one run are what compare across runs.
 const N = Number(process.env.BENCH_N ?? 20_000);
 const RUNS = Number(process.env.BENCH_RUNS ?? 3);
-const WINDOW = 5_000;
+const WINDOW = 2_000;
+/** A phase that makes no progress this long is reported, not waited for. */
+const STALL_MS = 60_000;
 
 const teardowns: (() => unknown)[] = [];
 const fabric = await startTestFabric({ teardown: (fn) => teardowns.push(fn) }, { jetStream: false });
@@ -84,6 +86,13 @@ const orchConn = await connectFabric({
   keyFile: orch.keyFile,
   identity: orch.spiffeId,
 });
+// Disconnects or slow-consumer events would make a row meaningless: count them and print them.
+const connectionEvents: string[] = [];
+void (async () => {
+  for await (const s of orchConn.status())
+    if (s.type !== "closed")
+      connectionEvents.push(s.type === "slow-consumer" ? `slow-consumer(${s.pending})` : s.type);
+})();
 const nodeSigner = new EnvelopeSigner({
   keyPem: await readFile(node.keyFile, "utf8"),
   certPem: await readFile(node.certFile, "utf8"),
@@ -136,10 +145,19 @@ async function delivered(
     if (received % 1000 === 0) tell({ type: "received", count: received });
     if (received === N) done();
   });
+  let seen = -1;
+  let watchdog: NodeJS.Timeout | undefined;
+  const stalled = new Promise<never>((_, reject) => {
+    watchdog = setInterval(() => {
+      if (received === seen)
+        reject(new Error(`${run.mode} over ${run.transport}: stalled at ${received} of ${N} messages`));
+      seen = received;
+    }, STALL_MS);
+  });
   const rate = await timed(N, async () => {
     tell({ type: "go" });
-    await all;
-  });
+    await Promise.race([all, stalled]);
+  }).finally(() => clearInterval(watchdog));
   await expect("sent");
   sub.unsubscribe();
   return rate;
@@ -246,7 +264,9 @@ for (const [label, f] of ratios) console.log(`  ${label.padEnd(50)}${spread(runs
 console.log(
   `  load average now: ${loadavg()
     .map((l) => l.toFixed(1))
-    .join(" ")} on ${cpus().length} CPUs; verification failures: ${failures}`,
+    .join(
+      " ",
+    )} on ${cpus().length} CPUs; verification failures: ${failures}; receiver connection events: ${connectionEvents.join(", ") || "none"}`,
 );
 
 tell({ type: "exit" });
