@@ -16,7 +16,7 @@ import {
   type MessageKind,
 } from "./protocol.js";
 import type { ReplayGuard } from "./replay-guard.js";
-import { parseSubject } from "./subjects.js";
+import { type ParsedSubject, parseSubject } from "./subjects.js";
 import { splitPem } from "./tls-diagnosis.js";
 
 /** How long a signed envelope stays valid. @default 60 s */
@@ -179,6 +179,8 @@ function refuse(
 }
 
 const HEADER_CACHE_LIMIT = 10_000;
+const SUBJECT_CACHE_LIMIT = 10_000;
+const DOT = 0x2e;
 
 /**
  * Verifies fabric envelopes: size, form, sender certificate (by fingerprint, from
@@ -195,6 +197,9 @@ export class EnvelopeVerifier {
   readonly #now: () => number;
   /** Parsed protected headers by their base64url text: senders reuse one header. */
   readonly #headers = new Map<string, { alg: string; x5t: string }>();
+  readonly #subjects = new Map<string, ParsedSubject>();
+  /** The id part of this daemon's identity: replies must arrive on `_INBOX_<id>`. */
+  readonly #id: string;
 
   constructor(o: EnvelopeVerifierOptions) {
     const me = parseSpiffeId(o.identity);
@@ -206,32 +211,42 @@ export class EnvelopeVerifier {
       );
     }
     this.identity = o.identity;
+    this.#id = me.id;
     this.#o = o;
     this.#audiences = new Set([o.identity, broadcastAudience(me.trustDomain)]);
     this.#skew = o.clockSkewMs ?? DEFAULT_CLOCK_SKEW_MS;
     this.#now = o.now ?? Date.now;
   }
 
-  verify(token: string, opts: VerifyEnvelopeOptions): VerifiedEnvelope {
+  /**
+   * Verifies a compact JWS given as text or as the bytes it arrived in (a NATS
+   * message's `data`: no UTF-8 decode of the whole token, and the signing input
+   * is checked in place).
+   */
+  verify(token: string | Uint8Array, opts: VerifyEnvelopeOptions): VerifiedEnvelope {
+    const jws =
+      typeof token === "string"
+        ? Buffer.from(token, "utf8")
+        : Buffer.from(token.buffer, token.byteOffset, token.byteLength);
     const max = this.#o.maxBytes ?? DEFAULT_MAX_ENVELOPE_BYTES;
-    if (token.length > max) {
+    if (jws.length > max) {
       refuse(
         FABRIC_CODES.SHOAL_ENVELOPE_TOO_LARGE,
-        `envelope of ${token.length} bytes exceeds ${max}`,
+        `envelope of ${jws.length} bytes exceeds ${max}`,
         "chunk large payloads (results, logs) and sign their digests",
-        { size: token.length, max },
+        { size: jws.length, max },
       );
     }
-    const d1 = token.indexOf(".");
-    const d2 = token.indexOf(".", d1 + 1);
-    if (d1 <= 0 || d2 <= d1 + 1 || d2 === token.length - 1 || token.indexOf(".", d2 + 1) !== -1) {
+    const d1 = jws.indexOf(DOT);
+    const d2 = jws.indexOf(DOT, d1 + 1);
+    if (d1 <= 0 || d2 <= d1 + 1 || d2 === jws.length - 1 || jws.indexOf(DOT, d2 + 1) !== -1) {
       refuse(
         FABRIC_CODES.SHOAL_ENVELOPE_MALFORMED,
         "not a compact JWS (header.payload.signature)",
         "send envelopes made by EnvelopeSigner",
       );
     }
-    const header = this.#header(token.slice(0, d1));
+    const header = this.#header(jws.toString("latin1", 0, d1));
     const sender = this.#o.peers.get(header.x5t);
     if (!sender) {
       if (this.#o.peers.isRevoked(header.x5t)) {
@@ -260,9 +275,9 @@ export class EnvelopeVerifier {
     const p = ALG_PARAMS[sender.alg];
     const ok = verify(
       p.hash,
-      Buffer.from(token.slice(0, d2), "latin1"),
+      jws.subarray(0, d2),
       { key: sender.publicKey, ...p.options },
-      Buffer.from(token.slice(d2 + 1), "base64url"),
+      Buffer.from(jws.toString("latin1", d2 + 1), "base64url"),
     );
     if (!ok) {
       refuse(
@@ -274,7 +289,7 @@ export class EnvelopeVerifier {
     }
     let claims: EnvelopeClaims;
     try {
-      claims = JSON.parse(Buffer.from(token.slice(d1 + 1, d2), "base64url").toString("utf8"));
+      claims = JSON.parse(Buffer.from(jws.toString("latin1", d1 + 1, d2), "base64url").toString("utf8"));
     } catch {
       refuse(
         FABRIC_CODES.SHOAL_ENVELOPE_MALFORMED,
@@ -416,9 +431,25 @@ export class EnvelopeVerifier {
     return parsed;
   }
 
+  /**
+   * `parseSubject` remembered for the fabric's fixed subjects (a node's `out.<kind>`,
+   * `in`, broadcasts), which every message repeats; inbox subjects are one per
+   * request and are parsed each time.
+   */
+  #subject(subject: string): ParsedSubject | undefined {
+    const hit = this.#subjects.get(subject);
+    if (hit) return hit;
+    const parsed = parseSubject(subject);
+    if (parsed && parsed.type !== "inbox") {
+      if (this.#subjects.size >= SUBJECT_CACHE_LIMIT) this.#subjects.clear();
+      this.#subjects.set(subject, parsed);
+    }
+    return parsed;
+  }
+
   /** The sender's role and the message kind must fit the subject it arrived on. */
   #checkSubject(opts: VerifyEnvelopeOptions, sender: PeerCertificate, typ: string): void {
-    const s = parseSubject(opts.subject);
+    const s = this.#subject(opts.subject);
     const deny = (why: string) =>
       refuse(
         FABRIC_CODES.SHOAL_ENVELOPE_ROLE,
@@ -444,8 +475,7 @@ export class EnvelopeVerifier {
       if (sender.role !== "orchestrator") deny("only the orchestrator broadcasts");
       if (typ !== s.kind) wrongKind(s.kind);
     } else {
-      const me = parseSpiffeId(this.identity);
-      if (s.owner !== me?.id) deny("a reply on another identity's inbox");
+      if (s.owner !== this.#id) deny("a reply on another identity's inbox");
       if (opts.expectedIss && opts.expectedIss !== sender.identity)
         deny(`the request went to ${opts.expectedIss}`);
     }

@@ -1,5 +1,5 @@
 import { type Static, Type as T, type TSchema } from "@sinclair/typebox";
-import { Value } from "@sinclair/typebox/value";
+import { type TypeCheck, TypeCompiler } from "@sinclair/typebox/compiler";
 
 /**
  * The job protocol between the orchestrator and compute nodes: the kinds of
@@ -128,13 +128,28 @@ export const BODY_SCHEMAS = {
 export type MessageKind = keyof typeof BODY_SCHEMAS;
 export type MessageBody<K extends MessageKind> = Static<(typeof BODY_SCHEMAS)[K]>;
 
+/**
+ * One compiled checker per kind, built on first use: TypeBox's compiled check is a
+ * straight-line function, ~10x cheaper per message than interpreting the schema
+ * (`Value.Check`) on the receive path.
+ */
+const CHECKERS = new Map<MessageKind, TypeCheck<TSchema>>();
+function checker(kind: MessageKind): TypeCheck<TSchema> {
+  let c = CHECKERS.get(kind);
+  if (!c) {
+    c = TypeCompiler.Compile(BODY_SCHEMAS[kind]);
+    CHECKERS.set(kind, c);
+  }
+  return c;
+}
+
 /** True when `body` has the shape the protocol requires for `kind`. */
 export function isValidBody<K extends MessageKind>(kind: K, body: unknown): body is MessageBody<K> {
-  return Value.Check(BODY_SCHEMAS[kind], body);
+  return checker(kind).Check(body);
 }
 
 /** The first problem with `body`, for the log line that says why a message was ignored. */
 export function describeInvalidBody(kind: MessageKind, body: unknown): string {
-  const first = Value.Errors(BODY_SCHEMAS[kind], body).First();
+  const first = checker(kind).Errors(body).First();
   return first ? `${kind}${first.path}: ${first.message}` : `${kind}: valid`;
 }

@@ -1,5 +1,6 @@
 import "reflect-metadata";
 import { readFile } from "node:fs/promises";
+import { pino } from "pino";
 import t from "tap";
 import {
   connectFabric,
@@ -118,4 +119,45 @@ t.test("a replayed copy of a genuine n1 message is delivered once", async (t) =>
   node.connection.publish(subjects.computeOut("n1", "heartbeat"), token);
   t.equal((await refused).code, FABRIC_CODES.SHOAL_ENVELOPE_REPLAY);
   t.same(accepted, [2]);
+});
+
+t.test("a handler that throws or rejects is logged and later messages still arrive", async (t) => {
+  const lines: { msg: string; kind?: string }[] = [];
+  const logger = pino({ level: "error" }, { write: (s: string) => lines.push(JSON.parse(s)) });
+  const logged = new FabricMessenger(
+    orchestrator.connection,
+    orchestrator.signer,
+    orchestrator.verifier,
+    logger,
+  );
+  const seqs: number[] = [];
+  let third!: () => void;
+  const done = new Promise<void>((r) => {
+    third = r;
+  });
+  const sub = await logged.subscribeVerified(subjects.computeOut("n1", "heartbeat"), (env) => {
+    const seq = (env.body as { seq: number }).seq;
+    seqs.push(seq);
+    if (seq === 1) throw new Error("sync failure");
+    if (seq === 2) return Promise.reject(new Error("async failure"));
+    third();
+  });
+  t.teardown(() => sub.unsubscribe());
+  for (const seq of [1, 2, 3])
+    node.publishSigned(subjects.computeOut("n1", "heartbeat"), "heartbeat", orch.spiffeId, {
+      nodeId: "n1",
+      seq,
+      allocated: { cpu: 0, memory: 0 },
+      running: [],
+    });
+  await done;
+  await new Promise((r) => setImmediate(r));
+  t.same(seqs, [1, 2, 3]);
+  t.same(
+    lines.map((l) => [l.msg, l.kind]),
+    [
+      ["handler failed", "heartbeat"],
+      ["handler failed", "heartbeat"],
+    ],
+  );
 });
