@@ -32,6 +32,7 @@ import pkg from "../package.json" with { type: "json" };
 import { CapacityLedger } from "./capacity-ledger.js";
 import { lockDataDir } from "./data-dir-lock.js";
 import { createEngineRunner, type EngineRunner } from "./engine-runner.js";
+import { ensureEnrolled, type JoinOptions, readEnrollment } from "./enrollment.js";
 import { COMPUTE_CODES, ComputeError } from "./errors.js";
 import { ExecutionManager, failedOutcome } from "./execution-manager.js";
 import { decideBid, type JobSelectionPolicy, jobDemand } from "./job-selection.js";
@@ -58,6 +59,11 @@ export interface ComputeNodeOptions {
   /** The validated config (`loadConfig`); `DataDir` and `Compute.*` are used. */
   config: ShoalConfig;
   logger?: Logger;
+  /**
+   * Enroll with a join token when the data directory holds no identity yet
+   * (`--join`, `--ca-fingerprint`, `--id`); ignored once enrolled.
+   */
+  join?: JoinOptions;
   /** @default COMPUTE_VERSION */
   version?: string;
   /** @default DEFAULT_SHUTDOWN_GRACE_MS */
@@ -134,6 +140,7 @@ export class ComputeNode {
   #ledger: CapacityLedger | undefined;
   #policy: JobSelectionPolicy | undefined;
   #unlock: (() => Promise<void>) | undefined;
+  #labels: Record<string, string> = {};
   /** The orchestrator's identity, learned from its register reply; the audience of what we send. */
   #orchestrator: string | undefined;
   #approval: Approval | undefined;
@@ -237,6 +244,30 @@ export class ComputeNode {
   async #startUp(): Promise<void> {
     const c = this.#o.config.Compute;
     const defaults = defaultTlsFiles(this.#dataDir);
+    // Locked first: two nodes on one data directory must not both enroll into it.
+    const hadDataDir = await fs.access(this.#dataDir).then(
+      () => true,
+      () => false,
+    );
+    this.#unlock = await lockDataDir(this.#dataDir);
+    if (this.#o.join) {
+      try {
+        await ensureEnrolled({
+          dataDir: this.#dataDir,
+          join: this.#o.join,
+          api: c.API,
+          orchestrators: c.Orchestrators,
+          configured: { caCert: c.TLS.CACert, clientCert: c.TLS.ClientCert, clientKey: c.TLS.ClientKey },
+          log: this.#log,
+        });
+      } catch (err) {
+        // A failed enrollment leaves nothing behind, not even the directory the lock needed.
+        await this.#unlock();
+        this.#unlock = undefined;
+        if (!hadDataDir) await fs.rmdir(this.#dataDir).catch(() => {});
+        throw err;
+      }
+    }
     const identity = await loadNodeIdentity({
       caCert: c.TLS.CACert || defaults.caCert,
       clientCert: c.TLS.ClientCert || defaults.clientCert,
@@ -244,7 +275,8 @@ export class ComputeNode {
     });
     this.#identity = identity;
     const log = this.#log.child({ node: identity.id });
-    this.#unlock = await lockDataDir(this.#dataDir);
+    // Labels from the join token are the operator's word on this node: they win over local config.
+    this.#labels = { ...c.Labels, ...(await readEnrollment(this.#dataDir))?.Labels };
 
     this.#spool = new ResultSpool(path.join(this.#dataDir, "spool"));
     await this.#spool.init();
@@ -258,7 +290,7 @@ export class ComputeNode {
     this.#policy = {
       engines: this.#engines.engines,
       execAllow: c.Engines.Exec.Allow,
-      labels: c.Labels,
+      labels: this.#labels,
       locality: c.JobSelection.Locality,
       rejectStatelessJobs: c.JobSelection.RejectStatelessJobs,
       allowedSubmitters: c.JobSelection.AllowedSubmitters,
@@ -575,11 +607,10 @@ export class ComputeNode {
    */
   async #register(): Promise<RegisterReply> {
     const identity = this.#identity!;
-    const c = this.#o.config.Compute;
     const body: MessageBody<"register"> = {
       nodeId: identity.id,
       chainPem: identity.chainPem,
-      labels: { ...c.Labels },
+      labels: { ...this.#labels },
       capacity: { ...this.#ledger!.capacity },
       engines: [...this.#policy!.engines],
       version: this.#o.version ?? COMPUTE_VERSION,

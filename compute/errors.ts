@@ -3,6 +3,10 @@ import { defineCodes, ShoalError } from "../core/index.js";
 export const COMPUTE_CODES = defineCodes("compute", {
   SHOAL_COMPUTE_IDENTITY:
     "The node's own certificate is missing, unreadable, outside its validity, not chained to the CA or not a compute identity.",
+  SHOAL_COMPUTE_CA_MISMATCH:
+    "Enrollment: the CA the orchestrator API serves is not the one pinned with --ca-fingerprint (wrong host, or someone in between).",
+  SHOAL_COMPUTE_ENROLL:
+    "Enrollment could not complete: the API is unreachable, its TLS certificate is not from the pinned CA, or its answer is not a valid identity.",
   SHOAL_COMPUTE_REJECTED: "The orchestrator rejected this node's registration (`shoal node reject`).",
   SHOAL_COMPUTE_DATA_DIR_LOCKED: "Another compute node already runs with this data directory.",
   SHOAL_COMPUTE_SPOOL: "A pending result in the spool cannot be read or written.",

@@ -2,6 +2,7 @@ export * from "./capacity-ledger.js";
 export * from "./compute-node.js";
 export * from "./data-dir-lock.js";
 export * from "./engine-runner.js";
+export * from "./enrollment.js";
 export * from "./errors.js";
 export * from "./execution-manager.js";
 export * from "./job-selection.js";

@@ -37,7 +37,16 @@ export interface ApiOptions {
   preHandlers?: preHandlerAsyncHookHandler[];
   /** @default DEFAULT_BODY_LIMIT */
   bodyLimit?: number;
+  /** Route groups kept in their own files (e.g. enrollment), registered after the core routes. */
+  routes?: ((app: FastifyInstance) => void)[];
 }
+
+/**
+ * Route config (`config: PUBLIC_ROUTE`) of endpoints that take no user token:
+ * `GET pki/ca` (what a node pins) and `POST enroll` (the join token is the
+ * credential). Authn/authz hooks must let these through.
+ */
+export const PUBLIC_ROUTE = { public: true } as const;
 
 declare module "fastify" {
   interface FastifyRequest {
@@ -192,7 +201,9 @@ export function buildApi(o: ApiOptions): FastifyInstance {
   app.get(`${v1}/agent/alive`, async () => ({ Status: "OK" }));
   app.get(`${v1}/agent/version`, async () => ({ Version: o.version }));
   app.get(`${v1}/agent/node`, async () => o.nodeInfo());
-  app.get(`${v1}/pki/ca`, async (_req, reply) => reply.type("application/x-pem-file").send(o.caBundlePem()));
+  app.get(`${v1}/pki/ca`, { config: PUBLIC_ROUTE }, async (_req, reply) =>
+    reply.type("application/x-pem-file").send(o.caBundlePem()),
+  );
 
   app.put(`${v1}/orchestrator/jobs`, { schema: { body: SubmitBody } }, async (req, reply) => {
     const job = await o.jobs.submit((req.body as { Job: unknown }).Job, req.principal);
@@ -305,5 +316,6 @@ export function buildApi(o: ApiOptions): FastifyInstance {
     return { NodeID: id, Deleted: true };
   });
 
+  for (const register of o.routes ?? []) register(app);
   return app;
 }

@@ -12,6 +12,8 @@ import { buildApi } from "./api.js";
 import { ApiTlsManager, type ApiTlsManagerOptions } from "./api-tls.js";
 import { ensureIdentityCertificate, ensureServerCertificate } from "./certificates.js";
 import { Dispatcher } from "./dispatcher.js";
+import { EnrollmentService } from "./enrollment.js";
+import { registerEnrollmentRoutes } from "./enrollment-routes.js";
 import { ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
 import { FabricLink } from "./fabric-link.js";
 import { brokerIdentities, InventoryWatcher } from "./inventory-watch.js";
@@ -234,12 +236,19 @@ export class Orchestrator {
     this.#apiTls = apiTls;
     this.#cleanups.push(() => apiTls.close());
     const caPem = await fs.readFile(caFile, "utf8");
+    const enrollment = new EnrollmentService({
+      pki,
+      certTtlMs: parseDuration(c.PKI.CertTTL),
+      externalIdentities: c.Orchestrator.NodeManager.Identities,
+      log: this.#log.child({ component: "enrollment" }),
+    });
     const api = buildApi({
       jobs,
       nodes,
       log: this.#log.child({ component: "api" }),
       https: apiTls.serverOptions(),
       caBundlePem: () => caPem,
+      routes: [(app) => registerEnrollmentRoutes(app, enrollment)],
       version: this.#o.version,
       nodeInfo: () => ({
         ID: id,
@@ -275,7 +284,14 @@ export class Orchestrator {
     print(`  NATS (mTLS):    tls://${advertise}:${natsPort}`);
     print(`  CA certificate: ${path.join(pki.dir, "ca.crt")}`);
     print(`  CA fingerprint: ${pki.rootFingerprint}`);
-    print("To add a compute node, issue its identity and start it with the CA certificate:");
+    print(
+      "To add a compute node, create a join token here and start the node with it (it makes its own key):",
+    );
+    print(`  shoal pki join-token create --dir ${pki.dir} [--label k=v]`);
+    print(
+      `  shoal compute serve --orchestrators tls://${advertise}:${natsPort} --api https://${advertise}:${apiPort} --join TOKEN --ca-fingerprint ${pki.rootFingerprint}`,
+    );
+    print("Or issue its identity and start it with the CA certificate:");
     print(`  shoal pki issue compute --dir ${pki.dir} --id node-1 --out node-1`);
     print(
       `  shoal compute serve --orchestrators tls://${advertise}:${natsPort} -c Compute.TLS.CACert=${path.join(pki.dir, "ca.crt")} -c Compute.TLS.ClientCert=node-1.crt -c Compute.TLS.ClientKey=node-1.key --data-dir ${path.join(dataDir, "..", "node-1")}`,

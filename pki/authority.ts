@@ -252,20 +252,31 @@ export class Pki {
   /**
    * Signs a CSR after checking its signature. The CA alone decides names and
    * usages from `req` (role, id, dns, ip); whatever the CSR asks for is ignored.
+   * `precondition` is checked against the inventory under its lock (see #record).
    */
   async signCsr(
     csrPem: string | Uint8Array,
     req: Omit<IssueRequest, "keyType">,
-    opts: { out?: string } = {},
+    opts: { out?: string; precondition?: (inventory: InventoryFile) => void } = {},
   ): Promise<IssuedCertificate> {
     const csr = checkCsr(csrPem);
-    return this.#record(this.mint(req, csr), opts.out);
+    return this.#record(this.mint(req, csr), opts.out, opts.precondition);
   }
 
-  async #record(issued: IssuedCertificate, out: string | undefined): Promise<IssuedCertificate> {
+  /**
+   * `precondition` runs under the inventory lock just before the record is
+   * added and may throw to refuse it (e.g. "this id is already held"), so the
+   * check and the record cannot be split by a concurrent issuer.
+   */
+  async #record(
+    issued: IssuedCertificate,
+    out: string | undefined,
+    precondition?: (inventory: InventoryFile) => void,
+  ): Promise<IssuedCertificate> {
     if (out) await writeIssued(out, issued);
     try {
       await updateInventory(this.dir, (inv) => {
+        precondition?.(inv);
         inv.certificates.push(inventoryEntry(issued));
       });
     } catch (err) {

@@ -23,7 +23,10 @@ export const PKI_CODES = defineCodes("pki", {
   SHOAL_PKI_JOIN_TOKEN_INVALID:
     "A join token that is malformed, unknown to this PKI or has the wrong secret.",
   SHOAL_PKI_JOIN_TOKEN_EXPIRED: "A join token past its expiry.",
-  SHOAL_PKI_JOIN_TOKEN_USED: "A join token that was already redeemed (tokens are single-use).",
+  SHOAL_PKI_JOIN_TOKEN_USED:
+    "A join token that has no use left, or that already enrolled the node id asking (a token enrolls an id once).",
+  SHOAL_PKI_JOIN_TOKEN_REVOKED: "A join token that an operator revoked (`shoal pki join-token revoke`).",
+  SHOAL_PKI_JOIN_TOKEN_USES: "A join token's number of uses that is not a whole number from 1 to 100000.",
   SHOAL_PKI_VERIFY_FAILED: "`pki verify` found at least one failed check; each is listed with its own code.",
   SHOAL_PKI_UNTRUSTED: "Verification: the certificate does not chain to the given CA.",
   SHOAL_PKI_BAD_SIGNATURE: "Verification: a signature in the chain does not verify.",

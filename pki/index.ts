@@ -34,14 +34,17 @@ export {
   REVOCATION_REASONS,
   type RevocationReason,
   readInventory,
+  statusAt,
 } from "./inventory.js";
 export {
   createJoinToken,
   DEFAULT_JOIN_TOKEN_TTL_MS,
   JOIN_TOKENS_FILE,
   type JoinTokenRecord,
+  type JoinTokenView,
   listJoinTokens,
   redeemJoinToken,
+  revokeJoinToken,
 } from "./join-tokens.js";
 export {
   assertKeyType,

@@ -1,9 +1,36 @@
-import { ComputeNode } from "../../compute/index.js";
-import { createLogger } from "../../core/index.js";
+import { ComputeNode, type JoinOptions } from "../../compute/index.js";
+import { CORE_CODES, createLogger, ShoalError } from "../../core/index.js";
 import { type ConfigArgs, loadConfigFromArgv, withConfigOptions } from "../config-options.js";
 import type { CommandModule } from "./index.js";
 
-type ServeArgs = ConfigArgs & { "data-dir"?: string; orchestrators?: string } & Record<string, unknown>;
+type ServeArgs = ConfigArgs & {
+  "data-dir"?: string;
+  orchestrators?: string;
+  api?: string;
+  join?: string;
+  "ca-fingerprint"?: string;
+  id?: string;
+} & Record<string, unknown>;
+
+/** `--join`/`--ca-fingerprint` (or SHOAL_JOIN_TOKEN/SHOAL_CA_FINGERPRINT, which keep the token out of `ps`). */
+function joinOptions(argv: ServeArgs): JoinOptions | undefined {
+  const token = argv.join ?? process.env.SHOAL_JOIN_TOKEN;
+  const caFingerprint = argv["ca-fingerprint"] ?? process.env.SHOAL_CA_FINGERPRINT;
+  if (!token) {
+    if (argv["ca-fingerprint"] || argv.id) {
+      throw new ShoalError(CORE_CODES.SHOAL_USAGE, "--ca-fingerprint and --id only matter with --join", {
+        fix: "add --join TOKEN (from `shoal pki join-token create`)",
+      });
+    }
+    return undefined;
+  }
+  if (!caFingerprint) {
+    throw new ShoalError(CORE_CODES.SHOAL_USAGE, "--join needs --ca-fingerprint sha256:HEX", {
+      fix: "copy the CA fingerprint the orchestrator printed: the node trusts nothing it cannot check against it",
+    });
+  }
+  return { token, caFingerprint, ...(argv.id ? { nodeId: argv.id } : {}) };
+}
 
 /**
  * `shoal compute serve`: runs a compute node until SIGTERM/SIGINT, then shuts
@@ -28,14 +55,32 @@ export const computeCommand: CommandModule = (cli) =>
             .option("orchestrators", {
               type: "string",
               describe: "comma-separated NATS URLs, e.g. tls://orch:4222 [default: Compute.Orchestrators]",
+            })
+            .option("join", {
+              type: "string",
+              describe:
+                "join token: enroll into DATA-DIR/tls if no identity is there yet [env SHOAL_JOIN_TOKEN]",
+            })
+            .option("ca-fingerprint", {
+              type: "string",
+              describe:
+                "sha256:HEX of the fabric root CA, checked before anything is trusted [env SHOAL_CA_FINGERPRINT]",
+            })
+            .option("id", { type: "string", describe: "node id to enroll as [default: the host name]" })
+            .option("api", {
+              type: "string",
+              describe:
+                "orchestrator API for enrollment [default: Compute.API, else https://<first orchestrator host>:1234]",
             }),
         async (argv: ServeArgs) => {
           const config = await loadConfigFromArgv(argv, {
             "data-dir": "DataDir",
             orchestrators: "Compute.Orchestrators",
+            api: "Compute.API",
           });
+          const join = joinOptions(argv);
           const logger = createLogger({ level: config.Logging.Level, format: config.Logging.Format });
-          const node = new ComputeNode({ config, logger });
+          const node = new ComputeNode({ config, logger, ...(join ? { join } : {}) });
           let signals = 0;
           const onSignal = (signal: NodeJS.Signals) => {
             signals++;

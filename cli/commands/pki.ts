@@ -27,6 +27,7 @@ import {
   ROLES,
   readCertificates,
   revokeCertificate,
+  revokeJoinToken,
   verifyCertificate,
 } from "../../pki/index.js";
 import { printJson, printTable } from "./api-options.js";
@@ -410,6 +411,11 @@ export const pkiCommand: CommandModule = (cli) =>
               y
                 .option("dir", dirOption)
                 .option("ttl", { type: "string", default: "1h", describe: "lifetime, e.g. 30m, 1h, 24h" })
+                .option("uses", {
+                  type: "number",
+                  default: 1,
+                  describe: "how many nodes may enroll with it (each node id once)",
+                })
                 .option("label", {
                   type: "string",
                   array: true,
@@ -431,9 +437,10 @@ export const pkiCommand: CommandModule = (cli) =>
               }
               const dir = String(argv.dir);
               const fingerprint = certFingerprint(await readFileChecked(path.join(dir, PKI_FILES.rootCert)));
-              const created = await createJoinToken(dir, { ttlMs, labels });
+              const created = await createJoinToken(dir, { ttlMs, labels, uses: Number(argv.uses) });
               if (json(argv)) return printJson({ ...created, caFingerprint: fingerprint });
-              say(`join token ${created.id} (single use, expires ${created.expiresAt.toISOString()}):`);
+              const uses = created.maxUses === 1 ? "single use" : `${created.maxUses} uses`;
+              say(`join token ${created.id} (${uses}, expires ${created.expiresAt.toISOString()}):`);
               say(`  ${created.token}`);
               say("on the new node:");
               say(
@@ -449,15 +456,29 @@ export const pkiCommand: CommandModule = (cli) =>
               const tokens = await listJoinTokens(String(argv.dir));
               if (json(argv)) return printJson(tokens);
               printTable(
-                ["ID", "EXPIRES", "USED BY", "LABELS"],
+                ["ID", "STATE", "EXPIRES", "USES", "USED BY", "LABELS"],
                 tokens.map((t) => [
                   t.id,
+                  t.state,
                   t.expiresAt.toISOString(),
-                  t.usedBy ?? "",
+                  `${t.usedBy.length}/${t.maxUses}`,
+                  t.usedBy.join(","),
                   Object.entries(t.labels)
                     .map(([k, v]) => `${k}=${v}`)
                     .join(","),
                 ]),
+              );
+            },
+          )
+          .command(
+            "revoke <token>",
+            "stop a join token (by id or whole token) from enrolling anyone",
+            (y) => y.positional("token", { type: "string", demandOption: true }).option("dir", dirOption),
+            async (argv: Args) => {
+              const revoked = await revokeJoinToken(String(argv.dir), String(argv.token));
+              if (json(argv)) return printJson(revoked);
+              say(
+                `revoked join token ${revoked.id} (it had enrolled ${revoked.usedBy.join(", ") || "no node"})`,
               );
             },
           )

@@ -1,0 +1,218 @@
+import { isShoalError, type Logger, ShoalError } from "../core/index.js";
+import {
+  createJoinToken,
+  type InventoryFile,
+  type IssuedCertificate,
+  isValidId,
+  type JoinTokenView,
+  listJoinTokens,
+  PKI_CODES,
+  type Pki,
+  redeemJoinToken,
+  revokeJoinToken,
+  spiffeId,
+  statusAt,
+} from "../pki/index.js";
+import { ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
+
+/** What a node sends to `POST /api/v1/enroll`. */
+export interface EnrollRequest {
+  /** The join token, `shoal1.<id>.<secret>`. */
+  token: string;
+  /** PKCS#10 PEM made with the node's own key; only its public key is used. */
+  csrPem: string;
+  /** The id the node asks for: it becomes `spiffe://<td>/compute/<id>`. */
+  nodeId: string;
+}
+
+/** What enrollment gives back: the node's chain and the CA to trust. */
+export interface EnrollResult {
+  nodeId: string;
+  spiffeId: string;
+  /** Leaf then issuing CA. */
+  certPem: string;
+  /** The fabric root CA (what the node pinned). */
+  caPem: string;
+  /** The token's labels: the node's labels from now on. */
+  labels: Record<string, string>;
+  notAfter: Date;
+  serial: string;
+  /** Which join token enrolled it (its id, never the secret). */
+  tokenId: string;
+}
+
+/** A refusal the API answers with its own code and this HTTP status. */
+export class EnrollmentRefused extends ShoalError {
+  constructor(
+    readonly status: number,
+    cause: ShoalError,
+  ) {
+    super(cause.code, cause.message, { cause, fix: cause.fix });
+  }
+}
+
+/** HTTP statuses of the PKI's refusals: bad input is 400, a token that does not admit the node 401/403. */
+const REFUSAL_STATUS: Record<string, number> = {
+  [PKI_CODES.SHOAL_PKI_JOIN_TOKEN_INVALID]: 401,
+  [PKI_CODES.SHOAL_PKI_JOIN_TOKEN_EXPIRED]: 403,
+  [PKI_CODES.SHOAL_PKI_JOIN_TOKEN_USED]: 403,
+  [PKI_CODES.SHOAL_PKI_JOIN_TOKEN_REVOKED]: 403,
+  [PKI_CODES.SHOAL_PKI_JOIN_TOKEN_USES]: 400,
+  [PKI_CODES.SHOAL_PKI_BAD_CSR]: 400,
+  [PKI_CODES.SHOAL_PKI_BAD_PEM]: 400,
+  [PKI_CODES.SHOAL_PKI_UNSUPPORTED_KEY]: 400,
+  [PKI_CODES.SHOAL_PKI_BAD_ID]: 400,
+  [PKI_CODES.SHOAL_PKI_VALIDITY]: 400,
+};
+
+function refusal(err: unknown): unknown {
+  if (isShoalError(err) && !(err instanceof OrchestratorError) && REFUSAL_STATUS[err.code]) {
+    return new EnrollmentRefused(REFUSAL_STATUS[err.code]!, err);
+  }
+  return err;
+}
+
+function idTaken(id: string, why: string): OrchestratorError {
+  return new OrchestratorError(
+    ORCHESTRATOR_CODES.SHOAL_ORCH_NODE_ID_TAKEN,
+    `node id ${id} is already held by another live node (${why})`,
+    409,
+    {
+      fix: `enroll with another id (--id), or retire the old node first (\`shoal node delete ${id}\` / \`shoal pki revoke SERIAL\`)`,
+      field: "NodeID",
+    },
+  );
+}
+
+/**
+ * Signs a compute node's CSR for `spiffe://<td>/compute/<id>` and records it
+ * in the PKI inventory (which the orchestrator's inventory watcher turns into
+ * a broker user). The CA decides names, usages and validity (`ttlMs`,
+ * `PKI.CertTTL`); the CSR contributes only its public key, after its
+ * signature is checked. With `exclusive`, the signing is refused
+ * (SHOAL_ORCH_NODE_ID_TAKEN) while another certificate for that id is valid
+ * — checked under the inventory lock, so two concurrent enrollments cannot
+ * both take one id. Renewal (same node, new key) passes `exclusive: false`.
+ */
+export async function signComputeCsr(
+  pki: Pki,
+  csrPem: string,
+  id: string,
+  opts: { ttlMs: number; exclusive: boolean; now?: Date },
+): Promise<IssuedCertificate> {
+  const now = opts.now ?? new Date();
+  const precondition = opts.exclusive
+    ? (inv: InventoryFile) => {
+        const live = inv.certificates.find(
+          (e) => e.role === "compute" && e.id === id && statusAt(e, now) === "valid",
+        );
+        if (live) {
+          throw idTaken(id, `certificate ${live.serial} valid until ${live.notAfter.toISOString()}`);
+        }
+      }
+    : undefined;
+  return pki.signCsr(csrPem, { role: "compute", id, days: opts.ttlMs / 86_400_000 }, { precondition });
+}
+
+export interface EnrollmentServiceOptions {
+  pki: Pki;
+  /** `PKI.CertTTL` in ms: the lifetime of an enrolled node's certificate. */
+  certTtlMs: number;
+  /** `Orchestrator.NodeManager.Identities`: SPIFFE ids held by certificates from another CA. */
+  externalIdentities: readonly string[];
+  log: Logger;
+}
+
+/**
+ * Zero-touch enrollment: a join token plus a CSR become a compute identity.
+ * The token is checked and its use recorded under the token file's lock with
+ * the signing inside, so a single-use token enrolls exactly one node however
+ * many ask at once, and a refused enrollment (taken id, bad CSR) spends
+ * nothing. Also the admin side of join tokens (create, list, revoke).
+ */
+export class EnrollmentService {
+  readonly #o: EnrollmentServiceOptions;
+
+  constructor(options: EnrollmentServiceOptions) {
+    this.#o = options;
+  }
+
+  async enroll(req: EnrollRequest): Promise<EnrollResult> {
+    const { pki } = this.#o;
+    if (!isValidId(req.nodeId)) {
+      throw new OrchestratorError(
+        ORCHESTRATOR_CODES.SHOAL_ORCH_REQUEST_INVALID,
+        `node id ${JSON.stringify(req.nodeId)} is not valid`,
+        400,
+        {
+          fix: "ids are 1-63 characters of a-z 0-9 - _, starting with a letter or digit",
+          field: "NodeID",
+        },
+      );
+    }
+    const id = spiffeId(pki.trustDomain, "compute", req.nodeId);
+    try {
+      const {
+        id: tokenId,
+        labels,
+        result: issued,
+      } = await redeemJoinToken(pki.dir, req.token, {
+        nodeId: req.nodeId,
+        use: async () => {
+          if (this.#o.externalIdentities.includes(id)) {
+            throw idTaken(req.nodeId, "declared in Orchestrator.NodeManager.Identities");
+          }
+          return signComputeCsr(pki, req.csrPem, req.nodeId, {
+            ttlMs: this.#o.certTtlMs,
+            exclusive: true,
+          });
+        },
+      });
+      this.#o.log.info(
+        { node: req.nodeId, serial: issued.serial, tokenId, notAfter: issued.notAfter },
+        "node enrolled",
+      );
+      return {
+        nodeId: req.nodeId,
+        spiffeId: id,
+        certPem: issued.certPem,
+        caPem: pki.caCertPem,
+        labels,
+        notAfter: issued.notAfter,
+        serial: issued.serial,
+        tokenId,
+      };
+    } catch (err) {
+      if (isShoalError(err)) {
+        this.#o.log.warn({ node: req.nodeId, code: err.code, reason: err.message }, "enrollment refused");
+      }
+      throw refusal(err);
+    }
+  }
+
+  async createToken(opts: {
+    ttlMs: number;
+    uses: number;
+    labels: Record<string, string>;
+  }): Promise<Awaited<ReturnType<typeof createJoinToken>> & { caFingerprint: string }> {
+    try {
+      const created = await createJoinToken(this.#o.pki.dir, opts);
+      return { ...created, caFingerprint: this.#o.pki.rootFingerprint };
+    } catch (err) {
+      throw refusal(err);
+    }
+  }
+
+  listTokens(): Promise<JoinTokenView[]> {
+    return listJoinTokens(this.#o.pki.dir);
+  }
+
+  async revokeToken(id: string): Promise<JoinTokenView> {
+    try {
+      return await revokeJoinToken(this.#o.pki.dir, id);
+    } catch (err) {
+      if (isShoalError(err, PKI_CODES.SHOAL_PKI_JOIN_TOKEN_INVALID)) throw new EnrollmentRefused(404, err);
+      throw refusal(err);
+    }
+  }
+}
