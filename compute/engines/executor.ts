@@ -108,11 +108,15 @@ export abstract class BaseExecutor implements Executor {
   /** Runs one request until it ends or `signal` aborts (then it kills the program and reports CANCELLED). */
   protected abstract execute(req: EngineRunRequest, signal: AbortSignal): Promise<EngineRunResult>;
 
+  /** Frees what the executor holds (worker threads) once its runs have ended; called once by close(). */
+  protected async release(): Promise<void> {}
+
   close(): Promise<void> {
     this.#closing ??= (async () => {
       const running = [...this.#running];
       for (const r of running) r.abort.abort(new Error("executor closing"));
       await Promise.all(running.map((r) => r.done));
+      await this.release();
       this.#resolveClosed(undefined);
     })();
     return this.#closing;

@@ -6,3 +6,5 @@ export * from "./job-results.js";
 export * from "./output-capture.js";
 export * from "./wasm.js";
 export { capModuleMemory, WASM_PAGE_BYTES } from "./wasm-module.js";
+export * from "./wasm-module-cache.js";
+export * from "./wasm-pool.js";

@@ -1,12 +1,15 @@
 /**
- * The WASM engine's worker thread: instantiates one module with WASI
- * preview1 and runs its entrypoint. It gets everything in `workerData`
- * (the compiled module, argv, env, preopens, stdio fds opened by the parent)
- * and reports `{ exitCode }` or `{ error }` by message. The parent kills it
- * with `worker.terminate()` on timeout or cancel.
+ * A worker thread of the WASM engine's pool. It announces `{ ready: true }`
+ * once loaded, then runs one execution per message: a fresh WASI preview1
+ * instance and a fresh WebAssembly instance (new linear memory) of the
+ * compiled module it is given (argv, env, preopens, stdio fds opened by the
+ * parent), and answers `{ exitCode }` or `{ error }`. Nothing of one execution
+ * survives into the next: a module reaches the outside only through its own
+ * WASI object's imports. The parent kills the worker (`worker.terminate()`) on
+ * timeout or cancel and starts another in its place.
  */
 import { WASI } from "node:wasi";
-import { parentPort, workerData } from "node:worker_threads";
+import { parentPort } from "node:worker_threads";
 
 export interface WasmWorkerData {
   module: WebAssembly.Module;
@@ -22,6 +25,21 @@ export interface WasmWorkerData {
 
 export type WasmWorkerMessage = { exitCode: number } | { error: string; trap: boolean };
 
+/** What a pool worker posts: ready once, then one outcome per execution. */
+export type WasmWorkerReply = { ready: true } | WasmWorkerMessage;
+
+type WasiSyscalls = Record<string, (...args: number[]) => number>;
+
+/** WASI's "no error" and the first fd after stdio (where the preopens start). */
+const ESUCCESS = 0;
+const FIRST_FD = 3;
+
+/**
+ * Runs one execution, then closes every descriptor its WASI opened: node:wasi
+ * never closes the preopened directories nor what the module left open, not
+ * even when the thread exits, so without this each execution would leak at
+ * least two descriptors from the process.
+ */
 function run(data: WasmWorkerData): WasmWorkerMessage {
   const wasi = new WASI({
     version: "preview1",
@@ -33,9 +51,45 @@ function run(data: WasmWorkerData): WasmWorkerMessage {
     stderr: data.stderr,
     returnOnExit: true,
   });
+  const syscalls = wasi.wasiImport as WasiSyscalls;
+  // WASI hands out the lowest free descriptor, so every one this execution can
+  // hold is below FIRST_FD + preopens + successful opens.
+  let opened = Object.keys(data.preopens).length;
+  const counted: WasiSyscalls = {};
+  for (const name in syscalls) counted[name] = syscalls[name]!;
+  for (const name of ["path_open", "sock_accept"]) {
+    const call = syscalls[name];
+    if (!call) continue;
+    counted[name] = (...args) => {
+      const errno = call(...args);
+      if (errno === ESUCCESS) opened++;
+      return errno;
+    };
+  }
+  let started = false;
+  try {
+    return execute(wasi, counted, data, () => {
+      started = true;
+    });
+  } finally {
+    // fd_close needs a started WASI; one that never started gets an empty program.
+    if (!started)
+      wasi.start({
+        exports: { memory: new WebAssembly.Memory({ initial: 0 }), _start() {} },
+      } as unknown as WebAssembly.Instance);
+    for (let fd = FIRST_FD; fd < FIRST_FD + opened; fd++) syscalls.fd_close!(fd);
+  }
+}
+
+function execute(
+  wasi: WASI,
+  syscalls: WasiSyscalls,
+  data: WasmWorkerData,
+  onStart: () => void,
+): WasmWorkerMessage {
   let instance: WebAssembly.Instance;
   try {
-    instance = new WebAssembly.Instance(data.module, wasi.getImportObject() as WebAssembly.Imports);
+    instance = new WebAssembly.Instance(data.module, { wasi_snapshot_preview1: syscalls });
   } catch (err) {
     return { error: `cannot instantiate the module: ${(err as Error).message}`, trap: false };
   }
@@ -51,6 +105,7 @@ function run(data: WasmWorkerData): WasmWorkerMessage {
   if (typeof entry !== "function")
     return { error: `the module exports no function ${data.entrypoint}`, trap: false };
   try {
+    onStart();
     // wasi.start() insists on `_start`; a view with the chosen entrypoint as `_start` runs any export.
     return {
       exitCode: wasi.start({ exports: { memory, _start: entry } } as unknown as WebAssembly.Instance),
@@ -63,4 +118,8 @@ function run(data: WasmWorkerData): WasmWorkerMessage {
   }
 }
 
-parentPort!.postMessage(run(workerData as WasmWorkerData));
+const port = parentPort!;
+port.on("message", (data: WasmWorkerData) => {
+  port.postMessage(run(data) satisfies WasmWorkerReply);
+});
+port.postMessage({ ready: true } satisfies WasmWorkerReply);

@@ -1,9 +1,8 @@
 import { promises as fs } from "node:fs";
 import path from "node:path";
 import { performance } from "node:perf_hooks";
-import { Worker } from "node:worker_threads";
 import { INPUTS_DIR, OUTPUTS_DIR, type Task } from "../../core/index.js";
-import { ENGINE_CODES, EngineError } from "./errors.js";
+import { ENGINE_CODES } from "./errors.js";
 import {
   BaseExecutor,
   DEFAULT_MAX_LOG_FILE_BYTES,
@@ -14,11 +13,9 @@ import {
 } from "./executor.js";
 import { resolveEntryModule } from "./job-inputs.js";
 import { OutputCapture } from "./output-capture.js";
-import { capModuleMemory } from "./wasm-module.js";
+import { WasmModuleCache, type WasmModuleCacheOptions } from "./wasm-module-cache.js";
+import { WasmWorkerPool, type WasmWorkerPoolOptions } from "./wasm-pool.js";
 import type { WasmWorkerData, WasmWorkerMessage } from "./wasm-worker.js";
-
-// From source (tests, tsx) the worker is the .ts file next to this one; from dist/, the .js.
-const WORKER_URL = new URL(`./wasm-worker.${import.meta.url.endsWith(".ts") ? "ts" : "js"}`, import.meta.url);
 
 /** How often the stream spools are read while a module runs. @default 50 */
 export const DEFAULT_WASM_LOG_POLL_MS = 50;
@@ -28,17 +25,24 @@ export interface WasmExecutorOptions {
   allowedPaths?: readonly string[];
   /** @default DEFAULT_WASM_LOG_POLL_MS */
   logPollMs?: number;
+  /** Warm worker threads (see WasmWorkerPool). */
+  pool?: WasmWorkerPoolOptions;
+  /** Compiled modules kept (see WasmModuleCache). */
+  modules?: WasmModuleCacheOptions;
 }
 
 type StopReason = "timeout" | "cancel" | "output";
 
 /**
- * Runs WebAssembly (WASI preview1) modules, each in its own worker thread:
- * `/inputs` and `/outputs` are preopened (fds 3 and 4, in that order), stdin
- * is /dev/null, stdout and stderr go to files in the work directory that are
- * read back while the module runs (capped). The module's memory is capped by
- * rewriting its declared maximum (see capModuleMemory); the worker's JS heap
- * by `resourceLimits`. Timeout and cancel terminate the worker.
+ * Runs WebAssembly (WASI preview1) modules on a pool of warm worker threads
+ * (WasmWorkerPool), one execution per worker at a time, each with a fresh WASI
+ * and a fresh instance of the module, compiled once per module digest and
+ * memory cap (WasmModuleCache): `/inputs` and `/outputs` are preopened (fds 3
+ * and 4, in that order), stdin is /dev/null, stdout and stderr go to files in
+ * the work directory that are read back while the module runs (capped). The
+ * module's memory is capped by rewriting its declared maximum (see
+ * capModuleMemory); the worker's JS heap by `resourceLimits`. Timeout and
+ * cancel terminate the worker, and the pool starts another in its place.
  *
  * node:wasi is not a security sandbox for the file system (Node's own
  * warning): it confines paths to the preopens, but it does not make
@@ -49,17 +53,30 @@ export class WasmExecutor extends BaseExecutor {
   readonly engine = "wasm" as const;
   readonly #allowedPaths: readonly string[];
   readonly #pollMs: number;
+  readonly #pool: WasmWorkerPool;
+  readonly #modules: WasmModuleCache;
 
   constructor(options: WasmExecutorOptions = {}) {
     super();
     this.#allowedPaths = options.allowedPaths ?? [];
     this.#pollMs = options.logPollMs ?? DEFAULT_WASM_LOG_POLL_MS;
+    this.#pool = new WasmWorkerPool(options.pool);
+    this.#modules = new WasmModuleCache(options.modules);
+  }
+
+  /** Starts the warm workers. */
+  override async start(): Promise<void> {
+    await this.#pool.start();
+  }
+
+  protected override async release(): Promise<void> {
+    await this.#pool.close();
   }
 
   protected async execute(req: EngineRunRequest, signal: AbortSignal): Promise<EngineRunResult> {
     const params = wasmParams(req.task);
     const bytes = await resolveEntryModule(params.EntryModule, { allowedPaths: this.#allowedPaths });
-    const module = await compile(capModuleMemory(bytes, req.limits.maxMemoryBytes), params.Entrypoint);
+    const module = await this.#modules.get(bytes, req.limits.maxMemoryBytes, params.Entrypoint);
     const started = performance.now();
     const stdout = new OutputCapture(req.limits.maxStdoutBytes, (c) => req.onLog?.("stdout", c));
     const stderr = new OutputCapture(req.limits.maxStderrBytes, (c) => req.onLog?.("stderr", c));
@@ -89,18 +106,12 @@ export class WasmExecutor extends BaseExecutor {
         entrypoint: params.Entrypoint,
         maxMemoryBytes: req.limits.maxMemoryBytes,
       };
-      const worker = new Worker(WORKER_URL, {
-        workerData: data,
-        stdout: true,
-        stderr: true,
-        resourceLimits: { maxOldGenerationSizeMb: 64, maxYoungGenerationSizeMb: 16, stackSizeMb: 4 },
-      });
-      // The worker's own console (Node's WASI warning) is not the module's output.
-      worker.stdout.resume();
-      worker.stderr.resume();
+      const worker = await this.#pool.acquire();
+      let ran = false;
       const stop = (reason: StopReason) => {
         stopReason ??= reason;
-        void worker.terminate();
+        // Once it answered, the worker is back in the pool and may serve another execution.
+        if (!ran) void worker.kill();
       };
       const captures = [stdout, stderr];
       let draining: Promise<void> | undefined;
@@ -118,13 +129,14 @@ export class WasmExecutor extends BaseExecutor {
       const onAbort = () => stop("cancel");
       if (signal.aborted) onAbort();
       else signal.addEventListener("abort", onAbort, { once: true });
-      worker.on("message", (m: WasmWorkerMessage) => {
-        outcome = m;
-      });
-      worker.on("error", (err) => {
-        workerError = err;
-      });
-      await new Promise((resolve) => worker.once("exit", resolve));
+      try {
+        outcome = await worker.run(data);
+      } catch (err) {
+        workerError = err as Error;
+      } finally {
+        ran = true;
+        this.#pool.release(worker);
+      }
       clearInterval(poll);
       clearTimeout(timer);
       signal.removeEventListener("abort", onAbort);
@@ -152,38 +164,6 @@ export class WasmExecutor extends BaseExecutor {
 function wasmParams(task: Task) {
   if (task.Engine.Type !== "wasm") throw new Error("unreachable: checked by BaseExecutor.run");
   return task.Engine.Params;
-}
-
-async function compile(bytes: Uint8Array, entrypoint: string): Promise<WebAssembly.Module> {
-  let module: WebAssembly.Module;
-  try {
-    module = await WebAssembly.compile(bytes);
-  } catch (err) {
-    throw new EngineError(
-      ENGINE_CODES.SHOAL_ENGINE_MODULE_INVALID,
-      `invalid WebAssembly module: ${(err as Error).message}`,
-      {
-        cause: err,
-      },
-    );
-  }
-  const exports = WebAssembly.Module.exports(module);
-  const missing = [
-    exports.some((e) => e.name === "memory" && e.kind === "memory") ? undefined : "memory",
-    exports.some((e) => e.name === entrypoint && e.kind === "function")
-      ? undefined
-      : `function ${entrypoint}`,
-  ].filter(Boolean);
-  if (missing.length > 0) {
-    throw new EngineError(
-      ENGINE_CODES.SHOAL_ENGINE_MODULE_INVALID,
-      `invalid WebAssembly module: it does not export ${missing.join(" or ")}`,
-      {
-        fix: "build a WASI command module, or set Engine.Params.Entrypoint to one of its exported functions",
-      },
-    );
-  }
-  return module;
 }
 
 /** Reads what was appended to a spool since `offset` into `capture`; returns the new offset. */

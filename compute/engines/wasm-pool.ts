@@ -1,0 +1,192 @@
+import { Worker } from "node:worker_threads";
+import { ENGINE_CODES, EngineError } from "./errors.js";
+import type { WasmWorkerData, WasmWorkerMessage, WasmWorkerReply } from "./wasm-worker.js";
+
+// From source (tests, tsx) the worker is the .ts file next to this one; from dist/, the .js.
+const WORKER_URL = new URL(`./wasm-worker.${import.meta.url.endsWith(".ts") ? "ts" : "js"}`, import.meta.url);
+
+/** Workers started ahead of demand and always kept ready. @default 2 */
+export const DEFAULT_WASM_WARM_WORKERS = 2;
+/** Idle workers beyond the warm ones are stopped after this long without work. @default 30 s */
+export const DEFAULT_WASM_IDLE_MS = 30_000;
+/** A worker is retired after this many executions, bounding whatever one could leave behind. @default 1000 */
+export const DEFAULT_WASM_RUNS_PER_WORKER = 1000;
+
+/** The JS heap of a worker; WebAssembly memory is capped separately (capModuleMemory). */
+const RESOURCE_LIMITS = { maxOldGenerationSizeMb: 64, maxYoungGenerationSizeMb: 16, stackSizeMb: 4 };
+
+export interface WasmWorkerPoolOptions {
+  /** @default DEFAULT_WASM_WARM_WORKERS */
+  warm?: number;
+  /** @default DEFAULT_WASM_IDLE_MS */
+  idleMs?: number;
+  /** @default DEFAULT_WASM_RUNS_PER_WORKER */
+  runsPerWorker?: number;
+}
+
+/**
+ * One worker thread of the pool. It runs one execution at a time; `kill()`
+ * terminates it (the pool never hands it out again).
+ */
+export class PooledWasmWorker {
+  readonly #worker: Worker;
+  readonly ready: Promise<void>;
+  #pending: { resolve: (m: WasmWorkerMessage) => void; reject: (e: Error) => void } | undefined;
+  #dead: Error | undefined;
+  runs = 0;
+  idleSince = 0;
+
+  constructor() {
+    this.#worker = new Worker(WORKER_URL, { stdout: true, stderr: true, resourceLimits: RESOURCE_LIMITS });
+    // The worker's own console (Node's WASI warning) is not a module's output.
+    this.#worker.stdout.resume();
+    this.#worker.stderr.resume();
+    let markReady!: () => void;
+    let failStart!: (err: Error) => void;
+    this.ready = new Promise<void>((resolve, reject) => {
+      markReady = resolve;
+      failStart = reject;
+    });
+    this.ready.catch(() => {});
+    this.#worker.on("message", (m: WasmWorkerReply) => {
+      if ("ready" in m) {
+        markReady();
+        return;
+      }
+      const pending = this.#pending;
+      this.#pending = undefined;
+      pending?.resolve(m);
+    });
+    const die = (err: Error) => {
+      this.#dead ??= err;
+      failStart(this.#dead);
+      const pending = this.#pending;
+      this.#pending = undefined;
+      pending?.reject(this.#dead);
+    };
+    this.#worker.on("error", die);
+    this.#worker.on("exit", (code) => die(new Error(`the worker exited (code ${code})`)));
+  }
+
+  /** False once the worker died or was killed. */
+  get alive(): boolean {
+    return this.#dead === undefined;
+  }
+
+  /** Runs one execution; rejects if the worker dies (or is killed) before it answers. */
+  run(data: WasmWorkerData): Promise<WasmWorkerMessage> {
+    if (this.#dead) return Promise.reject(this.#dead);
+    if (this.#pending) return Promise.reject(new Error("the worker is busy"));
+    this.runs++;
+    return new Promise((resolve, reject) => {
+      this.#pending = { resolve, reject };
+      this.#worker.postMessage(data);
+    });
+  }
+
+  kill(): Promise<void> {
+    this.#dead ??= new Error("the worker was terminated");
+    return this.#worker.terminate().then(() => {});
+  }
+}
+
+/**
+ * Warm worker threads for the WASM engine, so an execution does not pay for
+ * starting a thread and loading the worker script (tens of milliseconds from
+ * dist/, about a second under a TypeScript loader). `warm` workers are started
+ * at once and replaced when one is killed; more are started when every worker
+ * is busy, and those are stopped again after `idleMs` without work. Isolation
+ * is per execution, not per thread: each run gets a fresh WASI and a fresh
+ * instance (see wasm-worker.ts), and a worker that was killed, died or ran
+ * `runsPerWorker` executions is never reused.
+ */
+export class WasmWorkerPool {
+  readonly #warm: number;
+  readonly #idleMs: number;
+  readonly #runsPerWorker: number;
+  readonly #idle: PooledWasmWorker[] = [];
+  /** Workers handed out and not given back yet. */
+  readonly #busy = new Set<PooledWasmWorker>();
+  #closed = false;
+  #pruner: NodeJS.Timeout | undefined;
+
+  constructor(o: WasmWorkerPoolOptions = {}) {
+    this.#warm = o.warm ?? DEFAULT_WASM_WARM_WORKERS;
+    this.#idleMs = o.idleMs ?? DEFAULT_WASM_IDLE_MS;
+    this.#runsPerWorker = o.runsPerWorker ?? DEFAULT_WASM_RUNS_PER_WORKER;
+  }
+
+  /** Starts the warm workers and waits until they are loaded. */
+  async start(): Promise<void> {
+    this.#refill();
+    await Promise.all(this.#idle.map((w) => w.ready.catch(() => {})));
+    this.#pruner = setInterval(() => this.#prune(), Math.max(1000, this.#idleMs / 2));
+    this.#pruner.unref();
+  }
+
+  /** Idle workers now (for tests and status). */
+  get idle(): number {
+    return this.#idle.length;
+  }
+
+  /** A ready worker for one execution: an idle one, else a new one. Give it back with {@link release}. */
+  async acquire(): Promise<PooledWasmWorker> {
+    for (let worker = this.#idle.pop(); worker; worker = this.#idle.pop()) {
+      this.#busy.add(worker);
+      await worker.ready.catch(() => {});
+      if (worker.alive && !this.#closed) return worker;
+      this.#busy.delete(worker);
+    }
+    if (this.#closed)
+      throw new EngineError(ENGINE_CODES.SHOAL_ENGINE_CLOSED, "the WASM worker pool is closed");
+    const worker = new PooledWasmWorker();
+    this.#busy.add(worker);
+    try {
+      await worker.ready;
+      return worker;
+    } catch (cause) {
+      this.#busy.delete(worker);
+      throw new EngineError(ENGINE_CODES.SHOAL_ENGINE_START_FAILED, "cannot start a WASM worker thread", {
+        cause,
+      });
+    }
+  }
+
+  /** Takes a worker back: reused if it is healthy, else dropped and replaced. */
+  release(worker: PooledWasmWorker): void {
+    this.#busy.delete(worker);
+    if (this.#closed || !worker.alive || worker.runs >= this.#runsPerWorker) {
+      void worker.kill();
+      this.#refill();
+      return;
+    }
+    worker.idleSince = Date.now();
+    this.#idle.push(worker);
+  }
+
+  /** Stops every worker; busy ones are killed (their runs fail). */
+  async close(): Promise<void> {
+    this.#closed = true;
+    clearInterval(this.#pruner);
+    const all = [...this.#idle.splice(0), ...this.#busy];
+    this.#busy.clear();
+    await Promise.all(all.map((w) => w.kill()));
+  }
+
+  #refill(): void {
+    while (!this.#closed && this.#idle.length + this.#busy.size < this.#warm) {
+      this.#idle.unshift(new PooledWasmWorker());
+    }
+  }
+
+  /** Stops workers idle for longer than idleMs, down to the warm ones; the oldest idle go first. */
+  #prune(): void {
+    const cutoff = Date.now() - this.#idleMs;
+    while (
+      this.#idle.length + this.#busy.size > this.#warm &&
+      (this.#idle[0]?.idleSince ?? Infinity) < cutoff
+    ) {
+      void this.#idle.shift()!.kill();
+    }
+  }
+}

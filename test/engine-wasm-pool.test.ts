@@ -1,0 +1,98 @@
+import "reflect-metadata";
+import { readdirSync } from "node:fs";
+import path from "node:path";
+import t from "tap";
+import { WasmExecutor, WasmModuleCache, WasmWorkerPool } from "../compute/engines/index.js";
+import { LOOP, MiB, PROC_EXIT, repo, wasmFixtures, wasmTask } from "./helpers/wasm-fixtures.js";
+
+const fx = await wasmFixtures(t);
+const never = new AbortController().signal;
+const wasm = new WasmExecutor({ pool: { warm: 1 } });
+await wasm.start();
+t.teardown(() => wasm.close());
+const hello = await fx.wat(path.join(repo, "configs/jobs/hello.wat"));
+
+t.test("the pool reuses a healthy worker and replaces a killed or retired one", async (t) => {
+  const pool = new WasmWorkerPool({ warm: 1, runsPerWorker: 2 });
+  t.teardown(() => pool.close());
+  await pool.start();
+  t.equal(pool.idle, 1, "the warm worker is started ahead of demand");
+  const first = await pool.acquire();
+  t.equal(pool.idle, 0);
+  const extra = await pool.acquire();
+  t.not(extra, first, "when every worker is busy another one is started");
+  pool.release(first);
+  pool.release(extra);
+  t.equal(await pool.acquire(), extra, "the most recently used idle worker is handed out first");
+  await extra.kill();
+  pool.release(extra);
+  const next = await pool.acquire();
+  t.not(next, extra, "a killed worker is never handed out again");
+  t.ok(next.alive);
+  next.runs = 2;
+  pool.release(next);
+  t.not(await pool.acquire(), next, "a worker is retired after runsPerWorker executions");
+  await pool.close();
+  await t.rejects(pool.acquire(), { code: "SHOAL_ENGINE_CLOSED" });
+});
+
+// Memory and a mutable global both count up from their initial values: a
+// second run that saw the first run's instance would exit with 2.
+const COUNTER = `(module ${PROC_EXIT} (memory (export "memory") 1) (global $g (mut i32) (i32.const 0))
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.add (i32.load (i32.const 0)) (i32.const 1)))
+    (global.set $g (i32.add (global.get $g) (i32.const 1)))
+    (call $proc_exit (i32.add (i32.load (i32.const 0)) (global.get $g)))))`;
+
+t.test("each execution on a warm worker gets a fresh instance, memory and WASI", async (t) => {
+  const counter = await fx.wat(COUNTER);
+  for (let i = 0; i < 3; i++) {
+    const res = await wasm.run(await fx.request(wasmTask(counter)), never);
+    t.equal(res.exitCode, 2, `run ${i}: memory and globals start from the module's initial values`);
+  }
+});
+
+t.test("executions do not leak file descriptors (WASI preopens are closed)", async (t) => {
+  const fds = () => readdirSync("/proc/self/fd").length;
+  await wasm.run(await fx.request(wasmTask(hello)), never);
+  const before = fds();
+  const runs = 30;
+  for (let i = 0; i < runs; i++) {
+    const res = await wasm.run(await fx.request(wasmTask(hello)), never);
+    t.equal(res.exitCode, 0);
+  }
+  t.ok(
+    fds() - before < runs,
+    `descriptors before ${before}, after ${fds()} (${2 * runs} more would be a leak)`,
+  );
+});
+
+t.test("a worker killed at the timeout is replaced and the next execution runs", async (t) => {
+  const loop = await fx.wat(LOOP);
+  const killed = await wasm.run(await fx.request(wasmTask(loop), { timeoutMs: 200 }), never);
+  t.equal(killed.error?.code, "SHOAL_ENGINE_TIMEOUT");
+  const res = await wasm.run(await fx.request(wasmTask(hello)), never);
+  t.equal(res.exitCode, 0);
+  t.equal(res.stdout.toString(), "hello from wasm\n");
+});
+
+t.test("compiled modules are cached by digest and memory cap", async (t) => {
+  const cache = new WasmModuleCache({ maxModules: 2 });
+  const a = await cache.get(hello, 16 * MiB, "_start");
+  t.equal(await cache.get(Buffer.from(hello), 16 * MiB, "_start"), a, "same bytes: same compiled module");
+  const b = await cache.get(hello, 32 * MiB, "_start");
+  t.not(b, a, "another memory cap is another module");
+  t.equal(cache.size, 2);
+  await t.rejects(cache.get(hello, 16 * MiB, "missing"), {
+    code: "SHOAL_ENGINE_MODULE_INVALID",
+    message: /does not export function missing/,
+  });
+  await t.rejects(cache.get(Buffer.from("\0asm not really"), 16 * MiB, "_start"), {
+    code: "SHOAL_ENGINE_MODULE_INVALID",
+  });
+  t.equal(cache.size, 2, "a module that does not compile is not kept");
+  await cache.get(await fx.wat(LOOP), 16 * MiB, "_start");
+  t.equal(cache.size, 2, "the least recently used module makes room");
+  t.equal(await cache.get(hello, 16 * MiB, "_start"), a, "the recently used one stays");
+  t.not(await cache.get(hello, 32 * MiB, "_start"), b, "the evicted one is compiled again");
+});
