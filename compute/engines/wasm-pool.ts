@@ -1,9 +1,14 @@
 import { Worker } from "node:worker_threads";
 import { ENGINE_CODES, EngineError } from "./errors.js";
-import type { WasmWorkerData, WasmWorkerMessage, WasmWorkerReply } from "./wasm-worker.js";
+import {
+  type WasmWorkerData,
+  type WasmWorkerMessage,
+  type WasmWorkerReply,
+  wasmWorkerMain,
+} from "./wasm-worker.js";
 
-// From source (tests, tsx) the worker is the .ts file next to this one; from dist/, the .js.
-const WORKER_URL = new URL(`./wasm-worker.${import.meta.url.endsWith(".ts") ? "ts" : "js"}`, import.meta.url);
+/** The worker's program as source text (see wasmWorkerMain). */
+const WORKER_SOURCE = `(${wasmWorkerMain.toString()})();`;
 
 /** Workers started ahead of demand and always kept ready. @default 2 */
 export const DEFAULT_WASM_WARM_WORKERS = 2;
@@ -37,7 +42,13 @@ export class PooledWasmWorker {
   idleSince = 0;
 
   constructor() {
-    this.#worker = new Worker(WORKER_URL, { stdout: true, stderr: true, resourceLimits: RESOURCE_LIMITS });
+    this.#worker = new Worker(WORKER_SOURCE, {
+      eval: true,
+      execArgv: [],
+      stdout: true,
+      stderr: true,
+      resourceLimits: RESOURCE_LIMITS,
+    });
     // The worker's own console (Node's WASI warning) is not a module's output.
     this.#worker.stdout.resume();
     this.#worker.stderr.resume();

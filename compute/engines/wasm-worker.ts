@@ -8,8 +8,6 @@
  * WASI object's imports. The parent kills the worker (`worker.terminate()`) on
  * timeout or cancel and starts another in its place.
  */
-import { WASI } from "node:wasi";
-import { parentPort } from "node:worker_threads";
 
 export interface WasmWorkerData {
   module: WebAssembly.Module;
@@ -28,98 +26,107 @@ export type WasmWorkerMessage = { exitCode: number } | { error: string; trap: bo
 /** What a pool worker posts: ready once, then one outcome per execution. */
 export type WasmWorkerReply = { ready: true } | WasmWorkerMessage;
 
-type WasiSyscalls = Record<string, (...args: number[]) => number>;
-
-/** WASI's "no error" and the first fd after stdio (where the preopens start). */
-const ESUCCESS = 0;
-const FIRST_FD = 3;
-
 /**
- * Runs one execution, then closes every descriptor its WASI opened: node:wasi
- * never closes the preopened directories nor what the module left open, not
- * even when the thread exits, so without this each execution would leak at
- * least two descriptors from the process.
+ * The worker's program. The pool starts it as the source text of this
+ * function (`eval`) without the parent's `execArgv`, so a worker never loads
+ * a TypeScript loader (about a second of CPU per thread in tests and
+ * benchmarks run from source): it must not use anything from module scope.
+ *
+ * After each execution it closes every descriptor that execution's WASI
+ * opened: node:wasi never closes the preopened directories nor what the
+ * module left open, not even when the thread exits, so each execution would
+ * otherwise leak at least two descriptors from the process.
  */
-function run(data: WasmWorkerData): WasmWorkerMessage {
-  const wasi = new WASI({
-    version: "preview1",
-    args: data.args,
-    env: data.env,
-    preopens: data.preopens,
-    stdin: data.stdin,
-    stdout: data.stdout,
-    stderr: data.stderr,
-    returnOnExit: true,
-  });
-  const syscalls = wasi.wasiImport as WasiSyscalls;
-  // WASI hands out the lowest free descriptor, so every one this execution can
-  // hold is below FIRST_FD + preopens + successful opens.
-  let opened = Object.keys(data.preopens).length;
-  const counted: WasiSyscalls = {};
-  for (const name in syscalls) counted[name] = syscalls[name]!;
-  for (const name of ["path_open", "sock_accept"]) {
-    const call = syscalls[name];
-    if (!call) continue;
-    counted[name] = (...args) => {
-      const errno = call(...args);
-      if (errno === ESUCCESS) opened++;
-      return errno;
-    };
-  }
-  let started = false;
-  try {
-    return execute(wasi, counted, data, () => {
-      started = true;
+export function wasmWorkerMain(): void {
+  const { WASI } = require("node:wasi") as typeof import("node:wasi");
+  const { parentPort } = require("node:worker_threads") as typeof import("node:worker_threads");
+  type WasiSyscalls = Record<string, (...args: number[]) => number>;
+  /** WASI's "no error", and the first descriptor after stdio (where the preopens start). */
+  const ESUCCESS = 0;
+  const FIRST_FD = 3;
+
+  const execute = (
+    wasi: InstanceType<typeof WASI>,
+    syscalls: WasiSyscalls,
+    data: WasmWorkerData,
+    onStart: () => void,
+  ): WasmWorkerMessage => {
+    let instance: WebAssembly.Instance;
+    try {
+      instance = new WebAssembly.Instance(data.module, { wasi_snapshot_preview1: syscalls });
+    } catch (err) {
+      return { error: `cannot instantiate the module: ${(err as Error).message}`, trap: false };
+    }
+    const { memory } = instance.exports;
+    if (!(memory instanceof WebAssembly.Memory))
+      return { error: "the module exports no memory", trap: false };
+    if (memory.buffer.byteLength > data.maxMemoryBytes) {
+      return {
+        error: `the module's memory (${memory.buffer.byteLength} bytes) is over the limit`,
+        trap: false,
+      };
+    }
+    const entry = instance.exports[data.entrypoint];
+    if (typeof entry !== "function")
+      return { error: `the module exports no function ${data.entrypoint}`, trap: false };
+    try {
+      onStart();
+      // wasi.start() insists on `_start`; a view with the chosen entrypoint as `_start` runs any export.
+      return {
+        exitCode: wasi.start({ exports: { memory, _start: entry } } as unknown as WebAssembly.Instance),
+      };
+    } catch (err) {
+      return {
+        error: `${(err as Error).name}: ${(err as Error).message}`,
+        trap: err instanceof WebAssembly.RuntimeError,
+      };
+    }
+  };
+
+  const run = (data: WasmWorkerData): WasmWorkerMessage => {
+    const wasi = new WASI({
+      version: "preview1",
+      args: data.args,
+      env: data.env,
+      preopens: data.preopens,
+      stdin: data.stdin,
+      stdout: data.stdout,
+      stderr: data.stderr,
+      returnOnExit: true,
     });
-  } finally {
-    // fd_close needs a started WASI; one that never started gets an empty program.
-    if (!started)
-      wasi.start({
-        exports: { memory: new WebAssembly.Memory({ initial: 0 }), _start() {} },
-      } as unknown as WebAssembly.Instance);
-    for (let fd = FIRST_FD; fd < FIRST_FD + opened; fd++) syscalls.fd_close!(fd);
-  }
-}
+    const syscalls = wasi.wasiImport as WasiSyscalls;
+    // WASI hands out the lowest free descriptor, so every one this execution
+    // can hold is below FIRST_FD + preopens + successful opens.
+    let opened = Object.keys(data.preopens).length;
+    const counted: WasiSyscalls = {};
+    for (const name in syscalls) counted[name] = syscalls[name]!;
+    for (const name of ["path_open", "sock_accept"]) {
+      const call = syscalls[name];
+      if (!call) continue;
+      counted[name] = (...args) => {
+        const errno = call(...args);
+        if (errno === ESUCCESS) opened++;
+        return errno;
+      };
+    }
+    let started = false;
+    try {
+      return execute(wasi, counted, data, () => {
+        started = true;
+      });
+    } finally {
+      // fd_close needs a started WASI; one that never started gets an empty program.
+      if (!started) {
+        const empty = { exports: { memory: new WebAssembly.Memory({ initial: 0 }), _start() {} } };
+        wasi.start(empty as unknown as WebAssembly.Instance);
+      }
+      for (let fd = FIRST_FD; fd < FIRST_FD + opened; fd++) syscalls.fd_close!(fd);
+    }
+  };
 
-function execute(
-  wasi: WASI,
-  syscalls: WasiSyscalls,
-  data: WasmWorkerData,
-  onStart: () => void,
-): WasmWorkerMessage {
-  let instance: WebAssembly.Instance;
-  try {
-    instance = new WebAssembly.Instance(data.module, { wasi_snapshot_preview1: syscalls });
-  } catch (err) {
-    return { error: `cannot instantiate the module: ${(err as Error).message}`, trap: false };
-  }
-  const { memory } = instance.exports;
-  if (!(memory instanceof WebAssembly.Memory)) return { error: "the module exports no memory", trap: false };
-  if (memory.buffer.byteLength > data.maxMemoryBytes) {
-    return {
-      error: `the module's memory (${memory.buffer.byteLength} bytes) is over the limit`,
-      trap: false,
-    };
-  }
-  const entry = instance.exports[data.entrypoint];
-  if (typeof entry !== "function")
-    return { error: `the module exports no function ${data.entrypoint}`, trap: false };
-  try {
-    onStart();
-    // wasi.start() insists on `_start`; a view with the chosen entrypoint as `_start` runs any export.
-    return {
-      exitCode: wasi.start({ exports: { memory, _start: entry } } as unknown as WebAssembly.Instance),
-    };
-  } catch (err) {
-    return {
-      error: `${(err as Error).name}: ${(err as Error).message}`,
-      trap: err instanceof WebAssembly.RuntimeError,
-    };
-  }
+  const port = parentPort!;
+  port.on("message", (data: WasmWorkerData) => {
+    port.postMessage(run(data) satisfies WasmWorkerReply);
+  });
+  port.postMessage({ ready: true } satisfies WasmWorkerReply);
 }
-
-const port = parentPort!;
-port.on("message", (data: WasmWorkerData) => {
-  port.postMessage(run(data) satisfies WasmWorkerReply);
-});
-port.postMessage({ ready: true } satisfies WasmWorkerReply);
