@@ -95,14 +95,32 @@ async function readTokens(dir: string): Promise<JoinTokensFile> {
  * async and may throw: the file is then left as it was.
  */
 async function updateTokens<T>(dir: string, change: (file: JoinTokensFile) => T | Promise<T>): Promise<T> {
-  return withFileLock(path.join(dir, `${JOIN_TOKENS_FILE}.lock`), async () => {
-    const file = await readTokens(dir);
-    const result = await change(file);
-    // Secrets' hashes only, but still nobody else's business: 0600.
-    await writeFileAtomic(path.join(dir, JOIN_TOKENS_FILE), `${JSON.stringify(file, null, 2)}\n`, 0o600);
-    return result;
-  });
+  // Callers in this process (concurrent API requests) queue here instead of
+  // polling the lock file against each other; the file lock is for other processes.
+  const key = path.resolve(dir);
+  const run = (inProcess.get(key) ?? Promise.resolve()).then(() =>
+    withFileLock(path.join(dir, `${JOIN_TOKENS_FILE}.lock`), async () => {
+      const file = await readTokens(dir);
+      const result = await change(file);
+      // Secrets' hashes only, but still nobody else's business: 0600.
+      await writeFileAtomic(path.join(dir, JOIN_TOKENS_FILE), `${JSON.stringify(file, null, 2)}\n`, 0o600);
+      return result;
+    }),
+  );
+  const tail = run.then(
+    () => {},
+    () => {},
+  );
+  inProcess.set(key, tail);
+  try {
+    return await run;
+  } finally {
+    if (inProcess.get(key) === tail) inProcess.delete(key);
+  }
 }
+
+/** The last queued token-file update per PKI directory in this process. */
+const inProcess = new Map<string, Promise<void>>();
 
 function stateAt(t: JoinTokenRecord, now: Date): JoinTokenView["state"] {
   if (t.revokedAt) return "revoked";
