@@ -120,5 +120,7 @@ if (process.send) {
         void Promise.all([plain?.close(), mtls?.close()]).then(() => process.exit(0));
     }
   });
+  // The bench died or was stopped: do not linger.
+  process.on("disconnect", () => process.exit(0));
   send({ type: "up" });
 }
