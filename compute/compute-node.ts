@@ -1,3 +1,4 @@
+import { X509Certificate } from "node:crypto";
 import { EventEmitter, on } from "node:events";
 import { promises as fs } from "node:fs";
 import path from "node:path";
@@ -30,6 +31,7 @@ import {
 } from "../fabric/index.js";
 import pkg from "../package.json" with { type: "json" };
 import { CapacityLedger } from "./capacity-ledger.js";
+import { CertificateRenewer } from "./certificate-renewal.js";
 import { lockDataDir } from "./data-dir-lock.js";
 import { createEngineRunner, type EngineRunner } from "./engine-runner.js";
 import { ensureEnrolled, type JoinOptions, readEnrollment } from "./enrollment.js";
@@ -91,6 +93,7 @@ export type ComputeNodeEvent =
   | { type: "result-acknowledged"; executionId: string }
   | { type: "result-refused"; executionId: string; reason: string; dropped: boolean }
   | { type: "message-refused"; subject: string; code: string; reason: string }
+  | { type: "certificate-renewed"; serial: string; fingerprint: string; notAfter: Date }
   | { type: "closed"; error: Error | undefined };
 
 /** The compute node's lifecycle phase. */
@@ -141,6 +144,7 @@ export class ComputeNode {
   #policy: JobSelectionPolicy | undefined;
   #unlock: (() => Promise<void>) | undefined;
   #labels: Record<string, string> = {};
+  #renewer: CertificateRenewer | undefined;
   /** The orchestrator's identity, learned from its register reply; the audience of what we send. */
   #orchestrator: string | undefined;
   #approval: Approval | undefined;
@@ -359,7 +363,27 @@ export class ComputeNode {
         (error, msg) => this.#refused(msg.subject, error),
       ),
     );
+    this.#subscriptions.push(
+      await this.#fabric.subscribe(subjects.broadcast("certificate"), {
+        callback: (err, msg) => {
+          if (!err) this.#learnOrchestratorChain(msg.string(), msg.subject);
+        },
+      }),
+    );
     void this.#watchFabric(this.#fabric);
+    this.#renewer = new CertificateRenewer({
+      identity,
+      renewBeforeMs: parseDuration(this.#o.config.PKI.RenewBefore),
+      request: (csrPem) => this.#requestRenewal(csrPem),
+      onRenewed: (renewed) => this.#useIdentity(renewed),
+      onExpired: (error) => {
+        this.#fatal = error;
+        void this.close();
+      },
+      ...(this.#o.retryBaseMs ? { retryBaseMs: this.#o.retryBaseMs } : {}),
+      log,
+    });
+    this.#renewer.start();
     this.#phase = "running";
     this.#loops.push(this.#sessionLoop(), this.#deliveryLoop());
     log.info(
@@ -409,6 +433,66 @@ export class ComputeNode {
           void this.close();
         }
       }
+    }
+  }
+
+  // ---- certificate rotation --------------------------------------------------------------------
+
+  /** Sends a CSR in a signed `renew` request to the orchestrator we registered with; resolves to the new chain. */
+  async #requestRenewal(csrPem: string): Promise<string> {
+    const orchestrator = this.#orchestrator;
+    if (!this.#connected || !orchestrator || !this.#messenger) {
+      throw new FabricError("SHOAL_NATS_CLOSED", "not connected and registered with an orchestrator");
+    }
+    const env = await this.#messenger.requestSigned(
+      subjects.computeOut(this.#identity!.id, "renew"),
+      "renew",
+      orchestrator,
+      { csrPem },
+      this.#o.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS,
+    );
+    const body = env.body as MessageBody<"renew-reply">;
+    if (env.kind !== "renew-reply" || !body.chainPem) {
+      throw new FabricError(
+        "SHOAL_ENVELOPE_KIND",
+        `the orchestrator did not renew the certificate: ${body.reason ?? env.kind}`,
+      );
+    }
+    return body.chainPem;
+  }
+
+  /**
+   * The renewed certificate is on disk: sign with its key from now on, and
+   * reconnect so the broker sees it (nats.js reads the files again when it
+   * dials). Running executions go on; the node registers again with the new
+   * chain after the reconnect, so the orchestrator keeps its record.
+   */
+  async #useIdentity(identity: NodeIdentity): Promise<void> {
+    this.#identity = identity;
+    this.#messenger?.useSigner(new EnvelopeSigner({ certPem: identity.chainPem, keyPem: identity.keyPem }));
+    const serial = new X509Certificate(identity.chainPem).serialNumber.toLowerCase();
+    this.#emit({
+      type: "certificate-renewed",
+      serial,
+      fingerprint: identity.fingerprint,
+      notAfter: identity.notAfter,
+    });
+    if (this.#fabric && !this.#fabric.nc.isClosed()) await this.#fabric.nc.reconnect();
+  }
+
+  /**
+   * A `certificate` broadcast: the orchestrator's renewed chain. It is path
+   * validated against the CA before it is cached, then the envelope itself
+   * (signed with the new key) must verify as an orchestrator broadcast.
+   */
+  #learnOrchestratorChain(token: string, subject: string): void {
+    try {
+      const chainPem = unverifiedChain(token);
+      if (chainPem) this.#peers?.add(chainPem);
+      this.#verifier?.verify(token, { subject });
+    } catch (err) {
+      if (err instanceof FabricError) this.#refused(subject, err);
+      else this.#log.warn({ subject, err }, "certificate broadcast refused");
     }
   }
 
@@ -841,6 +925,7 @@ export class ComputeNode {
     this.#phase = "closing";
     this.#wake();
     try {
+      await this.#renewer?.close();
       for (const t of this.#reservations.values()) clearTimeout(t);
       this.#reservations.clear();
       await this.#manager?.drain(this.#o.shutdownGraceMs ?? DEFAULT_SHUTDOWN_GRACE_MS);

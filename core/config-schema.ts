@@ -340,8 +340,14 @@ export const ConfigSchema = Type.Object(
           "x-shoal-expect": "a lower-case DNS name like shoal.local",
           description: "SPIFFE trust domain of every identity: spiffe://<TrustDomain>/<role>/<id>.",
         }),
-        CertTTL: duration("24h", "Lifetime of the node certificates the PKI issues."),
-        RenewBefore: duration("8h", "Nodes renew their certificate this long before it expires."),
+        CertTTL: duration(
+          "24h",
+          "Orchestrator: lifetime of the compute certificates it renews and of its own NATS server and identity certificates.",
+        ),
+        RenewBefore: duration(
+          "8h",
+          "Renew a certificate this long before it expires (never before two thirds of its lifetime). Read by compute nodes and the orchestrator.",
+        ),
       },
       "The built-in PKI.",
     ),

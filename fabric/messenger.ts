@@ -23,14 +23,26 @@ export type VerifiedHandler = (
  */
 export class FabricMessenger {
   readonly #log: Logger;
+  #signer: EnvelopeSigner;
 
   constructor(
     readonly connection: FabricConnection,
-    readonly signer: EnvelopeSigner,
+    signer: EnvelopeSigner,
     readonly verifier: EnvelopeVerifier,
     logger: Logger = silentLogger,
   ) {
+    this.#signer = signer;
     this.#log = logger.child({ component: "fabric-messenger" });
+  }
+
+  /** The current signer; replaced when the daemon's certificate is renewed. */
+  get signer(): EnvelopeSigner {
+    return this.#signer;
+  }
+
+  /** Signs everything from now on with `signer` (a renewed certificate and its new key). */
+  useSigner(signer: EnvelopeSigner): void {
+    this.#signer = signer;
   }
 
   #handlerFailed(err: unknown, envelope: VerifiedEnvelope): void {

@@ -10,10 +10,12 @@ import { type TypeCheck, TypeCompiler } from "@sinclair/typebox/compiler";
  * Directions (see DESIGN.md "Subjects and permissions"):
  * - compute → orchestrator on `shoal.compute.<id>.out.<kind>`: register, heartbeat,
  *   status, logs, result, result-chunk, renew. `register`, `result` and `renew`
- *   are requests: the orchestrator replies on the node's inbox.
+ *   are requests: the orchestrator replies on the node's inbox (`renew-reply`
+ *   carries the new chain).
  * - orchestrator → compute on `shoal.compute.<id>.in`: bid, run, cancel. `bid`
  *   and `run` are requests: the node replies (allow_responses).
- * - orchestrator → all on `shoal.broadcast.<kind>`: revocation.
+ * - orchestrator → all on `shoal.broadcast.<kind>`: revocation, certificate (the
+ *   orchestrator's renewed identity chain, so nodes verify what it signs next).
  */
 
 const Resources = T.Object({
@@ -118,6 +120,12 @@ export const BODY_SCHEMAS = {
     ),
   }),
   "result-reply": T.Object({ stored: T.Boolean(), reason: T.Optional(T.String()) }),
+  /** A node asks for a new certificate for the same identity: a CSR for a key it just made. */
+  renew: T.Object({ csrPem: T.String({ maxLength: 16_384 }) }),
+  /** The new chain (leaf first), or why not. */
+  "renew-reply": T.Object({ chainPem: T.Optional(T.String()), reason: T.Optional(T.String()) }),
+  /** The orchestrator's renewed identity chain; verified against the CA before it is trusted. */
+  certificate: T.Object({ chainPem: T.String() }),
   revocation: T.Object({
     serials: T.Array(T.String()),
     fingerprints: T.Array(T.String()),

@@ -2,17 +2,29 @@ import { X509Certificate } from "node:crypto";
 import { promises as fs } from "node:fs";
 import { isIP } from "node:net";
 import path from "node:path";
-import type { Pki } from "../pki/index.js";
-import { writeIssued } from "../pki/index.js";
+import type { IssuedCertificate, Pki } from "../pki/index.js";
+import { certificateRenewalTime, writeIssued } from "../pki/index.js";
 
-/** A certificate and key on disk. */
+/** A certificate and key on disk, and when it is due for renewal. */
 export interface CertFiles {
   certFile: string;
   keyFile: string;
+  notAfter: Date;
+  /** When to issue the next one (PKI.RenewBefore ahead of expiry, at most a third of its life). */
+  renewAt: Date;
+  /** True when this call issued a new certificate (the caller reloads whoever uses it). */
+  renewed: boolean;
 }
 
-/** Reissue a certificate this long before it expires. */
-const RENEW_BEFORE_MS = 7 * 86_400_000;
+/** How long the orchestrator's own certificates live and when they are renewed. */
+export interface OwnCertificatePolicy {
+  /** PKI.CertTTL. */
+  ttlMs: number;
+  /** PKI.RenewBefore. */
+  renewBeforeMs: number;
+  /** @default new Date() */
+  now?: Date;
+}
 
 async function current(prefix: string): Promise<X509Certificate | undefined> {
   const pem = await fs.readFile(`${prefix}.crt`, "utf8").catch(() => undefined);
@@ -25,48 +37,104 @@ async function current(prefix: string): Promise<X509Certificate | undefined> {
   }
 }
 
-function fresh(cert: X509Certificate, issuerPem: string, now: number): boolean {
+function renewAt(cert: X509Certificate, renewBeforeMs: number): Date {
+  return certificateRenewalTime(new Date(cert.validFrom), new Date(cert.validTo), renewBeforeMs);
+}
+
+function fresh(cert: X509Certificate, issuerPem: string, p: OwnCertificatePolicy, now: Date): boolean {
   return (
-    new Date(cert.validTo).getTime() - now > RENEW_BEFORE_MS &&
+    now < renewAt(cert, p.renewBeforeMs) &&
     cert.checkIssued(new X509Certificate(issuerPem)) &&
-    new Date(cert.validFrom).getTime() <= now
+    new Date(cert.validFrom) <= now
   );
+}
+
+function files(prefix: string, cert: X509Certificate, p: OwnCertificatePolicy, renewed: boolean): CertFiles {
+  return {
+    certFile: `${prefix}.crt`,
+    keyFile: `${prefix}.key`,
+    notAfter: new Date(cert.validTo),
+    renewAt: renewAt(cert, p.renewBeforeMs),
+    renewed,
+  };
+}
+
+async function install(
+  prefix: string,
+  issued: IssuedCertificate,
+  p: OwnCertificatePolicy,
+): Promise<CertFiles> {
+  await fs.mkdir(path.dirname(prefix), { recursive: true, mode: 0o700 });
+  // Key then certificate, each by rename: a reader never sees a half-written file.
+  await writeIssued(prefix, issued);
+  return files(prefix, new X509Certificate(issued.certPem), p, true);
 }
 
 /**
  * A server certificate from the built-in PKI at `PREFIX.crt`/`PREFIX.key`
  * covering `names` (DNS names and IPs; localhost and 127.0.0.1 are always
- * added by the PKI). An existing one is kept while it is fresh, chains to the
- * PKI and covers every name; otherwise a new one is issued.
+ * added by the PKI). An existing one is kept while it is not due for renewal,
+ * chains to the PKI and covers every name; otherwise a new one (new key,
+ * PKI.CertTTL) replaces it.
  */
 export async function ensureServerCertificate(
   pki: Pki,
   prefix: string,
   names: readonly string[],
+  policy: OwnCertificatePolicy,
 ): Promise<CertFiles> {
+  const now = policy.now ?? new Date();
   const dns = [...new Set(names.filter((n) => n && !isIP(n)))];
   const ip = [...new Set(names.filter((n) => isIP(n)))];
   const have = await current(prefix);
-  if (have && fresh(have, pki.issuerCertPem, Date.now())) {
+  if (have && fresh(have, pki.issuerCertPem, policy, now)) {
     const sans = have.subjectAltName ?? "";
     const covered = [...dns.map((d) => `DNS:${d}`), ...ip.map((i) => `IP Address:${i}`)].every((s) =>
       sans.includes(s),
     );
-    if (covered) return { certFile: `${prefix}.crt`, keyFile: `${prefix}.key` };
+    if (covered) return files(prefix, have, policy, false);
   }
-  await fs.mkdir(path.dirname(prefix), { recursive: true, mode: 0o700 });
-  await pki.issue({ role: "server", id: path.basename(prefix), dns, ip }, { out: prefix });
-  return { certFile: `${prefix}.crt`, keyFile: `${prefix}.key` };
+  const notAfter = new Date(now.getTime() + policy.ttlMs);
+  const issued = await pki.issue({ role: "server", id: path.basename(prefix), dns, ip, notAfter });
+  return install(prefix, issued, policy);
 }
 
-/** The orchestrator's own fabric identity (`spiffe://TD/orchestrator/<id>`), issued once and renewed when stale. */
-export async function ensureIdentityCertificate(pki: Pki, prefix: string, id: string): Promise<CertFiles> {
+/**
+ * The orchestrator's own fabric identity (`spiffe://TD/orchestrator/<id>`):
+ * kept while not due for renewal, else issued again with a new key for PKI.CertTTL.
+ */
+export async function ensureIdentityCertificate(
+  pki: Pki,
+  prefix: string,
+  id: string,
+  policy: OwnCertificatePolicy,
+): Promise<CertFiles> {
+  const now = policy.now ?? new Date();
   const have = await current(prefix);
   const uri = `URI:spiffe://${pki.trustDomain}/orchestrator/${id}`;
-  if (!(have && fresh(have, pki.issuerCertPem, Date.now()) && have.subjectAltName?.includes(uri))) {
-    await fs.mkdir(path.dirname(prefix), { recursive: true, mode: 0o700 });
-    const issued = await pki.issue({ role: "orchestrator", id });
-    await writeIssued(prefix, issued);
+  if (have && fresh(have, pki.issuerCertPem, policy, now) && have.subjectAltName?.includes(uri)) {
+    return files(prefix, have, policy, false);
   }
-  return { certFile: `${prefix}.crt`, keyFile: `${prefix}.key` };
+  const issued = await pki.issue({
+    role: "orchestrator",
+    id,
+    notAfter: new Date(now.getTime() + policy.ttlMs),
+  });
+  return install(prefix, issued, policy);
+}
+
+/**
+ * Signs a compute node's CSR for `spiffe://TD/compute/<nodeId>`, valid for
+ * `ttlMs` (PKI.CertTTL) from now. The CA takes only the public key from the
+ * CSR (after checking its signature); names and usages come from the role.
+ * Used for renewal; enrollment signs the same way.
+ */
+export function signComputeCsr(
+  pki: Pki,
+  csrPem: string,
+  nodeId: string,
+  ttlMs: number,
+  now: Date = new Date(),
+): Promise<IssuedCertificate> {
+  return pki.signCsr(csrPem, { role: "compute", id: nodeId, notAfter: new Date(now.getTime() + ttlMs) });
 }

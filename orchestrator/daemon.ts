@@ -10,7 +10,12 @@ import { connectFabric, type FabricConnection, NatsSupervisor } from "../fabric/
 import { initPki, openPki, type Pki } from "../pki/index.js";
 import { buildApi } from "./api.js";
 import { ApiTlsManager, type ApiTlsManagerOptions } from "./api-tls.js";
-import { ensureIdentityCertificate, ensureServerCertificate } from "./certificates.js";
+import {
+  ensureIdentityCertificate,
+  ensureServerCertificate,
+  type OwnCertificatePolicy,
+  signComputeCsr,
+} from "./certificates.js";
 import { Dispatcher } from "./dispatcher.js";
 import { EnrollmentService } from "./enrollment.js";
 import { registerEnrollmentRoutes } from "./enrollment-routes.js";
@@ -21,6 +26,7 @@ import { jobRequirements, parseSubmittedJob } from "./job-requirements.js";
 import { JobService } from "./job-service.js";
 import { LogStore } from "./log-store.js";
 import { NodeService } from "./node-service.js";
+import { OwnCertificateRenewer } from "./own-certificates.js";
 import { placeJob } from "./placement.js";
 import { ResultsStore } from "./results-store.js";
 import { StateStore } from "./state-store.js";
@@ -72,6 +78,7 @@ export class Orchestrator {
   #nodes: NodeService | undefined;
   #store: StateStore | undefined;
   #apiTls: ApiTlsManager | undefined;
+  #ownCerts: OwnCertificateRenewer | undefined;
 
   constructor(options: OrchestratorOptions) {
     this.#o = options;
@@ -114,10 +121,19 @@ export class Orchestrator {
     const operatorTls =
       c.Orchestrator.TLS.CACert && c.Orchestrator.TLS.ServerCert && c.Orchestrator.TLS.ServerKey;
     const caFile = operatorTls ? c.Orchestrator.TLS.CACert : path.join(pkiDir, "ca.crt");
+    // Our own certificates live PKI.CertTTL and are renewed PKI.RenewBefore ahead (see OwnCertificateRenewer).
+    const certPolicy = (): OwnCertificatePolicy => ({
+      ttlMs: parseDuration(c.PKI.CertTTL),
+      renewBeforeMs: parseDuration(c.PKI.RenewBefore),
+    });
+    const ensureNatsCert = () =>
+      ensureServerCertificate(pki, path.join(dataDir, "nats", "server"), names, certPolicy());
+    const ensureIdentity = () =>
+      ensureIdentityCertificate(pki, path.join(dataDir, "identity", "orchestrator"), id, certPolicy());
     const natsTls = operatorTls
       ? { certFile: c.Orchestrator.TLS.ServerCert, keyFile: c.Orchestrator.TLS.ServerKey }
-      : await ensureServerCertificate(pki, path.join(dataDir, "nats", "server"), names);
-    const identity = await ensureIdentityCertificate(pki, path.join(dataDir, "identity", "orchestrator"), id);
+      : await ensureNatsCert();
+    const identity = await ensureIdentity();
 
     // The broker, its users following the PKI inventory.
     const natsDir = path.join(dataDir, "nats");
@@ -129,7 +145,8 @@ export class Orchestrator {
       port: c.Orchestrator.Port === 0 ? -1 : c.Orchestrator.Port,
       tls: {
         caFile,
-        ...natsTls,
+        certFile: natsTls.certFile,
+        keyFile: natsTls.keyFile,
         timeoutSeconds: parseDuration(c.Orchestrator.TLS.ServerTimeout) / 1000,
       },
       identities: await brokerIdentities(pki, c.Orchestrator.NodeManager.Identities),
@@ -164,6 +181,7 @@ export class Orchestrator {
       queueTimeoutMs: parseDuration(c.Orchestrator.Scheduler.QueueTimeout),
     };
     let dispatcher: Dispatcher | undefined;
+    let applyInventory = async (): Promise<void> => {};
     const nodes = new NodeService({
       store,
       log: this.#log.child({ component: "nodes" }),
@@ -180,10 +198,16 @@ export class Orchestrator {
       nodes,
       identity,
       log: this.#log.child({ component: "fabric-link" }),
+      renewCertificate: async (nodeId, csrPem) => {
+        const issued = await signComputeCsr(pki, csrPem, nodeId, parseDuration(c.PKI.CertTTL));
+        // The broker knows the new certificate before the node reconnects with it.
+        await applyInventory();
+        return issued.certPem;
+      },
     });
     this.#cleanups.push(() => link.close());
     // Trust changes: the inventory decides the broker's users and which certificates still verify.
-    const applyInventory = async () => {
+    applyInventory = async () => {
       const entries = await pki.list();
       link.revoke(entries.filter((e) => e.status === "revoked"));
       await supervisor.setIdentities(await brokerIdentities(pki, c.Orchestrator.NodeManager.Identities));
@@ -222,6 +246,25 @@ export class Orchestrator {
     nodes.start();
     dispatcher.start();
     await link.start();
+    const ownCerts = new OwnCertificateRenewer(
+      [
+        ...(operatorTls
+          ? []
+          : [
+              {
+                name: "nats-server",
+                ensure: ensureNatsCert,
+                // nats-server re-reads its certificate files on reload; connected clients stay.
+                onRenewed: () => supervisor.reload("server certificate renewed"),
+              },
+            ]),
+        { name: "identity", ensure: ensureIdentity, onRenewed: (files) => link.useIdentity(files) },
+      ],
+      this.#log,
+    );
+    this.#ownCerts = ownCerts;
+    this.#cleanups.push(() => ownCerts.close());
+    await ownCerts.check();
 
     // The HTTPS API: its certificate from operator files, ACME or this PKI, swapped live on reload and renewal.
     const apiTls = new ApiTlsManager({
@@ -303,11 +346,12 @@ export class Orchestrator {
 
   /**
    * SIGHUP: re-reads the API certificate files (or re-checks a PKI/ACME
-   * certificate's names and age). Never throws; a bad certificate is logged
-   * with its code and the current one kept.
+   * certificate's names and age) and renews the NATS server and identity
+   * certificates if due. Never throws; a bad certificate is logged with its
+   * code and the current one kept.
    */
   async reload(): Promise<void> {
-    await this.#apiTls?.reload();
+    await Promise.all([this.#apiTls?.reload(), this.#ownCerts?.check()]);
   }
 
   /** Stops gracefully: refuse new work, drain the API, stop dispatching, flush state, close transports. */

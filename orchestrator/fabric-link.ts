@@ -29,6 +29,11 @@ export interface FabricLinkOptions {
   identity: { certFile: string; keyFile: string };
   /** How long a bid or run request may take. @default 10000 */
   requestTimeoutMs?: number;
+  /**
+   * Issues a node's renewed certificate from its CSR (same identity, new key)
+   * and returns the chain; absent means renewal is refused.
+   */
+  renewCertificate?: (nodeId: string, csrPem: string) => Promise<string>;
 }
 
 const NODE_ID = /^[a-z0-9][a-z0-9_-]{0,62}$/;
@@ -43,7 +48,7 @@ const NODE_ID = /^[a-z0-9][a-z0-9_-]{0,62}$/;
  */
 export class FabricLink implements NodeChannel {
   readonly #o: FabricLinkOptions;
-  readonly #signer: EnvelopeSigner;
+  #signer: EnvelopeSigner;
   readonly #verifier: EnvelopeVerifier;
   readonly #peers: PeerCertificateCache;
   #dispatcher: Dispatcher | undefined;
@@ -137,6 +142,42 @@ export class FabricLink implements NodeChannel {
     return fresh.length;
   }
 
+  /**
+   * Signs with a renewed identity certificate from now on, and first tells
+   * every node its chain (broadcast `certificate`), so they verify what it
+   * signs next. Nodes that miss it learn the chain from their next register reply.
+   */
+  async useIdentity(identity: { certFile: string; keyFile: string }): Promise<void> {
+    const [certPem, keyPem] = await Promise.all([
+      fs.readFile(identity.certFile, "utf8"),
+      fs.readFile(identity.keyFile, "utf8"),
+    ]);
+    const signer = new EnvelopeSigner({ certPem, keyPem });
+    this.#o.fabric.publish(
+      subjects.broadcast("certificate"),
+      signer.sign("certificate", broadcastAudience(this.#o.pki.trustDomain), { chainPem: signer.chainPem }),
+    );
+    this.#signer = signer;
+  }
+
+  /** A renew request: a CSR for a new key, signed with the node's current (valid, unrevoked) certificate. */
+  async #renew(nodeId: string, body: MessageBody<"renew">): Promise<MessageBody<"renew-reply">> {
+    const node = this.#o.store.nodes.get(nodeId);
+    if (node?.Approval === "REJECTED") return { reason: `node ${nodeId} is REJECTED` };
+    if (!this.#o.renewCertificate) return { reason: "this orchestrator does not renew certificates" };
+    try {
+      const chainPem = await this.#o.renewCertificate(nodeId, body.csrPem);
+      // Messages signed with the new key verify before the node registers again.
+      this.#peers.add(chainPem);
+      this.#o.log.info({ node: nodeId }, "node certificate renewed");
+      return { chainPem };
+    } catch (err) {
+      const code = (err as { code?: string }).code;
+      this.#o.log.warn({ node: nodeId, code, reason: (err as Error).message }, "certificate renewal refused");
+      return { reason: `${code ? `${code}: ` : ""}${(err as Error).message}` };
+    }
+  }
+
   #identityOf(nodeId: string): string {
     return `spiffe://${this.#o.pki.trustDomain}/compute/${nodeId}`;
   }
@@ -213,6 +254,9 @@ export class FabricLink implements NodeChannel {
         return;
       case "result-chunk":
         await d?.handleResultChunk(nodeId, env.body as MessageBody<"result-chunk">);
+        return;
+      case "renew":
+        this.#reply(msg, env.iss, "renew-reply", await this.#renew(nodeId, env.body as MessageBody<"renew">));
         return;
       case "result": {
         if (!d) return;

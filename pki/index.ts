@@ -55,6 +55,7 @@ export {
   isKeyType,
   KEY_TYPES,
   type KeyType,
+  keyTypeOf,
 } from "./key-types.js";
 export { certFingerprint, readCertificates } from "./pem.js";
 export { DEFAULT_P12_ITERATIONS, exportPkcs12, type Pkcs12Options } from "./pkcs12.js";
@@ -65,6 +66,7 @@ export {
   type IssueRequest,
   LOOPBACK_NAMES,
 } from "./profiles.js";
+export { certificateRenewalTime } from "./renewal.js";
 export {
   assertRole,
   DEFAULT_TRUST_DOMAIN,
