@@ -122,19 +122,3 @@ export async function ensureIdentityCertificate(
   });
   return install(prefix, issued, policy);
 }
-
-/**
- * Signs a compute node's CSR for `spiffe://TD/compute/<nodeId>`, valid for
- * `ttlMs` (PKI.CertTTL) from now. The CA takes only the public key from the
- * CSR (after checking its signature); names and usages come from the role.
- * Used for renewal; enrollment signs the same way.
- */
-export function signComputeCsr(
-  pki: Pki,
-  csrPem: string,
-  nodeId: string,
-  ttlMs: number,
-  now: Date = new Date(),
-): Promise<IssuedCertificate> {
-  return pki.signCsr(csrPem, { role: "compute", id: nodeId, notAfter: new Date(now.getTime() + ttlMs) });
-}

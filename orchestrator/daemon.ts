@@ -14,10 +14,9 @@ import {
   ensureIdentityCertificate,
   ensureServerCertificate,
   type OwnCertificatePolicy,
-  signComputeCsr,
 } from "./certificates.js";
 import { Dispatcher } from "./dispatcher.js";
-import { EnrollmentService } from "./enrollment.js";
+import { EnrollmentService, signComputeCsr } from "./enrollment.js";
 import { registerEnrollmentRoutes } from "./enrollment-routes.js";
 import { ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
 import { FabricLink } from "./fabric-link.js";
@@ -199,7 +198,10 @@ export class Orchestrator {
       identity,
       log: this.#log.child({ component: "fabric-link" }),
       renewCertificate: async (nodeId, csrPem) => {
-        const issued = await signComputeCsr(pki, csrPem, nodeId, parseDuration(c.PKI.CertTTL));
+        const issued = await signComputeCsr(pki, csrPem, nodeId, {
+          ttlMs: parseDuration(c.PKI.CertTTL),
+          exclusive: false,
+        });
         // The broker knows the new certificate before the node reconnects with it.
         await applyInventory();
         return issued.certPem;

@@ -111,7 +111,10 @@ export async function signComputeCsr(
         }
       }
     : undefined;
-  return pki.signCsr(csrPem, { role: "compute", id, days: opts.ttlMs / 86_400_000 }, { precondition });
+  // notAfter from now, not from the backdated notBefore: `days` would cut 5 minutes off
+  // every certificate, and a TTL under 5 minutes would be born expired.
+  const notAfter = new Date(now.getTime() + opts.ttlMs);
+  return pki.signCsr(csrPem, { role: "compute", id, notAfter }, { precondition });
 }
 
 export interface EnrollmentServiceOptions {
