@@ -2,6 +2,7 @@ import { randomUUID } from "node:crypto";
 import type { Logger } from "../core/index.js";
 import type { MessageBody, Resources } from "../fabric/protocol.js";
 import type { JobDispatch } from "./job-service.js";
+import { KeyedSerializer } from "./keyed-serializer.js";
 import type { LogStore } from "./log-store.js";
 import type { NodeService } from "./node-service.js";
 import {
@@ -90,6 +91,8 @@ export class Dispatcher implements JobDispatch {
   readonly #queue = new Set<string>();
   #reexamine: NodeJS.Immediate | undefined;
   #closed = false;
+  /** One execution's result chunks and manifest are handled in arrival order, one at a time. */
+  readonly #resultOrder = new KeyedSerializer();
 
   constructor(options: DispatcherOptions) {
     this.#o = options;
@@ -209,23 +212,31 @@ export class Dispatcher implements JobDispatch {
       .catch((err) => this.#o.log.error({ err, execution: e.ID }, "cannot store log line"));
   }
 
-  async handleResultChunk(nodeId: string, body: MessageBody<"result-chunk">): Promise<void> {
-    const e = this.#owned(nodeId, body.executionId);
-    if (!e) return;
-    if (!(await this.#o.results.stageChunk(body))) {
-      this.#o.log.warn(
-        { node: nodeId, execution: e.ID, file: body.file, index: body.index },
-        "bad result chunk ignored",
-      );
-    }
+  /** Stages one result chunk; call in arrival order (chunks and manifest of an execution are serialized). */
+  handleResultChunk(nodeId: string, body: MessageBody<"result-chunk">): Promise<void> {
+    return this.#resultOrder.run(body.executionId, async () => {
+      const e = this.#owned(nodeId, body.executionId);
+      if (!e) return;
+      if (!(await this.#o.results.stageChunk(body))) {
+        this.#o.log.warn(
+          { node: nodeId, execution: e.ID, file: body.file, index: body.index },
+          "bad result chunk ignored",
+        );
+      }
+    });
   }
 
   /**
    * Stores a result manifest and its staged chunks and answers whether it is
    * stored — only after the files and the execution's new state are durable,
-   * because the node deletes its copy when it reads `stored: true`.
+   * because the node deletes its copy when it reads `stored: true`. Runs after
+   * the chunks that arrived before it have been staged.
    */
-  async handleResult(nodeId: string, body: MessageBody<"result">): Promise<MessageBody<"result-reply">> {
+  handleResult(nodeId: string, body: MessageBody<"result">): Promise<MessageBody<"result-reply">> {
+    return this.#resultOrder.run(body.executionId, () => this.#storeResult(nodeId, body));
+  }
+
+  async #storeResult(nodeId: string, body: MessageBody<"result">): Promise<MessageBody<"result-reply">> {
     const e = this.#owned(nodeId, body.executionId);
     if (!e) return { stored: false, reason: "unknown execution" };
     if (e.State === "Completed" || e.State === "Failed") {
