@@ -2,6 +2,7 @@ import path from "node:path";
 import type { Constraint, JobSpec, Source } from "../core/index.js";
 import { describeConstraint, firstUnmetConstraint } from "../core/index.js";
 import type { Resources, Submitter } from "../fabric/index.js";
+import { ENGINE_CODES } from "./engines/errors.js";
 
 /** This node's rules for which jobs it bids on (`Compute.JobSelection.*` and friends). */
 export interface JobSelectionPolicy {
@@ -103,9 +104,14 @@ export function isPathWithin(candidate: string, root: string): boolean {
  * says why, for the orchestrator's execution history.
  */
 export function decideBid(policy: JobSelectionPolicy, demand: JobDemand, free: Resources): BidDecision {
+  // Exec refusals carry the engine's code, so the execution's history says what the engine would.
+  const execRefused = `${ENGINE_CODES.SHOAL_ENGINE_EXEC_NOT_ALLOWED}: `;
   if (!policy.engines.includes(demand.engine)) {
-    const hint = demand.engine === "exec" ? " (set Compute.Engines.Exec.Allow to enable it)" : "";
-    return refuse("engine", `engine ${JSON.stringify(demand.engine)} is not enabled on this node${hint}`);
+    const exec = demand.engine === "exec";
+    return refuse(
+      "engine",
+      `${exec ? execRefused : ""}engine ${JSON.stringify(demand.engine)} is not enabled on this node${exec ? " (set Compute.Engines.Exec.Allow to enable it)" : ""}`,
+    );
   }
   if (
     demand.engine === "exec" &&
@@ -113,7 +119,7 @@ export function decideBid(policy: JobSelectionPolicy, demand: JobDemand, free: R
   ) {
     return refuse(
       "command",
-      `command ${JSON.stringify(demand.command ?? "")} is not in Compute.Engines.Exec.Allow`,
+      `${execRefused}command ${JSON.stringify(demand.command ?? "")} is not in Compute.Engines.Exec.Allow`,
     );
   }
   if (policy.allowedSubmitters.length > 0 && !policy.allowedSubmitters.includes(demand.submitter.sub)) {

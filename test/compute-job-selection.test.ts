@@ -43,7 +43,7 @@ t.test("each rule refuses with its own check and a reason naming the setting", a
       {},
       { engine: "exec", command: "/bin/echo" },
       "engine",
-      /Exec\.Allow/,
+      /^SHOAL_ENGINE_EXEC_NOT_ALLOWED: .*Exec\.Allow/,
     ],
     ["unknown engine", {}, { engine: "docker" }, "engine", /docker/],
     [
@@ -51,7 +51,7 @@ t.test("each rule refuses with its own check and a reason naming the setting", a
       { engines: ["wasm", "exec"], execAllow: ["/bin/echo"] },
       { engine: "exec", command: "/bin/sh" },
       "command",
-      /\/bin\/sh/,
+      /^SHOAL_ENGINE_EXEC_NOT_ALLOWED: .*\/bin\/sh/,
     ],
     ["submitter not allowed", { allowedSubmitters: ["bob"] }, {}, "submitter", /alice/],
     ["stateless refused", { rejectStatelessJobs: true }, {}, "stateless", /RejectStatelessJobs/],
