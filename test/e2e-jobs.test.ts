@@ -3,6 +3,7 @@ import { promises as fs } from "node:fs";
 import path from "node:path";
 import t from "tap";
 import { runShoal, startComputeNode, startOrchestrator, tempDir } from "./helpers/cluster.js";
+import { getJob } from "./helpers/e2e-jobs.js";
 
 /**
  * End to end with real processes: `shoal orchestrator serve`, compute nodes
@@ -14,8 +15,7 @@ t.test("orchestrator and compute nodes run batch, ops and queued jobs", async (t
   const { api } = orch;
   const startNode = (id: string, labels: string) =>
     startComputeNode(t, orch, path.join(dir, id), id, ["-c", `Compute.Labels=${labels}`]);
-  await startNode("n1", "env=edge,zone=a");
-  await startNode("n2", "env=edge,zone=b");
+  await Promise.all([startNode("n1", "env=edge,zone=a"), startNode("n2", "env=edge,zone=b")]);
 
   t.test("a batch WASM job completes with its stdout", async (t) => {
     const r = await runShoal(t, [
@@ -88,10 +88,7 @@ t.test("orchestrator and compute nodes run batch, ops and queued jobs", async (t
     const submitted = await runShoal(t, ["job", "run", spec, ...api]);
     t.equal(submitted.code, 0, submitted.stderr);
     const id = submitted.stdout.trim();
-    const before = JSON.parse(
-      (await runShoal(t, ["job", "describe", id, "--output", "json", ...api])).stdout,
-    );
-    t.equal(before.State, "Queued");
+    t.equal((await getJob(orch, id)).State, "Queued");
     await startNode("n3", "env=lab,zone=c");
     // `logs --follow` ends when the job reaches a final state (fed by the store's changes).
     const logs = await runShoal(t, ["job", "logs", id, "--follow", ...api]);

@@ -1,10 +1,11 @@
 import { type ChildProcess, spawn } from "node:child_process";
-import { promises as fs } from "node:fs";
+import { promises as fs, readdirSync, statSync } from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { connect } from "@nats-io/transport-node";
 import type { Test } from "tap";
+import { ApiClient } from "../../cli/api-client.js";
 import { openPki, type Pki, writeIssued } from "../../pki/index.js";
 
 const ROOT = path.resolve(import.meta.dirname, "..", "..");
@@ -63,23 +64,58 @@ export interface ShoalProcess {
   exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
 }
 
+/** The folders compiled into dist/ that the CLI is made of. */
+const CLI_SOURCE_DIRS = ["core", "pki", "fabric", "auth", "orchestrator", "compute", "cli"];
+
+/** True when the compiled copy of a source file (relative to the root) is at least as new as it. */
+function isBuilt(rel: string): boolean {
+  const built = statSync(path.join(ROOT, "dist", rel.replace(/\.ts$/, ".js")), { throwIfNoEntry: false });
+  return built !== undefined && built.mtimeMs >= statSync(path.join(ROOT, rel)).mtimeMs;
+}
+
+/** True when every source file under `dir` has a compiled copy in dist/ at least as new as itself. */
+function isDistFresh(dir: string): boolean {
+  return readdirSync(path.join(ROOT, dir), { withFileTypes: true }).every((entry) => {
+    const rel = path.join(dir, entry.name);
+    if (entry.isDirectory()) return isDistFresh(rel);
+    return !entry.name.endsWith(".ts") || entry.name.endsWith(".d.ts") || isBuilt(rel);
+  });
+}
+
+let cliEntry: string[] | undefined;
+
+const BUILT_CLI = path.join(ROOT, "test", "helpers", "shoal-built.mjs");
+
 /**
- * Runs the real CLI (test/helpers/shoal-cli.ts, i.e. bin/shoal from the
- * sources, through the TypeScript loader tap uses) as a child process,
- * killed when the test ends.
+ * How spawnShoal starts the CLI: compiled (shoal-built.mjs) when dist/ is at
+ * least as new as every source file, else test/helpers/shoal-cli.ts through
+ * tap's TypeScript loader. Both run the same code; the loader costs each
+ * process about 6x the CPU (seconds per start on a loaded machine, more than
+ * half of an e2e test's time). SHOAL_TEST_CLI=sources forces the sources.
  */
-export function spawnShoal(t: Test, args: string[], env: NodeJS.ProcessEnv = {}): ShoalProcess {
-  const cli = ["--import", "@tapjs/typescript/import", path.join(ROOT, "test", "helpers", "shoal-cli.ts")];
-  return spawnNode(t, [...cli, ...args], { TS_NODE_TRANSPILE_ONLY: "1", ...env });
+function shoalEntry(): string[] {
+  cliEntry ??=
+    process.env.SHOAL_TEST_CLI !== "sources" && CLI_SOURCE_DIRS.every(isDistFresh)
+      ? [BUILT_CLI]
+      : ["--import", "@tapjs/typescript/import", path.join(ROOT, "test", "helpers", "shoal-cli.ts")];
+  return cliEntry;
 }
 
 /**
- * Like {@link spawnShoal} but runs the compiled CLI (test/helpers/shoal-built.mjs, from dist/:
+ * Runs the real CLI (compiled, or from the sources when dist/ is stale: see
+ * shoalEntry) as a child process, killed when the test ends.
+ */
+export function spawnShoal(t: Test, args: string[], env: NodeJS.ProcessEnv = {}): ShoalProcess {
+  return spawnNode(t, [...shoalEntry(), ...args], { TS_NODE_TRANSPILE_ONLY: "1", ...env });
+}
+
+/**
+ * Like {@link spawnShoal} but always runs the compiled CLI (test/helpers/shoal-built.mjs, from dist/:
  * run `npm run build` first). Starts in a fraction of the time, for tests
  * that start many processes on a loaded machine.
  */
 export function spawnBuiltShoal(t: Test, args: string[], env: NodeJS.ProcessEnv = {}): ShoalProcess {
-  return spawnNode(t, [path.join(ROOT, "test", "helpers", "shoal-built.mjs"), ...args], env);
+  return spawnNode(t, [BUILT_CLI, ...args], env);
 }
 
 function spawnNode(t: Test, argv: string[], env: NodeJS.ProcessEnv): ShoalProcess {
@@ -159,6 +195,8 @@ export interface OrchestratorHandle {
   natsPort: number;
   /** `--api URL --ca-cert CA` for CLI calls. */
   api: string[];
+  /** An in-process API client, for a test's own checks and waits (a CLI process per poll costs seconds). */
+  client: ApiClient;
 }
 
 /**
@@ -178,19 +216,60 @@ export async function startOrchestrator(
     ["orchestrator", "serve", "--data-dir", dataDir, ...base, ...ports, ...extra],
     env,
   );
+  // Registered after spawnShoal's own teardown, so it runs first (tap runs them last in, first out).
+  t.teardown(async () => {
+    if (proc.child.exitCode === null && proc.child.signalCode === null) {
+      proc.child.kill("SIGKILL");
+      await proc.exited;
+    }
+    await killLeftoverNats(dataDir);
+  });
   // Generous: first start mints a PKI, and a loaded 2-core CI machine is slow to spawn.
   const apiPort = Number((await proc.waitFor(/API:\s+https:\/\/\S+:(\d+)/, 90_000))[1]);
   const natsPort = Number((await proc.waitFor(/NATS \(mTLS\):\s+tls:\/\/\S+:(\d+)/))[1]);
   const pkiDir = path.join(dataDir, "pki");
   const ca = path.join(pkiDir, "ca.crt");
-  const api = ["--api", `https://127.0.0.1:${apiPort}`, "--ca-cert", ca];
-  return { proc, dataDir, pkiDir, pki: await openPki(pkiDir), ca, apiPort, natsPort, api };
+  const url = `https://127.0.0.1:${apiPort}`;
+  const api = ["--api", url, "--ca-cert", ca];
+  const client = await ApiClient.create({ url, caFile: ca });
+  t.teardown(() => client.close());
+  return { proc, dataDir, pkiDir, pki: await openPki(pkiDir), ca, apiPort, natsPort, api, client };
+}
+
+/**
+ * Kills the nats-server an orchestrator started in `dataDir`, if it still
+ * runs: a SIGKILLed orchestrator cannot stop its child, which would outlive
+ * the test holding a port and the JetStream store.
+ */
+export async function killLeftoverNats(dataDir: string): Promise<void> {
+  const natsDir = path.join(dataDir, "nats");
+  const pid = Number(await fs.readFile(path.join(natsDir, "nats-server.pid"), "utf8").catch(() => ""));
+  if (!Number.isInteger(pid) || pid <= 0) return;
+  const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, "utf8").catch(() => "");
+  if (cmdline.includes(path.join(natsDir, "nats.conf"))) process.kill(pid, "SIGKILL");
+}
+
+/** Polls `check` every `everyMs` until it returns a value other than undefined; throws `what` after `timeoutMs`. */
+export async function waitUntil<T>(
+  what: string,
+  check: () => Promise<T | undefined>,
+  timeoutMs = 30_000,
+  everyMs = 100,
+): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await check();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting until ${what}`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
 }
 
 /**
  * Issues a compute identity from the orchestrator's PKI, starts `shoal compute
  * serve` with it and resolves once the orchestrator lists the node HEALTHY and
- * APPROVED.
+ * APPROVED (asked in-process every 100 ms; a process starts slowly on a
+ * loaded machine, hence the minute).
  */
 export async function startComputeNode(
   t: Test,
@@ -219,13 +298,20 @@ export async function startComputeNode(
     "Logging.Level=warn",
     ...extra,
   ]);
-  const deadline = Date.now() + 30_000;
-  while (Date.now() < deadline) {
-    const list = await runShoal(t, ["node", "list", "--output", "json", ...orch.api]);
-    const nodes = JSON.parse(list.stdout || "[]") as { ID: string; Health: string; Approval: string }[];
-    if (nodes.some((n) => n.ID === id && n.Health === "HEALTHY" && n.Approval === "APPROVED")) return node;
-    if (node.child.exitCode !== null) throw new Error(`compute ${id} exited:\n${node.stderr()}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`compute ${id} was not HEALTHY and APPROVED within 30 s:\n${node.stderr()}`);
+  await waitUntil(
+    `compute ${id} is HEALTHY and APPROVED`,
+    async () => {
+      if (node.child.exitCode !== null) throw new Error(`compute ${id} exited:\n${node.stderr()}`);
+      const { Items } = await orch.client.get<{ Items: { ID: string; Health: string; Approval: string }[] }>(
+        "/api/v1/orchestrator/nodes",
+      );
+      return Items.some((n) => n.ID === id && n.Health === "HEALTHY" && n.Approval === "APPROVED")
+        ? true
+        : undefined;
+    },
+    60_000,
+  ).catch((err: Error) => {
+    throw new Error(`${err.message}\n${node.stderr()}`);
+  });
+  return node;
 }
