@@ -1,0 +1,127 @@
+import { execFile } from "node:child_process";
+import { promises as fs } from "node:fs";
+import path from "node:path";
+import { promisify } from "node:util";
+import type { JobView } from "../../orchestrator/index.js";
+import { type OrchestratorHandle, waitUntil } from "./cluster.js";
+
+/** Compiles WAT text into `dir/name.wasm` with wabt's wat2wasm (as scripts/build-wasm does); returns the path. */
+export async function buildWasm(dir: string, name: string, wat: string): Promise<string> {
+  const source = path.join(dir, `${name}.wat`);
+  const out = path.join(dir, `${name}.wasm`);
+  await fs.writeFile(source, wat);
+  await promisify(execFile)("wat2wasm", [source, "-o", out]);
+  return out;
+}
+
+/** Spins for ever: only a kill stops it. */
+export const SPIN_WAT = `(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))`;
+
+/** Sleeps `ms` (WASI poll_oneoff on the monotonic clock), then prints "slept". */
+export function sleepWat(ms: number): string {
+  return `(module
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 200) "slept\\n")
+  (func (export "_start")
+    (i32.store (i32.const 16) (i32.const 1))
+    (i64.store (i32.const 24) (i64.const ${ms * 1_000_000}))
+    (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))
+    (i32.store (i32.const 100) (i32.const 200))
+    (i32.store (i32.const 104) (i32.const 6))
+    (drop (call $fd_write (i32.const 1) (i32.const 100) (i32.const 1) (i32.const 140)))))`;
+}
+
+/** Writes a one-task job spec to `dir/name.yaml`; `task` is YAML flow text added to the task. */
+export async function writeSpec(dir: string, name: string, engine: string, task = ""): Promise<string> {
+  const file = path.join(dir, `${name}.yaml`);
+  await fs.writeFile(
+    file,
+    `Name: ${name}\nTasks:\n  - Name: main\n    Engine: ${engine}\n${task ? `    ${task}\n` : ""}`,
+  );
+  return file;
+}
+
+/** The `Engine:` value of a wasm task running a module file. */
+export function wasmEngine(module: string): string {
+  return `{Type: wasm, Params: {EntryModule: {Type: localFile, Params: {SourcePath: ${module}}}}}`;
+}
+
+/** The job as the API shows it now. */
+export async function getJob(orch: OrchestratorHandle, id: string): Promise<JobView> {
+  return (await orch.client.get<{ Job: JobView }>(`/api/v1/orchestrator/jobs/${id}`)).Job;
+}
+
+/** Waits until the job satisfies `done`, and returns it. */
+export function waitForJob(
+  orch: OrchestratorHandle,
+  id: string,
+  what: string,
+  done: (job: JobView) => boolean,
+  timeoutMs = 30_000,
+): Promise<JobView> {
+  return waitUntil(
+    `job ${id} ${what}`,
+    async () => {
+      const job = await getJob(orch, id);
+      return done(job) ? job : undefined;
+    },
+    timeoutMs,
+  );
+}
+
+/** Waits until one of the job's executions is Running (reported by its node), and returns it. */
+export async function waitForRunning(orch: OrchestratorHandle, id: string) {
+  const job = await waitForJob(orch, id, "has a Running execution", (j) =>
+    j.Executions.some((e) => e.State === "Running"),
+  );
+  return job.Executions.find((e) => e.State === "Running")!;
+}
+
+/** CPU ticks (user + system) each thread of process `pid` has used. */
+async function threadTicks(pid: number): Promise<Map<string, number>> {
+  const ticks = new Map<string, number>();
+  for (const tid of await fs.readdir(`/proc/${pid}/task`)) {
+    const stat = await fs.readFile(`/proc/${pid}/task/${tid}/stat`, "utf8").catch(() => "");
+    // Fields after the command name "(...)": state is field 3, utime 14, stime 15.
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    if (fields.length > 12) ticks.set(tid, Number(fields[11]) + Number(fields[12]));
+  }
+  return ticks;
+}
+
+/** The ids of the threads of process `pid`. */
+export async function threadIds(pid: number): Promise<Set<string>> {
+  return new Set(await fs.readdir(`/proc/${pid}/task`));
+}
+
+/**
+ * Among the threads of process `pid` that are not in `old`, the one that
+ * burns the most CPU over `ms`: a spinning WebAssembly worker started after
+ * `old` was taken. Undefined if none used any CPU.
+ */
+export async function busiestNewThread(
+  pid: number,
+  old: ReadonlySet<string>,
+  ms = 1500,
+): Promise<string | undefined> {
+  const before = await threadTicks(pid);
+  await new Promise((r) => setTimeout(r, ms));
+  const after = await threadTicks(pid);
+  let best: [string, number] | undefined;
+  for (const [tid, t] of after) {
+    if (old.has(tid)) continue;
+    const used = t - (before.get(tid) ?? t);
+    if (used > 0 && (!best || used > best[1])) best = [tid, used];
+  }
+  return best?.[0];
+}
+
+/** Whether thread `tid` of process `pid` still exists. */
+export async function threadAlive(pid: number, tid: string): Promise<boolean> {
+  return fs.access(`/proc/${pid}/task/${tid}`).then(
+    () => true,
+    () => false,
+  );
+}
