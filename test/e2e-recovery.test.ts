@@ -7,6 +7,7 @@ import { runShoal, startComputeNode, startOrchestrator, tempDir } from "./helper
 import {
   buildWasm,
   sleepWat,
+  submitJob,
   waitForJob,
   waitForRunning,
   wasmEngine,
@@ -33,11 +34,7 @@ t.test("a SIGKILLed compute node or orchestrator loses no job", async (t) => {
   ]);
   const nodes = { n1, n2 };
   const sleeper = await buildWasm(dir, "sleep", sleepWat(3000));
-  const submit = async (name: string) => {
-    const r = await runShoal(t, ["job", "run", await writeSpec(dir, name, wasmEngine(sleeper)), ...orch.api]);
-    t.equal(r.code, 0, r.stderr);
-    return r.stdout.trim();
-  };
+  const submit = async (name: string) => submitJob(orch, await writeSpec(dir, name, wasmEngine(sleeper)));
 
   t.test("a compute node killed mid-job: its execution is rescheduled and the job completes", async (t) => {
     const id = await submit("sleep-node-kill");

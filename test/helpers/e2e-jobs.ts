@@ -2,6 +2,7 @@ import { execFile } from "node:child_process";
 import { promises as fs } from "node:fs";
 import path from "node:path";
 import { promisify } from "node:util";
+import { loadJobSpecFile } from "../../core/index.js";
 import type { JobView } from "../../orchestrator/index.js";
 import { type OrchestratorHandle, waitUntil } from "./cluster.js";
 
@@ -46,6 +47,16 @@ export async function writeSpec(dir: string, name: string, engine: string, task 
 /** The `Engine:` value of a wasm task running a module file. */
 export function wasmEngine(module: string): string {
   return `{Type: wasm, Params: {EntryModule: {Type: localFile, Params: {SourcePath: ${module}}}}}`;
+}
+
+/**
+ * Submits a spec file as `shoal job run SPEC` does (module read and sent
+ * inline), from this process: e2e-jobs proves the CLI's own submission, and
+ * each CLI process costs seconds on a loaded machine. Returns the job id.
+ */
+export async function submitJob(orch: OrchestratorHandle, specFile: string): Promise<string> {
+  const spec = await loadJobSpecFile(specFile);
+  return (await orch.client.put<{ JobID: string }>("/api/v1/orchestrator/jobs", { Job: spec })).JobID;
 }
 
 /** The job as the API shows it now. */
