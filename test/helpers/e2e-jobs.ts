@@ -109,13 +109,27 @@ export async function threadIds(pid: number): Promise<Set<string>> {
 
 /**
  * Among the threads of process `pid` that are not in `old`, the one that
- * burns the most CPU over `ms`: a spinning WebAssembly worker started after
- * `old` was taken. Undefined if none used any CPU.
+ * burns the most CPU: a spinning WebAssembly worker started after `old` was
+ * taken. Samples 1.5 s at a time for up to `tries` times (a node reports
+ * Running before its worker has started, and a loaded machine is slow to
+ * start one); undefined if no new thread ever used CPU.
  */
 export async function busiestNewThread(
   pid: number,
   old: ReadonlySet<string>,
-  ms = 1500,
+  tries = 10,
+): Promise<string | undefined> {
+  for (let i = 0; i < tries; i++) {
+    const tid = await busiestNewThreadOnce(pid, old, 1500);
+    if (tid) return tid;
+  }
+  return undefined;
+}
+
+async function busiestNewThreadOnce(
+  pid: number,
+  old: ReadonlySet<string>,
+  ms: number,
 ): Promise<string | undefined> {
   const before = await threadTicks(pid);
   await new Promise((r) => setTimeout(r, ms));
