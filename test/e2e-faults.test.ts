@@ -5,11 +5,10 @@ import t, { type Test } from "tap";
 import { runShoal, startComputeNode, startOrchestrator, tempDir } from "./helpers/cluster.js";
 import {
   buildWasm,
-  busiestNewThread,
   SPIN_WAT,
+  spinningThread,
   submitJob,
   threadAlive,
-  threadIds,
   waitForJob,
   waitForRunning,
   wasmEngine,
@@ -41,15 +40,14 @@ t.test("timeouts, stop, the exec allow-list and SIGTERM, with real processes", a
   const spin = await buildWasm(dir, "spin", SPIN_WAT);
   /** Submits a spinning job and returns its execution with the node's worker thread running it. */
   const startSpinning = async (t: Test, name: string, timeout: string) => {
-    const before = { n1: await threadIds(pidOf("n1")), n2: await threadIds(pidOf("n2")) };
     const id = await submitJob(
       orch,
       await writeSpec(dir, name, wasmEngine(spin), `Timeouts: {ExecutionTimeout: ${timeout}}`),
     );
     const execution = await waitForRunning(orch, id);
     const pid = pidOf(execution.NodeID);
-    const tid = await busiestNewThread(pid, before[execution.NodeID as keyof typeof before]);
-    t.ok(tid, `a new thread of ${execution.NodeID} spins while the execution runs`);
+    const tid = await spinningThread(pid);
+    t.ok(tid, `a worker thread of ${execution.NodeID} spins while the execution runs`);
     return { id, execution, pid, tid: tid! };
   };
   const workerGone = async (pid: number, tid: string) => {
@@ -61,12 +59,12 @@ t.test("timeouts, stop, the exec allow-list and SIGTERM, with real processes", a
   t.test(
     "a job past its ExecutionTimeout fails with SHOAL_ENGINE_TIMEOUT and its worker is killed",
     async (t) => {
-      const { id, execution, pid, tid } = await startSpinning(t, "spin-timeout", "3s");
+      const { id, execution, pid, tid } = await startSpinning(t, "spin-timeout", "5s");
       const job = await waitForJob(orch, id, "ends", (j) =>
         ["Completed", "Failed", "Stopped"].includes(j.State),
       );
       t.equal(job.State, "Failed");
-      t.match(job.StateMessage, /SHOAL_ENGINE_TIMEOUT: killed after the execution timeout of 3000 ms/);
+      t.match(job.StateMessage, /SHOAL_ENGINE_TIMEOUT: killed after the execution timeout of 5000 ms/);
       const e = job.Executions.find((x) => x.ID === execution.ID)!;
       t.equal(e.State, "Failed");
       t.equal(e.ExitCode, -1);

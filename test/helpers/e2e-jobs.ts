@@ -102,45 +102,27 @@ async function threadTicks(pid: number): Promise<Map<string, number>> {
   return ticks;
 }
 
-/** The ids of the threads of process `pid`. */
-export async function threadIds(pid: number): Promise<Set<string>> {
-  return new Set(await fs.readdir(`/proc/${pid}/task`));
-}
-
 /**
- * Among the threads of process `pid` that are not in `old`, the one that
- * burns the most CPU: a spinning WebAssembly worker started after `old` was
- * taken. Samples 1.5 s at a time for up to `tries` times (a node reports
- * Running before its worker has started, and a loaded machine is slow to
- * start one); undefined if no new thread ever used CPU.
+ * The thread of process `pid`, other than its main thread, that burns the
+ * most CPU: on an otherwise idle compute node, the worker running a spinning
+ * WebAssembly module (the engine keeps warm workers, so it is not a new
+ * thread). Samples 1.5 s at a time for up to `tries` times (a node reports
+ * Running before the module starts, and a loaded machine is slow to start
+ * it); undefined if no thread used CPU.
  */
-export async function busiestNewThread(
-  pid: number,
-  old: ReadonlySet<string>,
-  tries = 10,
-): Promise<string | undefined> {
+export async function spinningThread(pid: number, tries = 10): Promise<string | undefined> {
   for (let i = 0; i < tries; i++) {
-    const tid = await busiestNewThreadOnce(pid, old, 1500);
-    if (tid) return tid;
+    const before = await threadTicks(pid);
+    await new Promise((r) => setTimeout(r, 1500));
+    const after = await threadTicks(pid);
+    let best: [string, number] | undefined;
+    for (const [tid, ticks] of after) {
+      const used = ticks - (before.get(tid) ?? ticks);
+      if (tid !== String(pid) && used > 0 && (!best || used > best[1])) best = [tid, used];
+    }
+    if (best) return best[0];
   }
   return undefined;
-}
-
-async function busiestNewThreadOnce(
-  pid: number,
-  old: ReadonlySet<string>,
-  ms: number,
-): Promise<string | undefined> {
-  const before = await threadTicks(pid);
-  await new Promise((r) => setTimeout(r, ms));
-  const after = await threadTicks(pid);
-  let best: [string, number] | undefined;
-  for (const [tid, t] of after) {
-    if (old.has(tid)) continue;
-    const used = t - (before.get(tid) ?? t);
-    if (used > 0 && (!best || used > best[1])) best = [tid, used];
-  }
-  return best?.[0];
 }
 
 /** Whether thread `tid` of process `pid` still exists. */
