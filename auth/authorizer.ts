@@ -97,8 +97,14 @@ export class Authorizer {
     return skipped;
   }
 
-  authorize(request: AuthorizationRequest): AuthorizationDecision {
+  /**
+   * Decides `request` and writes the decision to the audit log, unless
+   * `audit` is false: for filtering a listing, whose own decision (job:list)
+   * is the one audited.
+   */
+  authorize(request: AuthorizationRequest, options: { audit?: boolean } = {}): AuthorizationDecision {
     const result = this.#cacheSize > 0 ? this.#decideCached(request) : this.#evaluate(request);
+    if (options.audit === false) return result;
     const { principal, action, resource } = request;
     this.#audit.info(
       {

@@ -1,5 +1,9 @@
 import "reflect-metadata";
 import { generateKeyPairSync } from "node:crypto";
+import { promises as fs } from "node:fs";
+import { Agent, request as httpsRequest } from "node:https";
+import os from "node:os";
+import path from "node:path";
 import { pino } from "pino";
 import {
   type AuthorizationRequest,
@@ -12,6 +16,8 @@ import {
   TokenService,
 } from "../auth/index.js";
 import { createLogger } from "../core/index.js";
+import { ApiAuth, buildApi, type JobService, type NodeService } from "../orchestrator/index.js";
+import { initPki, openPki } from "../pki/index.js";
 
 /**
  * Authorization decisions and token verifications per second. The baseline is
@@ -106,3 +112,95 @@ console.log(row("decisions, prepared set + relation cache", withCache, baseline)
 console.log(row("  the same without the audit log", withCacheQuiet, baseline));
 console.log(row("token verifications (ES256, 10k revoked)", verify));
 console.log(row("token issues (ES256)", issue));
+
+// --- Added latency per API request ------------------------------------------
+// The same HTTPS API twice in this process: without security, and with the
+// daemon's ApiAuth (Bearer ES256 token → principal, Cedar decision, audit
+// line). Requests alternate between the two over keep-alive connections, so
+// both see the same machine load; the difference of the p50s is what authn +
+// authz add to a request.
+const REQUESTS = Number(process.env.BENCH_REQUESTS ?? 3000);
+const benchDir = await fs.mkdtemp(path.join(os.tmpdir(), "shoal-bench-auth-"));
+await initPki(path.join(benchDir, "pki"), {});
+const pki = await openPki(path.join(benchDir, "pki"));
+const serverCert = await pki.issue({ role: "server", dns: ["localhost"], ip: ["127.0.0.1"] });
+const https = { key: serverCert.keyPem!, cert: serverCert.certPem };
+const services = { jobs: {} as JobService, nodes: {} as NodeService };
+const apiOptions = {
+  ...services,
+  log: createLogger({ level: "silent" }),
+  https,
+  caBundlePem: () => pki.caCertPem,
+  nodeInfo: () => ({}),
+  version: "bench",
+};
+const apiAuth = await ApiAuth.create({
+  config: { Methods: ["anonymous", "clientKey", "password"], AccessPolicyPath: "", TokenTTL: "24h" },
+  policies,
+  store: Object.assign(new MemoryAuthStore(), { watch: async () => {} }),
+  dataDir: benchDir,
+  issuer: "spiffe://shoal.local/orchestrator/bench",
+  trustDomain: "shoal.local",
+  caPem: pki.caCertPem,
+  job: () => {
+    throw new Error("no jobs in this benchmark");
+  },
+  logger: audit,
+  print: () => {},
+  env: { SHOAL_ADMIN_PASSWORD: "bench-admin-password" },
+});
+const plainApi = buildApi(apiOptions);
+const securedApi = buildApi({ ...apiOptions, security: apiAuth });
+await Promise.all([
+  plainApi.listen({ port: 0, host: "127.0.0.1" }),
+  securedApi.listen({ port: 0, host: "127.0.0.1" }),
+]);
+const readerToken = (
+  await apiAuth.tokens.issue({
+    id: "rdr",
+    kind: "user",
+    roles: ["reader"],
+    namespace: "default",
+    method: "password",
+  })
+).token;
+const agent = new Agent({ ca: pki.caCertPem, keepAlive: true, maxSockets: 1 });
+const timedGet = (app: typeof plainApi, token?: string) =>
+  new Promise<number>((resolve, reject) => {
+    const t0 = performance.now();
+    const req = httpsRequest(
+      {
+        host: "127.0.0.1",
+        servername: "localhost",
+        port: (app.server.address() as { port: number }).port,
+        path: "/api/v1/agent/version",
+        agent,
+        headers: token ? { authorization: `Bearer ${token}` } : {},
+      },
+      (res) => {
+        res.resume();
+        res.on("end", () =>
+          res.statusCode === 200
+            ? resolve(performance.now() - t0)
+            : reject(new Error(`HTTP ${res.statusCode}`)),
+        );
+      },
+    );
+    req.on("error", reject).end();
+  });
+const plainTimes: number[] = [];
+const securedTimes: number[] = [];
+for (let i = 0; i < 300; i++) await Promise.all([timedGet(plainApi), timedGet(securedApi, readerToken)]); // warm up
+for (let i = 0; i < REQUESTS; i++) {
+  plainTimes.push(await timedGet(plainApi));
+  securedTimes.push(await timedGet(securedApi, readerToken));
+}
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+const [plainP50, securedP50] = [median(plainTimes), median(securedTimes)];
+console.log(
+  `API request p50 over HTTPS keep-alive (${REQUESTS} each, GET agent/version): without auth ${plainP50.toFixed(3)} ms, with token + Cedar + audit ${securedP50.toFixed(3)} ms`,
+);
+console.log(`  added by authn + authz: ${(securedP50 - plainP50).toFixed(3)} ms at p50 (target ≤ 0.2 ms)`);
+agent.destroy();
+await Promise.all([plainApi.close(), securedApi.close()]);
+await fs.rm(benchDir, { recursive: true, force: true });

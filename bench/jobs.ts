@@ -40,7 +40,14 @@ const config = await loadConfig({
     "Orchestrator.Host=127.0.0.1",
   ],
 });
-const orch = new Orchestrator({ config, logger, version: "bench", print: () => {} });
+const adminPassword = "bench-admin-password";
+const orch = new Orchestrator({
+  config,
+  logger,
+  version: "bench",
+  print: () => {},
+  env: { SHOAL_ADMIN_PASSWORD: adminPassword },
+});
 const ep = await orch.start();
 const pki = await openPki(ep.pkiDir);
 const nodes: ComputeNode[] = [];
@@ -91,22 +98,23 @@ for (let i = 0; i < 2000; i++) {
 echo.unsubscribe();
 
 const agent = new Agent({ ca: await fs.readFile(ep.caFile), keepAlive: true });
+let token = "";
 const call = (method: string, p: string, body?: unknown) =>
   new Promise<string>((resolve, reject) => {
-    const req = request(
-      `${ep.apiUrl}/api/v1/${p}`,
-      { method, agent, headers: body ? { "content-type": "application/json" } : {} },
-      (res) => {
-        let text = "";
-        res.on("data", (d) => {
-          text += d;
-        });
-        res.on("end", () => resolve(text));
-      },
-    );
+    const headers: Record<string, string> = token ? { authorization: `Bearer ${token}` } : {};
+    if (body) headers["content-type"] = "application/json";
+    const req = request(`${ep.apiUrl}/api/v1/${p}`, { method, agent, headers }, (res) => {
+      let text = "";
+      res.on("data", (d) => {
+        text += d;
+      });
+      res.on("end", () => resolve(text));
+    });
     req.on("error", reject);
     req.end(body === undefined ? undefined : JSON.stringify(body));
   });
+// Jobs are submitted as the admin (anonymous callers may only read).
+token = JSON.parse(await call("POST", "auth/password", { username: "admin", password: adminPassword })).Token;
 const spec = wasmJobSpec({ name: "bench", module: await fs.readFile("dist/wasm/hello.wasm") });
 
 interface HistoryEvent {

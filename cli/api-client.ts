@@ -86,6 +86,8 @@ export interface ApiClientOptions {
   caFile?: string;
   /** PEM text of the CA(s) to trust (wins over caFile). */
   caPem?: string;
+  /** A TLS client certificate and key (PEM files) to present: a user certificate for the mtls login. */
+  clientCert?: { certFile: string; keyFile: string };
   /** Skip certificate verification; writes a warning to `warn` on every client created. @default false */
   insecure?: boolean;
   /** Supplies the bearer token per request; undefined sends no Authorization header. */
@@ -159,11 +161,18 @@ export class ApiClient {
         `WARNING: --insecure: the certificate of ${url} is NOT verified. Anyone on the network path can read and change this traffic, including your token. Use --ca-cert FILE instead.\n`,
       );
     }
+    const identity = o.clientCert
+      ? {
+          cert: await readFileChecked(o.clientCert.certFile),
+          key: await readFileChecked(o.clientCert.keyFile),
+        }
+      : {};
     const agent = new https.Agent({
       keepAlive: true,
       minVersion: "TLSv1.2",
       rejectUnauthorized: !o.insecure,
       ...(ca ? { ca } : {}),
+      ...identity,
     });
     return new ApiClient(url, agent, o);
   }

@@ -6,13 +6,13 @@ import Fastify, {
   type FastifyInstance,
   type FastifyReply,
   type FastifyRequest,
-  type preHandlerAsyncHookHandler,
 } from "fastify";
+import { ANONYMOUS_PRINCIPAL, type Principal } from "../auth/index.js";
 import { isShoalError, type Logger } from "../core/index.js";
-import type { Submitter } from "../fabric/protocol.js";
 import { ORCHESTRATOR_CODES } from "./errors.js";
 import type { JobService } from "./job-service.js";
 import type { NodeService } from "./node-service.js";
+import type { JobRecord } from "./records.js";
 
 /** Largest request body (a job with an inline WASM module). */
 export const DEFAULT_BODY_LIMIT = 32 * 1024 * 1024;
@@ -29,12 +29,12 @@ export interface ApiOptions {
   nodeInfo: () => Record<string, unknown>;
   version: string;
   /**
-   * Who is calling. Runs first in the pipeline (authn); the default treats
-   * every caller as anonymous until issue 5 plugs in tokens.
+   * Authentication and authorization (orchestrator/api-auth.ts): installed
+   * before any route, it sets `req.principal` and decides every request.
+   * Without it every caller is an unchecked anonymous principal (tests of
+   * the routes alone).
    */
-  authenticate?: (req: FastifyRequest) => Promise<Submitter>;
-  /** Further hooks (authz) run after authentication and before validation-dependent handlers. */
-  preHandlers?: preHandlerAsyncHookHandler[];
+  security?: ApiSecurity;
   /** @default DEFAULT_BODY_LIMIT */
   bodyLimit?: number;
   /** Route groups kept in their own files (e.g. enrollment), registered after the core routes. */
@@ -48,14 +48,20 @@ export interface ApiOptions {
  */
 export const PUBLIC_ROUTE = { public: true } as const;
 
+/** What the API needs of its security layer (implemented by ApiAuth). */
+export interface ApiSecurity {
+  /** Adds the authn/authz hooks and the auth routes; called before any other route is added. */
+  install(app: FastifyInstance): void;
+  /** The jobs of a listing the caller may read. */
+  visibleJobs(req: FastifyRequest, jobs: JobRecord[]): JobRecord[];
+}
+
 declare module "fastify" {
   interface FastifyRequest {
     /** The authenticated caller, set by the authn hook. */
-    principal: Submitter;
+    principal: Principal;
   }
 }
-
-const ANONYMOUS: Submitter = { sub: "anonymous", namespace: "default", method: "anonymous" };
 
 const JobIdParams = T.Object({ id: T.String({ pattern: "^[A-Za-z0-9._-]{1,128}$" }) });
 const JobStates = ["Pending", "Queued", "Running", "Completed", "Failed", "Stopped"] as const;
@@ -151,8 +157,8 @@ function ndjson(req: FastifyRequest, reply: FastifyReply) {
 
 /**
  * The HTTPS API under /api/v1. Every request goes through the same pipeline:
- * `onRequest` authn (sets `req.principal`) → `preHandler` hooks (authz,
- * issue 5) → schema validation of params, query and body → a thin handler
+ * `onRequest` authn (sets `req.principal`) → `preValidation` authz (Cedar)
+ * → schema validation of params, query and body → a thin handler
  * that calls JobService / NodeService. Errors become
  * `{ error: { code, message, fix, field } }` with a 4xx/5xx status.
  */
@@ -174,12 +180,13 @@ export function buildApi(o: ApiOptions): FastifyInstance {
     else parseJson(req, body as string, done);
   });
 
-  const authenticate = o.authenticate ?? (async () => ANONYMOUS);
-  app.decorateRequest("principal", null as unknown as Submitter);
-  app.addHook("onRequest", async (req) => {
-    req.principal = await authenticate(req);
-  });
-  for (const hook of o.preHandlers ?? []) app.addHook("preHandler", hook);
+  app.decorateRequest("principal", null as unknown as Principal);
+  if (o.security) o.security.install(app);
+  else {
+    app.addHook("onRequest", async (req) => {
+      req.principal = ANONYMOUS_PRINCIPAL;
+    });
+  }
 
   app.setErrorHandler((err, req, reply) => {
     const { status, body } = errorReply(err);
@@ -206,12 +213,21 @@ export function buildApi(o: ApiOptions): FastifyInstance {
   );
 
   app.put(`${v1}/orchestrator/jobs`, { schema: { body: SubmitBody } }, async (req, reply) => {
-    const job = await o.jobs.submit((req.body as { Job: unknown }).Job, req.principal);
+    const p = req.principal;
+    const spec = (req.body as { Job: Record<string, unknown> }).Job;
+    // A job without a namespace goes to its submitter's, where the submitter can see it.
+    const job = await o.jobs.submit(
+      { ...spec, Namespace: spec.Namespace ?? p.namespace },
+      { sub: p.id, namespace: p.namespace, method: p.method },
+    );
     return reply.status(201).send({ JobID: job.ID, Job: job });
   });
   app.get(`${v1}/orchestrator/jobs`, { schema: { querystring: ListQuery } }, async (req) => {
     const q = req.query as { state?: (typeof JobStates)[number]; limit?: number };
-    return { Items: o.jobs.list({ state: q.state, limit: q.limit }) };
+    // Filtered before the limit, so a caller gets its newest visible jobs.
+    const all = o.jobs.list({ state: q.state, limit: Number.MAX_SAFE_INTEGER });
+    const visible = o.security ? o.security.visibleJobs(req, all) : all;
+    return { Items: visible.slice(0, q.limit ?? 100) };
   });
   app.get(`${v1}/orchestrator/jobs/:id`, { schema: { params: JobIdParams } }, async (req) => ({
     Job: o.jobs.get((req.params as { id: string }).id),

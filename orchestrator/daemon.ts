@@ -5,11 +5,14 @@ import path from "node:path";
 import type { Server as TlsServer } from "node:tls";
 import { jetstream } from "@nats-io/jetstream";
 import type { FastifyInstance } from "fastify";
+import { loadPolicies } from "../auth/index.js";
 import { type Logger, parseDuration, type ShoalConfig } from "../core/index.js";
 import { connectFabric, type FabricConnection, NatsSupervisor } from "../fabric/index.js";
 import { initPki, openPki, type Pki } from "../pki/index.js";
 import { buildApi } from "./api.js";
+import { ApiAuth } from "./api-auth.js";
 import { ApiTlsManager, type ApiTlsManagerOptions } from "./api-tls.js";
+import { KvAuthStore } from "./auth-store.js";
 import {
   ensureIdentityCertificate,
   ensureServerCertificate,
@@ -18,7 +21,7 @@ import {
 import { Dispatcher } from "./dispatcher.js";
 import { EnrollmentService, signComputeCsr } from "./enrollment.js";
 import { registerEnrollmentRoutes } from "./enrollment-routes.js";
-import { ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
+import { jobNotFound, ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
 import { FabricLink } from "./fabric-link.js";
 import { brokerIdentities, InventoryWatcher } from "./inventory-watch.js";
 import { jobRequirements, parseSubmittedJob } from "./job-requirements.js";
@@ -40,6 +43,8 @@ export interface OrchestratorOptions {
   id?: string;
   /** ACME details that are not config keys (challenge listener port, a test CA's trust). */
   acme?: ApiTlsManagerOptions["acme"];
+  /** Where SHOAL_ADMIN_PASSWORD and SHOAL_SHARED_SECRET are read. @default process.env */
+  env?: NodeJS.ProcessEnv;
 }
 
 /** What a running orchestrator tells its operator and tests. */
@@ -102,6 +107,8 @@ export class Orchestrator {
     const c = this.#o.config;
     const dataDir = c.DataDir;
     const id = this.#o.id ?? "orchestrator";
+    // A bad policy file stops the start before anything else happens, naming file:line:column.
+    const policies = await loadPolicies({ policyPath: c.API.Auth.AccessPolicyPath || undefined });
     await fs.mkdir(dataDir, { recursive: true, mode: 0o700 }).catch((cause) => {
       throw new OrchestratorError(ORCHESTRATOR_CODES.SHOAL_ORCH_DATA_DIR, `cannot create ${dataDir}`, 500, {
         cause,
@@ -209,9 +216,14 @@ export class Orchestrator {
     });
     this.#cleanups.push(() => link.close());
     // Trust changes: the inventory decides the broker's users and which certificates still verify.
+    let crl: { serials: string; pem: string } | undefined;
     applyInventory = async () => {
       const entries = await pki.list();
-      link.revoke(entries.filter((e) => e.status === "revoked"));
+      const revoked = entries.filter((e) => e.status === "revoked");
+      link.revoke(revoked);
+      // A CRL for API logins by user certificate (mtls), made only when the revoked set changes.
+      const serials = revoked.map((e) => e.serial).join(",");
+      if (serials && serials !== crl?.serials) crl = { serials, pem: await pki.crl() };
       await supervisor.setIdentities(await brokerIdentities(pki, c.Orchestrator.NodeManager.Identities));
     };
     await applyInventory();
@@ -245,6 +257,31 @@ export class Orchestrator {
       dispatch: dispatcher,
     });
     this.#jobs = jobs;
+
+    const authStore = await KvAuthStore.open(
+      jetstream(fabric.nc),
+      this.#log.child({ component: "auth-store" }),
+    );
+    this.#cleanups.push(async () => authStore.close());
+    const caPem = await fs.readFile(caFile, "utf8");
+    const auth = await ApiAuth.create({
+      config: c.API.Auth,
+      policies,
+      store: authStore,
+      dataDir,
+      issuer: `spiffe://${pki.trustDomain}/orchestrator/${id}`,
+      trustDomain: pki.trustDomain,
+      caPem,
+      crlPem: () => crl?.pem,
+      job: (jobId) => {
+        const job = store.jobs.get(jobId);
+        if (!job) throw jobNotFound(jobId);
+        return job;
+      },
+      logger: this.#o.logger,
+      print: this.#o.print ?? ((line: string) => process.stdout.write(`${line}\n`)),
+      ...(this.#o.env ? { env: this.#o.env } : {}),
+    });
     nodes.start();
     dispatcher.start();
     await link.start();
@@ -280,7 +317,6 @@ export class Orchestrator {
     await apiTls.start();
     this.#apiTls = apiTls;
     this.#cleanups.push(() => apiTls.close());
-    const caPem = await fs.readFile(caFile, "utf8");
     const enrollment = new EnrollmentService({
       pki,
       certTtlMs: parseDuration(c.PKI.CertTTL),
@@ -291,7 +327,12 @@ export class Orchestrator {
       jobs,
       nodes,
       log: this.#log.child({ component: "api" }),
-      https: apiTls.serverOptions(),
+      // mtls logins need the client's certificate; ApiAuth verifies it, so the handshake does not.
+      https: {
+        ...apiTls.serverOptions(),
+        ...(auth.wantsClientCertificates ? { requestCert: true, rejectUnauthorized: false } : {}),
+      },
+      security: auth,
       caBundlePem: () => caPem,
       routes: [(app) => registerEnrollmentRoutes(app, enrollment)],
       version: this.#o.version,

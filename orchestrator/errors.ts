@@ -11,6 +11,8 @@ export const ORCHESTRATOR_CODES = defineCodes("orchestrator", {
   SHOAL_ORCH_DATA_DIR: "The data directory cannot be created or used.",
   SHOAL_ORCH_NODE_ID_TAKEN:
     "Enrollment asked for a node id that another live (unexpired, unrevoked) certificate already holds.",
+  SHOAL_ORCH_AUTH_CONFIG:
+    "API.Auth settings that cannot work, e.g. sharedSecret enabled without SHOAL_SHARED_SECRET.",
 });
 
 /**

@@ -7,8 +7,19 @@ import pkg from "../package.json" with { type: "json" };
 /** The version the API reports at `GET /api/v1/agent/version`. */
 export const ORCHESTRATOR_VERSION: string = pkg.version;
 
-export { type ApiErrorBody, type ApiOptions, buildApi } from "./api.js";
+export { type ApiErrorBody, type ApiOptions, type ApiSecurity, buildApi } from "./api.js";
+export {
+  ApiAuth,
+  type ApiAuthOptions,
+  apiAudience,
+  HANDLER_AUTHORIZED_ROUTES,
+  PUBLIC_ROUTES,
+  ROUTE_RULES,
+  type RouteRule,
+  TOKEN_KEY_FILE,
+} from "./api-auth.js";
 export * from "./api-tls.js";
+export { AUTH_BUCKETS, type AuthStoreListeners, KvAuthStore, type WatchableAuthStore } from "./auth-store.js";
 export { Orchestrator, type OrchestratorEndpoints, type OrchestratorOptions } from "./daemon.js";
 export {
   Dispatcher,

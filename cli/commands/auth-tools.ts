@@ -1,9 +1,9 @@
+import type { Argv } from "yargs";
 import { assertPasswordStrength, hashPassword } from "../../auth/index.js";
 import { CORE_CODES, ShoalError } from "../../core/index.js";
-import type { CommandModule } from "./index.js";
 
 /** Reads a line from the terminal without echoing it. */
-function promptHidden(prompt: string): Promise<string> {
+export function promptHidden(prompt: string): Promise<string> {
   const stdin = process.stdin;
   process.stderr.write(prompt);
   stdin.setRawMode(true);
@@ -41,8 +41,8 @@ async function readStdin(): Promise<string> {
     .replace(/\r?\n$/, "");
 }
 
-/** The password to hash: SHOAL_PASSWORD, else typed twice at a terminal, else standard input. */
-async function readPassword(): Promise<string> {
+/** A new password: SHOAL_PASSWORD, else typed twice at a terminal, else standard input. */
+export async function readPassword(): Promise<string> {
   const fromEnv = process.env.SHOAL_PASSWORD;
   if (fromEnv) return fromEnv;
   if (!process.stdin.isTTY) return readStdin();
@@ -58,20 +58,17 @@ async function readPassword(): Promise<string> {
 
 /**
  * `shoal auth hash-password`: prints the scrypt hash of a password, for user
- * records prepared offline. The other `shoal auth` commands talk to the API.
+ * records prepared offline. The other `shoal auth` subcommands (login,
+ * users, roles, tokens) talk to the API; see auth.ts.
  */
-export const authToolsCommand: CommandModule = (cli) =>
-  cli.command("auth", "authentication tools", (yargs) =>
-    yargs
-      .command(
-        "hash-password",
-        "print the scrypt hash of a password (from SHOAL_PASSWORD, a prompt, or standard input)",
-        () => {},
-        async () => {
-          const password = await readPassword();
-          assertPasswordStrength(password);
-          process.stdout.write(`${await hashPassword(password)}\n`);
-        },
-      )
-      .demandCommand(1, "name a subcommand"),
+export const hashPasswordCommand = (yargs: Argv): Argv =>
+  yargs.command(
+    "hash-password",
+    "print the scrypt hash of a password (from SHOAL_PASSWORD, a prompt, or standard input)",
+    () => {},
+    async () => {
+      const password = await readPassword();
+      assertPasswordStrength(password);
+      process.stdout.write(`${await hashPassword(password)}\n`);
+    },
   );

@@ -1,6 +1,6 @@
 import type { Argv } from "yargs";
 import { agentCommand } from "./agent.js";
-import { authToolsCommand } from "./auth-tools.js";
+import { authCommand } from "./auth.js";
 import { computeCommand } from "./compute.js";
 import { configCommand } from "./config.js";
 import { jobCommand } from "./job.js";
@@ -20,6 +20,6 @@ export const commands: CommandModule[] = [
   nodeCommand,
   agentCommand,
   policyCommand,
-  authToolsCommand,
+  authCommand,
   pkiCommand,
 ];
