@@ -31,8 +31,15 @@ t.test("compute nodes enroll from a join token and the CA fingerprint alone", as
   const orch = await startOrchestrator(t, path.join(dir, "orch"));
   const fp = orch.pki.rootFingerprint;
   const caPem = await fs.readFile(orch.ca, "utf8");
-  const api = (method: string, url: string, body?: unknown) =>
-    fetchJson(method, `https://127.0.0.1:${orch.apiPort}/api/v1/${url}`, caPem, body);
+  // As the admin, except the public routes (enroll must work without a user token).
+  const api = async (method: string, url: string, body?: unknown) =>
+    fetchJson(
+      method,
+      `https://127.0.0.1:${orch.apiPort}/api/v1/${url}`,
+      caPem,
+      body,
+      url === "enroll" || url === "pki/ca" ? undefined : await orch.adminToken(),
+    );
 
   const serve = (dataDir: string, token: string, id: string, fingerprint = fp): ShoalProcess =>
     spawnBuiltShoal(t, joinArgs(orch, dataDir, token, id, fingerprint));
@@ -214,6 +221,7 @@ function fetchJson(
   url: string,
   ca: string,
   body?: unknown,
+  token?: string,
   // biome-ignore lint/suspicious/noExplicitAny: test-side JSON
 ): Promise<{ status: number; body: any; text: string }> {
   const payload = body === undefined ? undefined : JSON.stringify(body);
@@ -223,7 +231,10 @@ function fetchJson(
       {
         method,
         ca,
-        headers: payload ? { "content-type": "application/json" } : {},
+        headers: {
+          ...(payload ? { "content-type": "application/json" } : {}),
+          ...(token ? { authorization: `Bearer ${token}` } : {}),
+        },
       },
       (res) => {
         let text = "";

@@ -1,5 +1,6 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { promises as fs, readdirSync, statSync } from "node:fs";
+import https from "node:https";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
@@ -195,9 +196,14 @@ export interface OrchestratorHandle {
   natsPort: number;
   /** `--api URL --ca-cert CA` for CLI calls. */
   api: string[];
-  /** An in-process API client, for a test's own checks and waits (a CLI process per poll costs seconds). */
+  /** An in-process API client acting as the first admin, for a test's own checks and waits (a CLI process per poll costs seconds). */
   client: ApiClient;
+  /** A token of the first admin (password {@link TEST_ADMIN_PASSWORD}); give it to the CLI as SHOAL_TOKEN. */
+  adminToken: () => Promise<string>;
 }
+
+/** The first admin's password of orchestrators started by {@link startOrchestrator}. */
+export const TEST_ADMIN_PASSWORD = "test-admin-password";
 
 /**
  * Starts `shoal orchestrator serve` on loopback with both ports chosen by the
@@ -211,11 +217,10 @@ export async function startOrchestrator(
 ): Promise<OrchestratorHandle> {
   const base = ["-c", "API.Host=127.0.0.1", "-c", "API.Port=0", "-c", "Orchestrator.Host=127.0.0.1"];
   const ports = ["-c", "Orchestrator.Port=0", "-c", "Logging.Level=warn"];
-  const proc = spawnShoal(
-    t,
-    ["orchestrator", "serve", "--data-dir", dataDir, ...base, ...ports, ...extra],
-    env,
-  );
+  const proc = spawnShoal(t, ["orchestrator", "serve", "--data-dir", dataDir, ...base, ...ports, ...extra], {
+    SHOAL_ADMIN_PASSWORD: TEST_ADMIN_PASSWORD,
+    ...env,
+  });
   // Registered after spawnShoal's own teardown, so it runs first (tap runs them last in, first out).
   t.teardown(async () => {
     if (proc.child.exitCode === null && proc.child.signalCode === null) {
@@ -231,9 +236,51 @@ export async function startOrchestrator(
   const ca = path.join(pkiDir, "ca.crt");
   const url = `https://127.0.0.1:${apiPort}`;
   const api = ["--api", url, "--ca-cert", ca];
-  const client = await ApiClient.create({ url, caFile: ca });
+  let token: Promise<string> | undefined;
+  const adminToken = () => {
+    token ??= fs.readFile(ca, "utf8").then(
+      (caPem) =>
+        new Promise<string>((resolve, reject) => {
+          const body = JSON.stringify({ username: "admin", password: TEST_ADMIN_PASSWORD });
+          const req = https.request(
+            `https://127.0.0.1:${apiPort}/api/v1/auth/password`,
+            {
+              method: "POST",
+              ca: caPem,
+              headers: { "content-type": "application/json", "content-length": Buffer.byteLength(body) },
+            },
+            (res) => {
+              let text = "";
+              res.on("data", (d: Buffer) => {
+                text += d.toString();
+              });
+              res.on("end", () =>
+                res.statusCode === 201
+                  ? resolve(JSON.parse(text).Token)
+                  : reject(new Error(`admin login: ${res.statusCode} ${text}`)),
+              );
+            },
+          );
+          req.on("error", reject);
+          req.end(body);
+        }),
+    );
+    return token;
+  };
+  const client = await ApiClient.create({ url, caFile: ca, token: adminToken });
   t.teardown(() => client.close());
-  return { proc, dataDir, pkiDir, pki: await openPki(pkiDir), ca, apiPort, natsPort, api, client };
+  return {
+    proc,
+    dataDir,
+    pkiDir,
+    pki: await openPki(pkiDir),
+    ca,
+    apiPort,
+    natsPort,
+    api,
+    client,
+    adminToken,
+  };
 }
 
 /**
