@@ -32,6 +32,7 @@ import { OwnCertificateRenewer } from "./own-certificates.js";
 import { placeJob } from "./placement.js";
 import { ResultsStore } from "./results-store.js";
 import { StateStore } from "./state-store.js";
+import { TrustKeeper } from "./trust.js";
 
 export interface OrchestratorOptions {
   config: ShoalConfig;
@@ -187,7 +188,7 @@ export class Orchestrator {
       queueTimeoutMs: parseDuration(c.Orchestrator.Scheduler.QueueTimeout),
     };
     let dispatcher: Dispatcher | undefined;
-    let applyInventory = async (): Promise<void> => {};
+    let trustKeeper: TrustKeeper | undefined;
     const nodes = new NodeService({
       store,
       log: this.#log.child({ component: "nodes" }),
@@ -195,6 +196,7 @@ export class Orchestrator {
       disconnectTimeoutMs,
       heartbeatIntervalMs: Math.max(100, Math.min(5000, Math.floor(disconnectTimeoutMs / 4))),
       onLost: (node) => dispatcher?.nodeLost(node),
+      revokeIdentity: async (nodeId) => (await trustKeeper?.revokeNode(nodeId)) ?? false,
     });
     this.#nodes = nodes;
     const link = await FabricLink.create({
@@ -210,24 +212,22 @@ export class Orchestrator {
           exclusive: false,
         });
         // The broker knows the new certificate before the node reconnects with it.
-        await applyInventory();
+        await trustKeeper?.apply();
         return issued.certPem;
       },
     });
     this.#cleanups.push(() => link.close());
     // Trust changes: the inventory decides the broker's users and which certificates still verify.
-    let crl: { serials: string; pem: string } | undefined;
-    applyInventory = async () => {
-      const entries = await pki.list();
-      const revoked = entries.filter((e) => e.status === "revoked");
-      link.revoke(revoked);
-      // A CRL for API logins by user certificate (mtls), made only when the revoked set changes.
-      const serials = revoked.map((e) => e.serial).join(",");
-      if (serials && serials !== crl?.serials) crl = { serials, pem: await pki.crl() };
-      await supervisor.setIdentities(await brokerIdentities(pki, c.Orchestrator.NodeManager.Identities));
-    };
-    await applyInventory();
-    const watcher = new InventoryWatcher(pkiDir, applyInventory, this.#log);
+    const trust = new TrustKeeper({
+      pki,
+      link,
+      supervisor,
+      extraIdentities: c.Orchestrator.NodeManager.Identities,
+      log: this.#log.child({ component: "trust" }),
+    });
+    trustKeeper = trust;
+    await trust.apply();
+    const watcher = new InventoryWatcher(pkiDir, () => trust.apply(), this.#log);
     watcher.start();
     this.#cleanups.push(() => watcher.close());
     dispatcher = new Dispatcher({
@@ -272,7 +272,7 @@ export class Orchestrator {
       issuer: `spiffe://${pki.trustDomain}/orchestrator/${id}`,
       trustDomain: pki.trustDomain,
       caPem,
-      crlPem: () => crl?.pem,
+      crlPem: () => trustKeeper?.crlPem,
       job: (jobId) => {
         const job = store.jobs.get(jobId);
         if (!job) throw jobNotFound(jobId);

@@ -1,7 +1,7 @@
 import { type FSWatcher, watch } from "node:fs";
 import type { Logger } from "../core/index.js";
 import type { BrokerIdentity } from "../fabric/index.js";
-import { INVENTORY_FILE, type Pki } from "../pki/index.js";
+import { INVENTORY_FILE, type Pki, revokedIdentities } from "../pki/index.js";
 
 /** Far enough in the future for identities whose certificates Shoal does not see. */
 const NO_EXPIRY = new Date("9999-12-31T00:00:00Z");
@@ -10,7 +10,8 @@ const NO_EXPIRY = new Date("9999-12-31T00:00:00Z");
  * The broker's identities: every orchestrator and compute certificate in the
  * PKI inventory (the broker drops expired and revoked ones itself, and
  * schedules the reload for the next expiry) plus the operator's
- * `Orchestrator.NodeManager.Identities`, whose certificates live elsewhere.
+ * `Orchestrator.NodeManager.Identities`, whose certificates live elsewhere
+ * (left out once revoked by `shoal node delete`).
  */
 export async function brokerIdentities(pki: Pki, extra: readonly string[]): Promise<BrokerIdentity[]> {
   const out: BrokerIdentity[] = [];
@@ -23,7 +24,8 @@ export async function brokerIdentities(pki: Pki, extra: readonly string[]): Prom
       revoked: e.status === "revoked",
     });
   }
-  for (const spiffeId of extra) out.push({ spiffeId, notAfter: NO_EXPIRY });
+  const barred = new Set((await revokedIdentities(pki.dir)).map((r) => r.spiffeId));
+  for (const spiffeId of extra) out.push({ spiffeId, notAfter: NO_EXPIRY, revoked: barred.has(spiffeId) });
   return out;
 }
 

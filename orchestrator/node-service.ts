@@ -15,6 +15,11 @@ export interface NodeServiceOptions {
   heartbeatIntervalMs: number;
   /** Called when a node goes LOST (its executions must move elsewhere). */
   onLost?: (node: NodeRecord) => void;
+  /**
+   * Takes the node's identity away (certificates revoked, broker user gone,
+   * revocation broadcast); resolves to false when no such identity exists.
+   */
+  revokeIdentity?: (id: string) => Promise<boolean>;
 }
 
 /** A node as the API lists it: everything but its certificate chain. */
@@ -81,12 +86,18 @@ export class NodeService {
   }
 
   /**
-   * Forgets a node. Its broker access comes from its certificate: revoke that
-   * (`shoal pki revoke`) to keep it out; a node that registers again reappears
-   * as new (PENDING under manual approval).
+   * Deletes a node: its identity is revoked first (its connection is closed
+   * and its messages refused by the time this resolves; it may not enroll
+   * again), then the record is forgotten and its executions move elsewhere.
+   * A node that never registered but holds a certificate is revoked too.
    */
   async delete(id: string): Promise<void> {
-    const node = this.#require(id);
+    const known = (await this.#o.revokeIdentity?.(id)) ?? false;
+    const node = this.#o.store.nodes.get(id);
+    if (!node) {
+      if (known) return;
+      throw nodeNotFound(id);
+    }
     this.#disarm(id);
     this.#o.store.deleteNode(id);
     await this.#o.store.flush();

@@ -8,6 +8,7 @@ import { describeCertificate } from "./certificate-info.js";
 import { buildCrl, DEFAULT_CRL_VALIDITY_MS } from "./crl.js";
 import { checkCsr } from "./csr.js";
 import { PKI_CODES, PkiError } from "./errors.js";
+import { barIdentity, revokeTokensOfBarred } from "./identity-revocation.js";
 import {
   assertRevocationReason,
   INVENTORY_FILE,
@@ -320,6 +321,8 @@ export class Pki {
 /**
  * Marks a certificate of the PKI in `dir` revoked, by serial (hex, colons
  * allowed) or by its PEM. Needs no CA key. Revoking twice keeps the first date.
+ * Unless the reason is superseded or certificateHold, the certificate's
+ * identity is also barred from enrolling again and its join tokens revoked.
  */
 export async function revokeCertificate(
   dir: string,
@@ -337,8 +340,9 @@ export async function revokeCertificate(
   } else {
     serial = normalizeSerial(serialOrCertPem);
   }
-  return updateInventory(dir, (inv) => {
-    const entry = inv.certificates.find((e) => e.serial === serial);
+  const [entry, barred] = await updateInventory(dir, (inv) => {
+    // normalizeSerial: inventories written before serials lost every leading zero kept one nibble.
+    const entry = inv.certificates.find((e) => normalizeSerial(e.serial) === serial);
     if (!entry || (fingerprint && entry.fingerprint !== fingerprint)) {
       throw new PkiError(PKI_CODES.SHOAL_PKI_UNKNOWN_SERIAL, `this PKI never issued serial ${serial}`, {
         fix: "check the serial with `shoal pki list --dir DIR`, or use the --dir of the CA that issued it",
@@ -349,8 +353,10 @@ export async function revokeCertificate(
       entry.revokedAt = at;
       entry.reason = reason;
     }
-    return { ...entry };
+    return [{ ...entry }, barIdentity(inv, entry, reason, at)] as const;
   });
+  await revokeTokensOfBarred(dir, barred, at);
+  return entry;
 }
 
 /** Every certificate the PKI in `dir` issued, with its status at `at`. Needs no CA key. */

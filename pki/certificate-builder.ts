@@ -94,11 +94,11 @@ export function randomSerial(): Buffer {
   }
 }
 
-/** Lower-case hex of a serial without the sign byte. */
+/** Lower-case hex of a serial without leading zeros (as normalizeSerial, CRLs and the inventory have it). */
 export function serialHex(serial: Uint8Array): string {
   return Buffer.from(serial)
     .toString("hex")
-    .replace(/^(00)+(?=.)/, "");
+    .replace(/^0+(?=.)/, "");
 }
 
 /** RFC 5280 §4.2.1.2 method 1: SHA-1 of the subjectPublicKey BIT STRING value. */

@@ -25,7 +25,9 @@ export const PKI_CODES = defineCodes("pki", {
   SHOAL_PKI_JOIN_TOKEN_EXPIRED: "A join token past its expiry.",
   SHOAL_PKI_JOIN_TOKEN_USED:
     "A join token that has no use left, or that already enrolled the node id asking (a token enrolls an id once).",
-  SHOAL_PKI_JOIN_TOKEN_REVOKED: "A join token that an operator revoked (`shoal pki join-token revoke`).",
+  SHOAL_PKI_JOIN_TOKEN_REVOKED:
+    "A join token that an operator revoked (`shoal pki join-token revoke`), or whose node was deleted or revoked.",
+  SHOAL_PKI_IDENTITY_REVOKED: "An enrollment for a node id that was deleted or revoked.",
   SHOAL_PKI_JOIN_TOKEN_USES: "A join token's number of uses that is not a whole number from 1 to 100000.",
   SHOAL_PKI_VERIFY_FAILED: "`pki verify` found at least one failed check; each is listed with its own code.",
   SHOAL_PKI_UNTRUSTED: "Verification: the certificate does not chain to the given CA.",

@@ -25,6 +25,7 @@ export {
   PkiError,
   type VerifyFailure,
 } from "./errors.js";
+export { isIdentityRevoked, revokedIdentities, revokeIdentity } from "./identity-revocation.js";
 export {
   assertRevocationReason,
   type CertificateStatus,
@@ -33,6 +34,7 @@ export {
   type InventoryFile,
   REVOCATION_REASONS,
   type RevocationReason,
+  type RevokedIdentity,
   readInventory,
   statusAt,
 } from "./inventory.js";
@@ -45,6 +47,7 @@ export {
   listJoinTokens,
   redeemJoinToken,
   revokeJoinToken,
+  revokeJoinTokensOf,
 } from "./join-tokens.js";
 export {
   assertKeyType,

@@ -51,6 +51,17 @@ export interface InventoryEntry {
   reason?: RevocationReason;
 }
 
+/**
+ * An identity (SPIFFE id) taken away for good: every certificate it held was
+ * revoked, and enrollment refuses to issue it again, whatever token is offered.
+ * An operator can still issue it explicitly (`shoal pki issue`/`sign`).
+ */
+export interface RevokedIdentity {
+  spiffeId: string;
+  revokedAt: Date;
+  reason: RevocationReason;
+}
+
 /** The single JSON file `DIR/inventory.json`, rewritten atomically under `DIR/inventory.json.lock`. */
 export interface InventoryFile {
   version: 1;
@@ -61,6 +72,8 @@ export interface InventoryFile {
   /** The number of the last CRL made; each `crl()` increments it. */
   crlNumber: number;
   certificates: InventoryEntry[];
+  /** Identities barred from enrolling again (absent in files written before revocation existed). */
+  revokedIdentities?: RevokedIdentity[];
 }
 
 export const INVENTORY_FILE = "inventory.json";
@@ -94,6 +107,9 @@ function parseInventory(text: string, file: string): InventoryFile {
   return {
     ...(inv as InventoryFile),
     certificates: (inv.certificates as unknown as Record<string, unknown>[]).map(reviveEntry),
+    ...(Array.isArray(inv.revokedIdentities)
+      ? { revokedIdentities: inv.revokedIdentities.map((r) => ({ ...r, revokedAt: new Date(r.revokedAt) })) }
+      : {}),
   };
 }
 

@@ -3,7 +3,8 @@ import { promises as fs } from "node:fs";
 import path from "node:path";
 import { FileReadError, withFileLock, writeFileAtomic } from "../core/index.js";
 import { PKI_CODES, PkiError } from "./errors.js";
-import { readInventory } from "./inventory.js";
+import { type RevokedIdentity, readInventory } from "./inventory.js";
+import { spiffeId } from "./spiffe.js";
 
 /**
  * Join tokens let a new node enroll (CSR + token → certificate) without an
@@ -227,7 +228,8 @@ function assertRedeemable(record: JoinTokenRecord, nodeId: string, now: Date): v
  *
  * Fails with SHOAL_PKI_JOIN_TOKEN_INVALID (malformed, unknown or wrong secret),
  * SHOAL_PKI_JOIN_TOKEN_REVOKED, SHOAL_PKI_JOIN_TOKEN_USED (used up, or already
- * used by this node id) or SHOAL_PKI_JOIN_TOKEN_EXPIRED; or with what `use` throws.
+ * used by this node id), SHOAL_PKI_JOIN_TOKEN_EXPIRED or SHOAL_PKI_IDENTITY_REVOKED
+ * (the node id was deleted or revoked); or with what `use` throws.
  */
 export async function redeemJoinToken<T = undefined>(
   dir: string,
@@ -251,6 +253,11 @@ export async function redeemJoinToken<T = undefined>(
       throw invalidToken();
     }
     assertRedeemable(record, opts.nodeId, now);
+    const inventory = await readInventory(dir);
+    const barred = (inventory.revokedIdentities ?? []).find(
+      (r) => r.spiffeId === spiffeId(inventory.trustDomain, "compute", opts.nodeId),
+    );
+    if (barred) throw identityRevoked(barred);
     const grant = { id, labels: { ...record.labels } };
     const result = (opts.use ? await opts.use(grant) : undefined) as T;
     record.usedBy.push(opts.nodeId);
@@ -281,6 +288,33 @@ export async function revokeJoinToken(
     record.revokedAt ??= now;
     return view(record, now);
   });
+}
+
+/**
+ * Revokes the join tokens node `nodeId` enrolled with (`shoal node delete`,
+ * `shoal pki revoke`), so they enroll nobody else either. Returns how many changed.
+ */
+export async function revokeJoinTokensOf(
+  dir: string,
+  nodeId: string,
+  now: Date = new Date(),
+): Promise<number> {
+  return updateTokens(dir, (file) => {
+    const hit = file.tokens.filter((t) => t.usedBy.includes(nodeId) && !t.revokedAt);
+    for (const t of hit) t.revokedAt = now;
+    return hit.length;
+  });
+}
+
+/** SHOAL_PKI_IDENTITY_REVOKED: enrollment under an identity that was deleted or revoked. */
+function identityRevoked(r: RevokedIdentity): PkiError {
+  return new PkiError(
+    PKI_CODES.SHOAL_PKI_IDENTITY_REVOKED,
+    `${r.spiffeId} was revoked at ${r.revokedAt.toISOString()} (${r.reason}) and may not enroll again`,
+    {
+      fix: "enroll the node under a new id, or have an operator issue its certificate explicitly (`shoal pki issue compute --id ID`)",
+    },
+  );
 }
 
 function view({ secretSha256: _secret, ...rest }: JoinTokenRecord, now: Date): JoinTokenView {

@@ -63,7 +63,7 @@ export const nodeCommand: CommandModule = (cli) =>
       )
       .command(
         "delete <id>",
-        "forget a node (revoke its certificate to keep it out)",
+        "revoke a node's identity (its connection closes, it may not enroll again) and forget it",
         byId,
         async (argv: Args) => {
           const r = await call(argv, "DELETE", `orchestrator/nodes/${argv.id}`);

@@ -1,0 +1,79 @@
+import path from "node:path";
+import { type Logger, writeFileAtomic } from "../core/index.js";
+import type { NatsSupervisor } from "../fabric/index.js";
+import { isValidId, type Pki, revokeIdentity } from "../pki/index.js";
+import type { FabricLink } from "./fabric-link.js";
+import { brokerIdentities } from "./inventory-watch.js";
+
+export interface TrustOptions {
+  pki: Pki;
+  link: FabricLink;
+  supervisor: NatsSupervisor;
+  /** `Orchestrator.NodeManager.Identities`: broker users whose certificates live elsewhere. */
+  extraIdentities: readonly string[];
+  log: Logger;
+}
+
+/** The CRL the orchestrator keeps current in its PKI directory. */
+export const CRL_FILE = "crl.pem";
+
+/**
+ * Applies the PKI inventory to the running fabric, one change at a time:
+ * revoked certificates stop verifying here and are broadcast to every node
+ * (`shoal.broadcast.revocation`), the broker's users become the live
+ * identities (a removed user's connection closes at the reload), and
+ * `PKI-DIR/crl.pem` is rewritten when the revoked set grew.
+ */
+export class TrustKeeper {
+  readonly #o: TrustOptions;
+  #chain: Promise<unknown> = Promise.resolve();
+  #crl: { serials: string; pem: string } | undefined;
+
+  constructor(o: TrustOptions) {
+    this.#o = o;
+  }
+
+  /** The current CRL (PEM) while any certificate is revoked, e.g. for API logins by user certificate. */
+  get crlPem(): string | undefined {
+    return this.#crl?.pem;
+  }
+
+  /** Re-reads the inventory and applies it; resolves once the broker has reloaded. */
+  apply(): Promise<void> {
+    const run = this.#chain.then(() => this.#apply());
+    this.#chain = run.catch(() => {});
+    return run;
+  }
+
+  /**
+   * `shoal node delete`: revokes every certificate of compute `id`, bars it
+   * from enrolling again, revokes its join tokens and applies the change
+   * (broadcast, broker reload). Resolves once its connection is closed.
+   * Returns false when the PKI never knew the identity.
+   */
+  async revokeNode(id: string): Promise<boolean> {
+    if (!isValidId(id)) return false;
+    const spiffeId = `spiffe://${this.#o.pki.trustDomain}/compute/${id}`;
+    const { revoked, known: issued } = await revokeIdentity(this.#o.pki.dir, spiffeId, "privilegeWithdrawn");
+    const known = issued || this.#o.extraIdentities.includes(spiffeId);
+    if (known) {
+      this.#o.log.warn({ node: id, serials: revoked.map((r) => r.serial) }, "node identity revoked");
+      await this.apply();
+    }
+    return known;
+  }
+
+  async #apply(): Promise<void> {
+    const { pki, link, supervisor } = this.#o;
+    const revoked = (await pki.list()).filter((e) => e.status === "revoked");
+    link.revoke(revoked);
+    await supervisor.setIdentities(await brokerIdentities(pki, this.#o.extraIdentities));
+    const serials = revoked.map((e) => e.serial).join(",");
+    if (serials && serials !== this.#crl?.serials) {
+      // crl() bumps the CRL number in the inventory: the watcher sees it and
+      // calls apply() again, which finds the same revoked set and stops there.
+      this.#crl = { serials, pem: await pki.crl() };
+      await writeFileAtomic(path.join(pki.dir, CRL_FILE), this.#crl.pem, 0o644);
+    }
+  }
+}
