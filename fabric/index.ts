@@ -56,6 +56,7 @@ export {
 } from "./nats-config.js";
 export { type ClientRejection, type NatsLogLevel, type NatsLogLine, parseNatsLogLine } from "./nats-log.js";
 export { NatsSupervisor, type NatsSupervisorOptions, type NatsSupervisorStatus } from "./nats-supervisor.js";
+export { dieWithParentLauncher } from "./parent-death.js";
 export {
   algForKey,
   type EnvelopeAlg,

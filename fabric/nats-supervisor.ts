@@ -13,6 +13,7 @@ import {
 import { FABRIC_CODES, NatsServerError } from "./errors.js";
 import { type NatsServerState, renderNatsConfig } from "./nats-config.js";
 import { type ClientRejection, parseNatsLogLine } from "./nats-log.js";
+import { dieWithParentLauncher } from "./parent-death.js";
 import { StatusStream } from "./status-stream.js";
 
 export interface NatsSupervisorOptions {
@@ -38,6 +39,11 @@ export interface NatsSupervisorOptions {
   readonly restartBackoff?: { readonly initialMs: number; readonly maxMs: number };
   /** The clock, for expiry. @default () => new Date() */
   readonly now?: () => Date;
+  /**
+   * Start nats-server so that it gets SIGTERM when this process dies, even by
+   * SIGKILL (`setpriv --pdeathsig`, where util-linux has it). @default true
+   */
+  readonly dieWithParent?: boolean;
 }
 
 export type NatsSupervisorStatus =
@@ -212,7 +218,19 @@ export class NatsSupervisor {
   async #spawn(): Promise<void> {
     await writeFileAtomic(this.#configFile, this.#render(this.#users), 0o600);
     const serverPath = this.#o.serverPath ?? "nats-server";
-    const child = spawn(serverPath, ["-c", this.#configFile], { stdio: ["ignore", "pipe", "pipe"] });
+    const notFound = (err?: NodeJS.ErrnoException) =>
+      new NatsServerError(
+        FABRIC_CODES.SHOAL_NATS_SERVER_NOT_FOUND,
+        `cannot run ${serverPath}: ${err ? (err.code ?? err.message) : "not found or not executable"}`,
+        {
+          ...(err ? { cause: err } : {}),
+          fix: "install nats-server (Debian: apt-get install nats-server) or set Orchestrator.NATS.ServerPath",
+          details: { serverPath },
+        },
+      );
+    const launcher = this.#o.dieWithParent === false ? [] : await dieWithParentLauncher();
+    const [command = serverPath, ...args] = [...launcher, serverPath, "-c", this.#configFile];
+    const child = spawn(command, args, { stdio: ["ignore", "pipe", "pipe"] });
     const recent: string[] = [];
     let readyResolve!: (port: number) => void;
     let readyReject!: (e: NatsServerError) => void;
@@ -231,6 +249,8 @@ export class NatsSupervisor {
         // A binary that cannot be spawned reports "error" and never "exit".
         exitedOnError = resolve;
         child.once("exit", (code, signal) => {
+          // setpriv exits 127 (126) when it cannot exec the server.
+          if (launcher.length > 0 && (code === 127 || code === 126)) readyReject(notFound());
           readyReject(
             new NatsServerError(
               FABRIC_CODES.SHOAL_NATS_SERVER_START,
@@ -248,17 +268,7 @@ export class NatsSupervisor {
     };
     child.once("error", (err: NodeJS.ErrnoException) => {
       exitedOnError();
-      readyReject(
-        new NatsServerError(
-          FABRIC_CODES.SHOAL_NATS_SERVER_NOT_FOUND,
-          `cannot run ${serverPath}: ${err.code ?? err.message}`,
-          {
-            cause: err,
-            fix: "install nats-server (Debian: apt-get install nats-server) or set Orchestrator.NATS.ServerPath",
-            details: { serverPath },
-          },
-        ),
-      );
+      readyReject(notFound(err));
     });
     this.#running = running;
     const onLine = (line: string) => {

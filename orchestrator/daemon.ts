@@ -124,7 +124,9 @@ export class Orchestrator {
     const pki = await openPki(pkiDir);
 
     const advertise = c.Orchestrator.Advertise || os.hostname();
-    const names = ["localhost", "127.0.0.1", os.hostname(), advertise];
+    // Bound to one address (not a wildcard), the broker is dialed there by this process too.
+    const boundHost = ["0.0.0.0", "::", ""].includes(c.Orchestrator.Host) ? undefined : c.Orchestrator.Host;
+    const names = ["localhost", "127.0.0.1", os.hostname(), advertise, ...(boundHost ? [boundHost] : [])];
     const operatorTls =
       c.Orchestrator.TLS.CACert && c.Orchestrator.TLS.ServerCert && c.Orchestrator.TLS.ServerKey;
     const caFile = operatorTls ? c.Orchestrator.TLS.CACert : path.join(pkiDir, "ca.crt");
@@ -163,7 +165,7 @@ export class Orchestrator {
     await supervisor.start();
     await fs.writeFile(path.join(natsDir, "nats-server.pid"), String(supervisor.pid ?? ""), { mode: 0o600 });
 
-    const localUrl = `tls://127.0.0.1:${supervisor.port}`;
+    const localUrl = boundHost ? supervisor.url : `tls://127.0.0.1:${supervisor.port}`;
     const fabric: FabricConnection = await connectFabric({
       servers: localUrl,
       caFile,

@@ -115,12 +115,23 @@ export function spawnShoal(t: Test, args: string[], env: NodeJS.ProcessEnv = {})
  * run `npm run build` first). Starts in a fraction of the time, for tests
  * that start many processes on a loaded machine.
  */
-export function spawnBuiltShoal(t: Test, args: string[], env: NodeJS.ProcessEnv = {}): ShoalProcess {
-  return spawnNode(t, [BUILT_CLI, ...args], env);
+export function spawnBuiltShoal(
+  t: Test,
+  args: string[],
+  env: NodeJS.ProcessEnv = {},
+  opts: SpawnOptions = {},
+): ShoalProcess {
+  return spawnNode(t, [BUILT_CLI, ...args], env, opts);
 }
 
-function spawnNode(t: Test, argv: string[], env: NodeJS.ProcessEnv): ShoalProcess {
-  const child = spawn(process.execPath, argv, {
+export interface SpawnOptions {
+  /** A launcher that execs node, e.g. `["ip", "netns", "exec", "NS"]`. */
+  prefix?: string[];
+}
+
+function spawnNode(t: Test, argv: string[], env: NodeJS.ProcessEnv, opts: SpawnOptions = {}): ShoalProcess {
+  const [command = process.execPath, ...launcher] = [...(opts.prefix ?? []), process.execPath];
+  const child = spawn(command, [...launcher, ...argv], {
     cwd: ROOT,
     env: { ...process.env, SHOAL_CONFIG: "", ...env },
     stdio: ["ignore", "pipe", "pipe"],
