@@ -1,7 +1,7 @@
 import "reflect-metadata";
 import { promises as fs } from "node:fs";
 import path from "node:path";
-import t from "tap";
+import t, { type Test } from "tap";
 import { ApiClient } from "../cli/api-client.js";
 import { broadcastAudience, connectFabric, EnvelopeSigner, subjects } from "../fabric/index.js";
 import {
@@ -12,7 +12,7 @@ import {
   redeemJoinToken,
   revokeCertificate,
 } from "../pki/index.js";
-import { runShoal, spawnShoal, startComputeNode, startOrchestrator, tempDir } from "./helpers/cluster.js";
+import { spawnBuiltShoal, startComputeNode, startOrchestrator, tempDir } from "./helpers/cluster.js";
 
 /**
  * Revocation with real processes: `shoal node delete` and `shoal pki revoke`
@@ -22,9 +22,23 @@ import { runShoal, spawnShoal, startComputeNode, startOrchestrator, tempDir } fr
  * and the node can neither reconnect nor enroll again.
  */
 const dir = await tempDir(t);
-const orch = await startOrchestrator(t, path.join(dir, "orch"), ["-c", "Logging.Level=info"]);
+// The compiled CLI (npm run build): six processes through the TypeScript loader take minutes on a loaded machine.
+const orch = await startOrchestrator(
+  t,
+  path.join(dir, "orch"),
+  ["-c", "Logging.Level=info"],
+  {},
+  spawnBuiltShoal,
+);
 const td = orch.pki.trustDomain;
 const crlFile = path.join(orch.pkiDir, "crl.pem");
+
+/** `shoal ARGS` (compiled) to completion. */
+async function cli(t: Test, args: string[]): Promise<{ code: number | null; stderr: string }> {
+  const p = spawnBuiltShoal(t, args);
+  const { code } = await p.exited;
+  return { code, stderr: p.stderr() };
+}
 const api = await ApiClient.create({ url: `https://127.0.0.1:${orch.apiPort}`, caFile: orch.ca });
 t.teardown(() => api.close());
 // Every `shoal` child process costs seconds on a loaded 2-core machine.
@@ -42,9 +56,9 @@ async function crlListing(serial: string): Promise<string[]> {
 }
 
 t.test("shoal node delete closes the node's connection and keeps it out", async (t) => {
-  const n1 = await startComputeNode(t, orch, path.join(dir, "n1"), "n1");
-  const n2 = await startComputeNode(t, orch, path.join(dir, "n2"), "n2");
-  const del = await runShoal(t, ["node", "delete", "n1", ...orch.api]);
+  const n1 = await startComputeNode(t, orch, path.join(dir, "n1"), "n1", [], spawnBuiltShoal);
+  const n2 = await startComputeNode(t, orch, path.join(dir, "n2"), "n2", [], spawnBuiltShoal);
+  const del = await cli(t, ["node", "delete", "n1", ...orch.api]);
   t.equal(del.code, 0, del.stderr);
   const exit = await n1.exited;
   t.not(exit.code, 0, "the compute process stops");
@@ -62,7 +76,7 @@ t.test("shoal node delete closes the node's connection and keeps it out", async 
   t.ok((await crlListing(serial)).includes(serial), "the CRL lists n1's certificate");
 
   // The node can't come back: not by reconnecting, not by enrolling again.
-  const again = spawnShoal(t, [
+  const again = spawnBuiltShoal(t, [
     "compute",
     "serve",
     "--data-dir",
@@ -91,7 +105,7 @@ t.test("shoal node delete closes the node's connection and keeps it out", async 
 
   // `shoal pki revoke` from another process, against the running orchestrator's PKI.
   const n2Serial = (await orch.pki.list()).find((e) => e.id === "n2")!.serial;
-  const r = await runShoal(t, ["pki", "revoke", n2Serial, "--dir", orch.pkiDir, "--reason", "keyCompromise"]);
+  const r = await cli(t, ["pki", "revoke", n2Serial, "--dir", orch.pkiDir, "--reason", "keyCompromise"]);
   t.equal(r.code, 0, r.stderr);
   t.not((await n2.exited).code, 0);
   t.match(n2.stderr(), /SHOAL_NATS_AUTHORIZATION/);

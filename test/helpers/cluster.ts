@@ -225,10 +225,11 @@ export async function startOrchestrator(
   dataDir: string,
   extra: string[] = [],
   env: NodeJS.ProcessEnv = {},
+  launch: typeof spawnShoal = spawnShoal,
 ): Promise<OrchestratorHandle> {
   const base = ["-c", "API.Host=127.0.0.1", "-c", "API.Port=0", "-c", "Orchestrator.Host=127.0.0.1"];
   const ports = ["-c", "Orchestrator.Port=0", "-c", "Logging.Level=warn"];
-  const proc = spawnShoal(t, ["orchestrator", "serve", "--data-dir", dataDir, ...base, ...ports, ...extra], {
+  const proc = launch(t, ["orchestrator", "serve", "--data-dir", dataDir, ...base, ...ports, ...extra], {
     SHOAL_ADMIN_PASSWORD: TEST_ADMIN_PASSWORD,
     ...env,
   });
@@ -335,11 +336,12 @@ export async function startComputeNode(
   dataDir: string,
   id: string,
   extra: string[] = [],
+  launch: typeof spawnShoal = spawnShoal,
 ): Promise<ShoalProcess> {
   const prefix = path.join(dataDir, "identity");
   await fs.mkdir(dataDir, { recursive: true });
   await writeIssued(prefix, await orch.pki.issue({ role: "compute", id }));
-  const node = spawnShoal(t, [
+  const node = launch(t, [
     "compute",
     "serve",
     "--data-dir",
