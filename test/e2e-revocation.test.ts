@@ -2,7 +2,6 @@ import "reflect-metadata";
 import { promises as fs } from "node:fs";
 import path from "node:path";
 import t, { type Test } from "tap";
-import { ApiClient } from "../cli/api-client.js";
 import { broadcastAudience, connectFabric, EnvelopeSigner, subjects } from "../fabric/index.js";
 import {
   createJoinToken,
@@ -35,12 +34,11 @@ const crlFile = path.join(orch.pkiDir, "crl.pem");
 
 /** `shoal ARGS` (compiled) to completion. */
 async function cli(t: Test, args: string[]): Promise<{ code: number | null; stderr: string }> {
-  const p = spawnBuiltShoal(t, args);
+  const p = spawnBuiltShoal(t, args, { SHOAL_TOKEN: await orch.adminToken() });
   const { code } = await p.exited;
   return { code, stderr: p.stderr() };
 }
-const api = await ApiClient.create({ url: `https://127.0.0.1:${orch.apiPort}`, caFile: orch.ca });
-t.teardown(() => api.close());
+const api = orch.client;
 // Every `shoal` child process costs seconds on a loaded 2-core machine.
 t.setTimeout(240_000);
 
