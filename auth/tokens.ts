@@ -19,6 +19,8 @@ const TOKEN_TYPE = "at+jwt";
 export const DEFAULT_TOKEN_TTL_SECONDS = 24 * 60 * 60;
 /** @default 30 */
 export const DEFAULT_CLOCK_TOLERANCE_SECONDS = 30;
+/** Verified tokens remembered (oldest forgotten first). */
+const VERIFIED_CACHE_SIZE = 10_000;
 
 export interface TokenServiceOptions {
   /** The orchestrator's ES256 (EC P-256) private key, as a KeyObject or PKCS#8/SEC1 PEM. */
@@ -75,6 +77,13 @@ export class TokenService {
   readonly #tolerance: number;
   readonly #revocations: RevocationList;
   readonly #now: () => number;
+  /**
+   * Tokens whose signature and claims already verified, by the token text:
+   * a client sends the same token on every request, and an ES256 verification
+   * costs far more than the rest of a request's auth. Expiry and revocation
+   * are still checked on every use.
+   */
+  readonly #verified = new Map<string, TokenClaims>();
 
   private constructor(
     o: TokenServiceOptions,
@@ -157,7 +166,18 @@ export class TokenService {
    * an {@link AuthError} with its own code.
    */
   async verify(token: string): Promise<VerifiedToken> {
-    const claims = await this.#verifySignatureAndClaims(token);
+    let claims = this.#verified.get(token);
+    if (claims && claims.exp + this.#tolerance <= this.#now() / 1000) {
+      this.#verified.delete(token);
+      claims = undefined; // verify again so the caller gets the expiry error
+    }
+    if (!claims) {
+      claims = await this.#verifySignatureAndClaims(token);
+      if (this.#verified.size >= VERIFIED_CACHE_SIZE) {
+        this.#verified.delete(this.#verified.keys().next().value as string);
+      }
+      this.#verified.set(token, claims);
+    }
     if (this.#revocations.isRevoked(claims.jti)) {
       throw new AuthError(AUTH_CODES.SHOAL_AUTH_TOKEN_REVOKED, "token has been revoked", {
         fix: "log in again (`shoal auth login`)",

@@ -110,7 +110,7 @@ console.log(`auth benchmark (${DURATION_MS} ms per row, audit log on; target ≥
 console.log(row("decisions, Cedar every request (baseline)", baseline));
 console.log(row("decisions, prepared set + relation cache", withCache, baseline));
 console.log(row("  the same without the audit log", withCacheQuiet, baseline));
-console.log(row("token verifications (ES256, 10k revoked)", verify));
+console.log(row("token verifications, repeated tokens (10k revoked)", verify));
 console.log(row("token issues (ES256)", issue));
 
 // --- Added latency per API request ------------------------------------------
