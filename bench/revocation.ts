@@ -11,6 +11,7 @@
  */
 import "reflect-metadata";
 import { type ChildProcess, spawn } from "node:child_process";
+import { randomBytes } from "node:crypto";
 import { promises as fs } from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -24,6 +25,7 @@ const NODES = Number(process.argv[2] ?? 3);
 const ROOT = path.resolve(import.meta.dirname, "..");
 const dir = await fs.mkdtemp(path.join(os.tmpdir(), "shoal-bench-revocation-"));
 const cleanups: (() => unknown)[] = [];
+const adminPassword = randomBytes(18).toString("base64url");
 
 interface Child {
   proc: ChildProcess;
@@ -33,10 +35,10 @@ interface Child {
 }
 
 /** `shoal ARGS` (the compiled CLI: run `npm run build` first), its stdout+stderr lines collected. */
-function shoal(args: string[]): Child {
+function shoal(args: string[], env: NodeJS.ProcessEnv = {}): Child {
   const proc = spawn(process.execPath, [path.join(ROOT, "bin", "shoal"), ...args], {
     cwd: ROOT,
-    env: { ...process.env, SHOAL_CONFIG: "" },
+    env: { ...process.env, SHOAL_CONFIG: "", ...env },
   });
   const lines: string[] = [];
   const waiters = new Set<() => void>();
@@ -94,20 +96,30 @@ try {
     await conn.close();
   }
 
-  const orch = shoal([
-    "orchestrator",
-    "serve",
-    "--data-dir",
-    path.join(dir, "orch"),
-    ...["-c", "API.Host=127.0.0.1", "-c", "API.Port=0", "-c", "Orchestrator.Host=127.0.0.1"],
-    ...["-c", "Orchestrator.Port=0", "-c", "Logging.Level=warn"],
-  ]);
+  const orch = shoal(
+    [
+      "orchestrator",
+      "serve",
+      "--data-dir",
+      path.join(dir, "orch"),
+      ...["-c", "API.Host=127.0.0.1", "-c", "API.Port=0", "-c", "Orchestrator.Host=127.0.0.1"],
+      ...["-c", "Orchestrator.Port=0", "-c", "Logging.Level=warn"],
+    ],
+    { SHOAL_ADMIN_PASSWORD: adminPassword },
+  );
   const apiPort = Number(/:(\d+)$/.exec((await orch.next(/^\s+API:\s+https:/)).trim())?.[1]);
   const natsPort = Number(/:(\d+)$/.exec((await orch.next(/^\s+NATS \(mTLS\):/)).trim())?.[1]);
   const pkiDir = path.join(dir, "orch", "pki");
   const ca = path.join(pkiDir, "ca.crt");
   const pki = await openPki(pkiDir);
-  const api = await ApiClient.create({ url: `https://127.0.0.1:${apiPort}`, caFile: ca });
+  // Deleting a node takes an admin: log in as the first admin, bootstrapped from SHOAL_ADMIN_PASSWORD.
+  const url = `https://127.0.0.1:${apiPort}`;
+  const login = await ApiClient.create({ url, caFile: ca });
+  const { Token } = await login.request<{ Token: string }>("POST", "/api/v1/auth/password", {
+    body: { username: "admin", password: adminPassword },
+  });
+  login.close();
+  const api = await ApiClient.create({ url, caFile: ca, token: () => Token });
   cleanups.push(() => api.close());
 
   const nodes: { id: string; child: Child }[] = [];
