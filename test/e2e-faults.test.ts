@@ -75,7 +75,10 @@ t.test("timeouts, stop, the exec allow-list and SIGTERM, with real processes", a
 
   t.test("`shoal job stop` stops a running job and the node kills its execution", async (t) => {
     const { id, execution, pid, tid } = await startSpinning(t, "spin-stop", "5m");
-    const stopped = await runShoal(t, ["job", "stop", id, "--output", "json", ...api]);
+    // The job was submitted as the admin (orch.client): only its owner or an admin may stop it.
+    const stopped = await runShoal(t, ["job", "stop", id, "--output", "json", ...api], {
+      SHOAL_TOKEN: await orch.adminToken(),
+    });
     t.equal(stopped.code, 0, stopped.stderr);
     t.match(JSON.parse(stopped.stdout), { JobID: id, State: "Stopped" });
     const job = await waitForJob(orch, id, "is Stopped", (j) => j.State === "Stopped");
