@@ -117,7 +117,8 @@ t.test("openssl reads the CRL and refuses the revoked certificate with -crl_chec
     path.join(dir, "issuer.crt"),
   ]);
   t.match(info.stderr + info.stdout, /verify OK/);
-  t.match(info.stdout, new RegExp(`Serial Number: ${revoked.serial.toUpperCase()}`));
+  // openssl pads the hex to whole bytes; Shoal's serials carry no leading zero.
+  t.match(info.stdout, new RegExp(`Serial Number: 0?${revoked.serial.toUpperCase()}\\b`));
   t.match(info.stdout, /Key Compromise/);
   t.match(info.stdout, /X509v3 CRL Number:\s+1/);
 
