@@ -15,28 +15,17 @@ import { promises as fs } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { ensureEnrolled } from "../compute/index.js";
-import { createLogger, loadConfig } from "../core/index.js";
+import { createLogger } from "../core/index.js";
 import { connectFabric } from "../fabric/index.js";
-import { Orchestrator } from "../orchestrator/index.js";
 import { createJoinToken, openPki } from "../pki/index.js";
+import { startBenchOrchestrator } from "./loopback-orchestrator.js";
 
 const NODES = Number(process.argv[2] ?? 100);
 const CONCURRENCY = 10;
 const dir = await fs.mkdtemp(path.join(os.tmpdir(), "shoal-bench-enroll-"));
 const logger = createLogger({ level: "error" });
 
-const config = await loadConfig({
-  env: {},
-  overrides: [
-    `DataDir=${dir}/orch`,
-    "API.Port=0",
-    "API.Host=127.0.0.1",
-    "Orchestrator.Port=0",
-    "Orchestrator.Host=127.0.0.1",
-  ],
-});
-const orch = new Orchestrator({ config, logger, version: "bench", print: () => {} });
-const ep = await orch.start();
+const { orch, ep } = await startBenchOrchestrator(`${dir}/orch`, logger);
 const pki = await openPki(ep.pkiDir);
 
 async function enrollOne(name: string): Promise<string> {

@@ -21,8 +21,8 @@ import path from "node:path";
 import { ComputeNode } from "../compute/index.js";
 import { createLogger, loadConfig, wasmJobSpec } from "../core/index.js";
 import { connectFabric } from "../fabric/index.js";
-import { Orchestrator } from "../orchestrator/index.js";
 import { openPki, writeIssued } from "../pki/index.js";
+import { BENCH_ADMIN_PASSWORD, startBenchOrchestrator } from "./loopback-orchestrator.js";
 
 const JOBS = Number(process.argv[2] ?? 500);
 const BUDGET_MS = Number(process.argv[3] ?? 90) * 1000;
@@ -30,25 +30,7 @@ const NODES = 4;
 const dir = await fs.mkdtemp(path.join(os.tmpdir(), "shoal-bench-"));
 const logger = createLogger({ level: "error" });
 
-const config = await loadConfig({
-  env: {},
-  overrides: [
-    `DataDir=${dir}/orch`,
-    "API.Port=0",
-    "API.Host=127.0.0.1",
-    "Orchestrator.Port=0",
-    "Orchestrator.Host=127.0.0.1",
-  ],
-});
-const adminPassword = "bench-admin-password";
-const orch = new Orchestrator({
-  config,
-  logger,
-  version: "bench",
-  print: () => {},
-  env: { SHOAL_ADMIN_PASSWORD: adminPassword },
-});
-const ep = await orch.start();
+const { orch, ep } = await startBenchOrchestrator(`${dir}/orch`, logger);
 const pki = await openPki(ep.pkiDir);
 const nodes: ComputeNode[] = [];
 for (let i = 0; i < NODES; i++) {
@@ -114,7 +96,7 @@ const call = (method: string, p: string, body?: unknown) =>
     req.end(body === undefined ? undefined : JSON.stringify(body));
   });
 // Jobs are submitted as the admin (anonymous callers may only read).
-token = JSON.parse(await call("POST", "auth/password", { username: "admin", password: adminPassword })).Token;
+token = JSON.parse(await call("POST", "auth/password", { username: "admin", password: BENCH_ADMIN_PASSWORD })).Token;
 const spec = wasmJobSpec({ name: "bench", module: await fs.readFile("dist/wasm/hello.wasm") });
 
 interface HistoryEvent {
