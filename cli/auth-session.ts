@@ -1,9 +1,9 @@
-import { createPrivateKey, generateKeyPairSync, type KeyObject } from "node:crypto";
-import { promises as fs } from "node:fs";
+import type { KeyObject } from "node:crypto";
 import os from "node:os";
 import path from "node:path";
 import { answerChallenge, type ClientKeyChallenge, type MethodDescription } from "../auth/index.js";
-import { CORE_CODES, ShoalError, writeFileAtomic } from "../core/index.js";
+import { CORE_CODES, ShoalError } from "../core/index.js";
+import { loadOrCreateKeyFile } from "../pki/index.js";
 import { ApiClient, type ApiClientOptions } from "./api-client.js";
 import { type StoredToken, TokenStore, tokenStoreKey } from "./token-store.js";
 
@@ -109,15 +109,7 @@ async function ask(o: LoginOptions, question: string, envName: string): Promise<
 
 /** The client key at `file`, created (EC P-256, 0600) if there is none. */
 export async function userKey(file: string): Promise<KeyObject> {
-  const pem = await fs.readFile(file, "utf8").catch((err: NodeJS.ErrnoException) => {
-    if (err.code === "ENOENT") return undefined;
-    throw err;
-  });
-  if (pem !== undefined) return createPrivateKey(pem);
-  const { privateKey } = generateKeyPairSync("ec", { namedCurve: "P-256" });
-  await fs.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
-  await writeFileAtomic(file, privateKey.export({ type: "pkcs8", format: "pem" }).toString(), 0o600);
-  return privateKey;
+  return loadOrCreateKeyFile(file);
 }
 
 /** The token store entry for a login reply. */

@@ -1,5 +1,4 @@
-import { createPrivateKey, generateKeyPairSync, type KeyObject, X509Certificate } from "node:crypto";
-import { promises as fs } from "node:fs";
+import { type KeyObject, X509Certificate } from "node:crypto";
 import path from "node:path";
 import type { TLSSocket } from "node:tls";
 import { Type as T } from "@sinclair/typebox";
@@ -24,7 +23,8 @@ import {
   UserDirectory,
   type UserRecord,
 } from "../auth/index.js";
-import { type Logger, parseDuration, type ShoalConfig, writeFileAtomic } from "../core/index.js";
+import { type Logger, parseDuration, type ShoalConfig } from "../core/index.js";
+import { loadOrCreateKeyFile } from "../pki/index.js";
 import type { WatchableAuthStore } from "./auth-store.js";
 import { ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
 import type { JobRecord } from "./records.js";
@@ -606,14 +606,5 @@ function peerChainPem(req: FastifyRequest): string {
 
 /** The token signing key: `<data dir>/auth/token-signing.key`, created (P-256, 0600) on first start. */
 async function tokenSigningKey(dataDir: string): Promise<KeyObject> {
-  const file = path.join(dataDir, TOKEN_KEY_FILE);
-  const pem = await fs.readFile(file, "utf8").catch((err: NodeJS.ErrnoException) => {
-    if (err.code === "ENOENT") return undefined;
-    throw err;
-  });
-  if (pem !== undefined) return createPrivateKey(pem);
-  const { privateKey } = generateKeyPairSync("ec", { namedCurve: "P-256" });
-  await fs.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
-  await writeFileAtomic(file, privateKey.export({ type: "pkcs8", format: "pem" }).toString(), 0o600);
-  return privateKey;
+  return loadOrCreateKeyFile(path.join(dataDir, TOKEN_KEY_FILE));
 }

@@ -49,6 +49,7 @@ export {
   revokeJoinToken,
   revokeJoinTokensOf,
 } from "./join-tokens.js";
+export { loadOrCreateKeyFile } from "./key-file.js";
 export {
   assertKeyType,
   DEFAULT_KEY_TYPE,
