@@ -96,7 +96,9 @@ const call = (method: string, p: string, body?: unknown) =>
     req.end(body === undefined ? undefined : JSON.stringify(body));
   });
 // Jobs are submitted as the admin (anonymous callers may only read).
-token = JSON.parse(await call("POST", "auth/password", { username: "admin", password: BENCH_ADMIN_PASSWORD })).Token;
+token = JSON.parse(
+  await call("POST", "auth/password", { username: "admin", password: BENCH_ADMIN_PASSWORD }),
+).Token;
 const spec = wasmJobSpec({ name: "bench", module: await fs.readFile("dist/wasm/hello.wasm") });
 
 interface HistoryEvent {
