@@ -1,12 +1,11 @@
 import "reflect-metadata";
 import { promises as fs } from "node:fs";
-import https from "node:https";
 import path from "node:path";
 import t, { type Test } from "tap";
-import { defaultConfig, writeFileAtomic } from "../core/index.js";
+import { defaultConfig, type Logger, writeFileAtomic } from "../core/index.js";
 import { type ApiTlsConfig, ApiTlsManager } from "../orchestrator/api-tls.js";
 import { type IssuedCertificate, type Pki, writeIssued } from "../pki/index.js";
-import { capturedLogger, nextEvent, peerCertificate, serveWith } from "./helpers/api-tls.js";
+import { capturedLogger, keepAliveLoad, nextEvent, peerCertificate, serveWith } from "./helpers/api-tls.js";
 import { freshPki } from "./helpers/pki.js";
 
 function filesConfig(certFile: string, keyFile: string): ApiTlsConfig {
@@ -25,6 +24,29 @@ async function setup(t: Test) {
   return { pki, root, prefix, mint, first, certFile: `${prefix}.crt`, keyFile: `${prefix}.key` };
 }
 
+type Setup = Awaited<ReturnType<typeof setup>>;
+
+/**
+ * A started manager serving the set-up's files. `reloadDebounceMs` 600 000 keeps
+ * the file watcher out, so only explicit reloads happen. The test closes it
+ * unless `closeOnTeardown` is false.
+ */
+async function startManager(
+  t: Test,
+  s: Setup,
+  opts: { reloadDebounceMs: number; log?: Logger; closeOnTeardown?: boolean },
+): Promise<ApiTlsManager> {
+  const manager = new ApiTlsManager({
+    api: filesConfig(s.certFile, s.keyFile),
+    dataDir: s.root,
+    reloadDebounceMs: opts.reloadDebounceMs,
+    ...(opts.log ? { log: opts.log } : {}),
+  });
+  await manager.start();
+  if (opts.closeOnTeardown !== false) t.teardown(() => manager.close());
+  return manager;
+}
+
 function fingerprintOf(issued: IssuedCertificate): string {
   return issued.fingerprint.replace(/^sha256:/, "").toUpperCase();
 }
@@ -39,44 +61,13 @@ async function servedFingerprint(port: number, pki: Pki): Promise<string> {
 
 t.test("file change: new connections get the new certificate, keep-alive requests never fail", async (t) => {
   const s = await setup(t);
-  const manager = new ApiTlsManager({
-    api: filesConfig(s.certFile, s.keyFile),
-    dataDir: s.root,
-    reloadDebounceMs: 50,
-  });
-  await manager.start();
-  t.teardown(() => manager.close());
+  const manager = await startManager(t, s, { reloadDebounceMs: 50 });
   t.equal(manager.source, "files");
   const server = await serveWith(t, manager);
   t.equal(await servedFingerprint(server.port, s.pki), fingerprintOf(s.first));
 
-  const agent = new https.Agent({ keepAlive: true, maxSockets: 2, ca: s.pki.caCertPem });
-  t.teardown(() => agent.destroy());
-  let ok = 0;
-  const failures: string[] = [];
-  let stop = false;
-  const request = () =>
-    new Promise<void>((resolve) => {
-      https
-        .get({ host: "127.0.0.1", port: server.port, path: "/", agent }, (res) => {
-          res.resume();
-          res.on("end", () => {
-            if (res.statusCode === 200) ok++;
-            else failures.push(`HTTP ${res.statusCode}`);
-            resolve();
-          });
-        })
-        .on("error", (err) => {
-          failures.push(err.message);
-          resolve();
-        });
-    });
-  // Two keep-alive request loops run through the swap; each is bounded in count.
-  const loop = async () => {
-    for (let i = 0; i < 5000 && !stop; i++) await request();
-  };
-  const loops = [loop(), loop()];
-  while (ok < 50) await new Promise((r) => setImmediate(r));
+  const load = keepAliveLoad(t, { port: server.port, path: "/", ca: s.pki.caCertPem, maxRequests: 5000 });
+  await load.more(50);
 
   const second = await s.mint("second");
   const loaded = nextEvent(manager, "loaded");
@@ -84,29 +75,21 @@ t.test("file change: new connections get the new certificate, keep-alive request
   const event = await loaded;
   t.equal(event.reason, "reload");
   t.equal(event.fingerprint, second.fingerprint);
-  const okAtSwap = ok;
   t.equal(
     await servedFingerprint(server.port, s.pki),
     fingerprintOf(second),
     "a new connection sees the new certificate",
   );
-  while (ok < okAtSwap + 50) await new Promise((r) => setImmediate(r));
-  stop = true;
-  await Promise.all(loops);
-  t.same(failures, [], "no request failed across the swap");
-  t.ok(ok >= 100, `${ok} requests succeeded`);
+  await load.more(50);
+  await load.stop();
+  t.same(load.failures, [], "no request failed across the swap");
+  t.ok(load.ok() >= 100, `${load.ok()} requests succeeded`);
 });
 
 t.test("SIGHUP → reload() swaps the certificate", async (t) => {
   const s = await setup(t);
   // A long debounce keeps the file watcher out of this test: only the signal reloads.
-  const manager = new ApiTlsManager({
-    api: filesConfig(s.certFile, s.keyFile),
-    dataDir: s.root,
-    reloadDebounceMs: 600_000,
-  });
-  await manager.start();
-  t.teardown(() => manager.close());
+  const manager = await startManager(t, s, { reloadDebounceMs: 600_000 });
   const server = await serveWith(t, manager);
   const onHup = () => void manager.reload();
   process.on("SIGHUP", onHup);
@@ -129,12 +112,7 @@ t.test("SIGHUP → reload() swaps the certificate", async (t) => {
 t.test("status() yields events as data and ends when the manager closes", async (t) => {
   const s = await setup(t);
   // The watcher is kept out (long debounce) so only the explicit reloads produce events.
-  const manager = new ApiTlsManager({
-    api: filesConfig(s.certFile, s.keyFile),
-    dataDir: s.root,
-    reloadDebounceMs: 600_000,
-  });
-  await manager.start();
+  const manager = await startManager(t, s, { reloadDebounceMs: 600_000, closeOnTeardown: false });
   const seen: string[] = [];
   const done = (async () => {
     for await (const e of manager.status()) seen.push(`${e.type}:${e.type === "loaded" ? e.reason : e.code}`);
@@ -153,14 +131,7 @@ t.test("status() yields events as data and ends when the manager closes", async 
 t.test("a bad replacement is logged with its code and the old certificate kept", async (t) => {
   const s = await setup(t);
   const { log, lines } = capturedLogger();
-  const manager = new ApiTlsManager({
-    api: filesConfig(s.certFile, s.keyFile),
-    dataDir: s.root,
-    log,
-    reloadDebounceMs: 50,
-  });
-  await manager.start();
-  t.teardown(() => manager.close());
+  const manager = await startManager(t, s, { reloadDebounceMs: 50, log });
   const server = await serveWith(t, manager);
 
   let failed = nextEvent(manager, "reload-failed");

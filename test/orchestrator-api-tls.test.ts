@@ -1,9 +1,8 @@
 import "reflect-metadata";
-import https from "node:https";
 import path from "node:path";
 import t from "tap";
 import { writeIssued } from "../pki/index.js";
-import { peerCertificate } from "./helpers/api-tls.js";
+import { keepAliveLoad, peerCertificate } from "./helpers/api-tls.js";
 import { runShoal, startOrchestrator, tempDir } from "./helpers/cluster.js";
 import { freshPki } from "./helpers/pki.js";
 
@@ -41,36 +40,13 @@ t.test("API.TLS.CertFile/KeyFile: served, reloaded on SIGHUP without failing a r
   t.match(insecure.stderr, /WARNING: --insecure/, "--insecure warns");
 
   // Keep-alive requests run through the swap: none may fail.
-  const agent = new https.Agent({ keepAlive: true, maxSockets: 2, ca: apiPki.caCertPem });
-  t.teardown(() => agent.destroy());
-  let okCount = 0;
-  const failures: string[] = [];
-  let stop = false;
-  const request = () =>
-    new Promise<void>((resolve) => {
-      https
-        .get({ host: "127.0.0.1", port: orch.apiPort, path: "/api/v1/agent/alive", agent }, (res) => {
-          res.resume();
-          res.on("end", () => {
-            if (res.statusCode === 200) okCount++;
-            else failures.push(`HTTP ${res.statusCode}`);
-            resolve();
-          });
-        })
-        .on("error", (err) => {
-          failures.push(err.message);
-          resolve();
-        });
-    });
-  const loop = async () => {
-    for (let i = 0; i < 20_000 && !stop; i++) await request();
-  };
-  const loops = [loop(), loop()];
-  const until = async (cond: () => boolean, ms: number) => {
-    const end = Date.now() + ms;
-    while (!cond() && Date.now() < end) await new Promise((r) => setTimeout(r, 10));
-  };
-  await until(() => okCount >= 20, 20_000);
+  const load = keepAliveLoad(t, {
+    port: orch.apiPort,
+    path: "/api/v1/agent/alive",
+    ca: apiPki.caCertPem,
+    maxRequests: 20_000,
+  });
+  await load.more(20);
 
   const second = await apiPki.issue({ role: "server", id: "api-second", dns: ["api.test"], days: 2 });
   await writeIssued(prefix, second);
@@ -82,11 +58,10 @@ t.test("API.TLS.CertFile/KeyFile: served, reloaded on SIGHUP without failing a r
     now = await served();
   }
   t.equal(now, second.fingerprint, "new connections get the new certificate");
-  const before = okCount;
-  await until(() => okCount >= before + 20, 20_000);
-  t.ok(okCount >= before + 20, `requests go on after the reload (${okCount - before} since)`);
-  stop = true;
-  await Promise.all(loops);
-  t.same(failures, [], `no request failed across the reload (${okCount} succeeded)`);
+  const before = load.ok();
+  await load.more(20);
+  t.ok(load.ok() >= before + 20, `requests go on after the reload (${load.ok() - before} since)`);
+  await load.stop();
+  t.same(load.failures, [], `no request failed across the reload (${load.ok()} succeeded)`);
   t.equal(orch.proc.child.exitCode, null, "SIGHUP does not stop the daemon");
 });

@@ -1,5 +1,4 @@
 import "reflect-metadata";
-import { Agent, request } from "node:https";
 import { jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import t from "tap";
@@ -11,6 +10,7 @@ import { LogStore } from "../orchestrator/log-store.js";
 import { NodeService } from "../orchestrator/node-service.js";
 import { ResultsStore } from "../orchestrator/results-store.js";
 import { StateStore } from "../orchestrator/state-store.js";
+import { apiCaller } from "./helpers/api-call.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
 import { freshPki } from "./helpers/pki.js";
 
@@ -82,39 +82,9 @@ t.test("the API validates every body and answers errors with code, message, fix 
   await api.listen({ host: "127.0.0.1", port: 0 });
   t.teardown(() => api.close());
   const port = (api.server.address() as { port: number }).port;
-  const agent = new Agent({ ca: pki.caCertPem });
-
-  // biome-ignore lint/suspicious/noExplicitAny: response bodies are checked field by field below
-  type Json = Record<string, any>;
-  const call = (method: string, path: string, body?: unknown) =>
-    new Promise<{ status: number; json: Json; text: string }>((resolve, reject) => {
-      const req = request(
-        {
-          host: "127.0.0.1",
-          servername: "localhost",
-          port,
-          path,
-          method,
-          agent,
-          headers: { "content-type": "application/json" },
-        },
-        (res) => {
-          let text = "";
-          res.on("data", (d) => {
-            text += d;
-          });
-          res.on("end", () => {
-            let json: Json = {};
-            try {
-              json = JSON.parse(text);
-            } catch {}
-            resolve({ status: res.statusCode ?? 0, json, text });
-          });
-        },
-      );
-      req.on("error", reject);
-      req.end(body === undefined ? undefined : JSON.stringify(body));
-    });
+  const caller = apiCaller(`https://127.0.0.1:${port}`, pki.caCertPem);
+  t.teardown(caller.close);
+  const call = (method: string, path: string, body?: unknown) => caller.call(method, path, { body });
 
   t.equal((await call("GET", "/api/v1/agent/alive")).json.Status, "OK");
   t.match((await call("GET", "/api/v1/pki/ca")).text, /BEGIN CERTIFICATE/, "the CA bundle is public");

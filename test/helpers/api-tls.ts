@@ -87,3 +87,61 @@ export function nextEvent<T extends ApiTlsEvent["type"]>(
     });
   });
 }
+
+/** Keep-alive GET loops against 127.0.0.1:port, counting 200s and recording every failure. */
+export interface KeepAliveLoad {
+  ok(): number;
+  readonly failures: string[];
+  /** Waits until `count` more requests succeeded (bounded by `ms`). */
+  more(count: number, ms?: number): Promise<void>;
+  /** Ends the loops and waits for their last requests. */
+  stop(): Promise<void>;
+}
+
+/**
+ * Two loops of keep-alive requests (each bounded to `maxRequests`) to run
+ * through a certificate swap: a request failing across the swap is a dropped one.
+ */
+export function keepAliveLoad(
+  t: Test,
+  opts: { port: number; path: string; ca: string; maxRequests: number },
+): KeepAliveLoad {
+  const agent = new https.Agent({ keepAlive: true, maxSockets: 2, ca: opts.ca });
+  t.teardown(() => agent.destroy());
+  let ok = 0;
+  let stopped = false;
+  const failures: string[] = [];
+  const request = () =>
+    new Promise<void>((resolve) => {
+      https
+        .get({ host: "127.0.0.1", port: opts.port, path: opts.path, agent }, (res) => {
+          res.resume();
+          res.on("end", () => {
+            if (res.statusCode === 200) ok++;
+            else failures.push(`HTTP ${res.statusCode}`);
+            resolve();
+          });
+        })
+        .on("error", (err) => {
+          failures.push(err.message);
+          resolve();
+        });
+    });
+  const loop = async () => {
+    for (let i = 0; i < opts.maxRequests && !stopped; i++) await request();
+  };
+  const loops = [loop(), loop()];
+  return {
+    ok: () => ok,
+    failures,
+    async more(count, ms = 20_000) {
+      const target = ok + count;
+      const end = Date.now() + ms;
+      while (ok < target && !stopped && Date.now() < end) await new Promise((r) => setTimeout(r, 5));
+    },
+    async stop() {
+      stopped = true;
+      await Promise.all(loops);
+    },
+  };
+}
