@@ -27,6 +27,8 @@ export const FABRIC_CODES = defineCodes("fabric", {
   SHOAL_NATS_SERVER_NOT_FOUND: "The nats-server binary cannot be found or executed.",
   SHOAL_NATS_SERVER_START: "The supervised nats-server exited or failed before it was ready.",
   SHOAL_NATS_SERVER_RELOAD: "The supervised nats-server refused a configuration reload.",
+  SHOAL_NATS_ROUTE_REJECTED:
+    "A route between two servers of the cluster was refused: a certificate not from the fabric CA, without the route name, or not valid for the dialed host.",
   SHOAL_NATS_CONFIG: "The broker configuration cannot be generated (bad identity, path or option).",
   SHOAL_ENVELOPE_MALFORMED: "A fabric message is not a well-formed compact JWS envelope.",
   SHOAL_ENVELOPE_TOO_LARGE: "A fabric message exceeds the envelope size limit.",

@@ -48,6 +48,7 @@ export {
   TlsError,
 } from "./errors.js";
 export { FabricMessenger, type SignedReplier, type VerifiedHandler } from "./messenger.js";
+export { type NatsClusterState, routeCertificateName, routeUrl } from "./nats-cluster.js";
 export {
   type NatsServerState,
   renderAuthorization,

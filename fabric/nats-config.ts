@@ -1,5 +1,6 @@
 import type { BrokerUser, BrokerUsers } from "./broker-users.js";
 import { FABRIC_CODES, FabricError } from "./errors.js";
+import { type NatsClusterState, renderCluster } from "./nats-cluster.js";
 
 /** Everything the generated nats-server configuration depends on. */
 export interface NatsServerState {
@@ -22,6 +23,8 @@ export interface NatsServerState {
   readonly jetStream?: { readonly storeDir: string };
   /** Largest message the broker accepts. @default 1 MiB (nats-server's default) */
   readonly maxPayloadBytes?: number;
+  /** Routes to the other orchestrators' servers; `undefined` runs a single server. */
+  readonly cluster?: NatsClusterState;
 }
 
 /**
@@ -116,6 +119,8 @@ export function renderNatsConfig(state: NatsServerState): string {
   if (state.jetStream) {
     lines.push("", "jetstream {", `  store_dir: ${q(state.jetStream.storeDir, "path")}`, "}");
   }
+  // JetStream in a cluster needs server_name (unique per server) and the cluster's name: both are set.
+  if (state.cluster) lines.push("", ...renderCluster(state.cluster, q));
   return `${lines.join("\n")}\n`;
 }
 

@@ -2,7 +2,7 @@ import { FABRIC_CODES, type FabricCode } from "./errors.js";
 
 export type NatsLogLevel = "trace" | "debug" | "info" | "warn" | "error" | "fatal";
 
-/** A client the broker refused, as its log line tells it (the server-side reason). */
+/** A client (or another server's route) the broker refused, as its log line tells it (the server-side reason). */
 export interface ClientRejection {
   readonly code: FabricCode;
   /** `ip:port` of the client. */
@@ -35,6 +35,8 @@ const LEVELS: Record<string, NatsLogLevel> = {
 const LINE = /^\[\d+\] \d{4}\/\d\d\/\d\d \d\d:\d\d:\d\d\.\d+ \[([A-Z]{3})\] (.*)$/;
 // ip:port - cid:N - "client" - rest   (the client part is absent before CONNECT)
 const CLIENT = /^(\S+) - cid:\d+ - (?:"([^"]*)" - )?(.*)$/;
+// ip:port - rid:N - rest   (a route: another server of the cluster)
+const ROUTE = /^(\S+) - rid:\d+ - (.*)$/;
 const VIOLATION = /^(Publish|Subscription) Violation - User "([^"]*)", Subject "([^"]*)"/;
 
 const TLS_REASONS: [RegExp, FabricCode][] = [
@@ -64,6 +66,21 @@ export function parseNatsLogLine(line: string): NatsLogLine {
 }
 
 function parseRejection(message: string): ClientRejection | undefined {
+  const r = ROUTE.exec(message);
+  if (r) {
+    const [, remote, rest] = r as unknown as [string, string, string];
+    // A route that fails the fabric CA, the route name, or our own certificate at the peer.
+    if (!/^TLS route handshake error|^authentication error/i.test(rest)) return undefined;
+    return {
+      code: FABRIC_CODES.SHOAL_NATS_ROUTE_REJECTED,
+      remote,
+      client: undefined,
+      user: undefined,
+      operation: undefined,
+      subject: undefined,
+      reason: rest,
+    };
+  }
   const c = CLIENT.exec(message);
   if (!c) return undefined;
   const [, remote, client, rest] = c as unknown as [string, string, string | undefined, string];

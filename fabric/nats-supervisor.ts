@@ -11,6 +11,7 @@ import {
   usersLosingKeys,
 } from "./broker-users.js";
 import { FABRIC_CODES, NatsServerError } from "./errors.js";
+import type { NatsClusterState } from "./nats-cluster.js";
 import { type NatsServerState, renderNatsConfig } from "./nats-config.js";
 import { type ClientRejection, parseNatsLogLine } from "./nats-log.js";
 import { dieWithParentLauncher } from "./parent-death.js";
@@ -30,6 +31,8 @@ export interface NatsSupervisorOptions {
   readonly tls: NatsServerState["tls"];
   /** The identities that may connect; see {@link computeBrokerUsers}. */
   readonly identities: readonly BrokerIdentity[];
+  /** Routes to other servers (a cluster of orchestrators); absent runs a single server. */
+  readonly cluster?: NatsClusterState;
   /** Run JetStream with its store under `dir`. @default true */
   readonly jetStream?: boolean;
   readonly logger?: Logger;
@@ -53,6 +56,7 @@ export type NatsSupervisorStatus =
   | { readonly type: "reloaded"; readonly reason: string; readonly users: readonly string[] }
   | { readonly type: "reload-failed"; readonly error: NatsServerError }
   | { readonly type: "client-rejected"; readonly rejection: ClientRejection }
+  | { readonly type: "route-rejected"; readonly rejection: ClientRejection }
   | { readonly type: "closed" };
 
 /** A run of the child that lasted this long resets the restart backoff. */
@@ -86,6 +90,7 @@ export class NatsSupervisor {
   #identities: readonly BrokerIdentity[];
   #users: BrokerUsers;
   #port: number;
+  #routePort: number | undefined;
   #running: Running | undefined;
   #closing: Promise<NatsServerError | undefined> | undefined;
   #closedResolve!: (e: NatsServerError | undefined) => void;
@@ -106,11 +111,17 @@ export class NatsSupervisor {
     this.#identities = options.identities;
     this.#users = computeBrokerUsers(this.#identities, this.#now());
     this.#port = options.port ?? 4222;
+    this.#routePort = options.cluster?.port;
   }
 
   /** The port the server listens on (the chosen one once ready, when started with `-1`). */
   get port(): number {
     return this.#port;
+  }
+
+  /** The route port (the chosen one once ready, when started with `-1`); undefined without a cluster. */
+  get routePort(): number | undefined {
+    return this.#routePort;
   }
 
   get host(): string {
@@ -209,6 +220,9 @@ export class NatsSupervisor {
       serverName: this.#o.serverName ?? "shoal",
       tls: this.#o.tls,
       users,
+      ...(this.#o.cluster && this.#routePort !== undefined
+        ? { cluster: { ...this.#o.cluster, port: this.#routePort } }
+        : {}),
       ...(this.#o.jetStream === false
         ? {}
         : { jetStream: { storeDir: path.join(this.#o.dir, "jetstream") } }),
@@ -239,6 +253,7 @@ export class NatsSupervisor {
       readyReject = rej;
     });
     let listenPort: number | undefined;
+    let routeListenPort: number | undefined;
     let exitedOnError!: () => void;
     const running: Running = {
       child,
@@ -280,11 +295,17 @@ export class NatsSupervisor {
       const fields: Record<string, unknown> = { natsPid: child.pid };
       if (parsed.rejection) {
         Object.assign(fields, { ...parsed.rejection });
-        this.#status.push({ type: "client-rejected", rejection: parsed.rejection });
+        const route = parsed.rejection.code === FABRIC_CODES.SHOAL_NATS_ROUTE_REJECTED;
+        this.#status.push({
+          type: route ? "route-rejected" : "client-rejected",
+          rejection: parsed.rejection,
+        });
       }
       this.#serverLog[parsed.level](fields, parsed.message);
       const listen = /^Listening for client connections on .*:(\d+)$/.exec(parsed.message);
       if (listen) listenPort = Number(listen[1]);
+      const routes = /^Listening for route connections on .*:(\d+)$/.exec(parsed.message);
+      if (routes) routeListenPort = Number(routes[1]);
       if (parsed.message === "Server is ready") readyResolve(listenPort ?? this.#port);
       if (parsed.message === "Reloaded server configuration") {
         for (const w of running.reloadWaiters.splice(0)) w.resolve();
@@ -320,9 +341,11 @@ export class NatsSupervisor {
     );
     try {
       const port = await ready;
-      if (port !== this.#port) {
-        // Chosen by nats-server (`-1`): keep it across restarts and reloads.
+      const routePort = this.#routePort === undefined ? undefined : (routeListenPort ?? this.#routePort);
+      if (port !== this.#port || routePort !== this.#routePort) {
+        // Chosen by nats-server (`-1`): keep them across restarts and reloads.
         this.#port = port;
+        this.#routePort = routePort;
         await writeFileAtomic(this.#configFile, this.#render(this.#users), 0o600);
       }
     } catch (err) {

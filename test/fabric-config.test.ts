@@ -8,6 +8,8 @@ import {
   permissionsFor,
   renderExternalAuthorization,
   renderNatsConfig,
+  routeCertificateName,
+  routeUrl,
   subjects,
   usersLosingKeys,
 } from "../fabric/index.js";
@@ -185,6 +187,58 @@ t.test("nats-server log lines are decoded into fabric codes", async (t) => {
     [v?.code, v?.operation, v?.user, v?.subject],
     [FABRIC_CODES.SHOAL_NATS_PERMISSION, "publish", "spiffe://td/compute/n1", "shoal.compute.n1.in"],
   );
+  t.equal(
+    p("[ERR] 127.0.0.1:47210 - rid:11 - TLS route handshake error: remote error: tls: bad certificate")
+      .rejection?.code,
+    FABRIC_CODES.SHOAL_NATS_ROUTE_REJECTED,
+  );
+  t.equal(
+    p("[ERR] 127.0.0.1:47220 - rid:13 - authentication error").rejection?.code,
+    FABRIC_CODES.SHOAL_NATS_ROUTE_REJECTED,
+  );
+  t.equal(p("[ERR] 127.0.0.1:7002 - rid:9 - Error trying to connect to route").rejection, undefined);
   t.equal(p("[WRN] something").rejection, undefined);
   t.equal(parseNatsLogLine("not a log line").message, "not a log line");
+});
+
+t.test("a cluster block: name, listener, routes to the peers, mutual TLS with the route name", async (t) => {
+  const base = {
+    host: "127.0.0.1",
+    port: 4222,
+    serverName: "orch-a",
+    tls: { certFile: "/d/server.crt", keyFile: "/d/server.key", caFile: "/d/ca.crt" },
+    users: computeBrokerUsers([], NOW),
+    jetStream: { storeDir: "/d/js" },
+  };
+  const cluster = {
+    name: "shoal",
+    host: "0.0.0.0",
+    port: 6222,
+    advertise: "orch-a.example.com:6222",
+    routes: ["orch-b:6222", "tls://10.0.0.3:6222", "nats-route://[fd00::4]:7000"],
+    routeName: routeCertificateName("Td.Local"),
+    tls: { certFile: "/d/server.crt", keyFile: "/d/server.key", caFile: "/d/ca.crt" },
+  };
+  const conf = renderNatsConfig({ ...base, cluster });
+  t.match(conf, /server_name: "orch-a"/, "JetStream in a cluster needs a server name");
+  const block = conf.slice(conf.indexOf("cluster {"));
+  t.match(block, /name: "shoal"/);
+  t.match(block, /host: "0.0.0.0"\n {2}port: 6222/);
+  t.match(block, /advertise: "orch-a.example.com:6222"/);
+  t.match(
+    block,
+    'routes: ["nats-route://orch-b:6222", "nats-route://10.0.0.3:6222", "nats-route://[fd00::4]:7000"]',
+  );
+  t.match(block, /tls \{[^}]*ca_file: "\/d\/ca.crt"[^}]*verify_and_map: true/);
+  t.match(block, /authorization \{ user: "nats-route.td.local" \}/);
+  t.notMatch(block, /min_version|password/);
+  t.notMatch(renderNatsConfig(base), /cluster/, "no cluster block without a cluster");
+  t.throws(() => routeUrl("orch-b"), { code: FABRIC_CODES.SHOAL_NATS_CONFIG }, "a peer needs its port");
+  t.throws(() => routeUrl("http://orch-b:99999"), { code: FABRIC_CODES.SHOAL_NATS_CONFIG });
+  t.throws(() => renderNatsConfig({ ...base, cluster: { ...cluster, name: "" } }), {
+    code: FABRIC_CODES.SHOAL_NATS_CONFIG,
+  });
+  t.throws(() => renderNatsConfig({ ...base, cluster: { ...cluster, port: 65536 } }), {
+    code: FABRIC_CODES.SHOAL_NATS_CONFIG,
+  });
 });
