@@ -17,6 +17,8 @@ export const AUTH_CODES = defineCodes("auth", {
   SHOAL_AUTH_TOKEN_EXPIRED: "A token past its expiry time.",
   SHOAL_AUTH_TOKEN_REVOKED: "A token whose jti has been revoked.",
   SHOAL_AUTH_TOKEN_AUDIENCE: "A token issued for another API (aud) or by another issuer (iss).",
+  SHOAL_AUTH_TOKEN_UNKNOWN_KEY:
+    "A token signed by a key that no orchestrator of this cluster published (its kid is not in the token key store).",
   SHOAL_AUTH_DENIED: "The policy set does not allow this principal this action on this resource.",
   SHOAL_AUTH_BAD_NAME: "A user or role name with characters Shoal does not allow.",
   SHOAL_AUTH_USER_EXISTS: "A user with that name already exists.",
@@ -124,6 +126,7 @@ function statusFor(code: AuthCode): number {
     case "SHOAL_AUTH_TOKEN_EXPIRED":
     case "SHOAL_AUTH_TOKEN_REVOKED":
     case "SHOAL_AUTH_TOKEN_AUDIENCE":
+    case "SHOAL_AUTH_TOKEN_UNKNOWN_KEY":
       return 401;
     default:
       return 400;

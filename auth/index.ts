@@ -87,6 +87,7 @@ export {
   ROLE_SCOPES,
   type RoleRecord,
   type RoleScope,
+  type TokenKeyRecord,
   type UserRecord,
 } from "./types.js";
 export {

@@ -1,4 +1,4 @@
-import type { NonceRecord, RevokedToken, RoleRecord, UserRecord } from "./types.js";
+import type { NonceRecord, RevokedToken, RoleRecord, TokenKeyRecord, UserRecord } from "./types.js";
 
 /**
  * One keyed collection of auth data. Keys are KV-safe (`[-_=.a-zA-Z0-9]`), so a
@@ -33,6 +33,8 @@ export interface AuthStore {
   revokedTokens: AuthCollection<RevokedToken>;
   /** Keyed by nonce; taken (deleted) when used. */
   nonces: AuthCollection<NonceRecord>;
+  /** Every orchestrator's token verification key, keyed by kid. */
+  tokenKeys: AuthCollection<TokenKeyRecord>;
 }
 
 /** A Map-backed collection; values are cloned in and out so callers cannot alias stored state. */
@@ -75,4 +77,5 @@ export class MemoryAuthStore implements AuthStore {
   readonly roles = new MemoryCollection<RoleRecord>();
   readonly revokedTokens = new MemoryCollection<RevokedToken>();
   readonly nonces = new MemoryCollection<NonceRecord>();
+  readonly tokenKeys = new MemoryCollection<TokenKeyRecord>();
 }

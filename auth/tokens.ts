@@ -9,7 +9,8 @@ import {
 } from "jose";
 import { AUTH_CODES, AuthError } from "./errors.js";
 import type { RevocationList } from "./revocation.js";
-import { AUTH_METHODS, type AuthMethod, type Principal } from "./types.js";
+import type { AuthCollection } from "./store.js";
+import { AUTH_METHODS, type AuthMethod, type Principal, type TokenKeyRecord } from "./types.js";
 
 /** Only ES256; pinned on verification so `alg: none`, HS256-with-the-public-key and other curves are refused. */
 const ALGORITHM = "ES256";
@@ -25,8 +26,15 @@ const VERIFIED_CACHE_SIZE = 10_000;
 export interface TokenServiceOptions {
   /** The orchestrator's ES256 (EC P-256) private key, as a KeyObject or PKCS#8/SEC1 PEM. */
   signingKey: KeyObject | string;
-  /** Further public keys whose tokens are accepted: other orchestrators', or the previous key while rotating. */
+  /** Further public keys whose tokens (with the same `issuer`) are accepted, e.g. the previous key while rotating. */
   verificationKeys?: Array<KeyObject | string>;
+  /**
+   * The keys every orchestrator of the cluster publishes (the KV auth store):
+   * {@link TokenService.create} publishes this one's, and a token whose `kid`
+   * is not known yet is looked up there, so a token minted by another
+   * orchestrator verifies here (with that orchestrator's `iss`).
+   */
+  publishedKeys?: AuthCollection<TokenKeyRecord>;
   /** `iss`: who signs, e.g. the orchestrator's SPIFFE id. */
   issuer: string;
   /** `aud`: the API the token is for, e.g. `https://orch.example.com:1234`. */
@@ -58,6 +66,12 @@ export interface IssuedToken {
   claims: TokenClaims;
 }
 
+/** A verification key and the `iss` of the tokens it signs. */
+interface KnownKey {
+  key: KeyObject;
+  issuer: string;
+}
+
 export interface VerifiedToken {
   principal: Principal;
   claims: TokenClaims;
@@ -70,7 +84,8 @@ export interface VerifiedToken {
 export class TokenService {
   readonly #signingKey: KeyObject;
   readonly #kid: string;
-  readonly #keys: Map<string, KeyObject>;
+  readonly #keys: Map<string, KnownKey>;
+  readonly #published: AuthCollection<TokenKeyRecord> | undefined;
   readonly #issuer: string;
   readonly #audience: string;
   readonly #ttl: number;
@@ -89,11 +104,12 @@ export class TokenService {
     o: TokenServiceOptions,
     signingKey: KeyObject,
     kid: string,
-    keys: Map<string, KeyObject>,
+    keys: Map<string, KnownKey>,
   ) {
     this.#signingKey = signingKey;
     this.#kid = kid;
     this.#keys = keys;
+    this.#published = o.publishedKeys;
     this.#issuer = o.issuer;
     this.#audience = o.audience;
     this.#ttl = o.ttlSeconds ?? DEFAULT_TOKEN_TTL_SECONDS;
@@ -102,7 +118,10 @@ export class TokenService {
     this.#now = o.now ?? Date.now;
   }
 
-  /** Checks the keys (EC P-256 only) and computes their key ids (JWK thumbprints). */
+  /**
+   * Checks the keys (EC P-256 only), computes their key ids (JWK thumbprints)
+   * and publishes the signing key's public half in `publishedKeys`.
+   */
   static async create(options: TokenServiceOptions): Promise<TokenService> {
     if (
       !(options.ttlSeconds === undefined || (Number.isInteger(options.ttlSeconds) && options.ttlSeconds > 0))
@@ -113,15 +132,29 @@ export class TokenService {
       typeof options.signingKey === "string" ? createPrivateKey(options.signingKey) : options.signingKey,
       "private",
     );
-    const keys = new Map<string, KeyObject>();
+    const keys = new Map<string, KnownKey>();
     const publicKey = createPublicKey(signingKey);
     const kid = await thumbprint(publicKey);
-    keys.set(kid, publicKey);
+    keys.set(kid, { key: publicKey, issuer: options.issuer });
     for (const k of options.verificationKeys ?? []) {
       const key = p256(typeof k === "string" || k.type === "private" ? createPublicKey(k) : k, "public");
-      keys.set(await thumbprint(key), key);
+      keys.set(await thumbprint(key), { key, issuer: options.issuer });
+    }
+    if (options.publishedKeys) {
+      const { kty, crv, x, y } = await exportJWK(publicKey);
+      await options.publishedKeys.put(kid, {
+        kid,
+        jwk: { kty: kty as "EC", crv: crv as "P-256", x: x as string, y: y as string },
+        issuer: options.issuer,
+        publishedAt: Math.floor((options.now ?? Date.now)() / 1000),
+      });
     }
     return new TokenService(options, signingKey, kid, keys);
+  }
+
+  /** The signing key's id (the `kid` header of the tokens it issues). */
+  get kid(): string {
+    return this.#kid;
   }
 
   get ttlSeconds(): number {
@@ -198,26 +231,48 @@ export class TokenService {
     await this.#revocations.revoke(jti, Math.floor(this.#now() / 1000) + this.#ttl + this.#tolerance);
   }
 
+  /** A known key, or one another orchestrator published since (remembered once found). */
+  async #keyFor(kid: string): Promise<KnownKey | undefined> {
+    const known = this.#keys.get(kid);
+    if (known || !this.#published) return known;
+    const found = await publishedKey(await this.#published.get(kid), kid);
+    if (found) this.#keys.set(kid, found);
+    return found;
+  }
+
   async #verifySignatureAndClaims(token: string): Promise<TokenClaims> {
     let payload: JWTPayload;
+    let signer: KnownKey | undefined;
     try {
       ({ payload } = await jwtVerify(
         token,
-        (header) => {
-          const key = header.kid === undefined ? undefined : this.#keys.get(header.kid);
-          if (!key) throw new joseErrors.JWKSNoMatchingKey("token signed by an unknown key");
-          return key;
+        async (header) => {
+          // Not a token at all (another kind of JWS, e.g. a fabric envelope): say so before any key lookup.
+          if (header.typ !== TOKEN_TYPE || header.kid === undefined) {
+            throw new joseErrors.JWTInvalid("not a Shoal API token (typ or kid missing)");
+          }
+          signer = await this.#keyFor(header.kid);
+          if (!signer) throw new joseErrors.JWKSNoMatchingKey("token signed by an unknown key");
+          return signer.key;
         },
         {
           algorithms: [ALGORITHM],
           typ: TOKEN_TYPE,
-          issuer: this.#issuer,
           audience: this.#audience,
           requiredClaims: ["sub", "jti", "iat", "exp"],
           clockTolerance: this.#tolerance,
           currentDate: new Date(this.#now()),
         },
       ));
+      // The issuer is the one the signing key was published with: one orchestrator's key cannot speak for another.
+      if (payload.iss !== signer?.issuer) {
+        throw new joseErrors.JWTClaimValidationFailed(
+          'unexpected "iss" claim value',
+          payload,
+          "iss",
+          "check_failed",
+        );
+      }
     } catch (err) {
       throw tokenError(err);
     }
@@ -248,6 +303,21 @@ export class TokenService {
   }
 }
 
+/**
+ * A key published by another orchestrator, checked before use: its kid must
+ * be its own thumbprint (a record cannot pass one key off under another's
+ * kid) and it must be an EC P-256 key.
+ */
+async function publishedKey(record: TokenKeyRecord | undefined, kid: string): Promise<KnownKey | undefined> {
+  if (!record || record.kid !== kid || typeof record.issuer !== "string") return undefined;
+  try {
+    const key = p256(createPublicKey({ key: record.jwk, format: "jwk" }), "public");
+    return (await thumbprint(key)) === kid ? { key, issuer: record.issuer } : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 function principalOf(c: TokenClaims): Principal {
   return {
     id: c.sub,
@@ -265,6 +335,16 @@ function tokenError(err: unknown): AuthError {
       cause: err,
       fix: relogin,
     });
+  }
+  if (err instanceof joseErrors.JWKSNoMatchingKey) {
+    return new AuthError(
+      AUTH_CODES.SHOAL_AUTH_TOKEN_UNKNOWN_KEY,
+      "token is signed by a key no orchestrator of this cluster published",
+      {
+        cause: err,
+        fix: "log in again (`shoal auth login`) at an orchestrator of this cluster; orchestrators of one cluster share the KV auth store",
+      },
+    );
   }
   if (err instanceof joseErrors.JOSEAlgNotAllowed) {
     return new AuthError(

@@ -65,6 +65,23 @@ export interface RevokedToken {
   revokedAt: number;
 }
 
+/**
+ * An orchestrator's API token verification key, published so that every
+ * orchestrator sharing the store accepts the tokens it signs. Keyed by `kid`
+ * (the key's JWK thumbprint); written only by orchestrators (the broker gives
+ * no other identity access to the KV buckets).
+ */
+export interface TokenKeyRecord {
+  /** RFC 7638 JWK thumbprint of `jwk`: the `kid` header of the tokens it signs. */
+  kid: string;
+  /** The public key (EC P-256) as a JWK. */
+  jwk: { kty: "EC"; crv: "P-256"; x: string; y: string };
+  /** The `iss` of the tokens it signs (the publishing orchestrator's SPIFFE id). */
+  issuer: string;
+  /** Unix seconds. */
+  publishedAt: number;
+}
+
 export interface NonceRecord {
   /** Unix milliseconds. */
   expiresAt: number;

@@ -225,6 +225,8 @@ export class ApiAuth {
     const audience = apiAudience(o.trustDomain);
     const tokens = await TokenService.create({
       signingKey: await tokenSigningKey(o.dataDir),
+      // Published in the shared store: every orchestrator of the cluster accepts this one's tokens.
+      publishedKeys: o.store.tokenKeys,
       issuer: o.issuer,
       audience,
       ttlSeconds: Math.max(1, Math.floor(parseDuration(o.config.TokenTTL) / 1000)),

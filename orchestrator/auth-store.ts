@@ -7,6 +7,7 @@ import type {
   RevocationEvent,
   RevokedToken,
   RoleRecord,
+  TokenKeyRecord,
   UserRecord,
 } from "../auth/index.js";
 import type { Logger } from "../core/index.js";
@@ -17,6 +18,7 @@ export const AUTH_BUCKETS = {
   roles: "shoal-auth-roles",
   revokedTokens: "shoal-auth-revoked",
   nonces: "shoal-auth-nonces",
+  tokenKeys: "shoal-auth-token-keys",
 } as const;
 
 /** Nonces live 60 s; the bucket drops what was never used a little later. */
@@ -90,9 +92,10 @@ export interface WatchableAuthStore extends AuthStore {
 }
 
 /**
- * The {@link AuthStore} over JetStream KV: users, roles, revoked token ids
- * and client-key nonces, each its own bucket, so every orchestrator sharing
- * the JetStream sees the same users and refuses the same revoked tokens.
+ * The {@link AuthStore} over JetStream KV: users, roles, revoked token ids,
+ * client-key nonces and the orchestrators' token verification keys, each its
+ * own bucket, so every orchestrator sharing the JetStream sees the same
+ * users, refuses the same revoked tokens and accepts each other's tokens.
  */
 export class KvAuthStore implements WatchableAuthStore {
   readonly #stops: (() => void)[] = [];
@@ -102,23 +105,34 @@ export class KvAuthStore implements WatchableAuthStore {
     readonly roles: KvCollection<RoleRecord>,
     readonly revokedTokens: KvCollection<RevokedToken>,
     readonly nonces: KvCollection<NonceRecord>,
+    readonly tokenKeys: KvCollection<TokenKeyRecord>,
     readonly log: Logger,
   ) {}
 
-  /** Opens (creating if needed) the buckets. */
-  static async open(js: JetStreamClient, log: Logger): Promise<KvAuthStore> {
+  /**
+   * Opens (creating if needed) the buckets; new buckets get `replicas`
+   * copies (a bucket that exists keeps its own setting).
+   */
+  static async open(
+    js: JetStreamClient,
+    log: Logger,
+    options: { replicas?: number } = {},
+  ): Promise<KvAuthStore> {
     const kvm = new Kvm(js);
-    const [users, roles, revoked, nonces] = await Promise.all([
-      kvm.create(AUTH_BUCKETS.users, { history: 1 }),
-      kvm.create(AUTH_BUCKETS.roles, { history: 1 }),
-      kvm.create(AUTH_BUCKETS.revokedTokens, { history: 1 }),
-      kvm.create(AUTH_BUCKETS.nonces, { history: 1, ttl: NONCE_BUCKET_TTL_MS }),
+    const base = { history: 1, replicas: options.replicas ?? 1 };
+    const [users, roles, revoked, nonces, tokenKeys] = await Promise.all([
+      kvm.create(AUTH_BUCKETS.users, base),
+      kvm.create(AUTH_BUCKETS.roles, base),
+      kvm.create(AUTH_BUCKETS.revokedTokens, base),
+      kvm.create(AUTH_BUCKETS.nonces, { ...base, ttl: NONCE_BUCKET_TTL_MS }),
+      kvm.create(AUTH_BUCKETS.tokenKeys, base),
     ]);
     return new KvAuthStore(
       new KvCollection(users),
       new KvCollection(roles),
       new KvCollection(revoked),
       new KvCollection(nonces),
+      new KvCollection(tokenKeys),
       log,
     );
   }

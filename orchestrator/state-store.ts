@@ -46,11 +46,21 @@ export class StateStore {
     for (const e of executions.values()) this.#index(e);
   }
 
-  /** Opens (creating if needed) the buckets on `js` and loads them. */
-  static async open(js: JetStreamClient, log: Logger): Promise<StateStore> {
+  /**
+   * Opens (creating if needed) the buckets on `js` and loads them; new
+   * buckets get `replicas` copies (a bucket that exists keeps its own setting).
+   */
+  static async open(
+    js: JetStreamClient,
+    log: Logger,
+    options: { replicas?: number } = {},
+  ): Promise<StateStore> {
     const kvm = new Kvm(js);
     const open = async <T>(bucket: string) =>
-      KvTable.open<T>(await kvm.create(bucket, { history: 1 }), log.child({ bucket }));
+      KvTable.open<T>(
+        await kvm.create(bucket, { history: 1, replicas: options.replicas ?? 1 }),
+        log.child({ bucket }),
+      );
     const [jobs, executions, nodes, events] = await Promise.all([
       open<JobRecord>(BUCKETS.jobs),
       open<ExecutionRecord>(BUCKETS.executions),

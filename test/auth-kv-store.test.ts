@@ -2,7 +2,7 @@ import { generateKeyPairSync } from "node:crypto";
 import { jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import t from "tap";
-import { RevocationList, TokenService, UserDirectory } from "../auth/index.js";
+import { type Principal, RevocationList, TokenService, UserDirectory } from "../auth/index.js";
 import { silentLogger } from "../core/index.js";
 import { KvAuthStore } from "../orchestrator/auth-store.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
@@ -32,25 +32,70 @@ t.test("the KV auth store is shared by every orchestrator on the JetStream", asy
     roles: (roles) => roleUpdates.push(roles.map((r) => r.name)),
   });
 
-  // Both accept tokens of A's key (B lists it as a verification key).
+  // Each publishes its verification key in the store; B accepts A's tokens by looking A's kid up there.
   const { privateKey } = generateKeyPairSync("ec", { namedCurve: "P-256" });
-  const common = { issuer: "spiffe://td/orchestrator/a", audience: "shoal-api://td" };
-  const tokA = await TokenService.create({ ...common, signingKey: privateKey, revocations: revA });
+  const common = { audience: "shoal-api://td" };
+  const tokA = await TokenService.create({
+    ...common,
+    issuer: "spiffe://td/orchestrator/a",
+    signingKey: privateKey,
+    publishedKeys: a.tokenKeys,
+    revocations: revA,
+  });
   const { privateKey: keyB } = generateKeyPairSync("ec", { namedCurve: "P-256" });
   const tokB = await TokenService.create({
     ...common,
+    issuer: "spiffe://td/orchestrator/b",
     signingKey: keyB,
-    verificationKeys: [privateKey],
+    publishedKeys: b.tokenKeys,
     revocations: revB,
   });
-  const issued = await tokA.issue({
+  t.same(
+    (await a.tokenKeys.list()).map(([kid, r]) => [kid, r.issuer]).sort(),
+    [
+      [tokA.kid, "spiffe://td/orchestrator/a"],
+      [tokB.kid, "spiffe://td/orchestrator/b"],
+    ].sort(),
+    "both keys are in the shared store with their issuers",
+  );
+  const alice: Principal = {
     id: "alice",
     kind: "user",
     roles: ["reader"],
     namespace: "default",
     method: "password",
-  });
+  };
+  const issued = await tokA.issue(alice);
   t.equal((await tokB.verify(issued.token)).principal.id, "alice", "B accepts A's token");
+  t.equal((await tokA.verify((await tokB.issue(alice)).token)).claims.iss, "spiffe://td/orchestrator/b");
+
+  // A key nobody published: refused with its code, by both.
+  const { privateKey: stranger } = generateKeyPairSync("ec", { namedCurve: "P-256" });
+  const rogue = await TokenService.create({
+    ...common,
+    issuer: "spiffe://td/orchestrator/a",
+    signingKey: stranger,
+    revocations: revA,
+  });
+  const forged = (await rogue.issue(alice)).token;
+  await t.rejects(tokB.verify(forged), { code: "SHOAL_AUTH_TOKEN_UNKNOWN_KEY" }, "unpublished key at B");
+  await t.rejects(tokA.verify(forged), { code: "SHOAL_AUTH_TOKEN_UNKNOWN_KEY" }, "unpublished key at A");
+  // A record that files another key under the rogue's kid does not make the rogue's tokens verify.
+  const real = await a.tokenKeys.get(tokA.kid);
+  if (real) await a.tokenKeys.put(rogue.kid, { ...real, kid: rogue.kid });
+  await t.rejects(
+    tokB.verify(forged),
+    { code: "SHOAL_AUTH_TOKEN_UNKNOWN_KEY" },
+    "kid must be the key's thumbprint",
+  );
+  // A's key with A's issuer only: a token of A's key claiming B as issuer is refused.
+  const impostor = await TokenService.create({
+    ...common,
+    issuer: "spiffe://td/orchestrator/b",
+    signingKey: privateKey,
+    revocations: revA,
+  });
+  await t.rejects(tokB.verify((await impostor.issue(alice)).token), { code: "SHOAL_AUTH_TOKEN_AUDIENCE" });
 
   await tokA.revokeToken(issued.token);
   await t.rejects(tokA.verify(issued.token), { code: "SHOAL_AUTH_TOKEN_REVOKED" }, "A at once");

@@ -184,7 +184,7 @@ t.test("tokens signed with another key, curve or algorithm are refused", async (
   const realKid = JSON.parse(Buffer.from(token.split(".")[0]!, "base64url").toString()).kid as string;
   const stranger = ec("prime256v1").privateKey;
   await t.rejects(service.verify(await sign(stranger, "ES256", "other")), {
-    code: AUTH_CODES.SHOAL_AUTH_TOKEN_INVALID,
+    code: AUTH_CODES.SHOAL_AUTH_TOKEN_UNKNOWN_KEY,
   });
   await t.rejects(service.verify(await sign(stranger, "ES256", realKid)), {
     code: AUTH_CODES.SHOAL_AUTH_TOKEN_INVALID,
@@ -251,7 +251,7 @@ t.test("a verification key list lets tokens of a previous key verify during rota
   });
   t.equal((await rotated.verify(token)).principal.id, "alice");
   await t.rejects(service.verify((await rotated.issue(alice)).token), {
-    code: AUTH_CODES.SHOAL_AUTH_TOKEN_INVALID,
+    code: AUTH_CODES.SHOAL_AUTH_TOKEN_UNKNOWN_KEY,
   });
 });
 
