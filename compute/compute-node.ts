@@ -34,6 +34,7 @@ import { CapacityLedger } from "./capacity-ledger.js";
 import { CertificateRenewer } from "./certificate-renewal.js";
 import { lockDataDir } from "./data-dir-lock.js";
 import { createEngineRunner, type EngineRunner } from "./engine-runner.js";
+import { ExecAllowList, realPathOf } from "./engines/exec-allow-list.js";
 import { ensureEnrolled, type JoinOptions, readEnrollment } from "./enrollment.js";
 import { COMPUTE_CODES, ComputeError } from "./errors.js";
 import { ExecutionManager, failedOutcome } from "./execution-manager.js";
@@ -248,6 +249,8 @@ export class ComputeNode {
   async #startUp(): Promise<void> {
     const c = this.#o.config.Compute;
     const defaults = defaultTlsFiles(this.#dataDir);
+    // Before anything is written: a node that cannot start must not enroll first.
+    const execAllow = await ExecAllowList.resolve(c.Engines.Exec.Allow);
     // Locked first: two nodes on one data directory must not both enroll into it.
     const hadDataDir = await fs.access(this.#dataDir).then(
       () => true,
@@ -285,7 +288,7 @@ export class ComputeNode {
     this.#spool = new ResultSpool(path.join(this.#dataDir, "spool"));
     await this.#spool.init();
     this.#engines = await createEngineRunner({
-      execAllow: c.Engines.Exec.Allow,
+      execAllow,
       allowedInputPaths: c.Inputs.AllowedPaths,
       wasmMaxMemoryBytes: parseByteSize(c.Engines.WASM.MaxMemory),
       log,
@@ -293,7 +296,7 @@ export class ComputeNode {
     this.#ledger = new CapacityLedger({ cpu: c.Resources.CPU, memory: parseByteSize(c.Resources.Memory) });
     this.#policy = {
       engines: this.#engines.engines,
-      execAllow: c.Engines.Exec.Allow,
+      execAllow: execAllow.realPaths,
       labels: this.#labels,
       locality: c.JobSelection.Locality,
       rejectStatelessJobs: c.JobSelection.RejectStatelessJobs,
@@ -557,6 +560,7 @@ export class ComputeNode {
     resources: MessageBody<"bid">["resources"],
   ): Promise<{ accept: boolean; reason?: string }> {
     const demand = jobDemand(spec, submitter, resources);
+    const commandRealPath = demand.command === undefined ? undefined : await realPathOf(demand.command);
     const inputs = await Promise.all(
       demand.inputs.map(async (i) =>
         i.localPath === undefined
@@ -570,7 +574,7 @@ export class ComputeNode {
             },
       ),
     );
-    const decision = decideBid(this.#policy!, { ...demand, inputs }, this.#ledger!.free());
+    const decision = decideBid(this.#policy!, { ...demand, inputs, commandRealPath }, this.#ledger!.free());
     return decision.accept ? { accept: true } : { accept: false, reason: decision.reason };
   }
 

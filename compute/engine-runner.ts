@@ -4,6 +4,7 @@ import {
   DEFAULT_MAX_STDERR_BYTES,
   DEFAULT_MAX_STDOUT_BYTES,
   type EngineRunResult,
+  type ExecAllowList,
   ExecExecutor,
   type Executor,
   prepareInputs,
@@ -20,8 +21,8 @@ import type { ExecutionOutcome, ExecutionRunner } from "./execution-manager.js";
 export const MAX_RESULT_OUTPUT_JSON_CHARS = 192 * 1024;
 
 export interface EngineRunnerOptions {
-  /** `Compute.Engines.Exec.Allow`; empty turns exec off. */
-  execAllow: readonly string[];
+  /** `Compute.Engines.Exec.Allow`, resolved at start-up; empty turns exec off. */
+  execAllow: ExecAllowList;
   /** `Compute.Inputs.AllowedPaths`. */
   allowedInputPaths: readonly string[];
   /** `Compute.Engines.WASM.MaxMemory` in bytes: the cap on a module's linear memory. */
@@ -79,7 +80,7 @@ function outcomeOf(result: EngineRunResult): Omit<ExecutionOutcome, "files"> {
 export async function createEngineRunner(o: EngineRunnerOptions): Promise<EngineRunner> {
   const executors = new Map<string, Executor>();
   executors.set("wasm", new WasmExecutor({ allowedPaths: o.allowedInputPaths }));
-  if (o.execAllow.length > 0) executors.set("exec", new ExecExecutor({ allow: o.execAllow }));
+  if (o.execAllow.enabled) executors.set("exec", new ExecExecutor({ allow: o.execAllow }));
   for (const executor of executors.values()) await executor.start();
 
   const run: ExecutionRunner = async (ctx) => {

@@ -3,12 +3,13 @@ import type { Constraint, JobSpec, Source } from "../core/index.js";
 import { describeConstraint, firstUnmetConstraint } from "../core/index.js";
 import type { Resources, Submitter } from "../fabric/index.js";
 import { ENGINE_CODES } from "./engines/errors.js";
+import { checkExecCommand } from "./engines/exec-allow-list.js";
 
 /** This node's rules for which jobs it bids on (`Compute.JobSelection.*` and friends). */
 export interface JobSelectionPolicy {
   /** Engines this node runs: `wasm` always, `exec` only when `Compute.Engines.Exec.Allow` is not empty. */
   engines: readonly string[];
-  /** `Compute.Engines.Exec.Allow`: the only commands an `exec` job may run. */
+  /** `Compute.Engines.Exec.Allow` resolved to real paths (ExecAllowList): the only programs an `exec` job may run. */
   execAllow: readonly string[];
   /** `Compute.Labels`, matched against the job's constraints. */
   labels: Readonly<Record<string, string>>;
@@ -37,8 +38,10 @@ export interface DemandInput {
 /** What a job asks of a node, extracted from its spec and the bid. */
 export interface JobDemand {
   engine: string;
-  /** For `exec`: the command to run. */
+  /** For `exec`: the command to run, as the job wrote it. */
   command?: string;
+  /** For `exec`: the command's real path on this node (looked up by the caller); unset when it does not exist. */
+  commandRealPath?: string;
   inputs: readonly DemandInput[];
   constraints: readonly Constraint[];
   submitter: Submitter;
@@ -47,7 +50,7 @@ export interface JobDemand {
 
 /**
  * What a validated job spec demands. Host paths are returned with `present`
- * unset; the caller looks them up (I/O stays out of the policy).
+ * and `commandRealPath` unset; the caller looks them up (I/O stays out of the policy).
  */
 export function jobDemand(spec: JobSpec, submitter: Submitter, resources: Resources): JobDemand {
   const task = spec.Tasks[0]!;
@@ -113,14 +116,14 @@ export function decideBid(policy: JobSelectionPolicy, demand: JobDemand, free: R
       `${exec ? execRefused : ""}engine ${JSON.stringify(demand.engine)} is not enabled on this node${exec ? " (set Compute.Engines.Exec.Allow to enable it)" : ""}`,
     );
   }
-  if (
-    demand.engine === "exec" &&
-    !(demand.command !== undefined && policy.execAllow.includes(demand.command))
-  ) {
-    return refuse(
-      "command",
-      `${execRefused}command ${JSON.stringify(demand.command ?? "")} is not in Compute.Engines.Exec.Allow`,
-    );
+  if (demand.engine === "exec") {
+    const check = checkExecCommand(policy.execAllow, demand.command ?? "", demand.commandRealPath);
+    if (!check.ok) {
+      return refuse(
+        "command",
+        `${execRefused}command ${JSON.stringify(demand.command ?? "")} ${check.reason}`,
+      );
+    }
   }
   if (policy.allowedSubmitters.length > 0 && !policy.allowedSubmitters.includes(demand.submitter.sub)) {
     return refuse(

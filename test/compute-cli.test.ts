@@ -34,11 +34,16 @@ function serveArgs(identity: TestIdentity, dataDir: string): string[] {
 
 // Each spawn compiles the CLI from source (~10 s), so both run at once.
 t.test(
-  "serve: SIGTERM stops a registered node with exit 0; a non-compute certificate is refused",
+  "serve: SIGTERM stops a registered node with exit 0; a non-compute certificate or a bad exec allow list is refused",
   async (t) => {
     const identity = await fabric.identity("compute", "cli-node");
     const node = spawnShoal(t, serveArgs(identity, path.join(root, "serve")));
     const wrong = spawnShoal(t, serveArgs(orchestrator, path.join(root, "wrong")));
+    const badAllow = spawnShoal(t, [
+      ...serveArgs(identity, path.join(root, "bad-allow")),
+      "-c",
+      "Compute.Engines.Exec.Allow=/usr/bin/env,/no/such/program",
+    ]);
 
     const reg = await orch.next("register", (b) => b.nodeId === "cli-node", 90_000);
     t.equal(reg.iss, identity.spiffeId);
@@ -52,5 +57,18 @@ t.test(
     t.equal(refused.code, 1);
     t.match(wrong.stderr(), /SHOAL_COMPUTE_IDENTITY/);
     t.match(wrong.stderr(), /SHOAL_PKI_ROLE_MISMATCH/);
+
+    t.equal((await badAllow.exited).code, 1);
+    t.match(
+      badAllow.stderr(),
+      /SHOAL_ENGINE_EXEC_ALLOW_INVALID: .*Allow\[1\] "\/no\/such\/program" does not exist/,
+    );
+    t.notOk(
+      await fs.access(path.join(root, "bad-allow")).then(
+        () => true,
+        () => false,
+      ),
+      "nothing was written",
+    );
   },
 );

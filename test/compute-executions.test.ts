@@ -5,6 +5,7 @@ import os from "node:os";
 import path from "node:path";
 import { promisify } from "node:util";
 import t, { type Test } from "tap";
+import { ExecAllowList } from "../compute/engines/index.js";
 import {
   createEngineRunner,
   ExecutionManager,
@@ -50,7 +51,7 @@ async function setup(t: Test, name: string) {
   const spool = new ResultSpool(path.join(dir, "spool"));
   await spool.init();
   const engines = await createEngineRunner({
-    execAllow: [],
+    execAllow: ExecAllowList.OFF,
     allowedInputPaths: [],
     wasmMaxMemoryBytes: 64 * 2 ** 20,
     log: silentLogger,

@@ -48,10 +48,38 @@ t.test("each rule refuses with its own check and a reason naming the setting", a
     ["unknown engine", {}, { engine: "docker" }, "engine", /docker/],
     [
       "command not allowed",
-      { engines: ["wasm", "exec"], execAllow: ["/bin/echo"] },
-      { engine: "exec", command: "/bin/sh" },
+      { engines: ["wasm", "exec"], execAllow: ["/usr/bin/echo"] },
+      { engine: "exec", command: "/bin/sh", commandRealPath: "/usr/bin/dash" },
       "command",
-      /^SHOAL_ENGINE_EXEC_NOT_ALLOWED: .*\/bin\/sh/,
+      /^SHOAL_ENGINE_EXEC_NOT_ALLOWED: command "\/bin\/sh" is not in .*resolves to \/usr\/bin\/dash/,
+    ],
+    [
+      "a link named like an allowed program is what it leads to",
+      { engines: ["wasm", "exec"], execAllow: ["/usr/bin/echo"] },
+      { engine: "exec", command: "/tmp/x/echo", commandRealPath: "/usr/bin/dash" },
+      "command",
+      /^SHOAL_ENGINE_EXEC_NOT_ALLOWED: .*resolves to \/usr\/bin\/dash/,
+    ],
+    [
+      "the allowed path as written, when it resolves elsewhere",
+      { engines: ["wasm", "exec"], execAllow: ["/usr/bin/echo"] },
+      { engine: "exec", command: "/usr/bin/echo", commandRealPath: "/usr/bin/dash" },
+      "command",
+      /^SHOAL_ENGINE_EXEC_NOT_ALLOWED: /,
+    ],
+    [
+      "a command that does not exist here",
+      { engines: ["wasm", "exec"], execAllow: ["/usr/bin/echo"] },
+      { engine: "exec", command: "/usr/bin/echo" },
+      "command",
+      /^SHOAL_ENGINE_EXEC_NOT_ALLOWED: .*does not exist on this node/,
+    ],
+    [
+      "a relative command",
+      { engines: ["wasm", "exec"], execAllow: ["/usr/bin/echo"] },
+      { engine: "exec", command: "echo", commandRealPath: "/usr/bin/echo" },
+      "command",
+      /^SHOAL_ENGINE_EXEC_NOT_ALLOWED: .*is not an absolute path/,
     ],
     ["submitter not allowed", { allowedSubmitters: ["bob"] }, {}, "submitter", /alice/],
     ["stateless refused", { rejectStatelessJobs: true }, {}, "stateless", /RejectStatelessJobs/],
@@ -108,8 +136,13 @@ t.test("what each rule allows is accepted", async (t) => {
   const ok: [string, Partial<JobSelectionPolicy>, Partial<JobDemand>][] = [
     [
       "allowed exec command",
-      { engines: ["wasm", "exec"], execAllow: ["/bin/echo"] },
-      { engine: "exec", command: "/bin/echo" },
+      { engines: ["wasm", "exec"], execAllow: ["/usr/bin/echo"] },
+      { engine: "exec", command: "/usr/bin/echo", commandRealPath: "/usr/bin/echo" },
+    ],
+    [
+      "another path to an allowed program (/bin is a link to usr/bin)",
+      { engines: ["wasm", "exec"], execAllow: ["/usr/bin/echo"] },
+      { engine: "exec", command: "/bin/echo", commandRealPath: "/usr/bin/echo" },
     ],
     ["allowed submitter", { allowedSubmitters: ["alice"] }, {}],
     ["input inside the allowed root", { rejectStatelessJobs: true }, { inputs: [dir("/data/shared/a/b")] }],
@@ -148,7 +181,12 @@ t.test("jobDemand reads engine, command, host paths and constraints from a spec"
     { role: "input", type: "inline" },
   ]);
   t.same(d.constraints, [{ Key: "region", Operator: "=", Values: ["eu"] }]);
-  const decision = decideBid({ ...policy, engines: ["wasm", "exec"], execAllow: ["/bin/cat"] }, d, free);
+  t.equal(d.commandRealPath, undefined, "the caller looks the real path up");
+  const decision = decideBid(
+    { ...policy, engines: ["wasm", "exec"], execAllow: ["/usr/bin/cat"] },
+    { ...d, commandRealPath: "/usr/bin/cat" },
+    free,
+  );
   t.same(decision, { accept: true });
 });
 

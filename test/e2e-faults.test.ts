@@ -121,6 +121,40 @@ t.test("timeouts, stop, the exec allow-list and SIGTERM, with real processes", a
     t.match(allowed.Executions, [
       { NodeID: "n1", State: "Completed", ExitCode: 0, Stdout: "hello from exec\n" },
     ]);
+
+    // The node compares real paths: a link to a shell is the shell, whatever its name.
+    const link = path.join(dir, "echo");
+    await fs.symlink("/bin/sh", link);
+    const viaLink = await submitJob(
+      orch,
+      await writeSpec(
+        dir,
+        "exec-link",
+        `{Type: exec, Params: {Command: ${link}, Arguments: [-c, "echo pwned"]}}`,
+        "Timeouts: {QueueTimeout: 0}",
+      ),
+    );
+    const linked = await waitForJob(orch, viaLink, "ends", (j) => j.State === "Failed");
+    t.match(linked.Executions, [
+      {
+        NodeID: "n1",
+        State: "BidRejected",
+        StateMessage: new RegExp(
+          `SHOAL_ENGINE_EXEC_NOT_ALLOWED: command "${link}" is not in Compute\\.Engines\\.Exec\\.Allow \\(it resolves to ${await fs.realpath("/bin/sh")}\\)`,
+        ),
+      },
+    ]);
+    // ...and another spelling of an allowed program is that program (n1 allows /bin/echo).
+    const other = (await fs.realpath("/bin/echo")) === "/usr/bin/echo" ? "/usr/bin/echo" : "/bin/echo";
+    const sameProgram = await submitJob(
+      orch,
+      await writeSpec(dir, "exec-usr-echo", `{Type: exec, Params: {Command: ${other}, Arguments: [same]}}`),
+    );
+    const same = await waitForJob(orch, sameProgram, "ends", (j) =>
+      ["Completed", "Failed"].includes(j.State),
+    );
+    t.equal(same.State, "Completed", same.StateMessage);
+    t.match(same.Executions, [{ NodeID: "n1", State: "Completed", Stdout: "same\n" }]);
   });
 
   t.test("SIGTERM stops compute nodes and the orchestrator gracefully (exit 0)", async (t) => {

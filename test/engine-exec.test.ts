@@ -1,10 +1,15 @@
 import "reflect-metadata";
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, readFileSync, realpathSync } from "node:fs";
 import { mkdir, mkdtemp, rm, symlink } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import t from "tap";
-import { type EngineRunRequest, ExecExecutor, ExecNotAllowedError } from "../compute/engines/index.js";
+import {
+  type EngineRunRequest,
+  ExecAllowList,
+  ExecExecutor,
+  ExecNotAllowedError,
+} from "../compute/engines/index.js";
 import { parseJobSpec, type Task } from "../core/index.js";
 
 const root = await mkdtemp(path.join(os.tmpdir(), "shoal-exec-"));
@@ -45,7 +50,15 @@ function isDead(pid: number): boolean {
   }
 }
 const exec = new ExecExecutor({
-  allow: ["/bin/echo", "/usr/bin/env", "/bin/sleep", "/bin/sh", "/usr/bin/head", "/bin/false", "/bin/pwd"],
+  allow: await ExecAllowList.resolve([
+    "/bin/echo",
+    "/usr/bin/env",
+    "/bin/sleep",
+    "/bin/sh",
+    "/usr/bin/head",
+    "/bin/false",
+    "/bin/pwd",
+  ]),
 });
 t.teardown(() => exec.close());
 
@@ -70,14 +83,80 @@ t.test("commands that are not allow-listed are refused", async (t) => {
   await t.rejects(exec.run(await request(task("/bin/cat", ["/etc/passwd"])), never), {
     code: "SHOAL_ENGINE_EXEC_NOT_ALLOWED",
   });
-  const off = new ExecExecutor({ allow: [] });
+  const off = new ExecExecutor({ allow: ExecAllowList.OFF });
   t.teardown(() => off.close());
   const err = await off.run(await request(task("/bin/echo")), never).catch((e: unknown) => e);
   t.ok(err instanceof ExecNotAllowedError);
   t.match((err as Error).message, /exec engine is off/);
-  await t.rejects(exec.run(await request(task("/no/such/program")), never), {
-    code: "SHOAL_ENGINE_START_FAILED",
+  const missing = (await exec.run(await request(task("/no/such/program")), never).catch((e) => e)) as Error;
+  t.match(missing, { code: "SHOAL_ENGINE_EXEC_NOT_ALLOWED", message: /does not exist on this node/ });
+  // parseJobSpec refuses a relative command; the engine refuses it too (it would resolve against the node's cwd).
+  const tk = task("/bin/echo");
+  const relativeTask = {
+    ...tk,
+    Engine: { Type: "exec", Params: { Command: "echo", Arguments: [] } },
+  } as Task;
+  const relative = (await exec.run(await request(relativeTask), never).catch((e) => e)) as Error;
+  t.match(relative, { code: "SHOAL_ENGINE_EXEC_NOT_ALLOWED", message: /is not an absolute path/ });
+});
+
+t.test("the allow list and the command are compared by real path", async (t) => {
+  const dir = path.join(root, "real-paths");
+  await mkdir(dir);
+  const onlyEcho = new ExecExecutor({ allow: await ExecAllowList.resolve(["/usr/bin/echo"]) });
+  t.teardown(() => onlyEcho.close());
+  // A link in a directory nobody allow-listed, leading to a shell that is not allowed either.
+  await symlink("/bin/sh", path.join(dir, "sh"));
+  const viaLink = (await onlyEcho
+    .run(await request(task(path.join(dir, "sh"), ["-c", "echo pwned"])), never)
+    .catch((e) => e)) as ExecNotAllowedError;
+  t.equal(viaLink.code, "SHOAL_ENGINE_EXEC_NOT_ALLOWED");
+  t.equal(viaLink.realPath, realpathSync("/bin/sh"));
+  // A link named like the allowed program, leading elsewhere, is what it leads to.
+  await symlink("/bin/sh", path.join(dir, "echo"));
+  await t.rejects(onlyEcho.run(await request(task(path.join(dir, "echo"))), never), {
+    code: "SHOAL_ENGINE_EXEC_NOT_ALLOWED",
   });
+  // /bin/echo is /usr/bin/echo where /bin links to usr/bin: the same program, allowed.
+  if (realpathSync("/bin/echo") === "/usr/bin/echo") {
+    const res = await onlyEcho.run(await request(task("/bin/echo", ["same"])), never);
+    t.equal(res.exitCode, 0);
+    t.equal(res.stdout.toString(), "same\n");
+    const fromBin = new ExecExecutor({ allow: await ExecAllowList.resolve(["/bin/echo"]) });
+    t.teardown(() => fromBin.close());
+    t.equal((await fromBin.run(await request(task("/usr/bin/echo")), never)).exitCode, 0);
+  }
+  // A link to an allowed program is allowed, and the real program is what runs.
+  await symlink("/usr/bin/echo", path.join(dir, "my-echo"));
+  t.equal((await onlyEcho.run(await request(task(path.join(dir, "my-echo"))), never)).exitCode, 0);
+});
+
+t.test("an allow list entry that is relative, missing or not a file stops the node starting", async (t) => {
+  const cases: [string, RegExp][] = [
+    ["bin/echo", /Allow\[0\] "bin\/echo" is not an absolute path/],
+    ["/no/such/program", /Allow\[0\] "\/no\/such\/program" does not exist on this node/],
+    ["/usr/bin", /resolves to \/usr\/bin, which is not a file/],
+  ];
+  for (const [entry, message] of cases) {
+    await t.rejects(
+      ExecAllowList.resolve([entry]),
+      { code: "SHOAL_ENGINE_EXEC_ALLOW_INVALID", message },
+      entry,
+    );
+  }
+  const dangling = path.join(root, "dangling");
+  await symlink(path.join(root, "nowhere"), dangling);
+  await t.rejects(ExecAllowList.resolve(["/bin/echo", dangling]), {
+    code: "SHOAL_ENGINE_EXEC_ALLOW_INVALID",
+    message: /Allow\[1\]/,
+  });
+  const list = await ExecAllowList.resolve(["/bin/echo", "/usr/bin/echo"]);
+  t.same(
+    list.realPaths,
+    [realpathSync("/bin/echo"), realpathSync("/usr/bin/echo")].filter((p, i, a) => a.indexOf(p) === i),
+  );
+  t.ok(Object.isFrozen(list.realPaths));
+  t.notOk(ExecAllowList.OFF.enabled);
 });
 
 t.test("symlinks are resolved before the allow-list check", async (t) => {
@@ -93,7 +172,7 @@ t.test("symlinks are resolved before the allow-list check", async (t) => {
   t.match(err.message, /resolves to .*cat/);
   // An allow-list entry that is itself a link allows what it leads to.
   await symlink("/usr/bin/env", path.join(dir, "printenv-link"));
-  const viaLink = new ExecExecutor({ allow: [path.join(dir, "printenv-link")] });
+  const viaLink = new ExecExecutor({ allow: await ExecAllowList.resolve([path.join(dir, "printenv-link")]) });
   t.teardown(() => viaLink.close());
   t.equal((await viaLink.run(await request(task("/usr/bin/env")), never)).exitCode, 0);
 });

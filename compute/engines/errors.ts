@@ -2,13 +2,15 @@ import { defineCodes, ShoalError } from "../../core/index.js";
 
 export const ENGINE_CODES = defineCodes("engines", {
   SHOAL_ENGINE_EXEC_NOT_ALLOWED:
-    "An exec job names a command this node does not allow-list (Compute.Engines.Exec.Allow), or exec is off.",
+    "An exec job names a command whose real path this node does not allow-list (Compute.Engines.Exec.Allow), a relative or missing command, or exec is off.",
+  SHOAL_ENGINE_EXEC_ALLOW_INVALID:
+    "An entry of Compute.Engines.Exec.Allow is not an absolute path to an existing file; the node refuses to start.",
   SHOAL_ENGINE_ENV_NOT_ALLOWED:
     "An exec job sets an environment variable that changes how programs load (LD_*, ...).",
   SHOAL_ENGINE_MODULE_INVALID:
     "The WebAssembly module is not valid, or imports something other than WASI preview1.",
   SHOAL_ENGINE_MEMORY_LIMIT: "The WebAssembly module needs more memory than the execution's limit.",
-  SHOAL_ENGINE_START_FAILED: "The engine could not start the program (missing command, spawn failure).",
+  SHOAL_ENGINE_START_FAILED: "The engine could not start the program (spawn failure).",
   SHOAL_ENGINE_TIMEOUT: "The execution ran past its ExecutionTimeout and was killed.",
   SHOAL_ENGINE_CANCELLED: "The execution was cancelled (job stopped or node shutting down) and was killed.",
   SHOAL_ENGINE_OUTPUT_LIMIT:

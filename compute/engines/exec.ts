@@ -4,6 +4,7 @@ import os from "node:os";
 import { performance } from "node:perf_hooks";
 import { isUnsafeExecEnvName, type Task } from "../../core/index.js";
 import { ENGINE_CODES, EngineError, ExecNotAllowedError } from "./errors.js";
+import type { ExecAllowList } from "./exec-allow-list.js";
 import { BaseExecutor, type EngineRunRequest, type EngineRunResult, stopFailure } from "./executor.js";
 import { OutputCapture } from "./output-capture.js";
 
@@ -15,13 +16,14 @@ export const PRLIMIT_PATH = "/usr/bin/prlimit";
 const PIPE_CLOSE_GRACE_MS = 1000;
 
 export interface ExecExecutorOptions {
-  /** `Compute.Engines.Exec.Allow`: absolute paths of the programs jobs may run. Empty: exec is off. */
-  allow: readonly string[];
+  /** `Compute.Engines.Exec.Allow`, resolved at start-up. Empty: exec is off. */
+  allow: ExecAllowList;
 }
 
 /**
  * Runs allow-listed native programs. The command's real path (symlinks
- * resolved) must equal the real path of an allow-list entry, and that real
+ * resolved per job) must equal the real path of an allow-list entry (resolved
+ * when the node started, see ExecAllowList), and that real
  * path is what gets executed — so a link swapped after the check does not
  * matter. No shell; the environment is only PATH=/usr/bin:/bin, the task's
  * Env (minus loader variables), SHOAL_INPUTS and SHOAL_OUTPUTS; cwd is the
@@ -32,7 +34,7 @@ export interface ExecExecutorOptions {
  */
 export class ExecExecutor extends BaseExecutor {
   readonly engine = "exec" as const;
-  readonly #allow: readonly string[];
+  readonly #allow: ExecAllowList;
 
   constructor(options: ExecExecutorOptions) {
     super();
@@ -41,31 +43,16 @@ export class ExecExecutor extends BaseExecutor {
 
   /** The real path to run for `command`; throws ExecNotAllowedError unless allow-listed. */
   async resolveCommand(command: string): Promise<string> {
-    if (this.#allow.length === 0) {
+    if (!this.#allow.enabled) {
       throw new ExecNotAllowedError(
         command,
         undefined,
         "the exec engine is off on this node (no allow-list)",
       );
     }
-    let real: string;
-    try {
-      real = await fs.realpath(command);
-    } catch (err) {
-      throw new EngineError(
-        ENGINE_CODES.SHOAL_ENGINE_START_FAILED,
-        `exec of ${command}: no such program on this node`,
-        {
-          cause: err,
-        },
-      );
-    }
-    const allowed = await Promise.all(this.#allow.map((p) => fs.realpath(p).catch(() => undefined)));
-    if (!allowed.includes(real)) {
-      const via = real === command ? "" : ` (it resolves to ${real})`;
-      throw new ExecNotAllowedError(command, real, `not in Compute.Engines.Exec.Allow${via}`);
-    }
-    return real;
+    const check = await this.#allow.check(command);
+    if (!check.ok) throw new ExecNotAllowedError(command, check.realPath, `the command ${check.reason}`);
+    return check.realPath;
   }
 
   protected async execute(req: EngineRunRequest, signal: AbortSignal): Promise<EngineRunResult> {

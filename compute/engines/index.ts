@@ -1,5 +1,6 @@
 export * from "./errors.js";
 export * from "./exec.js";
+export * from "./exec-allow-list.js";
 export * from "./executor.js";
 export * from "./job-inputs.js";
 export * from "./job-results.js";
