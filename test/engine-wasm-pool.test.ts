@@ -1,5 +1,5 @@
 import "reflect-metadata";
-import { readdirSync } from "node:fs";
+import { existsSync, readdirSync, readlinkSync } from "node:fs";
 import path from "node:path";
 import t from "tap";
 import { WasmExecutor, WasmModuleCache, WasmWorkerPool } from "../compute/engines/index.js";
@@ -74,6 +74,57 @@ t.test("a worker killed at the timeout is replaced and the next execution runs",
   const res = await wasm.run(await fx.request(wasmTask(hello)), never);
   t.equal(res.exitCode, 0);
   t.equal(res.stdout.toString(), "hello from wasm\n");
+});
+
+// Opens /outputs/held.txt (fd 4 is the /outputs preopen), then spins until killed.
+const HOLD_AND_SPIN = `(module
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "held.txt")
+  (func (export "_start")
+    (if (call $path_open (i32.const 4) (i32.const 0) (i32.const 100) (i32.const 8) (i32.const 1)
+          (i64.const 0x42) (i64.const 0) (i32.const 0) (i32.const 200))
+      (then unreachable))
+    (loop $l (br $l))))`;
+
+t.test("killed executions leave no descriptor open (preopens, files the module opened)", async (t) => {
+  const own = () =>
+    readdirSync("/proc/self/fd").flatMap((fd) => {
+      try {
+        return [readlinkSync(`/proc/self/fd/${fd}`)];
+      } catch {
+        return []; // the descriptor readdir itself used
+      }
+    });
+  const loop = await fx.wat(LOOP);
+  const hold = await fx.wat(HOLD_AND_SPIN);
+  // One kill first, so the pool's replacement worker is part of the baseline.
+  await wasm.run(await fx.request(wasmTask(loop), { timeoutMs: 100 }), never);
+  const before = own().length;
+  const dirs: string[] = [];
+  for (let i = 0; i < 10; i++) {
+    // Even runs spin to their timeout; odd ones open a file and are stopped once it exists.
+    const holds = i % 2 === 1;
+    const req = await fx.request(wasmTask(holds ? hold : loop), { timeoutMs: holds ? 20_000 : 100 });
+    dirs.push(req.workDir);
+    const stop = new AbortController();
+    const held = path.join(req.outputsDir, "held.txt");
+    const watch = holds ? setInterval(() => existsSync(held) && stop.abort(), 10) : undefined;
+    const res = await wasm.run(req, stop.signal);
+    clearInterval(watch);
+    t.equal(res.error?.code, holds ? "SHOAL_ENGINE_CANCELLED" : "SHOAL_ENGINE_TIMEOUT", `run ${i}`);
+  }
+  const after = own();
+  t.same(
+    after.filter((target) => dirs.some((d) => target.startsWith(d))),
+    [],
+    "no descriptor into a killed execution's directories",
+  );
+  t.ok(
+    after.length <= before,
+    `descriptors before ${before}, after ${after.length} (20+ more would be the leak)`,
+  );
 });
 
 t.test("compiled modules are cached by digest and memory cap", async (t) => {

@@ -2,6 +2,7 @@ import { promises as fs } from "node:fs";
 import path from "node:path";
 import { performance } from "node:perf_hooks";
 import { INPUTS_DIR, OUTPUTS_DIR, type Task } from "../../core/index.js";
+import { closeDescriptorsUnder } from "./descriptor-sweep.js";
 import { ENGINE_CODES } from "./errors.js";
 import {
   BaseExecutor,
@@ -42,7 +43,8 @@ type StopReason = "timeout" | "cancel" | "output";
  * the work directory that are read back while the module runs (capped). The
  * module's memory is capped by rewriting its declared maximum (see
  * capModuleMemory); the worker's JS heap by `resourceLimits`. Timeout and
- * cancel terminate the worker, and the pool starts another in its place.
+ * cancel terminate the worker, and the pool starts another in its place;
+ * the descriptors the terminated worker's WASI left open are closed then.
  *
  * node:wasi is not a security sandbox for the file system (Node's own
  * warning): it confines paths to the preopens, but it does not make
@@ -136,6 +138,12 @@ export class WasmExecutor extends BaseExecutor {
       } finally {
         ran = true;
         this.#pool.release(worker);
+      }
+      if (workerError) {
+        // Killed or died before it could close what its WASI opened (see closeDescriptorsUnder):
+        // once the thread is gone, nothing else holds a descriptor into this execution's preopens.
+        await worker.kill();
+        await closeDescriptorsUnder(Object.values(data.preopens));
       }
       clearInterval(poll);
       clearTimeout(timer);
