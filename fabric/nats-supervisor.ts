@@ -254,6 +254,10 @@ export class NatsSupervisor {
     });
     let listenPort: number | undefined;
     let routeListenPort: number | undefined;
+    let routeListening!: () => void;
+    const routeListener = new Promise<void>((r) => {
+      routeListening = r;
+    });
     let exitedOnError!: () => void;
     const running: Running = {
       child,
@@ -305,7 +309,10 @@ export class NatsSupervisor {
       const listen = /^Listening for client connections on .*:(\d+)$/.exec(parsed.message);
       if (listen) listenPort = Number(listen[1]);
       const routes = /^Listening for route connections on .*:(\d+)$/.exec(parsed.message);
-      if (routes) routeListenPort = Number(routes[1]);
+      if (routes) {
+        routeListenPort = Number(routes[1]);
+        routeListening();
+      }
       if (parsed.message === "Server is ready") readyResolve(listenPort ?? this.#port);
       if (parsed.message === "Reloaded server configuration") {
         for (const w of running.reloadWaiters.splice(0)) w.resolve();
@@ -341,6 +348,12 @@ export class NatsSupervisor {
     );
     try {
       const port = await ready;
+      // Without JetStream, nats-server opens the route listener just after "Server is ready".
+      if (this.#o.cluster) {
+        let wait: NodeJS.Timeout | undefined;
+        await Promise.race([routeListener, new Promise((r) => (wait = setTimeout(r, 5000)))]);
+        clearTimeout(wait);
+      }
       const routePort = this.#routePort === undefined ? undefined : (routeListenPort ?? this.#routePort);
       if (port !== this.#port || routePort !== this.#routePort) {
         // Chosen by nats-server (`-1`): keep them across restarts and reloads.
