@@ -1,4 +1,5 @@
 import { randomBytes } from "node:crypto";
+import { promises as fs } from "node:fs";
 import path from "node:path";
 import { writeFileAtomic } from "../core/index.js";
 import { AUTH_CODES, AuthError } from "./errors.js";
@@ -242,14 +243,25 @@ export async function bootstrapAdmin(options: {
   await options.directory.ensureBuiltinRoles();
   const users = await options.directory.listUsers();
   if (users.some((u) => u.roles.includes("admin") && !u.disabled)) return { created: false, name };
+  // Orchestrators of a cluster start together on one user store: whoever adds the admin first wins.
+  const add = (password: string) =>
+    options.directory.addUser({ name, password, roles: ["admin"] }).then(
+      () => true,
+      (err) => {
+        if ((err as AuthError).code === AUTH_CODES.SHOAL_AUTH_USER_EXISTS) return false;
+        throw err;
+      },
+    );
   const fromEnv = (options.env ?? process.env).SHOAL_ADMIN_PASSWORD;
   if (fromEnv !== undefined && fromEnv !== "") {
-    await options.directory.addUser({ name, password: fromEnv, roles: ["admin"] });
-    return { created: true, name };
+    return { created: await add(fromEnv), name };
   }
   const generatedPassword = randomBytes(24).toString("base64url");
   const passwordFile = path.join(options.dataDir, ADMIN_PASSWORD_FILE);
   await writeFileAtomic(passwordFile, `${generatedPassword}\n`, 0o600);
-  await options.directory.addUser({ name, password: generatedPassword, roles: ["admin"] });
+  if (!(await add(generatedPassword))) {
+    await fs.rm(passwordFile, { force: true });
+    return { created: false, name };
+  }
   return { created: true, name, generatedPassword, passwordFile };
 }

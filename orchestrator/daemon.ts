@@ -12,12 +12,20 @@ import { initPki, openPki, type Pki } from "../pki/index.js";
 import { buildApi } from "./api.js";
 import { ApiAuth } from "./api-auth.js";
 import { ApiTlsManager, type ApiTlsManagerOptions } from "./api-tls.js";
-import { KvAuthStore } from "./auth-store.js";
+import { AUTH_BUCKETS, KvAuthStore } from "./auth-store.js";
 import {
   ensureIdentityCertificate,
   ensureServerCertificate,
   type OwnCertificatePolicy,
 } from "./certificates.js";
+import {
+  bucketReplicas,
+  clusterState,
+  DEFAULT_JETSTREAM_WAIT_MS,
+  routeCertificateNames,
+  serverName,
+  whenJetStreamReady,
+} from "./cluster.js";
 import { Dispatcher } from "./dispatcher.js";
 import { EnrollmentService, signComputeCsr } from "./enrollment.js";
 import { registerEnrollmentRoutes } from "./enrollment-routes.js";
@@ -31,7 +39,8 @@ import { NodeService } from "./node-service.js";
 import { OwnCertificateRenewer } from "./own-certificates.js";
 import { placeJob } from "./placement.js";
 import { ResultsStore } from "./results-store.js";
-import { StateStore } from "./state-store.js";
+import { IDENTITIES_BUCKET, SharedIdentities } from "./shared-identities.js";
+import { BUCKETS, StateStore } from "./state-store.js";
 import { TrustKeeper } from "./trust.js";
 
 export interface OrchestratorOptions {
@@ -126,7 +135,15 @@ export class Orchestrator {
     const advertise = c.Orchestrator.Advertise || os.hostname();
     // Bound to one address (not a wildcard), the broker is dialed there by this process too.
     const boundHost = ["0.0.0.0", "::", ""].includes(c.Orchestrator.Host) ? undefined : c.Orchestrator.Host;
-    const names = ["localhost", "127.0.0.1", os.hostname(), advertise, ...(boundHost ? [boundHost] : [])];
+    // The NATS server certificate is also the route certificate of a cluster (docs/fabric.md).
+    const names = [
+      "localhost",
+      "127.0.0.1",
+      os.hostname(),
+      advertise,
+      ...(boundHost ? [boundHost] : []),
+      ...routeCertificateNames(c.Orchestrator.Cluster, pki.trustDomain),
+    ];
     const operatorTls =
       c.Orchestrator.TLS.CACert && c.Orchestrator.TLS.ServerCert && c.Orchestrator.TLS.ServerKey;
     const caFile = operatorTls ? c.Orchestrator.TLS.CACert : path.join(pkiDir, "ca.crt");
@@ -147,17 +164,22 @@ export class Orchestrator {
     // The broker, its users following the PKI inventory.
     const natsDir = path.join(dataDir, "nats");
     await killLeftoverServer(natsDir, this.#log);
+    const brokerTls = {
+      caFile,
+      certFile: natsTls.certFile,
+      keyFile: natsTls.keyFile,
+      timeoutSeconds: parseDuration(c.Orchestrator.TLS.ServerTimeout) / 1000,
+    };
+    const cluster = clusterState(c.Orchestrator.Cluster, pki.trustDomain, brokerTls);
+    const replicas = bucketReplicas(c.Orchestrator.Cluster);
     const supervisor = new NatsSupervisor({
       dir: natsDir,
       serverPath: c.Orchestrator.NATS.ServerPath,
       host: c.Orchestrator.Host,
       port: c.Orchestrator.Port === 0 ? -1 : c.Orchestrator.Port,
-      tls: {
-        caFile,
-        certFile: natsTls.certFile,
-        keyFile: natsTls.keyFile,
-        timeoutSeconds: parseDuration(c.Orchestrator.TLS.ServerTimeout) / 1000,
-      },
+      tls: brokerTls,
+      // JetStream tells the servers of a cluster apart by name.
+      ...(cluster ? { cluster, serverName: await serverName(natsDir, id) } : {}),
       identities: await brokerIdentities(pki, c.Orchestrator.NodeManager.Identities),
       logger: this.#o.logger,
     });
@@ -176,9 +198,28 @@ export class Orchestrator {
       logger: this.#o.logger,
     });
     this.#cleanups.push(() => fabric.close());
+    // A cluster's JetStream needs a quorum of its servers: the buckets are opened once it serves.
+    const buckets = async () => {
+      const js = jetstream(fabric.nc);
+      return Promise.all([
+        StateStore.open(js, this.#log.child({ component: "state" }), { replicas }),
+        KvAuthStore.open(js, this.#log.child({ component: "auth-store" }), { replicas }),
+        cluster
+          ? SharedIdentities.open(js, this.#log.child({ component: "identities" }), replicas)
+          : undefined,
+      ]);
+    };
+    const [store, authStore, shared] = cluster
+      ? await whenJetStreamReady(fabric.nc, this.#log, DEFAULT_JETSTREAM_WAIT_MS, buckets, [
+          ...Object.values(BUCKETS),
+          ...Object.values(AUTH_BUCKETS),
+          IDENTITIES_BUCKET,
+        ])
+      : await buckets();
+    this.#cleanups.push(async () => authStore.close());
+    if (shared) this.#cleanups.push(async () => shared.close());
 
     // State, services, dispatcher.
-    const store = await StateStore.open(jetstream(fabric.nc), this.#log.child({ component: "state" }));
     this.#store = store;
     this.#cleanups.push(() => store.flush());
     const logs = new LogStore(dataDir);
@@ -207,6 +248,7 @@ export class Orchestrator {
       store,
       nodes,
       identity,
+      announceOnRegister: cluster !== undefined,
       log: this.#log.child({ component: "fabric-link" }),
       renewCertificate: async (nodeId, csrPem) => {
         const issued = await signComputeCsr(pki, csrPem, nodeId, {
@@ -219,16 +261,20 @@ export class Orchestrator {
       },
     });
     this.#cleanups.push(() => link.close());
-    // Trust changes: the inventory decides the broker's users and which certificates still verify.
+    // Trust changes: the inventory (in a cluster: every orchestrator's) decides the broker's users and which certificates still verify.
     const trust = new TrustKeeper({
       pki,
       link,
       supervisor,
       extraIdentities: c.Orchestrator.NodeManager.Identities,
+      ...(shared ? { shared } : {}),
       log: this.#log.child({ component: "trust" }),
     });
     trustKeeper = trust;
     await trust.apply();
+    await shared?.watch(() => {
+      trust.apply().catch((err) => this.#log.error({ err }, "cannot apply the cluster's identities"));
+    });
     const watcher = new InventoryWatcher(pkiDir, () => trust.apply(), this.#log);
     watcher.start();
     this.#cleanups.push(() => watcher.close());
@@ -244,6 +290,12 @@ export class Orchestrator {
       queueTimeoutMs: limits.queueTimeoutMs,
       executionTimeoutMs: limits.executionTimeoutMs,
       retryBudget: c.Orchestrator.Scheduler.RetryBudget,
+      ...(cluster
+        ? {
+            isForeign: async (executionId: string) =>
+              (await store.executions.stored(executionId)) !== undefined,
+          }
+        : {}),
     });
     this.#dispatcher = dispatcher;
     link.attach(dispatcher);
@@ -260,11 +312,6 @@ export class Orchestrator {
     });
     this.#jobs = jobs;
 
-    const authStore = await KvAuthStore.open(
-      jetstream(fabric.nc),
-      this.#log.child({ component: "auth-store" }),
-    );
-    this.#cleanups.push(async () => authStore.close());
     const caPem = await fs.readFile(caFile, "utf8");
     const auth = await ApiAuth.create({
       config: c.API.Auth,
@@ -360,6 +407,12 @@ export class Orchestrator {
       pkiDir,
     };
     this.#banner(pki, advertise, supervisor.port, apiPort, created);
+    if (cluster) {
+      const routes = c.Orchestrator.Cluster.Advertise || `${advertise}:${supervisor.routePort}`;
+      (this.#o.print ?? ((line: string) => process.stdout.write(`${line}\n`)))(
+        `  Routes (mTLS):  nats-route://${routes} (cluster ${cluster.name}, ${replicas} cop${replicas === 1 ? "y" : "ies"} of new KV buckets)`,
+      );
+    }
     this.#log.info({ api: this.#endpoints.apiUrl, nats: localUrl }, "orchestrator ready");
     return this.#endpoints;
   }

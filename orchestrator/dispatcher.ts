@@ -63,6 +63,14 @@ export interface DispatcherOptions {
   retryBudget: number;
   /** Extra time past an execution's deadline before the orchestrator fails it itself. @default 5000 */
   timeoutGraceMs?: number;
+  /**
+   * In a cluster every orchestrator hears every node: true for an execution
+   * this one does not hold but another orchestrator of the cluster stored
+   * (its job was submitted there). Such executions are left to their
+   * orchestrator: not cancelled, and their results not answered here.
+   * Absent: a single orchestrator, where an unknown execution is unknown.
+   */
+  isForeign?: (executionId: string) => Promise<boolean>;
 }
 
 const ACTIVE: ReadonlySet<ExecutionState> = new Set(["AskForBid", "BidAccepted", "Running"]);
@@ -166,14 +174,17 @@ export class Dispatcher implements JobDispatch {
     for (const r of reported) {
       const e = this.#o.store.executions.get(r.executionId);
       if (!e || e.NodeID !== nodeId) {
-        void this.#o.channel
-          .cancel(nodeId, { executionId: r.executionId, reason: "unknown execution" })
-          .catch(() => {});
+        void this.#cancelUnlessForeign(nodeId, r.executionId, e);
       } else if (TERMINAL_EXECUTION_STATES.has(e.State) && e.State !== "Completed" && e.State !== "Failed") {
         void this.#cancelOnNode(e, `execution is ${e.State}`);
       }
     }
     this.#scheduleReexamine();
+  }
+
+  async #cancelUnlessForeign(nodeId: string, executionId: string, known: ExecutionRecord | undefined) {
+    if (!known && (await this.#o.isForeign?.(executionId).catch(() => false))) return;
+    await this.#o.channel.cancel(nodeId, { executionId, reason: "unknown execution" }).catch(() => {});
   }
 
   /** The node is gone (LOST, deleted or rejected): its executions move elsewhere. */
@@ -232,8 +243,17 @@ export class Dispatcher implements JobDispatch {
    * because the node deletes its copy when it reads `stored: true`. Runs after
    * the chunks that arrived before it have been staged.
    */
-  handleResult(nodeId: string, body: MessageBody<"result">): Promise<MessageBody<"result-reply">> {
-    return this.#resultOrder.run(body.executionId, () => this.#storeResult(nodeId, body));
+  /** Resolves to undefined when the execution is another orchestrator's (`isForeign`): it answers, not this one. */
+  handleResult(
+    nodeId: string,
+    body: MessageBody<"result">,
+  ): Promise<MessageBody<"result-reply"> | undefined> {
+    return this.#resultOrder.run(body.executionId, async () => {
+      if (!this.#o.store.executions.has(body.executionId) && (await this.#o.isForeign?.(body.executionId))) {
+        return undefined;
+      }
+      return this.#storeResult(nodeId, body);
+    });
   }
 
   async #storeResult(nodeId: string, body: MessageBody<"result">): Promise<MessageBody<"result-reply">> {
@@ -558,7 +578,8 @@ export class Dispatcher implements JobDispatch {
   #owned(nodeId: string, executionId: string): ExecutionRecord | undefined {
     const e = this.#o.store.executions.get(executionId);
     if (!e || e.NodeID !== nodeId) {
-      this.#o.log.warn(
+      // In a cluster, messages about other orchestrators' executions reach every orchestrator.
+      this.#o.log[!e && this.#o.isForeign ? "debug" : "warn"](
         { node: nodeId, execution: executionId },
         "message about an execution the node does not hold; ignored",
       );

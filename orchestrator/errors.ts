@@ -9,6 +9,8 @@ export const ORCHESTRATOR_CODES = defineCodes("orchestrator", {
   SHOAL_ORCH_SHUTTING_DOWN: "The orchestrator is shutting down and takes no new work.",
   SHOAL_ORCH_STATE_STORE: "The JetStream KV state store cannot be reached or written.",
   SHOAL_ORCH_DATA_DIR: "The data directory cannot be created or used.",
+  SHOAL_ORCH_CLUSTER_QUORUM:
+    "A clustered orchestrator's JetStream did not become available in time (too few of the cluster's servers are up or routed).",
   SHOAL_ORCH_NODE_ID_TAKEN:
     "Enrollment asked for a node id that another live (unexpired, unrevoked) certificate already holds.",
   SHOAL_ORCH_AUTH_CONFIG:

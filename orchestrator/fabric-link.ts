@@ -34,6 +34,13 @@ export interface FabricLinkOptions {
    * and returns the chain; absent means renewal is refused.
    */
   renewCertificate?: (nodeId: string, csrPem: string) => Promise<string>;
+  /**
+   * In a cluster a node takes the register reply (and with it the chain) of
+   * whichever orchestrator answers first: every orchestrator then broadcasts
+   * its chain, so the node also verifies the others' bids and runs.
+   * @default false
+   */
+  announceOnRegister?: boolean;
 }
 
 const NODE_ID = /^[a-z0-9][a-z0-9_-]{0,62}$/;
@@ -152,12 +159,17 @@ export class FabricLink implements NodeChannel {
       fs.readFile(identity.certFile, "utf8"),
       fs.readFile(identity.keyFile, "utf8"),
     ]);
-    const signer = new EnvelopeSigner({ certPem, keyPem });
+    this.#signer = new EnvelopeSigner({ certPem, keyPem });
+    this.#announce();
+  }
+
+  /** Broadcasts this orchestrator's chain (`certificate`), signed with its key. */
+  #announce(): void {
+    const signer = this.#signer;
     this.#o.fabric.publish(
       subjects.broadcast("certificate"),
       signer.sign("certificate", broadcastAudience(this.#o.pki.trustDomain), { chainPem: signer.chainPem }),
     );
-    this.#signer = signer;
   }
 
   /** A renew request: a CSR for a new key, signed with the node's current (valid, unrevoked) certificate. */
@@ -239,6 +251,7 @@ export class FabricLink implements NodeChannel {
           chainPem: this.#signer.chainPem,
           ...(node.Approval === "APPROVED" ? {} : { reason: `node is ${node.Approval}` }),
         });
+        if (this.#o.announceOnRegister) this.#announce();
         d?.reconcile(nodeId, body.executions);
         return;
       }
@@ -261,7 +274,7 @@ export class FabricLink implements NodeChannel {
       case "result": {
         if (!d) return;
         const reply = await d.handleResult(nodeId, env.body as MessageBody<"result">);
-        this.#reply(msg, env.iss, "result-reply", reply);
+        if (reply) this.#reply(msg, env.iss, "result-reply", reply);
         return;
       }
       default:

@@ -11,9 +11,14 @@ const NO_EXPIRY = new Date("9999-12-31T00:00:00Z");
  * PKI inventory (the broker drops expired and revoked ones itself, and
  * schedules the reload for the next expiry) plus the operator's
  * `Orchestrator.NodeManager.Identities`, whose certificates live elsewhere
- * (left out once revoked by `shoal node delete`).
+ * (left out once revoked by `shoal node delete`). `revokedElsewhere` holds
+ * serials another orchestrator of the cluster revoked.
  */
-export async function brokerIdentities(pki: Pki, extra: readonly string[]): Promise<BrokerIdentity[]> {
+export async function brokerIdentities(
+  pki: Pki,
+  extra: readonly string[],
+  revokedElsewhere: ReadonlySet<string> = new Set(),
+): Promise<BrokerIdentity[]> {
   const out: BrokerIdentity[] = [];
   for (const e of await pki.list()) {
     if (!e.spiffeId || (e.role !== "compute" && e.role !== "orchestrator")) continue;
@@ -21,7 +26,7 @@ export async function brokerIdentities(pki: Pki, extra: readonly string[]): Prom
       spiffeId: e.spiffeId,
       notBefore: new Date(e.notBefore),
       notAfter: new Date(e.notAfter),
-      revoked: e.status === "revoked",
+      revoked: e.status === "revoked" || revokedElsewhere.has(e.serial),
     });
   }
   const barred = new Set((await revokedIdentities(pki.dir)).map((r) => r.spiffeId));

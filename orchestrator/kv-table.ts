@@ -42,6 +42,15 @@ export class KvTable<T> {
     return this.#rows.get(key);
   }
 
+  /**
+   * The value in the KV bucket itself, bypassing memory: what another
+   * orchestrator sharing the bucket wrote (this table does not follow their writes).
+   */
+  async stored(key: string): Promise<T | undefined> {
+    const e = await this.#kv.get(key);
+    return e?.operation === "PUT" && e.length > 0 ? e.json<T>() : undefined;
+  }
+
   has(key: string): boolean {
     return this.#rows.has(key);
   }

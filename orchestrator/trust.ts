@@ -4,6 +4,7 @@ import type { NatsSupervisor } from "../fabric/index.js";
 import { isValidId, type Pki, revokeIdentity } from "../pki/index.js";
 import type { FabricLink } from "./fabric-link.js";
 import { brokerIdentities } from "./inventory-watch.js";
+import type { SharedIdentities } from "./shared-identities.js";
 
 export interface TrustOptions {
   pki: Pki;
@@ -11,6 +12,8 @@ export interface TrustOptions {
   supervisor: NatsSupervisor;
   /** `Orchestrator.NodeManager.Identities`: broker users whose certificates live elsewhere. */
   extraIdentities: readonly string[];
+  /** In a cluster: the identities every orchestrator's PKI issued or revoked. */
+  shared?: SharedIdentities;
   log: Logger;
 }
 
@@ -22,7 +25,9 @@ export const CRL_FILE = "crl.pem";
  * revoked certificates stop verifying here and are broadcast to every node
  * (`shoal.broadcast.revocation`), the broker's users become the live
  * identities (a removed user's connection closes at the reload), and
- * `PKI-DIR/crl.pem` is rewritten when the revoked set grew.
+ * `PKI-DIR/crl.pem` is rewritten when the revoked set grew. In a cluster the
+ * inventory is also published to, and merged with, the other orchestrators'
+ * ({@link SharedIdentities}).
  */
 export class TrustKeeper {
   readonly #o: TrustOptions;
@@ -64,10 +69,19 @@ export class TrustKeeper {
   }
 
   async #apply(): Promise<void> {
-    const { pki, link, supervisor } = this.#o;
-    const revoked = (await pki.list()).filter((e) => e.status === "revoked");
-    link.revoke(revoked);
-    await supervisor.setIdentities(await brokerIdentities(pki, this.#o.extraIdentities));
+    const { pki, link, supervisor, shared } = this.#o;
+    const entries = await pki.list();
+    const revoked = entries.filter((e) => e.status === "revoked");
+    await shared?.publish(entries);
+    const revokedElsewhere = shared?.revoked() ?? [];
+    link.revoke([...revoked, ...revokedElsewhere]);
+    const identities = await brokerIdentities(
+      pki,
+      this.#o.extraIdentities,
+      new Set(revokedElsewhere.map((r) => r.serial)),
+    );
+    const local = new Set(entries.map((e) => e.serial));
+    await supervisor.setIdentities([...identities, ...(shared?.identities(local) ?? [])]);
     const serials = revoked.map((e) => e.serial).join(",");
     if (serials && serials !== this.#crl?.serials) {
       // crl() bumps the CRL number in the inventory: the watcher sees it and

@@ -1,0 +1,126 @@
+import { randomBytes } from "node:crypto";
+import { promises as fs } from "node:fs";
+import path from "node:path";
+import { jetstreamManager } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import type { Logger, ShoalConfig } from "../core/index.js";
+import { type NatsClusterState, routeCertificateName, routeUrl } from "../fabric/index.js";
+import { ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
+
+/** Most copies a KV bucket gets in a cluster (JetStream's usual R3). */
+export const MAX_REPLICAS = 3;
+/** How long a clustered orchestrator waits at start-up for JetStream (its meta leader needs a quorum of servers). */
+export const DEFAULT_JETSTREAM_WAIT_MS = 60_000;
+
+/** `Orchestrator.Cluster` turned into the supervisor's route settings; undefined when Name is empty (one server). */
+export function clusterState(
+  c: ShoalConfig["Orchestrator"]["Cluster"],
+  trustDomain: string,
+  tls: NatsClusterState["tls"],
+): NatsClusterState | undefined {
+  if (!c.Name) return undefined;
+  return {
+    name: c.Name,
+    host: c.Host,
+    port: c.Port === 0 ? -1 : c.Port,
+    ...(c.Advertise ? { advertise: c.Advertise } : {}),
+    routes: c.Peers.map(routeUrl),
+    routeName: routeCertificateName(trustDomain),
+    tls,
+  };
+}
+
+/**
+ * Copies of each KV bucket this orchestrator creates: min(3, cluster size),
+ * the cluster being this server and its distinct peers; 1 without a cluster.
+ * A bucket that exists keeps the copies it was made with.
+ */
+export function bucketReplicas(c: ShoalConfig["Orchestrator"]["Cluster"]): number {
+  if (!c.Name) return 1;
+  return Math.min(MAX_REPLICAS, new Set(c.Peers.map(routeUrl)).size + 1);
+}
+
+/**
+ * The names the route certificate (the NATS server certificate) must carry
+ * besides the broker's own: the route name every server checks, and the
+ * host the other servers dial (Cluster.Advertise, or Cluster.Host when bound
+ * to one address).
+ */
+export function routeCertificateNames(
+  c: ShoalConfig["Orchestrator"]["Cluster"],
+  trustDomain: string,
+): string[] {
+  if (!c.Name) return [];
+  const names = [routeCertificateName(trustDomain)];
+  const advertised = c.Advertise ? c.Advertise.replace(/:\d+$/, "").replace(/^\[(.*)\]$/, "$1") : "";
+  if (advertised) names.push(advertised);
+  if (!["0.0.0.0", "::", ""].includes(c.Host)) names.push(c.Host);
+  return names;
+}
+
+/**
+ * This server's `server_name`, unique in the cluster and stable across
+ * restarts (JetStream identifies its peers by it): made once, kept in
+ * `natsDir/server-name`.
+ */
+export async function serverName(natsDir: string, prefix: string): Promise<string> {
+  const file = path.join(natsDir, "server-name");
+  const have = (await fs.readFile(file, "utf8").catch(() => "")).trim();
+  if (have) return have;
+  const name = `${prefix}-${randomBytes(4).toString("hex")}`;
+  await fs.mkdir(natsDir, { recursive: true, mode: 0o700 });
+  await fs.writeFile(file, `${name}\n`, { mode: 0o600 });
+  return name;
+}
+
+/**
+ * Runs `step` (opening KV buckets) until it succeeds. In a cluster, JetStream
+ * serves nothing until its meta group has a leader, which needs a quorum of
+ * the servers, and a new leader's first moments refuse stream creation
+ * ("jetstream is not enabled", timeouts): the orchestrators of a cluster must
+ * therefore start within `timeoutMs` of each other.
+ */
+export async function whenJetStreamReady<T>(
+  nc: NatsConnection,
+  log: Logger,
+  timeoutMs: number,
+  step: () => Promise<T>,
+  buckets: readonly string[],
+): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  let told = false;
+  for (;;) {
+    try {
+      const jsm = await jetstreamManager(nc, { timeout: 2000 });
+      await jsm.getAccountInfo();
+      const opened = await step();
+      // A replicated stream takes writes once its own group has elected a leader.
+      for (const bucket of buckets) {
+        const info = await jsm.streams.info(`KV_${bucket}`);
+        if (info.cluster && !info.cluster.leader) throw new Error(`bucket ${bucket} has no leader yet`);
+      }
+      return opened;
+    } catch (err) {
+      if (nc.isClosed()) throw err; // shutting down
+      if (Date.now() >= deadline) {
+        throw new OrchestratorError(
+          ORCHESTRATOR_CODES.SHOAL_ORCH_CLUSTER_QUORUM,
+          `JetStream did not become available within ${timeoutMs / 1000} s: ${(err as Error).message}`,
+          500,
+          {
+            cause: err,
+            fix: "start the other orchestrators of Orchestrator.Cluster.Peers (more than half of the cluster must be up), and check that their routes connect (SHOAL_NATS_ROUTE_REJECTED in the log)",
+          },
+        );
+      }
+      if (!told) {
+        log.info(
+          { reason: (err as Error).message },
+          "waiting for the JetStream cluster (a quorum of the orchestrators' servers must be up)",
+        );
+        told = true;
+      }
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
+}

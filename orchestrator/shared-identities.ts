@@ -1,0 +1,119 @@
+import type { JetStreamClient } from "@nats-io/jetstream";
+import { type KV, Kvm, KvWatchInclude } from "@nats-io/kv";
+import type { Logger } from "../core/index.js";
+import type { BrokerIdentity } from "../fabric/index.js";
+import type { InventoryEntry } from "../pki/index.js";
+
+/** The KV bucket where every orchestrator of a cluster publishes the fabric identities its PKI issued. */
+export const IDENTITIES_BUCKET = "shoal-identities";
+
+/** One issued orchestrator or compute certificate, keyed by serial in {@link IDENTITIES_BUCKET}. */
+export interface SharedIdentityRecord {
+  serial: string;
+  spiffeId: string;
+  /** SHA-256 fingerprint of the certificate (what envelope verifiers revoke by). */
+  fingerprint: string;
+  /** ISO 8601. */
+  notBefore: string;
+  notAfter: string;
+  revoked: boolean;
+}
+
+/** What the inventory says about an identity certificate, as a shared record (undefined for other roles). */
+export function sharedRecord(e: InventoryEntry): SharedIdentityRecord | undefined {
+  if (!e.spiffeId || (e.role !== "compute" && e.role !== "orchestrator")) return undefined;
+  return {
+    serial: e.serial,
+    spiffeId: e.spiffeId,
+    fingerprint: e.fingerprint,
+    notBefore: e.notBefore.toISOString(),
+    notAfter: e.notAfter.toISOString(),
+    revoked: e.status === "revoked",
+  };
+}
+
+/**
+ * The fabric identities of every orchestrator of a cluster, shared over
+ * JetStream KV: each orchestrator publishes what its own PKI inventory
+ * issued (enrollments, renewals, `shoal pki issue`) and revoked, and every
+ * broker of the cluster admits the union. So a node enrolled at one
+ * orchestrator may connect to any server of the cluster, and a revocation
+ * at one closes the node's connection on all of them.
+ *
+ * A revocation is never undone: a record stored as revoked stays revoked,
+ * whatever an orchestrator with an older copy of the inventory publishes.
+ */
+export class SharedIdentities {
+  readonly #kv: KV;
+  readonly #log: Logger;
+  readonly #records = new Map<string, SharedIdentityRecord>();
+  #stop: (() => void) | undefined;
+
+  private constructor(kv: KV, log: Logger) {
+    this.#kv = kv;
+    this.#log = log;
+  }
+
+  /** Opens (creating with `replicas` copies if needed) the bucket and loads it. */
+  static async open(js: JetStreamClient, log: Logger, replicas = 1): Promise<SharedIdentities> {
+    const kv = await new Kvm(js).create(IDENTITIES_BUCKET, { history: 1, replicas });
+    const shared = new SharedIdentities(kv, log);
+    for await (const key of await kv.keys()) {
+      const e = await kv.get(key);
+      if (e?.operation === "PUT" && e.length > 0) shared.#records.set(key, e.json<SharedIdentityRecord>());
+    }
+    return shared;
+  }
+
+  /**
+   * Calls `onChange` after another orchestrator (or this one) publishes a
+   * change, until {@link close}. Resolves once the watcher is subscribed.
+   */
+  async watch(onChange: () => void): Promise<void> {
+    const w = await this.#kv.watch({ include: KvWatchInclude.UpdatesOnly });
+    this.#stop = () => w.stop();
+    void (async () => {
+      for await (const e of w) {
+        if (e.operation !== "PUT" || e.length === 0) continue;
+        const record = e.json<SharedIdentityRecord>();
+        const before = this.#records.get(e.key);
+        if (before?.revoked && !record.revoked) continue;
+        this.#records.set(e.key, record);
+        if (JSON.stringify(before) !== JSON.stringify(record)) onChange();
+      }
+    })().catch((err) => this.#log.error({ err }, "shared identities watcher stopped"));
+  }
+
+  /** Publishes the local inventory's identity certificates that are new, or newly revoked. */
+  async publish(entries: readonly InventoryEntry[]): Promise<void> {
+    for (const e of entries) {
+      const record = sharedRecord(e);
+      if (!record) continue;
+      const stored = this.#records.get(record.serial);
+      if (stored && (stored.revoked || !record.revoked)) continue;
+      this.#records.set(record.serial, record);
+      await this.#kv.put(record.serial, JSON.stringify(record));
+    }
+  }
+
+  /** The shared identity certificates whose serial is not in `local`, for the broker's users. */
+  identities(local: ReadonlySet<string>): BrokerIdentity[] {
+    return [...this.#records.values()]
+      .filter((r) => !local.has(r.serial))
+      .map((r) => ({
+        spiffeId: r.spiffeId,
+        notBefore: new Date(r.notBefore),
+        notAfter: new Date(r.notAfter),
+        revoked: r.revoked,
+      }));
+  }
+
+  /** The revoked certificates, for envelope verifiers. */
+  revoked(): { serial: string; fingerprint: string }[] {
+    return [...this.#records.values()].filter((r) => r.revoked);
+  }
+
+  close(): void {
+    this.#stop?.();
+  }
+}

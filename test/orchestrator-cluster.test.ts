@@ -1,0 +1,86 @@
+import "reflect-metadata";
+import { promises as fs } from "node:fs";
+import path from "node:path";
+import { calculateJwkThumbprint, exportJWK, generateKeyPair, SignJWT } from "jose";
+import t from "tap";
+import { initPki } from "../pki/index.js";
+import { apiCaller } from "./helpers/api-call.js";
+import { freePort, startComputeNode, startOrchestrator, tempDir, waitUntil } from "./helpers/cluster.js";
+import { buildWasm, sleepWat, submitJob, waitForJob, wasmEngine, writeSpec } from "./helpers/e2e-jobs.js";
+
+/**
+ * Two orchestrators whose supervised nats-servers form one cluster (routes
+ * with mutual TLS, JetStream clustered: with two servers its quorum is both,
+ * so they start together). They share one PKI, copied into both data dirs
+ * before the first start, as docs/orchestrator.md tells operators. A compute
+ * node enrolled at and connected to B runs a job submitted to A's API, and a
+ * token from a login at A works at B.
+ */
+t.test("two clustered orchestrators: a node at B runs A's job, A's token works at B", async (t) => {
+  const root = await tempDir(t, "shoal-cluster-");
+  const shared = path.join(root, "pki");
+  await initPki(shared, { trustDomain: "shoal.local" });
+  const [dirA, dirB] = [path.join(root, "a"), path.join(root, "b")];
+  for (const dir of [dirA, dirB]) await fs.cp(shared, path.join(dir, "pki"), { recursive: true });
+  // JetStream clustering needs every server's routes configured up front: pick two free ports (tiny race accepted).
+  const [portA, portB] = [await freePort(), await freePort()];
+  const clusterArgs = (own: number, peer: number) => [
+    ...["-c", "Orchestrator.Cluster.Name=shoal-test", "-c", "Orchestrator.Cluster.Host=127.0.0.1"],
+    ...["-c", `Orchestrator.Cluster.Port=${own}`, "-c", `Orchestrator.Cluster.Peers=127.0.0.1:${peer}`],
+  ];
+  const [a, b] = await Promise.all([
+    startOrchestrator(t, dirA, clusterArgs(portA, portB)),
+    startOrchestrator(t, dirB, clusterArgs(portB, portA)),
+  ]);
+  t.match(a.proc.stdout(), /Routes \(mTLS\):\s+nats-route:\/\/\S+ \(cluster shoal-test, 2 copies/);
+  t.equal(a.pki.rootFingerprint, b.pki.rootFingerprint, "one CA for the cluster");
+
+  // The node's identity is issued by B's copy of the PKI and it dials B's broker only.
+  const node = await startComputeNode(t, b, path.join(root, "node-1"), "node-1");
+  t.equal(node.child.exitCode, null);
+  await waitUntil(
+    "A sees node-1 (its messages cross the route)",
+    async () => {
+      const { Items } = await a.client.get<{ Items: { ID: string; Health: string }[] }>(
+        "/api/v1/orchestrator/nodes",
+      );
+      return Items.some((n) => n.ID === "node-1" && n.Health === "HEALTHY") ? true : undefined;
+    },
+    30_000,
+  );
+
+  const module = await buildWasm(root, "sleep", sleepWat(10));
+  const id = await submitJob(a, await writeSpec(root, "across", wasmEngine(module)));
+  const job = await waitForJob(a, id, "Completed", (j) => ["Completed", "Failed"].includes(j.State), 45_000);
+  t.equal(job.State, "Completed", JSON.stringify(job.Executions));
+  t.equal(job.Executions[0]?.NodeID, "node-1");
+  t.match(job.Executions[0]?.Stdout ?? "", /slept/);
+
+  // A token from a login at A is accepted at B (A's key is in the shared KV auth store).
+  const caPem = await fs.readFile(b.ca, "utf8");
+  const atB = apiCaller(`https://127.0.0.1:${b.apiPort}`, caPem);
+  const nodes = await atB.call("GET", "/api/v1/orchestrator/nodes", { token: await a.adminToken() });
+  t.equal(nodes.status, 200, nodes.text);
+  t.ok(
+    nodes.json.Items.some((n: { ID: string }) => n.ID === "node-1"),
+    "B lists the node with A's token",
+  );
+
+  // A token signed by a key no orchestrator published is refused at B with its code.
+  const { privateKey, publicKey } = await generateKeyPair("ES256");
+  const kid = await calculateJwkThumbprint(await exportJWK(publicKey));
+  const now = Math.floor(Date.now() / 1000);
+  const forged = await new SignJWT({ roles: ["admin"], ns: "default", method: "password" })
+    .setProtectedHeader({ alg: "ES256", typ: "at+jwt", kid })
+    .setIssuer("spiffe://shoal.local/orchestrator/orchestrator")
+    .setAudience("shoal-api://shoal.local")
+    .setSubject("admin")
+    .setIssuedAt(now)
+    .setExpirationTime(now + 600)
+    .setJti("forged")
+    .sign(privateKey);
+  const refused = await atB.call("GET", "/api/v1/orchestrator/nodes", { token: forged });
+  t.equal(refused.status, 401);
+  t.equal(refused.json.error?.code, "SHOAL_AUTH_TOKEN_UNKNOWN_KEY");
+  atB.close();
+});
