@@ -16,6 +16,7 @@
 import "reflect-metadata";
 import { promises as fs } from "node:fs";
 import { Agent, request } from "node:https";
+import { Session } from "node:inspector";
 import os from "node:os";
 import path from "node:path";
 import { ComputeNode } from "../compute/index.js";
@@ -129,9 +130,34 @@ while (latencies.length < JOBS && performance.now() - latencyStart < BUDGET_MS) 
   if (sampled.length < 100) sampled.push(r);
 }
 
+/** CPU time (user + system, ms) of a process, or of one of its threads, from /proc (Linux). */
+async function cpuMs(stat: string): Promise<number> {
+  const text = await fs.readFile(stat, "utf8");
+  const fields = text.slice(text.lastIndexOf(")") + 2).split(" ");
+  return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100; // utime, stime in 1/100 s
+}
+const natsPid = (await fs.readFile(`${dir}/orch/nats/nats-server.pid`, "utf8")).trim();
+const cpuNow = async () => ({
+  process: await cpuMs("/proc/self/stat"),
+  main: await cpuMs(`/proc/self/task/${process.pid}/stat`),
+  nats: await cpuMs(`/proc/${natsPid}/stat`),
+});
+
 const CLIENTS = 32;
 let started = 0;
 let finished = 0;
+// BENCH_PROFILE=FILE: a CPU profile of the main thread during the sustained phase only.
+const profiler = process.env.BENCH_PROFILE ? new Session() : undefined;
+const post = (method: string, params?: object) =>
+  new Promise<unknown>((resolve, reject) =>
+    profiler!.post(method, params, (err, result) => (err ? reject(err) : resolve(result))),
+  );
+if (profiler) {
+  profiler.connect();
+  await post("Profiler.enable");
+  await post("Profiler.start");
+}
+const cpuBefore = await cpuNow();
 const start = performance.now();
 await Promise.all(
   Array.from({ length: CLIENTS }, async () => {
@@ -143,6 +169,13 @@ await Promise.all(
   }),
 );
 const throughput = finished / ((performance.now() - start) / 1000);
+const cpuAfter = await cpuNow();
+if (profiler) {
+  const { profile } = (await post("Profiler.stop")) as { profile: object };
+  await fs.writeFile(process.env.BENCH_PROFILE!, JSON.stringify(profile));
+  profiler.disconnect();
+}
+const cpuPerJob = (k: keyof typeof cpuBefore) => (cpuAfter[k] - cpuBefore[k]) / finished;
 
 // Where the time of a sequential job goes, from its history (ms timestamps).
 const stages = {
@@ -215,6 +248,20 @@ row(
   `${throughput.toFixed(0)} jobs/s`,
   (1000 / throughput / rttP50).toFixed(1),
   "≥ 300 jobs/s (ratio: wall time per job in RTTs)",
+);
+
+// Where the CPU of the sustained phase went, per job: this process (orchestrator, 4 nodes,
+// their WASM worker threads and the HTTPS client) and the broker. 2 cores / total = the ceiling.
+const cpuTotal = cpuPerJob("process") + cpuPerJob("nats");
+row("CPU per job (sustained phase):", "", "", "");
+row("  this process, all threads", ms(cpuPerJob("process")), "", "");
+row("    of which its main thread", ms(cpuPerJob("main")), "", "");
+row("  nats-server", ms(cpuPerJob("nats")), "", "");
+row(
+  `  total → ${os.availableParallelism()}-core ceiling`,
+  `${((os.availableParallelism() * 1000) / cpuTotal).toFixed(0)} jobs/s`,
+  "",
+  "",
 );
 
 await fabric.close();

@@ -242,7 +242,10 @@ export class ExecutionManager {
       const outputsDir = path.join(workDir, "outputs");
       await fs.mkdir(inputsDir, { recursive: true, mode: 0o700 });
       await fs.mkdir(outputsDir, { recursive: true, mode: 0o700 });
-      await writeFileAtomic(path.join(workDir, MARKER), JSON.stringify({ jobId, executionId }), 0o600);
+      // Not fsynced: it only has to outlive a crash of this process (see docs/compute.md "Durability").
+      await writeFileAtomic(path.join(workDir, MARKER), JSON.stringify({ jobId, executionId }), 0o600, {
+        fsync: false,
+      });
       log.info("execution started");
       outcome = await this.#o.runner({
         jobId,

@@ -51,6 +51,15 @@ function sha256Hex(data: Uint8Array): string {
  * its manifest exists, so a crash half-way through leaves nothing that is sent;
  * such leftovers are swept by {@link ResultSpool.list}. An entry is deleted only
  * after the orchestrator replied `stored: true`.
+ *
+ * Nothing is fsynced: an entry survives a crash of the node's process (the
+ * kernel holds the bytes before the result is sent), not necessarily a crash
+ * of the machine. After one, an entry may be missing (the orchestrator then
+ * learns at registration that the node does not hold the execution and
+ * reschedules it, as JetStream KV, which does not fsync each write either,
+ * would lose its own last writes), have an empty manifest (removed, same
+ * outcome), or have chunks that no longer match their digests (reported as a
+ * Failed execution by the delivery).
  */
 export class ResultSpool {
   readonly #root: string;
@@ -82,8 +91,9 @@ export class ResultSpool {
     const executionId = outcome.executionId;
     this.#assertId(executionId);
     const dir = path.join(this.#root, executionId);
-    const chunkDir = path.join(dir, CHUNKS);
-    await this.#io(chunkDir, () => fs.mkdir(chunkDir, { recursive: true, mode: 0o700 }));
+    // Most results have no files: then the entry is the manifest alone.
+    const made = files.length > 0 ? path.join(dir, CHUNKS) : dir;
+    await this.#io(made, () => fs.mkdir(made, { recursive: true, mode: 0o700 }));
     try {
       return await this.#write(jobId, outcome, files, dir);
     } catch (err) {
@@ -117,7 +127,7 @@ export class ResultSpool {
         whole.update(chunk.data);
         size += chunk.data.length;
         digests.push(digest);
-        await writeFileAtomic(path.join(chunkDir, digest), chunk.data, 0o600);
+        await writeFileAtomic(path.join(chunkDir, digest), chunk.data, 0o600, { fsync: false });
       }
       if (size !== file.size || whole.digest("hex") !== bareDigest(file.sha256)) {
         throw new ComputeError(
@@ -133,7 +143,7 @@ export class ResultSpool {
       result: { ...outcome, files: manifestFiles },
       spooledAt: Date.now(),
     };
-    await writeFileAtomic(path.join(dir, MANIFEST), JSON.stringify(entry), 0o600);
+    await writeFileAtomic(path.join(dir, MANIFEST), JSON.stringify(entry), 0o600, { fsync: false });
     return entry;
   }
 
@@ -157,6 +167,11 @@ export class ResultSpool {
         } else {
           onBroken(name, err);
         }
+        continue;
+      }
+      if (text.length === 0) {
+        // Manifests are not fsynced: a machine crash can leave one empty, which means never written.
+        await fs.rm(path.join(this.#root, name), { recursive: true, force: true });
         continue;
       }
       try {

@@ -42,15 +42,25 @@ export async function readFileChecked(file: string): Promise<Buffer> {
  * Writes `data` to `file` atomically: a temporary file in the same directory,
  * fsync, chmod, then rename. A crash or error leaves the old file (or none),
  * never a partial one. `mode` defaults to 0644; use 0600 for secrets.
+ *
+ * `fsync: false` skips the fsync: the file then survives a crash of this
+ * process (the kernel has the bytes once write() returns) but not necessarily
+ * a crash of the machine, where it may be missing or empty after the reboot.
+ * Only for files whose loss the reader detects and recovers from.
  */
-export async function writeFileAtomic(file: string, data: string | Uint8Array, mode = 0o644): Promise<void> {
+export async function writeFileAtomic(
+  file: string,
+  data: string | Uint8Array,
+  mode = 0o644,
+  { fsync = true }: { fsync?: boolean } = {},
+): Promise<void> {
   const tmp = path.join(path.dirname(file), `.${path.basename(file)}.${randomBytes(6).toString("hex")}.tmp`);
   let handle: fs.FileHandle | undefined;
   try {
     handle = await fs.open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, mode);
     await handle.writeFile(data);
     await handle.chmod(mode);
-    await handle.sync();
+    if (fsync) await handle.sync();
     await handle.close();
     handle = undefined;
     await fs.rename(tmp, file);

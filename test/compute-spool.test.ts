@@ -63,6 +63,26 @@ t.test("an entry without a manifest (crash while spooling) is swept, not sent", 
   await t.rejects(fs.stat(path.join(spool.root, "exec-half")), { code: "ENOENT" });
 });
 
+t.test(
+  "an empty manifest (a machine crash before the unsynced write reached the disk) is swept",
+  async (t) => {
+    const spool = await tempSpool(t);
+    await spool.put("job-1", outcome("exec-empty"), [file("a", ["abc"])]);
+    await fs.writeFile(path.join(spool.root, "exec-empty", "manifest.json"), "");
+    const broken: string[] = [];
+    t.same(await spool.list((id) => broken.push(id)), []);
+    t.same(broken, [], "not reported as broken: it was never written");
+    await t.rejects(fs.stat(path.join(spool.root, "exec-empty")), { code: "ENOENT" });
+  },
+);
+
+t.test("a result without files is its manifest alone", async (t) => {
+  const spool = await tempSpool(t);
+  await spool.put("job-1", outcome("exec-bare"), []);
+  t.same(await fs.readdir(path.join(spool.root, "exec-bare")), ["manifest.json"]);
+  t.equal((await spool.list())[0]?.result.executionId, "exec-bare");
+});
+
 t.test("a corrupted chunk is detected on read", async (t) => {
   const spool = await tempSpool(t);
   const entry = await spool.put("job-1", outcome("exec-2"), [file("a", ["abc"])]);
