@@ -96,6 +96,27 @@ export class SharedIdentities {
     }
   }
 
+  /**
+   * Marks every shared certificate of `spiffeId` revoked (e.g. a node enrolled
+   * at another orchestrator and deleted here); returns the serials it revoked.
+   */
+  async revokeIdentity(spiffeId: string): Promise<string[]> {
+    const serials: string[] = [];
+    for (const record of this.#records.values()) {
+      if (record.spiffeId !== spiffeId || record.revoked) continue;
+      const revoked = { ...record, revoked: true };
+      this.#records.set(record.serial, revoked);
+      await this.#kv.put(record.serial, JSON.stringify(revoked));
+      serials.push(record.serial);
+    }
+    return serials;
+  }
+
+  /** Whether any orchestrator of the cluster issued a certificate for `spiffeId`. */
+  knows(spiffeId: string): boolean {
+    return [...this.#records.values()].some((r) => r.spiffeId === spiffeId);
+  }
+
   /** The shared identity certificates whose serial is not in `local`, for the broker's users. */
   identities(local: ReadonlySet<string>): BrokerIdentity[] {
     return [...this.#records.values()]

@@ -60,9 +60,14 @@ export class TrustKeeper {
     if (!isValidId(id)) return false;
     const spiffeId = `spiffe://${this.#o.pki.trustDomain}/compute/${id}`;
     const { revoked, known: issued } = await revokeIdentity(this.#o.pki.dir, spiffeId, "privilegeWithdrawn");
-    const known = issued || this.#o.extraIdentities.includes(spiffeId);
+    // In a cluster the node may have enrolled at another orchestrator: revoke its certificates there too.
+    const elsewhere = this.#o.shared?.knows(spiffeId) ? await this.#o.shared.revokeIdentity(spiffeId) : [];
+    const known = issued || elsewhere.length > 0 || this.#o.extraIdentities.includes(spiffeId);
     if (known) {
-      this.#o.log.warn({ node: id, serials: revoked.map((r) => r.serial) }, "node identity revoked");
+      this.#o.log.warn(
+        { node: id, serials: [...revoked.map((r) => r.serial), ...elsewhere] },
+        "node identity revoked",
+      );
       await this.apply();
     }
     return known;

@@ -13,8 +13,9 @@ import { buildWasm, sleepWat, submitJob, waitForJob, wasmEngine, writeSpec } fro
  * with mutual TLS, JetStream clustered: with two servers its quorum is both,
  * so they start together). They share one PKI, copied into both data dirs
  * before the first start, as docs/orchestrator.md tells operators. A compute
- * node enrolled at and connected to B runs a job submitted to A's API, and a
- * token from a login at A works at B.
+ * node enrolled at and connected to B runs a job submitted to A's API, a
+ * token from a login at A works at B, and deleting the node at A bars it
+ * from B's broker too.
  */
 t.test("two clustered orchestrators: a node at B runs A's job, A's token works at B", async (t) => {
   const root = await tempDir(t, "shoal-cluster-");
@@ -83,4 +84,15 @@ t.test("two clustered orchestrators: a node at B runs A's job, A's token works a
   t.equal(refused.status, 401);
   t.equal(refused.json.error?.code, "SHOAL_AUTH_TOKEN_UNKNOWN_KEY");
   atB.close();
+
+  // Deleting the node at A (it enrolled at B) revokes it cluster-wide: B's broker drops it within seconds.
+  await a.client.delete("/api/v1/orchestrator/nodes/node-1");
+  const userLine = "spiffe://shoal.local/compute/node-1";
+  await waitUntil(
+    "B's broker no longer admits node-1",
+    async () =>
+      (await fs.readFile(path.join(dirB, "nats", "nats.conf"), "utf8")).includes(userLine) ? undefined : true,
+    15_000,
+  );
+  t.notMatch(await fs.readFile(path.join(dirA, "nats", "nats.conf"), "utf8"), userLine, "nor A's");
 });
