@@ -220,11 +220,23 @@ export const ConfigSchema = Type.Object(
         ),
         Cluster: section(
           {
-            Name: str("", "NATS cluster name; setting it turns on clustering of the supervised nats-server."),
+            Name: str(
+              "",
+              "NATS cluster name, the same on every orchestrator of the cluster; setting it turns on clustering (routes, clustered JetStream).",
+            ),
             Host: str("0.0.0.0", "Address the cluster route listener binds."),
-            Port: port(6222, "Port of the cluster route listener (mTLS)."),
-            Advertise: str("", "Host:port other orchestrators dial for routes; empty means Host:Port."),
-            Peers: list([], "Route URLs of the other orchestrators, e.g. tls://orch-2:6222."),
+            Port: port(
+              6222,
+              "Port of the cluster route listener (mutual TLS with the fabric CA); 0 lets nats-server choose.",
+            ),
+            Advertise: str(
+              "",
+              "Host:port the other orchestrators dial for routes (its host goes into the NATS server certificate); empty means Host:Port.",
+            ),
+            Peers: list(
+              [],
+              "Route addresses of the other orchestrators, host:port (or nats-route://host:port), e.g. orch-2:6222; new KV buckets get min(3, peers + 1) copies.",
+            ),
           },
           "Clustering of several orchestrators' NATS servers.",
         ),
