@@ -37,7 +37,7 @@ import { createEngineRunner, type EngineRunner } from "./engine-runner.js";
 import { ExecAllowList, realPathOf } from "./engines/exec-allow-list.js";
 import { ensureEnrolled, type JoinOptions, readEnrollment } from "./enrollment.js";
 import { COMPUTE_CODES, ComputeError } from "./errors.js";
-import { ExecutionManager, failedOutcome } from "./execution-manager.js";
+import { ExecutionManager, type ExecutionRequest, failedOutcome } from "./execution-manager.js";
 import { decideBid, type JobSelectionPolicy, jobDemand } from "./job-selection.js";
 import { defaultTlsFiles, loadNodeIdentity, type NodeIdentity } from "./node-identity.js";
 import { ResultSpool, type SpooledResult } from "./result-spool.js";
@@ -87,7 +87,7 @@ export type ComputeNodeEvent =
   | { type: "disconnected" }
   | { type: "reconnected" }
   | { type: "registered"; approval: Approval; orchestrator: string }
-  | { type: "bid"; executionId: string; accept: boolean; reason?: string }
+  | { type: "bid"; executionId: string; accept: boolean; reason?: string; started?: boolean }
   | { type: "run"; executionId: string; accepted: boolean; reason?: string }
   | { type: "cancelled"; executionId: string; reason: string }
   | { type: "result-spooled"; executionId: string; state: "Completed" | "Failed" }
@@ -578,16 +578,33 @@ export class ComputeNode {
     return decision.accept ? { accept: true } : { accept: false, reason: decision.reason };
   }
 
-  async #bid(body: MessageBody<"bid">): Promise<{ accept: boolean; reason?: string }> {
+  async #bid(body: MessageBody<"bid">): Promise<MessageBody<"bid-reply">> {
     if (this.#phase !== "running") return { accept: false, reason: "the node is shutting down" };
     if (this.#approval !== "APPROVED")
       return { accept: false, reason: `the node is ${this.#approval ?? "not registered"}` };
-    if (this.#manager?.has(body.executionId) || this.#ledger?.has(body.executionId)) return { accept: true };
+    const { executionId, run } = body;
+    if (this.#manager?.has(executionId)) return run ? { accept: true, started: true } : { accept: true };
+    if (this.#ledger?.has(executionId)) return { accept: true };
     const spec = this.#parseSpec(body.spec);
     if (typeof spec === "string") return { accept: false, reason: spec };
     const decision = await this.#decide(spec, body.submitter, body.resources);
-    if (decision.accept) this.#reserve(body.executionId, body.resources);
-    return decision;
+    if (!decision.accept) return decision;
+    if (!run) {
+      this.#reserve(executionId, body.resources);
+      return decision;
+    }
+    // The bid carries the run: start now, on the resources just judged free.
+    this.#ledger!.hold(executionId, body.resources);
+    const started = this.#start({
+      jobId: body.jobId,
+      executionId,
+      spec,
+      submitter: body.submitter,
+      timeoutMs: run.timeoutMs,
+    });
+    return started.accepted
+      ? { accept: true, started: true }
+      : { accept: false, ...(started.reason ? { reason: started.reason } : {}) };
   }
 
   #reserve(executionId: string, resources: MessageBody<"bid">["resources"]): void {
@@ -623,16 +640,21 @@ export class ComputeNode {
       if (!decision.accept) return { accepted: false, reason: decision.reason ?? "refused" };
       this.#ledger!.hold(executionId, resources);
     }
+    return this.#start({
+      jobId: body.jobId,
+      executionId,
+      spec,
+      submitter: body.submitter,
+      timeoutMs: body.timeoutMs,
+    });
+  }
+
+  /** Starts an execution whose resources are held in the ledger; releases them if it cannot start. */
+  #start(request: ExecutionRequest): { accepted: boolean; reason?: string } {
     try {
-      this.#manager!.start({
-        jobId: body.jobId,
-        executionId,
-        spec,
-        submitter: body.submitter,
-        timeoutMs: body.timeoutMs,
-      });
+      this.#manager!.start(request);
     } catch (err) {
-      this.#ledger!.release(executionId);
+      this.#ledger!.release(request.executionId);
       return { accepted: false, reason: (err as Error).message };
     }
     return { accepted: true };

@@ -69,8 +69,19 @@ export const BODY_SCHEMAS = {
     spec: T.Unknown(),
     submitter: Submitter,
     resources: Resources,
+    /**
+     * The run, carried by the bid: a node that accepts starts the execution at
+     * once (saving the `run` round trip) and answers `started: true`. A node
+     * that does not start it answers without `started`, and `run` follows.
+     */
+    run: T.Optional(T.Object({ timeoutMs: T.Integer({ minimum: 1 }) })),
   }),
-  "bid-reply": T.Object({ accept: T.Boolean(), reason: T.Optional(T.String()) }),
+  "bid-reply": T.Object({
+    accept: T.Boolean(),
+    reason: T.Optional(T.String()),
+    /** The bid carried the run and the execution is running. */
+    started: T.Optional(T.Boolean()),
+  }),
   run: T.Object({
     jobId: T.String(),
     executionId: T.String(),

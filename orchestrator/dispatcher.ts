@@ -382,6 +382,7 @@ export class Dispatcher implements JobDispatch {
         spec: job.Spec,
         submitter: job.Submitter,
         resources: execution.Resources,
+        run: { timeoutMs },
       });
     } catch (err) {
       this.#failBeforeStart(execution, `bid request failed: ${(err as Error).message}`);
@@ -394,6 +395,11 @@ export class Dispatcher implements JobDispatch {
       return;
     }
     e = this.#setExecution(e, "BidAccepted", "bid accepted");
+    if (bid.started) {
+      // The bid carried the run and the node started it.
+      this.#running(e, timeoutMs);
+      return;
+    }
     let run: MessageBody<"run-reply">;
     try {
       run = await this.#o.channel.run(e.NodeID, {
@@ -413,9 +419,12 @@ export class Dispatcher implements JobDispatch {
       this.#endExecution(e, "BidRejected", `run refused: ${run.reason ?? "no reason given"}`);
       return;
     }
+    this.#running(e, timeoutMs);
+  }
+
+  #running(e: ExecutionRecord, timeoutMs: number): void {
     const now = Date.now();
-    e = this.#setExecution(e, "Running", "running", { Deadline: now + timeoutMs });
-    this.#armDeadline(e, now);
+    this.#armDeadline(this.#setExecution(e, "Running", "running", { Deadline: now + timeoutMs }), now);
   }
 
   /** A node that cannot be reached before the run started: try another node, no retry spent. */

@@ -172,6 +172,35 @@ t.test("bids: the job-selection policy refuses with reasons, accepts what fits",
   t.same(await bid(wasmSpec(hello), { cpu: 0.6, memory: 1 }), { accept: true });
   const second = await bid(wasmSpec(hello), { cpu: 0.6, memory: 1 });
   t.equal(second.accept, false, "the first accepted bid holds its capacity");
+
+  // A bid that carries the run starts the execution once it is accepted, and only then.
+  const run = { timeoutMs: 30_000 };
+  const refusedRun = (
+    await orch.request("node-bid", "bid", {
+      ...ids(),
+      spec: wasmSpec(hello),
+      submitter,
+      resources: { cpu: 0.6, memory: 1 },
+      run,
+    })
+  ).body as MessageBody<"bid-reply">;
+  t.equal(refusedRun.accept, false, "the policy still applies to a bid that carries the run");
+  t.equal(refusedRun.started, undefined);
+  const started = ids();
+  t.same(
+    (
+      await orch.request("node-bid", "bid", {
+        ...started,
+        spec: wasmSpec(hello),
+        submitter,
+        resources: small,
+        run,
+      })
+    ).body,
+    { accept: true, started: true },
+  );
+  const result = await orch.next("result", (b) => b.executionId === started.executionId);
+  t.equal(result.body.state, "Completed", "it ran without a separate run message");
 });
 
 t.test(
