@@ -172,6 +172,8 @@ export class Orchestrator {
     };
     const cluster = clusterState(c.Orchestrator.Cluster, pki.trustDomain, brokerTls);
     const replicas = bucketReplicas(c.Orchestrator.Cluster);
+    // In a cluster: this server's name, which also marks the jobs this orchestrator accepted.
+    const owner = cluster ? await serverName(natsDir, id) : undefined;
     const supervisor = new NatsSupervisor({
       dir: natsDir,
       serverPath: c.Orchestrator.NATS.ServerPath,
@@ -179,7 +181,7 @@ export class Orchestrator {
       port: c.Orchestrator.Port === 0 ? -1 : c.Orchestrator.Port,
       tls: brokerTls,
       // JetStream tells the servers of a cluster apart by name.
-      ...(cluster ? { cluster, serverName: await serverName(natsDir, id) } : {}),
+      ...(cluster && owner ? { cluster, serverName: owner } : {}),
       identities: await brokerIdentities(pki, c.Orchestrator.NodeManager.Identities),
       logger: this.#o.logger,
     });
@@ -202,7 +204,10 @@ export class Orchestrator {
     const buckets = async () => {
       const js = jetstream(fabric.nc);
       return Promise.all([
-        StateStore.open(js, this.#log.child({ component: "state" }), { replicas }),
+        StateStore.open(js, this.#log.child({ component: "state" }), {
+          replicas,
+          ...(owner ? { owner } : {}),
+        }),
         KvAuthStore.open(js, this.#log.child({ component: "auth-store" }), { replicas }),
         cluster
           ? SharedIdentities.open(js, this.#log.child({ component: "identities" }), replicas)
@@ -309,6 +314,7 @@ export class Orchestrator {
       log: this.#log.child({ component: "jobs" }),
       parseSpec: parseSubmittedJob,
       dispatch: dispatcher,
+      ...(owner ? { owner } : {}),
     });
     this.#jobs = jobs;
 

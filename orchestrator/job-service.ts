@@ -41,6 +41,8 @@ export interface JobServiceOptions {
   /** Validates a submitted spec; throws an error with `field` (HTTP 400) for a bad one. */
   parseSpec: (raw: unknown) => ParsedJob;
   dispatch: JobDispatch;
+  /** In a cluster: this orchestrator's name, stamped on the jobs it accepts (`JobRecord.Orchestrator`). */
+  owner?: string;
 }
 
 export interface ListOptions {
@@ -93,6 +95,7 @@ export class JobService {
       Retries: 0,
       CreateTime: now,
       ModifyTime: now,
+      ...(this.#o.owner ? { Orchestrator: this.#o.owner } : {}),
     };
     this.#o.store.putJob(job);
     this.#o.store.appendEvent({

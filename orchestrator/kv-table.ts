@@ -63,6 +63,11 @@ export class KvTable<T> {
     return this.#rows.size;
   }
 
+  /** Drops `key` from memory only (a row another orchestrator owns); KV keeps it. */
+  forget(key: string): void {
+    this.#rows.delete(key);
+  }
+
   /** Sets `key` in memory now and in KV with the next flush. */
   put(key: string, value: T): void {
     this.#rows.set(key, value);

@@ -38,6 +38,11 @@ export interface JobRecord {
   ModifyTime: number;
   /** When it last started waiting for a node, for QueueTimeout. */
   QueuedSince?: number;
+  /**
+   * In a cluster: the orchestrator (its nats `server_name`) that accepted the
+   * job and alone dispatches it. Absent for a single orchestrator.
+   */
+  Orchestrator?: string;
 }
 
 export interface ResultFile {

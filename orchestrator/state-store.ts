@@ -53,7 +53,16 @@ export class StateStore {
   static async open(
     js: JetStreamClient,
     log: Logger,
-    options: { replicas?: number } = {},
+    options: {
+      replicas?: number;
+      /**
+       * In a cluster: this orchestrator's name. Jobs another orchestrator
+       * accepted (`JobRecord.Orchestrator`), their executions and history are
+       * left in KV but not loaded, so this one never dispatches, times out or
+       * reschedules them (e.g. after its own restart).
+       */
+      owner?: string;
+    } = {},
   ): Promise<StateStore> {
     const kvm = new Kvm(js);
     const open = async <T>(bucket: string) =>
@@ -67,6 +76,17 @@ export class StateStore {
       open<NodeRecord>(BUCKETS.nodes),
       open<JobEvent[]>(BUCKETS.events),
     ]);
+    if (options.owner !== undefined) {
+      const foreign = new Set<string>();
+      for (const job of jobs.values()) {
+        if (job.Orchestrator !== undefined && job.Orchestrator !== options.owner) foreign.add(job.ID);
+      }
+      for (const id of foreign) {
+        jobs.forget(id);
+        events.forget(id);
+      }
+      for (const e of [...executions.values()]) if (foreign.has(e.JobID)) executions.forget(e.ID);
+    }
     return new StateStore(jobs, executions, nodes, events);
   }
 

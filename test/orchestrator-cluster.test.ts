@@ -66,6 +66,10 @@ t.test("two clustered orchestrators: a node at B runs A's job, A's token works a
     nodes.json.Items.some((n: { ID: string }) => n.ID === "node-1"),
     "B lists the node with A's token",
   );
+  // The job is A's (docs/orchestrator.md "Limits"): B neither loads nor serves it.
+  t.ok(job.Orchestrator, "stamped with the orchestrator that accepted it");
+  const elsewhere = await atB.call("GET", `/api/v1/orchestrator/jobs/${id}`, { token: await a.adminToken() });
+  t.equal(elsewhere.json.error?.code, "SHOAL_ORCH_JOB_NOT_FOUND");
 
   // A token signed by a key no orchestrator published is refused at B with its code.
   const { privateKey, publicKey } = await generateKeyPair("ES256");

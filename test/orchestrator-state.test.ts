@@ -70,3 +70,41 @@ t.test("state survives a reconnect: memory first, KV behind, coalesced writes", 
     "the job → executions index is rebuilt",
   );
 });
+
+t.test(
+  "in a cluster an orchestrator loads only the jobs it accepted (and their executions and history)",
+  async (t) => {
+    const url = await startJetStream(t, await tempDir(t, "shoal-state-owner-"));
+    const nc = await connect({ servers: url });
+    t.teardown(() => nc.close());
+    const a = await StateStore.open(jetstream(nc), silentLogger, { owner: "orch-a" });
+    a.putJob({ ...job("j-a", 1), Orchestrator: "orch-a" });
+    a.putJob({ ...job("j-b", 2), Orchestrator: "orch-b" });
+    a.putJob(job("j-legacy", 3));
+    for (const id of ["j-a", "j-b"]) {
+      a.putExecution({
+        ID: `e-${id}`,
+        JobID: id,
+        NodeID: "n1",
+        State: "Running",
+        StateMessage: "running",
+        Resources: { cpu: 0.1, memory: 1 },
+        CreateTime: 1,
+        ModifyTime: 1,
+      });
+      a.appendEvent({ Time: 1, JobID: id, Type: "JobStateUpdate", State: "Pending", Message: "submitted" });
+    }
+    await a.flush();
+
+    const b = await StateStore.open(jetstream(nc), silentLogger, { owner: "orch-b" });
+    t.same([...b.jobs.values()].map((j) => j.ID).sort(), ["j-b", "j-legacy"], "its own and unowned jobs");
+    t.same(
+      [...b.executions.values()].map((e) => e.ID),
+      ["e-j-b"],
+    );
+    t.equal(b.events.get("j-a"), undefined);
+    t.equal((await b.executions.stored("e-j-a"))?.JobID, "j-a", "the other's rows stay in KV");
+    const single = await StateStore.open(jetstream(nc), silentLogger);
+    t.equal(single.jobs.size, 3, "without an owner everything loads");
+  },
+);
