@@ -2,7 +2,7 @@ import type { JetStreamClient } from "@nats-io/jetstream";
 import { type KV, Kvm, KvWatchInclude } from "@nats-io/kv";
 import type { Logger } from "../core/index.js";
 import type { BrokerIdentity } from "../fabric/index.js";
-import type { InventoryEntry } from "../pki/index.js";
+import type { InventoryEntry, RevocationReason, RevokedIdentity } from "../pki/index.js";
 
 /** The KV bucket where every orchestrator of a cluster publishes the fabric identities its PKI issued. */
 export const IDENTITIES_BUCKET = "shoal-identities";
@@ -18,6 +18,17 @@ export interface SharedIdentityRecord {
   notAfter: string;
   revoked: boolean;
 }
+
+/** An identity barred from enrolling again (`shoal node delete`), keyed `bar.<base64url(spiffeId)>`. */
+export interface SharedBarRecord {
+  spiffeId: string;
+  reason: RevocationReason;
+  /** ISO 8601. */
+  revokedAt: string;
+}
+
+const BAR_PREFIX = "bar.";
+const barKey = (spiffeId: string) => `${BAR_PREFIX}${Buffer.from(spiffeId).toString("base64url")}`;
 
 /** What the inventory says about an identity certificate, as a shared record (undefined for other roles). */
 export function sharedRecord(e: InventoryEntry): SharedIdentityRecord | undefined {
@@ -42,11 +53,15 @@ export function sharedRecord(e: InventoryEntry): SharedIdentityRecord | undefine
  *
  * A revocation is never undone: a record stored as revoked stays revoked,
  * whatever an orchestrator with an older copy of the inventory publishes.
+ * Identities barred from enrolling again are shared too, so a node deleted at
+ * one orchestrator cannot enroll again at another.
  */
 export class SharedIdentities {
   readonly #kv: KV;
   readonly #log: Logger;
   readonly #records = new Map<string, SharedIdentityRecord>();
+  /** By SPIFFE id. */
+  readonly #bars = new Map<string, SharedBarRecord>();
   #stop: (() => void) | undefined;
 
   private constructor(kv: KV, log: Logger) {
@@ -60,7 +75,7 @@ export class SharedIdentities {
     const shared = new SharedIdentities(kv, log);
     for await (const key of await kv.keys()) {
       const e = await kv.get(key);
-      if (e?.operation === "PUT" && e.length > 0) shared.#records.set(key, e.json<SharedIdentityRecord>());
+      if (e?.operation === "PUT" && e.length > 0) shared.#remember(key, e.json());
     }
     return shared;
   }
@@ -75,6 +90,10 @@ export class SharedIdentities {
     void (async () => {
       for await (const e of w) {
         if (e.operation !== "PUT" || e.length === 0) continue;
+        if (e.key.startsWith(BAR_PREFIX)) {
+          if (this.#remember(e.key, e.json())) onChange();
+          continue;
+        }
         const record = e.json<SharedIdentityRecord>();
         const before = this.#records.get(e.key);
         if (before?.revoked && !record.revoked) continue;
@@ -82,6 +101,37 @@ export class SharedIdentities {
         if (JSON.stringify(before) !== JSON.stringify(record)) onChange();
       }
     })().catch((err) => this.#log.error({ err }, "shared identities watcher stopped"));
+  }
+
+  /** Stores a loaded or watched bar (true when new); certificate records go to the certificate map. */
+  #remember(key: string, value: SharedBarRecord | SharedIdentityRecord): boolean {
+    if (!key.startsWith(BAR_PREFIX)) {
+      this.#records.set(key, value as SharedIdentityRecord);
+      return false;
+    }
+    const bar = value as SharedBarRecord;
+    if (this.#bars.has(bar.spiffeId)) return false;
+    this.#bars.set(bar.spiffeId, bar);
+    return true;
+  }
+
+  /** Publishes the local inventory's bars that the cluster does not know yet. */
+  async publishBars(bars: readonly RevokedIdentity[]): Promise<void> {
+    for (const b of bars) {
+      if (this.#bars.has(b.spiffeId)) continue;
+      const bar: SharedBarRecord = {
+        spiffeId: b.spiffeId,
+        reason: b.reason,
+        revokedAt: b.revokedAt.toISOString(),
+      };
+      this.#bars.set(b.spiffeId, bar);
+      await this.#kv.put(barKey(b.spiffeId), JSON.stringify(bar));
+    }
+  }
+
+  /** Every identity some orchestrator of the cluster barred from enrolling again. */
+  bars(): SharedBarRecord[] {
+    return [...this.#bars.values()];
   }
 
   /** Publishes the local inventory's identity certificates that are new, or newly revoked. */

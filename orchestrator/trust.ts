@@ -1,7 +1,7 @@
 import path from "node:path";
 import { type Logger, writeFileAtomic } from "../core/index.js";
 import type { NatsSupervisor } from "../fabric/index.js";
-import { isValidId, type Pki, revokeIdentity } from "../pki/index.js";
+import { isValidId, type Pki, revokedIdentities, revokeIdentity } from "../pki/index.js";
 import type { FabricLink } from "./fabric-link.js";
 import { brokerIdentities } from "./inventory-watch.js";
 import type { SharedIdentities } from "./shared-identities.js";
@@ -73,8 +73,25 @@ export class TrustKeeper {
     return known;
   }
 
+  /**
+   * Bars (identities that may not enroll again) made at another orchestrator
+   * are applied to this PKI as `shoal node delete` would (its certificates and
+   * join tokens of that identity revoked too), and this PKI's bars published.
+   */
+  async #shareBars(shared: SharedIdentities): Promise<void> {
+    const dir = this.#o.pki.dir;
+    const local = new Set((await revokedIdentities(dir)).map((b) => b.spiffeId));
+    for (const bar of shared.bars()) {
+      if (local.has(bar.spiffeId)) continue;
+      this.#o.log.warn({ identity: bar.spiffeId }, "identity barred by another orchestrator of the cluster");
+      await revokeIdentity(dir, bar.spiffeId, bar.reason, new Date(bar.revokedAt));
+    }
+    await shared.publishBars(await revokedIdentities(dir));
+  }
+
   async #apply(): Promise<void> {
     const { pki, link, supervisor, shared } = this.#o;
+    if (shared) await this.#shareBars(shared);
     const entries = await pki.list();
     const revoked = entries.filter((e) => e.status === "revoked");
     await shared?.publish(entries);

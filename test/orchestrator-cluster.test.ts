@@ -3,7 +3,7 @@ import { promises as fs } from "node:fs";
 import path from "node:path";
 import { calculateJwkThumbprint, exportJWK, generateKeyPair, SignJWT } from "jose";
 import t from "tap";
-import { initPki } from "../pki/index.js";
+import { initPki, revokedIdentities } from "../pki/index.js";
 import { apiCaller } from "./helpers/api-call.js";
 import { freePort, startComputeNode, startOrchestrator, tempDir, waitUntil } from "./helpers/cluster.js";
 import { buildWasm, sleepWat, submitJob, waitForJob, wasmEngine, writeSpec } from "./helpers/e2e-jobs.js";
@@ -99,4 +99,9 @@ t.test("two clustered orchestrators: a node at B runs A's job, A's token works a
     15_000,
   );
   t.notMatch(await fs.readFile(path.join(dirA, "nats", "nats.conf"), "utf8"), userLine, "nor A's");
+  await waitUntil(
+    "B's PKI bars node-1 from enrolling again",
+    async () => ((await revokedIdentities(b.pkiDir)).some((r) => r.spiffeId === userLine) ? true : undefined),
+    15_000,
+  );
 });
