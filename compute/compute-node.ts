@@ -129,6 +129,8 @@ export class ComputeNode {
   readonly #dataDir: string;
   readonly #events = new EventEmitter();
   readonly #stopEvents = new AbortController();
+  /** Aborted by close(): stops a start that waits (for enrollment approval). */
+  readonly #stopStarting = new AbortController();
   readonly #deliveries = new Map<string, PendingDelivery>();
   readonly #reservations = new Map<string, NodeJS.Timeout>();
   readonly #subscriptions: Subscription[] = [];
@@ -266,6 +268,7 @@ export class ComputeNode {
           orchestrators: c.Orchestrators,
           configured: { caCert: c.TLS.CACert, clientCert: c.TLS.ClientCert, clientKey: c.TLS.ClientKey },
           log: this.#log,
+          signal: this.#stopStarting.signal,
         });
       } catch (err) {
         // A failed enrollment leaves nothing behind, not even the directory the lock needed.
@@ -947,6 +950,7 @@ export class ComputeNode {
   }
 
   async #shutdown(): Promise<void> {
+    this.#stopStarting.abort();
     const wasRunning = this.#phase === "running";
     this.#phase = "closing";
     this.#wake();

@@ -3,27 +3,44 @@ import { promises as fs } from "node:fs";
 import https from "node:https";
 import os from "node:os";
 import path from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
 import { CORE_CODES, type Logger, ShoalError, writeFileAtomic } from "../core/index.js";
 import {
   createCsr,
   exportPrivateKey,
   generatePrivateKey,
   isValidId,
+  loadOrCreateKeyFile,
+  publicKeyFingerprint,
   readCertificates,
   verifyCertificate,
 } from "../pki/index.js";
 import { COMPUTE_CODES, ComputeError } from "./errors.js";
 import { type ComputeTlsFiles, defaultTlsFiles } from "./node-identity.js";
 
-/** `--join TOKEN --ca-fingerprint sha256:HEX [--id ID]`: what a node needs to enroll itself. */
+/** `[--join TOKEN] --ca-fingerprint sha256:HEX [--id ID]`: what a node needs to enroll itself. */
 export interface JoinOptions {
-  /** The join token, `shoal1.<id>.<secret>` (`--join`, or `SHOAL_JOIN_TOKEN`). */
-  token: string;
+  /**
+   * The join token, `shoal1.<id>.<secret>` (`--join`, or `SHOAL_JOIN_TOKEN`).
+   * Without one the node asks anyway and waits until an operator runs
+   * `shoal node approve ID` (or `reject`).
+   */
+  token?: string;
   /** The fabric root CA's SHA-256, `sha256:HEX` (colons allowed) (`--ca-fingerprint`, or `SHOAL_CA_FINGERPRINT`). */
   caFingerprint: string;
   /** The id to ask for. @default the host name, lower-cased, with other characters as `-` */
   nodeId?: string;
+  /** How often a node without a token asks whether it was approved. @default DEFAULT_ENROLL_POLL_MS */
+  pollMs?: number;
 }
+
+/**
+ * `DATA-DIR/<this>`: the key of a node that waits for approval (0600), kept so
+ * a restart asks again with the same key; removed once enrolled or refused.
+ */
+export const PENDING_KEY_FILE = "pending-enrollment.key";
+/** How often a node waiting for approval asks again. @default 2 s */
+export const DEFAULT_ENROLL_POLL_MS = 2000;
 
 /** Written next to the identity: who the node is and the labels its join token gave it. */
 export const ENROLLMENT_FILE = "enrollment.json";
@@ -232,6 +249,48 @@ function checkIssued(certPem: unknown, caPem: string, key: KeyObject, nodeId: st
   );
 }
 
+/**
+ * Asks for a certificate without a token until the orchestrator answers
+ * anything but 202 (waiting for an operator): each request carries a CSR made
+ * with the node's key, which proves it holds that key, so only this node gets
+ * the certificate once approved. The API unreachable on the first request is
+ * an error; later, while waiting, it is retried.
+ */
+async function waitForApproval(
+  url: string,
+  apiUrl: string,
+  caPem: string,
+  body: { CSR: string; NodeID: string },
+  o: { key: KeyObject; pollMs: number; log: Logger; signal?: AbortSignal },
+): Promise<ApiAnswer> {
+  let waiting = false;
+  for (;;) {
+    try {
+      const answer = await request(url, { method: "POST", ca: caPem, json: body });
+      if (answer.status !== 202) return answer;
+      if (!waiting) {
+        waiting = true;
+        o.log.warn(
+          { node: body.NodeID, keyFingerprint: publicKeyFingerprint(o.key) },
+          `waiting for an operator to run \`shoal node approve ${body.NodeID}\` (check the key fingerprint in \`shoal node list -o json\`)`,
+        );
+      }
+    } catch (err) {
+      if (!waiting) throw transportError(apiUrl, err, true);
+      o.log.warn({ err: (err as Error).message }, "cannot reach the orchestrator API; asking again");
+    }
+    try {
+      await sleep(o.pollMs, undefined, o.signal ? { signal: o.signal } : {});
+    } catch (cause) {
+      throw enrollError(
+        `stopped while waiting for approval of ${body.NodeID}`,
+        "start the node again: it asks with the same key",
+        cause,
+      );
+    }
+  }
+}
+
 /** Stage every file in a fresh directory, then rename it to `tls/`: the node has all of its identity or none. */
 async function writeIdentityDir(
   target: string,
@@ -300,6 +359,8 @@ export async function ensureEnrolled(o: {
   /** The configured `Compute.TLS.*` (enrollment writes only the defaults). */
   configured: ComputeTlsFiles;
   log: Logger;
+  /** Stops waiting for approval (the node is closing). */
+  signal?: AbortSignal;
 }): Promise<{ enrolled: boolean }> {
   const files = defaultTlsFiles(o.dataDir);
   if (o.configured.clientCert || o.configured.clientKey) {
@@ -323,25 +384,35 @@ export async function ensureEnrolled(o: {
   const apiUrl = enrollmentApiUrl(o.api, o.orchestrators);
 
   const caPem = await fetchPinnedCa(apiUrl, fingerprint);
-  const key = generatePrivateKey("ecdsa-p256");
   const url = `${apiUrl}/api/v1/enroll`;
+  const { token } = o.join;
+  const pendingKey = path.join(o.dataDir, PENDING_KEY_FILE);
+  const key = token ? generatePrivateKey("ecdsa-p256") : await loadOrCreateKeyFile(pendingKey);
+  const body = { ...(token ? { Token: token.trim() } : {}), CSR: createCsr(key, nodeId), NodeID: nodeId };
   let answer: ApiAnswer;
   try {
-    answer = await request(url, {
-      method: "POST",
-      ca: caPem,
-      json: { Token: o.join.token.trim(), CSR: createCsr(key, nodeId), NodeID: nodeId },
-    });
+    answer = token
+      ? await request(url, { method: "POST", ca: caPem, json: body }).catch((err: unknown) => {
+          throw transportError(apiUrl, err, true);
+        })
+      : await waitForApproval(url, apiUrl, caPem, body, {
+          key,
+          pollMs: o.join.pollMs ?? DEFAULT_ENROLL_POLL_MS,
+          log: o.log,
+          ...(o.signal ? { signal: o.signal } : {}),
+        });
+    if (answer.status !== 201) {
+      const refused = parseJson<{ error?: { code?: string; message?: string; fix?: string } }>(answer, url);
+      if (!refused.error?.code) throw enrollError(`${url} answered HTTP ${answer.status}`, "check --api");
+      // The orchestrator's own code (e.g. SHOAL_PKI_JOIN_TOKEN_USED), turned into an error here.
+      throw new ShoalError(refused.error.code, `enrollment refused: ${refused.error.message ?? ""}`, {
+        ...(refused.error.fix ? { fix: refused.error.fix } : {}),
+      });
+    }
   } catch (err) {
-    throw transportError(apiUrl, err, true);
-  }
-  if (answer.status !== 201) {
-    const body = parseJson<{ error?: { code?: string; message?: string; fix?: string } }>(answer, url);
-    if (!body.error?.code) throw enrollError(`${url} answered HTTP ${answer.status}`, "check --api");
-    // The orchestrator's own code (e.g. SHOAL_PKI_JOIN_TOKEN_USED), turned into an error here.
-    throw new ShoalError(body.error.code, `enrollment refused: ${body.error.message ?? ""}`, {
-      ...(body.error.fix ? { fix: body.error.fix } : {}),
-    });
+    // Refused (or unreachable): nothing of the attempt stays. Stopped while waiting: the key stays for the next start.
+    if (!o.signal?.aborted) await fs.rm(pendingKey, { force: true });
+    throw err;
   }
   const got = parseJson<{
     NodeID: string;
@@ -368,6 +439,7 @@ export async function ensureEnrolled(o: {
     { name: path.basename(files.clientCert), data: got.Certificate, mode: 0o644 },
     { name: ENROLLMENT_FILE, data: `${JSON.stringify(record, null, 2)}\n`, mode: 0o644 },
   ]);
+  await fs.rm(pendingKey, { force: true });
   o.log.info({ node: nodeId, identity: record.SPIFFEID, notAfter: record.NotAfter }, "enrolled");
   return { enrolled: true };
 }

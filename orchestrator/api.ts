@@ -316,15 +316,15 @@ export function buildApi(o: ApiOptions): FastifyInstance {
   );
 
   const NodeIdParams = T.Object({ id: T.String({ pattern: "^[A-Za-z0-9._-]{1,128}$" }) });
-  app.get(`${v1}/orchestrator/nodes`, async () => ({ Items: o.nodes.list() }));
+  app.get(`${v1}/orchestrator/nodes`, async () => ({ Items: await o.nodes.list() }));
   app.get(`${v1}/orchestrator/nodes/:id`, { schema: { params: NodeIdParams } }, async (req) => ({
-    Node: o.nodes.get((req.params as { id: string }).id),
+    Node: await o.nodes.get((req.params as { id: string }).id),
   }));
   app.post(`${v1}/orchestrator/nodes/:id/approve`, { schema: { params: NodeIdParams } }, async (req) => ({
-    Node: await o.nodes.approve((req.params as { id: string }).id),
+    Node: await o.nodes.approve((req.params as { id: string }).id, req.principal.id),
   }));
   app.post(`${v1}/orchestrator/nodes/:id/reject`, { schema: { params: NodeIdParams } }, async (req) => ({
-    Node: await o.nodes.reject((req.params as { id: string }).id),
+    Node: await o.nodes.reject((req.params as { id: string }).id, req.principal.id),
   }));
   app.delete(`${v1}/orchestrator/nodes/:id`, { schema: { params: NodeIdParams } }, async (req) => {
     const id = (req.params as { id: string }).id;

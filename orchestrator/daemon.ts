@@ -37,6 +37,7 @@ import { JobService } from "./job-service.js";
 import { LogStore } from "./log-store.js";
 import { NodeService } from "./node-service.js";
 import { OwnCertificateRenewer } from "./own-certificates.js";
+import { PENDING_ENROLLMENTS_BUCKET, PendingEnrollments } from "./pending-enrollments.js";
 import { placeJob } from "./placement.js";
 import { ResultsStore } from "./results-store.js";
 import { IDENTITIES_BUCKET, SharedIdentities } from "./shared-identities.js";
@@ -212,13 +213,15 @@ export class Orchestrator {
         cluster
           ? SharedIdentities.open(js, this.#log.child({ component: "identities" }), replicas)
           : undefined,
+        PendingEnrollments.open(js, { replicas }),
       ]);
     };
-    const [store, authStore, shared] = cluster
+    const [store, authStore, shared, pendingEnrollments] = cluster
       ? await whenJetStreamReady(fabric.nc, this.#log, DEFAULT_JETSTREAM_WAIT_MS, buckets, [
           ...Object.values(BUCKETS),
           ...Object.values(AUTH_BUCKETS),
           IDENTITIES_BUCKET,
+          PENDING_ENROLLMENTS_BUCKET,
         ])
       : await buckets();
     this.#cleanups.push(async () => authStore.close());
@@ -237,8 +240,16 @@ export class Orchestrator {
     };
     let dispatcher: Dispatcher | undefined;
     let trustKeeper: TrustKeeper | undefined;
+    const enrollment = new EnrollmentService({
+      pki,
+      certTtlMs: parseDuration(c.PKI.CertTTL),
+      externalIdentities: c.Orchestrator.NodeManager.Identities,
+      pending: pendingEnrollments,
+      log: this.#log.child({ component: "enrollment" }),
+    });
     const nodes = new NodeService({
       store,
+      enrollments: enrollment,
       log: this.#log.child({ component: "nodes" }),
       manualApproval: c.Orchestrator.NodeManager.ManualApproval,
       disconnectTimeoutMs,
@@ -372,12 +383,6 @@ export class Orchestrator {
     await apiTls.start();
     this.#apiTls = apiTls;
     this.#cleanups.push(() => apiTls.close());
-    const enrollment = new EnrollmentService({
-      pki,
-      certTtlMs: parseDuration(c.PKI.CertTTL),
-      externalIdentities: c.Orchestrator.NodeManager.Identities,
-      log: this.#log.child({ component: "enrollment" }),
-    });
     const api = buildApi({
       jobs,
       nodes,

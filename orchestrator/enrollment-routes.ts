@@ -11,7 +11,7 @@ const MAX_CSR_CHARS = 16 * 1024;
 
 const EnrollBody = T.Object(
   {
-    Token: T.String({ minLength: 1, maxLength: 256 }),
+    Token: T.Optional(T.String({ minLength: 1, maxLength: 256 })),
     CSR: T.String({ minLength: 1, maxLength: MAX_CSR_CHARS }),
     NodeID: T.String({ minLength: 1, maxLength: 63 }),
   },
@@ -33,7 +33,10 @@ const TokenIdParams = T.Object({ id: T.String({ pattern: "^[0-9a-f]{16}$" }) });
 /**
  * Enrollment and join-token routes under /api/v1:
  * - `POST enroll` (public: the join token is the credential) `{Token, CSR, NodeID}` →
- *   201 `{NodeID, SPIFFEID, Certificate, CA, Labels, NotAfter, Serial}`;
+ *   201 `{NodeID, SPIFFEID, Certificate, CA, Labels, NotAfter, Serial}`; without `Token`
+ *   the request waits for an operator: 202 `{NodeID, Status: "PENDING", KeyFingerprint,
+ *   RequestedAt}`, and the same request again (a CSR of the same key) gets the 201 once
+ *   approved, 403 SHOAL_ORCH_ENROLL_REJECTED once rejected;
  * - `POST pki/join-tokens` `{TTL, Uses, Labels}` → 201 `{Token, ID, ExpiresAt, MaxUses, Labels, CAFingerprint}`;
  * - `GET pki/join-tokens` → `{Items}` (never secrets);
  * - `DELETE pki/join-tokens/{id}` → `{Token}` (revoked).
@@ -42,8 +45,21 @@ const TokenIdParams = T.Object({ id: T.String({ pattern: "^[0-9a-f]{16}$" }) });
 export function registerEnrollmentRoutes(app: FastifyInstance, enrollment: EnrollmentService): void {
   const v1 = "/api/v1";
   app.post(`${v1}/enroll`, { schema: { body: EnrollBody }, config: PUBLIC_ROUTE }, async (req, reply) => {
-    const body = req.body as { Token: string; CSR: string; NodeID: string };
-    const r = await enrollment.enroll({ token: body.Token, csrPem: body.CSR, nodeId: body.NodeID });
+    const body = req.body as { Token?: string; CSR: string; NodeID: string };
+    const r = await enrollment.enroll({
+      ...(body.Token === undefined ? {} : { token: body.Token }),
+      csrPem: body.CSR,
+      nodeId: body.NodeID,
+      address: req.ip,
+    });
+    if ("pending" in r) {
+      return reply.status(202).send({
+        NodeID: r.pending.NodeID,
+        Status: r.pending.State,
+        KeyFingerprint: r.pending.KeyFingerprint,
+        RequestedAt: r.pending.RequestedAt,
+      });
+    }
     return reply.status(201).send({
       NodeID: r.nodeId,
       SPIFFEID: r.spiffeId,

@@ -13,16 +13,33 @@ import {
   spiffeId,
   statusAt,
 } from "../pki/index.js";
-import { ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
+import { nodeNotFound, ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
+import { csrKeyFingerprint, type PendingEnrollment, type PendingEnrollments } from "./pending-enrollments.js";
+
+function checkNodeId(nodeId: string): void {
+  if (!isValidId(nodeId)) {
+    throw new OrchestratorError(
+      ORCHESTRATOR_CODES.SHOAL_ORCH_REQUEST_INVALID,
+      `node id ${JSON.stringify(nodeId)} is not valid`,
+      400,
+      {
+        fix: "ids are 1-63 characters of a-z 0-9 - _, starting with a letter or digit",
+        field: "NodeID",
+      },
+    );
+  }
+}
 
 /** What a node sends to `POST /api/v1/enroll`. */
 export interface EnrollRequest {
-  /** The join token, `shoal1.<id>.<secret>`. */
-  token: string;
+  /** The join token, `shoal1.<id>.<secret>`; without one the request waits for an operator (PENDING). */
+  token?: string;
   /** PKCS#10 PEM made with the node's own key; only its public key is used. */
   csrPem: string;
   /** The id the node asks for: it becomes `spiffe://<td>/compute/<id>`. */
   nodeId: string;
+  /** The client's address, recorded with a request that waits for approval. */
+  address?: string;
 }
 
 /** What enrollment gives back: the node's chain and the CA to trust. */
@@ -37,8 +54,13 @@ export interface EnrollResult {
   labels: Record<string, string>;
   notAfter: Date;
   serial: string;
-  /** Which join token enrolled it (its id, never the secret). */
-  tokenId: string;
+  /** Which join token enrolled it (its id, never the secret); none when an operator approved it. */
+  tokenId?: string;
+}
+
+/** A request without a token that still waits for `shoal node approve`. */
+export interface EnrollPending {
+  pending: PendingEnrollment;
 }
 
 /** A refusal the API answers with its own code and this HTTP status. */
@@ -124,6 +146,8 @@ export interface EnrollmentServiceOptions {
   certTtlMs: number;
   /** `Orchestrator.NodeManager.Identities`: SPIFFE ids held by certificates from another CA. */
   externalIdentities: readonly string[];
+  /** Where requests without a token wait for an operator; without it a token is required. */
+  pending?: PendingEnrollments;
   log: Logger;
 }
 
@@ -141,36 +165,26 @@ export class EnrollmentService {
     this.#o = options;
   }
 
-  async enroll(req: EnrollRequest): Promise<EnrollResult> {
+  /**
+   * A token enrolls at once; without one the request is recorded and waits
+   * (`{ pending }`) until an operator approves — then the same request (a CSR
+   * of the same key) gets the certificate — or rejects it
+   * (SHOAL_ORCH_ENROLL_REJECTED).
+   */
+  async enroll(req: EnrollRequest): Promise<EnrollResult | EnrollPending> {
     const { pki } = this.#o;
-    if (!isValidId(req.nodeId)) {
-      throw new OrchestratorError(
-        ORCHESTRATOR_CODES.SHOAL_ORCH_REQUEST_INVALID,
-        `node id ${JSON.stringify(req.nodeId)} is not valid`,
-        400,
-        {
-          fix: "ids are 1-63 characters of a-z 0-9 - _, starting with a letter or digit",
-          field: "NodeID",
-        },
-      );
-    }
+    checkNodeId(req.nodeId);
+    if (req.token === undefined) return this.#enrollWithoutToken(req);
+    const token = req.token;
     const id = spiffeId(pki.trustDomain, "compute", req.nodeId);
     try {
       const {
         id: tokenId,
         labels,
         result: issued,
-      } = await redeemJoinToken(pki.dir, req.token, {
+      } = await redeemJoinToken(pki.dir, token, {
         nodeId: req.nodeId,
-        use: async () => {
-          if (this.#o.externalIdentities.includes(id)) {
-            throw idTaken(req.nodeId, "declared in Orchestrator.NodeManager.Identities");
-          }
-          return signComputeCsr(pki, req.csrPem, req.nodeId, {
-            ttlMs: this.#o.certTtlMs,
-            exclusive: true,
-          });
-        },
+        use: () => this.#sign(req.csrPem, req.nodeId),
       });
       this.#o.log.info(
         { node: req.nodeId, serial: issued.serial, tokenId, notAfter: issued.notAfter },
@@ -192,6 +206,114 @@ export class EnrollmentService {
       }
       throw refusal(err);
     }
+  }
+
+  /** Signs a new node's CSR, unless the id is declared elsewhere or held by a live certificate. */
+  #sign(csrPem: string, nodeId: string): Promise<IssuedCertificate> {
+    if (this.#o.externalIdentities.includes(spiffeId(this.#o.pki.trustDomain, "compute", nodeId))) {
+      throw idTaken(nodeId, "declared in Orchestrator.NodeManager.Identities");
+    }
+    return signComputeCsr(this.#o.pki, csrPem, nodeId, { ttlMs: this.#o.certTtlMs, exclusive: true });
+  }
+
+  async #enrollWithoutToken(req: EnrollRequest): Promise<EnrollResult | EnrollPending> {
+    const pending = this.#o.pending;
+    if (!pending) {
+      throw new OrchestratorError(
+        ORCHESTRATOR_CODES.SHOAL_ORCH_REQUEST_INVALID,
+        "this orchestrator enrolls only with a join token",
+        400,
+        { fix: "give --join TOKEN (from `shoal pki join-token create`)", field: "Token" },
+      );
+    }
+    try {
+      // The CSR's signature proves the caller holds the key; the entry is bound to that key.
+      const keyFingerprint = csrKeyFingerprint(req.csrPem);
+      if (this.#o.externalIdentities.includes(spiffeId(this.#o.pki.trustDomain, "compute", req.nodeId))) {
+        throw idTaken(req.nodeId, "declared in Orchestrator.NodeManager.Identities");
+      }
+      const entry = await pending.request({
+        nodeId: req.nodeId,
+        csrPem: req.csrPem,
+        keyFingerprint,
+        address: req.address ?? "unknown",
+      });
+      if (entry.State === "REJECTED") {
+        throw new OrchestratorError(
+          ORCHESTRATOR_CODES.SHOAL_ORCH_ENROLL_REJECTED,
+          `an operator rejected the enrollment of ${req.nodeId}${entry.DecidedBy ? ` (${entry.DecidedBy})` : ""}`,
+          403,
+          { fix: "ask the cluster's operator for a join token, or to approve a new request" },
+        );
+      }
+      if (entry.State === "PENDING") {
+        this.#o.log.info(
+          { node: req.nodeId, keyFingerprint, address: entry.Address },
+          "enrollment waits for approval",
+        );
+        return { pending: entry };
+      }
+      return {
+        nodeId: req.nodeId,
+        spiffeId: spiffeId(this.#o.pki.trustDomain, "compute", req.nodeId),
+        certPem: entry.Certificate!,
+        caPem: this.#o.pki.caCertPem,
+        labels: {},
+        notAfter: new Date(entry.NotAfter!),
+        serial: entry.Serial!,
+      };
+    } catch (err) {
+      if (isShoalError(err)) {
+        this.#o.log.warn({ node: req.nodeId, code: err.code, reason: err.message }, "enrollment refused");
+      }
+      throw refusal(err);
+    }
+  }
+
+  /** Enrollment requests without a token (waiting, or decided and not yet expired). */
+  listPending(): Promise<PendingEnrollment[]> {
+    return this.#o.pending?.list() ?? Promise.resolve([]);
+  }
+
+  async getPending(nodeId: string): Promise<PendingEnrollment | undefined> {
+    return this.#o.pending?.get(nodeId);
+  }
+
+  /** `shoal node approve` of a waiting request: signs its CSR; the node fetches the certificate. */
+  async approvePending(nodeId: string, by: string): Promise<PendingEnrollment> {
+    const decided = await this.#requirePending(nodeId).decide(nodeId, async (entry) => {
+      const issued = await this.#sign(entry.CSR, nodeId).catch((err: unknown) => {
+        throw refusal(err);
+      });
+      return {
+        ...entry,
+        State: "APPROVED",
+        DecidedAt: new Date().toISOString(),
+        DecidedBy: by,
+        Certificate: issued.certPem,
+        Serial: issued.serial,
+        NotAfter: issued.notAfter.toISOString(),
+      };
+    });
+    this.#o.log.info({ node: nodeId, serial: decided.Serial, by }, "enrollment approved");
+    return decided;
+  }
+
+  /** `shoal node reject` of a waiting request: nothing is issued, and the node is told so. */
+  async rejectPending(nodeId: string, by: string): Promise<PendingEnrollment> {
+    const decided = await this.#requirePending(nodeId).decide(nodeId, async (entry) => ({
+      ...entry,
+      State: "REJECTED",
+      DecidedAt: new Date().toISOString(),
+      DecidedBy: by,
+    }));
+    this.#o.log.info({ node: nodeId, by }, "enrollment rejected");
+    return decided;
+  }
+
+  #requirePending(nodeId: string): PendingEnrollments {
+    if (!this.#o.pending) throw nodeNotFound(nodeId);
+    return this.#o.pending;
   }
 
   async createToken(opts: {

@@ -13,6 +13,9 @@ export const ORCHESTRATOR_CODES = defineCodes("orchestrator", {
     "A clustered orchestrator's JetStream did not become available in time (too few of the cluster's servers are up or routed).",
   SHOAL_ORCH_NODE_ID_TAKEN:
     "Enrollment asked for a node id that another live (unexpired, unrevoked) certificate already holds.",
+  SHOAL_ORCH_ENROLL_REJECTED: "An operator rejected this node's enrollment request (`shoal node reject`).",
+  SHOAL_ORCH_ENROLL_LIMIT:
+    "Too many enrollment requests without a join token already wait for approval (in all, or from this address).",
   SHOAL_ORCH_AUTH_CONFIG:
     "API.Auth settings that cannot work, e.g. sharedSecret enabled without SHOAL_SHARED_SECRET.",
 });

@@ -1,7 +1,8 @@
 import type { Logger } from "../core/index.js";
 import type { Approval, MessageBody } from "../fabric/protocol.js";
 import { nodeNotFound } from "./errors.js";
-import type { NodeRecord } from "./records.js";
+import type { PendingEnrollment } from "./pending-enrollments.js";
+import type { NodeHealth, NodeRecord } from "./records.js";
 import type { StateStore } from "./state-store.js";
 
 export interface NodeServiceOptions {
@@ -20,14 +21,48 @@ export interface NodeServiceOptions {
    * revocation broadcast); resolves to false when no such identity exists.
    */
   revokeIdentity?: (id: string) => Promise<boolean>;
+  /** Enrollment requests without a join token, listed and decided with the nodes. */
+  enrollments?: EnrollmentDesk;
 }
 
-/** A node as the API lists it: everything but its certificate chain. */
-export type NodeView = Omit<NodeRecord, "ChainPem">;
+/** Enrollment requests without a token that wait for an operator (EnrollmentService). */
+export interface EnrollmentDesk {
+  listPending(): Promise<PendingEnrollment[]>;
+  getPending(id: string): Promise<PendingEnrollment | undefined>;
+  approvePending(id: string, by: string): Promise<PendingEnrollment>;
+  rejectPending(id: string, by: string): Promise<PendingEnrollment>;
+}
+
+/**
+ * A node as the API lists it: everything but its certificate chain. A node
+ * that asked to enroll without a token and has not connected yet has Health
+ * `NOT_CONNECTED` and its request under `Enrollment`.
+ */
+export type NodeView = Omit<NodeRecord, "ChainPem" | "Health"> & {
+  Health: NodeHealth | "NOT_CONNECTED";
+  Enrollment?: Omit<PendingEnrollment, "NodeID" | "CSR" | "Certificate">;
+};
 
 function view(node: NodeRecord): NodeView {
   const { ChainPem: _chain, ...rest } = node;
   return rest;
+}
+
+function enrollmentView(e: PendingEnrollment): NodeView {
+  const { NodeID, CSR: _csr, Certificate: _cert, ...enrollment } = e;
+  const requested = Date.parse(e.RequestedAt);
+  return {
+    ID: NodeID,
+    Labels: {},
+    Capacity: { cpu: 0, memory: 0 },
+    Engines: [],
+    Version: "",
+    Approval: e.State,
+    Health: "NOT_CONNECTED",
+    LastSeen: requested,
+    FirstSeen: requested,
+    Enrollment: enrollment,
+  };
 }
 
 /**
@@ -64,12 +99,22 @@ export class NodeService {
     this.#timers.clear();
   }
 
-  list(): NodeView[] {
-    return [...this.#o.store.nodes.values()].map(view).sort((a, b) => a.ID.localeCompare(b.ID));
+  /** Every node, and every enrollment request still waiting for a decision (as PENDING). */
+  async list(): Promise<NodeView[]> {
+    const nodes = [...this.#o.store.nodes.values()].map(view);
+    const waiting = (await this.#o.enrollments?.listPending()) ?? [];
+    for (const e of waiting) {
+      if (e.State === "PENDING" && !this.#o.store.nodes.has(e.NodeID)) nodes.push(enrollmentView(e));
+    }
+    return nodes.sort((a, b) => a.ID.localeCompare(b.ID));
   }
 
-  get(id: string): NodeView {
-    return view(this.#require(id));
+  async get(id: string): Promise<NodeView> {
+    const node = this.#o.store.nodes.get(id);
+    if (node) return view(node);
+    const enrollment = await this.#o.enrollments?.getPending(id);
+    if (enrollment) return enrollmentView(enrollment);
+    throw nodeNotFound(id);
   }
 
   /** The full record, for the dispatcher (capacity, labels, chain). */
@@ -77,11 +122,19 @@ export class NodeService {
     return this.#o.store.nodes.get(id);
   }
 
-  async approve(id: string): Promise<NodeView> {
+  /** Lets a PENDING node take jobs; for a waiting enrollment request, issues its certificate. */
+  async approve(id: string, by = "unknown"): Promise<NodeView> {
+    if (!this.#o.store.nodes.has(id) && this.#o.enrollments) {
+      return enrollmentView(await this.#o.enrollments.approvePending(id, by));
+    }
     return this.#setApproval(id, "APPROVED");
   }
 
-  async reject(id: string): Promise<NodeView> {
+  /** Refuses a node work; for a waiting enrollment request, refuses it (nothing is issued). */
+  async reject(id: string, by = "unknown"): Promise<NodeView> {
+    if (!this.#o.store.nodes.has(id) && this.#o.enrollments) {
+      return enrollmentView(await this.#o.enrollments.rejectPending(id, by));
+    }
     return this.#setApproval(id, "REJECTED");
   }
 

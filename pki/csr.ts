@@ -12,13 +12,19 @@ import {
   signDer,
   verifyDer,
 } from "./key-types.js";
-import { pemBlocks, toPem } from "./pem.js";
+import { pemBlocks, sha256Fingerprint, toPem } from "./pem.js";
 
 /** What the CA takes from a CSR: only its public key, once the CSR's signature proves possession. */
 export interface CheckedCsr {
   publicKey: KeyObject;
   spki: SubjectPublicKeyInfo;
   keyType: KeyType;
+}
+
+/** `sha256:HEX` of a key's public half (SubjectPublicKeyInfo DER): how an operator tells one node key from another. */
+export function publicKeyFingerprint(key: KeyObject): string {
+  const publicKey = key.type === "private" ? createPublicKey(key) : key;
+  return sha256Fingerprint(publicKey.export({ type: "spki", format: "der" }));
 }
 
 /**

@@ -17,7 +17,7 @@ export {
 export { EKU_OIDS, type ExtKeyUsage } from "./certificate-builder.js";
 export { type CertInfo, inspectCertificate } from "./certificate-info.js";
 export { type CrlEntry, DEFAULT_CRL_VALIDITY_MS, type ParsedCrl, parseCrl } from "./crl.js";
-export { type CheckedCsr, checkCsr, createCsr } from "./csr.js";
+export { type CheckedCsr, checkCsr, createCsr, publicKeyFingerprint } from "./csr.js";
 export {
   CertificateVerificationError,
   PKI_CODES,

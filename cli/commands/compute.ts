@@ -12,24 +12,27 @@ type ServeArgs = ConfigArgs & {
   id?: string;
 } & Record<string, unknown>;
 
-/** `--join`/`--ca-fingerprint` (or SHOAL_JOIN_TOKEN/SHOAL_CA_FINGERPRINT, which keep the token out of `ps`). */
+/**
+ * `--join`/`--ca-fingerprint` (or SHOAL_JOIN_TOKEN/SHOAL_CA_FINGERPRINT, which keep the token out of `ps`).
+ * `--ca-fingerprint` alone enrolls without a token: the node waits until an operator approves it.
+ */
 function joinOptions(argv: ServeArgs): JoinOptions | undefined {
   const token = argv.join ?? process.env.SHOAL_JOIN_TOKEN;
   const caFingerprint = argv["ca-fingerprint"] ?? process.env.SHOAL_CA_FINGERPRINT;
-  if (!token) {
-    if (argv["ca-fingerprint"] || argv.id) {
-      throw new ShoalError(CORE_CODES.SHOAL_USAGE, "--ca-fingerprint and --id only matter with --join", {
-        fix: "add --join TOKEN (from `shoal pki join-token create`)",
+  if (!caFingerprint) {
+    if (token) {
+      throw new ShoalError(CORE_CODES.SHOAL_USAGE, "--join needs --ca-fingerprint sha256:HEX", {
+        fix: "copy the CA fingerprint the orchestrator printed: the node trusts nothing it cannot check against it",
+      });
+    }
+    if (argv.id) {
+      throw new ShoalError(CORE_CODES.SHOAL_USAGE, "--id only matters when enrolling", {
+        fix: "add --ca-fingerprint sha256:HEX (and --join TOKEN, or wait for `shoal node approve`)",
       });
     }
     return undefined;
   }
-  if (!caFingerprint) {
-    throw new ShoalError(CORE_CODES.SHOAL_USAGE, "--join needs --ca-fingerprint sha256:HEX", {
-      fix: "copy the CA fingerprint the orchestrator printed: the node trusts nothing it cannot check against it",
-    });
-  }
-  return { token, caFingerprint, ...(argv.id ? { nodeId: argv.id } : {}) };
+  return { caFingerprint, ...(token ? { token } : {}), ...(argv.id ? { nodeId: argv.id } : {}) };
 }
 
 /**
@@ -64,7 +67,7 @@ export const computeCommand: CommandModule = (cli) =>
             .option("ca-fingerprint", {
               type: "string",
               describe:
-                "sha256:HEX of the fabric root CA, checked before anything is trusted [env SHOAL_CA_FINGERPRINT]",
+                "sha256:HEX of the fabric root CA, checked before anything is trusted; without --join the node enrolls once an operator runs `shoal node approve ID` [env SHOAL_CA_FINGERPRINT]",
             })
             .option("id", { type: "string", describe: "node id to enroll as [default: the host name]" })
             .option("api", {
