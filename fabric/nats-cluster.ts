@@ -1,4 +1,5 @@
 import { FABRIC_CODES, FabricError } from "./errors.js";
+import { quote as q, type TlsFiles, tlsLines } from "./nats-conf-syntax.js";
 
 /**
  * The route listener of a clustered nats-server: where it listens, whom it
@@ -22,14 +23,8 @@ export interface NatsClusterState {
    * (compute, user: URI SAN only) cannot open a route.
    */
   readonly routeName: string;
-  readonly tls: {
-    readonly certFile: string;
-    readonly keyFile: string;
-    /** The fabric CA; the other servers' route certificates must chain to it. */
-    readonly caFile: string;
-    /** Handshake timeout in seconds. @default 2 */
-    readonly timeoutSeconds?: number;
-  };
+  /** The route certificate and the fabric CA, which the other servers' route certificates must chain to. */
+  readonly tls: TlsFiles;
 }
 
 /** The DNS name every route certificate of trust domain `trustDomain` carries (see docs/fabric.md). */
@@ -64,7 +59,7 @@ export function routeUrl(peer: string): string {
  * fit the dialed host). 2.9.10 accepts no `min_version` here either; TLS 1.2
  * is its floor.
  */
-export function renderCluster(c: NatsClusterState, q: (value: string, what: string) => string): string[] {
+export function renderCluster(c: NatsClusterState): string[] {
   if (!Number.isInteger(c.port) || c.port < -1 || c.port > 65535) {
     throw new FabricError(FABRIC_CODES.SHOAL_NATS_CONFIG, `invalid cluster port ${c.port}`, {
       fix: "set Orchestrator.Cluster.Port to a port between 1 and 65535 (0: chosen by nats-server)",
@@ -85,12 +80,7 @@ export function renderCluster(c: NatsClusterState, q: (value: string, what: stri
   if (c.advertise) lines.push(`  advertise: ${q(c.advertise, "cluster advertise address")}`);
   lines.push(
     `  routes: [${c.routes.map((r) => q(routeUrl(r), "route")).join(", ")}]`,
-    "  tls {",
-    `    cert_file: ${q(c.tls.certFile, "path")}`,
-    `    key_file: ${q(c.tls.keyFile, "path")}`,
-    `    ca_file: ${q(c.tls.caFile, "path")}`,
-    "    verify_and_map: true",
-    `    timeout: ${c.tls.timeoutSeconds ?? 2}`,
+    ...tlsLines(c.tls, "  "),
     "  }",
     `  authorization { user: ${q(c.routeName, "route name")} }`,
     "}",

@@ -1,6 +1,7 @@
 import type { BrokerUser, BrokerUsers } from "./broker-users.js";
 import { FABRIC_CODES, FabricError } from "./errors.js";
 import { type NatsClusterState, renderCluster } from "./nats-cluster.js";
+import { quoteList as list, quote as q, type TlsFiles, tlsLines } from "./nats-conf-syntax.js";
 
 /** Everything the generated nats-server configuration depends on. */
 export interface NatsServerState {
@@ -10,14 +11,8 @@ export interface NatsServerState {
   readonly port: number;
   /** nats-server `server_name` (shows in logs and JetStream). */
   readonly serverName: string;
-  readonly tls: {
-    readonly certFile: string;
-    readonly keyFile: string;
-    /** The fabric CA; client certificates must chain to it. */
-    readonly caFile: string;
-    /** Handshake timeout in seconds. @default 2 */
-    readonly timeoutSeconds?: number;
-  };
+  /** The broker's certificate and the fabric CA, which client certificates must chain to. */
+  readonly tls: TlsFiles;
   readonly users: BrokerUsers;
   /** JetStream with its store in the data dir; `undefined` disables it. */
   readonly jetStream?: { readonly storeDir: string };
@@ -34,20 +29,6 @@ export interface NatsServerState {
  * the CA with full permissions; this placeholder keeps authorization switched on.
  */
 const NOBODY = "shoal:no-identities";
-
-function q(value: string, what: string): string {
-  if (/[\u0000-\u001f\u007f]/.test(value)) {
-    throw new FabricError(FABRIC_CODES.SHOAL_NATS_CONFIG, `${what} contains a control character`, {
-      fix: `use a ${what} without control characters or newlines`,
-      details: { value },
-    });
-  }
-  return JSON.stringify(value);
-}
-
-function list(values: readonly string[], what: string): string {
-  return `[${values.map((v) => q(v, what)).join(", ")}]`;
-}
 
 function renderUser(u: BrokerUser, indent: string): string {
   const p = u.permissions;
@@ -95,14 +76,7 @@ export function renderNatsConfig(state: NatsServerState): string {
       details: { port: state.port },
     });
   }
-  const tls = [
-    "tls {",
-    `  cert_file: ${q(state.tls.certFile, "path")}`,
-    `  key_file: ${q(state.tls.keyFile, "path")}`,
-    `  ca_file: ${q(state.tls.caFile, "path")}`,
-    "  verify_and_map: true",
-    `  timeout: ${state.tls.timeoutSeconds ?? 2}`,
-  ];
+  const tls = tlsLines(state.tls);
   if (state.users.pinnedKeys) tls.push(`  pinned_certs: ${list(state.users.pinnedKeys, "key fingerprint")}`);
   tls.push("}");
   const lines = [
@@ -120,7 +94,7 @@ export function renderNatsConfig(state: NatsServerState): string {
     lines.push("", "jetstream {", `  store_dir: ${q(state.jetStream.storeDir, "path")}`, "}");
   }
   // JetStream in a cluster needs server_name (unique per server) and the cluster's name: both are set.
-  if (state.cluster) lines.push("", ...renderCluster(state.cluster, q));
+  if (state.cluster) lines.push("", ...renderCluster(state.cluster));
   return `${lines.join("\n")}\n`;
 }
 
