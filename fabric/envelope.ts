@@ -450,34 +450,37 @@ export class EnvelopeVerifier {
   /** The sender's role and the message kind must fit the subject it arrived on. */
   #checkSubject(opts: VerifyEnvelopeOptions, sender: PeerCertificate, typ: string): void {
     const s = this.#subject(opts.subject);
-    const deny = (why: string) =>
+    // The reason of a refusal, or the kind the subject carries; built only on failure.
+    let why: string | undefined;
+    let expected: string | undefined;
+    if (!s) why = "not a fabric subject";
+    else if (s.type === "compute-out") {
+      if (sender.role !== "compute" || sender.id !== s.nodeId)
+        why = `only compute ${s.nodeId} publishes there`;
+      else if (typ !== s.kind) expected = s.kind;
+    } else if (s.type === "compute-in") {
+      if (sender.role !== "orchestrator") why = "only the orchestrator publishes there";
+    } else if (s.type === "broadcast") {
+      if (sender.role !== "orchestrator") why = "only the orchestrator broadcasts";
+      else if (typ !== s.kind) expected = s.kind;
+    } else if (s.owner !== this.#id) why = "a reply on another identity's inbox";
+    else if (opts.expectedIss && opts.expectedIss !== sender.identity)
+      why = `the request went to ${opts.expectedIss}`;
+    if (why !== undefined) {
       refuse(
         FABRIC_CODES.SHOAL_ENVELOPE_ROLE,
         `${sender.identity} may not send ${typ} on ${opts.subject}: ${why}`,
         "the message is dropped; a node speaks only on its own subjects",
         { subject: opts.subject, sender: sender.identity },
       );
-    const wrongKind = (expected: string) =>
+    }
+    if (expected !== undefined) {
       refuse(
         FABRIC_CODES.SHOAL_ENVELOPE_KIND,
         `${typ} arrived on ${opts.subject}, which carries ${expected}`,
         "the message is dropped",
         { subject: opts.subject, typ },
       );
-    if (!s) deny("not a fabric subject");
-    else if (s.type === "compute-out") {
-      if (sender.role !== "compute" || sender.id !== s.nodeId)
-        deny(`only compute ${s.nodeId} publishes there`);
-      if (typ !== s.kind) wrongKind(s.kind);
-    } else if (s.type === "compute-in") {
-      if (sender.role !== "orchestrator") deny("only the orchestrator publishes there");
-    } else if (s.type === "broadcast") {
-      if (sender.role !== "orchestrator") deny("only the orchestrator broadcasts");
-      if (typ !== s.kind) wrongKind(s.kind);
-    } else {
-      if (s.owner !== this.#id) deny("a reply on another identity's inbox");
-      if (opts.expectedIss && opts.expectedIss !== sender.identity)
-        deny(`the request went to ${opts.expectedIss}`);
     }
   }
 }

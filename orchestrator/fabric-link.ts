@@ -206,7 +206,7 @@ export class FabricLink implements NodeChannel {
       this.#signer.sign(kind, aud, body),
       this.#o.requestTimeoutMs ?? 10_000,
     );
-    const reply = this.#verifier.verify(msg.string(), { subject: msg.subject, expectedIss: aud });
+    const reply = this.#verifier.verify(msg.data, { subject: msg.subject, expectedIss: aud });
     if (reply.kind !== replyKind) throw new Error(`${nodeId} answered ${kind} with ${reply.kind}`);
     return reply.body as MessageBody<R>;
   }
@@ -218,11 +218,12 @@ export class FabricLink implements NodeChannel {
   async #handle(msg: Msg): Promise<void> {
     const parsed = parseSubject(msg.subject);
     if (parsed?.type !== "compute-out" || !NODE_ID.test(parsed.nodeId)) return;
-    const token = msg.string();
     let env: VerifiedEnvelope;
     try {
-      if (parsed.kind === "register") this.#learnChain(token);
-      env = this.#verifier.verify(token, { subject: msg.subject });
+      // Only a register needs the token as text (for the chain it carries); every
+      // other message is verified from its bytes, without a UTF-8 decode.
+      if (parsed.kind === "register") this.#learnChain(msg.string());
+      env = this.#verifier.verify(msg.data, { subject: msg.subject });
     } catch (err) {
       this.#o.log.warn(
         {
