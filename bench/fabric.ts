@@ -1,10 +1,11 @@
 import "reflect-metadata";
-import { type ChildProcess, fork, spawn } from "node:child_process";
+import { type ChildProcess, execFile, fork, spawn } from "node:child_process";
 import { verify as cryptoVerify, X509Certificate } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import { cpus, loadavg } from "node:os";
 import { createInterface } from "node:readline";
-import { connect, type Subscription } from "@nats-io/transport-node";
+import { promisify } from "node:util";
+import { connect, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import {
   connectFabric,
   EnvelopeSigner,
@@ -31,6 +32,7 @@ const STALL_MS = 60_000;
 /** Envelope and bare verifies alternate in chunks of this many. */
 const CHUNK = 500;
 
+const loadAtStart = loadavg();
 const teardowns: (() => unknown)[] = [];
 const fabric = await startTestFabric({ teardown: (fn) => teardowns.push(fn) }, { jetStream: false });
 const node = await fabric.identity("compute", "n1");
@@ -165,6 +167,16 @@ async function delivered(
   return rate;
 }
 
+/**
+ * A plain subscription, confirmed by the broker before the publisher is told to go
+ * (else the first messages can reach the broker before the SUB and are lost).
+ */
+const rawSubscription = async (nc: NatsConnection, onMessage: () => void) => {
+  const sub = nc.subscribe(subject, { callback: onMessage });
+  await nc.flush();
+  return sub;
+};
+
 const verifiedSubscription = (onMessage: () => void) =>
   new FabricMessenger(orchConn, orchSigner, makeVerifier()).subscribeVerified(subject, onMessage, () => {
     failures++;
@@ -182,12 +194,8 @@ type Row =
 
 async function oneRun(): Promise<Record<Row, Rate>> {
   const r = {} as Record<Row, Rate>;
-  r.plaintext = await delivered({ mode: "raw", transport: "plain" }, (on) =>
-    plainConn.subscribe(subject, { callback: on }),
-  );
-  r.mtls = await delivered({ mode: "raw", transport: "mtls" }, (on) =>
-    orchConn.nc.subscribe(subject, { callback: on }),
-  );
+  r.plaintext = await delivered({ mode: "raw", transport: "plain" }, (on) => rawSubscription(plainConn, on));
+  r.mtls = await delivered({ mode: "raw", transport: "mtls" }, (on) => rawSubscription(orchConn.nc, on));
   r.verifiedDelivery = await delivered({ mode: "presigned", transport: "mtls" }, verifiedSubscription);
   r.signedEndToEnd = await delivered({ mode: "live", transport: "mtls" }, verifiedSubscription);
 
@@ -236,11 +244,25 @@ async function oneRun(): Promise<Record<Row, Rate>> {
 }
 
 // Warm-up (JIT, TLS buffers, the child's code) so the first measured run is not penalised.
-await delivered({ mode: "raw", transport: "mtls" }, (on) => orchConn.nc.subscribe(subject, { callback: on }));
+await delivered({ mode: "raw", transport: "mtls" }, (on) => rawSubscription(orchConn.nc, on));
 await delivered({ mode: "presigned", transport: "mtls" }, verifiedSubscription);
 
+/**
+ * OpenSSL's own P-256 verify rate on this CPU (`openssl speed` divides by the CPU
+ * time it used, so other processes' load does not lower it): the ceiling under the
+ * bare node:crypto verify. Run before and after the rows; both are printed.
+ */
+async function opensslVerifyRate(): Promise<number> {
+  const { stdout } = await promisify(execFile)("openssl", ["speed", "-seconds", "3", "ecdsap256"]);
+  const m = /nistp256\)\s+\S+\s+\S+\s+\S+\s+([\d.]+)/.exec(stdout);
+  if (!m) throw new Error(`cannot read the verify rate in openssl speed's output:\n${stdout}`);
+  return Number(m[1]);
+}
+
+const opensslRates = [await opensslVerifyRate()];
 const runs: Record<Row, Rate>[] = [];
 for (let i = 0; i < RUNS; i++) runs.push(await oneRun());
+opensslRates.push(await opensslVerifyRate());
 
 const LABELS: Record<Row, string> = {
   plaintext: "plaintext NATS pub/sub",
@@ -282,12 +304,36 @@ const ratios: [string, (r: Record<Row, Rate>) => number][] = [
   ["raw mTLS / plaintext (wall)", (r) => r.mtls.wall / r.plaintext.wall],
 ];
 for (const [label, f] of ratios) console.log(`  ${label.padEnd(50)}${spread(runs.map(f), ratio)}`);
+
+// Where a verified envelope's CPU time goes on the receiving core, from the run with
+// the best deliver + verify rate: the signature check, the envelope's other work
+// (decode, claims, replay cache), NATS delivery as the raw mTLS row pays it, and what
+// is left (the messenger, and the JS between verifies slowing the verify down).
+const best = runs.reduce((a, b) => (b.verifiedDelivery.cpu > a.verifiedDelivery.cpu ? b : a));
+const us = (rate: number) => 1e6 / rate;
+const perMessage: [string, number][] = [
+  ["P-256 signature check (bare verify)", us(best.bareVerify.cpu)],
+  ["envelope work beside it (verify only - bare)", us(best.verifyOnly.cpu) - us(best.bareVerify.cpu)],
+  ["NATS delivery over mTLS (raw row)", us(best.mtls.cpu)],
+  [
+    "rest (messenger, verify slowed by the JS around it)",
+    us(best.verifiedDelivery.cpu) - us(best.verifyOnly.cpu) - us(best.mtls.cpu),
+  ],
+  ["= deliver + verify", us(best.verifiedDelivery.cpu)],
+];
+console.log("  per verified envelope, µs of the receiver's CPU (best run):");
+for (const [label, v] of perMessage) console.log(`    ${label.padEnd(52)}${v.toFixed(1).padStart(7)}`);
+const ossl = Math.max(...opensslRates);
 console.log(
-  `  load average now: ${loadavg()
-    .map((l) => l.toFixed(1))
-    .join(
-      " ",
-    )} on ${cpus().length} CPUs; verification failures: ${failures}; receiver connection events: ${connectionEvents.join(", ") || "none"}`,
+  `  openssl speed ecdsap256 (CPU time): ${opensslRates.map(fmt).join(" before, ")} after verifies/s; ` +
+    `bare node verify / openssl ${ratio(Math.max(...runs.map((r) => r.bareVerify.cpu)) / ossl)}, ` +
+    `deliver+verify / openssl ${ratio(Math.max(...runs.map((r) => r.verifiedDelivery.cpu)) / ossl)}; ` +
+    `target 15,000/s = ${ratio(15_000 / ossl)} × openssl`,
+);
+const loads = (l: number[]) => l.map((x) => x.toFixed(1)).join(" ");
+console.log(
+  `  load average at start: ${loads(loadAtStart)}, at end: ${loads(loadavg())} on ${cpus().length} CPUs; ` +
+    `verification failures: ${failures}; receiver connection events: ${connectionEvents.join(", ") || "none"}`,
 );
 
 tell({ type: "exit" });
