@@ -163,6 +163,30 @@ t.test("bytes and text verify alike; one altered byte is refused; the size limit
   });
 });
 
+t.test("envelopes decoded in the shared scratch buffer and past it keep their own bodies", async (t) => {
+  const { verifier, signer } = setup();
+  // Claims longer than the 64 KiB the scratch buffer decodes take their own buffer.
+  const big = {
+    ...heartbeat,
+    running: Array.from({ length: 2500 }, (_, i) => `e-${String(i).padStart(30, "0")}`),
+  };
+  const small = { ...heartbeat, seq: 2, running: ["e-1"] };
+  const bigToken = signer.sign("heartbeat", ORCH, big);
+  t.ok(bigToken.length > 90_000, "past the scratch buffer");
+  const first = verifier.verify(new TextEncoder().encode(signer.sign("heartbeat", ORCH, small)), {
+    subject: HB,
+  });
+  const second = verifier.verify(bigToken, { subject: HB });
+  const third = verifier.verify(signer.sign("heartbeat", ORCH, heartbeat), { subject: HB });
+  t.same(first.body, small, "a body does not change when the next envelope is decoded");
+  t.same(second.body, big);
+  t.same(third.body, heartbeat);
+  // A character inside the signature (the last one carries bits the decoder drops).
+  const at = bigToken.length - 10;
+  const tampered = `${bigToken.slice(0, at)}${bigToken[at] === "A" ? "B" : "A"}${bigToken.slice(at + 1)}`;
+  t.throws(() => verifier.verify(tampered, { subject: HB }), { code: FABRIC_CODES.SHOAL_ENVELOPE_SIGNATURE });
+});
+
 t.test("the replay guard sweeps lazily but never forgets a live id, and stays bounded", async (t) => {
   let now = 1_000_000;
   const guard = new ReplayGuard({ maxEntries: 1000, now: () => now });
@@ -176,6 +200,23 @@ t.test("the replay guard sweeps lazily but never forgets a live id, and stays bo
   t.equal(guard.size, 2, "the sweep dropped the expired entries");
   t.equal(guard.check("a", "live", now + 60_000), "replay", "a live id survives the sweep");
 });
+
+t.test(
+  "a full replay guard looks past an issuer's long-lived head, and drops issuers with no ids",
+  async (t) => {
+    let now = 1_000_000;
+    const guard = new ReplayGuard({ maxEntries: 3, now: () => now });
+    t.equal(guard.check("a", "long", now + 60_000), "fresh");
+    t.equal(guard.check("a", "short1", now + 100), "fresh");
+    t.equal(guard.check("b", "short2", now + 100), "fresh");
+    t.equal(guard.check("c", "j", now + 100), "full");
+    now += 1500;
+    t.equal(guard.check("c", "j", now + 100), "fresh", "the expired ids behind a's live head were swept");
+    t.equal(guard.size, 2);
+    t.equal(guard.check("a", "long", now + 60_000), "replay", "the live head stays");
+    t.equal(guard.check("b", "short2", now + 100), "fresh", "b's expired id is forgotten");
+  },
+);
 
 t.test("compiled body checks agree with the schemas", async (t) => {
   const kinds = Object.keys(BODY_SCHEMAS) as MessageKind[];
