@@ -132,6 +132,8 @@ export class ComputeNode {
   /** Aborted by close(): stops a start that waits (for enrollment approval). */
   readonly #stopStarting = new AbortController();
   readonly #deliveries = new Map<string, PendingDelivery>();
+  /** Spool removals of acknowledged results still under way (awaited before the data directory is released). */
+  readonly #removals = new Set<Promise<void>>();
   readonly #reservations = new Map<string, NodeJS.Timeout>();
   readonly #subscriptions: Subscription[] = [];
   #phase: Phase = "new";
@@ -837,9 +839,16 @@ export class ComputeNode {
         delay = this.#o.retryBaseMs ?? 500;
         if (reply.stored) {
           this.#deliveries.delete(executionId);
-          await this.#spool!.remove(executionId);
-          this.#log.info({ executionId }, "result acknowledged");
-          this.#emit({ type: "result-acknowledged", executionId });
+          // The next result need not wait for this removal (slow where freeing disk blocks is).
+          const removal = this.#spool!.remove(executionId).then(
+            () => {
+              this.#log.info({ executionId }, "result acknowledged");
+              this.#emit({ type: "result-acknowledged", executionId });
+            },
+            (err) => this.#log.warn({ executionId, err }, "acknowledged result not removed from the spool"),
+          );
+          this.#removals.add(removal);
+          void removal.finally(() => this.#removals.delete(removal));
           this.#wake();
           continue;
         }
@@ -974,6 +983,7 @@ export class ComputeNode {
     } finally {
       this.#phase = "closed";
       clearInterval(this.#heartbeat);
+      await Promise.all(this.#removals);
       await this.#unlock?.().catch(() => {});
       if (this.#deliveries.size > 0) {
         this.#log.info({ pending: this.pendingResults() }, "results kept in the spool until the next start");

@@ -1,7 +1,6 @@
 import { promises as fs } from "node:fs";
 import path from "node:path";
 import type { JobSpec, Logger } from "../core/index.js";
-import { writeFileAtomic } from "../core/index.js";
 import type { MessageBody, Submitter } from "../fabric/index.js";
 import { COMPUTE_CODES, ComputeError } from "./errors.js";
 import {
@@ -124,6 +123,8 @@ class LogBatcher {
 export class ExecutionManager {
   readonly #o: ExecutionManagerOptions;
   readonly #running = new Map<string, Running>();
+  /** Every execution until it is completely done, work directory removal included. */
+  readonly #unsettled = new Set<Promise<void>>();
 
   constructor(options: ExecutionManagerOptions) {
     this.#o = options;
@@ -143,7 +144,8 @@ export class ExecutionManager {
         .readFile(path.join(workDir, MARKER), "utf8")
         .then((t) => JSON.parse(t) as { jobId: string; executionId: string })
         .catch(() => undefined);
-      if (marker?.executionId === name && isSafeExecutionId(name)) {
+      // A result already spooled (the crash came after it, before the directory was removed) stands.
+      if (marker?.executionId === name && isSafeExecutionId(name) && !(await this.#o.spool.has(name))) {
         recovered.push(
           await this.#o.spool.put(
             marker.jobId,
@@ -182,7 +184,12 @@ export class ExecutionManager {
     const controller = new AbortController();
     const entry: Running = { request, controller, stop: undefined, done: Promise.resolve() };
     this.#running.set(request.executionId, entry);
-    entry.done = this.#run(entry).finally(() => this.#running.delete(request.executionId));
+    const done = this.#run(entry).finally(() => {
+      this.#running.delete(request.executionId);
+      this.#unsettled.delete(done);
+    });
+    entry.done = done;
+    this.#unsettled.add(done);
   }
 
   /** Aborts a running execution on the orchestrator's request; false when it is not running here. */
@@ -195,11 +202,15 @@ export class ExecutionManager {
 
   /**
    * Lets running executions finish for up to `graceMs`, then aborts the rest;
-   * their Failed results are spooled before this resolves.
+   * their Failed results are spooled, and every work directory removed, before
+   * this resolves.
    */
   async drain(graceMs: number): Promise<void> {
     const all = () => Promise.all([...this.#running.values()].map((r) => r.done));
-    if (this.#running.size === 0) return;
+    if (this.#running.size === 0) {
+      await Promise.all(this.#unsettled);
+      return;
+    }
     let timer: NodeJS.Timeout | undefined;
     const grace = new Promise<void>((resolve) => {
       timer = setTimeout(resolve, graceMs);
@@ -212,7 +223,7 @@ export class ExecutionManager {
         message: "the compute node shut down before the execution finished",
       });
     }
-    await all();
+    await Promise.all(this.#unsettled);
   }
 
   #stop(entry: Running, reason: StopReason): void {
@@ -240,12 +251,17 @@ export class ExecutionManager {
     try {
       const inputsDir = path.join(workDir, "inputs");
       const outputsDir = path.join(workDir, "outputs");
-      await fs.mkdir(inputsDir, { recursive: true, mode: 0o700 });
-      await fs.mkdir(outputsDir, { recursive: true, mode: 0o700 });
-      // Not fsynced: it only has to outlive a crash of this process (see docs/compute.md "Durability").
-      await writeFileAtomic(path.join(workDir, MARKER), JSON.stringify({ jobId, executionId }), 0o600, {
-        fsync: false,
-      });
+      await fs.mkdir(workDir, { recursive: true, mode: 0o700 });
+      await Promise.all([
+        fs.mkdir(inputsDir, { mode: 0o700 }),
+        fs.mkdir(outputsDir, { mode: 0o700 }),
+        // Neither fsynced nor renamed into place: it only has to outlive a crash of this
+        // process, and one cut short reads as no marker (docs/compute.md "Durability").
+        fs.writeFile(path.join(workDir, MARKER), JSON.stringify({ jobId, executionId }), {
+          mode: 0o600,
+          flag: "wx",
+        }),
+      ]);
       log.info("execution started");
       outcome = await this.#o.runner({
         jobId,
@@ -285,11 +301,14 @@ export class ExecutionManager {
       await removeWorkDir();
       return;
     }
-    await removeWorkDir();
     log.info({ state: spooled.result.state, exitCode: spooled.result.exitCode }, "execution finished");
     // No longer running once its result is on disk: callbacks see the node as it now is.
     this.#running.delete(executionId);
     this.#o.onSpooled(spooled);
+    // Off the result's path: a crash before this leaves a work directory whose marker
+    // recover() turns into a Failed result, which the orchestrator refuses as a resend
+    // (it already stored the real one) or never asked for.
+    await removeWorkDir();
   }
 }
 

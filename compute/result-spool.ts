@@ -185,6 +185,13 @@ export class ResultSpool {
     return entries.sort((a, b) => a.spooledAt - b.spooledAt);
   }
 
+  /** Whether a complete entry (a non-empty manifest) is spooled for the execution. */
+  async has(executionId: string): Promise<boolean> {
+    this.#assertId(executionId);
+    const st = await fs.stat(path.join(this.#root, executionId, MANIFEST)).catch(() => undefined);
+    return st !== undefined && st.size > 0;
+  }
+
   /** The bytes of one spooled chunk, checked against its digest. */
   async readChunk(executionId: string, digest: string): Promise<Buffer> {
     this.#assertId(executionId);

@@ -86,7 +86,13 @@ t.test("the engine's time limit fails the execution and its work directory is re
   const entry = await done;
   t.equal(entry.result.state, "Failed");
   t.match(entry.result.error, /SHOAL_ENGINE_TIMEOUT/);
-  t.same(await fs.readdir(path.join(dir, "executions")), []);
+  // Removed right after the result is handed on, off its path.
+  let left = await fs.readdir(path.join(dir, "executions"));
+  for (let i = 0; i < 100 && left.length > 0; i++) {
+    await new Promise((r) => setTimeout(r, 20));
+    left = await fs.readdir(path.join(dir, "executions"));
+  }
+  t.same(left, []);
 });
 
 t.test(
@@ -134,6 +140,37 @@ t.test("work directories left by a crash become failed results; stray directorie
     ["e-crashed"],
   );
 });
+
+t.test(
+  "a crash after the result was spooled, before its work directory was removed, keeps the result",
+  async (t) => {
+    const { dir, manager, spool } = await setup(t, "recover-spooled");
+    const executions = path.join(dir, "executions");
+    await spool.put(
+      "j-done",
+      {
+        executionId: "e-done",
+        state: "Completed",
+        exitCode: 0,
+        stdout: "done\n",
+        stderr: "",
+        stdoutTruncated: false,
+        stderrTruncated: false,
+      },
+      [],
+    );
+    await fs.mkdir(path.join(executions, "e-done", "outputs"), { recursive: true });
+    await fs.writeFile(
+      path.join(executions, "e-done", "execution.json"),
+      JSON.stringify({ jobId: "j-done", executionId: "e-done" }),
+    );
+    t.same(await manager.recover(), [], "nothing new is spooled");
+    t.same(await fs.readdir(executions), [], "the work directory is removed");
+    const [entry] = await spool.list();
+    t.equal(entry?.result.state, "Completed", "the spooled result is not replaced by a Failed one");
+    t.equal(entry?.result.stdout, "done\n");
+  },
+);
 
 t.test("output carried in a manifest is cut to fit its JSON budget", async (t) => {
   t.same(fitForManifest("short", 100), { text: "short", cut: false });

@@ -83,10 +83,14 @@ export class WasmExecutor extends BaseExecutor {
     const stdout = new OutputCapture(req.limits.maxStdoutBytes, (c) => req.onLog?.("stdout", c));
     const stderr = new OutputCapture(req.limits.maxStderrBytes, (c) => req.onLog?.("stderr", c));
     const maxLog = req.limits.maxLogFileBytes ?? DEFAULT_MAX_LOG_FILE_BYTES;
+    // One descriptor per stream, written by the module and read here at offsets; the name
+    // is unlinked at once, so nothing is left to remove however the execution ends.
     const spools = await Promise.all(
       (["stdout", "stderr"] as const).map(async (name) => {
         const file = path.join(req.workDir, `.${req.executionId}.${name}`);
-        return { file, write: await fs.open(file, "w", 0o600), read: await fs.open(file, "r"), offset: 0 };
+        const handle = await fs.open(file, "wx+", 0o600);
+        await fs.unlink(file);
+        return { handle, offset: 0 };
       }),
     );
     const stdin = await fs.open("/dev/null", "r");
@@ -103,8 +107,8 @@ export class WasmExecutor extends BaseExecutor {
           [OUTPUTS_DIR]: await fs.realpath(req.outputsDir),
         },
         stdin: stdin.fd,
-        stdout: spools[0]!.write.fd,
-        stderr: spools[1]!.write.fd,
+        stdout: spools[0]!.handle.fd,
+        stderr: spools[1]!.handle.fd,
         entrypoint: params.Entrypoint,
         maxMemoryBytes: req.limits.maxMemoryBytes,
       };
@@ -120,7 +124,7 @@ export class WasmExecutor extends BaseExecutor {
       const drain = () =>
         (draining ??= (async () => {
           for (const [i, spool] of spools.entries()) {
-            spool.offset = await readNew(spool.read, spool.offset, captures[i]!);
+            spool.offset = await readNew(spool.handle, spool.offset, captures[i]!);
             if (spool.offset > maxLog) stop("output");
           }
         })().finally(() => {
@@ -151,8 +155,7 @@ export class WasmExecutor extends BaseExecutor {
       await draining;
       await drain();
     } finally {
-      await Promise.all([stdin.close(), ...spools.flatMap((s) => [s.write.close(), s.read.close()])]);
-      await Promise.all(spools.map((s) => fs.rm(s.file, { force: true })));
+      await Promise.all([stdin.close(), ...spools.map((s) => s.handle.close())]);
     }
     const out = stdout.result();
     const err = stderr.result();
