@@ -264,7 +264,7 @@ export class Orchestrator {
       store,
       nodes,
       identity,
-      announceOnRegister: cluster !== undefined,
+      ...(cluster ? { announceOnRegister: true, storedNode: (nodeId) => store.nodes.stored(nodeId) } : {}),
       log: this.#log.child({ component: "fabric-link" }),
       renewCertificate: async (nodeId, csrPem) => {
         const issued = await signComputeCsr(pki, csrPem, nodeId, {

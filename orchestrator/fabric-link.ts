@@ -17,6 +17,7 @@ import {
 import type { Pki } from "../pki/index.js";
 import type { Dispatcher, NodeChannel } from "./dispatcher.js";
 import type { NodeService } from "./node-service.js";
+import type { NodeRecord } from "./records.js";
 import type { StateStore } from "./state-store.js";
 
 export interface FabricLinkOptions {
@@ -41,6 +42,11 @@ export interface FabricLinkOptions {
    * @default false
    */
   announceOnRegister?: boolean;
+  /**
+   * In a cluster: the node's record as stored in the shared KV, whose
+   * approval (approved or rejected at any orchestrator) a register adopts.
+   */
+  storedNode?: (nodeId: string) => Promise<NodeRecord | undefined>;
 }
 
 const NODE_ID = /^[a-z0-9][a-z0-9_-]{0,62}$/;
@@ -245,7 +251,8 @@ export class FabricLink implements NodeChannel {
           this.#o.log.warn({ node: nodeId, claimed: body.nodeId }, "register names another node; ignored");
           return;
         }
-        const node = this.#o.nodes.register(nodeId, body, env.sender.chainPem);
+        const stored = await this.#o.storedNode?.(nodeId);
+        const node = this.#o.nodes.register(nodeId, body, env.sender.chainPem, stored);
         this.#reply(msg, env.iss, "register-reply", {
           approval: node.Approval,
           heartbeatIntervalMs: this.#o.nodes.heartbeatIntervalMs,

@@ -157,11 +157,16 @@ export class NodeService {
     this.#o.onLost?.({ ...node, Health: "LOST" });
   }
 
-  /** Records a `register` from the node proven to be `nodeId`; returns its approval. */
-  register(nodeId: string, body: MessageBody<"register">, chainPem: string): NodeRecord {
+  /**
+   * Records a `register` from the node proven to be `nodeId`; returns its
+   * approval. `stored` is the record in the shared KV (a cluster): its
+   * approval, which another orchestrator may have decided, wins.
+   */
+  register(nodeId: string, body: MessageBody<"register">, chainPem: string, stored?: NodeRecord): NodeRecord {
     const now = Date.now();
     const prev = this.#o.store.nodes.get(nodeId);
-    const approval: Approval = prev?.Approval ?? (this.#o.manualApproval ? "PENDING" : "APPROVED");
+    const approval: Approval =
+      stored?.Approval ?? prev?.Approval ?? (this.#o.manualApproval ? "PENDING" : "APPROVED");
     const node: NodeRecord = {
       ID: nodeId,
       Labels: body.labels,

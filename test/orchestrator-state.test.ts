@@ -3,6 +3,7 @@ import { jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import t from "tap";
 import { silentLogger } from "../core/index.js";
+import { NodeService } from "../orchestrator/node-service.js";
 import type { JobRecord } from "../orchestrator/records.js";
 import { StateStore } from "../orchestrator/state-store.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
@@ -108,3 +109,39 @@ t.test(
     t.equal(single.jobs.size, 3, "without an owner everything loads");
   },
 );
+
+t.test("in a cluster a register adopts the approval another orchestrator stored", async (t) => {
+  const url = await startJetStream(t, await tempDir(t, "shoal-state-approval-"));
+  const nc = await connect({ servers: url });
+  t.teardown(() => nc.close());
+  const service = async (owner: string) => {
+    const store = await StateStore.open(jetstream(nc), silentLogger, { owner });
+    const nodes = new NodeService({
+      store,
+      log: silentLogger,
+      manualApproval: true,
+      disconnectTimeoutMs: 60_000,
+      heartbeatIntervalMs: 1000,
+    });
+    t.teardown(() => nodes.close());
+    return { store, nodes };
+  };
+  const [a, b] = [await service("orch-a"), await service("orch-b")];
+  const register = {
+    nodeId: "n1",
+    chainPem: "",
+    labels: {},
+    capacity: { cpu: 1, memory: 1 },
+    engines: ["wasm"],
+    version: "test",
+    executions: [],
+  };
+  t.equal(a.nodes.register("n1", register, "").Approval, "PENDING");
+  t.equal(b.nodes.register("n1", register, "", await b.store.nodes.stored("n1")).Approval, "PENDING");
+  await a.nodes.approve("n1", "admin");
+  t.equal(
+    b.nodes.register("n1", register, "", await b.store.nodes.stored("n1")).Approval,
+    "APPROVED",
+    "approved at A, so B answers the node's next register with APPROVED",
+  );
+});
