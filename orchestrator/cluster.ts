@@ -11,6 +11,12 @@ import { ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
 export const MAX_REPLICAS = 3;
 /** How long a clustered orchestrator waits at start-up for JetStream (its meta leader needs a quorum of servers). */
 export const DEFAULT_JETSTREAM_WAIT_MS = 60_000;
+/**
+ * JetStream request timeout in a cluster: a replicated write is a round of
+ * Raft between servers, and just after start-up (leader elections) it can take
+ * longer than the client's default 5 s on a loaded machine.
+ */
+export const CLUSTER_JETSTREAM_TIMEOUT_MS = 15_000;
 
 /** `Orchestrator.Cluster` turned into the supervisor's route settings; undefined when Name is empty (one server). */
 export function clusterState(

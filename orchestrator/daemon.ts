@@ -20,6 +20,7 @@ import {
 } from "./certificates.js";
 import {
   bucketReplicas,
+  CLUSTER_JETSTREAM_TIMEOUT_MS,
   clusterState,
   DEFAULT_JETSTREAM_WAIT_MS,
   routeCertificateNames,
@@ -203,7 +204,7 @@ export class Orchestrator {
     this.#cleanups.push(() => fabric.close());
     // A cluster's JetStream needs a quorum of its servers: the buckets are opened once it serves.
     const buckets = async () => {
-      const js = jetstream(fabric.nc);
+      const js = jetstream(fabric.nc, cluster ? { timeout: CLUSTER_JETSTREAM_TIMEOUT_MS } : {});
       return Promise.all([
         StateStore.open(js, this.#log.child({ component: "state" }), {
           replicas,
