@@ -192,7 +192,7 @@ export const ConfigSchema = Type.Object(
             ),
             Servers: list(
               [],
-              "URLs of operator-run NATS servers to use instead of a supervised one; empty means supervised.",
+              "URLs of operator-run NATS servers to use instead of a supervised one (JetStream and the users block Shoal writes to DATA-DIR/nats-external-authorization.conf required); empty means supervised.",
             ),
           },
           "The NATS broker.",

@@ -363,6 +363,19 @@ export function diagnoseProbe(
       },
     );
   }
+  // Our certificate passed every local check, yet the server's TLS stack refused it
+  // with a "bad certificate" alert: it does not trust the CA that issued it (an
+  // unknown user gets -ERR after the handshake instead).
+  if (r.tlsError && /bad certificate|unknown ca/i.test(r.tlsError.message)) {
+    return new TlsError(
+      FABRIC_CODES.SHOAL_TLS_CLIENT_UNKNOWN_CA,
+      `${server} refused the client certificate (${r.tlsError.message}): it does not trust the CA in ${m.files.ca}`,
+      {
+        fix: "the server's tls {} block needs ca_file set to the fabric's ca.crt and verify_and_map: true",
+        details: { server, alert: r.tlsError.message },
+      },
+    );
+  }
   // The local certificate passed every check against the fabric CA, yet the broker
   // refused it after the handshake (an alert, a socket closed because the key is not
   // pinned, or -ERR): this identity or key is not admitted (unknown, revoked, expired).

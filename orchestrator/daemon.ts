@@ -7,7 +7,12 @@ import { jetstream } from "@nats-io/jetstream";
 import type { FastifyInstance } from "fastify";
 import { loadPolicies } from "../auth/index.js";
 import { type Logger, parseDuration, type ShoalConfig } from "../core/index.js";
-import { connectFabric, type FabricConnection, NatsSupervisor } from "../fabric/index.js";
+import {
+  connectFabric,
+  ExternalAuthorization,
+  type FabricConnection,
+  NatsSupervisor,
+} from "../fabric/index.js";
 import { initPki, openPki, type Pki } from "../pki/index.js";
 import { buildApi } from "./api.js";
 import { ApiAuth } from "./api-auth.js";
@@ -31,6 +36,11 @@ import { Dispatcher } from "./dispatcher.js";
 import { EnrollmentService, signComputeCsr } from "./enrollment.js";
 import { registerEnrollmentRoutes } from "./enrollment-routes.js";
 import { jobNotFound, ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
+import {
+  checkExternalNatsConfig,
+  connectExternalNats,
+  EXTERNAL_AUTHORIZATION_FILE,
+} from "./external-nats.js";
 import { FabricLink } from "./fabric-link.js";
 import { brokerIdentities, InventoryWatcher } from "./inventory-watch.js";
 import { jobRequirements, parseSubmittedJob } from "./job-requirements.js";
@@ -158,12 +168,20 @@ export class Orchestrator {
       ensureServerCertificate(pki, path.join(dataDir, "nats", "server"), names, certPolicy());
     const ensureIdentity = () =>
       ensureIdentityCertificate(pki, path.join(dataDir, "identity", "orchestrator"), id, certPolicy());
-    const natsTls = operatorTls
-      ? { certFile: c.Orchestrator.TLS.ServerCert, keyFile: c.Orchestrator.TLS.ServerKey }
-      : await ensureNatsCert();
+    const externalServers = c.Orchestrator.NATS.Servers;
+    if (externalServers.length > 0) checkExternalNatsConfig(c);
+    // Operator-run NATS servers (Orchestrator.NATS.Servers) have their own certificates.
+    const natsTls =
+      operatorTls || externalServers.length > 0
+        ? { certFile: c.Orchestrator.TLS.ServerCert, keyFile: c.Orchestrator.TLS.ServerKey }
+        : await ensureNatsCert();
     const identity = await ensureIdentity();
 
-    // The broker, its users following the PKI inventory.
+    // The broker, its users following the PKI inventory: operator-run servers, or a supervised one.
+    const external =
+      externalServers.length > 0
+        ? await this.#useExternalNats(pki, identity, id, externalServers)
+        : undefined;
     const natsDir = path.join(dataDir, "nats");
     await killLeftoverServer(natsDir, this.#log);
     const brokerTls = {
@@ -176,31 +194,45 @@ export class Orchestrator {
     const replicas = bucketReplicas(c.Orchestrator.Cluster);
     // In a cluster: this server's name, which also marks the jobs this orchestrator accepted.
     const owner = cluster ? await serverName(natsDir, id) : undefined;
-    const supervisor = new NatsSupervisor({
-      dir: natsDir,
-      serverPath: c.Orchestrator.NATS.ServerPath,
-      host: c.Orchestrator.Host,
-      port: c.Orchestrator.Port === 0 ? -1 : c.Orchestrator.Port,
-      tls: brokerTls,
-      // JetStream tells the servers of a cluster apart by name.
-      ...(cluster && owner ? { cluster, serverName: owner } : {}),
-      identities: await brokerIdentities(pki, c.Orchestrator.NodeManager.Identities),
-      logger: this.#o.logger,
-    });
-    this.#cleanups.push(() => supervisor.close());
-    await supervisor.start();
-    await fs.writeFile(path.join(natsDir, "nats-server.pid"), String(supervisor.pid ?? ""), { mode: 0o600 });
+    const supervisor = external
+      ? undefined
+      : new NatsSupervisor({
+          dir: natsDir,
+          serverPath: c.Orchestrator.NATS.ServerPath,
+          host: c.Orchestrator.Host,
+          port: c.Orchestrator.Port === 0 ? -1 : c.Orchestrator.Port,
+          tls: brokerTls,
+          // JetStream tells the servers of a cluster apart by name.
+          ...(cluster && owner ? { cluster, serverName: owner } : {}),
+          identities: await brokerIdentities(pki, c.Orchestrator.NodeManager.Identities),
+          logger: this.#o.logger,
+        });
+    if (supervisor) {
+      this.#cleanups.push(() => supervisor.close());
+      await supervisor.start();
+      await fs.writeFile(path.join(natsDir, "nats-server.pid"), String(supervisor.pid ?? ""), {
+        mode: 0o600,
+      });
+    }
 
-    const localUrl = boundHost ? supervisor.url : `tls://127.0.0.1:${supervisor.port}`;
-    const fabric: FabricConnection = await connectFabric({
-      servers: localUrl,
-      caFile,
-      certFile: identity.certFile,
-      keyFile: identity.keyFile,
-      identity: `spiffe://${pki.trustDomain}/orchestrator/${id}`,
-      name: `orchestrator-${id}`,
-      logger: this.#o.logger,
-    });
+    const localUrl = supervisor
+      ? boundHost
+        ? supervisor.url
+        : `tls://127.0.0.1:${supervisor.port}`
+      : externalServers.join(",");
+    // What compute nodes dial (Compute.Orchestrators).
+    const nodeUrl = supervisor ? `tls://${advertise}:${supervisor.port}` : externalServers.join(",");
+    const fabric: FabricConnection =
+      external?.fabric ??
+      (await connectFabric({
+        servers: localUrl,
+        caFile,
+        certFile: identity.certFile,
+        keyFile: identity.keyFile,
+        identity: `spiffe://${pki.trustDomain}/orchestrator/${id}`,
+        name: `orchestrator-${id}`,
+        logger: this.#o.logger,
+      }));
     this.#cleanups.push(() => fabric.close());
     // A cluster's JetStream needs a quorum of its servers: the buckets are opened once it serves.
     const buckets = async () => {
@@ -282,7 +314,7 @@ export class Orchestrator {
     const trust = new TrustKeeper({
       pki,
       link,
-      supervisor,
+      broker: supervisor ?? (external as { users: ExternalAuthorization }).users,
       extraIdentities: c.Orchestrator.NodeManager.Identities,
       ...(shared ? { shared } : {}),
       log: this.#log.child({ component: "trust" }),
@@ -354,7 +386,7 @@ export class Orchestrator {
     await link.start();
     const ownCerts = new OwnCertificateRenewer(
       [
-        ...(operatorTls
+        ...(operatorTls || !supervisor
           ? []
           : [
               {
@@ -401,7 +433,7 @@ export class Orchestrator {
         ID: id,
         Type: "orchestrator",
         Version: this.#o.version,
-        NATS: supervisor.url.replace("127.0.0.1", advertise),
+        NATS: supervisor ? supervisor.url.replace("127.0.0.1", advertise) : nodeUrl,
         CAFingerprint: pki.rootFingerprint,
         TrustDomain: pki.trustDomain,
       }),
@@ -418,9 +450,9 @@ export class Orchestrator {
       caFingerprint: pki.rootFingerprint,
       pkiDir,
     };
-    this.#banner(pki, advertise, supervisor.port, apiPort, created);
+    this.#banner(pki, advertise, external ? `${nodeUrl} (operator-run)` : nodeUrl, apiPort, created);
     if (cluster) {
-      const routes = c.Orchestrator.Cluster.Advertise || `${advertise}:${supervisor.routePort}`;
+      const routes = c.Orchestrator.Cluster.Advertise || `${advertise}:${supervisor?.routePort}`;
       (this.#o.print ?? ((line: string) => process.stdout.write(`${line}\n`)))(
         `  Routes (mTLS):  nats-route://${routes} (cluster ${cluster.name}, ${replicas} cop${replicas === 1 ? "y" : "ies"} of new KV buckets)`,
       );
@@ -429,12 +461,51 @@ export class Orchestrator {
     return this.#endpoints;
   }
 
-  #banner(pki: Pki, advertise: string, natsPort: number, apiPort: number, created: boolean): void {
+  /**
+   * Operator-run NATS servers: the users block is written (and printed) before
+   * dialing, since on a first start the server cannot know this identity yet
+   * and the refusal names the file; then the connection, JetStream checked.
+   */
+  async #useExternalNats(
+    pki: Pki,
+    identity: { certFile: string; keyFile: string },
+    id: string,
+    servers: readonly string[],
+  ): Promise<{ fabric: FabricConnection; users: ExternalAuthorization }> {
+    const c = this.#o.config;
+    const print = this.#o.print ?? ((line: string) => process.stdout.write(`${line}\n`));
+    const users = new ExternalAuthorization({
+      file: path.join(c.DataDir, EXTERNAL_AUTHORIZATION_FILE),
+      servers,
+      identities: await brokerIdentities(pki, c.Orchestrator.NodeManager.Identities),
+      logger: this.#o.logger,
+    });
+    this.#cleanups.push(async () => users.close());
+    const block = await users.start();
+    print(`NATS users block for your servers (${users.file}); include it and reload after every change:`);
+    for (const line of block.trimEnd().split("\n")) print(`  ${line}`);
+    const caFile = path.join(pki.dir, "ca.crt");
+    const fabric = await connectExternalNats({
+      servers,
+      caFile: c.Orchestrator.TLS.CACert || caFile,
+      shoalCaFile: caFile,
+      certFile: identity.certFile,
+      keyFile: identity.keyFile,
+      identity: `spiffe://${pki.trustDomain}/orchestrator/${id}`,
+      id,
+      authorizationFile: users.file,
+      logger: this.#o.logger,
+    });
+    this.#log.info({ servers }, "connected to the operator-run NATS servers");
+    return { fabric, users };
+  }
+
+  #banner(pki: Pki, advertise: string, natsUrl: string, apiPort: number, created: boolean): void {
     const print = this.#o.print ?? ((line: string) => process.stdout.write(`${line}\n`));
     const dataDir = this.#o.config.DataDir;
     print(`Shoal orchestrator ready${created ? " (new PKI created)" : ""}`);
     print(`  API:            https://${advertise}:${apiPort}`);
-    print(`  NATS (mTLS):    tls://${advertise}:${natsPort}`);
+    print(`  NATS (mTLS):    ${natsUrl}`);
     print(`  CA certificate: ${path.join(pki.dir, "ca.crt")}`);
     print(`  CA fingerprint: ${pki.rootFingerprint}`);
     print(
@@ -442,12 +513,12 @@ export class Orchestrator {
     );
     print(`  shoal pki join-token create --dir ${pki.dir} [--label k=v]`);
     print(
-      `  shoal compute serve --orchestrators tls://${advertise}:${natsPort} --api https://${advertise}:${apiPort} --join TOKEN --ca-fingerprint ${pki.rootFingerprint}`,
+      `  shoal compute serve --orchestrators ${natsUrl.split(" ")[0]} --api https://${advertise}:${apiPort} --join TOKEN --ca-fingerprint ${pki.rootFingerprint}`,
     );
     print("Or issue its identity and start it with the CA certificate:");
     print(`  shoal pki issue compute --dir ${pki.dir} --id node-1 --out node-1`);
     print(
-      `  shoal compute serve --orchestrators tls://${advertise}:${natsPort} -c Compute.TLS.CACert=${path.join(pki.dir, "ca.crt")} -c Compute.TLS.ClientCert=node-1.crt -c Compute.TLS.ClientKey=node-1.key --data-dir ${path.join(dataDir, "..", "node-1")}`,
+      `  shoal compute serve --orchestrators ${natsUrl.split(" ")[0]} -c Compute.TLS.CACert=${path.join(pki.dir, "ca.crt")} -c Compute.TLS.ClientCert=node-1.crt -c Compute.TLS.ClientKey=node-1.key --data-dir ${path.join(dataDir, "..", "node-1")}`,
     );
     print(
       `Use the API: export SHOAL_API=https://${advertise}:${apiPort}; shoal agent alive --ca-cert ${path.join(pki.dir, "ca.crt")}`,

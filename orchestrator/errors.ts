@@ -16,6 +16,12 @@ export const ORCHESTRATOR_CODES = defineCodes("orchestrator", {
   SHOAL_ORCH_ENROLL_REJECTED: "An operator rejected this node's enrollment request (`shoal node reject`).",
   SHOAL_ORCH_ENROLL_LIMIT:
     "Too many enrollment requests without a join token already wait for approval (in all, or from this address).",
+  SHOAL_ORCH_NATS_NOT_ADMITTED:
+    "The operator-run NATS server (Orchestrator.NATS.Servers) has no user for the orchestrator's identity: the users block Shoal wrote is not included, or the server was not reloaded.",
+  SHOAL_ORCH_NATS_NO_JETSTREAM:
+    "The operator-run NATS server does not offer JetStream, where the orchestrator keeps its state.",
+  SHOAL_ORCH_NATS_EXTERNAL_CONFIG:
+    "Settings that cannot be combined with operator-run NATS servers (Orchestrator.NATS.Servers), e.g. Orchestrator.Cluster.*.",
   SHOAL_ORCH_AUTH_CONFIG:
     "API.Auth settings that cannot work, e.g. sharedSecret enabled without SHOAL_SHARED_SECRET.",
 });

@@ -1,6 +1,6 @@
 import path from "node:path";
 import { type Logger, writeFileAtomic } from "../core/index.js";
-import type { NatsSupervisor } from "../fabric/index.js";
+import type { BrokerIdentity } from "../fabric/index.js";
 import { isValidId, type Pki, revokedIdentities, revokeIdentity } from "../pki/index.js";
 import type { FabricLink } from "./fabric-link.js";
 import { brokerIdentities } from "./inventory-watch.js";
@@ -9,7 +9,8 @@ import type { SharedIdentities } from "./shared-identities.js";
 export interface TrustOptions {
   pki: Pki;
   link: FabricLink;
-  supervisor: NatsSupervisor;
+  /** The supervised nats-server, or the users block of operator-run servers. */
+  broker: { setIdentities(identities: readonly BrokerIdentity[]): Promise<void> };
   /** `Orchestrator.NodeManager.Identities`: broker users whose certificates live elsewhere. */
   extraIdentities: readonly string[];
   /** In a cluster: the identities every orchestrator's PKI issued or revoked. */
@@ -90,7 +91,7 @@ export class TrustKeeper {
   }
 
   async #apply(): Promise<void> {
-    const { pki, link, supervisor, shared } = this.#o;
+    const { pki, link, broker, shared } = this.#o;
     if (shared) await this.#shareBars(shared);
     const entries = await pki.list();
     const revoked = entries.filter((e) => e.status === "revoked");
@@ -103,7 +104,7 @@ export class TrustKeeper {
       new Set(revokedElsewhere.map((r) => r.serial)),
     );
     const local = new Set(entries.map((e) => e.serial));
-    await supervisor.setIdentities([...identities, ...(shared?.identities(local) ?? [])]);
+    await broker.setIdentities([...identities, ...(shared?.identities(local) ?? [])]);
     const serials = revoked.map((e) => e.serial).join(",");
     if (serials && serials !== this.#crl?.serials) {
       // crl() bumps the CRL number in the inventory: the watcher sees it and

@@ -325,7 +325,8 @@ export async function waitUntil<T>(
 }
 
 /**
- * Issues a compute identity from the orchestrator's PKI, starts `shoal compute
+ * Issues a compute identity from the orchestrator's PKI (unless DATA-DIR/identity.crt
+ * exists already), starts `shoal compute
  * serve` with it and resolves once the orchestrator lists the node HEALTHY and
  * APPROVED (asked in-process every 100 ms; a process starts slowly on a
  * loaded machine, hence the minute).
@@ -340,7 +341,12 @@ export async function startComputeNode(
 ): Promise<ShoalProcess> {
   const prefix = path.join(dataDir, "identity");
   await fs.mkdir(dataDir, { recursive: true });
-  await writeIssued(prefix, await orch.pki.issue({ role: "compute", id }));
+  // A test may issue it first (e.g. to let an operator-run server learn the identity before the node dials).
+  const issued = await fs.access(`${prefix}.crt`).then(
+    () => true,
+    () => false,
+  );
+  if (!issued) await writeIssued(prefix, await orch.pki.issue({ role: "compute", id }));
   const node = launch(t, [
     "compute",
     "serve",

@@ -1,0 +1,242 @@
+import "reflect-metadata";
+import { type ChildProcess, spawn } from "node:child_process";
+import { promises as fs } from "node:fs";
+import path from "node:path";
+import { createInterface } from "node:readline";
+import t, { type Test } from "tap";
+import { silentLogger } from "../core/index.js";
+import { connectExternalNats } from "../orchestrator/external-nats.js";
+import { initPki, openPki, writeIssued } from "../pki/index.js";
+import {
+  spawnShoal,
+  startComputeNode,
+  startOrchestrator,
+  TEST_ADMIN_PASSWORD,
+  tempDir,
+  waitUntil,
+} from "./helpers/cluster.js";
+import { submitJob, waitForJob, wasmEngine, writeSpec } from "./helpers/e2e-jobs.js";
+
+const HELLO_WASM = path.resolve(import.meta.dirname, "..", "dist", "wasm", "hello.wasm");
+const AUTH_FILE = "nats-external-authorization.conf";
+/** nats-server 2.9.10 resolves `include` relative to the including file's directory, even an absolute path. */
+const INCLUDE = `data/${AUTH_FILE}`;
+
+/** An operator-run nats-server (not supervised by Shoal): its own config file, port chosen by the kernel. */
+interface OperatorServer {
+  url: string;
+  child: ChildProcess;
+  /** Resolves on the next "Reloaded server configuration" after SIGHUP. */
+  reload(): Promise<void>;
+}
+
+async function startOperatorServer(
+  t: Test,
+  dir: string,
+  name: string,
+  body: (tls: string) => string,
+): Promise<OperatorServer> {
+  const conf = path.join(dir, `${name}.conf`);
+  const tls = `tls {
+  cert_file: "${path.join(dir, "server.crt")}"
+  key_file: "${path.join(dir, "server.key")}"
+  ca_file: "${path.join(dir, "data", "pki", "ca.crt")}"
+  verify_and_map: true
+}`;
+  await fs.writeFile(conf, `server_name: ${name}\nhost: 127.0.0.1\nport: -1\n${body(tls)}\n`);
+  const child = spawn("/usr/sbin/nats-server", ["-c", conf], { stdio: ["ignore", "pipe", "pipe"] });
+  t.teardown(() => {
+    child.kill("SIGKILL");
+  });
+  const waiters: { re: RegExp; resolve: (m: RegExpExecArray) => void }[] = [];
+  const lines: string[] = [];
+  const onLine = (line: string) => {
+    lines.push(line);
+    for (const w of [...waiters]) {
+      const m = w.re.exec(line);
+      if (m) {
+        waiters.splice(waiters.indexOf(w), 1);
+        w.resolve(m);
+      }
+    }
+  };
+  createInterface({ input: child.stdout! }).on("line", onLine);
+  createInterface({ input: child.stderr! }).on("line", onLine);
+  const next = (re: RegExp) =>
+    new Promise<RegExpExecArray>((resolve, reject) => {
+      waiters.push({ re, resolve });
+      setTimeout(
+        () => reject(new Error(`nats-server ${name}: no ${re} in\n${lines.join("\n")}`)),
+        15_000,
+      ).unref();
+    });
+  const listening = next(/Listening for client connections on .*:(\d+)/);
+  await next(/Server is ready/);
+  const port = (await listening)[1];
+  return {
+    url: `tls://127.0.0.1:${port}`,
+    child,
+    reload: async () => {
+      const done = next(/Reloaded server configuration/);
+      child.kill("SIGHUP");
+      await done;
+    },
+  };
+}
+
+/**
+ * External NATS mode with real processes: the orchestrator connects to a
+ * nats-server the test runs itself (as an operator would, TLS verify_and_map
+ * with the Shoal CA, JetStream), whose configuration includes the users block
+ * Shoal wrote; a compute node runs a WASM job through it. Refusals name their
+ * cause: the orchestrator user missing, no JetStream, a compute identity the
+ * server was not reloaded for.
+ */
+t.test("orchestrator on an operator-run nats-server", async (t) => {
+  const dir = await tempDir(t, "shoal-ext-nats-");
+  const dataDir = path.join(dir, "data");
+  // The operator's server certificate comes from Shoal's PKI (`shoal pki init` + `shoal pki issue server`).
+  await initPki(path.join(dataDir, "pki"), { trustDomain: "ext.local" });
+  const pki = await openPki(path.join(dataDir, "pki"));
+  await writeIssued(
+    path.join(dir, "server"),
+    pki.mint({ role: "server", dns: ["localhost"], ip: ["127.0.0.1"] }),
+  );
+  const authFile = path.join(dataDir, AUTH_FILE);
+  const serve = (url: string) => [
+    "orchestrator",
+    "serve",
+    "--data-dir",
+    dataDir,
+    "-c",
+    "API.Host=127.0.0.1",
+    "-c",
+    "API.Port=0",
+    "-c",
+    `Orchestrator.NATS.Servers=${url}`,
+    "-c",
+    "Logging.Level=warn",
+  ];
+
+  // A server that knows some other identity but not the orchestrator: Shoal writes its block, then names the fix.
+  const stranger = await startOperatorServer(
+    t,
+    dir,
+    "stranger",
+    (tls) =>
+      `${tls}\nauthorization { users = [ { user: "spiffe://ext.local/compute/other" } ] }\njetstream { store_dir: "${path.join(dir, "js-stranger")}" }`,
+  );
+  const refused = spawnShoal(t, serve(stranger.url), { SHOAL_ADMIN_PASSWORD: TEST_ADMIN_PASSWORD });
+  const { code } = await refused.exited;
+  t.not(code, 0, "the orchestrator does not start");
+  t.match(refused.stderr(), /SHOAL_ORCH_NATS_NOT_ADMITTED/, "with the code");
+  t.match(
+    refused.stderr(),
+    new RegExp(`copy ${authFile}.*include ${AUTH_FILE}`),
+    "and the fix names the file to include",
+  );
+  const stat = await fs.stat(authFile);
+  t.equal(stat.mode & 0o777, 0o600, "the users block is written 0600");
+  const block = await fs.readFile(authFile, "utf8");
+  t.match(block, /user: "spiffe:\/\/ext\.local\/orchestrator\/orchestrator"/);
+  t.match(block, /"\$KV\.>"/, "with the orchestrator's grants");
+  t.match(refused.stdout(), /NATS users block for your servers/, "the block is printed too");
+  stranger.child.kill("SIGTERM");
+
+  // The block included, but no JetStream.
+  const noJs = await startOperatorServer(t, dir, "nojs", (tls) => `${tls}\ninclude "${INCLUDE}"`);
+  // (in-process: the same call `orchestrator serve` makes, with the identity it minted above)
+  const identity = path.join(dataDir, "identity", "orchestrator");
+  const dial = (url: string) =>
+    connectExternalNats({
+      servers: [url],
+      caFile: path.join(dataDir, "pki", "ca.crt"),
+      shoalCaFile: path.join(dataDir, "pki", "ca.crt"),
+      certFile: `${identity}.crt`,
+      keyFile: `${identity}.key`,
+      identity: "spiffe://ext.local/orchestrator/orchestrator",
+      id: "orchestrator",
+      authorizationFile: authFile,
+      logger: silentLogger,
+    });
+  await t.rejects(
+    dial(noJs.url),
+    { code: "SHOAL_ORCH_NATS_NO_JETSTREAM" },
+    "a server without JetStream is named",
+  );
+  noJs.child.kill("SIGTERM");
+
+  // A server whose client CA is not Shoal's: the handshake names the CA to configure.
+  await initPki(path.join(dir, "foreign"), { trustDomain: "ext.local" });
+  const foreign = await startOperatorServer(t, dir, "foreign", (tls) =>
+    tls.replace(path.join(dataDir, "pki", "ca.crt"), path.join(dir, "foreign", "ca.crt")),
+  );
+  await t.rejects(
+    dial(foreign.url),
+    { code: "SHOAL_TLS_CLIENT_UNKNOWN_CA", fix: /ca_file .*ca\.crt/ },
+    "a server that does not trust the Shoal CA is named",
+  );
+  foreign.child.kill("SIGTERM");
+
+  // The operator's real server: Shoal's block included, JetStream on.
+  const server = await startOperatorServer(
+    t,
+    dir,
+    "operator",
+    (tls) => `${tls}\ninclude "${INCLUDE}"\njetstream { store_dir: "${path.join(dir, "js")}" }`,
+  );
+  const orch = await startOrchestrator(t, dataDir, ["-c", `Orchestrator.NATS.Servers=${server.url}`]);
+  t.match(orch.proc.stdout(), new RegExp(`NATS \\(mTLS\\):\\s+${server.url} \\(operator-run\\)`));
+  t.notOk(
+    await fs.access(path.join(dataDir, "nats", "nats.conf")).then(
+      () => true,
+      () => false,
+    ),
+    "no supervised nats-server",
+  );
+
+  // A new compute identity: the block is rewritten and the operator reloads; the node needs nothing different.
+  const issue = async (id: string) => {
+    await fs.mkdir(path.join(dir, id), { recursive: true });
+    await writeIssued(path.join(dir, id, "identity"), await orch.pki.issue({ role: "compute", id }));
+    await waitUntil(`the block admits ${id}`, async () =>
+      (await fs.readFile(authFile, "utf8")).includes(`spiffe://ext.local/compute/${id}"`) ? true : undefined,
+    );
+  };
+  await issue("n1");
+  await waitUntil("the orchestrator asks for a reload", async () =>
+    /reload your nats-server/.test(orch.proc.stderr() + orch.proc.stdout()) ? true : undefined,
+  );
+  await server.reload();
+  await startComputeNode(t, orch, path.join(dir, "n1"), "n1");
+  const spec = await writeSpec(dir, "hello", wasmEngine(HELLO_WASM));
+  const id = await submitJob(orch, spec);
+  const job = await waitForJob(orch, id, "completes", (j) => j.State === "Completed" || j.State === "Failed");
+  t.equal(job.State, "Completed", "the WASM job completes");
+  t.match(job.Executions[0]?.Stdout, /hello from wasm/);
+
+  // An identity the server was not reloaded for is refused by it, with the broker's reason.
+  await issue("n2");
+  const n2 = spawnShoal(t, [
+    "compute",
+    "serve",
+    "--data-dir",
+    path.join(dir, "n2"),
+    "--orchestrators",
+    server.url,
+    "-c",
+    `Compute.TLS.CACert=${orch.ca}`,
+    "-c",
+    `Compute.TLS.ClientCert=${path.join(dir, "n2", "identity.crt")}`,
+    "-c",
+    `Compute.TLS.ClientKey=${path.join(dir, "n2", "identity.key")}`,
+  ]);
+  t.not((await n2.exited).code, 0, "the node not in the loaded block cannot connect");
+  t.match(n2.stderr(), /SHOAL_NATS_AUTHORIZATION/);
+
+  // A deleted node leaves the block (the operator's reload then closes its connection).
+  await orch.client.request("DELETE", "/api/v1/orchestrator/nodes/n1");
+  await waitUntil("n1 leaves the block", async () =>
+    (await fs.readFile(authFile, "utf8")).includes("spiffe://ext.local/compute/n1") ? undefined : true,
+  );
+});
