@@ -160,6 +160,11 @@ t.test("orchestrator on an operator-run nats-server", async (t) => {
       logger: silentLogger,
     });
   await t.rejects(
+    dial(noJs.url.replace(/:\d+$/, ":1")),
+    { code: "SHOAL_NATS_UNREACHABLE", fix: /Orchestrator\.NATS\.Servers/ },
+    "an unreachable server is named",
+  );
+  await t.rejects(
     dial(noJs.url),
     { code: "SHOAL_ORCH_NATS_NO_JETSTREAM" },
     "a server without JetStream is named",
