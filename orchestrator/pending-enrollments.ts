@@ -36,6 +36,17 @@ export interface PendingEnrollment {
   NotAfter?: string;
 }
 
+export interface PendingEnrollmentsOptions {
+  /** Copies of a new bucket (a cluster's JetStream). @default 1 */
+  replicas?: number;
+  /** @default MAX_PENDING_ENROLLMENTS */
+  maxPending?: number;
+  /** @default MAX_PENDING_PER_ADDRESS */
+  maxPerAddress?: number;
+  /** Max age of a new bucket's entries. @default PENDING_ENROLLMENT_TTL_MS */
+  ttlMs?: number;
+}
+
 /** `sha256:HEX` of the public key of a CSR whose signature checks (the node holds that key). */
 export function csrKeyFingerprint(csrPem: string): string {
   return publicKeyFingerprint(checkCsr(csrPem).publicKey);
@@ -52,28 +63,35 @@ function limitReached(why: string): OrchestratorError {
  * KV for `shoal node approve` / `reject` (straight over KV, no memory copy, so
  * every orchestrator on the same JetStream sees one set). Bounded: at most
  * {@link MAX_PENDING_ENROLLMENTS} waiting, {@link MAX_PENDING_PER_ADDRESS}
- * from one address, and every entry expires {@link PENDING_ENROLLMENT_TTL_MS}
- * after its last change (the bucket's max age), so anonymous callers cannot
+ * from one address (decided requests do not count), and every entry expires
+ * {@link PENDING_ENROLLMENT_TTL_MS} after its last change (the bucket's max age), so anonymous callers cannot
  * fill the store. An entry belongs to the key of its first CSR: a request for
  * the same id with another key is refused, never merged.
  */
 export class PendingEnrollments {
   readonly #kv: KV;
+  readonly #maxPending: number;
+  readonly #maxPerAddress: number;
   /** New entries are counted and created one at a time, so the bounds hold under a burst. */
   readonly #creating = new KeyedSerializer();
 
-  private constructor(kv: KV) {
+  private constructor(kv: KV, o: PendingEnrollmentsOptions) {
     this.#kv = kv;
+    this.#maxPending = o.maxPending ?? MAX_PENDING_ENROLLMENTS;
+    this.#maxPerAddress = o.maxPerAddress ?? MAX_PENDING_PER_ADDRESS;
   }
 
-  /** Opens (creating if needed) the bucket; a new bucket gets `replicas` copies. */
-  static async open(js: JetStreamClient, options: { replicas?: number } = {}): Promise<PendingEnrollments> {
+  /** Opens (creating if needed) the bucket; a new bucket gets `replicas` copies and `ttlMs` max age. */
+  static async open(
+    js: JetStreamClient,
+    options: PendingEnrollmentsOptions = {},
+  ): Promise<PendingEnrollments> {
     const kv = await new Kvm(js).create(PENDING_ENROLLMENTS_BUCKET, {
       history: 1,
       replicas: options.replicas ?? 1,
-      ttl: PENDING_ENROLLMENT_TTL_MS,
+      ttl: options.ttlMs ?? PENDING_ENROLLMENT_TTL_MS,
     });
-    return new PendingEnrollments(kv);
+    return new PendingEnrollments(kv, options);
   }
 
   async get(nodeId: string): Promise<PendingEnrollment | undefined> {
@@ -122,12 +140,12 @@ export class PendingEnrollments {
         return existing;
       }
       const waiting = (await this.list()).filter((e) => e.State === "PENDING");
-      if (waiting.length >= MAX_PENDING_ENROLLMENTS) {
+      if (waiting.length >= this.#maxPending) {
         throw limitReached(`${waiting.length} enrollment requests already wait for approval`);
       }
-      if (waiting.filter((e) => e.Address === req.address).length >= MAX_PENDING_PER_ADDRESS) {
+      if (waiting.filter((e) => e.Address === req.address).length >= this.#maxPerAddress) {
         throw limitReached(
-          `${MAX_PENDING_PER_ADDRESS} enrollment requests from ${req.address} already wait for approval`,
+          `${this.#maxPerAddress} enrollment requests from ${req.address} already wait for approval`,
         );
       }
       const entry: PendingEnrollment = {

@@ -90,9 +90,24 @@ t.test("a node without a token waits as PENDING until an operator decides", asyn
     t.equal(before.status, 409);
     t.equal(before.json.error?.code, "SHOAL_ORCH_NODE_ID_TAKEN");
 
+    // Stopped while it waits, it keeps its key and asks again with it: the same request.
+    node.child.kill("SIGTERM");
+    t.equal((await node.exited).code, 0, `a signal while waiting is a clean stop: ${node.stderr()}`);
+    t.equal(
+      (await fs.stat(path.join(dir, "edge-a", "pending-enrollment.key"))).mode & 0o777,
+      0o600,
+      "the waiting key is kept, 0600",
+    );
+    const again = serve("edge-a");
+    t.equal(
+      (await again.waitFor(/"keyFingerprint":"(sha256:[0-9a-f]{64})".*shoal node approve edge-a/))[1],
+      logged,
+      "restarted, it asks with the same key",
+    );
+
     const approved = await operator("approve", "edge-a");
     t.match(approved, { ID: "edge-a", Approval: "APPROVED" });
-    await nodeAs("edge-a", node, (n) => n.Approval === "APPROVED" && n.Health === "HEALTHY");
+    await nodeAs("edge-a", again, (n) => n.Approval === "APPROVED" && n.Health === "HEALTHY");
     const tls = path.join(dir, "edge-a", "tls");
     t.equal((await fs.stat(path.join(tls, "node.key"))).mode & 0o777, 0o600);
     t.notOk(
@@ -109,7 +124,7 @@ t.test("a node without a token waits as PENDING until an operator decides", asyn
   t.test("rejected: the node exits with SHOAL_ORCH_ENROLL_REJECTED and writes nothing", async (t) => {
     const node = serve("edge-r");
     await nodeAs("edge-r", node, (n) => n.Approval === "PENDING");
-    t.ok(await exists(path.join(dir, "edge-r", "pending-enrollment.key")), "the key waits, 0600");
+    t.ok(await exists(path.join(dir, "edge-r", "pending-enrollment.key")), "the key waits");
     t.match(await operator("reject", "edge-r"), { ID: "edge-r", Approval: "REJECTED" });
     const { code } = await node.exited;
     t.equal(code, 1);

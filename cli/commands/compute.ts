@@ -94,7 +94,14 @@ export const computeCommand: CommandModule = (cli) =>
           process.on("SIGTERM", onSignal);
           process.on("SIGINT", onSignal);
           try {
-            await node.start();
+            try {
+              await node.start();
+            } catch (err) {
+              // Stopped by a signal while starting (e.g. waiting for enrollment approval): a clean stop.
+              if (signals === 0) throw err;
+              logger.info({ reason: (err as Error).message }, "stopped before the node started");
+              return;
+            }
             const error = await node.closed();
             if (error) throw error;
           } finally {

@@ -1,0 +1,90 @@
+import { jetstream } from "@nats-io/jetstream";
+import { connect } from "@nats-io/transport-node";
+import t, { type Test } from "tap";
+import { PendingEnrollments, type PendingEnrollmentsOptions } from "../orchestrator/pending-enrollments.js";
+import { startJetStream, tempDir } from "./helpers/cluster.js";
+
+/**
+ * The store of enrollment requests without a token, on a real JetStream
+ * shared by two orchestrators: one set seen by both, a request bound to its
+ * first key, the bounds (total, per address; decided requests do not count),
+ * exactly one decision when two operators race, and expiry by the bucket's
+ * max age.
+ */
+async function open(t: Test, url: string, options: PendingEnrollmentsOptions): Promise<PendingEnrollments> {
+  const nc = await connect({ servers: url });
+  t.teardown(() => nc.close());
+  return PendingEnrollments.open(jetstream(nc), options);
+}
+
+const ask = (nodeId: string, address: string, key = `sha256:${nodeId}`) => ({
+  nodeId,
+  csrPem: `CSR of ${nodeId}`,
+  keyFingerprint: key,
+  address,
+});
+
+t.test("requests are shared, bound to their key, bounded and decided once", async (t) => {
+  const url = await startJetStream(t, await tempDir(t, "shoal-pending-"));
+  const bounds = { maxPending: 3, maxPerAddress: 2 };
+  const [a, b] = [await open(t, url, bounds), await open(t, url, bounds)];
+
+  const first = await a.request(ask("n1", "10.0.0.1"));
+  t.match(first, { NodeID: "n1", State: "PENDING", KeyFingerprint: "sha256:n1", Address: "10.0.0.1" });
+  t.same(await b.get("n1"), first, "the other orchestrator sees the request");
+  t.same(await b.request(ask("n1", "10.0.0.9")), first, "the same key asking again is the same request");
+  await t.rejects(b.request(ask("n1", "10.0.0.1", "sha256:intruder")), {
+    code: "SHOAL_ORCH_NODE_ID_TAKEN",
+    status: 409,
+  });
+
+  await a.request(ask("n2", "10.0.0.1"));
+  await t.rejects(a.request(ask("n3", "10.0.0.1")), {
+    code: "SHOAL_ORCH_ENROLL_LIMIT",
+    status: 429,
+    message: /2 enrollment requests from 10\.0\.0\.1/,
+  });
+  await b.request(ask("n3", "10.0.0.2"));
+  await t.rejects(b.request(ask("n4", "10.0.0.3")), {
+    code: "SHOAL_ORCH_ENROLL_LIMIT",
+    message: /3 enrollment requests already wait/,
+  });
+  t.same(
+    (await a.list()).map((e) => e.NodeID),
+    ["n1", "n2", "n3"],
+  );
+
+  // Two operators decide n1 at once on two orchestrators: exactly one decision lands.
+  const decisions = await Promise.allSettled([
+    a.decide("n1", async (e) => ({ ...e, State: "APPROVED", Certificate: "CERT" })),
+    b.decide("n1", async (e) => ({ ...e, State: "REJECTED" })),
+  ]);
+  t.equal(decisions.filter((d) => d.status === "fulfilled").length, 1, "one decision wins");
+  const lost = decisions.find((d) => d.status === "rejected") as PromiseRejectedResult;
+  t.match(lost.reason, { code: "SHOAL_ORCH_NODE_NOT_FOUND" });
+  await t.rejects(
+    a.decide("n1", async (e) => e),
+    { code: "SHOAL_ORCH_NODE_NOT_FOUND" },
+    "a decided request is decided",
+  );
+  await t.rejects(
+    a.decide("nobody", async (e) => e),
+    { code: "SHOAL_ORCH_NODE_NOT_FOUND" },
+  );
+  // Decided requests no longer count: room for one more.
+  t.match(await b.request(ask("n4", "10.0.0.3")), { State: "PENDING" });
+});
+
+t.test("requests expire with the bucket's max age", async (t) => {
+  const url = await startJetStream(t, await tempDir(t, "shoal-pending-ttl-"));
+  const store = await open(t, url, { ttlMs: 1000 });
+  await store.request(ask("short-lived", "10.0.0.1"));
+  t.ok(await store.get("short-lived"));
+  let gone = false;
+  for (let i = 0; i < 100 && !gone; i++) {
+    await new Promise((r) => setTimeout(r, 100));
+    gone = (await store.get("short-lived")) === undefined;
+  }
+  t.ok(gone, "forgotten after its max age");
+  t.same(await store.list(), []);
+});
