@@ -259,6 +259,7 @@ export class Orchestrator {
       : await buckets();
     this.#cleanups.push(async () => authStore.close());
     if (shared) this.#cleanups.push(async () => shared.close());
+    this.#cleanups.push(async () => pendingEnrollments.close());
 
     // State, services, dispatcher.
     this.#store = store;

@@ -1,5 +1,5 @@
 import type { JetStreamClient } from "@nats-io/jetstream";
-import { type KV, Kvm } from "@nats-io/kv";
+import { type KV, type KvEntry, Kvm, KvWatchInclude } from "@nats-io/kv";
 import { checkCsr, publicKeyFingerprint } from "../pki/index.js";
 import { ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
 import { KeyedSerializer } from "./keyed-serializer.js";
@@ -72,13 +72,65 @@ export class PendingEnrollments {
   readonly #kv: KV;
   readonly #maxPending: number;
   readonly #maxPerAddress: number;
+  readonly #ttlMs: number;
   /** New entries are counted and created one at a time, so the bounds hold under a burst. */
   readonly #creating = new KeyedSerializer();
+  /**
+   * Every entry as last seen (a watch of the bucket keeps it current), for
+   * listing and counting without a KV round trip; decisions and polls read KV.
+   */
+  readonly #seen = new Map<string, { value: PendingEnrollment; revision: number; changed: number }>();
+  #stopWatch: (() => void) | undefined;
 
   private constructor(kv: KV, o: PendingEnrollmentsOptions) {
     this.#kv = kv;
     this.#maxPending = o.maxPending ?? MAX_PENDING_ENROLLMENTS;
     this.#maxPerAddress = o.maxPerAddress ?? MAX_PENDING_PER_ADDRESS;
+    this.#ttlMs = o.ttlMs ?? PENDING_ENROLLMENT_TTL_MS;
+  }
+
+  /** Stops following the bucket. */
+  close(): void {
+    this.#stopWatch?.();
+  }
+
+  /** Watches first, then loads: a change made meanwhile arrives either way, the newer revision wins. */
+  async #follow(): Promise<void> {
+    const watch = await this.#kv.watch({ include: KvWatchInclude.UpdatesOnly });
+    this.#stopWatch = () => watch.stop();
+    void (async () => {
+      for await (const e of watch) this.#see(e);
+    })().catch(() => {
+      // Stopped with close(); listing then shows what was last seen.
+    });
+    const keys: string[] = [];
+    for await (const k of await this.#kv.keys()) keys.push(k);
+    for (const e of await Promise.all(keys.map((k) => this.#kv.get(k)))) if (e) this.#see(e);
+  }
+
+  #see(e: Pick<KvEntry, "key" | "revision" | "operation" | "length" | "created" | "json">): void {
+    const known = this.#seen.get(e.key);
+    if (known && known.revision >= e.revision) return;
+    if (e.operation === "PUT" && e.length > 0) {
+      this.#seen.set(e.key, {
+        value: e.json<PendingEnrollment>(),
+        revision: e.revision,
+        changed: e.created.getTime(),
+      });
+    } else {
+      this.#seen.delete(e.key);
+    }
+  }
+
+  #remember(value: PendingEnrollment, revision: number): void {
+    this.#see({
+      key: value.NodeID,
+      revision,
+      operation: "PUT",
+      length: 1,
+      created: new Date(),
+      json: <T>() => value as T,
+    });
   }
 
   /** Opens (creating if needed) the bucket; a new bucket gets `replicas` copies and `ttlMs` max age. */
@@ -91,20 +143,25 @@ export class PendingEnrollments {
       replicas: options.replicas ?? 1,
       ttl: options.ttlMs ?? PENDING_ENROLLMENT_TTL_MS,
     });
-    return new PendingEnrollments(kv, options);
+    const store = new PendingEnrollments(kv, options);
+    await store.#follow();
+    return store;
   }
 
   async get(nodeId: string): Promise<PendingEnrollment | undefined> {
     return (await this.#entry(nodeId))?.value;
   }
 
-  /** Every stored request, oldest first. */
+  /**
+   * Every request, oldest first, as this orchestrator last saw them (another
+   * orchestrator's change arrives within a moment); expired ones are left out
+   * (JetStream drops them without telling watchers).
+   */
   async list(): Promise<PendingEnrollment[]> {
-    const keys: string[] = [];
-    for await (const k of await this.#kv.keys()) keys.push(k);
-    const entries = await Promise.all(keys.map((k) => this.get(k)));
-    return entries
-      .filter((e): e is PendingEnrollment => e !== undefined)
+    const cutoff = Date.now() - this.#ttlMs;
+    return [...this.#seen.values()]
+      .filter((e) => e.changed > cutoff)
+      .map((e) => e.value)
       .sort((a, b) => a.RequestedAt.localeCompare(b.RequestedAt));
   }
 
@@ -156,7 +213,7 @@ export class PendingEnrollments {
         Address: req.address,
         RequestedAt: (req.now ?? new Date()).toISOString(),
       };
-      await this.#kv.create(req.nodeId, JSON.stringify(entry));
+      this.#remember(entry, await this.#kv.create(req.nodeId, JSON.stringify(entry)));
       return entry;
     });
   }
@@ -183,7 +240,7 @@ export class PendingEnrollments {
     if (entry?.value.State !== "PENDING") throw notPending();
     const decided = await decide(entry.value);
     try {
-      await this.#kv.update(nodeId, JSON.stringify(decided), entry.revision);
+      this.#remember(decided, await this.#kv.update(nodeId, JSON.stringify(decided), entry.revision));
     } catch (cause) {
       // Another operator (or orchestrator) decided first.
       throw notPending(cause);

@@ -2,7 +2,7 @@ import { jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import t, { type Test } from "tap";
 import { PendingEnrollments, type PendingEnrollmentsOptions } from "../orchestrator/pending-enrollments.js";
-import { startJetStream, tempDir } from "./helpers/cluster.js";
+import { startJetStream, tempDir, waitUntil } from "./helpers/cluster.js";
 
 /**
  * The store of enrollment requests without a token, on a real JetStream
@@ -14,8 +14,17 @@ import { startJetStream, tempDir } from "./helpers/cluster.js";
 async function open(t: Test, url: string, options: PendingEnrollmentsOptions): Promise<PendingEnrollments> {
   const nc = await connect({ servers: url });
   t.teardown(() => nc.close());
-  return PendingEnrollments.open(jetstream(nc), options);
+  const store = await PendingEnrollments.open(jetstream(nc), options);
+  t.teardown(() => store.close());
+  return store;
 }
+
+/** Waits until `store` lists what `want` accepts (another orchestrator's writes arrive by its watch). */
+const sees = (store: PendingEnrollments, what: string, want: (ids: string[]) => boolean) =>
+  waitUntil(what, async () => {
+    const ids = (await store.list()).map((e) => `${e.NodeID}:${e.State}`);
+    return want(ids) ? ids : undefined;
+  });
 
 const ask = (nodeId: string, address: string, key = `sha256:${nodeId}`) => ({
   nodeId,
@@ -45,14 +54,16 @@ t.test("requests are shared, bound to their key, bounded and decided once", asyn
     message: /2 enrollment requests from 10\.0\.0\.1/,
   });
   await b.request(ask("n3", "10.0.0.2"));
+  await sees(b, "b sees a's requests", (ids) => ids.length === 3);
   await t.rejects(b.request(ask("n4", "10.0.0.3")), {
     code: "SHOAL_ORCH_ENROLL_LIMIT",
     message: /3 enrollment requests already wait/,
   });
-  t.same(
-    (await a.list()).map((e) => e.NodeID),
-    ["n1", "n2", "n3"],
-  );
+  t.same(await sees(a, "a sees b's request", (ids) => ids.length === 3), [
+    "n1:PENDING",
+    "n2:PENDING",
+    "n3:PENDING",
+  ]);
 
   // Two operators decide n1 at once on two orchestrators: exactly one decision lands.
   const decisions = await Promise.allSettled([
@@ -72,6 +83,7 @@ t.test("requests are shared, bound to their key, bounded and decided once", asyn
     { code: "SHOAL_ORCH_NODE_NOT_FOUND" },
   );
   // Decided requests no longer count: room for one more.
+  await sees(b, "b sees the decision", (ids) => !ids.includes("n1:PENDING"));
   t.match(await b.request(ask("n4", "10.0.0.3")), { State: "PENDING" });
 });
 

@@ -39,8 +39,11 @@ export async function startJetStream(t: Test, dir: string): Promise<string> {
   const child = spawn("nats-server", ["-js", "-a", "127.0.0.1", "-p", String(port), "-sd", dir], {
     stdio: "ignore",
   });
-  t.teardown(() => {
+  const exited = new Promise((resolve) => child.once("exit", resolve));
+  // Awaited: the data directory is removed next, and the server may still be writing to it.
+  t.teardown(async () => {
     child.kill("SIGTERM");
+    await exited;
   });
   const url = `127.0.0.1:${port}`;
   for (let i = 0; i < 200; i++) {
