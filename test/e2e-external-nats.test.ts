@@ -4,8 +4,8 @@ import { promises as fs } from "node:fs";
 import path from "node:path";
 import { createInterface } from "node:readline";
 import t, { type Test } from "tap";
-import { silentLogger } from "../core/index.js";
-import { connectExternalNats } from "../orchestrator/external-nats.js";
+import { loadConfig, silentLogger } from "../core/index.js";
+import { checkExternalNatsConfig, connectExternalNats } from "../orchestrator/external-nats.js";
 import { initPki, openPki, writeIssued } from "../pki/index.js";
 import {
   spawnShoal,
@@ -89,8 +89,9 @@ async function startOperatorServer(
  * nats-server the test runs itself (as an operator would, TLS verify_and_map
  * with the Shoal CA, JetStream), whose configuration includes the users block
  * Shoal wrote; a compute node runs a WASM job through it. Refusals name their
- * cause: the orchestrator user missing, no JetStream, a compute identity the
- * server was not reloaded for.
+ * cause: unreachable, the orchestrator user missing, no JetStream, a server not
+ * trusting the Shoal CA, a compute identity the server was not reloaded for; a
+ * deleted node leaves the block and the operator's reload cuts it off.
  */
 t.test("orchestrator on an operator-run nats-server", async (t) => {
   const dir = await tempDir(t, "shoal-ext-nats-");
@@ -117,6 +118,13 @@ t.test("orchestrator on an operator-run nats-server", async (t) => {
     "-c",
     "Logging.Level=warn",
   ];
+
+  // Clustering is of the supervised server only.
+  const clustered = await loadConfig({
+    env: {},
+    overrides: ["Orchestrator.NATS.Servers=tls://nats:4222", "Orchestrator.Cluster.Name=c1"],
+  });
+  t.throws(() => checkExternalNatsConfig(clustered), { code: "SHOAL_ORCH_NATS_EXTERNAL_CONFIG" });
 
   // A server that knows some other identity but not the orchestrator: Shoal writes its block, then names the fix.
   const stranger = await startOperatorServer(
@@ -213,7 +221,7 @@ t.test("orchestrator on an operator-run nats-server", async (t) => {
     /reload your nats-server/.test(orch.proc.stderr() + orch.proc.stdout()) ? true : undefined,
   );
   await server.reload();
-  await startComputeNode(t, orch, path.join(dir, "n1"), "n1");
+  const n1 = await startComputeNode(t, orch, path.join(dir, "n1"), "n1");
   const spec = await writeSpec(dir, "hello", wasmEngine(HELLO_WASM));
   const id = await submitJob(orch, spec);
   const job = await waitForJob(orch, id, "completes", (j) => j.State === "Completed" || j.State === "Failed");
@@ -239,9 +247,12 @@ t.test("orchestrator on an operator-run nats-server", async (t) => {
   t.not((await n2.exited).code, 0, "the node not in the loaded block cannot connect");
   t.match(n2.stderr(), /SHOAL_NATS_AUTHORIZATION/);
 
-  // A deleted node leaves the block (the operator's reload then closes its connection).
+  // A deleted node leaves the block; the operator's reload then closes its connection.
   await orch.client.request("DELETE", "/api/v1/orchestrator/nodes/n1");
   await waitUntil("n1 leaves the block", async () =>
     (await fs.readFile(authFile, "utf8")).includes("spiffe://ext.local/compute/n1") ? undefined : true,
   );
+  await server.reload();
+  t.not((await n1.exited).code, 0, "the reload cuts the deleted node off");
+  t.match(n1.stderr(), /SHOAL_NATS_AUTHORIZATION/);
 });
