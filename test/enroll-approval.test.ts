@@ -1,7 +1,7 @@
 import "reflect-metadata";
 import { promises as fs } from "node:fs";
 import path from "node:path";
-import t from "tap";
+import t, { type Test } from "tap";
 import { MAX_PENDING_PER_ADDRESS } from "../orchestrator/pending-enrollments.js";
 import { createCsr, generatePrivateKey, listCertificates, publicKeyFingerprint } from "../pki/index.js";
 import { apiCaller } from "./helpers/api-call.js";
@@ -60,7 +60,7 @@ t.test("a node without a token waits as PENDING until an operator decides", asyn
       },
       60_000,
     );
-  const operator = async (verb: "approve" | "reject", id: string) => {
+  const operator = async (t: Test, verb: "approve" | "reject", id: string) => {
     const p = spawnBuiltShoal(t, ["node", verb, id, "--output", "json", ...orch.api], {
       SHOAL_TOKEN: await orch.adminToken(),
     });
@@ -105,7 +105,7 @@ t.test("a node without a token waits as PENDING until an operator decides", asyn
       "restarted, it asks with the same key",
     );
 
-    const approved = await operator("approve", "edge-a");
+    const approved = await operator(t, "approve", "edge-a");
     t.match(approved, { ID: "edge-a", Approval: "APPROVED" });
     await nodeAs("edge-a", again, (n) => n.Approval === "APPROVED" && n.Health === "HEALTHY");
     const tls = path.join(dir, "edge-a", "tls");
@@ -125,7 +125,7 @@ t.test("a node without a token waits as PENDING until an operator decides", asyn
     const node = serve("edge-r");
     await nodeAs("edge-r", node, (n) => n.Approval === "PENDING");
     t.ok(await exists(path.join(dir, "edge-r", "pending-enrollment.key")), "the key waits");
-    t.match(await operator("reject", "edge-r"), { ID: "edge-r", Approval: "REJECTED" });
+    t.match(await operator(t, "reject", "edge-r"), { ID: "edge-r", Approval: "REJECTED" });
     const { code } = await node.exited;
     t.equal(code, 1);
     t.match(node.stderr(), /SHOAL_ORCH_ENROLL_REJECTED/);
