@@ -521,9 +521,13 @@ export class Orchestrator {
     print(
       `  shoal compute serve --orchestrators ${natsUrl.split(" ")[0]} -c Compute.TLS.CACert=${path.join(pki.dir, "ca.crt")} -c Compute.TLS.ClientCert=node-1.crt -c Compute.TLS.ClientKey=node-1.key --data-dir ${path.join(dataDir, "..", "node-1")}`,
     );
-    print(
-      `Use the API: export SHOAL_API=https://${advertise}:${apiPort}; shoal agent alive --ca-cert ${path.join(pki.dir, "ca.crt")}`,
-    );
+    // The CA a client must trust for the API is the fabric's only when the API certificate comes from it.
+    const apiCa = {
+      "self-signed": ` --ca-cert ${path.join(pki.dir, "ca.crt")}`,
+      files: " --ca-cert CA-OF-YOUR-API-CERTIFICATE",
+      acme: "",
+    }[this.#apiTls?.source ?? "self-signed"];
+    print(`Use the API: export SHOAL_API=https://${advertise}:${apiPort}; shoal agent alive${apiCa}`);
   }
 
   /**
