@@ -30,6 +30,7 @@ import {
   type VerifiedEnvelope,
 } from "../fabric/index.js";
 import pkg from "../package.json" with { type: "json" };
+import { decideOnRefusal, readAdmission, recordAdmission } from "./broker-admission.js";
 import { CapacityLedger } from "./capacity-ledger.js";
 import { CertificateRenewer } from "./certificate-renewal.js";
 import { lockDataDir } from "./data-dir-lock.js";
@@ -57,6 +58,8 @@ export const DEFAULT_BID_RESERVATION_MS = 60_000;
 export const MAX_RESULT_REFUSALS = 3;
 /** Longest pause between retries (registration, result delivery, first connection). @default 30 s */
 export const MAX_RETRY_BACKOFF_MS = 30_000;
+/** While the broker has not admitted a new identity, the "still waiting" warning repeats at most this often. @default 5 min */
+export const NOT_ADMITTED_WARN_EVERY_MS = 300_000;
 
 export interface ComputeNodeOptions {
   /** The validated config (`loadConfig`); `DataDir` and `Compute.*` are used. */
@@ -400,13 +403,21 @@ export class ComputeNode {
     );
   }
 
-  /** Dials the fabric; while nothing answers, retries with backoff until it does or the node closes. */
+  /**
+   * Dials the fabric; while nothing answers, or while the broker refuses an
+   * identity it never admitted (not reloaded for it yet), retries with backoff
+   * until it connects or the node closes. A refusal of an identity the broker
+   * admitted before means it was revoked, deleted or expired: that is thrown.
+   */
   async #connect(identity: NodeIdentity): Promise<FabricConnection | undefined> {
     const c = this.#o.config.Compute;
     let delay = this.#o.retryBaseMs ?? 500;
+    let waitingSince: Date | undefined;
+    let lastWarned = 0;
+    let refusals = 0;
     for (;;) {
       try {
-        return await connectFabric({
+        const fabric = await connectFabric({
           servers: c.Orchestrators,
           caFile: identity.files.caCert,
           certFile: identity.files.clientCert,
@@ -414,9 +425,52 @@ export class ComputeNode {
           identity: identity.spiffeId,
           ...(this.#o.logger ? { logger: this.#o.logger } : {}),
         });
+        if (waitingSince) {
+          this.#log.info(
+            { identity: identity.spiffeId, waitedMs: Date.now() - waitingSince.getTime(), refusals },
+            "the broker admits this identity now",
+          );
+        }
+        await recordAdmission(this.#dataDir, identity.spiffeId, new Date()).catch((err: unknown) =>
+          this.#log.warn(
+            { err },
+            "cannot record the broker's admission (a later refusal will be waited out)",
+          ),
+        );
+        return fabric;
       } catch (err) {
-        if (!isShoalError(err, "SHOAL_NATS_UNREACHABLE")) throw err;
-        this.#log.warn({ code: err.code, reason: err.message }, "no orchestrator answers yet; retrying");
+        if (isShoalError(err, "SHOAL_NATS_AUTHORIZATION")) {
+          const decision = decideOnRefusal(identity.spiffeId, await readAdmission(this.#dataDir));
+          if (decision.action === "stop") {
+            this.#log.error(
+              { code: err.code, identity: identity.spiffeId, admittedAt: decision.admittedAt },
+              "the broker admitted this identity before and refuses it now: it was revoked, deleted or expired",
+            );
+            throw err;
+          }
+          refusals++;
+          waitingSince ??= new Date();
+          const now = Date.now();
+          const notice = {
+            code: COMPUTE_CODES.SHOAL_COMPUTE_NOT_ADMITTED,
+            identity: identity.spiffeId,
+            servers: c.Orchestrators,
+            since: waitingSince.toISOString(),
+            refusals,
+          };
+          const message =
+            "the broker has not admitted this identity yet (external NATS: the operator must reload their nats-server after Shoal rewrote nats-external-authorization.conf); waiting and retrying";
+          if (now - lastWarned >= NOT_ADMITTED_WARN_EVERY_MS) {
+            lastWarned = now;
+            this.#log.warn(notice, message);
+          } else {
+            this.#log.debug(notice, message);
+          }
+        } else if (isShoalError(err, "SHOAL_NATS_UNREACHABLE")) {
+          this.#log.warn({ code: err.code, reason: err.message }, "no orchestrator answers yet; retrying");
+        } else {
+          throw err;
+        }
         await this.#sleep(jitter(delay));
         delay = Math.min(delay * 2, MAX_RETRY_BACKOFF_MS);
         if (this.#phase === "closing" || this.#phase === "closed") return undefined;

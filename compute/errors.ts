@@ -9,6 +9,8 @@ export const COMPUTE_CODES = defineCodes("compute", {
     "Enrollment could not complete: the API is unreachable, its TLS certificate is not from the pinned CA, or its answer is not a valid identity.",
   SHOAL_COMPUTE_CERT_EXPIRED:
     "The node's certificate expired before it could be renewed (the orchestrator was unreachable for too long).",
+  SHOAL_COMPUTE_NOT_ADMITTED:
+    "The broker refused this node's new identity, which it never admitted before: it was not reloaded for it yet (external NATS: the operator must reload their nats-server); the node waits and retries.",
   SHOAL_COMPUTE_REJECTED: "The orchestrator rejected this node's registration (`shoal node reject`).",
   SHOAL_COMPUTE_DATA_DIR_LOCKED: "Another compute node already runs with this data directory.",
   SHOAL_COMPUTE_SPOOL: "A pending result in the spool cannot be read or written.",

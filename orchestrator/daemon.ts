@@ -279,6 +279,10 @@ export class Orchestrator {
       certTtlMs: parseDuration(c.PKI.CertTTL),
       externalIdentities: c.Orchestrator.NodeManager.Identities,
       pending: pendingEnrollments,
+      // The supervised broker admits the node before it gets its certificate (no refused first dial).
+      onIssued: async () => {
+        await trustKeeper?.apply();
+      },
       log: this.#log.child({ component: "enrollment" }),
     });
     const nodes = new NodeService({

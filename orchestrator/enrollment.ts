@@ -148,6 +148,13 @@ export interface EnrollmentServiceOptions {
   externalIdentities: readonly string[];
   /** Where requests without a token wait for an operator; without it a token is required. */
   pending?: PendingEnrollments;
+  /**
+   * Awaited after a certificate is issued, before it is handed out: the
+   * daemon applies the inventory to the broker here, so a supervised
+   * nats-server admits the node before the node can dial it. A failure is
+   * logged, not thrown (the certificate exists; the inventory watcher retries).
+   */
+  onIssued?: () => Promise<void>;
   log: Logger;
 }
 
@@ -190,6 +197,7 @@ export class EnrollmentService {
         { node: req.nodeId, serial: issued.serial, tokenId, notAfter: issued.notAfter },
         "node enrolled",
       );
+      await this.#issued(req.nodeId);
       return {
         nodeId: req.nodeId,
         spiffeId: id,
@@ -206,6 +214,14 @@ export class EnrollmentService {
       }
       throw refusal(err);
     }
+  }
+
+  async #issued(nodeId: string): Promise<void> {
+    await this.#o
+      .onIssued?.()
+      .catch((err: unknown) =>
+        this.#o.log.warn({ node: nodeId, err }, "cannot apply the new identity to the broker yet"),
+      );
   }
 
   /** Signs a new node's CSR, unless the id is declared elsewhere or held by a live certificate. */
@@ -296,6 +312,7 @@ export class EnrollmentService {
       };
     });
     this.#o.log.info({ node: nodeId, serial: decided.Serial, by }, "enrollment approved");
+    await this.#issued(nodeId);
     return decided;
   }
 

@@ -33,6 +33,7 @@ export const CRL_FILE = "crl.pem";
 export class TrustKeeper {
   readonly #o: TrustOptions;
   #chain: Promise<unknown> = Promise.resolve();
+  #queued: Promise<void> | undefined;
   #crl: { serials: string; pem: string } | undefined;
 
   constructor(o: TrustOptions) {
@@ -44,9 +45,18 @@ export class TrustKeeper {
     return this.#crl?.pem;
   }
 
-  /** Re-reads the inventory and applies it; resolves once the broker has reloaded. */
+  /**
+   * Re-reads the inventory and applies it; resolves once the broker has
+   * reloaded. Callers while a run waits to start share it: it reads the
+   * inventory after their change, and a burst of enrollments costs one reload.
+   */
   apply(): Promise<void> {
-    const run = this.#chain.then(() => this.#apply());
+    if (this.#queued) return this.#queued;
+    const run = this.#chain.then(() => {
+      this.#queued = undefined;
+      return this.#apply();
+    });
+    this.#queued = run;
     this.#chain = run.catch(() => {});
     return run;
   }

@@ -90,8 +90,10 @@ async function startOperatorServer(
  * with the Shoal CA, JetStream), whose configuration includes the users block
  * Shoal wrote; a compute node runs a WASM job through it. Refusals name their
  * cause: unreachable, the orchestrator user missing, no JetStream, a server not
- * trusting the Shoal CA, a compute identity the server was not reloaded for; a
- * deleted node leaves the block and the operator's reload cuts it off.
+ * trusting the Shoal CA. A compute node started before the operator's reload
+ * waits (SHOAL_COMPUTE_NOT_ADMITTED) and registers after it; a deleted node
+ * leaves the block, the operator's reload cuts it off, and started again it
+ * stops at once (SHOAL_NATS_AUTHORIZATION): the broker had admitted it before.
  */
 t.test("orchestrator on an operator-run nats-server", async (t) => {
   const dir = await tempDir(t, "shoal-ext-nats-");
@@ -228,7 +230,7 @@ t.test("orchestrator on an operator-run nats-server", async (t) => {
   t.equal(job.State, "Completed", "the WASM job completes");
   t.match(job.Executions[0]?.Stdout, /hello from wasm/);
 
-  // An identity the server was not reloaded for is refused by it, with the broker's reason.
+  // A node started before the operator's reload waits (it was never admitted) and joins after it.
   await issue("n2");
   const n2 = spawnShoal(t, [
     "compute",
@@ -244,8 +246,29 @@ t.test("orchestrator on an operator-run nats-server", async (t) => {
     "-c",
     `Compute.TLS.ClientKey=${path.join(dir, "n2", "identity.key")}`,
   ]);
-  t.not((await n2.exited).code, 0, "the node not in the loaded block cannot connect");
-  t.match(n2.stderr(), /SHOAL_NATS_AUTHORIZATION/);
+  await n2.waitFor(/SHOAL_COMPUTE_NOT_ADMITTED/);
+  t.match(
+    n2.stdout() + n2.stderr(),
+    /the broker has not admitted this identity yet.*reload their nats-server/,
+    "the node says why it waits and what the operator must do",
+  );
+  // Two more refused dials at least (0.5 s, 1 s backoff): still waiting, one warning only.
+  await new Promise((r) => setTimeout(r, 2500));
+  t.equal(n2.child.exitCode, null, "the node waits instead of exiting");
+  t.equal(
+    (n2.stdout() + n2.stderr()).match(/SHOAL_COMPUTE_NOT_ADMITTED/g)?.length,
+    1,
+    "the wait is logged once, not at every retry",
+  );
+  await server.reload();
+  await waitUntil("n2 registers after the reload", async () => {
+    if (n2.child.exitCode !== null) throw new Error(`n2 exited:\n${n2.stderr()}`);
+    const { Items } = await orch.client.get<{ Items: { ID: string; Health: string }[] }>(
+      "/api/v1/orchestrator/nodes",
+    );
+    return Items.some((n) => n.ID === "n2" && n.Health === "HEALTHY") ? true : undefined;
+  });
+  t.pass("the node registered once the operator reloaded");
 
   // A deleted node leaves the block; the operator's reload then closes its connection.
   await orch.client.request("DELETE", "/api/v1/orchestrator/nodes/n1");
@@ -255,4 +278,23 @@ t.test("orchestrator on an operator-run nats-server", async (t) => {
   await server.reload();
   t.not((await n1.exited).code, 0, "the reload cuts the deleted node off");
   t.match(n1.stderr(), /SHOAL_NATS_AUTHORIZATION/);
+
+  // Started again, the deleted node does not wait: the broker admitted this identity before, so its refusal now means revoked.
+  const again = spawnShoal(t, [
+    "compute",
+    "serve",
+    "--data-dir",
+    path.join(dir, "n1"),
+    "--orchestrators",
+    server.url,
+    "-c",
+    `Compute.TLS.CACert=${orch.ca}`,
+    "-c",
+    `Compute.TLS.ClientCert=${path.join(dir, "n1", "identity.crt")}`,
+    "-c",
+    `Compute.TLS.ClientKey=${path.join(dir, "n1", "identity.key")}`,
+  ]);
+  t.not((await again.exited).code, 0, "a revoked node that was admitted before stops");
+  t.match(again.stderr(), /SHOAL_NATS_AUTHORIZATION/, "with the broker's reason");
+  t.notMatch(again.stdout() + again.stderr(), /SHOAL_COMPUTE_NOT_ADMITTED/, "and does not wait");
 });
