@@ -11,6 +11,7 @@ import { ANONYMOUS_PRINCIPAL, type Principal } from "../auth/index.js";
 import { isShoalError, type Logger } from "../core/index.js";
 import { ORCHESTRATOR_CODES } from "./errors.js";
 import type { JobService } from "./job-service.js";
+import { NodeLabelsSchema } from "./node-labels.js";
 import type { NodeService } from "./node-service.js";
 import type { JobRecord } from "./records.js";
 
@@ -320,9 +321,22 @@ export function buildApi(o: ApiOptions): FastifyInstance {
   app.get(`${v1}/orchestrator/nodes/:id`, { schema: { params: NodeIdParams } }, async (req) => ({
     Node: await o.nodes.get((req.params as { id: string }).id),
   }));
-  app.post(`${v1}/orchestrator/nodes/:id/approve`, { schema: { params: NodeIdParams } }, async (req) => ({
-    Node: await o.nodes.approve((req.params as { id: string }).id, req.principal.id),
-  }));
+  // Labels only for an enrollment request (as a join token would give them); a registered node's come from the node.
+  const ApproveBody = T.Union([
+    T.Object({ Labels: T.Optional(NodeLabelsSchema) }, { additionalProperties: false }),
+    T.Null(),
+  ]);
+  app.post(
+    `${v1}/orchestrator/nodes/:id/approve`,
+    { schema: { params: NodeIdParams, body: ApproveBody } },
+    async (req) => ({
+      Node: await o.nodes.approve(
+        (req.params as { id: string }).id,
+        req.principal.id,
+        (req.body as { Labels?: Record<string, string> } | null)?.Labels,
+      ),
+    }),
+  );
   app.post(`${v1}/orchestrator/nodes/:id/reject`, { schema: { params: NodeIdParams } }, async (req) => ({
     Node: await o.nodes.reject((req.params as { id: string }).id, req.principal.id),
   }));

@@ -5,6 +5,7 @@ import { DEFAULT_JOIN_TOKEN_TTL_MS } from "../pki/index.js";
 import { PUBLIC_ROUTE } from "./api.js";
 import type { EnrollmentService } from "./enrollment.js";
 import { ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
+import { NodeLabelsSchema } from "./node-labels.js";
 
 /** Largest CSR accepted (an RSA-4096 CSR is under 2 KiB in PEM). */
 const MAX_CSR_CHARS = 16 * 1024;
@@ -22,7 +23,7 @@ const CreateTokenBody = T.Union([
     {
       TTL: T.Optional(T.String({ maxLength: 32 })),
       Uses: T.Optional(T.Integer({ minimum: 1, maximum: 100_000 })),
-      Labels: T.Optional(T.Record(T.String({ minLength: 1, maxLength: 128 }), T.String({ maxLength: 256 }))),
+      Labels: T.Optional(NodeLabelsSchema),
     },
     { additionalProperties: false },
   ),

@@ -274,7 +274,7 @@ export class EnrollmentService {
         spiffeId: spiffeId(this.#o.pki.trustDomain, "compute", req.nodeId),
         certPem: entry.Certificate!,
         caPem: this.#o.pki.caCertPem,
-        labels: {},
+        labels: entry.Labels ?? {},
         notAfter: new Date(entry.NotAfter!),
         serial: entry.Serial!,
       };
@@ -295,8 +295,15 @@ export class EnrollmentService {
     return this.#o.pending?.get(nodeId);
   }
 
-  /** `shoal node approve` of a waiting request: signs its CSR; the node fetches the certificate. */
-  async approvePending(nodeId: string, by: string): Promise<PendingEnrollment> {
+  /**
+   * `shoal node approve [--label k=v]...` of a waiting request: signs its CSR
+   * and keeps `labels` with it; the node fetches both (labels as a join token's).
+   */
+  async approvePending(
+    nodeId: string,
+    by: string,
+    labels: Record<string, string> = {},
+  ): Promise<PendingEnrollment> {
     const decided = await this.#requirePending(nodeId).decide(nodeId, async (entry) => {
       const issued = await this.#sign(entry.CSR, nodeId).catch((err: unknown) => {
         throw refusal(err);
@@ -309,9 +316,10 @@ export class EnrollmentService {
         Certificate: issued.certPem,
         Serial: issued.serial,
         NotAfter: issued.notAfter.toISOString(),
+        Labels: { ...labels },
       };
     });
-    this.#o.log.info({ node: nodeId, serial: decided.Serial, by }, "enrollment approved");
+    this.#o.log.info({ node: nodeId, serial: decided.Serial, by, labels }, "enrollment approved");
     await this.#issued(nodeId);
     return decided;
   }

@@ -1,6 +1,6 @@
 import type { Logger } from "../core/index.js";
 import type { Approval, MessageBody } from "../fabric/protocol.js";
-import { nodeNotFound } from "./errors.js";
+import { nodeNotFound, ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
 import type { PendingEnrollment } from "./pending-enrollments.js";
 import type { NodeHealth, NodeRecord } from "./records.js";
 import type { StateStore } from "./state-store.js";
@@ -29,7 +29,7 @@ export interface NodeServiceOptions {
 export interface EnrollmentDesk {
   listPending(): Promise<PendingEnrollment[]>;
   getPending(id: string): Promise<PendingEnrollment | undefined>;
-  approvePending(id: string, by: string): Promise<PendingEnrollment>;
+  approvePending(id: string, by: string, labels: Record<string, string>): Promise<PendingEnrollment>;
   rejectPending(id: string, by: string): Promise<PendingEnrollment>;
 }
 
@@ -53,7 +53,7 @@ function enrollmentView(e: PendingEnrollment): NodeView {
   const requested = Date.parse(e.RequestedAt);
   return {
     ID: NodeID,
-    Labels: {},
+    Labels: e.Labels ?? {},
     Capacity: { cpu: 0, memory: 0 },
     Engines: [],
     Version: "",
@@ -122,10 +122,26 @@ export class NodeService {
     return this.#o.store.nodes.get(id);
   }
 
-  /** Lets a PENDING node take jobs; for a waiting enrollment request, issues its certificate. */
-  async approve(id: string, by = "unknown"): Promise<NodeView> {
+  /**
+   * Lets a PENDING node take jobs; for a waiting enrollment request, issues
+   * its certificate, with `labels` for the node (as a join token gives them).
+   * A registered node's labels are its own (join token or Compute.Labels):
+   * labels for it are refused (SHOAL_ORCH_REQUEST_INVALID, field Labels).
+   */
+  async approve(id: string, by = "unknown", labels?: Record<string, string>): Promise<NodeView> {
     if (!this.#o.store.nodes.has(id) && this.#o.enrollments) {
-      return enrollmentView(await this.#o.enrollments.approvePending(id, by));
+      return enrollmentView(await this.#o.enrollments.approvePending(id, by, labels ?? {}));
+    }
+    if (labels && Object.keys(labels).length > 0) {
+      throw new OrchestratorError(
+        ORCHESTRATOR_CODES.SHOAL_ORCH_REQUEST_INVALID,
+        `${id} is a registered node: its labels come from its join token or Compute.Labels, not from approval`,
+        400,
+        {
+          fix: "approve without --label; set the node's Compute.Labels, or enroll it with a join token carrying the labels",
+          field: "Labels",
+        },
+      );
     }
     return this.#setApproval(id, "APPROVED");
   }

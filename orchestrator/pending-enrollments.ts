@@ -34,6 +34,8 @@ export interface PendingEnrollment {
   Certificate?: string;
   Serial?: string;
   NotAfter?: string;
+  /** On approval: the labels the operator gave the node (`shoal node approve --label`). */
+  Labels?: Record<string, string>;
 }
 
 export interface PendingEnrollmentsOptions {

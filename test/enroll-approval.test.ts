@@ -18,7 +18,8 @@ import {
  * serve`, `shoal compute serve --ca-fingerprint FP` without --join, `shoal
  * node approve|reject`): the request waits as a PENDING node, nothing is
  * issued until an operator approves, only the holder of the CSR's key gets
- * the certificate, a rejected node exits with SHOAL_ORCH_ENROLL_REJECTED and
+ * the certificate, labels given on approval become the node's (checked as a
+ * join token's are), a rejected node exits with SHOAL_ORCH_ENROLL_REJECTED and
  * writes nothing, and anonymous requests are bounded.
  */
 t.test("a node without a token waits as PENDING until an operator decides", async (t) => {
@@ -60,8 +61,8 @@ t.test("a node without a token waits as PENDING until an operator decides", asyn
       },
       60_000,
     );
-  const operator = async (t: Test, verb: "approve" | "reject", id: string) => {
-    const p = spawnBuiltShoal(t, ["node", verb, id, "--output", "json", ...orch.api], {
+  const operator = async (t: Test, verb: "approve" | "reject", id: string, extra: string[] = []) => {
+    const p = spawnBuiltShoal(t, ["node", verb, id, ...extra, "--output", "json", ...orch.api], {
       SHOAL_TOKEN: await orch.adminToken(),
     });
     const { code } = await p.exited;
@@ -105,9 +106,48 @@ t.test("a node without a token waits as PENDING until an operator decides", asyn
       "restarted, it asks with the same key",
     );
 
-    const approved = await operator(t, "approve", "edge-a");
-    t.match(approved, { ID: "edge-a", Approval: "APPROVED" });
-    await nodeAs("edge-a", again, (n) => n.Approval === "APPROVED" && n.Health === "HEALTHY");
+    // Labels on approval are checked as a join token's are (one schema): the field is named, nothing is decided.
+    const token = await orch.adminToken();
+    const approveWith = (id: string, body: unknown) =>
+      caller.call("POST", `/api/v1/orchestrator/nodes/${id}/approve`, { token, body });
+    for (const [Labels, field] of [
+      [{ "": "x" }, "Labels"],
+      [{ ["k".repeat(129)]: "x" }, "Labels"],
+      [{ zone: "v".repeat(257) }, "Labels.zone"],
+      [{ zone: { nested: "x" } }, "Labels.zone"],
+    ] as const) {
+      const bad = await approveWith("edge-a", { Labels });
+      t.equal(bad.status, 400, `refused: ${JSON.stringify(Labels).slice(0, 40)}`);
+      t.match(bad.json.error, { code: "SHOAL_ORCH_REQUEST_INVALID", field });
+    }
+    const badToken = await caller.call("POST", "/api/v1/pki/join-tokens", {
+      token,
+      body: { Labels: { "": "x" } },
+    });
+    t.equal(badToken.status, 400, "the join-token route refuses the same label");
+    t.match(badToken.json.error, { code: "SHOAL_ORCH_REQUEST_INVALID", field: "Labels" });
+    const cliBad = spawnBuiltShoal(t, ["node", "approve", "edge-a", "--label", "novalue", ...orch.api], {
+      SHOAL_TOKEN: token,
+    });
+    t.not((await cliBad.exited).code, 0, "the CLI refuses a label that is not k=v");
+    t.match(cliBad.stderr(), /SHOAL_USAGE/);
+    t.ok(await nodeAs("edge-a", again, (n) => n.Approval === "PENDING"), "nothing was decided");
+
+    const approved = await operator(t, "approve", "edge-a", ["--label", "zone=edge", "--label", "tier=gold"]);
+    t.match(approved, { ID: "edge-a", Approval: "APPROVED", Labels: { zone: "edge", tier: "gold" } });
+    const running = await nodeAs("edge-a", again, (n) => n.Approval === "APPROVED" && n.Health === "HEALTHY");
+    t.same(
+      running.Labels,
+      { zone: "edge", tier: "gold" },
+      "the node registers with the labels it was approved with",
+    );
+    const enrolled = JSON.parse(
+      await fs.readFile(path.join(dir, "edge-a", "tls", "enrollment.json"), "utf8"),
+    );
+    t.same(enrolled.Labels, { zone: "edge", tier: "gold" }, "and keeps them for its restarts");
+    const registered = await approveWith("edge-a", { Labels: { zone: "other" } });
+    t.equal(registered.status, 400, "a registered node's labels are its own");
+    t.match(registered.json.error, { code: "SHOAL_ORCH_REQUEST_INVALID", field: "Labels" });
     const tls = path.join(dir, "edge-a", "tls");
     t.equal((await fs.stat(path.join(tls, "node.key"))).mode & 0o777, 0o600);
     t.notOk(
@@ -161,5 +201,6 @@ interface NodeRow {
   ID: string;
   Approval: string;
   Health: string;
+  Labels?: Record<string, string>;
   Enrollment?: Record<string, string>;
 }

@@ -1,11 +1,14 @@
 import type { NodeView } from "../../orchestrator/index.js";
+import { parseLabelOptions } from "../label-options.js";
 import { type ApiArgs, printJson, printTable, withApiOptions, withClient } from "./api-options.js";
 import type { CommandModule } from "./index.js";
 
 type Args = ApiArgs & { output?: unknown } & Record<string, unknown>;
 
-function call(argv: Args, method: string, path: string): Promise<Record<string, unknown>> {
-  return withClient(argv, (api) => api.request<Record<string, unknown>>(method, `/api/v1/${path}`));
+function call(argv: Args, method: string, path: string, body?: unknown): Promise<Record<string, unknown>> {
+  return withClient(argv, (api) =>
+    api.request<Record<string, unknown>>(method, `/api/v1/${path}`, body === undefined ? {} : { body }),
+  );
 }
 
 function show(argv: Args, node: NodeView): void {
@@ -51,8 +54,24 @@ export const nodeCommand: CommandModule = (cli) =>
       .command("describe <id>", "one node", byId, async (argv: Args) =>
         show(argv, (await call(argv, "GET", `orchestrator/nodes/${argv.id}`)).Node as NodeView),
       )
-      .command("approve <id>", "let a PENDING node take jobs", byId, async (argv: Args) =>
-        show(argv, (await call(argv, "POST", `orchestrator/nodes/${argv.id}/approve`)).Node as NodeView),
+      .command(
+        "approve <id>",
+        "let a PENDING node take jobs; for an enrollment request (no join token), issue its certificate",
+        (y) =>
+          byId(y).option("label", {
+            type: "string",
+            array: true,
+            describe:
+              "k=v label given to a node enrolling without a token, as a join token's would be; repeatable",
+          }),
+        async (argv: Args) => {
+          const labels = parseLabelOptions(argv.label);
+          const body = Object.keys(labels).length > 0 ? { Labels: labels } : undefined;
+          show(
+            argv,
+            (await call(argv, "POST", `orchestrator/nodes/${argv.id}/approve`, body)).Node as NodeView,
+          );
+        },
       )
       .command(
         "reject <id>",

@@ -30,6 +30,7 @@ import {
   revokeJoinToken,
   verifyCertificate,
 } from "../../pki/index.js";
+import { parseLabelOptions } from "../label-options.js";
 import { printJson, printTable } from "./api-options.js";
 import type { CommandModule } from "./index.js";
 
@@ -428,13 +429,7 @@ export const pkiCommand: CommandModule = (cli) =>
               } catch {
                 throw usage(`--ttl ${argv.ttl} is not a duration`, "use e.g. --ttl 30m, 1h or 24h");
               }
-              const labels: Record<string, string> = {};
-              for (const pair of list(argv.label) ?? []) {
-                const [k, ...v] = pair.split("=");
-                if (!k || v.length === 0)
-                  throw usage(`--label ${pair} is not k=v`, "give labels as --label region=eu");
-                labels[k] = v.join("=");
-              }
+              const labels = parseLabelOptions(argv.label);
               const dir = String(argv.dir);
               const fingerprint = certFingerprint(await readFileChecked(path.join(dir, PKI_FILES.rootCert)));
               const created = await createJoinToken(dir, { ttlMs, labels, uses: Number(argv.uses) });
