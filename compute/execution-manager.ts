@@ -76,6 +76,8 @@ interface Running {
 }
 
 const MARKER = "execution.json";
+const INPUTS = "inputs";
+const OUTPUTS = "outputs";
 /** How long past its time limit an execution may take (inputs, results) before the manager aborts it. */
 export const TIMEOUT_BACKSTOP_MS = 5000;
 
@@ -249,8 +251,8 @@ export class ExecutionManager {
     );
     let outcome: ExecutionOutcome;
     try {
-      const inputsDir = path.join(workDir, "inputs");
-      const outputsDir = path.join(workDir, "outputs");
+      const inputsDir = path.join(workDir, INPUTS);
+      const outputsDir = path.join(workDir, OUTPUTS);
       await fs.mkdir(workDir, { recursive: true, mode: 0o700 });
       await Promise.all([
         fs.mkdir(inputsDir, { mode: 0o700 }),
@@ -283,9 +285,8 @@ export class ExecutionManager {
       clearTimeout(timer);
       batcher.flush();
     }
-    const removeWorkDir = () => fs.rm(workDir, { recursive: true, force: true }).catch(() => {});
     if (entry.stop?.kind === "cancel") {
-      await removeWorkDir();
+      await removeWorkDir(workDir);
       log.info({ reason: entry.stop.message }, "execution cancelled");
       this.#running.delete(executionId);
       this.#o.onCancelled(executionId, entry.stop.message);
@@ -298,7 +299,7 @@ export class ExecutionManager {
       spooled = await this.#o.spool.put(jobId, { ...rest, executionId }, files);
     } catch (err) {
       log.error({ err }, "cannot spool the result of an execution; it is lost");
-      await removeWorkDir();
+      await removeWorkDir(workDir);
       return;
     }
     log.info({ state: spooled.result.state, exitCode: spooled.result.exitCode }, "execution finished");
@@ -308,7 +309,26 @@ export class ExecutionManager {
     // Off the result's path: a crash before this leaves a work directory whose marker
     // recover() turns into a Failed result, which the orchestrator refuses as a resend
     // (it already stored the real one) or never asked for.
-    await removeWorkDir();
+    await removeWorkDir(workDir);
+  }
+}
+
+/**
+ * Removes a work directory with one call per entry the manager made (marker,
+ * `inputs/`, `outputs/`); only when something else is left in it (inputs, a
+ * program's output) the whole tree with fs.rm, which reads every directory and
+ * stats every entry first. Never fails: a leftover is swept by recover().
+ */
+async function removeWorkDir(workDir: string): Promise<void> {
+  try {
+    await Promise.all([
+      fs.unlink(path.join(workDir, MARKER)),
+      fs.rmdir(path.join(workDir, INPUTS)),
+      fs.rmdir(path.join(workDir, OUTPUTS)),
+    ]);
+    await fs.rmdir(workDir);
+  } catch {
+    await fs.rm(workDir, { recursive: true, force: true }).catch(() => {});
   }
 }
 

@@ -29,7 +29,9 @@ export interface SpooledResult {
   spooledAt: number;
 }
 
-const MANIFEST = "manifest.json";
+const MANIFEST_SUFFIX = ".json";
+/** Where an entry kept its manifest before manifests moved up beside the chunk directories. */
+const LEGACY_MANIFEST = "manifest.json";
 const CHUNKS = "chunks";
 const HEX_SHA256 = /^[0-9a-f]{64}$/;
 /** Execution ids become directory names: no separators, no dot-only names. */
@@ -46,11 +48,14 @@ function sha256Hex(data: Uint8Array): string {
 
 /**
  * Results waiting for the orchestrator's acknowledgement, under
- * `DATA-DIR/spool/<executionId>/`: the chunks first (`chunks/<sha256>`, content
- * addressed), then `manifest.json` written atomically. An entry counts only once
- * its manifest exists, so a crash half-way through leaves nothing that is sent;
- * such leftovers are swept by {@link ResultSpool.list}. An entry is deleted only
- * after the orchestrator replied `stored: true`.
+ * `DATA-DIR/spool/`: an entry is its manifest `<executionId>.json`, written
+ * atomically, and only when the result has files, the directory
+ * `<executionId>/chunks/<sha256>` (content addressed) written before it. An
+ * entry counts only once its manifest exists, so a crash half-way through
+ * leaves nothing that is sent; such leftovers are swept by
+ * {@link ResultSpool.list}. An entry is deleted only after the orchestrator
+ * replied `stored: true`. Most results have no files: their entry is one file,
+ * no directory to create and remove.
  *
  * Nothing is fsynced: an entry survives a crash of the node's process (the
  * kernel holds the bytes before the result is sent), not necessarily a crash
@@ -91,9 +96,9 @@ export class ResultSpool {
     const executionId = outcome.executionId;
     this.#assertId(executionId);
     const dir = path.join(this.#root, executionId);
-    // Most results have no files: then the entry is the manifest alone.
-    const made = files.length > 0 ? path.join(dir, CHUNKS) : dir;
-    await this.#io(made, () => fs.mkdir(made, { recursive: true, mode: 0o700 }));
+    if (files.length === 0) return this.#write(jobId, outcome, files, dir);
+    const chunkDir = path.join(dir, CHUNKS);
+    await this.#io(chunkDir, () => fs.mkdir(chunkDir, { recursive: true, mode: 0o700 }));
     try {
       return await this.#write(jobId, outcome, files, dir);
     } catch (err) {
@@ -143,43 +148,59 @@ export class ResultSpool {
       result: { ...outcome, files: manifestFiles },
       spooledAt: Date.now(),
     };
-    await writeFileAtomic(path.join(dir, MANIFEST), JSON.stringify(entry), 0o600, { fsync: false });
+    await writeFileAtomic(this.#manifest(executionId), JSON.stringify(entry), 0o600, { fsync: false });
     return entry;
   }
 
   /**
-   * Every complete entry, oldest first. Directories without a manifest (a
-   * crash while spooling) are removed; an unreadable manifest is reported by
-   * `onBroken` and its entry left in place for the operator.
+   * Every complete entry, oldest first. Chunk directories without a manifest
+   * (a crash while spooling or removing) and temporary files of interrupted
+   * manifest writes are removed; an entry of the older layout
+   * (`<executionId>/manifest.json`) gets its manifest moved up; an unreadable
+   * manifest is reported by `onBroken` and its entry left in place for the operator.
    */
   async list(onBroken: (executionId: string, err: unknown) => void = () => {}): Promise<SpooledResult[]> {
-    const names = await this.#io(this.#root, () => fs.readdir(this.#root));
+    const dirents = await this.#io(this.#root, () => fs.readdir(this.#root, { withFileTypes: true }));
+    const ids = new Set<string>();
+    for (const d of dirents) {
+      if (d.isFile() && d.name.endsWith(MANIFEST_SUFFIX)) {
+        const id = d.name.slice(0, -MANIFEST_SUFFIX.length);
+        if (isSafeExecutionId(id)) ids.add(id);
+      }
+    }
+    for (const d of dirents) {
+      const where = path.join(this.#root, d.name);
+      if (d.isFile() && d.name.startsWith(".") && d.name.endsWith(".tmp")) {
+        await fs.rm(where, { force: true });
+      } else if (d.isDirectory() && isSafeExecutionId(d.name) && !ids.has(d.name)) {
+        const moved = await fs.rename(path.join(where, LEGACY_MANIFEST), this.#manifest(d.name)).then(
+          () => true,
+          () => false,
+        );
+        if (moved) ids.add(d.name);
+        else await fs.rm(where, { recursive: true, force: true });
+      }
+    }
     const entries: SpooledResult[] = [];
-    for (const name of names) {
-      if (!isSafeExecutionId(name)) continue;
-      const manifest = path.join(this.#root, name, MANIFEST);
+    for (const id of ids) {
       let text: string;
       try {
-        text = await fs.readFile(manifest, "utf8");
+        text = await fs.readFile(this.#manifest(id), "utf8");
       } catch (err) {
-        if ((err as NodeJS.ErrnoException).code === "ENOENT") {
-          await fs.rm(path.join(this.#root, name), { recursive: true, force: true });
-        } else {
-          onBroken(name, err);
-        }
+        onBroken(id, err);
         continue;
       }
       if (text.length === 0) {
         // Manifests are not fsynced: a machine crash can leave one empty, which means never written.
-        await fs.rm(path.join(this.#root, name), { recursive: true, force: true });
+        await this.remove(id);
         continue;
       }
       try {
         const entry = JSON.parse(text) as SpooledResult;
-        if (entry.result?.executionId !== name) throw new Error("manifest names another execution");
+        if (entry.result?.executionId !== id) throw new Error("manifest names another execution");
         entries.push(entry);
       } catch (err) {
-        onBroken(name, err);
+        onBroken(id, err);
       }
     }
     return entries.sort((a, b) => a.spooledAt - b.spooledAt);
@@ -188,7 +209,7 @@ export class ResultSpool {
   /** Whether a complete entry (a non-empty manifest) is spooled for the execution. */
   async has(executionId: string): Promise<boolean> {
     this.#assertId(executionId);
-    const st = await fs.stat(path.join(this.#root, executionId, MANIFEST)).catch(() => undefined);
+    const st = await fs.stat(this.#manifest(executionId)).catch(() => undefined);
     return st !== undefined && st.size > 0;
   }
 
@@ -211,11 +232,17 @@ export class ResultSpool {
     return data;
   }
 
-  /** Forgets an acknowledged result. Idempotent. */
+  /** Forgets an acknowledged result: the manifest first, so a crash in between leaves only chunks to sweep. Idempotent. */
   async remove(executionId: string): Promise<void> {
     this.#assertId(executionId);
+    const manifest = this.#manifest(executionId);
+    await this.#io(manifest, () => fs.rm(manifest, { force: true }));
     const dir = path.join(this.#root, executionId);
     await this.#io(dir, () => fs.rm(dir, { recursive: true, force: true }));
+  }
+
+  #manifest(executionId: string): string {
+    return path.join(this.#root, `${executionId}${MANIFEST_SUFFIX}`);
   }
 
   #assertId(executionId: string): void {

@@ -61,7 +61,7 @@ async function startNode(identity: TestIdentity, dataDir: string) {
 }
 
 async function spoolEntries(dataDir: string): Promise<string[]> {
-  return fs.readdir(path.join(dataDir, "spool"));
+  return (await fs.readdir(path.join(dataDir, "spool"))).sort();
 }
 
 t.test("an unacknowledged result stays in the spool and is sent again after a restart", async (t) => {
@@ -74,13 +74,11 @@ t.test("an unacknowledged result stays in the spool and is sent again after a re
   await orch.request("node-restart", "run", { ...ids, spec: spec("kept\n"), submitter, timeoutMs: 30_000 });
   await first.until((e) => e.type === "result-spooled");
   await orch.next("result", (b) => b.executionId === "exec-r");
-  t.same(await spoolEntries(dataDir), ["exec-r"], "kept while unacknowledged");
-  const manifest = JSON.parse(
-    await fs.readFile(path.join(dataDir, "spool", "exec-r", "manifest.json"), "utf8"),
-  );
+  t.same(await spoolEntries(dataDir), ["exec-r", "exec-r.json"], "kept while unacknowledged");
+  const manifest = JSON.parse(await fs.readFile(path.join(dataDir, "spool", "exec-r.json"), "utf8"));
   t.equal(manifest.result.state, "Completed");
   await first.node.close();
-  t.same(await spoolEntries(dataDir), ["exec-r"], "still there after the node stopped");
+  t.same(await spoolEntries(dataDir), ["exec-r", "exec-r.json"], "still there after the node stopped");
 
   orch.resultReply = () => ({ stored: true });
   const second = await startNode(identity, dataDir);

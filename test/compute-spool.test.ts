@@ -47,20 +47,39 @@ t.test("put then list and read back every chunk; remove forgets it", async (t) =
   t.equal(listed[0]?.jobId, "job-1");
   const back = await Promise.all(entry.result.files[0]!.chunks.map((d) => spool.readChunk("exec-1", d)));
   t.equal(Buffer.concat(back).toString(), "hello world");
-  const mode = (await fs.stat(path.join(spool.root, "exec-1", "manifest.json"))).mode & 0o777;
+  const mode = (await fs.stat(path.join(spool.root, "exec-1.json"))).mode & 0o777;
   t.equal(mode, 0o600, "manifest is private");
 
   await spool.remove("exec-1");
   await spool.remove("exec-1");
   t.same(await spool.list(), []);
+  t.same(await fs.readdir(spool.root), [], "manifest and chunks gone");
 });
 
 t.test("an entry without a manifest (crash while spooling) is swept, not sent", async (t) => {
   const spool = await tempSpool(t);
   await fs.mkdir(path.join(spool.root, "exec-half", "chunks"), { recursive: true });
   await fs.writeFile(path.join(spool.root, "exec-half", "chunks", "x"), "partial");
+  await fs.writeFile(path.join(spool.root, ".exec-cut.json.0123456789ab.tmp"), "{");
   t.same(await spool.list(), []);
-  await t.rejects(fs.stat(path.join(spool.root, "exec-half")), { code: "ENOENT" });
+  t.same(await fs.readdir(spool.root), [], "chunks and the interrupted manifest write removed");
+});
+
+t.test("an entry spooled with its manifest inside its directory (older layout) is still sent", async (t) => {
+  const spool = await tempSpool(t);
+  const entry = await spool.put("job-1", outcome("exec-old"), [file("a", ["abc"])]);
+  await fs.rename(path.join(spool.root, "exec-old.json"), path.join(spool.root, "exec-old", "manifest.json"));
+  t.same(
+    (await spool.list()).map((e) => e.result),
+    [entry.result],
+  );
+  t.equal(
+    (await spool.readChunk("exec-old", entry.result.files[0]!.chunks[0]!)).toString(),
+    "abc",
+    "its chunks stay where they were",
+  );
+  await spool.remove("exec-old");
+  t.same(await fs.readdir(spool.root), []);
 });
 
 t.test(
@@ -68,18 +87,18 @@ t.test(
   async (t) => {
     const spool = await tempSpool(t);
     await spool.put("job-1", outcome("exec-empty"), [file("a", ["abc"])]);
-    await fs.writeFile(path.join(spool.root, "exec-empty", "manifest.json"), "");
+    await fs.writeFile(path.join(spool.root, "exec-empty.json"), "");
     const broken: string[] = [];
     t.same(await spool.list((id) => broken.push(id)), []);
     t.same(broken, [], "not reported as broken: it was never written");
-    await t.rejects(fs.stat(path.join(spool.root, "exec-empty")), { code: "ENOENT" });
+    t.same(await fs.readdir(spool.root), [], "manifest and chunks removed");
   },
 );
 
-t.test("a result without files is its manifest alone", async (t) => {
+t.test("a result without files is its manifest alone, no directory", async (t) => {
   const spool = await tempSpool(t);
   await spool.put("job-1", outcome("exec-bare"), []);
-  t.same(await fs.readdir(path.join(spool.root, "exec-bare")), ["manifest.json"]);
+  t.same(await fs.readdir(spool.root), ["exec-bare.json"]);
   t.equal((await spool.list())[0]?.result.executionId, "exec-bare");
 });
 
@@ -94,7 +113,7 @@ t.test("a corrupted chunk is detected on read", async (t) => {
 t.test("a broken manifest is reported and left for the operator", async (t) => {
   const spool = await tempSpool(t);
   await spool.put("job-1", outcome("exec-3"), []);
-  await fs.writeFile(path.join(spool.root, "exec-3", "manifest.json"), "{not json");
+  await fs.writeFile(path.join(spool.root, "exec-3.json"), "{not json");
   const broken: string[] = [];
   t.same(await spool.list((id) => broken.push(id)), []);
   t.same(broken, ["exec-3"]);

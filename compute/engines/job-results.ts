@@ -67,6 +67,7 @@ export async function collectResults(
   resultPaths: readonly ResultPath[],
   caps: ResultCaps = {},
 ): Promise<CollectedResults> {
+  if (resultPaths.length === 0) return { files: [], missing: [] };
   const limits = {
     maxFileBytes: caps.maxFileBytes ?? DEFAULT_RESULT_MAX_FILE_BYTES,
     maxTotalBytes: caps.maxTotalBytes ?? DEFAULT_RESULT_MAX_TOTAL_BYTES,
