@@ -4,7 +4,6 @@ import https from "node:https";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
-import { connect } from "@nats-io/transport-node";
 import type { Test } from "tap";
 import { ApiClient } from "../../cli/api-client.js";
 import { openPki, type Pki, writeIssued } from "../../pki/index.js";
@@ -33,28 +32,35 @@ export async function tempDir(t: Test, prefix = "shoal-e2e-"): Promise<string> {
 /**
  * A plain loopback nats-server with JetStream storing in `dir`, for tests of
  * the orchestrator's state store that do not involve the fabric (no TLS).
+ * nats-server picks its own port (`-p -1`) and the URL is read from its log:
+ * a port chosen beforehand (freePort) can be taken by another process's
+ * socket before the server binds it, and the server then exits while the
+ * caller dials whatever holds the port. Resolves at "Server is ready";
+ * rejects with the server's log if it exits first.
  */
 export async function startJetStream(t: Test, dir: string): Promise<string> {
-  const port = await freePort();
-  const child = spawn("nats-server", ["-js", "-a", "127.0.0.1", "-p", String(port), "-sd", dir], {
-    stdio: "ignore",
+  const child = spawn("nats-server", ["-js", "-a", "127.0.0.1", "-p", "-1", "-sd", dir], {
+    stdio: ["ignore", "ignore", "pipe"],
   });
-  const exited = new Promise((resolve) => child.once("exit", resolve));
+  const exited = new Promise<number | null>((resolve) => child.once("exit", resolve));
   // Awaited: the data directory is removed next, and the server may still be writing to it.
   t.teardown(async () => {
     child.kill("SIGTERM");
     await exited;
   });
-  const url = `127.0.0.1:${port}`;
-  for (let i = 0; i < 200; i++) {
-    const nc = await connect({ servers: url, reconnect: false }).catch(() => undefined);
-    if (nc) {
-      await nc.close();
-      return url;
-    }
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error("nats-server did not start");
+  let log = "";
+  const ready = new Promise<string>((resolve, reject) => {
+    child.stderr!.on("data", (d: Buffer) => {
+      log += d;
+      const port = /Listening for client connections on [^\s]*:(\d+)/.exec(log)?.[1];
+      if (port && /Server is ready/.test(log)) resolve(`127.0.0.1:${port}`);
+    });
+    void exited.then((code) =>
+      reject(new Error(`nats-server exited (${code}) before it was ready:\n${log}`)),
+    );
+    setTimeout(() => reject(new Error(`nats-server not ready after 60 s:\n${log}`)), 60_000).unref();
+  });
+  return ready;
 }
 
 /** A running `shoal ...` process started from the TypeScript sources. */
