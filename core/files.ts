@@ -58,8 +58,9 @@ export async function writeFileAtomic(
   let handle: fs.FileHandle | undefined;
   try {
     handle = await fs.open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, mode);
-    await handle.writeFile(data);
-    await handle.chmod(mode);
+    // Together: the chmod only restores bits the umask took (the file never has more
+    // than `mode`), and each call waits its turn on a libuv thread and the event loop.
+    await Promise.all([handle.writeFile(data), handle.chmod(mode)]);
     if (fsync) await handle.sync();
     await handle.close();
     handle = undefined;

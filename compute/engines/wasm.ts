@@ -83,29 +83,37 @@ export class WasmExecutor extends BaseExecutor {
     const stdout = new OutputCapture(req.limits.maxStdoutBytes, (c) => req.onLog?.("stdout", c));
     const stderr = new OutputCapture(req.limits.maxStderrBytes, (c) => req.onLog?.("stderr", c));
     const maxLog = req.limits.maxLogFileBytes ?? DEFAULT_MAX_LOG_FILE_BYTES;
+    // Side by side, not one after another: each file-system call waits for a libuv
+    // thread and then for its turn on this event loop. Awaited in the try below,
+    // which closes the descriptors however it ends.
+    const realDirs = Promise.all([fs.realpath(req.inputsDir), fs.realpath(req.outputsDir)]);
+    realDirs.catch(() => {});
     // One descriptor per stream, written by the module and read here at offsets; the name
     // is unlinked at once, so nothing is left to remove however the execution ends.
-    const spools = await Promise.all(
-      (["stdout", "stderr"] as const).map(async (name) => {
+    const handles = await openAll([
+      fs.open("/dev/null", "r"),
+      ...(["stdout", "stderr"] as const).map(async (name) => {
         const file = path.join(req.workDir, `.${req.executionId}.${name}`);
         const handle = await fs.open(file, "wx+", 0o600);
-        await fs.unlink(file);
-        return { handle, offset: 0 };
+        await fs.unlink(file).catch(async (err) => {
+          await handle.close();
+          throw err;
+        });
+        return handle;
       }),
-    );
-    const stdin = await fs.open("/dev/null", "r");
+    ]);
+    const stdin = handles[0]!;
+    const spools = handles.slice(1).map((handle) => ({ handle, offset: 0 }));
     let stopReason: StopReason | undefined;
     let outcome: WasmWorkerMessage | undefined;
     let workerError: Error | undefined;
     try {
+      const [inputsDir, outputsDir] = await realDirs;
       const data: WasmWorkerData = {
         module,
         args: [req.task.Name, ...params.Parameters],
         env: { ...req.task.Env, ...params.EnvironmentVariables },
-        preopens: {
-          [INPUTS_DIR]: await fs.realpath(req.inputsDir),
-          [OUTPUTS_DIR]: await fs.realpath(req.outputsDir),
-        },
+        preopens: { [INPUTS_DIR]: inputsDir, [OUTPUTS_DIR]: outputsDir },
         stdin: stdin.fd,
         stdout: spools[0]!.handle.fd,
         stderr: spools[1]!.handle.fd,
@@ -123,10 +131,12 @@ export class WasmExecutor extends BaseExecutor {
       let draining: Promise<void> | undefined;
       const drain = () =>
         (draining ??= (async () => {
-          for (const [i, spool] of spools.entries()) {
-            spool.offset = await readNew(spool.handle, spool.offset, captures[i]!);
-            if (spool.offset > maxLog) stop("output");
-          }
+          await Promise.all(
+            spools.map(async (spool, i) => {
+              spool.offset = await readNew(spool.handle, spool.offset, captures[i]!);
+              if (spool.offset > maxLog) stop("output");
+            }),
+          );
         })().finally(() => {
           draining = undefined;
         }));
@@ -175,6 +185,16 @@ export class WasmExecutor extends BaseExecutor {
 function wasmParams(task: Task) {
   if (task.Engine.Type !== "wasm") throw new Error("unreachable: checked by BaseExecutor.run");
   return task.Engine.Params;
+}
+
+/** Opens every descriptor or none: when one open fails, the others are closed before it throws. */
+async function openAll(opening: Promise<fs.FileHandle>[]): Promise<fs.FileHandle[]> {
+  const settled = await Promise.allSettled(opening);
+  const failed = settled.find((r) => r.status === "rejected");
+  const handles = settled.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
+  if (!failed) return handles;
+  await Promise.all(handles.map((h) => h.close()));
+  throw failed.reason;
 }
 
 /** Reads what was appended to a spool since `offset` into `capture`; returns the new offset. */
