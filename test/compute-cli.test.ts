@@ -3,7 +3,7 @@ import { promises as fs } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import t from "tap";
-import { spawnShoal } from "./helpers/cluster.js";
+import { computeServeArgs, spawnShoal } from "./helpers/cluster.js";
 import { OrchestratorStandIn } from "./helpers/compute-standin.js";
 import { startTestFabric, type TestIdentity } from "./helpers/nats.js";
 
@@ -15,18 +15,13 @@ const orch = await OrchestratorStandIn.start(t, fabric, orchestrator);
 
 function serveArgs(identity: TestIdentity, dataDir: string): string[] {
   return [
-    "compute",
-    "serve",
-    "--data-dir",
-    dataDir,
-    "--orchestrators",
-    fabric.url,
-    "-c",
-    `Compute.TLS.CACert=${fabric.caFile}`,
-    "-c",
-    `Compute.TLS.ClientCert=${identity.certFile}`,
-    "-c",
-    `Compute.TLS.ClientKey=${identity.keyFile}`,
+    ...computeServeArgs({
+      dataDir,
+      servers: fabric.url,
+      caFile: fabric.caFile,
+      certFile: identity.certFile,
+      keyFile: identity.keyFile,
+    }),
     "-c",
     "Compute.Heartbeat.Interval=200ms",
   ];

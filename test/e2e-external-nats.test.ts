@@ -8,6 +8,7 @@ import { loadConfig, silentLogger } from "../core/index.js";
 import { checkExternalNatsConfig, connectExternalNats } from "../orchestrator/external-nats.js";
 import { initPki, openPki, writeIssued } from "../pki/index.js";
 import {
+  computeServeArgs,
   spawnShoal,
   startComputeNode,
   startOrchestrator,
@@ -232,20 +233,10 @@ t.test("orchestrator on an operator-run nats-server", async (t) => {
 
   // A node started before the operator's reload waits (it was never admitted) and joins after it.
   await issue("n2");
-  const n2 = spawnShoal(t, [
-    "compute",
-    "serve",
-    "--data-dir",
-    path.join(dir, "n2"),
-    "--orchestrators",
-    server.url,
-    "-c",
-    `Compute.TLS.CACert=${orch.ca}`,
-    "-c",
-    `Compute.TLS.ClientCert=${path.join(dir, "n2", "identity.crt")}`,
-    "-c",
-    `Compute.TLS.ClientKey=${path.join(dir, "n2", "identity.key")}`,
-  ]);
+  const n2 = spawnShoal(
+    t,
+    computeServeArgs({ dataDir: path.join(dir, "n2"), servers: server.url, caFile: orch.ca }),
+  );
   await n2.waitFor(/SHOAL_COMPUTE_NOT_ADMITTED/);
   t.match(
     n2.stdout() + n2.stderr(),
@@ -280,20 +271,10 @@ t.test("orchestrator on an operator-run nats-server", async (t) => {
   t.match(n1.stderr(), /SHOAL_NATS_AUTHORIZATION/);
 
   // Started again, the deleted node does not wait: the broker admitted this identity before, so its refusal now means revoked.
-  const again = spawnShoal(t, [
-    "compute",
-    "serve",
-    "--data-dir",
-    path.join(dir, "n1"),
-    "--orchestrators",
-    server.url,
-    "-c",
-    `Compute.TLS.CACert=${orch.ca}`,
-    "-c",
-    `Compute.TLS.ClientCert=${path.join(dir, "n1", "identity.crt")}`,
-    "-c",
-    `Compute.TLS.ClientKey=${path.join(dir, "n1", "identity.key")}`,
-  ]);
+  const again = spawnShoal(
+    t,
+    computeServeArgs({ dataDir: path.join(dir, "n1"), servers: server.url, caFile: orch.ca }),
+  );
   t.not((await again.exited).code, 0, "a revoked node that was admitted before stops");
   t.match(again.stderr(), /SHOAL_NATS_AUTHORIZATION/, "with the broker's reason");
   t.notMatch(again.stdout() + again.stderr(), /SHOAL_COMPUTE_NOT_ADMITTED/, "and does not wait");

@@ -11,7 +11,13 @@ import {
   redeemJoinToken,
   revokeCertificate,
 } from "../pki/index.js";
-import { spawnBuiltShoal, startComputeNode, startOrchestrator, tempDir } from "./helpers/cluster.js";
+import {
+  computeServeArgs,
+  spawnBuiltShoal,
+  startComputeNode,
+  startOrchestrator,
+  tempDir,
+} from "./helpers/cluster.js";
 
 /**
  * Revocation with real processes: `shoal node delete` and `shoal pki revoke`
@@ -74,20 +80,14 @@ t.test("shoal node delete closes the node's connection and keeps it out", async 
   t.ok((await crlListing(serial)).includes(serial), "the CRL lists n1's certificate");
 
   // The node can't come back: not by reconnecting, not by enrolling again.
-  const again = spawnBuiltShoal(t, [
-    "compute",
-    "serve",
-    "--data-dir",
-    path.join(dir, "n1"),
-    "--orchestrators",
-    `tls://127.0.0.1:${orch.natsPort}`,
-    "-c",
-    `Compute.TLS.CACert=${orch.ca}`,
-    "-c",
-    `Compute.TLS.ClientCert=${path.join(dir, "n1", "identity.crt")}`,
-    "-c",
-    `Compute.TLS.ClientKey=${path.join(dir, "n1", "identity.key")}`,
-  ]);
+  const again = spawnBuiltShoal(
+    t,
+    computeServeArgs({
+      dataDir: path.join(dir, "n1"),
+      servers: `tls://127.0.0.1:${orch.natsPort}`,
+      caFile: orch.ca,
+    }),
+  );
   t.not((await again.exited).code, 0, "the revoked node cannot reconnect");
   t.match(again.stderr(), /SHOAL_NATS_AUTHORIZATION/);
   const { token } = await createJoinToken(orch.pkiDir);

@@ -1,15 +1,9 @@
 import "reflect-metadata";
 import t from "tap";
-import { capModuleMemory, WasmExecutor } from "../compute/engines/index.js";
-import { FD_WRITE, LOOP, MiB, PROC_EXIT, wasmFixtures, wasmTask } from "./helpers/wasm-fixtures.js";
+import { capModuleMemory } from "../compute/engines/index.js";
+import { FD_WRITE, LOOP, MiB, PROC_EXIT, wasmHarness } from "./helpers/wasm-fixtures.js";
 
-const fx = await wasmFixtures(t);
-const wat = fx.wat;
-const request = fx.request;
-const task = wasmTask;
-const wasm = new WasmExecutor();
-t.teardown(() => wasm.close());
-const never = new AbortController().signal;
+const { wat, request, task, wasm, never } = await wasmHarness(t);
 
 t.test("an endless loop is killed at the timeout, and on cancel", async (t) => {
   const module = await wat(LOOP);

@@ -3,15 +3,9 @@ import path from "node:path";
 import t from "tap";
 import { collectResults, prepareInputs, WasmExecutor } from "../compute/engines/index.js";
 import type { Task } from "../core/index.js";
-import { FD_WRITE, LOOP, PROC_EXIT, repo, wasmFixtures, wasmTask } from "./helpers/wasm-fixtures.js";
+import { FD_WRITE, LOOP, PROC_EXIT, repo, wasmHarness } from "./helpers/wasm-fixtures.js";
 
-const fx = await wasmFixtures(t);
-const wat = fx.wat;
-const request = fx.request;
-const task = wasmTask;
-const wasm = new WasmExecutor();
-t.teardown(() => wasm.close());
-const never = new AbortController().signal;
+const { wat, request, task, wasm, never } = await wasmHarness(t);
 
 t.test("hello prints its greeting and arguments, streaming them to onLog", async (t) => {
   const hello = await wat(path.join(repo, "configs/jobs/hello.wat"));

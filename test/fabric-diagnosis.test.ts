@@ -3,7 +3,19 @@ import path from "node:path";
 import t from "tap";
 import { connectFabric, FABRIC_CODES, type FabricError } from "../fabric/index.js";
 import { initPki, openPki, writeIssued } from "../pki/index.js";
-import { startTestFabric } from "./helpers/nats.js";
+import { startTestFabric, type TestFabric, type TestIdentity } from "./helpers/nats.js";
+
+/** The error a client of `fabric` with `identity` gets when it dials (these tests expect one). */
+async function refusal(fabric: TestFabric, identity: TestIdentity): Promise<FabricError> {
+  return (await connectFabric({
+    servers: fabric.url,
+    caFile: fabric.caFile,
+    certFile: identity.certFile,
+    keyFile: identity.keyFile,
+    identity: identity.spiffeId,
+    connectTimeoutMs: 2000,
+  }).catch((e) => e)) as FabricError;
+}
 
 // Client-side diagnosis of a broker the client cannot trust: the NATS client sees
 // a timeout or a bare TLS error, Shoal's probe names the cause and the fix.
@@ -12,14 +24,7 @@ t.test("dialing an address the server certificate does not cover names it and th
   // The server certificate covers localhost and 127.0.0.1 only; the broker listens on 127.0.0.2.
   const fabric = await startTestFabric(t, { host: "127.0.0.2", jetStream: false });
   const n1 = await fabric.identity("compute", "n1");
-  const err = (await connectFabric({
-    servers: fabric.url,
-    caFile: fabric.caFile,
-    certFile: n1.certFile,
-    keyFile: n1.keyFile,
-    identity: n1.spiffeId,
-    connectTimeoutMs: 2000,
-  }).catch((e) => e)) as FabricError;
+  const err = await refusal(fabric, n1);
   t.equal(err.code, FABRIC_CODES.SHOAL_TLS_SAN_MISMATCH);
   t.match(err.message, "not 127.0.0.2");
   t.match(err.message, "127.0.0.1");
@@ -37,14 +42,7 @@ t.test("an expired server certificate is named as the server's", async (t) => {
     },
   });
   const n1 = await fabric.identity("compute", "n1");
-  const err = (await connectFabric({
-    servers: fabric.url,
-    caFile: fabric.caFile,
-    certFile: n1.certFile,
-    keyFile: n1.keyFile,
-    identity: n1.spiffeId,
-    connectTimeoutMs: 2000,
-  }).catch((e) => e)) as FabricError;
+  const err = await refusal(fabric, n1);
   t.equal(err.code, FABRIC_CODES.SHOAL_TLS_SERVER_CERT_EXPIRED);
 });
 

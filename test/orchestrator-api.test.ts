@@ -7,11 +7,11 @@ import { buildApi } from "../orchestrator/api.js";
 import { parseSubmittedJob } from "../orchestrator/job-requirements.js";
 import { type JobDispatch, JobService } from "../orchestrator/job-service.js";
 import { LogStore } from "../orchestrator/log-store.js";
-import { NodeService } from "../orchestrator/node-service.js";
 import { ResultsStore } from "../orchestrator/results-store.js";
 import { StateStore } from "../orchestrator/state-store.js";
 import { apiCaller } from "./helpers/api-call.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
+import { testNodeService } from "./helpers/node-service.js";
 import { freshPki } from "./helpers/pki.js";
 
 /** A minimal valid WASM module (magic + version): enough for the spec check. */
@@ -60,14 +60,7 @@ t.test("the API validates every body and answers errors with code, message, fix 
     parseSpec: parseSubmittedJob,
     dispatch,
   });
-  const nodes = new NodeService({
-    store,
-    log: silentLogger,
-    manualApproval: true,
-    disconnectTimeoutMs: 60_000,
-    heartbeatIntervalMs: 1000,
-  });
-  t.teardown(() => nodes.close());
+  const nodes = testNodeService(t, store);
   const { pki } = await freshPki(t);
   const server = await pki.issue({ role: "server", dns: ["localhost"] });
   const api = buildApi({

@@ -3,10 +3,10 @@ import { jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import t from "tap";
 import { silentLogger } from "../core/index.js";
-import { NodeService } from "../orchestrator/node-service.js";
 import type { JobRecord } from "../orchestrator/records.js";
 import { StateStore } from "../orchestrator/state-store.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
+import { testNodeService } from "./helpers/node-service.js";
 
 function job(id: string, createTime: number): JobRecord {
   return {
@@ -116,15 +116,7 @@ t.test("in a cluster a register adopts the approval another orchestrator stored"
   t.teardown(() => nc.close());
   const service = async (owner: string) => {
     const store = await StateStore.open(jetstream(nc), silentLogger, { owner });
-    const nodes = new NodeService({
-      store,
-      log: silentLogger,
-      manualApproval: true,
-      disconnectTimeoutMs: 60_000,
-      heartbeatIntervalMs: 1000,
-    });
-    t.teardown(() => nodes.close());
-    return { store, nodes };
+    return { store, nodes: testNodeService(t, store) };
   };
   const [a, b] = [await service("orch-a"), await service("orch-b")];
   const register = {

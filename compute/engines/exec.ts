@@ -6,7 +6,7 @@ import { isUnsafeExecEnvName, type Task } from "../../core/index.js";
 import { ENGINE_CODES, EngineError, ExecNotAllowedError } from "./errors.js";
 import type { ExecAllowList } from "./exec-allow-list.js";
 import { BaseExecutor, type EngineRunRequest, type EngineRunResult, stopFailure } from "./executor.js";
-import { OutputCapture } from "./output-capture.js";
+import { capturedStreams, OutputCapture } from "./output-capture.js";
 
 /** The only PATH an exec program sees. */
 export const EXEC_PATH = "/usr/bin:/bin";
@@ -116,15 +116,7 @@ export class ExecExecutor extends BaseExecutor {
     signal.removeEventListener("abort", onAbort);
     killGroup();
     await closePipes(child.stdout, child.stderr);
-    const out = stdout.result();
-    const err = stderr.result();
-    const result = {
-      stdout: out.data,
-      stdoutTruncated: out.truncated,
-      stderr: err.data,
-      stderrTruncated: err.truncated,
-      durationMs: Math.round(performance.now() - started),
-    };
+    const result = capturedStreams(stdout, stderr, started);
     if ("error" in exit) {
       return {
         exitCode: -1,

@@ -1,3 +1,6 @@
+import { performance } from "node:perf_hooks";
+import type { EngineRunResult } from "./executor.js";
+
 /** What a program wrote on one stream: the first bytes kept, and whether more was dropped. */
 export interface CapturedOutput {
   data: Buffer;
@@ -39,4 +42,25 @@ export class OutputCapture {
       totalBytes: this.#total,
     };
   }
+}
+
+/**
+ * The streams and duration of a finished run, as an {@link EngineRunResult}
+ * carries them (every engine reports the same way). `started` is a
+ * `performance.now()` reading.
+ */
+export function capturedStreams(
+  stdout: OutputCapture,
+  stderr: OutputCapture,
+  started: number,
+): Pick<EngineRunResult, "stdout" | "stdoutTruncated" | "stderr" | "stderrTruncated" | "durationMs"> {
+  const out = stdout.result();
+  const err = stderr.result();
+  return {
+    stdout: out.data,
+    stdoutTruncated: out.truncated,
+    stderr: err.data,
+    stderrTruncated: err.truncated,
+    durationMs: Math.round(performance.now() - started),
+  };
 }

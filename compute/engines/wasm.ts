@@ -13,7 +13,7 @@ import {
   stopFailure,
 } from "./executor.js";
 import { resolveEntryModule } from "./job-inputs.js";
-import { OutputCapture } from "./output-capture.js";
+import { capturedStreams, OutputCapture } from "./output-capture.js";
 import { WasmModuleCache, type WasmModuleCacheOptions } from "./wasm-module-cache.js";
 import { WasmWorkerPool, type WasmWorkerPoolOptions } from "./wasm-pool.js";
 import type { WasmWorkerData, WasmWorkerMessage } from "./wasm-worker.js";
@@ -167,15 +167,7 @@ export class WasmExecutor extends BaseExecutor {
     } finally {
       await Promise.all([stdin.close(), ...spools.map((s) => s.handle.close())]);
     }
-    const out = stdout.result();
-    const err = stderr.result();
-    const result = {
-      stdout: out.data,
-      stdoutTruncated: out.truncated,
-      stderr: err.data,
-      stderrTruncated: err.truncated,
-      durationMs: Math.round(performance.now() - started),
-    };
+    const result = capturedStreams(stdout, stderr, started);
     const failure = failureOf(stopReason, outcome, workerError, req);
     if (failure) return { exitCode: -1, ...result, error: failure };
     return { exitCode: (outcome as { exitCode: number }).exitCode, ...result };

@@ -334,6 +334,36 @@ export async function waitUntil<T>(
 }
 
 /**
+ * `compute serve` of a node with an identity from files (by default
+ * DATA-DIR/identity.crt and .key, where {@link startComputeNode} issues it):
+ * the arguments, to which a caller appends its own `-c` overrides.
+ */
+export function computeServeArgs(o: {
+  dataDir: string;
+  /** `--orchestrators`: the broker URL(s). */
+  servers: string;
+  caFile: string;
+  certFile?: string;
+  keyFile?: string;
+}): string[] {
+  const prefix = path.join(o.dataDir, "identity");
+  return [
+    "compute",
+    "serve",
+    "--data-dir",
+    o.dataDir,
+    "--orchestrators",
+    o.servers,
+    "-c",
+    `Compute.TLS.CACert=${o.caFile}`,
+    "-c",
+    `Compute.TLS.ClientCert=${o.certFile ?? `${prefix}.crt`}`,
+    "-c",
+    `Compute.TLS.ClientKey=${o.keyFile ?? `${prefix}.key`}`,
+  ];
+}
+
+/**
  * Issues a compute identity from the orchestrator's PKI (unless DATA-DIR/identity.crt
  * exists already), starts `shoal compute
  * serve` with it and resolves once the orchestrator lists the node HEALTHY and
@@ -357,18 +387,7 @@ export async function startComputeNode(
   );
   if (!issued) await writeIssued(prefix, await orch.pki.issue({ role: "compute", id }));
   const node = launch(t, [
-    "compute",
-    "serve",
-    "--data-dir",
-    dataDir,
-    "--orchestrators",
-    `tls://127.0.0.1:${orch.natsPort}`,
-    "-c",
-    `Compute.TLS.CACert=${orch.ca}`,
-    "-c",
-    `Compute.TLS.ClientCert=${prefix}.crt`,
-    "-c",
-    `Compute.TLS.ClientKey=${prefix}.key`,
+    ...computeServeArgs({ dataDir, servers: `tls://127.0.0.1:${orch.natsPort}`, caFile: orch.ca }),
     "-c",
     "Logging.Level=warn",
     ...extra,

@@ -4,7 +4,7 @@ import os from "node:os";
 import path from "node:path";
 import { promisify } from "node:util";
 import type { Test } from "tap";
-import type { EngineRunRequest } from "../../compute/engines/index.js";
+import { type EngineRunRequest, WasmExecutor } from "../../compute/engines/index.js";
 import { parseJobSpec, type Task } from "../../core/index.js";
 
 export const MiB = 1024 * 1024;
@@ -68,4 +68,15 @@ export function wasmTask(
       },
     ],
   }).Tasks[0]!;
+}
+
+/**
+ * The fixtures plus a default {@link WasmExecutor} closed at the end of the
+ * test file, and a signal that never aborts: what the WASM engine tests share.
+ */
+export async function wasmHarness(t: Test) {
+  const fx = await wasmFixtures(t);
+  const wasm = new WasmExecutor();
+  t.teardown(() => wasm.close());
+  return { wat: fx.wat, request: fx.request, task: wasmTask, wasm, never: new AbortController().signal };
 }
