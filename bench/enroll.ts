@@ -6,7 +6,8 @@
  * check, tls/ written. Sequentially and 10 at a time, beside the same-run
  * baseline of `Pki.issue` (key + certificate + locked inventory record, no
  * network). Then the time from an enrollment's answer to the broker
- * accepting that identity (inventory watcher → broker users → reload).
+ * accepting that identity (the answer now waits for the broker users and
+ * reload, so this is the TLS connection itself).
  *
  *   node --import @tapjs/typescript/import bench/enroll.ts [NODES=100]
  */
