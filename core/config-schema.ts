@@ -237,6 +237,10 @@ export const ConfigSchema = Type.Object(
               [],
               "Route addresses of the other orchestrators, host:port (or nats-route://host:port), e.g. orch-2:6222; new KV buckets get min(3, peers + 1) copies.",
             ),
+            Lease: duration(
+              "10s",
+              "An orchestrator renews its lease every quarter of this; one not renewed for this long is presumed gone and its unfinished jobs are taken over by another.",
+            ),
           },
           "Clustering of several orchestrators' NATS servers.",
         ),

@@ -45,6 +45,7 @@ import { FabricLink } from "./fabric-link.js";
 import { brokerIdentities, InventoryWatcher } from "./inventory-watch.js";
 import { jobRequirements, parseSubmittedJob } from "./job-requirements.js";
 import { JobService } from "./job-service.js";
+import { JobTakeover, LEASES_BUCKET, openLeases } from "./job-takeover.js";
 import { LogStore } from "./log-store.js";
 import { NodeService } from "./node-service.js";
 import { OwnCertificateRenewer } from "./own-certificates.js";
@@ -247,14 +248,16 @@ export class Orchestrator {
           ? SharedIdentities.open(js, this.#log.child({ component: "identities" }), replicas)
           : undefined,
         PendingEnrollments.open(js, { replicas }),
+        cluster ? openLeases(js, replicas) : undefined,
       ]);
     };
-    const [store, authStore, shared, pendingEnrollments] = cluster
+    const [store, authStore, shared, pendingEnrollments, leases] = cluster
       ? await whenJetStreamReady(fabric.nc, this.#log, DEFAULT_JETSTREAM_WAIT_MS, buckets, [
           ...Object.values(BUCKETS),
           ...Object.values(AUTH_BUCKETS),
           IDENTITIES_BUCKET,
           PENDING_ENROLLMENTS_BUCKET,
+          LEASES_BUCKET,
         ])
       : await buckets();
     this.#cleanups.push(async () => authStore.close());
@@ -263,7 +266,10 @@ export class Orchestrator {
 
     // State, services, dispatcher.
     this.#store = store;
-    this.#cleanups.push(() => store.flush());
+    this.#cleanups.push(async () => {
+      await store.flush();
+      store.close();
+    });
     const logs = new LogStore(dataDir);
     const results = new ResultsStore(dataDir);
     await Promise.all([logs.init(), results.init()]);
@@ -346,8 +352,10 @@ export class Orchestrator {
       retryBudget: c.Orchestrator.Scheduler.RetryBudget,
       ...(cluster
         ? {
-            isForeign: async (executionId: string) =>
-              (await store.executions.stored(executionId)) !== undefined,
+            isForeign: async (executionId: string) => {
+              const stored = await store.executions.stored(executionId);
+              return stored !== undefined && !store.isMine(stored.JobID);
+            },
           }
         : {}),
     });
@@ -355,7 +363,22 @@ export class Orchestrator {
     link.attach(dispatcher);
     store.watchAll((change) => {
       if (change.type === "node") dispatcher?.nodeChanged();
+      // Taken over by another orchestrator (or a stop there): this one lets it go.
+      if (change.type === "job" && !store.isMine(change.job.ID)) dispatcher?.relinquish(change.job.ID);
     });
+    if (leases && owner) {
+      const takeover = new JobTakeover(leases, {
+        js: jetstream(fabric.nc, { timeout: CLUSTER_JETSTREAM_TIMEOUT_MS }),
+        store,
+        owner,
+        leaseMs: parseDuration(c.Orchestrator.Cluster.Lease),
+        adopt: (jobIds, why) => dispatcher?.adopt(jobIds, why),
+        log: this.#log.child({ component: "takeover" }),
+      });
+      store.fence(() => takeover.acting);
+      this.#cleanups.push(async () => takeover.close());
+      await takeover.start();
+    }
     const jobs = new JobService({
       store,
       logs,

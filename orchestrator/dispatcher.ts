@@ -1,6 +1,7 @@
 import { randomUUID } from "node:crypto";
 import type { Logger } from "../core/index.js";
 import type { MessageBody, Resources } from "../fabric/protocol.js";
+import { jobConflict } from "./errors.js";
 import type { JobDispatch } from "./job-service.js";
 import { KeyedSerializer } from "./keyed-serializer.js";
 import type { LogStore } from "./log-store.js";
@@ -65,13 +66,18 @@ export interface DispatcherOptions {
   timeoutGraceMs?: number;
   /**
    * In a cluster every orchestrator hears every node: true for an execution
-   * this one does not hold but another orchestrator of the cluster stored
-   * (its job was submitted there). Such executions are left to their
-   * orchestrator: not cancelled, and their results not answered here.
+   * this one has not seen (yet) but another orchestrator of the cluster
+   * stored. Such executions, like the known ones of jobs another
+   * orchestrator owns ({@link StateStore.isMine}), are left to their owner:
+   * not cancelled, and their results not answered here.
    * Absent: a single orchestrator, where an unknown execution is unknown.
    */
   isForeign?: (executionId: string) => Promise<boolean>;
 }
+
+/** How often a stop tries to take over a job another orchestrator keeps changing. */
+const STOP_CLAIM_ATTEMPTS = 3;
+const STOP_CLAIM_PAUSE_MS = 200;
 
 const ACTIVE: ReadonlySet<ExecutionState> = new Set(["AskForBid", "BidAccepted", "Running"]);
 
@@ -93,6 +99,8 @@ function add(a: Resources, b: Resources, sign = 1): Resources {
 export class Dispatcher implements JobDispatch {
   readonly #o: DispatcherOptions;
   readonly #allocated = new Map<string, Resources>();
+  /** What each active execution of an owned job holds in `#allocated`, so it is given back exactly once. */
+  readonly #reserved = new Map<string, { jobId: string; nodeId: string; resources: Resources }>();
   readonly #deadlines = new Map<string, NodeJS.Timeout>();
   readonly #queueTimers = new Map<string, NodeJS.Timeout>();
   /** Queued jobs in submission order, re-examined whenever capacity or nodes change. */
@@ -106,27 +114,52 @@ export class Dispatcher implements JobDispatch {
     this.#o = options;
   }
 
-  /**
-   * Rebuilds the in-memory view after a (re)start: capacity in use, deadline
-   * timers, the queue. Bids and runs that were in flight when the previous
-   * process died are abandoned (the node is told to cancel) and placed again.
-   */
+  /** Takes up the jobs this orchestrator owns after a (re)start, see {@link adopt}. */
   start(): void {
+    this.adopt(
+      [...this.#o.store.jobs.values()].filter((j) => this.#o.store.isMine(j.ID)).map((j) => j.ID),
+      "an orchestrator restart",
+    );
+  }
+
+  /**
+   * Rebuilds the in-memory view of jobs this orchestrator now owns (after a
+   * restart, or taken over from another orchestrator): capacity in use,
+   * deadline timers, the queue. Running executions continue on their nodes
+   * and their results are accepted here; bids and runs that were in flight
+   * when the previous owner stopped are abandoned (the node is told to
+   * cancel) and placed again.
+   */
+  adopt(jobIds: readonly string[], why: string): void {
     const now = Date.now();
-    for (const e of this.#o.store.executions.values()) {
-      if (!isActive(e)) continue;
-      if (e.State === "Running") {
-        this.#reserve(e.NodeID, e.Resources);
-        this.#armDeadline(e, now);
-      } else {
-        this.#setExecution(e, "Failed", "interrupted by an orchestrator restart before it started");
-        void this.#cancelOnNode(e, "interrupted by an orchestrator restart");
+    const jobs = jobIds
+      .map((id) => this.#o.store.jobs.get(id))
+      .filter((j): j is JobRecord => j !== undefined && !TERMINAL_JOB_STATES.has(j.State))
+      .sort((a, b) => a.CreateTime - b.CreateTime);
+    for (const job of jobs) {
+      for (const e of this.#o.store.executionsOf(job.ID)) {
+        if (!isActive(e)) continue;
+        if (e.State === "Running") {
+          this.#reserve(e);
+          this.#armDeadline(e, now);
+        } else {
+          this.#setExecution(e, "Failed", `interrupted by ${why} before it started`);
+          void this.#cancelOnNode(e, `interrupted by ${why}`);
+        }
       }
     }
-    const pending = [...this.#o.store.jobs.values()]
-      .filter((j) => !TERMINAL_JOB_STATES.has(j.State))
-      .sort((a, b) => a.CreateTime - b.CreateTime);
-    for (const job of pending) this.#evaluate(job.ID);
+    for (const job of jobs) this.#evaluate(job.ID);
+  }
+
+  /** The job is no longer this orchestrator's (taken over): forget its timers, queue place and capacity. */
+  relinquish(jobId: string): void {
+    this.#unqueue(jobId);
+    for (const [executionId, r] of this.#reserved) {
+      if (r.jobId !== jobId) continue;
+      this.#release(executionId);
+      clearTimeout(this.#deadlines.get(executionId));
+      this.#deadlines.delete(executionId);
+    }
   }
 
   close(): void {
@@ -147,7 +180,25 @@ export class Dispatcher implements JobDispatch {
     this.#evaluate(jobId);
   }
 
+  /**
+   * Stops the job. One that another orchestrator of the cluster owns is taken
+   * over first (compare-and-set on its record, {@link StateStore.claimJob}),
+   * so the stop takes effect here at once whether its owner is up or not;
+   * the owner sees its record change and lets the job go.
+   */
   async stop(jobId: string, reason: string): Promise<void> {
+    for (let attempt = 0; !this.#o.store.isMine(jobId); attempt++) {
+      const job = this.#o.store.jobs.get(jobId);
+      if (!job || TERMINAL_JOB_STATES.has(job.State)) return;
+      if (attempt === STOP_CLAIM_ATTEMPTS) throw jobConflict(jobId);
+      const claimed = await this.#o.store.claimJob(
+        jobId,
+        (stored) => !TERMINAL_JOB_STATES.has(stored.State),
+        "stopped there",
+      );
+      // Lost the race (the owner wrote, or it finished): let the store follow that change, then look again.
+      if (!claimed) await new Promise((r) => setTimeout(r, STOP_CLAIM_PAUSE_MS));
+    }
     const job = this.#o.store.jobs.get(jobId);
     if (!job || TERMINAL_JOB_STATES.has(job.State)) return;
     this.#finishJob(job, "Stopped", reason);
@@ -167,7 +218,7 @@ export class Dispatcher implements JobDispatch {
   reconcile(nodeId: string, reported: MessageBody<"register">["executions"]): void {
     const held = new Set(reported.map((r) => r.executionId));
     for (const e of this.#o.store.executions.values()) {
-      if (e.NodeID === nodeId && e.State === "Running" && !held.has(e.ID)) {
+      if (e.NodeID === nodeId && e.State === "Running" && !held.has(e.ID) && this.#o.store.isMine(e.JobID)) {
         this.#loseExecution(e, "the node restarted and no longer has this execution");
       }
     }
@@ -175,6 +226,8 @@ export class Dispatcher implements JobDispatch {
       const e = this.#o.store.executions.get(r.executionId);
       if (!e || e.NodeID !== nodeId) {
         void this.#cancelUnlessForeign(nodeId, r.executionId, e);
+      } else if (!this.#o.store.isMine(e.JobID)) {
+        // Another orchestrator's job: its owner reconciles it.
       } else if (TERMINAL_EXECUTION_STATES.has(e.State) && e.State !== "Completed" && e.State !== "Failed") {
         void this.#cancelOnNode(e, `execution is ${e.State}`);
       }
@@ -190,7 +243,7 @@ export class Dispatcher implements JobDispatch {
   /** The node is gone (LOST, deleted or rejected): its executions move elsewhere. */
   nodeLost(node: NodeRecord): void {
     for (const e of this.#o.store.executions.values()) {
-      if (e.NodeID === node.ID && isActive(e)) {
+      if (e.NodeID === node.ID && isActive(e) && this.#o.store.isMine(e.JobID)) {
         this.#loseExecution(
           e,
           `node ${node.ID} is ${node.Approval === "REJECTED" ? "REJECTED" : node.Health}`,
@@ -209,8 +262,13 @@ export class Dispatcher implements JobDispatch {
     this.#endExecution(e, body.state, body.error ?? `node reported ${body.state}`);
   }
 
+  /**
+   * Stores a log line of any execution known here, whoever owns its job:
+   * every orchestrator of a cluster hears every node, so each can serve the
+   * logs of any job, and keeps them when it takes the job over.
+   */
   handleLogs(nodeId: string, body: MessageBody<"logs">): void {
-    const e = this.#owned(nodeId, body.executionId);
+    const e = this.#held(nodeId, body.executionId);
     if (!e) return;
     void this.#o.logs
       .append(e.JobID, {
@@ -241,15 +299,17 @@ export class Dispatcher implements JobDispatch {
    * Stores a result manifest and its staged chunks and answers whether it is
    * stored — only after the files and the execution's new state are durable,
    * because the node deletes its copy when it reads `stored: true`. Runs after
-   * the chunks that arrived before it have been staged.
+   * the chunks that arrived before it have been staged. Resolves to undefined
+   * when the execution is another orchestrator's: its owner answers, not this one.
    */
-  /** Resolves to undefined when the execution is another orchestrator's (`isForeign`): it answers, not this one. */
   handleResult(
     nodeId: string,
     body: MessageBody<"result">,
   ): Promise<MessageBody<"result-reply"> | undefined> {
     return this.#resultOrder.run(body.executionId, async () => {
-      if (!this.#o.store.executions.has(body.executionId) && (await this.#o.isForeign?.(body.executionId))) {
+      const known = this.#o.store.executions.get(body.executionId);
+      if (known ? !this.#o.store.isMine(known.JobID) : await this.#o.isForeign?.(body.executionId)) {
+        await this.#o.results.discardStaged(body.executionId);
         return undefined;
       }
       return this.#storeResult(nodeId, body);
@@ -298,7 +358,7 @@ export class Dispatcher implements JobDispatch {
   #evaluate(jobId: string): void {
     if (this.#closed) return;
     const job = this.#o.store.jobs.get(jobId);
-    if (!job || TERMINAL_JOB_STATES.has(job.State)) {
+    if (!job || TERMINAL_JOB_STATES.has(job.State) || !this.#o.store.isMine(jobId)) {
       this.#unqueue(jobId);
       return;
     }
@@ -366,7 +426,7 @@ export class Dispatcher implements JobDispatch {
       State: "AskForBid",
       Message: `placed on ${nodeId}`,
     });
-    this.#reserve(nodeId, execution.Resources);
+    this.#reserve(execution);
     void this.#bidAndRun(job, execution, requirements).catch((err) => {
       this.#o.log.error({ err, execution: execution.ID }, "dispatch failed");
     });
@@ -446,7 +506,7 @@ export class Dispatcher implements JobDispatch {
     const wasActive = isActive(e);
     const next = this.#o.store.setExecutionState(e, state, message, extra);
     if (wasActive && !isActive(next)) {
-      this.#release(e.NodeID, e.Resources);
+      this.#release(e.ID);
       const t = this.#deadlines.get(e.ID);
       if (t) clearTimeout(t);
       this.#deadlines.delete(e.ID);
@@ -527,12 +587,13 @@ export class Dispatcher implements JobDispatch {
 
   #armDeadline(e: ExecutionRecord, now: number): void {
     if (e.Deadline === undefined) return;
+    clearTimeout(this.#deadlines.get(e.ID));
     const grace = this.#o.timeoutGraceMs ?? 5000;
     const t = setTimeout(
       () => {
         this.#deadlines.delete(e.ID);
         const current = this.#o.store.executions.get(e.ID);
-        if (!current || !isActive(current)) return;
+        if (!current || !isActive(current) || !this.#o.store.isMine(current.JobID)) return;
         void this.#cancelOnNode(current, "execution timeout");
         this.#endExecution(current, "Failed", "execution timeout: the node did not finish in time");
       },
@@ -550,7 +611,7 @@ export class Dispatcher implements JobDispatch {
       () => {
         this.#queueTimers.delete(job.ID);
         const current = this.#o.store.jobs.get(job.ID);
-        if (current?.State !== "Queued") return;
+        if (current?.State !== "Queued" || !this.#o.store.isMine(job.ID)) return;
         this.#finishJob(current, "Failed", `queue timeout: ${current.StateMessage}`);
       },
       Math.max(0, since + timeout - Date.now()),
@@ -575,16 +636,27 @@ export class Dispatcher implements JobDispatch {
     });
   }
 
-  #reserve(nodeId: string, r: Resources): void {
-    this.#allocated.set(nodeId, add(this.allocated(nodeId), r));
+  #reserve(e: ExecutionRecord): void {
+    if (this.#reserved.has(e.ID)) return;
+    this.#reserved.set(e.ID, { jobId: e.JobID, nodeId: e.NodeID, resources: e.Resources });
+    this.#allocated.set(e.NodeID, add(this.allocated(e.NodeID), e.Resources));
   }
 
-  #release(nodeId: string, r: Resources): void {
-    this.#allocated.set(nodeId, add(this.allocated(nodeId), r, -1));
+  #release(executionId: string): void {
+    const r = this.#reserved.get(executionId);
+    if (!r) return;
+    this.#reserved.delete(executionId);
+    this.#allocated.set(r.nodeId, add(this.allocated(r.nodeId), r.resources, -1));
+  }
+
+  /** The execution if `nodeId` holds it and its job is this orchestrator's to act on. */
+  #owned(nodeId: string, executionId: string): ExecutionRecord | undefined {
+    const e = this.#held(nodeId, executionId);
+    return e && this.#o.store.isMine(e.JobID) ? e : undefined;
   }
 
   /** The execution if it exists and belongs to `nodeId`; a node cannot touch another's work. */
-  #owned(nodeId: string, executionId: string): ExecutionRecord | undefined {
+  #held(nodeId: string, executionId: string): ExecutionRecord | undefined {
     const e = this.#o.store.executions.get(executionId);
     if (!e || e.NodeID !== nodeId) {
       // In a cluster, messages about other orchestrators' executions reach every orchestrator.

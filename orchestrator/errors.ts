@@ -5,6 +5,8 @@ export const ORCHESTRATOR_CODES = defineCodes("orchestrator", {
   SHOAL_ORCH_JOB_NOT_FOUND: "No job with that ID.",
   SHOAL_ORCH_NODE_NOT_FOUND: "No node with that ID.",
   SHOAL_ORCH_JOB_FINISHED: "The job is already Completed, Failed or Stopped.",
+  SHOAL_ORCH_JOB_CONFLICT:
+    "Another orchestrator of the cluster kept changing the job (its owner, or one taking it over) while this one tried to take it over to stop it.",
   SHOAL_ORCH_RESULTS_NOT_FOUND: "The job, execution or result file has no stored result.",
   SHOAL_ORCH_SHUTTING_DOWN: "The orchestrator is shutting down and takes no new work.",
   SHOAL_ORCH_STATE_STORE: "The JetStream KV state store cannot be reached or written.",
@@ -47,6 +49,17 @@ export function jobNotFound(id: string): OrchestratorError {
   return new OrchestratorError(ORCHESTRATOR_CODES.SHOAL_ORCH_JOB_NOT_FOUND, `no job ${id}`, 404, {
     fix: "list jobs with `shoal job list`",
   });
+}
+
+export function jobConflict(id: string): OrchestratorError {
+  return new OrchestratorError(
+    ORCHESTRATOR_CODES.SHOAL_ORCH_JOB_CONFLICT,
+    `job ${id} is being changed by another orchestrator of the cluster`,
+    409,
+    {
+      fix: "retry the stop; or stop it at the orchestrator that owns it (Orchestrator in `shoal job describe`)",
+    },
+  );
 }
 
 export function nodeNotFound(id: string): OrchestratorError {

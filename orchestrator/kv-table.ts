@@ -1,41 +1,103 @@
+import { JetStreamApiCodes, JetStreamApiError, type JetStreamClient } from "@nats-io/jetstream";
 import type { KV } from "@nats-io/kv";
 import type { Logger } from "../core/index.js";
+import { followBucket, type KvChange } from "./kv-follow.js";
+
+export interface KvTableOptions<T> {
+  /**
+   * Other writers share the bucket (a cluster): their changes are followed
+   * from the moment the table opens, and applied by {@link KvTable.follow}.
+   */
+  shared?: { js: JetStreamClient; bucket: string };
+  /**
+   * Writes are compare-and-set against the revision this table last saw of
+   * the key: a write that finds another writer's newer revision is dropped,
+   * the stored value is read back into memory and `onConflict` is told.
+   */
+  onConflict?: (key: string, stored: T | undefined) => void;
+}
+
+/** Which changes of other writers a shared table applies, and what to do after. */
+export interface KvFollower<T> {
+  /** Whether to apply another writer's newer value (`undefined`: a delete) of `key`. */
+  accept: (key: string, value: T | undefined) => boolean;
+  applied: (key: string, value: T | undefined, previous: T | undefined) => void;
+}
 
 /**
- * One JetStream KV bucket mirrored in memory. The orchestrator is the only
- * writer of its buckets, so reads come from memory and writes go to memory at
- * once and to KV behind it: writes made in the same tick are coalesced per key
+ * One JetStream KV bucket mirrored in memory. Reads come from memory and
+ * writes go to memory at once and to KV behind it: writes made in the same tick are coalesced per key
  * and sent as one pipelined batch, so a burst of state changes costs one round
  * of acks instead of one per change. {@link flush} resolves once every write
  * made before it is acknowledged by JetStream — callers await it where
  * durability matters (a submission before answering 201, a result before
- * acknowledging it to the node).
+ * acknowledging it to the node). A shared table also follows the other
+ * writers' changes (newer revisions only, as its {@link KvFollower} accepts).
  */
 export class KvTable<T> {
   readonly #kv: KV;
   readonly #log: Logger;
   readonly #rows = new Map<string, T>();
+  /** The KV revision of each row as last written or read here. */
+  readonly #revisions = new Map<string, number>();
+  readonly #onConflict: KvTableOptions<T>["onConflict"];
+  #stopFollowing: (() => void) | undefined;
+  /** Other writers' changes that arrived before {@link follow} was called. */
+  readonly #early: KvChange[] = [];
+  #follower: KvFollower<T> | undefined;
   /** Keys changed since the last flush started; `undefined` marks a delete. */
   #dirty = new Map<string, T | undefined>();
   #flushing: Promise<void> = Promise.resolve();
   #scheduled: Promise<void> | undefined;
   #failure: unknown;
 
-  private constructor(kv: KV, log: Logger) {
+  private constructor(kv: KV, log: Logger, onConflict: KvTableOptions<T>["onConflict"]) {
     this.#kv = kv;
     this.#log = log;
+    this.#onConflict = onConflict;
   }
 
   /** Opens the bucket and loads every current value into memory. */
-  static async open<T>(kv: KV, log: Logger): Promise<KvTable<T>> {
-    const table = new KvTable<T>(kv, log);
+  static async open<T>(kv: KV, log: Logger, options: KvTableOptions<T> = {}): Promise<KvTable<T>> {
+    const table = new KvTable<T>(kv, log, options.onConflict);
+    // Followed before loading, so no change made meanwhile is missed (older revisions are skipped).
+    if (options.shared) {
+      table.#stopFollowing = await followBucket({ ...options.shared, from: "new", log }, (change) =>
+        table.#follower ? table.#apply(table.#follower, change) : table.#early.push(change),
+      );
+    }
     const keys: string[] = [];
     for await (const k of await kv.keys()) keys.push(k);
     const entries = await Promise.all(keys.map((k) => kv.get(k)));
     for (const e of entries) {
-      if (e && e.operation === "PUT" && e.length > 0) table.#rows.set(e.key, e.json<T>());
+      if (e && e.operation === "PUT" && e.length > 0) {
+        table.#rows.set(e.key, e.json<T>());
+        table.#revisions.set(e.key, e.revision);
+      }
     }
     return table;
+  }
+
+  /** Applies the other writers' changes (of a shared table) as `follower` decides, until {@link close}. */
+  follow(follower: KvFollower<T>): void {
+    this.#follower = follower;
+    for (const change of this.#early.splice(0)) this.#apply(follower, change);
+  }
+
+  /** Stops following other writers. */
+  close(): void {
+    this.#stopFollowing?.();
+  }
+
+  #apply(follower: KvFollower<T>, { key, revision, value: data }: KvChange): void {
+    if (revision <= (this.#revisions.get(key) ?? 0)) return;
+    const value = data === undefined ? undefined : (JSON.parse(Buffer.from(data).toString("utf8")) as T);
+    if (!follower.accept(key, value)) return;
+    const previous = this.#rows.get(key);
+    this.#revisions.set(key, revision);
+    if (value === undefined) this.#rows.delete(key);
+    else this.#rows.set(key, value);
+    follower.applied(key, value, previous);
   }
 
   get(key: string): T | undefined {
@@ -51,6 +113,28 @@ export class KvTable<T> {
     return e?.operation === "PUT" && e.length > 0 ? e.json<T>() : undefined;
   }
 
+  /** The stored value with its revision, for {@link compareAndSet}. */
+  async storedEntry(key: string): Promise<{ value: T; revision: number } | undefined> {
+    const e = await this.#kv.get(key);
+    return e?.operation === "PUT" && e.length > 0 ? { value: e.json<T>(), revision: e.revision } : undefined;
+  }
+
+  /**
+   * Stores `value` only if the key's stored revision is still `revision` (so
+   * of two writers racing from one revision exactly one wins), in KV and then
+   * in memory. Resolves false when another writer got there first.
+   */
+  async compareAndSet(key: string, value: T, revision: number): Promise<boolean> {
+    try {
+      this.#revisions.set(key, await this.#kv.update(key, JSON.stringify(value), revision));
+    } catch (err) {
+      if (isWrongRevision(err)) return false;
+      throw err;
+    }
+    this.#rows.set(key, value);
+    return true;
+  }
+
   has(key: string): boolean {
     return this.#rows.has(key);
   }
@@ -61,11 +145,6 @@ export class KvTable<T> {
 
   get size(): number {
     return this.#rows.size;
-  }
-
-  /** Drops `key` from memory only (a row another orchestrator owns); KV keeps it. */
-  forget(key: string): void {
-    this.#rows.delete(key);
   }
 
   /** Sets `key` in memory now and in KV with the next flush. */
@@ -110,25 +189,63 @@ export class KvTable<T> {
     });
   }
 
+  /** One write; compare-and-set (fenced) when the table has an `onConflict`. Resolves to the new revision. */
+  #store(key: string, value: T | undefined): Promise<number | undefined> {
+    if (value === undefined) return this.#kv.delete(key).then(() => undefined);
+    const data = JSON.stringify(value);
+    if (!this.#onConflict) return this.#kv.put(key, data);
+    const revision = this.#revisions.get(key);
+    return revision === undefined ? this.#kv.create(key, data) : this.#kv.update(key, data, revision);
+  }
+
+  /** Reads the key's stored value into memory when it is newer than the one here; resolves to the value now held. */
+  async refresh(key: string): Promise<T | undefined> {
+    const stored = await this.storedEntry(key);
+    if (stored && stored.revision > (this.#revisions.get(key) ?? 0)) {
+      this.#rows.set(key, stored.value);
+      this.#revisions.set(key, stored.revision);
+    }
+    return this.#rows.get(key);
+  }
+
+  /** Another writer changed the key since this table last saw it: its value wins, in memory too. */
+  async #conflict(key: string): Promise<void> {
+    this.#dirty.delete(key);
+    const value = await this.refresh(key).catch(() => this.#rows.get(key));
+    this.#log.warn({ key }, "write refused: another writer changed the key; its value is kept");
+    this.#onConflict?.(key, value);
+  }
+
   async #write(batch: Map<string, T | undefined>): Promise<void> {
-    const results = await Promise.allSettled(
-      [...batch].map(([key, value]) =>
-        value === undefined ? this.#kv.delete(key) : this.#kv.put(key, JSON.stringify(value)),
-      ),
-    );
+    const results = await Promise.allSettled([...batch].map(([key, value]) => this.#store(key, value)));
     let failed = 0;
-    [...batch].forEach(([key, value], i) => {
+    for (const [i, [key, value]] of [...batch].entries()) {
       const r = results[i];
-      if (r?.status === "rejected") {
+      if (r?.status === "fulfilled") {
+        if (r.value !== undefined) this.#revisions.set(key, r.value);
+      } else if (r && this.#onConflict && isWrongRevision(r.reason)) {
+        await this.#conflict(key);
+      } else if (r) {
         failed++;
         this.#failure = r.reason;
         // Retry with the next flush unless a newer value has replaced it.
         if (!this.#dirty.has(key)) this.#dirty.set(key, value);
       }
-    });
+    }
     if (failed > 0) {
       this.#log.error({ err: this.#failure, failed }, "KV writes failed; will retry");
       setTimeout(() => this.#schedule(), 250).unref();
+    } else {
+      // Every batch carries the rows that failed before it (or newer values): all are stored now.
+      this.#failure = undefined;
     }
   }
+}
+
+function isWrongRevision(err: unknown): boolean {
+  return (
+    err instanceof JetStreamApiError &&
+    (err.code === JetStreamApiCodes.StreamWrongLastSequence ||
+      err.code === JetStreamApiCodes.StreamWrongLastSequenceUnknown)
+  );
 }

@@ -39,8 +39,10 @@ export interface JobRecord {
   /** When it last started waiting for a node, for QueueTimeout. */
   QueuedSince?: number;
   /**
-   * In a cluster: the orchestrator (its nats `server_name`) that accepted the
-   * job and alone dispatches it. Absent for a single orchestrator.
+   * In a cluster: the job's owner (its nats `server_name`), which alone
+   * dispatches it and writes its records: the orchestrator that accepted it,
+   * until another takes it over (lease expired, or a stop there). Absent for
+   * a single orchestrator.
    */
   Orchestrator?: string;
 }

@@ -2,7 +2,7 @@ import { EventEmitter } from "node:events";
 import type { JetStreamClient } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import type { Logger } from "../core/index.js";
-import { KvTable } from "./kv-table.js";
+import { KvTable, type KvTableOptions } from "./kv-table.js";
 import type {
   ExecutionRecord,
   ExecutionState,
@@ -35,13 +35,19 @@ export type StateChange =
 export class StateStore {
   readonly #emitter = new EventEmitter();
   readonly #executionsByJob = new Map<string, Set<string>>();
+  #acting: () => boolean = () => true;
+  readonly #log: Logger;
 
   private constructor(
     readonly jobs: KvTable<JobRecord>,
     readonly executions: KvTable<ExecutionRecord>,
     readonly nodes: KvTable<NodeRecord>,
     readonly events: KvTable<JobEvent[]>,
+    /** In a cluster: this orchestrator's name (`JobRecord.Orchestrator` of the jobs it owns). */
+    readonly owner: string | undefined,
+    log: Logger,
   ) {
+    this.#log = log;
     this.#emitter.setMaxListeners(0);
     for (const e of executions.values()) this.#index(e);
   }
@@ -56,52 +62,111 @@ export class StateStore {
     options: {
       replicas?: number;
       /**
-       * In a cluster: this orchestrator's name. Jobs another orchestrator
-       * accepted (`JobRecord.Orchestrator`), their executions and history are
-       * left in KV but not loaded, so this one never dispatches, times out or
-       * reschedules them (e.g. after its own restart).
+       * In a cluster: this orchestrator's name. Every job of the cluster is
+       * loaded and the other orchestrators' writes are followed (so the API
+       * reads any job anywhere), but only the jobs it owns
+       * (`JobRecord.Orchestrator`) are written here, job records by
+       * compare-and-set: a write that finds the job taken over is dropped and
+       * the new owner's record kept (fencing).
        */
       owner?: string;
     } = {},
   ): Promise<StateStore> {
     const kvm = new Kvm(js);
-    const open = async <T>(bucket: string) =>
+    const cluster = options.owner !== undefined;
+    let store: StateStore | undefined;
+    // In a cluster the job buckets follow the other orchestrators' writes; job records are fenced.
+    const open = async <T>(bucket: string, followed: boolean, onConflict?: KvTableOptions<T>["onConflict"]) =>
       KvTable.open<T>(
         await kvm.create(bucket, { history: 1, replicas: options.replicas ?? 1 }),
         log.child({ bucket }),
+        cluster && followed ? { shared: { js, bucket }, ...(onConflict ? { onConflict } : {}) } : {},
       );
     const [jobs, executions, nodes, events] = await Promise.all([
-      open<JobRecord>(BUCKETS.jobs),
-      open<ExecutionRecord>(BUCKETS.executions),
-      open<NodeRecord>(BUCKETS.nodes),
-      open<JobEvent[]>(BUCKETS.events),
+      open<JobRecord>(BUCKETS.jobs, true, (_id, job) => {
+        if (job && store) store.#emitJob(job);
+      }),
+      open<ExecutionRecord>(BUCKETS.executions, true),
+      // Nodes are shared by every orchestrator, each keeping its own view of their health.
+      open<NodeRecord>(BUCKETS.nodes, false),
+      open<JobEvent[]>(BUCKETS.events, true),
     ]);
-    if (options.owner !== undefined) {
-      const foreign = new Set<string>();
-      for (const job of jobs.values()) {
-        if (job.Orchestrator !== undefined && job.Orchestrator !== options.owner) foreign.add(job.ID);
-      }
-      for (const id of foreign) {
-        jobs.forget(id);
-        events.forget(id);
-      }
-      for (const e of [...executions.values()]) if (foreign.has(e.JobID)) executions.forget(e.ID);
-    }
-    return new StateStore(jobs, executions, nodes, events);
+    store = new StateStore(jobs, executions, nodes, events, options.owner, log);
+    if (cluster) store.#followOthers();
+    return store;
+  }
+
+  /**
+   * Whether this orchestrator owns the job and alone acts on it: always for
+   * a single orchestrator, and in a cluster for the jobs it accepted or took
+   * over (and jobs stored without an owner, by a single orchestrator before);
+   * none while the {@link fence} says this orchestrator may not act.
+   */
+  isMine(jobId: string): boolean {
+    return this.#acting() && this.#owns(jobId);
+  }
+
+  /**
+   * While `acting` is false no job counts as this orchestrator's
+   * ({@link isMine}): its lease lapsed, so others may be taking its jobs over
+   * (see JobTakeover).
+   */
+  fence(acting: () => boolean): void {
+    this.#acting = acting;
+  }
+
+  /** Reads the job's record back from KV (e.g. to learn of a takeover this one missed); resolves to it. */
+  async refreshJob(jobId: string): Promise<JobRecord | undefined> {
+    const job = await this.jobs.refresh(jobId);
+    if (job) this.#emitJob(job);
+    return job;
+  }
+
+  /**
+   * Makes this orchestrator the job's owner, by compare-and-set on the
+   * stored record: `canTake` decides on the record as stored, and of two
+   * orchestrators claiming the same revision exactly one wins. Resolves to
+   * the job as now owned, or undefined (not stored, refused by `canTake`, or
+   * another orchestrator changed it first).
+   */
+  async claimJob(
+    jobId: string,
+    canTake: (job: JobRecord) => boolean,
+    why: string,
+    now = Date.now(),
+  ): Promise<JobRecord | undefined> {
+    if (this.owner === undefined) return undefined;
+    const stored = await this.jobs.storedEntry(jobId);
+    if (!stored || !canTake(stored.value)) return undefined;
+    const job: JobRecord = { ...stored.value, Orchestrator: this.owner, ModifyTime: now };
+    if (!(await this.jobs.compareAndSet(jobId, job, stored.revision))) return undefined;
+    this.#emitJob(job);
+    this.appendEvent({
+      Time: now,
+      JobID: jobId,
+      Type: "JobStateUpdate",
+      State: job.State,
+      PreviousState: stored.value.State,
+      Message: `taken over by ${this.owner} from ${stored.value.Orchestrator ?? "no owner"}: ${why}`,
+    });
+    return job;
+  }
+
+  /** Stops following the other orchestrators' writes. */
+  close(): void {
+    for (const table of [this.jobs, this.executions, this.nodes, this.events]) table.close();
   }
 
   putJob(job: JobRecord): void {
+    if (!this.#writable(job.ID)) return;
     this.jobs.put(job.ID, job);
-    this.#emitter.emit(`job:${job.ID}`, { type: "job", job } satisfies StateChange);
-    this.#emitter.emit("change", { type: "job", job } satisfies StateChange);
+    this.#emitJob(job);
   }
 
   putExecution(execution: ExecutionRecord): void {
+    if (!this.#writable(execution.JobID)) return;
     this.executions.put(execution.ID, execution);
-    this.#index(execution);
-    const change: StateChange = { type: "execution", execution };
-    this.#emitter.emit(`job:${execution.JobID}`, change);
-    this.#emitter.emit("change", change);
+    this.#emitExecution(execution);
   }
 
   putNode(node: NodeRecord): void {
@@ -114,9 +179,10 @@ export class StateStore {
   }
 
   appendEvent(event: JobEvent): void {
+    if (!this.#writable(event.JobID)) return;
     const history = this.events.get(event.JobID) ?? [];
     this.events.put(event.JobID, [...history, event]);
-    this.#emitter.emit(`job:${event.JobID}`, { type: "event", event } satisfies StateChange);
+    this.#emitEvent(event);
   }
 
   /** Moves a job to `state` (if it is not there already) and records the event. */
@@ -197,6 +263,73 @@ export class StateStore {
   /** Resolves when every change so far is stored in JetStream. */
   async flush(): Promise<void> {
     await Promise.all([this.jobs.flush(), this.executions.flush(), this.nodes.flush(), this.events.flush()]);
+  }
+
+  /**
+   * Fencing: nothing is written for a job whose record (as last seen here)
+   * names another owner. A takeover not seen yet is caught by KV instead:
+   * job records are written by compare-and-set.
+   */
+  #writable(jobId: string): boolean {
+    const job = this.jobs.get(jobId);
+    if (!job || this.#isOwner(job)) return true;
+    this.#log.warn(
+      { job: jobId, owner: job.Orchestrator },
+      "write dropped: another orchestrator owns the job",
+    );
+    return false;
+  }
+
+  #owns(jobId: string): boolean {
+    const job = this.jobs.get(jobId);
+    return job !== undefined && this.#isOwner(job);
+  }
+
+  #isOwner(job: JobRecord): boolean {
+    return this.owner === undefined || job.Orchestrator === undefined || job.Orchestrator === this.owner;
+  }
+
+  /**
+   * Applies the other orchestrators' writes: every change to a job this one
+   * does not own, and a job record that names another owner (its job was
+   * taken over). Echoes of its own writes are skipped.
+   */
+  #followOthers(): void {
+    const foreignJob = (jobId: string | undefined) => jobId === undefined || !this.#owns(jobId);
+    this.jobs.follow({
+      accept: (id, job) => (job ? !this.#isOwner(job) : foreignJob(id)),
+      applied: (_id, job) => {
+        if (job) this.#emitJob(job);
+      },
+    });
+    this.executions.follow({
+      accept: (id, e) => foreignJob((e ?? this.executions.get(id))?.JobID),
+      applied: (_id, e) => {
+        if (e) this.#emitExecution(e);
+      },
+    });
+    this.events.follow({
+      accept: (jobId) => foreignJob(jobId),
+      applied: (_jobId, events, previous) => {
+        for (const event of (events ?? []).slice(previous?.length ?? 0)) this.#emitEvent(event);
+      },
+    });
+  }
+
+  #emitJob(job: JobRecord): void {
+    this.#emitter.emit(`job:${job.ID}`, { type: "job", job } satisfies StateChange);
+    this.#emitter.emit("change", { type: "job", job } satisfies StateChange);
+  }
+
+  #emitExecution(execution: ExecutionRecord): void {
+    this.#index(execution);
+    const change: StateChange = { type: "execution", execution };
+    this.#emitter.emit(`job:${execution.JobID}`, change);
+    this.#emitter.emit("change", change);
+  }
+
+  #emitEvent(event: JobEvent): void {
+    this.#emitter.emit(`job:${event.JobID}`, { type: "event", event } satisfies StateChange);
   }
 
   #index(e: ExecutionRecord): void {

@@ -1,9 +1,9 @@
 import "reflect-metadata";
 import { jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
-import t from "tap";
+import t, { type Test } from "tap";
 import { silentLogger } from "../core/index.js";
-import type { JobRecord } from "../orchestrator/records.js";
+import type { ExecutionRecord, JobRecord } from "../orchestrator/records.js";
 import { StateStore } from "../orchestrator/state-store.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
 import { testNodeService } from "./helpers/node-service.js";
@@ -72,41 +72,135 @@ t.test("state survives a reconnect: memory first, KV behind, coalesced writes", 
   );
 });
 
-t.test(
-  "in a cluster an orchestrator loads only the jobs it accepted (and their executions and history)",
-  async (t) => {
-    const url = await startJetStream(t, await tempDir(t, "shoal-state-owner-"));
+/** Polls `check` every 20 ms for up to 5 s (a KV watch delivers in milliseconds). */
+async function eventually(what: string, check: () => boolean): Promise<void> {
+  for (let i = 0; i < 250 && !check(); i++) await new Promise((r) => setTimeout(r, 20));
+  if (!check()) throw new Error(`timed out waiting until ${what}`);
+}
+
+function running(id: string, jobId: string): ExecutionRecord {
+  return {
+    ID: id,
+    JobID: jobId,
+    NodeID: "n1",
+    State: "Running",
+    StateMessage: "running",
+    Resources: { cpu: 0.1, memory: 1 },
+    CreateTime: 1,
+    ModifyTime: 1,
+  };
+}
+
+/** Opens stores of orchestrators named `owner` on one JetStream, each on its own connection. */
+async function clusterStores(t: Test, prefix: string): Promise<(owner: string) => Promise<StateStore>> {
+  const url = await startJetStream(t, await tempDir(t, prefix));
+  return async (owner) => {
     const nc = await connect({ servers: url });
-    t.teardown(() => nc.close());
-    const a = await StateStore.open(jetstream(nc), silentLogger, { owner: "orch-a" });
+    const store = await StateStore.open(jetstream(nc), silentLogger, { owner });
+    t.teardown(async () => {
+      store.close();
+      await nc.close();
+    });
+    return store;
+  };
+}
+
+t.test(
+  "in a cluster every orchestrator reads every job and follows the others' writes, but owns only its own",
+  async (t) => {
+    const open = await clusterStores(t, "shoal-state-owner-");
+    const a = await open("orch-a");
     a.putJob({ ...job("j-a", 1), Orchestrator: "orch-a" });
-    a.putJob({ ...job("j-b", 2), Orchestrator: "orch-b" });
     a.putJob(job("j-legacy", 3));
-    for (const id of ["j-a", "j-b"]) {
-      a.putExecution({
-        ID: `e-${id}`,
-        JobID: id,
-        NodeID: "n1",
-        State: "Running",
-        StateMessage: "running",
-        Resources: { cpu: 0.1, memory: 1 },
-        CreateTime: 1,
-        ModifyTime: 1,
-      });
-      a.appendEvent({ Time: 1, JobID: id, Type: "JobStateUpdate", State: "Pending", Message: "submitted" });
-    }
+    a.putExecution(running("e-a", "j-a"));
+    a.appendEvent({ Time: 1, JobID: "j-a", Type: "JobStateUpdate", State: "Pending", Message: "submitted" });
     await a.flush();
 
-    const b = await StateStore.open(jetstream(nc), silentLogger, { owner: "orch-b" });
-    t.same([...b.jobs.values()].map((j) => j.ID).sort(), ["j-b", "j-legacy"], "its own and unowned jobs");
+    const b = await open("orch-b");
+    t.same([...b.jobs.values()].map((j) => j.ID).sort(), ["j-a", "j-legacy"], "every job is loaded");
     t.same(
-      [...b.executions.values()].map((e) => e.ID),
-      ["e-j-b"],
+      b.executionsOf("j-a").map((e) => e.ID),
+      ["e-a"],
     );
-    t.equal(b.events.get("j-a"), undefined);
-    t.equal((await b.executions.stored("e-j-a"))?.JobID, "j-a", "the other's rows stay in KV");
-    const single = await StateStore.open(jetstream(nc), silentLogger);
-    t.equal(single.jobs.size, 3, "without an owner everything loads");
+    t.notOk(b.isMine("j-a"), "A's job is not B's to act on");
+    t.ok(a.isMine("j-a"));
+    t.ok(
+      b.isMine("j-legacy") && a.isMine("j-legacy"),
+      "a job stored without an owner is everyone's, as before",
+    );
+
+    // A's later writes reach B's memory and B's watchers; B's own writes are not echoed back over A's.
+    const seen: string[] = [];
+    b.watchJob("j-a", (c) => seen.push(c.type));
+    a.setJobState(a.jobs.get("j-a")!, "Running", "placed");
+    a.putExecution({ ...running("e-a2", "j-a"), State: "AskForBid" });
+    await a.flush();
+    await eventually(
+      "B follows A's writes",
+      () => b.executionsOf("j-a").length === 2 && seen.includes("event"),
+    );
+    t.equal(b.jobs.get("j-a")?.State, "Running");
+    t.same(
+      b.history("j-a").map((e) => e.State),
+      ["Pending", "Running"],
+    );
+    b.putJob({ ...job("j-b", 4), Orchestrator: "orch-b" });
+    await b.flush();
+    await eventually("A follows B's new job", () => a.jobs.has("j-b"));
+    t.notOk(a.isMine("j-b"));
+  },
+);
+
+t.test(
+  "takeover: of two claimants exactly one wins (compare-and-set), and the old owner is fenced",
+  async (t) => {
+    const open = await clusterStores(t, "shoal-state-claim-");
+    const a = await open("orch-a");
+    let j: JobRecord = { ...job("j-1", 1), Orchestrator: "orch-a" };
+    a.putJob(j);
+    a.putExecution(running("e-1", "j-1"));
+    await a.flush();
+    // A stops following the others (as if paused or cut off), so it misses the takeover below.
+    a.close();
+    const [b, c] = await Promise.all([open("orch-b"), open("orch-c")]);
+
+    const canTake = (stored: JobRecord) => stored.Orchestrator === "orch-a";
+    const claims = await Promise.all([
+      b.claimJob("j-1", canTake, "test"),
+      c.claimJob("j-1", canTake, "test"),
+    ]);
+    t.equal(claims.filter((x) => x !== undefined).length, 1, "exactly one claim wins");
+    const [winner, loser] = claims[0] ? [b, c] : [c, b];
+    t.equal((await a.jobs.stored("j-1"))?.Orchestrator, winner.owner, "KV names the winner");
+    t.ok(winner.isMine("j-1"));
+    await eventually(
+      "the loser follows the winner's record",
+      () => loser.jobs.get("j-1")?.Orchestrator === winner.owner,
+    );
+    t.notOk(loser.isMine("j-1"), "the loser does not act on it");
+    t.equal(
+      await loser.claimJob("j-1", canTake, "test"),
+      undefined,
+      "a claim on a changed record is refused",
+    );
+    t.match(winner.history("j-1").at(-1)?.Message ?? "", /taken over by orch-\w from orch-a/);
+
+    // A missed the takeover: its next write of the job record is refused by KV (compare-and-set on the
+    // revision it last saw), the new owner's record is read back and A no longer counts the job as its own.
+    const changes: string[] = [];
+    a.watchJob("j-1", (change) => {
+      if (change.type === "job") changes.push(change.job.Orchestrator ?? "");
+    });
+    j = a.setJobState(j, "Failed", "a stale owner's decision");
+    await a.flush();
+    t.equal((await a.jobs.stored("j-1"))?.State, "Pending", "the stale write did not land");
+    await eventually("A sees the new owner", () => a.jobs.get("j-1")?.Orchestrator === winner.owner);
+    t.notOk(a.isMine("j-1"), "fenced: A lets the job go");
+    t.equal(changes.at(-1), winner.owner, "A's watchers are told");
+
+    // A fence that says "not acting" (a lapsed lease) makes no job the orchestrator's own.
+    winner.fence(() => false);
+    t.notOk(winner.isMine("j-1"));
   },
 );
 

@@ -1,0 +1,199 @@
+import { performance } from "node:perf_hooks";
+import type { JetStreamClient } from "@nats-io/jetstream";
+import { type KV, Kvm } from "@nats-io/kv";
+import type { Logger } from "../core/index.js";
+import { followBucket } from "./kv-follow.js";
+import { TERMINAL_JOB_STATES } from "./records.js";
+import type { StateStore } from "./state-store.js";
+
+/** The KV bucket where each orchestrator of a cluster renews its lease. */
+export const LEASES_BUCKET = "shoal-orchestrators";
+
+/** One orchestrator's lease as stored under its name in {@link LEASES_BUCKET}. */
+export interface LeaseRecord {
+  Name: string;
+  /** Its wall clock at the renewal, for operators; expiry is judged on the reader's own clock. */
+  Renewed: number;
+  LeaseMs: number;
+}
+
+/** Opens (creating if needed) the lease bucket with `replicas` copies. */
+export function openLeases(js: JetStreamClient, replicas: number): Promise<KV> {
+  return new Kvm(js).create(LEASES_BUCKET, { history: 1, replicas });
+}
+
+export interface JobTakeoverOptions {
+  /** Where the lease bucket's changes are followed. */
+  js: JetStreamClient;
+  store: StateStore;
+  /** This orchestrator's name (`JobRecord.Orchestrator` of the jobs it owns). */
+  owner: string;
+  /** `Orchestrator.Cluster.Lease` in ms. */
+  leaseMs: number;
+  /** Takes up jobs just taken over, as after a restart (Dispatcher.adopt). */
+  adopt: (jobIds: string[], why: string) => void;
+  log: Logger;
+  /** A monotonic clock in ms. @default performance.now */
+  now?: () => number;
+}
+
+/**
+ * Job takeover in a cluster. Each orchestrator renews a lease (its record in
+ * {@link LEASES_BUCKET}, every quarter of the lease) and watches the others'.
+ * An orchestrator whose record has not changed for a whole lease, measured
+ * on the watcher's own monotonic clock from when it last saw a renewal (or
+ * from its own start: a newcomer gives everyone a full lease), is presumed
+ * gone — but only while this orchestrator's own renewals reach it through
+ * the same follower (so a stalled follower never passes for dead peers) —
+ * and the unfinished jobs it owns are claimed, each by compare-and-set on
+ * the job record ({@link StateStore.claimJob}, so two claimants never both
+ * win), and taken up through the same recovery path a restart uses.
+ *
+ * Fencing: an orchestrator whose last renewal is a whole lease old may have
+ * been presumed gone, so it stops acting on its jobs ({@link acting} fences
+ * the store: none counts as its own) until a renewal succeeds; then it reads
+ * each of its jobs back from KV, lets go of those taken over meanwhile and
+ * takes up the rest again. Job records are written by compare-and-set, so a
+ * write from an owner that missed a takeover anyway is refused by KV.
+ */
+export class JobTakeover {
+  readonly #o: JobTakeoverOptions;
+  readonly #kv: KV;
+  readonly #now: () => number;
+  /** When each other orchestrator's renewal was last seen here (monotonic ms). */
+  readonly #seen = new Map<string, { at: number; leaseMs: number }>();
+  readonly #startedAt: number;
+  #renewedAt = Number.NEGATIVE_INFINITY;
+  /** The lease lapsed since this orchestrator last checked which of its jobs it still owns. */
+  #lapsed = false;
+  #timer: NodeJS.Timeout | undefined;
+  #stopFollowing: (() => void) | undefined;
+  /** When this orchestrator's own renewal last came back through the follower (monotonic ms). */
+  #echoedAt = Number.NEGATIVE_INFINITY;
+  #ticking = false;
+
+  /** `kv`: the lease bucket ({@link openLeases}). */
+  constructor(kv: KV, o: JobTakeoverOptions) {
+    this.#kv = kv;
+    this.#o = o;
+    this.#now = o.now ?? (() => performance.now());
+    this.#startedAt = this.#now();
+  }
+
+  /** Whether this orchestrator may act on its jobs: its lease is current and never lapsed unnoticed. */
+  get acting(): boolean {
+    return !this.#lapsed && this.#now() - this.#renewedAt < this.#o.leaseMs;
+  }
+
+  /** Renews the lease once (so this orchestrator is live before it serves), then keeps renewing and watching. */
+  async start(): Promise<void> {
+    const before = this.#now();
+    await this.#kv.put(this.#o.owner, JSON.stringify(this.#record()));
+    this.#renewedAt = before;
+    this.#stopFollowing = await followBucket(
+      {
+        js: this.#o.js,
+        bucket: LEASES_BUCKET,
+        from: "all",
+        expiresMs: Math.min(5000, this.#o.leaseMs / 2),
+        log: this.#o.log,
+      },
+      ({ key, value }) => {
+        if (key === this.#o.owner) this.#echoedAt = this.#now();
+        else if (value) {
+          const record = JSON.parse(Buffer.from(value).toString("utf8")) as LeaseRecord;
+          this.#seen.set(key, { at: this.#now(), leaseMs: record.LeaseMs });
+        }
+      },
+    );
+    this.#timer = setInterval(() => void this.#tick(), Math.max(50, Math.floor(this.#o.leaseMs / 4)));
+    this.#timer.unref();
+  }
+
+  close(): void {
+    clearInterval(this.#timer);
+    this.#stopFollowing?.();
+  }
+
+  /** One round: renew, then (holding the lease) take over the jobs of orchestrators whose lease expired. */
+  async #tick(): Promise<void> {
+    if (this.#ticking) return;
+    this.#ticking = true;
+    try {
+      if (!(await this.#renew())) return;
+      if (this.#lapsed) await this.#regained();
+      await this.#takeOver();
+    } catch (err) {
+      this.#o.log.warn({ err }, "lease round failed");
+    } finally {
+      this.#ticking = false;
+    }
+  }
+
+  #record(): LeaseRecord {
+    return { Name: this.#o.owner, Renewed: Date.now(), LeaseMs: this.#o.leaseMs };
+  }
+
+  /** Resolves to whether the lease was renewed; notes a lapse (the previous renewal expired before this one). */
+  async #renew(): Promise<boolean> {
+    const before = this.#now();
+    try {
+      await this.#kv.put(this.#o.owner, JSON.stringify(this.#record()));
+    } catch (err) {
+      this.#o.log.warn({ err }, "lease not renewed");
+      return false;
+    }
+    if (this.#now() - this.#renewedAt >= this.#o.leaseMs) this.#lapsed = true;
+    // Counted from before the write: the others saw it no earlier than that.
+    this.#renewedAt = before;
+    return true;
+  }
+
+  /** The lease is held again after a lapse: keep only the jobs nobody took over meanwhile. */
+  async #regained(): Promise<void> {
+    const store = this.#o.store;
+    const mine = [...store.jobs.values()].filter(
+      (j) => j.Orchestrator === this.#o.owner && !TERMINAL_JOB_STATES.has(j.State),
+    );
+    const kept = (await Promise.all(mine.map((j) => store.refreshJob(j.ID)))).filter(
+      (j) => j?.Orchestrator === this.#o.owner,
+    );
+    this.#lapsed = false;
+    this.#o.log.warn(
+      { kept: kept.length, lost: mine.length - kept.length },
+      "lease held again after a lapse",
+    );
+    this.#o.adopt(
+      kept.map((j) => j!.ID),
+      "a lapse of this orchestrator's lease",
+    );
+  }
+
+  async #takeOver(): Promise<void> {
+    const now = this.#now();
+    // Peers' renewals may be missing here only because the follower stalled: then judge nobody.
+    if (now - this.#echoedAt > this.#o.leaseMs / 2) return;
+    /** Job id → the owner whose lease expired. */
+    const expired = new Map<string, string>();
+    for (const job of this.#o.store.jobs.values()) {
+      const owner = job.Orchestrator;
+      if (owner === undefined || owner === this.#o.owner || TERMINAL_JOB_STATES.has(job.State)) continue;
+      const seen = this.#seen.get(owner);
+      const leaseMs = Math.max(this.#o.leaseMs, seen?.leaseMs ?? 0);
+      if (now - (seen?.at ?? this.#startedAt) > leaseMs) expired.set(job.ID, owner);
+    }
+    const taken: string[] = [];
+    for (const [id, owner] of expired) {
+      // Only from the owner judged gone: not from one that took the job over meanwhile.
+      const job = await this.#o.store.claimJob(
+        id,
+        (stored) => stored.Orchestrator === owner && !TERMINAL_JOB_STATES.has(stored.State),
+        `the lease of ${owner} expired`,
+      );
+      if (job) taken.push(id);
+    }
+    if (taken.length === 0) return;
+    this.#o.log.warn({ jobs: taken }, "took over the jobs of an orchestrator whose lease expired");
+    this.#o.adopt(taken, "a takeover");
+  }
+}

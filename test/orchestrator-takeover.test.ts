@@ -1,0 +1,110 @@
+import "reflect-metadata";
+import { promises as fs } from "node:fs";
+import path from "node:path";
+import t from "tap";
+import type { JobView } from "../orchestrator/records.js";
+import { initPki } from "../pki/index.js";
+import {
+  freePort,
+  killLeftoverNats,
+  startComputeNode,
+  startOrchestrator,
+  tempDir,
+  waitUntil,
+} from "./helpers/cluster.js";
+import { buildWasm, sleepWat, submitJob, waitForJob, wasmEngine, writeSpec } from "./helpers/e2e-jobs.js";
+
+/**
+ * Three clustered orchestrators (JetStream keeps its quorum with one of them
+ * gone; two could not) and one compute node. A job submitted at A is
+ * running when A is killed with SIGKILL: once A's lease (3 s here) expires,
+ * B or C claims the job (compare-and-set on its record: exactly one wins),
+ * takes it up as a restart would, accepts the node's result, and the job
+ * completes with its one execution, visible from both survivors.
+ */
+t.test("a job survives the loss of the orchestrator that accepted it", async (t) => {
+  const root = await tempDir(t, "shoal-takeover-");
+  const shared = path.join(root, "pki");
+  await initPki(shared, { trustDomain: "shoal.local" });
+  const names = ["a", "b", "c"];
+  const dirs = names.map((n) => path.join(root, n));
+  for (const dir of dirs) await fs.cp(shared, path.join(dir, "pki"), { recursive: true });
+  const ports: number[] = [];
+  for (const _ of names) ports.push(await freePort());
+  const clusterArgs = (i: number) => [
+    ...["-c", "Orchestrator.Cluster.Name=shoal-test", "-c", "Orchestrator.Cluster.Host=127.0.0.1"],
+    ...["-c", `Orchestrator.Cluster.Port=${ports[i]}`, "-c", "Orchestrator.Cluster.Lease=3s"],
+    ...["-c", `Orchestrator.Cluster.Peers=${ports.filter((_, j) => j !== i).map((p) => `127.0.0.1:${p}`)}`],
+  ];
+  const [a, b, c] = await Promise.all(dirs.map((dir, i) => startOrchestrator(t, dir, clusterArgs(i))));
+  if (!a || !b || !c) throw new Error("three orchestrators expected");
+  t.match(a.proc.stdout(), /cluster shoal-test, 3 copies/);
+  t.teardown(() => {
+    if (t.passing()) return;
+    for (const [n, o] of [
+      ["B", b],
+      ["C", c],
+    ] as const)
+      t.comment(`${n}:\n${o.proc.stderr().slice(-5000)}`);
+  });
+
+  // The node dials C's broker, which stays up.
+  await startComputeNode(t, c, path.join(root, "node-1"), "node-1");
+  const module = await buildWasm(root, "sleep", sleepWat(9000));
+  const id = await submitJob(a, await writeSpec(root, "survivor", wasmEngine(module)));
+  const running = await waitForJob(a, id, "Running", (j) => j.Executions[0]?.State === "Running", 30_000);
+  const owner = running.Orchestrator;
+  t.ok(owner, "A owns the job");
+
+  // A dies mid-job, with no chance to hand anything over; its nats-server goes with it (a lost machine).
+  const killedAt = Date.now();
+  a.proc.child.kill("SIGKILL");
+  await a.proc.exited;
+  await killLeftoverNats(a.dataDir);
+
+  const done = await waitForJob(
+    b,
+    id,
+    "Completed at B",
+    (j) => ["Completed", "Failed", "Stopped"].includes(j.State),
+    60_000,
+  );
+  t.equal(done.State, "Completed", JSON.stringify(done));
+  t.comment(`completed ${Date.now() - killedAt} ms after A was killed`);
+  t.not(done.Orchestrator, owner, "taken over from A");
+  t.equal(done.Executions.length, 1, "the running execution was kept, not run again");
+  t.equal(done.Executions[0]?.State, "Completed");
+  t.match(done.Executions[0]?.Stdout ?? "", /slept/, "the node's result was accepted by the new owner");
+  const atC = await waitForJob(c, id, "Completed at C", (j) => j.State === "Completed", 10_000);
+  t.equal(atC.Orchestrator, done.Orchestrator, "B and C agree on the new owner");
+  const history = (
+    await b.client.get<{ Items: { Message: string }[] }>(`/api/v1/orchestrator/jobs/${id}/history`)
+  ).Items;
+  t.equal(
+    history.filter((e) => /taken over by .* from /.test(e.Message)).length,
+    1,
+    "taken over exactly once",
+  );
+
+  // A new job at the survivors still runs (the state store kept its quorum), and B follows it.
+  const after = await submitJob(
+    c,
+    await writeSpec(root, "after", wasmEngine(await buildWasm(root, "quick", sleepWat(10)))),
+  );
+  t.equal(
+    (await waitForJob(c, after, "Completed", (j) => j.State === "Completed", 30_000)).State,
+    "Completed",
+  );
+  const cName = (await fs.readFile(path.join(c.dataDir, "nats", "server-name"), "utf8")).trim();
+  const seenAt = Date.now();
+  const atB = await waitUntil(
+    "B follows C's new job",
+    async () =>
+      (await b.client.get<{ Items: JobView[] }>("/api/v1/orchestrator/jobs")).Items.find(
+        (j) => j.ID === after,
+      ),
+    30_000,
+  );
+  t.comment(`B saw it ${Date.now() - seenAt} ms after C completed it`);
+  t.equal(atB.Orchestrator, cName, "owned by C, which accepted it; B reads it");
+});
