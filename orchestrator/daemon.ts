@@ -368,7 +368,6 @@ export class Orchestrator {
     });
     if (leases && owner) {
       const takeover = new JobTakeover(leases, {
-        js: jetstream(fabric.nc, { timeout: CLUSTER_JETSTREAM_TIMEOUT_MS }),
         store,
         owner,
         leaseMs: parseDuration(c.Orchestrator.Cluster.Lease),

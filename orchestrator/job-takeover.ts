@@ -2,7 +2,6 @@ import { performance } from "node:perf_hooks";
 import type { JetStreamClient } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import type { Logger } from "../core/index.js";
-import { followBucket } from "./kv-follow.js";
 import { TERMINAL_JOB_STATES } from "./records.js";
 import type { StateStore } from "./state-store.js";
 
@@ -23,8 +22,6 @@ export function openLeases(js: JetStreamClient, replicas: number): Promise<KV> {
 }
 
 export interface JobTakeoverOptions {
-  /** Where the lease bucket's changes are followed. */
-  js: JetStreamClient;
   store: StateStore;
   /** This orchestrator's name (`JobRecord.Orchestrator` of the jobs it owns). */
   owner: string;
@@ -39,12 +36,12 @@ export interface JobTakeoverOptions {
 
 /**
  * Job takeover in a cluster. Each orchestrator renews a lease (its record in
- * {@link LEASES_BUCKET}, every quarter of the lease) and watches the others'.
- * An orchestrator whose record has not changed for a whole lease, measured
- * on the watcher's own monotonic clock from when it last saw a renewal (or
- * from its own start: a newcomer gives everyone a full lease), is presumed
- * gone — but only while this orchestrator's own renewals reach it through
- * the same follower (so a stalled follower never passes for dead peers) —
+ * {@link LEASES_BUCKET}, every quarter of the lease) and, each round, reads
+ * the records of the orchestrators that own unfinished jobs (a direct read,
+ * no consumer that could be lost with a server). An owner whose record kept
+ * the same revision for a whole lease, measured on the reader's own
+ * monotonic clock from when it first saw that revision (so a newcomer gives
+ * everyone a full lease, and wall clocks need not agree), is presumed gone,
  * and the unfinished jobs it owns are claimed, each by compare-and-set on
  * the job record ({@link StateStore.claimJob}, so two claimants never both
  * win), and taken up through the same recovery path a restart uses.
@@ -60,16 +57,12 @@ export class JobTakeover {
   readonly #o: JobTakeoverOptions;
   readonly #kv: KV;
   readonly #now: () => number;
-  /** When each other orchestrator's renewal was last seen here (monotonic ms). */
-  readonly #seen = new Map<string, { at: number; leaseMs: number }>();
-  readonly #startedAt: number;
+  /** Each owner's lease record revision as last read here, and when (monotonic ms) it was first read. */
+  readonly #seen = new Map<string, { revision: number; at: number; leaseMs: number }>();
   #renewedAt = Number.NEGATIVE_INFINITY;
   /** The lease lapsed since this orchestrator last checked which of its jobs it still owns. */
   #lapsed = false;
   #timer: NodeJS.Timeout | undefined;
-  #stopFollowing: (() => void) | undefined;
-  /** When this orchestrator's own renewal last came back through the follower (monotonic ms). */
-  #echoedAt = Number.NEGATIVE_INFINITY;
   #ticking = false;
 
   /** `kv`: the lease bucket ({@link openLeases}). */
@@ -77,7 +70,6 @@ export class JobTakeover {
     this.#kv = kv;
     this.#o = o;
     this.#now = o.now ?? (() => performance.now());
-    this.#startedAt = this.#now();
   }
 
   /** Whether this orchestrator may act on its jobs: its lease is current and never lapsed unnoticed. */
@@ -85,34 +77,17 @@ export class JobTakeover {
     return !this.#lapsed && this.#now() - this.#renewedAt < this.#o.leaseMs;
   }
 
-  /** Renews the lease once (so this orchestrator is live before it serves), then keeps renewing and watching. */
+  /** Renews the lease once (so this orchestrator is live before it serves), then keeps renewing and judging. */
   async start(): Promise<void> {
     const before = this.#now();
     await this.#kv.put(this.#o.owner, JSON.stringify(this.#record()));
     this.#renewedAt = before;
-    this.#stopFollowing = await followBucket(
-      {
-        js: this.#o.js,
-        bucket: LEASES_BUCKET,
-        from: "all",
-        expiresMs: Math.min(5000, this.#o.leaseMs / 2),
-        log: this.#o.log,
-      },
-      ({ key, value }) => {
-        if (key === this.#o.owner) this.#echoedAt = this.#now();
-        else if (value) {
-          const record = JSON.parse(Buffer.from(value).toString("utf8")) as LeaseRecord;
-          this.#seen.set(key, { at: this.#now(), leaseMs: record.LeaseMs });
-        }
-      },
-    );
     this.#timer = setInterval(() => void this.#tick(), Math.max(50, Math.floor(this.#o.leaseMs / 4)));
     this.#timer.unref();
   }
 
   close(): void {
     clearInterval(this.#timer);
-    this.#stopFollowing?.();
   }
 
   /** One round: renew, then (holding the lease) take over the jobs of orchestrators whose lease expired. */
@@ -135,6 +110,20 @@ export class JobTakeover {
   }
 
   /** Resolves to whether the lease was renewed; notes a lapse (the previous renewal expired before this one). */
+  /** Whether `owner`'s lease record has kept one revision (or stayed absent) for a whole lease. */
+  async #expired(owner: string): Promise<boolean> {
+    const e = await this.#kv.get(owner);
+    const revision = e?.operation === "PUT" ? e.revision : 0;
+    const now = this.#now();
+    const seen = this.#seen.get(owner);
+    if (seen?.revision !== revision) {
+      const leaseMs = revision > 0 ? (e!.json<LeaseRecord>().LeaseMs ?? 0) : 0;
+      this.#seen.set(owner, { revision, at: now, leaseMs });
+      return false;
+    }
+    return now - seen.at > Math.max(this.#o.leaseMs, seen.leaseMs);
+  }
+
   async #renew(): Promise<boolean> {
     const before = this.#now();
     try {
@@ -158,6 +147,8 @@ export class JobTakeover {
     const kept = (await Promise.all(mine.map((j) => store.refreshJob(j.ID)))).filter(
       (j) => j?.Orchestrator === this.#o.owner,
     );
+    // Peers could not renew while this one could not either: give everyone a full lease from now.
+    this.#seen.clear();
     this.#lapsed = false;
     this.#o.log.warn(
       { kept: kept.length, lost: mine.length - kept.length },
@@ -170,18 +161,18 @@ export class JobTakeover {
   }
 
   async #takeOver(): Promise<void> {
-    const now = this.#now();
-    // Peers' renewals may be missing here only because the follower stalled: then judge nobody.
-    if (now - this.#echoedAt > this.#o.leaseMs / 2) return;
-    /** Job id → the owner whose lease expired. */
-    const expired = new Map<string, string>();
+    /** Job id → its owner; owner → whether its lease expired. */
+    const owners = new Map<string, string>();
     for (const job of this.#o.store.jobs.values()) {
       const owner = job.Orchestrator;
       if (owner === undefined || owner === this.#o.owner || TERMINAL_JOB_STATES.has(job.State)) continue;
-      const seen = this.#seen.get(owner);
-      const leaseMs = Math.max(this.#o.leaseMs, seen?.leaseMs ?? 0);
-      if (now - (seen?.at ?? this.#startedAt) > leaseMs) expired.set(job.ID, owner);
+      owners.set(job.ID, owner);
     }
+    const gone = new Set<string>();
+    for (const owner of new Set(owners.values())) {
+      if (await this.#expired(owner)) gone.add(owner);
+    }
+    const expired = [...owners].filter(([, owner]) => gone.has(owner));
     const taken: string[] = [];
     for (const [id, owner] of expired) {
       // Only from the owner judged gone: not from one that took the job over meanwhile.

@@ -62,7 +62,7 @@ export class KvTable<T> {
     const table = new KvTable<T>(kv, log, options.onConflict);
     // Followed before loading, so no change made meanwhile is missed (older revisions are skipped).
     if (options.shared) {
-      table.#stopFollowing = await followBucket({ ...options.shared, from: "new", log }, (change) =>
+      table.#stopFollowing = await followBucket({ ...options.shared, log }, (change) =>
         table.#follower ? table.#apply(table.#follower, change) : table.#early.push(change),
       );
     }

@@ -44,8 +44,15 @@ t.test("a job survives the loss of the orchestrator that accepted it", async (t)
     for (const [n, o] of [
       ["B", b],
       ["C", c],
-    ] as const)
-      t.comment(`${n}:\n${o.proc.stderr().slice(-5000)}`);
+    ] as const) {
+      const lines = o.proc.stderr().split("\n");
+      t.comment(
+        `${n}:\n${lines
+          .filter((l) => !/route|routing/.test(l))
+          .slice(-40)
+          .join("\n")}`,
+      );
+    }
   });
 
   // The node dials C's broker, which stays up.
