@@ -69,11 +69,14 @@ t.test("a job survives the loss of the orchestrator that accepted it", async (t)
   await a.proc.exited;
   await killLeftoverNats(a.dataDir);
 
+  // B follows the jobs and executions buckets separately: wait until both show the end.
   const done = await waitForJob(
     b,
     id,
-    "Completed at B",
-    (j) => ["Completed", "Failed", "Stopped"].includes(j.State),
+    "finished at B",
+    (j) =>
+      ["Completed", "Failed", "Stopped"].includes(j.State) &&
+      j.Executions.every((e) => !["AskForBid", "BidAccepted", "Running"].includes(e.State)),
     60_000,
   );
   t.equal(done.State, "Completed", JSON.stringify(done));
