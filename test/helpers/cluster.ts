@@ -1,5 +1,5 @@
 import { type ChildProcess, spawn } from "node:child_process";
-import { promises as fs, readdirSync, statSync } from "node:fs";
+import { promises as fs, mkdtempSync, readdirSync, rmSync, statSync } from "node:fs";
 import https from "node:https";
 import net from "node:net";
 import os from "node:os";
@@ -138,11 +138,27 @@ export interface SpawnOptions {
   prefix?: string[];
 }
 
+let testHome: string | undefined;
+
+/**
+ * One HOME per test process for the CLIs it spawns: their token store (keyed by API
+ * URL, and ports are reused across test files running side by side) and client key
+ * never touch the real `~/.shoal` or another test file's.
+ */
+function isolatedHome(): string {
+  if (testHome === undefined) {
+    const home = mkdtempSync(path.join(os.tmpdir(), "shoal-test-home-"));
+    process.once("exit", () => rmSync(home, { recursive: true, force: true }));
+    testHome = home;
+  }
+  return testHome;
+}
+
 function spawnNode(t: Test, argv: string[], env: NodeJS.ProcessEnv, opts: SpawnOptions = {}): ShoalProcess {
   const [command = process.execPath, ...launcher] = [...(opts.prefix ?? []), process.execPath];
   const child = spawn(command, [...launcher, ...argv], {
     cwd: ROOT,
-    env: { ...process.env, SHOAL_CONFIG: "", ...env },
+    env: { ...process.env, HOME: isolatedHome(), SHOAL_CONFIG: "", ...env },
     stdio: ["ignore", "pipe", "pipe"],
   });
   let out = "";
