@@ -157,8 +157,6 @@ export class Dispatcher implements JobDispatch {
     for (const [executionId, r] of this.#reserved) {
       if (r.jobId !== jobId) continue;
       this.#release(executionId);
-      clearTimeout(this.#deadlines.get(executionId));
-      this.#deadlines.delete(executionId);
     }
   }
 
@@ -507,9 +505,6 @@ export class Dispatcher implements JobDispatch {
     const next = this.#o.store.setExecutionState(e, state, message, extra);
     if (wasActive && !isActive(next)) {
       this.#release(e.ID);
-      const t = this.#deadlines.get(e.ID);
-      if (t) clearTimeout(t);
-      this.#deadlines.delete(e.ID);
       this.#scheduleReexamine();
     }
     return next;
@@ -642,7 +637,10 @@ export class Dispatcher implements JobDispatch {
     this.#allocated.set(e.NodeID, add(this.allocated(e.NodeID), e.Resources));
   }
 
+  /** Gives back what an execution held here: its node capacity and its deadline timer. */
   #release(executionId: string): void {
+    clearTimeout(this.#deadlines.get(executionId));
+    this.#deadlines.delete(executionId);
     const r = this.#reserved.get(executionId);
     if (!r) return;
     this.#reserved.delete(executionId);

@@ -109,7 +109,6 @@ export class JobTakeover {
     return { Name: this.#o.owner, Renewed: Date.now(), LeaseMs: this.#o.leaseMs };
   }
 
-  /** Resolves to whether the lease was renewed; notes a lapse (the previous renewal expired before this one). */
   /** Whether `owner`'s lease record has kept one revision (or stayed absent) for a whole lease. */
   async #expired(owner: string): Promise<boolean> {
     const e = await this.#kv.get(owner);
@@ -124,6 +123,7 @@ export class JobTakeover {
     return now - seen.at > Math.max(this.#o.leaseMs, seen.leaseMs);
   }
 
+  /** Resolves to whether the lease was renewed; notes a lapse (the previous renewal expired before this one). */
   async #renew(): Promise<boolean> {
     const before = this.#now();
     try {

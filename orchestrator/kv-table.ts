@@ -104,13 +104,9 @@ export class KvTable<T> {
     return this.#rows.get(key);
   }
 
-  /**
-   * The value in the KV bucket itself, bypassing memory: what another
-   * orchestrator sharing the bucket wrote (this table does not follow their writes).
-   */
+  /** The value in the KV bucket itself, bypassing memory (another writer's value this table has not applied). */
   async stored(key: string): Promise<T | undefined> {
-    const e = await this.#kv.get(key);
-    return e?.operation === "PUT" && e.length > 0 ? e.json<T>() : undefined;
+    return (await this.storedEntry(key))?.value;
   }
 
   /** The stored value with its revision, for {@link compareAndSet}. */
