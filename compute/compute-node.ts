@@ -108,6 +108,8 @@ type RegisterReply = MessageBody<"register-reply"> & { iss: string };
 interface PendingDelivery {
   entry: SpooledResult;
   refusals: number;
+  /** Settles once the entry is on disk (see ExecutionManagerOptions.onResult); removed only after. */
+  stored: Promise<unknown>;
 }
 
 const ORCHESTRATOR_ROLE = "orchestrator";
@@ -318,14 +320,18 @@ export class ComputeNode {
       log,
       onLog: (executionId, stream, seq, data) =>
         this.#publish("logs", { executionId, stream, seq, data: Buffer.from(data).toString("base64") }),
-      onSpooled: (entry) => {
+      onResult: (entry, stored) => {
         this.#ledger?.release(entry.result.executionId);
-        this.#emit({
-          type: "result-spooled",
-          executionId: entry.result.executionId,
-          state: entry.result.state,
+        this.#queueDelivery(entry, stored);
+        void stored.then((onDisk) => {
+          if (onDisk) {
+            this.#emit({
+              type: "result-spooled",
+              executionId: entry.result.executionId,
+              state: entry.result.state,
+            });
+          }
         });
-        this.#queueDelivery(entry);
       },
       onCancelled: (executionId, reason) => {
         this.#ledger?.release(executionId);
@@ -729,9 +735,11 @@ export class ComputeNode {
       this.#emit({ type: "cancelled", executionId, reason });
       return;
     }
-    if (this.#deliveries.delete(executionId)) {
+    const pending = this.#deliveries.get(executionId);
+    if (pending) {
+      this.#deliveries.delete(executionId);
       // The orchestrator no longer wants this result (it does not know the execution, or it ended otherwise).
-      await this.#spool?.remove(executionId);
+      await this.#unspool(pending);
       this.#log.info({ executionId, reason }, "spooled result dropped on the orchestrator's cancel");
       this.#emit({ type: "cancelled", executionId, reason });
     }
@@ -861,10 +869,16 @@ export class ComputeNode {
 
   // ---- results ---------------------------------------------------------------------------------
 
-  #queueDelivery(entry: SpooledResult): void {
+  #queueDelivery(entry: SpooledResult, stored: Promise<unknown> = Promise.resolve()): void {
     const existing = this.#deliveries.get(entry.result.executionId);
-    this.#deliveries.set(entry.result.executionId, { entry, refusals: existing?.refusals ?? 0 });
+    this.#deliveries.set(entry.result.executionId, { entry, refusals: existing?.refusals ?? 0, stored });
     this.#wake();
+  }
+
+  /** Removes a delivery's spool entry once it is written (it may still be being written). */
+  async #unspool(pending: PendingDelivery): Promise<void> {
+    await pending.stored;
+    await this.#spool!.remove(pending.entry.result.executionId);
   }
 
   #canDeliver(): boolean {
@@ -894,7 +908,7 @@ export class ComputeNode {
         if (reply.stored) {
           this.#deliveries.delete(executionId);
           // The next result need not wait for this removal (slow where freeing disk blocks is).
-          const removal = this.#spool!.remove(executionId).then(
+          const removal = this.#unspool(pending).then(
             () => {
               this.#log.info({ executionId }, "result acknowledged");
               this.#emit({ type: "result-acknowledged", executionId });
@@ -915,7 +929,7 @@ export class ComputeNode {
         );
         if (dropped) {
           this.#deliveries.delete(executionId);
-          await this.#spool!.remove(executionId);
+          await this.#unspool(pending);
           this.#emit({ type: "result-refused", executionId, reason, dropped });
           this.#wake();
           continue;

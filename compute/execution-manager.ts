@@ -58,8 +58,13 @@ export interface ExecutionManagerOptions {
   log: Logger;
   /** Batched output: one call per stream per flush. `seq` counts up per execution from 0. */
   onLog(executionId: string, stream: "stdout" | "stderr", seq: number, data: Uint8Array): void;
-  /** The execution's outcome is on disk in the spool and ready to be sent. */
-  onSpooled(entry: SpooledResult): void;
+  /**
+   * The execution's outcome, ready to be sent. `stored` resolves once its spool
+   * entry is on disk (false: it could not be written, and the result exists only
+   * in memory); a result with files is on disk already (see ResultSpool.begin).
+   * Its spool entry may be removed only after `stored` settles.
+   */
+  onResult(entry: SpooledResult, stored: Promise<boolean>): void;
   /** The orchestrator's cancel took effect; nothing is spooled. */
   onCancelled(executionId: string, reason: string): void;
   /** Output is sent at least this often while it is produced. @default 100 */
@@ -118,7 +123,7 @@ class LogBatcher {
 /**
  * Runs executions: one work directory each under `DATA-DIR/executions/<id>/`
  * (with `inputs/` and `outputs/`), a time limit, batched output, and the
- * outcome written to the result spool before anyone is told about it. A cancel
+ * outcome handed on while it is written to the result spool. A cancel
  * from the orchestrator aborts the runner and spools nothing; a timeout or a
  * shutdown aborts it and spools a Failed result saying why.
  */
@@ -250,20 +255,26 @@ export class ExecutionManager {
       request.timeoutMs + TIMEOUT_BACKSTOP_MS,
     );
     let outcome: ExecutionOutcome;
+    let marked: Promise<unknown> = Promise.resolve();
     try {
       const inputsDir = path.join(workDir, INPUTS);
       const outputsDir = path.join(workDir, OUTPUTS);
       await fs.mkdir(workDir, { recursive: true, mode: 0o700 });
-      await Promise.all([
-        fs.mkdir(inputsDir, { mode: 0o700 }),
-        fs.mkdir(outputsDir, { mode: 0o700 }),
-        // Neither fsynced nor renamed into place: it only has to outlive a crash of this
-        // process, and one cut short reads as no marker (docs/compute.md "Durability").
-        fs.writeFile(path.join(workDir, MARKER), JSON.stringify({ jobId, executionId }), {
+      await Promise.all([fs.mkdir(inputsDir, { mode: 0o700 }), fs.mkdir(outputsDir, { mode: 0o700 })]);
+      // Written while the execution runs, not before: it only has to outlive a crash of this
+      // process, and one not written yet (or cut short) reads as no marker (docs/compute.md
+      // "Durability"). Neither fsynced nor renamed into place, for the same reason.
+      marked = fs
+        .writeFile(path.join(workDir, MARKER), JSON.stringify({ jobId, executionId }), {
           mode: 0o600,
           flag: "wx",
-        }),
-      ]);
+        })
+        .catch((err: unknown) =>
+          log.warn(
+            { err },
+            "cannot write the work directory's marker; a crash would go unreported by this node",
+          ),
+        );
       log.info("execution started");
       outcome = await this.#o.runner({
         jobId,
@@ -285,6 +296,7 @@ export class ExecutionManager {
       clearTimeout(timer);
       batcher.flush();
     }
+    await marked;
     if (entry.stop?.kind === "cancel") {
       await removeWorkDir(workDir);
       log.info({ reason: entry.stop.message }, "execution cancelled");
@@ -294,21 +306,33 @@ export class ExecutionManager {
     }
     if (entry.stop) outcome = { ...outcome, state: "Failed", error: entry.stop.message, files: [] };
     const { files, ...rest } = outcome;
-    let spooled: SpooledResult;
+    let started: { entry: SpooledResult; stored: Promise<void> };
     try {
-      spooled = await this.#o.spool.put(jobId, { ...rest, executionId }, files);
+      started = await this.#o.spool.begin(jobId, { ...rest, executionId }, files);
     } catch (err) {
       log.error({ err }, "cannot spool the result of an execution; it is lost");
       await removeWorkDir(workDir);
       return;
     }
-    log.info({ state: spooled.result.state, exitCode: spooled.result.exitCode }, "execution finished");
-    // No longer running once its result is on disk: callbacks see the node as it now is.
+    const { entry: result } = started;
+    log.info({ state: result.result.state, exitCode: result.result.exitCode }, "execution finished");
+    const stored = started.stored.then(
+      () => true,
+      (err: unknown) => {
+        log.error(
+          { err },
+          "cannot spool the result of an execution; it is kept in memory until acknowledged",
+        );
+        return false;
+      },
+    );
+    // No longer running once its result exists: callbacks see the node as it now is.
     this.#running.delete(executionId);
-    this.#o.onSpooled(spooled);
+    this.#o.onResult(result, stored);
     // Off the result's path: a crash before this leaves a work directory whose marker
     // recover() turns into a Failed result, which the orchestrator refuses as a resend
     // (it already stored the real one) or never asked for.
+    await stored;
     await removeWorkDir(workDir);
   }
 }

@@ -42,6 +42,14 @@ export function isSafeExecutionId(id: string): boolean {
   return SAFE_ID.test(id) && id !== "." && id !== "..";
 }
 
+function manifestEntry(
+  jobId: string,
+  outcome: Omit<MessageBody<"result">, "files">,
+  files: MessageBody<"result">["files"],
+): SpooledResult {
+  return { jobId, result: { ...outcome, files }, spooledAt: Date.now() };
+}
+
 function sha256Hex(data: Uint8Array): string {
   return createHash("sha256").update(data).digest("hex");
 }
@@ -107,6 +115,29 @@ export class ResultSpool {
     }
   }
 
+  /**
+   * Starts storing a finished execution's result; resolves to its manifest as
+   * soon as it may be sent, with `stored`, which settles once the entry is on
+   * disk. A result with files is sent from its spooled chunks, so it resolves
+   * after {@link put}. A result without files is sent while its manifest is
+   * written: a crash of the process before the write completes loses it exactly
+   * as a crash just before spooling would (the orchestrator learns at the next
+   * registration that the node does not hold it), and a lost connection loses
+   * nothing, because the node keeps what it has not had acknowledged.
+   */
+  async begin(
+    jobId: string,
+    outcome: Omit<MessageBody<"result">, "files">,
+    files: readonly CollectedFile[],
+  ): Promise<{ entry: SpooledResult; stored: Promise<void> }> {
+    if (files.length > 0) return { entry: await this.put(jobId, outcome, files), stored: Promise.resolve() };
+    this.#assertId(outcome.executionId);
+    const entry = manifestEntry(jobId, outcome, []);
+    const stored = this.#writeManifest(entry);
+    stored.catch(() => {}); // the caller handles it; not unhandled meanwhile
+    return { entry, stored };
+  }
+
   async #write(
     jobId: string,
     outcome: Omit<MessageBody<"result">, "files">,
@@ -143,13 +174,15 @@ export class ResultSpool {
       }
       manifestFiles.push({ name: file.name, size, sha256: bareDigest(file.sha256), chunks: digests });
     }
-    const entry: SpooledResult = {
-      jobId,
-      result: { ...outcome, files: manifestFiles },
-      spooledAt: Date.now(),
-    };
-    await writeFileAtomic(this.#manifest(executionId), JSON.stringify(entry), 0o600, { fsync: false });
+    const entry = manifestEntry(jobId, outcome, manifestFiles);
+    await this.#writeManifest(entry);
     return entry;
+  }
+
+  #writeManifest(entry: SpooledResult): Promise<void> {
+    return writeFileAtomic(this.#manifest(entry.result.executionId), JSON.stringify(entry), 0o600, {
+      fsync: false,
+    });
   }
 
   /**

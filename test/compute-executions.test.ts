@@ -66,9 +66,11 @@ async function setup(t: Test, name: string) {
     runner: engines.run,
     log: silentLogger,
     onLog: (_id, _stream, seq, data) => logs.push({ seq, bytes: data.length }),
-    onSpooled: (e) => {
-      spooled.push(e);
-      onSpooled();
+    onResult: (e, stored) => {
+      void stored.then(() => {
+        spooled.push(e);
+        onSpooled();
+      });
     },
     onCancelled: () => {},
   });

@@ -56,6 +56,32 @@ t.test("put then list and read back every chunk; remove forgets it", async (t) =
   t.same(await fs.readdir(spool.root), [], "manifest and chunks gone");
 });
 
+t.test(
+  "begin: a result with files is on disk when it may be sent; one without is written behind it",
+  async (t) => {
+    const spool = await tempSpool(t);
+    const withFiles = await spool.begin("job-1", outcome("exec-files"), [file("out.txt", ["hello"])]);
+    t.ok(await spool.has("exec-files"), "manifest written before the result may be sent");
+    t.same(
+      await spool.readChunk("exec-files", withFiles.entry.result.files[0]!.chunks[0]!),
+      Buffer.from("hello"),
+      "its chunks are readable for the delivery",
+    );
+    await withFiles.stored;
+
+    const bare = await spool.begin("job-2", outcome("exec-bare"), []);
+    t.same(bare.entry.result.files, []);
+    await bare.stored;
+    const listed = await spool.list();
+    t.same(
+      listed.find((e) => e.result.executionId === "exec-bare"),
+      bare.entry,
+      "the manifest on disk is the one handed out",
+    );
+    await t.rejects(spool.begin("job-3", outcome("../escape"), []), { code: "SHOAL_COMPUTE_SPOOL" });
+  },
+);
+
 t.test("an entry without a manifest (crash while spooling) is swept, not sent", async (t) => {
   const spool = await tempSpool(t);
   await fs.mkdir(path.join(spool.root, "exec-half", "chunks"), { recursive: true });

@@ -88,20 +88,21 @@ export class WasmExecutor extends BaseExecutor {
     // which closes the descriptors however it ends.
     const realDirs = Promise.all([fs.realpath(req.inputsDir), fs.realpath(req.outputsDir)]);
     realDirs.catch(() => {});
-    // One descriptor per stream, written by the module and read here at offsets; the name
-    // is unlinked at once, so nothing is left to remove however the execution ends.
+    // One descriptor per stream, written by the module and read here at offsets. The names
+    // are unlinked while the module runs (awaited before this returns), so nothing is left
+    // to remove however the execution ends (a name left by a failed unlink goes with the
+    // work directory).
+    const spoolFiles = (["stdout", "stderr"] as const).map((name) =>
+      path.join(req.workDir, `.${req.executionId}.${name}`),
+    );
     const handles = await openAll([
       fs.open("/dev/null", "r"),
-      ...(["stdout", "stderr"] as const).map(async (name) => {
-        const file = path.join(req.workDir, `.${req.executionId}.${name}`);
-        const handle = await fs.open(file, "wx+", 0o600);
-        await fs.unlink(file).catch(async (err) => {
-          await handle.close();
-          throw err;
-        });
-        return handle;
-      }),
-    ]);
+      ...spoolFiles.map((file) => fs.open(file, "wx+", 0o600)),
+    ]).catch(async (err) => {
+      await Promise.all(spoolFiles.map((file) => fs.rm(file, { force: true })));
+      throw err;
+    });
+    const unlinked = Promise.all(spoolFiles.map((file) => fs.unlink(file))).catch(() => {});
     const stdin = handles[0]!;
     const spools = handles.slice(1).map((handle) => ({ handle, offset: 0 }));
     let stopReason: StopReason | undefined;
@@ -165,7 +166,7 @@ export class WasmExecutor extends BaseExecutor {
       await draining;
       await drain();
     } finally {
-      await Promise.all([stdin.close(), ...spools.map((s) => s.handle.close())]);
+      await Promise.all([stdin.close(), ...spools.map((s) => s.handle.close()), unlinked]);
     }
     const result = capturedStreams(stdout, stderr, started);
     const failure = failureOf(stopReason, outcome, workerError, req);
@@ -189,15 +190,18 @@ async function openAll(opening: Promise<fs.FileHandle>[]): Promise<fs.FileHandle
   throw failed.reason;
 }
 
-/** Reads what was appended to a spool since `offset` into `capture`; returns the new offset. */
+/**
+ * Reads what was appended to a spool since `offset` into `capture`; returns the new offset.
+ * A read of a regular file comes back short only at its end, so a short read is the last.
+ */
 async function readNew(handle: fs.FileHandle, offset: number, capture: OutputCapture): Promise<number> {
   const buf = Buffer.alloc(64 * 1024);
   let pos = offset;
   for (;;) {
     const { bytesRead } = await handle.read(buf, 0, buf.length, pos);
-    if (bytesRead === 0) return pos;
-    capture.push(Buffer.from(buf.subarray(0, bytesRead)));
+    if (bytesRead > 0) capture.push(Buffer.from(buf.subarray(0, bytesRead)));
     pos += bytesRead;
+    if (bytesRead < buf.length) return pos;
   }
 }
 
