@@ -107,6 +107,8 @@ type RegisterReply = MessageBody<"register-reply"> & { iss: string };
 
 interface PendingDelivery {
   entry: SpooledResult;
+  /** Whether its spool entry has a chunk directory (the entry may be replaced by one without). */
+  chunks: boolean;
   refusals: number;
   /** Settles once the entry is on disk (see ExecutionManagerOptions.onResult); removed only after. */
   stored: Promise<unknown>;
@@ -871,14 +873,19 @@ export class ComputeNode {
 
   #queueDelivery(entry: SpooledResult, stored: Promise<unknown> = Promise.resolve()): void {
     const existing = this.#deliveries.get(entry.result.executionId);
-    this.#deliveries.set(entry.result.executionId, { entry, refusals: existing?.refusals ?? 0, stored });
+    this.#deliveries.set(entry.result.executionId, {
+      entry,
+      chunks: existing?.chunks === true || entry.result.files.length > 0,
+      refusals: existing?.refusals ?? 0,
+      stored,
+    });
     this.#wake();
   }
 
   /** Removes a delivery's spool entry once it is written (it may still be being written). */
   async #unspool(pending: PendingDelivery): Promise<void> {
     await pending.stored;
-    await this.#spool!.remove(pending.entry.result.executionId);
+    await this.#spool!.remove(pending.entry.result.executionId, { chunks: pending.chunks });
   }
 
   #canDeliver(): boolean {

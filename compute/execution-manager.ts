@@ -25,7 +25,7 @@ export interface ExecutionContext {
   executionId: string;
   spec: JobSpec;
   submitter: Submitter;
-  /** `DATA-DIR/executions/<executionId>`; removed after the result is spooled. */
+  /** `DATA-DIR/executions/<executionId>` as a real path; removed after the result is spooled. */
   workDir: string;
   /** `workDir/inputs`, created empty. */
   inputsDir: string;
@@ -132,6 +132,8 @@ export class ExecutionManager {
   readonly #running = new Map<string, Running>();
   /** Every execution until it is completely done, work directory removal included. */
   readonly #unsettled = new Set<Promise<void>>();
+  /** `root` created and resolved to its real path, once: engines are given real paths. */
+  #realRoot: Promise<string> | undefined;
 
   constructor(options: ExecutionManagerOptions) {
     this.#o = options;
@@ -143,10 +145,10 @@ export class ExecutionManager {
    * what happened once the node is back. Returns what it spooled.
    */
   async recover(): Promise<SpooledResult[]> {
-    await fs.mkdir(this.#o.root, { recursive: true, mode: 0o700 });
+    const root = await this.#root();
     const recovered: SpooledResult[] = [];
-    for (const name of await fs.readdir(this.#o.root)) {
-      const workDir = path.join(this.#o.root, name);
+    for (const name of await fs.readdir(root)) {
+      const workDir = path.join(root, name);
       const marker = await fs
         .readFile(path.join(workDir, MARKER), "utf8")
         .then((t) => JSON.parse(t) as { jobId: string; executionId: string })
@@ -233,6 +235,17 @@ export class ExecutionManager {
     await Promise.all(this.#unsettled);
   }
 
+  #root(): Promise<string> {
+    this.#realRoot ??= fs
+      .mkdir(this.#o.root, { recursive: true, mode: 0o700 })
+      .then(() => fs.realpath(this.#o.root));
+    // A failure is not kept: the next execution tries again.
+    this.#realRoot.catch(() => {
+      this.#realRoot = undefined;
+    });
+    return this.#realRoot;
+  }
+
   #stop(entry: Running, reason: StopReason): void {
     if (entry.stop) return;
     entry.stop = reason;
@@ -243,7 +256,6 @@ export class ExecutionManager {
     const { request, controller } = entry;
     const { executionId, jobId } = request;
     const log = this.#o.log.child({ executionId, jobId });
-    const workDir = path.join(this.#o.root, executionId);
     const batcher = new LogBatcher(
       (stream, seq, data) => this.#o.onLog(executionId, stream, seq, data),
       this.#o.logFlushMs ?? 100,
@@ -256,7 +268,9 @@ export class ExecutionManager {
     );
     let outcome: ExecutionOutcome;
     let marked: Promise<unknown> = Promise.resolve();
+    let workDir = path.join(this.#o.root, executionId);
     try {
+      workDir = path.join(await this.#root(), executionId);
       const inputsDir = path.join(workDir, INPUTS);
       const outputsDir = path.join(workDir, OUTPUTS);
       await fs.mkdir(workDir, { recursive: true, mode: 0o700 });

@@ -265,11 +265,21 @@ export class ResultSpool {
     return data;
   }
 
-  /** Forgets an acknowledged result: the manifest first, so a crash in between leaves only chunks to sweep. Idempotent. */
-  async remove(executionId: string): Promise<void> {
+  /**
+   * Forgets an acknowledged result: the manifest first, so a crash in between
+   * leaves only chunks to sweep. Idempotent. `chunks: false` says the entry was
+   * spooled without files, so there is no directory to remove (an `fs.rm` of one
+   * that is not there still costs a stat).
+   */
+  async remove(executionId: string, { chunks = true }: { chunks?: boolean } = {}): Promise<void> {
     this.#assertId(executionId);
     const manifest = this.#manifest(executionId);
-    await this.#io(manifest, () => fs.rm(manifest, { force: true }));
+    await this.#io(manifest, () =>
+      fs.unlink(manifest).catch((err: NodeJS.ErrnoException) => {
+        if (err.code !== "ENOENT") throw err;
+      }),
+    );
+    if (!chunks) return;
     const dir = path.join(this.#root, executionId);
     await this.#io(dir, () => fs.rm(dir, { recursive: true, force: true }));
   }

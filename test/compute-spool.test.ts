@@ -78,6 +78,9 @@ t.test(
       bare.entry,
       "the manifest on disk is the one handed out",
     );
+    await spool.remove("exec-bare", { chunks: false });
+    await spool.remove("exec-bare", { chunks: false });
+    t.notOk(await spool.has("exec-bare"), "a file-less entry is removed by its manifest alone");
     await t.rejects(spool.begin("job-3", outcome("../escape"), []), { code: "SHOAL_COMPUTE_SPOOL" });
   },
 );

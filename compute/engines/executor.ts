@@ -24,7 +24,12 @@ export interface EngineRunRequest {
   executionId: string;
   /** The validated task (core/job-spec); its engine must be this executor's. */
   task: Task;
-  /** The execution's private directory (cwd of exec programs; holds the stream spools). */
+  /**
+   * The execution's private directory (cwd of exec programs; holds the stream
+   * spools). This and the two below are real paths (no symlinks, as the
+   * execution manager makes them): the WASM engine preopens them as they are and,
+   * after killing a worker, closes what is left open under them by path.
+   */
   workDir: string;
   /** Prepared inputs (prepareInputs); `/inputs` in the WASM sandbox. */
   inputsDir: string;

@@ -83,15 +83,11 @@ export class WasmExecutor extends BaseExecutor {
     const stdout = new OutputCapture(req.limits.maxStdoutBytes, (c) => req.onLog?.("stdout", c));
     const stderr = new OutputCapture(req.limits.maxStderrBytes, (c) => req.onLog?.("stderr", c));
     const maxLog = req.limits.maxLogFileBytes ?? DEFAULT_MAX_LOG_FILE_BYTES;
-    // Side by side, not one after another: each file-system call waits for a libuv
-    // thread and then for its turn on this event loop. Awaited in the try below,
-    // which closes the descriptors however it ends.
-    const realDirs = Promise.all([fs.realpath(req.inputsDir), fs.realpath(req.outputsDir)]);
-    realDirs.catch(() => {});
-    // One descriptor per stream, written by the module and read here at offsets. The names
-    // are unlinked while the module runs (awaited before this returns), so nothing is left
-    // to remove however the execution ends (a name left by a failed unlink goes with the
-    // work directory).
+    // One descriptor per stream, written by the module and read here at offsets, opened
+    // side by side with stdin's (each file-system call waits for a libuv thread and then
+    // for its turn on this event loop). The names are unlinked while the module runs
+    // (awaited before this returns), so nothing is left to remove however the execution
+    // ends (a name left by a failed unlink goes with the work directory).
     const spoolFiles = (["stdout", "stderr"] as const).map((name) =>
       path.join(req.workDir, `.${req.executionId}.${name}`),
     );
@@ -109,12 +105,11 @@ export class WasmExecutor extends BaseExecutor {
     let outcome: WasmWorkerMessage | undefined;
     let workerError: Error | undefined;
     try {
-      const [inputsDir, outputsDir] = await realDirs;
       const data: WasmWorkerData = {
         module,
         args: [req.task.Name, ...params.Parameters],
         env: { ...req.task.Env, ...params.EnvironmentVariables },
-        preopens: { [INPUTS_DIR]: inputsDir, [OUTPUTS_DIR]: outputsDir },
+        preopens: { [INPUTS_DIR]: req.inputsDir, [OUTPUTS_DIR]: req.outputsDir },
         stdin: stdin.fd,
         stdout: spools[0]!.handle.fd,
         stderr: spools[1]!.handle.fd,
