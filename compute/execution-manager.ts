@@ -273,8 +273,20 @@ export class ExecutionManager {
       workDir = path.join(await this.#root(), executionId);
       const inputsDir = path.join(workDir, INPUTS);
       const outputsDir = path.join(workDir, OUTPUTS);
-      await fs.mkdir(workDir, { recursive: true, mode: 0o700 });
-      await Promise.all([fs.mkdir(inputsDir, { mode: 0o700 }), fs.mkdir(outputsDir, { mode: 0o700 })]);
+      // One turn of the loop for both: each call creates what is missing of its path and
+      // resolves to the first directory it created, so exactly one of them names the work
+      // directory unless it was there already — never reused (a leftover could still be
+      // being removed).
+      const created = await Promise.all([
+        fs.mkdir(inputsDir, { recursive: true, mode: 0o700 }),
+        fs.mkdir(outputsDir, { recursive: true, mode: 0o700 }),
+      ]);
+      if (!created.includes(workDir)) {
+        throw new ComputeError(
+          COMPUTE_CODES.SHOAL_COMPUTE_WORK_DIR,
+          `the work directory ${workDir} exists already (an execution with this id ran here)`,
+        );
+      }
       // Written while the execution runs, not before: it only has to outlive a crash of this
       // process, and one not written yet (or cut short) reads as no marker (docs/compute.md
       // "Durability"). Neither fsynced nor renamed into place, for the same reason.

@@ -81,6 +81,16 @@ async function setup(t: Test, name: string) {
   return { dir, spool, manager, spooled, logs, nextSpooled };
 }
 
+t.test("an execution whose work directory is there already fails instead of sharing it", async (t) => {
+  const { manager, nextSpooled, dir } = await setup(t, "dup");
+  await fs.mkdir(path.join(dir, "executions", "e-dup", "outputs"), { recursive: true });
+  const done = nextSpooled();
+  manager.start({ jobId: "j", executionId: "e-dup", spec, submitter, timeoutMs: 30_000 });
+  const entry = await done;
+  t.equal(entry.result.state, "Failed");
+  t.match(entry.result.error, /^SHOAL_COMPUTE_WORK_DIR: /);
+});
+
 t.test("the engine's time limit fails the execution and its work directory is removed", async (t) => {
   const { manager, nextSpooled, dir } = await setup(t, "timeout");
   const done = nextSpooled();
