@@ -81,6 +81,30 @@ t.test("proc_exit codes are reported; Entrypoint picks another export", async (t
   });
 });
 
+const CLOSE_STDIO = `(module ${FD_WRITE} ${PROC_EXIT}
+  (import "wasi_snapshot_preview1" "fd_close" (func $close (param i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_renumber" (func $renumber (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "still here\\n")
+  (func (export "_start") (local $r i32)
+    (drop (call $close (i32.const 0)))
+    (drop (call $close (i32.const 1)))
+    (drop (call $close (i32.const 2)))
+    (local.set $r (call $renumber (i32.const 3) (i32.const 1)))
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const 11))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (call $proc_exit (local.get $r))))`;
+
+t.test("a module cannot close or renumber the node's stdio descriptors", async (t) => {
+  // node:wasi would close the host descriptors behind 0–2, which belong to the node: it
+  // then closed them again itself, by a number the process may have reused meanwhile.
+  const res = await wasm.run(await request(task(await wat(CLOSE_STDIO))), never);
+  t.equal(res.error, undefined);
+  t.equal(res.exitCode, 58, "fd_renumber onto stdout answers ENOTSUP");
+  t.equal(res.stdout.toString(), "still here\n", "stdout is still the node's spool");
+});
+
 t.test("upper reads /inputs/in.txt and writes /outputs/out.txt", async (t) => {
   const upper = await wat(path.join(repo, "configs/jobs/upper.wat"));
   const tk = task(

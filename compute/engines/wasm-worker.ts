@@ -41,8 +41,9 @@ export function wasmWorkerMain(): void {
   const { WASI } = require("node:wasi") as typeof import("node:wasi");
   const { parentPort } = require("node:worker_threads") as typeof import("node:worker_threads");
   type WasiSyscalls = Record<string, (...args: number[]) => number>;
-  /** WASI's "no error", and the first descriptor after stdio (where the preopens start). */
+  /** WASI's "no error" and "not supported", and the first descriptor after stdio (where the preopens start). */
   const ESUCCESS = 0;
+  const ENOTSUP = 58;
   const FIRST_FD = 3;
   /** The syscalls that give the module a new descriptor. */
   const OPENING = new Set(["path_open", "sock_accept"]);
@@ -114,6 +115,14 @@ export function wasmWorkerMain(): void {
           }
         : (...args) => call(...args);
     }
+    // Descriptors 0–2 are the parent's (its stdin and stream spools), and node:wasi
+    // would close the host descriptor behind them: the parent would then close a
+    // number the process may have reused for something else. A module's close of
+    // one is a no-op, and renumbering onto or from one is refused.
+    const fdClose = syscalls.fd_close!;
+    const fdRenumber = syscalls.fd_renumber!;
+    counted.fd_close = (fd) => (fd < FIRST_FD ? ESUCCESS : fdClose(fd));
+    counted.fd_renumber = (from, to) => (from < FIRST_FD || to < FIRST_FD ? ENOTSUP : fdRenumber(from, to));
     let started = false;
     try {
       return execute(wasi, counted, data, () => {
