@@ -81,29 +81,46 @@ t.test("proc_exit codes are reported; Entrypoint picks another export", async (t
   });
 });
 
-const CLOSE_STDIO = `(module ${FD_WRITE} ${PROC_EXIT}
+const MEDDLE_STDIO = `(module ${FD_WRITE} ${PROC_EXIT}
   (import "wasi_snapshot_preview1" "fd_close" (func $close (param i32) (result i32)))
   (import "wasi_snapshot_preview1" "fd_renumber" (func $renumber (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_fdstat_set_flags" (func $flags (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_seek" (func $seek (param i32 i64 i32 i32) (result i32)))
   (memory (export "memory") 1)
-  (data (i32.const 64) "still here\\n")
-  (func (export "_start") (local $r i32)
+  (data (i32.const 64) "still here\\nY")
+  (func $write (param $at i32) (param $len i32)
+    (i32.store (i32.const 0) (local.get $at))
+    (i32.store (i32.const 4) (local.get $len))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
+  (func (export "_start")
     (drop (call $close (i32.const 0)))
     (drop (call $close (i32.const 1)))
     (drop (call $close (i32.const 2)))
-    (local.set $r (call $renumber (i32.const 3) (i32.const 1)))
-    (i32.store (i32.const 0) (i32.const 64))
-    (i32.store (i32.const 4) (i32.const 11))
-    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
-    (call $proc_exit (local.get $r))))`;
+    (call $write (i32.const 64) (i32.const 11))
+    ;; back to the start of stdout: an appending descriptor still writes at the end
+    (drop (call $seek (i32.const 1) (i64.const 0) (i32.const 0) (i32.const 16)))
+    (call $write (i32.const 75) (i32.const 1))
+    (call $proc_exit (i32.add
+      (call $renumber (i32.const 3) (i32.const 1))
+      (call $flags (i32.const 1) (i32.const 0))))))`;
 
-t.test("a module cannot close or renumber the node's stdio descriptors", async (t) => {
-  // node:wasi would close the host descriptors behind 0–2, which belong to the node: it
-  // then closed them again itself, by a number the process may have reused meanwhile.
-  const res = await wasm.run(await request(task(await wat(CLOSE_STDIO))), never);
-  t.equal(res.error, undefined);
-  t.equal(res.exitCode, 58, "fd_renumber onto stdout answers ENOTSUP");
-  t.equal(res.stdout.toString(), "still here\n", "stdout is still the node's spool");
-});
+t.test(
+  "a module cannot close, renumber or change the node's stdio descriptors, reused by the next",
+  async (t) => {
+    // node:wasi would close the host descriptors behind 0–2, which belong to the node: it
+    // then closed them again itself, by a number the process may have reused meanwhile.
+    const res = await wasm.run(await request(task(await wat(MEDDLE_STDIO))), never);
+    t.equal(res.error, undefined);
+    t.equal(res.exitCode, 58 + 58, "fd_renumber onto stdout and fd_fdstat_set_flags on it answer ENOTSUP");
+    t.equal(res.stdout.toString(), "still here\nY", "stdout is still the node's, and appended to");
+    // The next executions get the same descriptors, emptied: nothing of this one shows.
+    const hello = await wat(path.join(repo, "configs/jobs/hello.wat"));
+    for (let i = 0; i < 3; i++) {
+      const next = await wasm.run(await request(task(hello)), never);
+      t.equal(next.stdout.toString(), "hello from wasm\n", `execution ${i + 2} sees only its own output`);
+    }
+  },
+);
 
 t.test("upper reads /inputs/in.txt and writes /outputs/out.txt", async (t) => {
   const upper = await wat(path.join(repo, "configs/jobs/upper.wat"));

@@ -115,14 +115,18 @@ export function wasmWorkerMain(): void {
           }
         : (...args) => call(...args);
     }
-    // Descriptors 0–2 are the parent's (its stdin and stream spools), and node:wasi
-    // would close the host descriptor behind them: the parent would then close a
-    // number the process may have reused for something else. A module's close of
-    // one is a no-op, and renumbering onto or from one is refused.
+    // Descriptors 0–2 are the parent's (its stdin and stream spools, reused by the
+    // next execution), and node:wasi acts on the host descriptor behind them: a close
+    // would make the parent close a number the process may have reused for something
+    // else, and clearing O_APPEND would leave the next execution writing at whatever
+    // offset this one left. A module's close of one is a no-op; renumbering onto or
+    // from one and changing its flags are refused.
     const fdClose = syscalls.fd_close!;
     const fdRenumber = syscalls.fd_renumber!;
+    const fdSetFlags = syscalls.fd_fdstat_set_flags!;
     counted.fd_close = (fd) => (fd < FIRST_FD ? ESUCCESS : fdClose(fd));
     counted.fd_renumber = (from, to) => (from < FIRST_FD || to < FIRST_FD ? ENOTSUP : fdRenumber(from, to));
+    counted.fd_fdstat_set_flags = (fd, flags) => (fd < FIRST_FD ? ENOTSUP : fdSetFlags(fd, flags));
     let started = false;
     try {
       return execute(wasi, counted, data, () => {

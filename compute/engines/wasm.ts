@@ -1,6 +1,6 @@
-import { promises as fs } from "node:fs";
-import path from "node:path";
+import { read as readCallback, readSync } from "node:fs";
 import { performance } from "node:perf_hooks";
+import { promisify } from "node:util";
 import { INPUTS_DIR, OUTPUTS_DIR, type Task } from "../../core/index.js";
 import { closeDescriptorsUnder } from "./descriptor-sweep.js";
 import { ENGINE_CODES } from "./errors.js";
@@ -16,6 +16,7 @@ import { resolveEntryModule } from "./job-inputs.js";
 import { capturedStreams, OutputCapture } from "./output-capture.js";
 import { WasmModuleCache, type WasmModuleCacheOptions } from "./wasm-module-cache.js";
 import { WasmWorkerPool, type WasmWorkerPoolOptions } from "./wasm-pool.js";
+import { StdioPool } from "./wasm-stdio.js";
 import type { WasmWorkerData, WasmWorkerMessage } from "./wasm-worker.js";
 
 /** How often the stream spools are read while a module runs. @default 50 */
@@ -39,8 +40,9 @@ type StopReason = "timeout" | "cancel" | "output";
  * (WasmWorkerPool), one execution per worker at a time, each with a fresh WASI
  * and a fresh instance of the module, compiled once per module digest and
  * memory cap (WasmModuleCache): `/inputs` and `/outputs` are preopened (fds 3
- * and 4, in that order), stdin is /dev/null, stdout and stderr go to files in
- * the work directory that are read back while the module runs (capped). The
+ * and 4, in that order), stdin is /dev/null, stdout and stderr go to unlinked
+ * files that are read back while the module runs (capped) and reused, emptied,
+ * by later executions (StdioPool). The
  * module's memory is capped by rewriting its declared maximum (see
  * capModuleMemory); the worker's JS heap by `resourceLimits`. Timeout and
  * cancel terminate the worker, and the pool starts another in its place;
@@ -57,6 +59,7 @@ export class WasmExecutor extends BaseExecutor {
   readonly #pollMs: number;
   readonly #pool: WasmWorkerPool;
   readonly #modules: WasmModuleCache;
+  readonly #stdio = new StdioPool();
 
   constructor(options: WasmExecutorOptions = {}) {
     super();
@@ -73,6 +76,7 @@ export class WasmExecutor extends BaseExecutor {
 
   protected override async release(): Promise<void> {
     await this.#pool.close();
+    await this.#stdio.close();
   }
 
   protected async execute(req: EngineRunRequest, signal: AbortSignal): Promise<EngineRunResult> {
@@ -83,24 +87,8 @@ export class WasmExecutor extends BaseExecutor {
     const stdout = new OutputCapture(req.limits.maxStdoutBytes, (c) => req.onLog?.("stdout", c));
     const stderr = new OutputCapture(req.limits.maxStderrBytes, (c) => req.onLog?.("stderr", c));
     const maxLog = req.limits.maxLogFileBytes ?? DEFAULT_MAX_LOG_FILE_BYTES;
-    // One descriptor per stream, written by the module and read here at offsets, opened
-    // side by side with stdin's (each file-system call waits for a libuv thread and then
-    // for its turn on this event loop). The names are unlinked while the module runs
-    // (awaited before this returns), so nothing is left to remove however the execution
-    // ends (a name left by a failed unlink goes with the work directory).
-    const spoolFiles = (["stdout", "stderr"] as const).map((name) =>
-      path.join(req.workDir, `.${req.executionId}.${name}`),
-    );
-    const handles = await openAll([
-      fs.open("/dev/null", "r"),
-      ...spoolFiles.map((file) => fs.open(file, "wx+", 0o600)),
-    ]).catch(async (err) => {
-      await Promise.all(spoolFiles.map((file) => fs.rm(file, { force: true })));
-      throw err;
-    });
-    const unlinked = Promise.all(spoolFiles.map((file) => fs.unlink(file))).catch(() => {});
-    const stdin = handles[0]!;
-    const spools = handles.slice(1).map((handle) => ({ handle, offset: 0 }));
+    const stdio = await this.#stdio.acquire(req.workDir);
+    const spools = [stdio.stdout, stdio.stderr].map((fd) => ({ fd, offset: 0 }));
     let stopReason: StopReason | undefined;
     let outcome: WasmWorkerMessage | undefined;
     let workerError: Error | undefined;
@@ -110,9 +98,7 @@ export class WasmExecutor extends BaseExecutor {
         args: [req.task.Name, ...params.Parameters],
         env: { ...req.task.Env, ...params.EnvironmentVariables },
         preopens: { [INPUTS_DIR]: req.inputsDir, [OUTPUTS_DIR]: req.outputsDir },
-        stdin: stdin.fd,
-        stdout: spools[0]!.handle.fd,
-        stderr: spools[1]!.handle.fd,
+        ...stdio,
         entrypoint: params.Entrypoint,
         maxMemoryBytes: req.limits.maxMemoryBytes,
       };
@@ -125,18 +111,18 @@ export class WasmExecutor extends BaseExecutor {
       };
       const captures = [stdout, stderr];
       let draining: Promise<void> | undefined;
-      const drain = () =>
+      const drain = (final = false) =>
         (draining ??= (async () => {
           await Promise.all(
             spools.map(async (spool, i) => {
-              spool.offset = await readNew(spool.handle, spool.offset, captures[i]!);
+              spool.offset = await readNew(spool.fd, spool.offset, captures[i]!, final);
               if (spool.offset > maxLog) stop("output");
             }),
           );
         })().finally(() => {
           draining = undefined;
         }));
-      const poll = setInterval(drain, this.#pollMs);
+      const poll = setInterval(() => drain(), this.#pollMs);
       const timer = setTimeout(() => stop("timeout"), req.timeoutMs);
       const onAbort = () => stop("cancel");
       if (signal.aborted) onAbort();
@@ -159,9 +145,10 @@ export class WasmExecutor extends BaseExecutor {
       clearTimeout(timer);
       signal.removeEventListener("abort", onAbort);
       await draining;
-      await drain();
+      await drain(true);
     } finally {
-      await Promise.all([stdin.close(), ...spools.map((s) => s.handle.close()), unlinked]);
+      // The module no longer runs (it answered, or its thread is gone).
+      this.#stdio.release(stdio);
     }
     const result = capturedStreams(stdout, stderr, started);
     const failure = failureOf(stopReason, outcome, workerError, req);
@@ -175,25 +162,24 @@ function wasmParams(task: Task) {
   return task.Engine.Params;
 }
 
-/** Opens every descriptor or none: when one open fails, the others are closed before it throws. */
-async function openAll(opening: Promise<fs.FileHandle>[]): Promise<fs.FileHandle[]> {
-  const settled = await Promise.allSettled(opening);
-  const failed = settled.find((r) => r.status === "rejected");
-  const handles = settled.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
-  if (!failed) return handles;
-  await Promise.all(handles.map((h) => h.close()));
-  throw failed.reason;
-}
+const readFd = promisify(readCallback);
+/** What one read of a stream spool takes. */
+const READ_BYTES = 64 * 1024;
 
 /**
  * Reads what was appended to a spool since `offset` into `capture`; returns the new offset.
  * A read of a regular file comes back short only at its end, so a short read is the last.
+ * `final`: the module is done, so the first read (one page-cache copy of up to 64 KiB) is
+ * made here rather than through a libuv round trip; a longer tail goes on asynchronously.
  */
-async function readNew(handle: fs.FileHandle, offset: number, capture: OutputCapture): Promise<number> {
-  const buf = Buffer.alloc(64 * 1024);
+async function readNew(fd: number, offset: number, capture: OutputCapture, final: boolean): Promise<number> {
+  const buf = Buffer.alloc(READ_BYTES);
   let pos = offset;
-  for (;;) {
-    const { bytesRead } = await handle.read(buf, 0, buf.length, pos);
+  for (let first = true; ; first = false) {
+    const bytesRead =
+      final && first
+        ? readSync(fd, buf, 0, buf.length, pos)
+        : (await readFd(fd, buf, 0, buf.length, pos)).bytesRead;
     if (bytesRead > 0) capture.push(Buffer.from(buf.subarray(0, bytesRead)));
     pos += bytesRead;
     if (bytesRead < buf.length) return pos;
