@@ -14,8 +14,6 @@ export const COMPUTE_CODES = defineCodes("compute", {
   SHOAL_COMPUTE_REJECTED: "The orchestrator rejected this node's registration (`shoal node reject`).",
   SHOAL_COMPUTE_DATA_DIR_LOCKED: "Another compute node already runs with this data directory.",
   SHOAL_COMPUTE_SPOOL: "A pending result in the spool cannot be read or written.",
-  SHOAL_COMPUTE_WORK_DIR:
-    "An execution's work directory was there already: an execution with the same id ran on this node.",
   SHOAL_COMPUTE_NOT_RUNNING: "The compute node was used before start() or after close().",
 });
 

@@ -1,3 +1,4 @@
+import { randomUUID } from "node:crypto";
 import { promises as fs } from "node:fs";
 import path from "node:path";
 import type { JobSpec, Logger } from "../core/index.js";
@@ -19,13 +20,27 @@ export interface ExecutionRequest {
   timeoutMs: number;
 }
 
+/**
+ * Work directories made ahead of need. @default 4
+ *
+ * Making one costs three new inodes (the directory, `inputs/`, `outputs/`),
+ * and on ext4 with many files created and deleted per second each new inode
+ * takes a millisecond or more (it passes over the recently deleted ones):
+ * made ahead, that cost is off the execution's path.
+ */
+export const DEFAULT_READY_WORK_DIRS = 4;
+
 /** Everything a runner needs for one execution; the manager owns the directories and the clock. */
 export interface ExecutionContext {
   jobId: string;
   executionId: string;
   spec: JobSpec;
   submitter: Submitter;
-  /** `DATA-DIR/executions/<executionId>` as a real path; removed after the result is spooled. */
+  /**
+   * `DATA-DIR/executions/w-<uuid>` as a real path, made for this execution
+   * alone (ahead of it, see DEFAULT_READY_WORK_DIRS); removed after the result
+   * is spooled.
+   */
   workDir: string;
   /** `workDir/inputs`, created empty. */
   inputsDir: string;
@@ -71,6 +86,8 @@ export interface ExecutionManagerOptions {
   logFlushMs?: number;
   /** Output is sent as soon as this much is buffered. @default 65536 */
   logFlushBytes?: number;
+  /** @default DEFAULT_READY_WORK_DIRS */
+  readyWorkDirs?: number;
 }
 
 interface Running {
@@ -134,6 +151,10 @@ export class ExecutionManager {
   readonly #unsettled = new Set<Promise<void>>();
   /** `root` created and resolved to its real path, once: engines are given real paths. */
   #realRoot: Promise<string> | undefined;
+  /** Work directories made ahead, each with empty `inputs/` and `outputs/`. */
+  readonly #ready: string[] = [];
+  #preparing = 0;
+  #draining = false;
 
   constructor(options: ExecutionManagerOptions) {
     this.#o = options;
@@ -153,17 +174,24 @@ export class ExecutionManager {
         .readFile(path.join(workDir, MARKER), "utf8")
         .then((t) => JSON.parse(t) as { jobId: string; executionId: string })
         .catch(() => undefined);
-      // A result already spooled (the crash came after it, before the directory was removed) stands.
-      if (marker?.executionId === name && isSafeExecutionId(name) && !(await this.#o.spool.has(name))) {
+      const executionId = marker?.executionId;
+      // A directory without a marker was made ahead and never used, or its execution had
+      // barely started. A result already spooled (the crash came after it, before the
+      // directory was removed) stands.
+      if (
+        typeof executionId === "string" &&
+        isSafeExecutionId(executionId) &&
+        !(await this.#o.spool.has(executionId))
+      ) {
         recovered.push(
           await this.#o.spool.put(
-            marker.jobId,
-            failedOutcome(name, "the compute node stopped while the execution ran (crash or kill)"),
+            String(marker?.jobId),
+            failedOutcome(executionId, "the compute node stopped while the execution ran (crash or kill)"),
             [],
           ),
         );
         this.#o.log.warn(
-          { executionId: name, jobId: marker.jobId },
+          { executionId, jobId: marker?.jobId },
           "execution interrupted by a restart; reported as failed",
         );
       }
@@ -217,7 +245,7 @@ export class ExecutionManager {
   async drain(graceMs: number): Promise<void> {
     const all = () => Promise.all([...this.#running.values()].map((r) => r.done));
     if (this.#running.size === 0) {
-      await Promise.all(this.#unsettled);
+      await this.#dropReady();
       return;
     }
     let timer: NodeJS.Timeout | undefined;
@@ -232,7 +260,51 @@ export class ExecutionManager {
         message: "the compute node shut down before the execution finished",
       });
     }
+    await this.#dropReady();
+  }
+
+  /** Waits for every execution's end and removes the work directories made ahead; none are made after. */
+  async #dropReady(): Promise<void> {
+    this.#draining = true;
     await Promise.all(this.#unsettled);
+    await Promise.all(this.#ready.splice(0).map((dir) => removeWorkDir(dir)));
+  }
+
+  /** A fresh work directory for one execution: one made ahead, else a new one; more are made behind it. */
+  async #workDir(): Promise<string> {
+    const ready = this.#ready.pop();
+    this.#prepare();
+    return ready ?? (await this.#makeWorkDir());
+  }
+
+  async #makeWorkDir(): Promise<string> {
+    const workDir = path.join(await this.#root(), `w-${randomUUID()}`);
+    // Side by side: each creates what is missing of its path (the work directory too).
+    await Promise.all([
+      fs.mkdir(path.join(workDir, INPUTS), { recursive: true, mode: 0o700 }),
+      fs.mkdir(path.join(workDir, OUTPUTS), { recursive: true, mode: 0o700 }),
+    ]);
+    return workDir;
+  }
+
+  /** Makes work directories in the background until DEFAULT_READY_WORK_DIRS are ready (or being made). */
+  #prepare(): void {
+    const wanted = this.#o.readyWorkDirs ?? DEFAULT_READY_WORK_DIRS;
+    while (!this.#draining && this.#ready.length + this.#preparing < wanted) {
+      this.#preparing++;
+      const making = this.#makeWorkDir()
+        .then(
+          (dir) => {
+            this.#ready.push(dir);
+          },
+          (err: unknown) => this.#o.log.warn({ err }, "cannot make a work directory ahead"),
+        )
+        .finally(() => {
+          this.#preparing--;
+          this.#unsettled.delete(making);
+        });
+      this.#unsettled.add(making);
+    }
   }
 
   #root(): Promise<string> {
@@ -268,25 +340,11 @@ export class ExecutionManager {
     );
     let outcome: ExecutionOutcome;
     let marked: Promise<unknown> = Promise.resolve();
-    let workDir = path.join(this.#o.root, executionId);
+    let workDir: string | undefined;
     try {
-      workDir = path.join(await this.#root(), executionId);
+      workDir = await this.#workDir();
       const inputsDir = path.join(workDir, INPUTS);
       const outputsDir = path.join(workDir, OUTPUTS);
-      // One turn of the loop for both: each call creates what is missing of its path and
-      // resolves to the first directory it created, so exactly one of them names the work
-      // directory unless it was there already — never reused (a leftover could still be
-      // being removed).
-      const created = await Promise.all([
-        fs.mkdir(inputsDir, { recursive: true, mode: 0o700 }),
-        fs.mkdir(outputsDir, { recursive: true, mode: 0o700 }),
-      ]);
-      if (!created.includes(workDir)) {
-        throw new ComputeError(
-          COMPUTE_CODES.SHOAL_COMPUTE_WORK_DIR,
-          `the work directory ${workDir} exists already (an execution with this id ran here)`,
-        );
-      }
       // Written while the execution runs, not before: it only has to outlive a crash of this
       // process, and one not written yet (or cut short) reads as no marker (docs/compute.md
       // "Durability"). Neither fsynced nor renamed into place, for the same reason.
@@ -301,7 +359,7 @@ export class ExecutionManager {
             "cannot write the work directory's marker; a crash would go unreported by this node",
           ),
         );
-      log.info("execution started");
+      log.info({ workDir }, "execution started");
       outcome = await this.#o.runner({
         jobId,
         executionId,
@@ -365,11 +423,13 @@ export class ExecutionManager {
 
 /**
  * Removes a work directory with one call per entry the manager made (marker,
- * `inputs/`, `outputs/`); only when something else is left in it (inputs, a
+ * `inputs/`, `outputs/`; one made ahead and never used has no marker, and
+ * takes the fallback); only when something else is left in it (inputs, a
  * program's output) the whole tree with fs.rm, which reads every directory and
  * stats every entry first. Never fails: a leftover is swept by recover().
  */
-async function removeWorkDir(workDir: string): Promise<void> {
+async function removeWorkDir(workDir: string | undefined): Promise<void> {
+  if (workDir === undefined) return;
   try {
     await Promise.all([
       fs.unlink(path.join(workDir, MARKER)),

@@ -9,11 +9,13 @@ import { ExecAllowList } from "../compute/engines/index.js";
 import {
   createEngineRunner,
   ExecutionManager,
+  failedOutcome,
   fitForManifest,
   ResultSpool,
   type SpooledResult,
 } from "../compute/index.js";
 import { parseJobSpec, silentLogger } from "../core/index.js";
+import { workDirsInUse } from "./helpers/compute-standin.js";
 
 const root = await fs.mkdtemp(path.join(os.tmpdir(), "shoal-executions-"));
 t.teardown(() => fs.rm(root, { recursive: true, force: true }));
@@ -81,15 +83,56 @@ async function setup(t: Test, name: string) {
   return { dir, spool, manager, spooled, logs, nextSpooled };
 }
 
-t.test("an execution whose work directory is there already fails instead of sharing it", async (t) => {
-  const { manager, nextSpooled, dir } = await setup(t, "dup");
-  await fs.mkdir(path.join(dir, "executions", "e-dup", "outputs"), { recursive: true });
-  const done = nextSpooled();
-  manager.start({ jobId: "j", executionId: "e-dup", spec, submitter, timeoutMs: 30_000 });
-  const entry = await done;
-  t.equal(entry.result.state, "Failed");
-  t.match(entry.result.error, /^SHOAL_COMPUTE_WORK_DIR: /);
-});
+t.test(
+  "each execution gets a fresh work directory, made ahead; those left are removed by drain",
+  async (t) => {
+    const dir = path.join(root, "fresh");
+    const spool = new ResultSpool(path.join(dir, "spool"));
+    await spool.init();
+    const executions = path.join(dir, "executions");
+    const used: { workDir: string; entries: string[] }[] = [];
+    let finished: () => void = () => {};
+    const manager = new ExecutionManager({
+      root: executions,
+      spool,
+      // The manager's part alone: a runner that only looks at what it was given.
+      runner: async (ctx) => {
+        used.push({ workDir: ctx.workDir, entries: (await fs.readdir(ctx.workDir)).sort() });
+        return { ...failedOutcome(ctx.executionId, "unused"), state: "Completed", exitCode: 0, files: [] };
+      },
+      log: silentLogger,
+      onLog: () => {},
+      onResult: (_e, stored) => void stored.then(() => finished()),
+      onCancelled: () => {},
+      readyWorkDirs: 2,
+    });
+    for (const executionId of ["e-one", "e-two", "e-three", "e-four"]) {
+      const done = new Promise<void>((resolve) => {
+        finished = resolve;
+      });
+      manager.start({ jobId: "j", executionId, spec, submitter, timeoutMs: 30_000 });
+      await done;
+    }
+    t.equal(new Set(used.map((u) => u.workDir)).size, 4, "four different directories");
+    for (const u of used) {
+      t.equal(path.dirname(u.workDir), await fs.realpath(executions), "under the root, as a real path");
+      t.same(
+        u.entries.filter((e) => e !== "execution.json"),
+        ["inputs", "outputs"],
+        "with its inputs/ and outputs/ (and its marker, written beside the run)",
+      );
+    }
+    let left = await fs.readdir(executions);
+    for (let i = 0; i < 100 && left.length !== 2; i++) {
+      await new Promise((r) => setTimeout(r, 20));
+      left = await fs.readdir(executions);
+    }
+    t.equal(left.length, 2, "the used ones are removed; two are ready for the next executions");
+    t.notOk(left.some((name) => used.some((u) => path.basename(u.workDir) === name)));
+    await manager.drain(1000);
+    t.same(await fs.readdir(executions), [], "none left after drain");
+  },
+);
 
 t.test("the engine's time limit fails the execution and its work directory is removed", async (t) => {
   const { manager, nextSpooled, dir } = await setup(t, "timeout");
@@ -99,10 +142,10 @@ t.test("the engine's time limit fails the execution and its work directory is re
   t.equal(entry.result.state, "Failed");
   t.match(entry.result.error, /SHOAL_ENGINE_TIMEOUT/);
   // Removed right after the result is handed on, off its path.
-  let left = await fs.readdir(path.join(dir, "executions"));
+  let left = await workDirsInUse(path.join(dir, "executions"));
   for (let i = 0; i < 100 && left.length > 0; i++) {
     await new Promise((r) => setTimeout(r, 20));
-    left = await fs.readdir(path.join(dir, "executions"));
+    left = await workDirsInUse(path.join(dir, "executions"));
   }
   t.same(left, []);
 });

@@ -8,7 +8,7 @@ import { promisify } from "node:util";
 import t from "tap";
 import { ComputeNode, type ComputeNodeEvent } from "../compute/index.js";
 import { EnvelopeSigner, type MessageBody, subjects } from "../fabric/index.js";
-import { computeConfig, OrchestratorStandIn } from "./helpers/compute-standin.js";
+import { computeConfig, OrchestratorStandIn, workDirsInUse } from "./helpers/compute-standin.js";
 import { startTestFabric, type TestIdentity } from "./helpers/nats.js";
 
 const repo = path.resolve(import.meta.dirname, "..");
@@ -279,10 +279,10 @@ t.test(
     await until((e) => e.type === "result-acknowledged" && e.executionId === b.executionId);
     t.same(await fs.readdir(path.join(dataDir, "spool")), [], "acknowledged results leave the spool");
     // Removed right after the result is spooled, off the result's path.
-    let left = await fs.readdir(path.join(dataDir, "executions"));
+    let left = await workDirsInUse(path.join(dataDir, "executions"));
     for (let i = 0; i < 100 && left.length > 0; i++) {
       await new Promise((r) => setTimeout(r, 20));
-      left = await fs.readdir(path.join(dataDir, "executions"));
+      left = await workDirsInUse(path.join(dataDir, "executions"));
     }
     t.same(left, [], "work directories are removed");
     t.same(node.running(), []);

@@ -1,3 +1,5 @@
+import { promises as fs } from "node:fs";
+import path from "node:path";
 import type { Msg, Subscription } from "@nats-io/transport-node";
 import { loadConfig, readFileChecked, type ShoalConfig } from "../../core/index.js";
 import {
@@ -200,4 +202,25 @@ export function computeConfig(
       "Compute.Heartbeat.Interval": "200ms",
     },
   });
+}
+
+/**
+ * The work directories under `root` (a node's `executions/`) that hold more
+ * than an empty `inputs/` and `outputs/`: in use or left behind. The others
+ * were made ahead for the next executions.
+ */
+export async function workDirsInUse(root: string): Promise<string[]> {
+  const inUse: string[] = [];
+  for (const name of await fs.readdir(root).catch(() => [] as string[])) {
+    const entries = await fs.readdir(path.join(root, name)).catch(() => [] as string[]);
+    const empty = async (sub: string) => (await fs.readdir(path.join(root, name, sub))).length === 0;
+    const ready =
+      entries.length === 2 &&
+      entries.includes("inputs") &&
+      entries.includes("outputs") &&
+      (await empty("inputs").catch(() => false)) &&
+      (await empty("outputs").catch(() => false));
+    if (!ready) inUse.push(name);
+  }
+  return inUse;
 }
