@@ -345,7 +345,8 @@ export class ExecutionManager {
       workDir = await this.#workDir();
       const inputsDir = path.join(workDir, INPUTS);
       const outputsDir = path.join(workDir, OUTPUTS);
-      // Written while the execution runs, not before: it only has to outlive a crash of this
+      // Written while the execution runs, not before, and the result does not wait for it
+      // (only the directory's removal does): it only has to outlive a crash of this
       // process, and one not written yet (or cut short) reads as no marker (docs/compute.md
       // "Durability"). Neither fsynced nor renamed into place, for the same reason.
       marked = fs
@@ -380,8 +381,8 @@ export class ExecutionManager {
       clearTimeout(timer);
       batcher.flush();
     }
-    await marked;
     if (entry.stop?.kind === "cancel") {
+      await marked;
       await removeWorkDir(workDir);
       log.info({ reason: entry.stop.message }, "execution cancelled");
       this.#running.delete(executionId);
@@ -395,6 +396,7 @@ export class ExecutionManager {
       started = await this.#o.spool.begin(jobId, { ...rest, executionId }, files);
     } catch (err) {
       log.error({ err }, "cannot spool the result of an execution; it is lost");
+      await marked;
       await removeWorkDir(workDir);
       return;
     }
@@ -416,7 +418,7 @@ export class ExecutionManager {
     // Off the result's path: a crash before this leaves a work directory whose marker
     // recover() turns into a Failed result, which the orchestrator refuses as a resend
     // (it already stored the real one) or never asked for.
-    await stored;
+    await Promise.all([stored, marked]);
     await removeWorkDir(workDir);
   }
 }
