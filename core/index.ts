@@ -8,3 +8,4 @@ export * from "./job-spec-files.js";
 export * from "./job-spec-resources.js";
 export * from "./job-spec-states.js";
 export * from "./logger.js";
+export * from "./node-labels.js";

@@ -8,10 +8,9 @@ import Fastify, {
   type FastifyRequest,
 } from "fastify";
 import { ANONYMOUS_PRINCIPAL, type Principal } from "../auth/index.js";
-import { isShoalError, type Logger } from "../core/index.js";
+import { isShoalError, type Logger, NodeLabelsSchema } from "../core/index.js";
 import { ORCHESTRATOR_CODES } from "./errors.js";
 import type { JobService } from "./job-service.js";
-import { NodeLabelsSchema } from "./node-labels.js";
 import type { NodeService } from "./node-service.js";
 import type { JobRecord } from "./records.js";
 

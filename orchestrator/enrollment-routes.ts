@@ -1,11 +1,10 @@
 import { Type as T } from "@sinclair/typebox";
 import type { FastifyInstance } from "fastify";
-import { parseDuration } from "../core/index.js";
+import { NodeLabelsSchema, parseDuration } from "../core/index.js";
 import { DEFAULT_JOIN_TOKEN_TTL_MS } from "../pki/index.js";
 import { PUBLIC_ROUTE } from "./api.js";
 import type { EnrollmentService } from "./enrollment.js";
 import { ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
-import { NodeLabelsSchema } from "./node-labels.js";
 
 /** Largest CSR accepted (an RSA-4096 CSR is under 2 KiB in PEM). */
 const MAX_CSR_CHARS = 16 * 1024;

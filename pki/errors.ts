@@ -29,6 +29,8 @@ export const PKI_CODES = defineCodes("pki", {
     "A join token that an operator revoked (`shoal pki join-token revoke`), or whose node was deleted or revoked.",
   SHOAL_PKI_IDENTITY_REVOKED: "An enrollment for a node id that was deleted or revoked.",
   SHOAL_PKI_JOIN_TOKEN_USES: "A join token's number of uses that is not a whole number from 1 to 100000.",
+  SHOAL_PKI_JOIN_TOKEN_LABELS:
+    "A join token's labels that no node may have: a key that is not 1 to 128 letters, digits, '.', '_', '/' or '-', a value over 256 characters, or more than 64 labels.",
   SHOAL_PKI_VERIFY_FAILED: "`pki verify` found at least one failed check; each is listed with its own code.",
   SHOAL_PKI_UNTRUSTED: "Verification: the certificate does not chain to the given CA.",
   SHOAL_PKI_BAD_SIGNATURE: "Verification: a signature in the chain does not verify.",

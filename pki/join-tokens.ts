@@ -1,7 +1,7 @@
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import { promises as fs } from "node:fs";
 import path from "node:path";
-import { FileReadError, withFileLock, writeFileAtomic } from "../core/index.js";
+import { FileReadError, nodeLabelsProblem, withFileLock, writeFileAtomic } from "../core/index.js";
 import { PKI_CODES, PkiError } from "./errors.js";
 import { type RevokedIdentity, readInventory } from "./inventory.js";
 import { spiffeId } from "./spiffe.js";
@@ -150,6 +150,12 @@ export async function createJoinToken(
         fix: "give --uses N with a whole number N ≥ 1 (default 1)",
       },
     );
+  }
+  const labelsProblem = nodeLabelsProblem(opts.labels ?? {});
+  if (labelsProblem) {
+    throw new PkiError(PKI_CODES.SHOAL_PKI_JOIN_TOKEN_LABELS, `a join token's labels: ${labelsProblem}`, {
+      fix: "give labels as --label region=eu (keys of letters, digits, '.', '_', '/', '-')",
+    });
   }
   const now = opts.now ?? new Date();
   const id = randomBytes(8).toString("hex");

@@ -113,6 +113,7 @@ t.test("a node without a token waits as PENDING until an operator decides", asyn
     for (const [Labels, field] of [
       [{ "": "x" }, "Labels"],
       [{ ["k".repeat(129)]: "x" }, "Labels"],
+      [{ "zone name": "x" }, "Labels"],
       [{ zone: "v".repeat(257) }, "Labels.zone"],
       [{ zone: { nested: "x" } }, "Labels.zone"],
     ] as const) {

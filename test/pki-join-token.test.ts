@@ -89,6 +89,27 @@ t.test("a token with --uses N enrolls N different ids, each once", async (t) => 
   await t.rejects(createJoinToken(dir, { uses: 0 }), { code: "SHOAL_PKI_JOIN_TOKEN_USES" });
 });
 
+t.test("a token made on the PKI directory refuses the labels the API refuses", async (t) => {
+  const { dir } = await freshPki(t);
+  const many = Object.fromEntries(Array.from({ length: 65 }, (_, i) => [`k${i}`, "v"]));
+  for (const labels of [
+    { "": "x" },
+    { ["k".repeat(129)]: "x" },
+    { "zone name": "x" },
+    { "-zone": "x" },
+    { zone: "v".repeat(257) },
+    many,
+  ]) {
+    await t.rejects(
+      createJoinToken(dir, { labels }),
+      { code: "SHOAL_PKI_JOIN_TOKEN_LABELS" },
+      JSON.stringify(labels).slice(0, 40),
+    );
+  }
+  const ok = await createJoinToken(dir, { labels: { "topology.io/zone": "eu-1", tier_2: "gold" } });
+  t.same(ok.labels, { "topology.io/zone": "eu-1", tier_2: "gold" });
+});
+
 t.test("a use is spent only when the enrollment it guards succeeds", async (t) => {
   const { dir } = await freshPki(t);
   const { token } = await createJoinToken(dir);
