@@ -14,7 +14,7 @@ import {
   resolveApiUrl,
 } from "../cli/api-client.js";
 import { DEFAULT_API_TLS_OPTIONS } from "../orchestrator/api-tls.js";
-import { freePort } from "./helpers/pebble.js";
+import { freePort } from "./helpers/cluster.js";
 import { freshPki } from "./helpers/pki.js";
 
 const routes: Record<string, (req: http.IncomingMessage, res: http.ServerResponse) => void> = {

@@ -7,7 +7,8 @@ import t from "tap";
 import { defaultConfig } from "../core/index.js";
 import { type ApiTlsConfig, ApiTlsManager, type ApiTlsManagerOptions } from "../orchestrator/api-tls.js";
 import { capturedLogger, peerCertificate, serveWith } from "./helpers/api-tls.js";
-import { freePort, startPebble } from "./helpers/pebble.js";
+import { freePort } from "./helpers/cluster.js";
+import { startPebble } from "./helpers/pebble.js";
 import { tempDir } from "./helpers/pki.js";
 
 function fetchStatus(url: string): Promise<number> {

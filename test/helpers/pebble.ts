@@ -1,19 +1,10 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { promises as fs } from "node:fs";
-import net, { type AddressInfo } from "node:net";
 import path from "node:path";
 import type { Test } from "tap";
 import { writeIssued } from "../../pki/index.js";
+import { freePort } from "./cluster.js";
 import { freshPki } from "./pki.js";
-
-/** A free TCP port on 127.0.0.1 (bound then released; the caller binds it right away). */
-export async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((resolve) => s.listen(0, "127.0.0.1", resolve));
-  const { port } = s.address() as AddressInfo;
-  await new Promise<void>((resolve) => s.close(() => resolve()));
-  return port;
-}
 
 /** A running pebble ACME test server. */
 export interface Pebble {
