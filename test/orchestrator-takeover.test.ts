@@ -80,7 +80,8 @@ t.test("a job survives the loss of the orchestrator that accepted it", async (t)
     60_000,
   );
   t.equal(done.State, "Completed", JSON.stringify(done));
-  t.comment(`completed ${Date.now() - killedAt} ms after A was killed`);
+  const doneAtB = Date.now();
+  t.comment(`completed ${doneAtB - killedAt} ms after A was killed`);
   t.not(done.Orchestrator, owner, "taken over from A");
   t.equal(done.Executions.length, 1, "the running execution was kept, not run again");
   t.equal(done.Executions[0]?.State, "Completed");
@@ -88,6 +89,7 @@ t.test("a job survives the loss of the orchestrator that accepted it", async (t)
   // Right after a server loss another orchestrator's copy can lag by a JetStream request
   // timeout (15 s) while stream leaders move: 10 s was too short once in CI, 15.7 s was seen.
   const atC = await waitForJob(c, id, "Completed at C", (j) => j.State === "Completed", 30_000);
+  t.comment(`C showed it ${Date.now() - doneAtB} ms after B`);
   t.equal(atC.Orchestrator, done.Orchestrator, "B and C agree on the new owner");
   const history = (
     await b.client.get<{ Items: { Message: string }[] }>(`/api/v1/orchestrator/jobs/${id}/history`)
