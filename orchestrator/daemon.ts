@@ -375,7 +375,8 @@ export class Orchestrator {
         log: this.#log.child({ component: "takeover" }),
       });
       store.fence(() => takeover.acting);
-      this.#cleanups.push(async () => takeover.close());
+      // A graceful stop hands the jobs over: by then the dispatcher no longer acts on them.
+      this.#cleanups.push(() => takeover.close({ release: true }));
       await takeover.start();
     }
     const jobs = new JobService({

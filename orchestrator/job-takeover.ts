@@ -14,6 +14,8 @@ export interface LeaseRecord {
   /** Its wall clock at the renewal, for operators; expiry is judged on the reader's own clock. */
   Renewed: number;
   LeaseMs: number;
+  /** Set by an orchestrator that stopped gracefully: its jobs may be taken over at once. */
+  Released?: boolean;
 }
 
 /** Opens (creating if needed) the lease bucket with `replicas` copies. */
@@ -52,6 +54,10 @@ export interface JobTakeoverOptions {
  * each of its jobs back from KV, lets go of those taken over meanwhile and
  * takes up the rest again. Job records are written by compare-and-set, so a
  * write from an owner that missed a takeover anyway is refused by KV.
+ *
+ * An orchestrator that stops gracefully releases its lease ({@link close}):
+ * the others take its unfinished jobs over at their next round instead of
+ * after a whole lease.
  */
 export class JobTakeover {
   readonly #o: JobTakeoverOptions;
@@ -63,7 +69,8 @@ export class JobTakeover {
   /** The lease lapsed since this orchestrator last checked which of its jobs it still owns. */
   #lapsed = false;
   #timer: NodeJS.Timeout | undefined;
-  #ticking = false;
+  #ticking: Promise<void> | undefined;
+  #released = false;
 
   /** `kv`: the lease bucket ({@link openLeases}). */
   constructor(kv: KV, o: JobTakeoverOptions) {
@@ -74,7 +81,7 @@ export class JobTakeover {
 
   /** Whether this orchestrator may act on its jobs: its lease is current and never lapsed unnoticed. */
   get acting(): boolean {
-    return !this.#lapsed && this.#now() - this.#renewedAt < this.#o.leaseMs;
+    return !this.#released && !this.#lapsed && this.#now() - this.#renewedAt < this.#o.leaseMs;
   }
 
   /** Renews the lease once (so this orchestrator is live before it serves), then keeps renewing and judging. */
@@ -86,22 +93,43 @@ export class JobTakeover {
     this.#timer.unref();
   }
 
-  close(): void {
+  /**
+   * Stops renewing. With `release` (a graceful stop, once the dispatcher no
+   * longer acts), this orchestrator stops acting on its jobs, waits until its
+   * last writes are stored, and marks its lease released, so the others take
+   * its unfinished jobs over at their next round (a quarter of the lease)
+   * rather than after a whole lease. A release that cannot be written leaves
+   * the lease to expire as after a crash.
+   */
+  async close({ release = false }: { release?: boolean } = {}): Promise<void> {
     clearInterval(this.#timer);
+    if (!release) return;
+    this.#released = true;
+    await this.#ticking;
+    try {
+      await this.#o.store.flush();
+      await this.#kv.put(this.#o.owner, JSON.stringify({ ...this.#record(), Released: true }));
+      this.#o.log.info("lease released: the other orchestrators take this one's unfinished jobs over");
+    } catch (err) {
+      this.#o.log.warn({ err }, "lease not released; the others take over once it expires");
+    }
   }
 
   /** One round: renew, then (holding the lease) take over the jobs of orchestrators whose lease expired. */
-  async #tick(): Promise<void> {
-    if (this.#ticking) return;
-    this.#ticking = true;
+  #tick(): Promise<void> {
+    this.#ticking ??= this.#round().finally(() => {
+      this.#ticking = undefined;
+    });
+    return this.#ticking;
+  }
+
+  async #round(): Promise<void> {
     try {
-      if (!(await this.#renew())) return;
+      if (this.#released || !(await this.#renew())) return;
       if (this.#lapsed) await this.#regained();
       await this.#takeOver();
     } catch (err) {
       this.#o.log.warn({ err }, "lease round failed");
-    } finally {
-      this.#ticking = false;
     }
   }
 
@@ -109,10 +137,11 @@ export class JobTakeover {
     return { Name: this.#o.owner, Renewed: Date.now(), LeaseMs: this.#o.leaseMs };
   }
 
-  /** Whether `owner`'s lease record has kept one revision (or stayed absent) for a whole lease. */
+  /** Whether `owner` released its lease, or its record kept one revision (or stayed absent) for a whole lease. */
   async #expired(owner: string): Promise<boolean> {
     const e = await this.#kv.get(owner);
     const revision = e?.operation === "PUT" ? e.revision : 0;
+    if (revision > 0 && e!.json<LeaseRecord>().Released === true) return true;
     const now = this.#now();
     const seen = this.#seen.get(owner);
     if (seen?.revision !== revision) {

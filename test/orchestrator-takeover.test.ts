@@ -1,7 +1,7 @@
 import "reflect-metadata";
 import { promises as fs } from "node:fs";
 import path from "node:path";
-import t from "tap";
+import t, { type Test } from "tap";
 import type { JobView } from "../orchestrator/records.js";
 import { initPki } from "../pki/index.js";
 import {
@@ -22,7 +22,8 @@ import { buildWasm, sleepWat, submitJob, waitForJob, wasmEngine, writeSpec } fro
  * takes it up as a restart would, accepts the node's result, and the job
  * completes with its one execution, visible from both survivors.
  */
-t.test("a job survives the loss of the orchestrator that accepted it", async (t) => {
+/** Three clustered orchestrators with `lease`, printing B's and C's last log lines when the test fails. */
+async function startCluster(t: Test, lease: string) {
   const root = await tempDir(t, "shoal-takeover-");
   const shared = path.join(root, "pki");
   await initPki(shared, { trustDomain: "shoal.local" });
@@ -33,7 +34,7 @@ t.test("a job survives the loss of the orchestrator that accepted it", async (t)
   for (const _ of names) ports.push(await freePort());
   const clusterArgs = (i: number) => [
     ...["-c", "Orchestrator.Cluster.Name=shoal-test", "-c", "Orchestrator.Cluster.Host=127.0.0.1"],
-    ...["-c", `Orchestrator.Cluster.Port=${ports[i]}`, "-c", "Orchestrator.Cluster.Lease=3s"],
+    ...["-c", `Orchestrator.Cluster.Port=${ports[i]}`, "-c", `Orchestrator.Cluster.Lease=${lease}`],
     ...["-c", `Orchestrator.Cluster.Peers=${ports.filter((_, j) => j !== i).map((p) => `127.0.0.1:${p}`)}`],
   ];
   const [a, b, c] = await Promise.all(dirs.map((dir, i) => startOrchestrator(t, dir, clusterArgs(i))));
@@ -54,6 +55,11 @@ t.test("a job survives the loss of the orchestrator that accepted it", async (t)
       );
     }
   });
+  return { root, a, b, c };
+}
+
+t.test("a job survives the loss of the orchestrator that accepted it", async (t) => {
+  const { root, a, b, c } = await startCluster(t, "3s");
 
   // The node dials C's broker, which stays up.
   await startComputeNode(t, c, path.join(root, "node-1"), "node-1");
@@ -121,4 +127,33 @@ t.test("a job survives the loss of the orchestrator that accepted it", async (t)
   );
   t.comment(`B saw it ${Date.now() - seenAt} ms after C completed it`);
   t.equal(atB.Orchestrator, cName, "owned by C, which accepted it; B reads it");
+});
+
+/**
+ * The same cluster with a lease of 30 s, and A stopped gracefully (SIGTERM)
+ * mid-job: it releases its lease on the way out, so B or C takes the job over
+ * at its next round (every 7.5 s here) instead of after the whole 30 s.
+ */
+t.test("an orchestrator stopped gracefully hands its jobs over at once", async (t) => {
+  const { root, a, b, c } = await startCluster(t, "30s");
+  await startComputeNode(t, c, path.join(root, "node-1"), "node-1");
+  const module = await buildWasm(root, "sleep", sleepWat(15_000));
+  const id = await submitJob(a, await writeSpec(root, "handed-over", wasmEngine(module)));
+  const running = await waitForJob(a, id, "Running", (j) => j.Executions[0]?.State === "Running", 30_000);
+  const stoppedAt = Date.now();
+  a.proc.child.kill("SIGTERM");
+  t.equal((await a.proc.exited).code, 0, "A stops cleanly");
+  const taken = await waitForJob(
+    b,
+    id,
+    "taken over",
+    (j) => j.Orchestrator !== undefined && j.Orchestrator !== running.Orchestrator,
+    25_000,
+  );
+  const after = Date.now() - stoppedAt;
+  t.comment(`taken over ${after} ms after A was told to stop`);
+  t.ok(after < 20_000, `well within the 30 s lease (${after} ms)`);
+  const done = await waitForJob(b, id, "Completed", (j) => j.State === "Completed", 60_000);
+  t.equal(done.Orchestrator, taken.Orchestrator);
+  t.equal(done.Executions.length, 1, "the running execution was kept, not run again");
 });
