@@ -1,7 +1,7 @@
 import { createHash } from "node:crypto";
 import { promises as fs } from "node:fs";
 import path from "node:path";
-import { writeFileAtomic } from "../core/index.js";
+import { unlinkIfPresent, writeFileAtomic } from "../core/index.js";
 import type { MessageBody } from "../fabric/index.js";
 import { COMPUTE_CODES, ComputeError } from "./errors.js";
 
@@ -274,11 +274,7 @@ export class ResultSpool {
   async remove(executionId: string, { chunks = true }: { chunks?: boolean } = {}): Promise<void> {
     this.#assertId(executionId);
     const manifest = this.#manifest(executionId);
-    await this.#io(manifest, () =>
-      fs.unlink(manifest).catch((err: NodeJS.ErrnoException) => {
-        if (err.code !== "ENOENT") throw err;
-      }),
-    );
+    await this.#io(manifest, () => unlinkIfPresent(manifest));
     if (!chunks) return;
     const dir = path.join(this.#root, executionId);
     await this.#io(dir, () => fs.rm(dir, { recursive: true, force: true }));

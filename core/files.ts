@@ -38,6 +38,13 @@ export async function readFileChecked(file: string): Promise<Buffer> {
   }
 }
 
+/** Unlinks `file`; one that is not there is fine (unlike `fs.rm` with `force`, no stat first). */
+export async function unlinkIfPresent(file: string): Promise<void> {
+  await fs.unlink(file).catch((err: NodeJS.ErrnoException) => {
+    if (err.code !== "ENOENT") throw err;
+  });
+}
+
 /**
  * Writes `data` to `file` atomically: a temporary file in the same directory,
  * fsync, chmod, then rename. A crash or error leaves the old file (or none),

@@ -1,6 +1,7 @@
-import { closeSync, promises as fs, ftruncate, open as openCallback } from "node:fs";
+import { closeSync, ftruncate, open as openCallback } from "node:fs";
 import path from "node:path";
 import { promisify } from "node:util";
+import { unlinkIfPresent } from "../../core/index.js";
 
 /** Idle stdio sets kept for the next executions. @default 8 */
 export const DEFAULT_WASM_IDLE_STDIO = 8;
@@ -64,13 +65,7 @@ export class StdioPool {
     ]);
     const fds = settled.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
     // Unlinked whether or not every open worked: the set lives on in its descriptors only.
-    const unlinked = await Promise.allSettled(
-      names.map((name) =>
-        fs.unlink(name).catch((err: NodeJS.ErrnoException) => {
-          if (err.code !== "ENOENT") throw err;
-        }),
-      ),
-    );
+    const unlinked = await Promise.allSettled(names.map(unlinkIfPresent));
     const failed = [...settled, ...unlinked].find((r) => r.status === "rejected");
     if (failed) {
       for (const fd of fds) closeSync(fd);
