@@ -141,12 +141,12 @@ export class JobTakeover {
   async #expired(owner: string): Promise<boolean> {
     const e = await this.#kv.get(owner);
     const revision = e?.operation === "PUT" ? e.revision : 0;
-    if (revision > 0 && e!.json<LeaseRecord>().Released === true) return true;
+    const record = revision > 0 ? e!.json<LeaseRecord>() : undefined;
+    if (record?.Released === true) return true;
     const now = this.#now();
     const seen = this.#seen.get(owner);
     if (seen?.revision !== revision) {
-      const leaseMs = revision > 0 ? (e!.json<LeaseRecord>().LeaseMs ?? 0) : 0;
-      this.#seen.set(owner, { revision, at: now, leaseMs });
+      this.#seen.set(owner, { revision, at: now, leaseMs: record?.LeaseMs ?? 0 });
       return false;
     }
     return now - seen.at > Math.max(this.#o.leaseMs, seen.leaseMs);
