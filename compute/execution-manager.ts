@@ -138,8 +138,8 @@ class LogBatcher {
 }
 
 /**
- * Runs executions: one work directory each under `DATA-DIR/executions/<id>/`
- * (with `inputs/` and `outputs/`), a time limit, batched output, and the
+ * Runs executions: one fresh work directory each, `DATA-DIR/executions/w-<uuid>/`
+ * (with `inputs/` and `outputs/`, made ahead), a time limit, batched output, and the
  * outcome handed on while it is written to the result spool. A cancel
  * from the orchestrator aborts the runner and spools nothing; a timeout or a
  * shutdown aborts it and spools a Failed result saying why.
@@ -341,6 +341,11 @@ export class ExecutionManager {
     let outcome: ExecutionOutcome;
     let marked: Promise<unknown> = Promise.resolve();
     let workDir: string | undefined;
+    /** Removes the work directory once the marker's write (and `after`) settled. */
+    const removeAfter = async (after?: Promise<unknown>) => {
+      await Promise.all([marked, after]);
+      await removeWorkDir(workDir);
+    };
     try {
       workDir = await this.#workDir();
       const inputsDir = path.join(workDir, INPUTS);
@@ -382,8 +387,7 @@ export class ExecutionManager {
       batcher.flush();
     }
     if (entry.stop?.kind === "cancel") {
-      await marked;
-      await removeWorkDir(workDir);
+      await removeAfter();
       log.info({ reason: entry.stop.message }, "execution cancelled");
       this.#running.delete(executionId);
       this.#o.onCancelled(executionId, entry.stop.message);
@@ -396,8 +400,7 @@ export class ExecutionManager {
       started = await this.#o.spool.begin(jobId, { ...rest, executionId }, files);
     } catch (err) {
       log.error({ err }, "cannot spool the result of an execution; it is lost");
-      await marked;
-      await removeWorkDir(workDir);
+      await removeAfter();
       return;
     }
     const { entry: result } = started;
@@ -418,8 +421,7 @@ export class ExecutionManager {
     // Off the result's path: a crash before this leaves a work directory whose marker
     // recover() turns into a Failed result, which the orchestrator refuses as a resend
     // (it already stored the real one) or never asked for.
-    await Promise.all([stored, marked]);
-    await removeWorkDir(workDir);
+    await removeAfter(stored);
   }
 }
 
