@@ -1,4 +1,4 @@
-import { DeliverPolicy, type JetStreamClient } from "@nats-io/jetstream";
+import { DeliverPolicy, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import type { Logger } from "../core/index.js";
 
 /** One change of a KV bucket as its stream carries it; `value` undefined: deleted or purged. */
@@ -16,15 +16,26 @@ export interface KvFollowOptions {
   log: Logger;
 }
 
+const KV_OPERATION = "KV-Operation";
+
+/** At most this many changes are read directly from the bucket per check. */
+const DIRECT_READS_PER_CHECK = 1000;
+
 /**
  * Follows a KV bucket's changes from now on, in revision order, through an
- * ordered consumer on its stream. A KV watch or ordered consumer lives on
- * one server and, when that server is lost (an orchestrator of the cluster
- * going down with its nats-server), may stay silent for good or for tens of
- * seconds; so the follower also compares, every `checkMs`, the stream's last
- * sequence with the last revision it delivered, and when it stayed behind
- * for two checks it starts a new consumer right after that revision. No
- * change is missed or delivered twice. Returns the stop function.
+ * ordered consumer on its stream. The consumer lives on one server and,
+ * when that server is lost (an orchestrator of the cluster going down with
+ * its nats-server), it may stay silent for good or for tens of seconds; and
+ * JetStream 2.9 may place a new one on the lost server too, so that its
+ * creation times out (15 s in a cluster) again and again.
+ *
+ * So the follower also asks the bucket, every `checkMs`, for the first
+ * change after the last revision it delivered, with a direct get that any
+ * live replica answers (no stream or meta leader needed). When it stayed
+ * behind for two checks, the consumer is dropped, the missing changes are
+ * read directly, and a new consumer is started in the background; until
+ * that one runs, every check reads the new changes directly. No change is
+ * missed or delivered twice. Returns the stop function.
  */
 export async function followBucket(
   o: KvFollowOptions,
@@ -35,7 +46,15 @@ export async function followBucket(
   const jsm = await o.js.jetstreamManager();
   let delivered = (await jsm.streams.info(stream)).state.last_seq;
   let stopConsumer: (() => void) | undefined;
+  let starting = false;
   let stopped = false;
+  /** `op`: the message's KV-Operation header. */
+  const deliver = (seq: number, subject: string, data: Uint8Array, op: string | undefined) => {
+    if (seq <= delivered || stopped) return;
+    delivered = seq;
+    const deleted = op === "DEL" || op === "PURGE" || data.length === 0;
+    onChange({ key: subject.slice(prefix.length), revision: seq, value: deleted ? undefined : data });
+  };
   const consume = async () => {
     const consumer = await o.js.consumers.get(stream, {
       filter_subjects: `${prefix}>`,
@@ -43,47 +62,64 @@ export async function followBucket(
       opt_start_seq: delivered + 1,
     });
     const messages = await consumer.consume();
+    if (stopped) {
+      await messages.stop();
+      return;
+    }
     stopConsumer = () => messages.stop();
     void (async () => {
-      for await (const m of messages) {
-        if (m.seq <= delivered) continue;
-        delivered = m.seq;
-        const op = m.headers?.get("KV-Operation");
-        const deleted = op === "DEL" || op === "PURGE" || m.data.length === 0;
-        onChange({
-          key: m.subject.slice(prefix.length),
-          revision: m.seq,
-          value: deleted ? undefined : m.data,
-        });
-      }
+      for await (const m of messages) deliver(m.seq, m.subject, m.data, m.headers?.get(KV_OPERATION));
     })().catch((err) => o.log.warn({ err, bucket: o.bucket }, "bucket consumer ended"));
   };
   await consume();
+  const startConsumer = () => {
+    starting = true;
+    consume()
+      .catch((err) => o.log.warn({ err, bucket: o.bucket }, "cannot start a bucket consumer"))
+      .finally(() => {
+        starting = false;
+      });
+  };
   let behindAt: number | undefined;
   let checking = false;
   const check = async () => {
-    const last = await jsm.streams.info(stream).then(
-      (info) => info.state.last_seq,
-      () => undefined,
-    );
-    if (last === undefined || stopped) return;
-    if (last <= delivered) {
+    const next = await nextChange(jsm, stream, prefix, delivered).catch(() => undefined);
+    if (next === undefined || stopped) return;
+    if (next === null || next.seq <= delivered) {
       behindAt = undefined;
-    } else if (behindAt !== delivered) {
-      behindAt = delivered;
-    } else {
-      o.log.warn({ bucket: o.bucket, delivered, last }, "bucket consumer stalled; starting a new one");
-      stopConsumer?.();
-      behindAt = undefined;
-      await consume().catch((err) => o.log.warn({ err, bucket: o.bucket }, "cannot start a bucket consumer"));
+      return;
     }
+    const consuming = stopConsumer !== undefined;
+    // A running consumer gets one more check to deliver what it has not yet.
+    if (consuming && behindAt !== delivered) {
+      behindAt = delivered;
+      return;
+    }
+    behindAt = undefined;
+    if (consuming) {
+      o.log.warn(
+        { bucket: o.bucket, delivered, next: next.seq },
+        "bucket consumer stalled; reading the bucket directly",
+      );
+      stopConsumer?.();
+      stopConsumer = undefined;
+    }
+    deliver(next.seq, next.subject, next.data, next.header.get(KV_OPERATION));
+    for (let i = 1; i < DIRECT_READS_PER_CHECK && !stopped; i++) {
+      const m = await nextChange(jsm, stream, prefix, delivered);
+      if (!m) break;
+      deliver(m.seq, m.subject, m.data, m.header.get(KV_OPERATION));
+    }
+    if (!starting && !stopped) startConsumer();
   };
   const timer = setInterval(() => {
     if (checking) return;
     checking = true;
-    void check().finally(() => {
-      checking = false;
-    });
+    void check()
+      .catch((err) => o.log.warn({ err, bucket: o.bucket }, "cannot read the bucket directly"))
+      .finally(() => {
+        checking = false;
+      });
   }, o.checkMs ?? 2000);
   timer.unref();
   return () => {
@@ -91,4 +127,9 @@ export async function followBucket(
     clearInterval(timer);
     stopConsumer?.();
   };
+}
+
+/** The bucket's first change after revision `after`, read from any replica; null when there is none. */
+function nextChange(jsm: JetStreamManager, stream: string, prefix: string, after: number) {
+  return jsm.direct.getMessage(stream, { seq: after + 1, next_by_subj: `${prefix}>` });
 }

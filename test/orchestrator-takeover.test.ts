@@ -100,9 +100,11 @@ t.test("a job survives the loss of the orchestrator that accepted it", async (t)
   t.equal(done.Executions.length, 1, "the running execution was kept, not run again");
   t.equal(done.Executions[0]?.State, "Completed");
   t.match(done.Executions[0]?.Stdout ?? "", /slept/, "the node's result was accepted by the new owner");
-  // Right after a server loss another orchestrator's copy can lag by a JetStream request
-  // timeout (15 s) while stream leaders move: 10 s was too short once in CI, 15.7 s was seen.
-  const atC = await waitForJob(c, id, "Completed at C", (j) => j.State === "Completed", 30_000);
+  // Right after a server loss a follower's consumer can go silent (it lived on A's server), and
+  // its replacement may be placed on A again; the follower then reads the bucket directly at
+  // its next checks (2 s apart), so C's copy lags by seconds at most (it lagged by 10-60 s
+  // while it waited for a new consumer).
+  const atC = await waitForJob(c, id, "Completed at C", (j) => j.State === "Completed", 10_000);
   t.comment(`C showed it ${Date.now() - doneAtB} ms after B`);
   t.equal(atC.Orchestrator, done.Orchestrator, "B and C agree on the new owner");
   const history = (
@@ -151,8 +153,8 @@ t.test("an orchestrator stopped gracefully hands its jobs over at once", async (
   const stoppedAt = Date.now();
   a.proc.child.kill("SIGTERM");
   t.equal((await a.proc.exited).code, 0, "A stops cleanly");
-  // Asked at both survivors: the one that claims the job knows at once, while the other's
-  // copy can lag after a server loss (docs/orchestrator.md, "Limits").
+  // Asked at both survivors: the one that claims the job knows at once, the other's copy
+  // a few seconds later.
   const taken = await waitUntil(
     "B or C took the job over",
     async () => {

@@ -1,0 +1,139 @@
+import "reflect-metadata";
+import { type JetStreamClient, jetstream } from "@nats-io/jetstream";
+import { type KV, Kvm } from "@nats-io/kv";
+import { connect } from "@nats-io/transport-node";
+import t, { type Test } from "tap";
+import { silentLogger } from "../core/index.js";
+import { followBucket, type KvChange } from "../orchestrator/kv-follow.js";
+import { startJetStream, tempDir, waitUntil } from "./helpers/cluster.js";
+
+/**
+ * The follower against a real nats-server. What JetStream 2.9 does after a
+ * server of the cluster is lost (a consumer placed on it delivers nothing,
+ * and creating a new one may time out again and again) is reproduced by
+ * handing the follower a client whose consumers misbehave so; every other
+ * request, the direct reads among them, goes to the server.
+ */
+async function bucket(t: Test) {
+  const url = await startJetStream(t, await tempDir(t, "shoal-follow-"));
+  const nc = await connect({ servers: url });
+  t.teardown(() => nc.close());
+  const js = jetstream(nc);
+  const kv = await new Kvm(js).create("follow", { history: 1 });
+  return { js, kv };
+}
+
+/** A consumer as one placed on a lost server behaves: created, then silent. */
+const silentConsumer = {
+  consume: async () => ({
+    stop: async () => {},
+    [Symbol.asyncIterator]: () => ({ next: () => new Promise<never>(() => {}) }),
+  }),
+};
+
+/** `js` whose n-th consumer creation (from 1) is answered by `consumer(n)`. */
+function withConsumers(js: JetStreamClient, consumer: (n: number) => Promise<unknown> | undefined) {
+  let n = 0;
+  const consumers = new Proxy(js.consumers, {
+    get: (target, prop) =>
+      prop === "get"
+        ? (...args: Parameters<JetStreamClient["consumers"]["get"]>) => consumer(++n) ?? target.get(...args)
+        : Reflect.get(target, prop),
+  });
+  return new Proxy(js, {
+    get: (target, prop) => (prop === "consumers" ? consumers : Reflect.get(target, prop)),
+  });
+}
+
+/**
+ * Writes `count` changes a few ms apart, each to a key of its own (every fifth a delete), so
+ * that none is removed from the stream by a later one, and returns their revisions.
+ */
+async function write(js: JetStreamClient, kv: KV, count: number): Promise<number[]> {
+  const jsm = await js.jetstreamManager();
+  const revisions: number[] = [];
+  for (let i = 0; i < count; i++) {
+    const key = `k${i}`;
+    if (i % 5 === 4) {
+      await kv.delete(key);
+      revisions.push((await jsm.streams.info("KV_follow")).state.last_seq);
+    } else {
+      revisions.push(await kv.put(key, `v${i}`));
+    }
+    await new Promise((r) => setTimeout(r, 3));
+  }
+  return revisions;
+}
+
+async function follow(t: Test, js: JetStreamClient) {
+  const changes: KvChange[] = [];
+  const stop = await followBucket({ js, bucket: "follow", checkMs: 100, log: silentLogger }, (c) =>
+    changes.push(c),
+  );
+  t.teardown(stop);
+  return changes;
+}
+
+t.test("follows every change after it starts, in order, once each", async (t) => {
+  const { js, kv } = await bucket(t);
+  await kv.put("before", "old");
+  const changes = await follow(t, js);
+  const revisions = await write(js, kv, 20);
+  await waitUntil("every change arrived", async () => (changes.length >= 20 ? true : undefined), 10_000);
+  t.same(
+    changes.map((c) => c.revision),
+    revisions,
+  );
+  t.same(changes[0], { key: "k0", revision: revisions[0], value: new TextEncoder().encode("v0") });
+  t.equal(changes[4]?.key, "k4");
+  t.equal(changes[4]?.value, undefined, "a delete carries no value");
+  t.notOk(
+    changes.some((c) => c.key === "before"),
+    "changes before it started are not replayed",
+  );
+});
+
+t.test("a silent consumer whose replacement never gets created: the changes are read directly", async (t) => {
+  const { js, kv } = await bucket(t);
+  const changes = await follow(
+    t,
+    withConsumers(js, (n) => (n === 1 ? Promise.resolve(silentConsumer) : new Promise(() => {}))),
+  );
+  const revisions = await write(js, kv, 30);
+  await waitUntil("every change arrived", async () => (changes.length >= 30 ? true : undefined), 10_000);
+  t.same(
+    changes.map((c) => c.revision),
+    revisions,
+  );
+  const more = await write(js, kv, 3);
+  await waitUntil("later changes arrived too", async () => (changes.length >= 33 ? true : undefined), 10_000);
+  t.same(
+    changes.slice(30).map((c) => c.revision),
+    more,
+  );
+  t.same(changes[4]?.value, undefined, "a delete read directly carries no value");
+});
+
+t.test(
+  "a silent consumer, then a working one: no change is missed or delivered twice across the switch",
+  async (t) => {
+    const { js, kv } = await bucket(t);
+    let created = 0;
+    const changes = await follow(
+      t,
+      withConsumers(js, (n) => {
+        created = n;
+        return n <= 2 ? Promise.resolve(silentConsumer) : undefined;
+      }),
+    );
+    // Written while the follower finds the first consumer silent, reads directly, starts a second
+    // silent one, reads directly again and starts a working one.
+    const revisions = await write(js, kv, 200);
+    await waitUntil("every change arrived", async () => (changes.length >= 200 ? true : undefined), 10_000);
+    t.same(
+      changes.map((c) => c.revision),
+      revisions,
+    );
+    t.equal(created, 3, "a working consumer was started after two silent ones");
+  },
+);
