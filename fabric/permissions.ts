@@ -58,11 +58,13 @@ export function permissionsFor(identity: string): NatsPermissions | undefined {
           allow: [
             subjects.computeInAny,
             subjects.broadcastAll,
-            // JetStream/KV: API calls, acks and flow-control replies of its own consumers.
+            // JetStream, KV and object store (result files): API calls, acks and flow-control
+            // replies of its own consumers, KV writes, object chunks and metadata.
             "$JS.API.>",
             "$JS.ACK.>",
             "$JS.FC.>",
             "$KV.>",
+            "$O.>",
           ],
         },
         subscribe: {

@@ -80,7 +80,8 @@ export async function serverName(natsDir: string, prefix: string): Promise<strin
 }
 
 /**
- * Runs `step` (opening KV buckets) until it succeeds. In a cluster, JetStream
+ * Runs `step` (opening KV buckets and object stores) until it succeeds and each
+ * of their `streams` has a leader. In a cluster, JetStream
  * serves nothing until its meta group has a leader, which needs a quorum of
  * the servers, and a new leader's first moments refuse stream creation
  * ("jetstream is not enabled", timeouts): the orchestrators of a cluster must
@@ -91,7 +92,7 @@ export async function whenJetStreamReady<T>(
   log: Logger,
   timeoutMs: number,
   step: () => Promise<T>,
-  buckets: readonly string[],
+  streams: readonly string[],
 ): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   let told = false;
@@ -101,9 +102,9 @@ export async function whenJetStreamReady<T>(
       await jsm.getAccountInfo();
       const opened = await step();
       // A replicated stream takes writes once its own group has elected a leader.
-      for (const bucket of buckets) {
-        const info = await jsm.streams.info(`KV_${bucket}`);
-        if (info.cluster && !info.cluster.leader) throw new Error(`bucket ${bucket} has no leader yet`);
+      for (const stream of streams) {
+        const info = await jsm.streams.info(stream);
+        if (info.cluster && !info.cluster.leader) throw new Error(`stream ${stream} has no leader yet`);
       }
       return opened;
     } catch (err) {

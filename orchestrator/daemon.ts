@@ -4,6 +4,7 @@ import os from "node:os";
 import path from "node:path";
 import type { Server as TlsServer } from "node:tls";
 import { jetstream } from "@nats-io/jetstream";
+import { Objm } from "@nats-io/obj";
 import type { FastifyInstance } from "fastify";
 import { loadPolicies } from "../auth/index.js";
 import { type Logger, parseDuration, type ShoalConfig } from "../core/index.js";
@@ -51,7 +52,7 @@ import { NodeService } from "./node-service.js";
 import { OwnCertificateRenewer } from "./own-certificates.js";
 import { PENDING_ENROLLMENTS_BUCKET, PendingEnrollments } from "./pending-enrollments.js";
 import { placeJob } from "./placement.js";
-import { ResultsStore } from "./results-store.js";
+import { RESULTS_BUCKET, ResultsStore } from "./results-store.js";
 import { IDENTITIES_BUCKET, SharedIdentities } from "./shared-identities.js";
 import { BUCKETS, StateStore } from "./state-store.js";
 import { TrustKeeper } from "./trust.js";
@@ -249,15 +250,23 @@ export class Orchestrator {
           : undefined,
         PendingEnrollments.open(js, { replicas }),
         cluster ? openLeases(js, replicas) : undefined,
+        cluster
+          ? Promise.all([new Objm(js).create(RESULTS_BUCKET, { replicas }), js.jetstreamManager()]).then(
+              ([objects, jsm]) => ({ objects, jsm }),
+            )
+          : undefined,
       ]);
     };
-    const [store, authStore, shared, pendingEnrollments, leases] = cluster
+    const [store, authStore, shared, pendingEnrollments, leases, sharedResults] = cluster
       ? await whenJetStreamReady(fabric.nc, this.#log, DEFAULT_JETSTREAM_WAIT_MS, buckets, [
-          ...Object.values(BUCKETS),
-          ...Object.values(AUTH_BUCKETS),
-          IDENTITIES_BUCKET,
-          PENDING_ENROLLMENTS_BUCKET,
-          LEASES_BUCKET,
+          ...[
+            ...Object.values(BUCKETS),
+            ...Object.values(AUTH_BUCKETS),
+            IDENTITIES_BUCKET,
+            PENDING_ENROLLMENTS_BUCKET,
+            LEASES_BUCKET,
+          ].map((bucket) => `KV_${bucket}`),
+          `OBJ_${RESULTS_BUCKET}`,
         ])
       : await buckets();
     this.#cleanups.push(async () => authStore.close());
@@ -271,7 +280,7 @@ export class Orchestrator {
       store.close();
     });
     const logs = new LogStore(dataDir);
-    const results = new ResultsStore(dataDir);
+    const results = new ResultsStore(dataDir, sharedResults);
     await Promise.all([logs.init(), results.init()]);
     const disconnectTimeoutMs = parseDuration(c.Orchestrator.NodeManager.DisconnectTimeout);
     const limits = {

@@ -241,7 +241,7 @@ export class JobService {
   ): Promise<{ file: ResultFile; stream: Readable }> {
     const execution = this.executions(id).find((e) => e.ID === executionId);
     const file = execution?.Results?.find((f) => f.name === name);
-    const opened = file ? await this.#o.results.open(id, executionId, name) : undefined;
+    const opened = file ? await this.#o.results.open(id, executionId, file) : undefined;
     if (!file || !opened) {
       throw new OrchestratorError(
         ORCHESTRATOR_CODES.SHOAL_ORCH_RESULTS_NOT_FOUND,

@@ -1,12 +1,24 @@
 import { createHash, randomBytes } from "node:crypto";
 import { createReadStream, promises as fs } from "node:fs";
 import path from "node:path";
-import type { Readable } from "node:stream";
+import { Readable } from "node:stream";
+import type { ReadableStream } from "node:stream/web";
+import type { JetStreamManager } from "@nats-io/jetstream";
+import type { ObjectInfo, ObjectStore } from "@nats-io/obj";
 import type { MessageBody } from "../fabric/protocol.js";
 import type { ResultFile } from "./records.js";
 
+/** The object store a cluster's orchestrators keep every result file in (`OBJ_shoal-results`). */
+export const RESULTS_BUCKET = "shoal-results";
+
 /** Largest single result chunk accepted (the node's chunks are far smaller). */
 export const MAX_CHUNK_BYTES = 4 * 1024 * 1024;
+
+/** A cluster's object store of result files, and the JetStream manager its chunks are read through. */
+export interface SharedResults {
+  objects: ObjectStore;
+  jsm: JetStreamManager;
+}
 
 /** Why a result manifest was not stored; sent back in result-reply `reason`. */
 export class ResultRejected extends Error {}
@@ -35,14 +47,22 @@ function bareDigest(d: string): string {
  * file. A file is stored only if every chunk is present and matches and the
  * assembled file matches too; the execution's directory appears by one rename,
  * so a crash leaves either all its files or none.
+ *
+ * In a cluster the verified files are also put in the replicated object store
+ * {@link RESULTS_BUCKET} (`<job>/<execution>/<name>`) before the commit
+ * resolves, so any orchestrator serves them, and they outlive the disk of the
+ * one that stored them. Reads try the local copy first.
  */
 export class ResultsStore {
   readonly #root: string;
   readonly #staging: string;
 
-  constructor(dataDir: string) {
+  readonly #shared: SharedResults | undefined;
+
+  constructor(dataDir: string, shared?: SharedResults) {
     this.#root = path.join(dataDir, "results");
     this.#staging = path.join(this.#root, ".staging");
+    this.#shared = shared;
   }
 
   async init(): Promise<void> {
@@ -69,7 +89,10 @@ export class ResultsStore {
   async commit(jobId: string, manifest: MessageBody<"result">): Promise<ResultFile[]> {
     const finalDir = this.executionDir(jobId, manifest.executionId);
     const files: ResultFile[] = manifest.files.map((f) => ({ name: f.name, size: f.size, sha256: f.sha256 }));
-    if (await exists(finalDir)) return files;
+    if (await exists(finalDir)) {
+      await this.#share(jobId, manifest.executionId, files);
+      return files;
+    }
     const tmpDir = `${finalDir}.${randomBytes(6).toString("hex")}.tmp`;
     try {
       await fs.mkdir(tmpDir, { recursive: true, mode: 0o700 });
@@ -110,7 +133,21 @@ export class ResultsStore {
       throw err;
     }
     await this.discardStaged(manifest.executionId);
+    await this.#share(jobId, manifest.executionId, files);
     return files;
+  }
+
+  /** Puts the stored files in the cluster's object store, unless they are there already (a resend). */
+  async #share(jobId: string, executionId: string, files: readonly ResultFile[]): Promise<void> {
+    const shared = this.#shared?.objects;
+    if (!shared) return;
+    for (const f of files) {
+      const name = sharedName(jobId, executionId, f.name);
+      const info = await shared.info(name);
+      if (info && !info.deleted && info.size === f.size) continue;
+      const local = createReadStream(path.join(this.executionDir(jobId, executionId), f.name));
+      await shared.put({ name }, Readable.toWeb(local) as ReadableStream<Uint8Array>);
+    }
   }
 
   async discardStaged(executionId: string): Promise<void> {
@@ -125,13 +162,16 @@ export class ResultsStore {
   async open(
     jobId: string,
     executionId: string,
-    name: string,
+    file: ResultFile,
   ): Promise<{ size: number; stream: Readable } | undefined> {
-    if (!isSafeResultName(name)) return undefined;
-    const file = path.join(this.executionDir(jobId, executionId), name);
-    const st = await fs.stat(file).catch(() => undefined);
-    if (!st?.isFile()) return undefined;
-    return { size: st.size, stream: createReadStream(file) };
+    if (!isSafeResultName(file.name)) return undefined;
+    const local = path.join(this.executionDir(jobId, executionId), file.name);
+    const st = await fs.stat(local).catch(() => undefined);
+    if (st?.isFile()) return { size: st.size, stream: createReadStream(local) };
+    // Stored by another orchestrator of the cluster (or this disk lost it): the object store's copy.
+    const info = await this.#shared?.objects.info(sharedName(jobId, executionId, file.name));
+    if (!this.#shared || !info || info.deleted) return undefined;
+    return { size: info.size, stream: Readable.from(readChunks(this.#shared.jsm, info, file)) };
   }
 
   #stagingDir(executionId: string): string {
@@ -141,6 +181,40 @@ export class ResultsStore {
   #chunkPath(executionId: string, file: string, index: number): string {
     return path.join(this.#stagingDir(executionId), `${sha256(Buffer.from(file)).slice(0, 32)}.${index}`);
   }
+}
+
+/**
+ * An object's chunks, read with direct gets that any live replica answers.
+ * The client library's own reader creates a consumer, and right after a
+ * server of the cluster is lost nats-server 2.9 may place it on the lost
+ * server (its creation then times out). Errors out unless the chunks add up
+ * to the file the node sent (size and SHA-256 of its manifest).
+ */
+async function* readChunks(
+  jsm: JetStreamManager,
+  info: ObjectInfo,
+  file: ResultFile,
+): AsyncGenerator<Uint8Array> {
+  const stream = `OBJ_${info.bucket}`;
+  const subject = `$O.${info.bucket}.C.${info.nuid}`;
+  const hash = createHash("sha256");
+  let seq = 0;
+  let size = 0;
+  for (let i = 0; i < info.chunks; i++) {
+    const m = await jsm.direct.getMessage(stream, { seq: seq + 1, next_by_subj: subject });
+    if (!m) break;
+    seq = m.seq;
+    size += m.data.length;
+    hash.update(m.data);
+    yield m.data;
+  }
+  if (size !== file.size || hash.digest("hex") !== bareDigest(file.sha256)) {
+    throw new Error(`stored result ${info.name} is incomplete or does not match its digest`);
+  }
+}
+
+function sharedName(jobId: string, executionId: string, name: string): string {
+  return `${jobId}/${executionId}/${name}`;
 }
 
 async function exists(p: string): Promise<boolean> {

@@ -40,6 +40,7 @@ t.test("permissions are exactly the DESIGN.md table", async (t) => {
     "$JS.ACK.>",
     "$JS.FC.>",
     "$KV.>",
+    "$O.>",
   ]);
   t.same(o?.subscribe.allow, ["shoal.compute.*.out.>", "shoal.broadcast.>", "_INBOX_o1.>"]);
   t.equal(permissionsFor("spiffe://td.local/user/alice"), undefined, "users never talk on the fabric");

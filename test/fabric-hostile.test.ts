@@ -60,7 +60,7 @@ async function rawDial(tls: Record<string, string>): Promise<unknown> {
 const node = await join(n1);
 const orchestrator = await join(orch);
 
-t.test("compute n1 cannot read other nodes, shared inboxes, JetStream or KV", async (t) => {
+t.test("compute n1 cannot read other nodes, shared inboxes, JetStream, KV or result objects", async (t) => {
   for (const subject of [
     "shoal.compute.n2.>",
     "_INBOX.>",
@@ -68,6 +68,7 @@ t.test("compute n1 cannot read other nodes, shared inboxes, JetStream or KV", as
     ">",
     "$JS.API.>",
     "$KV.>",
+    "$O.>",
     "_INBOX_o1.>",
   ]) {
     await t.rejects(
@@ -85,6 +86,7 @@ t.test("compute n1 cannot publish as n2 or pose as the orchestrator", async (t) 
     "shoal.compute.n1.in",
     "shoal.broadcast.revocation",
     "$JS.API.STREAM.LIST",
+    "$O.shoal-results.M.x",
     "_INBOX_o1.x",
   ]) {
     await t.rejects(

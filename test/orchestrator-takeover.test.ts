@@ -4,6 +4,7 @@ import path from "node:path";
 import t, { type Test } from "tap";
 import type { JobView } from "../orchestrator/records.js";
 import { initPki } from "../pki/index.js";
+import { apiCaller } from "./helpers/api-call.js";
 import {
   freePort,
   killLeftoverNats,
@@ -71,6 +72,18 @@ t.test("a job survives the loss of the orchestrator that accepted it", async (t)
 
   // The node dials C's broker, which stays up.
   await startComputeNode(t, c, path.join(root, "node-1"), "node-1");
+  // A result file stored by A (its owner): kept in the cluster's object store too, so it outlives A.
+  const upper = await submitJob(
+    a,
+    await writeSpec(
+      root,
+      "upper",
+      wasmEngine(path.resolve("dist/wasm/upper.wasm")),
+      `InputSources: [{Alias: text, Target: /inputs/in.txt, Source: {Type: inline, Params: {Content: "kept by the cluster"}}}]
+    ResultPaths: [{Name: outputs, Path: /outputs}]`,
+    ),
+  );
+  await waitForJob(a, upper, "Completed", (j) => j.State === "Completed", 30_000);
   const module = await buildWasm(root, "sleep", sleepWat(9000));
   const id = await submitJob(a, await writeSpec(root, "survivor", wasmEngine(module)));
   const running = await waitForJob(a, id, "Running", (j) => j.Executions[0]?.State === "Running", 30_000);
@@ -115,6 +128,35 @@ t.test("a job survives the loss of the orchestrator that accepted it", async (t)
     1,
     "taken over exactly once",
   );
+
+  // A's result file is served by B and C from the object store; neither has it on disk.
+  const [stored] = (
+    await b.client.get<{ Items: { ExecutionID: string; Files: { name: string; sha256: string }[] }[] }>(
+      `/api/v1/orchestrator/jobs/${upper}/results`,
+    )
+  ).Items;
+  const file = stored?.Files[0];
+  t.ok(file, "B lists A's result file");
+  for (const [n, o] of [
+    ["B", b],
+    ["C", c],
+  ] as const) {
+    const caller = apiCaller(`https://127.0.0.1:${o.apiPort}`, await fs.readFile(o.ca, "utf8"));
+    const got = await caller.call(
+      "GET",
+      `/api/v1/orchestrator/jobs/${upper}/results/${stored?.ExecutionID}/${file?.name}`,
+      { token: await b.adminToken() },
+    );
+    caller.close();
+    t.equal(got.status, 200, `${n}: ${got.text}`);
+    t.equal(got.text, "KEPT BY THE CLUSTER", `${n} serves the file A stored`);
+    t.equal(got.headers["x-shoal-sha256"], file?.sha256);
+    await t.rejects(
+      fs.stat(path.join(o.dataDir, "results", upper)),
+      { code: "ENOENT" },
+      `not on ${n}'s disk`,
+    );
+  }
 
   // A new job at the survivors still runs (the state store kept its quorum), and B follows it.
   const after = await submitJob(
