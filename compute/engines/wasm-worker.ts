@@ -7,6 +7,12 @@
  * survives into the next: a module reaches the outside only through its own
  * WASI object's imports. The parent kills the worker (`worker.terminate()`) on
  * timeout or cancel and starts another in its place.
+ *
+ * A terminated thread stops only when it is back in JavaScript: node:wasi's
+ * poll_oneoff sleeps in native code, so a module asleep for an hour outlived
+ * its timeout and cancel by that hour, holding its worker and its node's
+ * capacity. A sleep on the realtime or monotonic clock is therefore waited
+ * out here with Atomics.wait, which a terminate interrupts at once.
  */
 
 export interface WasmWorkerData {
@@ -48,11 +54,83 @@ export function wasmWorkerMain(): void {
   /** The syscalls that give the module a new descriptor. */
   const OPENING = new Set(["path_open", "sock_accept"]);
 
+  const EINVAL = 28;
+  /** poll_oneoff's structures (WASI preview1): a subscription and an event, and their fields used here. */
+  const SUBSCRIPTION_SIZE = 48;
+  const EVENT_SIZE = 32;
+  const EVENTTYPE_CLOCK = 0;
+  const CLOCK_REALTIME = 0;
+  const CLOCK_MONOTONIC = 1;
+  const SUBCLOCKFLAGS_ABSTIME = 1;
+  const sleeper = new Int32Array(new SharedArrayBuffer(4));
+
+  /**
+   * poll_oneoff when every subscription is a clock on the realtime or monotonic
+   * clock (a sleep): waits until the first one is due, then reports each one due
+   * by then. Anything else (descriptors, CPU-time clocks, memory out of bounds)
+   * is left to node:wasi: undefined.
+   */
+  const sleep = (
+    memory: WebAssembly.Memory,
+    subscriptions: number,
+    events: number,
+    count: number,
+    written: number,
+  ): number | undefined => {
+    const view = new DataView(memory.buffer);
+    const fits = (at: number, size: number) => at >= 0 && at + size <= view.byteLength;
+    if (count === 0) return EINVAL;
+    if (
+      !fits(subscriptions, count * SUBSCRIPTION_SIZE) ||
+      !fits(events, count * EVENT_SIZE) ||
+      !fits(written, 4)
+    )
+      return undefined;
+    const start = process.hrtime.bigint();
+    const due: bigint[] = [];
+    for (let i = 0; i < count; i++) {
+      const at = subscriptions + i * SUBSCRIPTION_SIZE;
+      const clock = view.getUint32(at + 16, true);
+      if (
+        view.getUint8(at + 8) !== EVENTTYPE_CLOCK ||
+        (clock !== CLOCK_REALTIME && clock !== CLOCK_MONOTONIC)
+      )
+        return undefined;
+      const timeout = view.getBigUint64(at + 24, true);
+      if ((view.getUint16(at + 40, true) & SUBCLOCKFLAGS_ABSTIME) === 0) {
+        due.push(start + timeout);
+      } else {
+        // The monotonic clock is node:wasi's (uv_hrtime, as process.hrtime); realtime is the wall clock.
+        const now =
+          clock === CLOCK_MONOTONIC
+            ? start
+            : BigInt(Math.round((performance.timeOrigin + performance.now()) * 1e6));
+        due.push(start + (timeout > now ? timeout - now : 0n));
+      }
+    }
+    let first = due[0]!;
+    for (const d of due) if (d < first) first = d;
+    for (let left = first - start; left > 0n; left = first - process.hrtime.bigint()) {
+      Atomics.wait(sleeper, 0, 0, Number(left) / 1e6);
+    }
+    const now = process.hrtime.bigint();
+    let n = 0;
+    for (let i = 0; i < count; i++) {
+      if (due[i]! > now) continue;
+      const event = events + n++ * EVENT_SIZE;
+      new Uint8Array(memory.buffer, event, EVENT_SIZE).fill(0);
+      view.setBigUint64(event, view.getBigUint64(subscriptions + i * SUBSCRIPTION_SIZE, true), true);
+      view.setUint8(event + 10, EVENTTYPE_CLOCK);
+    }
+    view.setUint32(written, n, true);
+    return ESUCCESS;
+  };
+
   const execute = (
     wasi: InstanceType<typeof WASI>,
     syscalls: WasiSyscalls,
     data: WasmWorkerData,
-    onStart: () => void,
+    onStart: (memory: WebAssembly.Memory) => void,
   ): WasmWorkerMessage => {
     let instance: WebAssembly.Instance;
     try {
@@ -73,7 +151,7 @@ export function wasmWorkerMain(): void {
     if (typeof entry !== "function")
       return { error: `the module exports no function ${data.entrypoint}`, trap: false };
     try {
-      onStart();
+      onStart(memory);
       // wasi.start() insists on `_start`; a view with the chosen entrypoint as `_start` runs any export.
       return {
         exitCode: wasi.start({ exports: { memory, _start: entry } } as unknown as WebAssembly.Instance),
@@ -127,9 +205,15 @@ export function wasmWorkerMain(): void {
     counted.fd_close = (fd) => (fd < FIRST_FD ? ESUCCESS : fdClose(fd));
     counted.fd_renumber = (from, to) => (from < FIRST_FD || to < FIRST_FD ? ENOTSUP : fdRenumber(from, to));
     counted.fd_fdstat_set_flags = (fd, flags) => (fd < FIRST_FD ? ENOTSUP : fdSetFlags(fd, flags));
+    let memory: WebAssembly.Memory | undefined;
+    const pollOneoff = syscalls.poll_oneoff!;
+    counted.poll_oneoff = (subscriptions, events, count, written) =>
+      (memory && sleep(memory, subscriptions, events, count, written)) ??
+      pollOneoff(subscriptions, events, count, written);
     let started = false;
     try {
-      return execute(wasi, counted, data, () => {
+      return execute(wasi, counted, data, (m) => {
+        memory = m;
         started = true;
       });
     } finally {
