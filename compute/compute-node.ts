@@ -625,7 +625,7 @@ export class ComputeNode {
     spec: ReturnType<typeof parseJobSpec>,
     submitter: MessageBody<"bid">["submitter"],
     resources: MessageBody<"bid">["resources"],
-  ): Promise<{ accept: boolean; reason?: string }> {
+  ): Promise<{ accept: boolean; reason?: string; busy?: boolean }> {
     const demand = jobDemand(spec, submitter, resources);
     const commandRealPath = demand.command === undefined ? undefined : await realPathOf(demand.command);
     const inputs = await Promise.all(
@@ -642,7 +642,12 @@ export class ComputeNode {
       ),
     );
     const decision = decideBid(this.#policy!, { ...demand, inputs, commandRealPath }, this.#ledger!.free());
-    return decision.accept ? { accept: true } : { accept: false, reason: decision.reason };
+    if (decision.accept) return { accept: true };
+    return {
+      accept: false,
+      reason: decision.reason,
+      ...(decision.check === "capacity" ? { busy: true } : {}),
+    };
   }
 
   async #bid(body: MessageBody<"bid">): Promise<MessageBody<"bid-reply">> {

@@ -81,6 +81,11 @@ export const BODY_SCHEMAS = {
     reason: T.Optional(T.String()),
     /** The bid carried the run and the execution is running. */
     started: T.Optional(T.Boolean()),
+    /**
+     * Refused only for want of free capacity now (e.g. an execution it was just
+     * told to cancel has not ended yet): asking again shortly may succeed.
+     */
+    busy: T.Optional(T.Boolean()),
   }),
   run: T.Object({
     jobId: T.String(),

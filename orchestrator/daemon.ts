@@ -374,6 +374,10 @@ export class Orchestrator {
       if (change.type === "node") dispatcher?.nodeChanged();
       // Taken over by another orchestrator (or a stop there): this one lets it go.
       if (change.type === "job" && !store.isMine(change.job.ID)) dispatcher?.relinquish(change.job.ID);
+      // Another orchestrator's execution holds (or frees) its node's capacity for everyone.
+      if (change.type === "execution" && !store.isMine(change.execution.JobID)) {
+        dispatcher?.observe(change.execution);
+      }
     });
     if (leases && owner) {
       const takeover = new JobTakeover(leases, {

@@ -79,6 +79,11 @@ export interface DispatcherOptions {
 const STOP_CLAIM_ATTEMPTS = 3;
 const STOP_CLAIM_PAUSE_MS = 200;
 
+/** A node that refused a bid only for want of free capacity is asked again this many times... */
+const BUSY_BID_RETRIES = 4;
+/** ...after this pause, doubled each time (0.1 + 0.2 + 0.4 + 0.8 s). */
+const BUSY_BID_PAUSE_MS = 100;
+
 const ACTIVE: ReadonlySet<ExecutionState> = new Set(["AskForBid", "BidAccepted", "Running"]);
 
 function isActive(e: ExecutionRecord): boolean {
@@ -99,7 +104,12 @@ function add(a: Resources, b: Resources, sign = 1): Resources {
 export class Dispatcher implements JobDispatch {
   readonly #o: DispatcherOptions;
   readonly #allocated = new Map<string, Resources>();
-  /** What each active execution of an owned job holds in `#allocated`, so it is given back exactly once. */
+  /**
+   * What each active execution holds in `#allocated`, so it is given back
+   * exactly once: those of the jobs this orchestrator owns, and in a cluster
+   * those of the others' jobs as their records are followed ({@link observe}),
+   * so no two orchestrators place more on a node than it has.
+   */
   readonly #reserved = new Map<string, { jobId: string; nodeId: string; resources: Resources }>();
   readonly #deadlines = new Map<string, NodeJS.Timeout>();
   readonly #queueTimers = new Map<string, NodeJS.Timeout>();
@@ -114,8 +124,11 @@ export class Dispatcher implements JobDispatch {
     this.#o = options;
   }
 
-  /** Takes up the jobs this orchestrator owns after a (re)start, see {@link adopt}. */
+  /** Takes up the jobs this orchestrator owns after a (re)start, see {@link adopt}; counts what the others' hold. */
   start(): void {
+    for (const e of this.#o.store.executions.values()) {
+      if (!this.#o.store.isMine(e.JobID)) this.observe(e);
+    }
     this.adopt(
       [...this.#o.store.jobs.values()].filter((j) => this.#o.store.isMine(j.ID)).map((j) => j.ID),
       "an orchestrator restart",
@@ -151,12 +164,34 @@ export class Dispatcher implements JobDispatch {
     for (const job of jobs) this.#evaluate(job.ID);
   }
 
-  /** The job is no longer this orchestrator's (taken over): forget its timers, queue place and capacity. */
+  /**
+   * The job is no longer this orchestrator's (taken over): forget its timers
+   * and queue place. What its active executions hold stays counted, as for
+   * any other orchestrator's job, until they end.
+   */
   relinquish(jobId: string): void {
     this.#unqueue(jobId);
     for (const [executionId, r] of this.#reserved) {
       if (r.jobId !== jobId) continue;
-      this.#release(executionId);
+      clearTimeout(this.#deadlines.get(executionId));
+      this.#deadlines.delete(executionId);
+      const e = this.#o.store.executions.get(executionId);
+      if (e) this.observe(e);
+      else this.#release(executionId);
+    }
+  }
+
+  /**
+   * Another orchestrator's execution changed (its record followed from the
+   * shared KV): an active one holds its node's capacity here too, an ended
+   * one gives it back and queued jobs are looked at again.
+   */
+  observe(e: ExecutionRecord): void {
+    if (isActive(e)) {
+      this.#reserve(e);
+    } else if (this.#reserved.has(e.ID)) {
+      this.#release(e.ID);
+      this.#scheduleReexamine();
     }
   }
 
@@ -433,21 +468,29 @@ export class Dispatcher implements JobDispatch {
   async #bidAndRun(job: JobRecord, execution: ExecutionRecord, requirements: JobRequirements): Promise<void> {
     const timeoutMs = requirements.executionTimeoutMs ?? this.#o.executionTimeoutMs;
     let bid: MessageBody<"bid-reply">;
-    try {
-      bid = await this.#o.channel.bid(execution.NodeID, {
-        jobId: job.ID,
-        executionId: execution.ID,
-        spec: job.Spec,
-        submitter: job.Submitter,
-        resources: execution.Resources,
-        run: { timeoutMs },
-      });
-    } catch (err) {
-      this.#failBeforeStart(execution, `bid request failed: ${(err as Error).message}`);
-      return;
+    let e: ExecutionRecord | undefined;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        bid = await this.#o.channel.bid(execution.NodeID, {
+          jobId: job.ID,
+          executionId: execution.ID,
+          spec: job.Spec,
+          submitter: job.Submitter,
+          resources: execution.Resources,
+          run: { timeoutMs },
+        });
+      } catch (err) {
+        this.#failBeforeStart(execution, `bid request failed: ${(err as Error).message}`);
+        return;
+      }
+      e = this.#o.store.executions.get(execution.ID);
+      if (e?.State !== "AskForBid") return; // stopped or lost meanwhile
+      // Capacity counted here as free may not be free on the node yet (an execution told to
+      // cancel is still ending): ask again a few times before the node counts as declining.
+      if (bid.accept || !bid.busy || attempt >= BUSY_BID_RETRIES) break;
+      await new Promise((resolve) => setTimeout(resolve, BUSY_BID_PAUSE_MS * 2 ** attempt));
+      if (this.#closed || this.#o.store.executions.get(execution.ID)?.State !== "AskForBid") return;
     }
-    let e = this.#o.store.executions.get(execution.ID);
-    if (e?.State !== "AskForBid") return; // stopped or lost meanwhile
     if (!bid.accept) {
       this.#endExecution(e, "BidRejected", bid.reason ? `bid rejected: ${bid.reason}` : "bid rejected");
       return;

@@ -154,6 +154,7 @@ t.test("bids: the job-selection policy refuses with reasons, accepts what fits",
   const refusedExec = await bid(exec);
   t.equal(refusedExec.accept, false);
   t.match(refusedExec.reason, /Exec\.Allow/);
+  t.equal(refusedExec.busy, undefined, "a policy refusal is not a busy one");
 
   const elsewhere = await bid(
     wasmSpec(hello, {}, { Constraints: [{ Key: "region", Operator: "=", Values: ["us"] }] }),
@@ -172,6 +173,7 @@ t.test("bids: the job-selection policy refuses with reasons, accepts what fits",
   t.same(await bid(wasmSpec(hello), { cpu: 0.6, memory: 1 }), { accept: true });
   const second = await bid(wasmSpec(hello), { cpu: 0.6, memory: 1 });
   t.equal(second.accept, false, "the first accepted bid holds its capacity");
+  t.equal(second.busy, true, "refused for want of free capacity only: asking again later may succeed");
 
   // A bid that carries the run starts the execution once it is accepted, and only then.
   const run = { timeoutMs: 30_000 };
