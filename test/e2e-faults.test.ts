@@ -5,6 +5,7 @@ import t, { type Test } from "tap";
 import { runShoal, startComputeNode, startOrchestrator, tempDir } from "./helpers/cluster.js";
 import {
   buildWasm,
+  SMALL_NODE,
   SPIN_WAT,
   spinningThread,
   submitJob,
@@ -12,6 +13,7 @@ import {
   waitForJob,
   waitForRunning,
   wasmEngine,
+  writeSmallSpec,
   writeSpec,
 } from "./helpers/e2e-jobs.js";
 
@@ -84,6 +86,32 @@ t.test("timeouts, stop, the exec allow-list and SIGTERM, with real processes", a
     const job = await waitForJob(orch, id, "is Stopped", (j) => j.State === "Stopped");
     t.equal(job.Executions.find((x) => x.ID === execution.ID)?.State, "Cancelled");
     t.ok(await workerGone(pid, tid), "the node killed the spinning worker thread");
+  });
+
+  t.test("a job queued for a node's capacity runs there once a stopped job frees it", async (t) => {
+    // n3 has one CPU. The orchestrator frees the stopped job's CPU at once, but the node only
+    // once the cancelled module is gone: the queued job's first bid can find the node busy,
+    // and a busy node is asked again rather than counted as declining the job for good.
+    await startComputeNode(t, orch, path.join(dir, "n3"), "n3", SMALL_NODE);
+    const holding = await submitJob(orch, await writeSmallSpec(dir, "holding", 60_000));
+    await waitForRunning(orch, holding);
+    const waiting = await submitJob(orch, await writeSmallSpec(dir, "waiting", 10));
+    const queued = await waitForJob(orch, waiting, "Queued", (j) => j.State === "Queued");
+    t.match(queued.StateMessage, /CPU/, "it waits for n3's CPU");
+    await orch.client.delete(`/api/v1/orchestrator/jobs/${holding}`);
+    const done = await waitForJob(
+      orch,
+      waiting,
+      "ends",
+      (j) => ["Completed", "Failed"].includes(j.State),
+      20_000,
+    );
+    t.equal(done.State, "Completed", JSON.stringify(done.Executions));
+    t.same(
+      done.Executions.map((e) => [e.NodeID, e.State]),
+      [["n3", "Completed"]],
+      "one execution: the busy bid was asked again, not refused",
+    );
   });
 
   t.test("an exec job runs only a command in Compute.Engines.Exec.Allow", async (t) => {

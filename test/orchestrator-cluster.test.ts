@@ -6,7 +6,16 @@ import t from "tap";
 import { initPki, revokedIdentities } from "../pki/index.js";
 import { apiCaller } from "./helpers/api-call.js";
 import { freePort, startComputeNode, startOrchestrator, tempDir, waitUntil } from "./helpers/cluster.js";
-import { buildWasm, sleepWat, submitJob, waitForJob, wasmEngine, writeSpec } from "./helpers/e2e-jobs.js";
+import {
+  buildWasm,
+  SMALL_NODE,
+  sleepWat,
+  submitJob,
+  waitForJob,
+  wasmEngine,
+  writeSmallSpec,
+  writeSpec,
+} from "./helpers/e2e-jobs.js";
 
 /**
  * Two orchestrators whose supervised nats-servers form one cluster (routes
@@ -144,22 +153,11 @@ t.test(
     // Capacity is counted across the cluster: node-2 (one CPU) runs A's one-CPU job, so B
     // queues its own such job instead of bidding where the node would refuse (a node that
     // refused a job's bid is not asked for that job again), and places it once A's job ends.
-    await startComputeNode(t, b, path.join(root, "node-2"), "node-2", [
-      ...["-c", "Compute.Resources.CPU=1", "-c", "Compute.Labels=pool=small"],
-    ]);
-    const small = async (name: string, ms: number) => {
-      const file = path.join(root, `${name}.yaml`);
-      const module = await buildWasm(root, name, sleepWat(ms));
-      await fs.writeFile(
-        file,
-        `Name: ${name}\nConstraints: [{Key: pool, Operator: "=", Values: [small]}]\nTasks:\n  - Name: main\n    Engine: ${wasmEngine(module)}\n    Resources: {CPU: 1}\n`,
-      );
-      return file;
-    };
-    const holding = await submitJob(a, await small("holding", 60_000));
+    await startComputeNode(t, b, path.join(root, "node-2"), "node-2", SMALL_NODE);
+    const holding = await submitJob(a, await writeSmallSpec(root, "holding", 60_000));
     await waitForJob(a, holding, "Running", (j) => j.Executions[0]?.State === "Running", 30_000);
     await waitForJob(b, holding, "Running at B", (j) => j.Executions[0]?.State === "Running", 10_000);
-    const waiting = await submitJob(b, await small("waiting", 10));
+    const waiting = await submitJob(b, await writeSmallSpec(root, "waiting", 10));
     const queued = await waitForJob(b, waiting, "Queued", (j) => j.State === "Queued", 10_000);
     t.equal(queued.Executions.length, 0, "B asked no node for a bid");
     t.match(queued.StateMessage, /CPU/, "it waits for capacity");

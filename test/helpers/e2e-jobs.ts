@@ -34,14 +34,38 @@ export function sleepWat(ms: number): string {
     (drop (call $fd_write (i32.const 1) (i32.const 100) (i32.const 1) (i32.const 140)))))`;
 }
 
-/** Writes a one-task job spec to `dir/name.yaml`; `task` is YAML flow text added to the task. */
-export async function writeSpec(dir: string, name: string, engine: string, task = ""): Promise<string> {
+/**
+ * Writes a one-task job spec to `dir/name.yaml`; `task` is YAML flow text added to the task,
+ * `job` to the job (e.g. its Constraints).
+ */
+export async function writeSpec(
+  dir: string,
+  name: string,
+  engine: string,
+  task = "",
+  job = "",
+): Promise<string> {
   const file = path.join(dir, `${name}.yaml`);
   await fs.writeFile(
     file,
-    `Name: ${name}\nTasks:\n  - Name: main\n    Engine: ${engine}\n${task ? `    ${task}\n` : ""}`,
+    `Name: ${name}\n${job ? `${job}\n` : ""}Tasks:\n  - Name: main\n    Engine: ${engine}\n${task ? `    ${task}\n` : ""}`,
   );
   return file;
+}
+
+/** `shoal compute serve` settings of a node with one CPU, labelled `pool=small`. */
+export const SMALL_NODE = ["-c", "Compute.Resources.CPU=1", "-c", "Compute.Labels=pool=small"];
+
+/** A job that sleeps `ms` and needs one whole CPU of a `pool=small` node ({@link SMALL_NODE}). */
+export async function writeSmallSpec(dir: string, name: string, ms: number): Promise<string> {
+  const module = await buildWasm(dir, name, sleepWat(ms));
+  return writeSpec(
+    dir,
+    name,
+    wasmEngine(module),
+    "Resources: {CPU: 1}",
+    `Constraints: [{Key: pool, Operator: "=", Values: [small]}]`,
+  );
 }
 
 /** The `Engine:` value of a wasm task running a module file. */
