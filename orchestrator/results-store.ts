@@ -14,7 +14,7 @@ export const RESULTS_BUCKET = "shoal-results";
 /** Largest single result chunk accepted (the node's chunks are far smaller). */
 export const MAX_CHUNK_BYTES = 4 * 1024 * 1024;
 
-/** A cluster's object store of result files, and the JetStream manager its chunks are read through. */
+/** A cluster's object store of result files (written through `objects`, read through `jsm`). */
 export interface SharedResults {
   objects: ObjectStore;
   jsm: JetStreamManager;
@@ -169,8 +169,9 @@ export class ResultsStore {
     const st = await fs.stat(local).catch(() => undefined);
     if (st?.isFile()) return { size: st.size, stream: createReadStream(local) };
     // Stored by another orchestrator of the cluster (or this disk lost it): the object store's copy.
-    const info = await this.#shared?.objects.info(sharedName(jobId, executionId, file.name));
-    if (!this.#shared || !info || info.deleted) return undefined;
+    if (!this.#shared) return undefined;
+    const info = await readInfo(this.#shared.jsm, sharedName(jobId, executionId, file.name));
+    if (!info || info.deleted) return undefined;
     return { size: info.size, stream: Readable.from(readChunks(this.#shared.jsm, info, file)) };
   }
 
@@ -181,6 +182,20 @@ export class ResultsStore {
   #chunkPath(executionId: string, file: string, index: number): string {
     return path.join(this.#stagingDir(executionId), `${sha256(Buffer.from(file)).slice(0, 32)}.${index}`);
   }
+}
+
+/**
+ * An object's description, read with a direct get (see {@link readChunks}):
+ * the client library's `info` asks the stream's leader, which a cluster is
+ * without for seconds after a server loss.
+ */
+async function readInfo(jsm: JetStreamManager, name: string): Promise<ObjectInfo | undefined> {
+  // The object store's metadata subject names the object in padded base64url (ADR-20).
+  const token = Buffer.from(name).toString("base64").replace(/\+/g, "-").replace(/\//g, "_");
+  const m = await jsm.direct.getMessage(`OBJ_${RESULTS_BUCKET}`, {
+    last_by_subj: `$O.${RESULTS_BUCKET}.M.${token}`,
+  });
+  return m ? m.json<ObjectInfo>() : undefined;
 }
 
 /**
