@@ -467,15 +467,14 @@ export class Dispatcher implements JobDispatch {
 
   async #bidAndRun(job: JobRecord, execution: ExecutionRecord, requirements: JobRequirements): Promise<void> {
     const timeoutMs = requirements.executionTimeoutMs ?? this.#o.executionTimeoutMs;
+    /** What the bid and the run both say of the execution. */
+    const order = { jobId: job.ID, executionId: execution.ID, spec: job.Spec, submitter: job.Submitter };
     let bid: MessageBody<"bid-reply">;
     let e: ExecutionRecord | undefined;
     for (let attempt = 0; ; attempt++) {
       try {
         bid = await this.#o.channel.bid(execution.NodeID, {
-          jobId: job.ID,
-          executionId: execution.ID,
-          spec: job.Spec,
-          submitter: job.Submitter,
+          ...order,
           resources: execution.Resources,
           run: { timeoutMs },
         });
@@ -503,13 +502,7 @@ export class Dispatcher implements JobDispatch {
     }
     let run: MessageBody<"run-reply">;
     try {
-      run = await this.#o.channel.run(e.NodeID, {
-        jobId: job.ID,
-        executionId: e.ID,
-        spec: job.Spec,
-        submitter: job.Submitter,
-        timeoutMs,
-      });
+      run = await this.#o.channel.run(e.NodeID, { ...order, timeoutMs });
     } catch (err) {
       this.#failBeforeStart(e, `run request failed: ${(err as Error).message}`);
       return;
