@@ -173,8 +173,7 @@ export class Dispatcher implements JobDispatch {
     this.#unqueue(jobId);
     for (const [executionId, r] of this.#reserved) {
       if (r.jobId !== jobId) continue;
-      clearTimeout(this.#deadlines.get(executionId));
-      this.#deadlines.delete(executionId);
+      this.#disarm(executionId);
       const e = this.#o.store.executions.get(executionId);
       if (e) this.observe(e);
       else this.#release(executionId);
@@ -675,12 +674,17 @@ export class Dispatcher implements JobDispatch {
 
   /** Gives back what an execution held here: its node capacity and its deadline timer. */
   #release(executionId: string): void {
-    clearTimeout(this.#deadlines.get(executionId));
-    this.#deadlines.delete(executionId);
+    this.#disarm(executionId);
     const r = this.#reserved.get(executionId);
     if (!r) return;
     this.#reserved.delete(executionId);
     this.#allocated.set(r.nodeId, add(this.allocated(r.nodeId), r.resources, -1));
+  }
+
+  /** Cancels the execution's deadline timer, if it has one here. */
+  #disarm(executionId: string): void {
+    clearTimeout(this.#deadlines.get(executionId));
+    this.#deadlines.delete(executionId);
   }
 
   /** The execution if `nodeId` holds it and its job is this orchestrator's to act on. */
