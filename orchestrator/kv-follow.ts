@@ -1,4 +1,9 @@
-import { DeliverPolicy, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
+import {
+  DeliverPolicy,
+  type JetStreamClient,
+  type JetStreamManager,
+  type MsgRequest,
+} from "@nats-io/jetstream";
 import type { Logger } from "../core/index.js";
 
 /** One change of a KV bucket as its stream carries it; `value` undefined: deleted or purged. */
@@ -30,8 +35,10 @@ const DIRECT_READS_PER_CHECK = 1000;
  * creation times out (15 s in a cluster) again and again.
  *
  * So the follower also asks the bucket, every `checkMs`, for the first
- * change after the last revision it delivered, with a direct get that any
- * live replica answers (no stream or meta leader needed). When it stayed
+ * change after the last revision it delivered: with a direct get that any
+ * live replica answers (no stream or meta leader needed) and, when that finds
+ * nothing newer, from the stream's leader, since the replica that answered
+ * (this server's own, first) can be the one left behind. When it stayed
  * behind for two checks, the consumer is dropped, the missing changes are
  * read directly, and a new consumer is started in the background; until
  * that one runs, every check reads the new changes directly. No change is
@@ -129,7 +136,13 @@ export async function followBucket(
   };
 }
 
-/** The bucket's first change after revision `after`, read from any replica; null when there is none. */
-function nextChange(jsm: JetStreamManager, stream: string, prefix: string, after: number) {
-  return jsm.direct.getMessage(stream, { seq: after + 1, next_by_subj: `${prefix}>` });
+/**
+ * The bucket's first change after revision `after`, read from any replica, else
+ * from the stream's leader; null when neither has one.
+ */
+async function nextChange(jsm: JetStreamManager, stream: string, prefix: string, after: number) {
+  const query = { seq: after + 1, next_by_subj: `${prefix}>` };
+  const direct = await jsm.direct.getMessage(stream, query).catch(() => null);
+  // STREAM.MSG.GET has taken next_by_subj since nats-server 2.9; the client's type omits it.
+  return direct ?? jsm.streams.getMessage(stream, query as unknown as MsgRequest);
 }

@@ -45,6 +45,20 @@ function withConsumers(js: JetStreamClient, consumer: (n: number) => Promise<unk
   });
 }
 
+/** `js` whose direct gets are answered by a replica left behind: it has nothing newer, ever. */
+function behindReplica(js: JetStreamClient): JetStreamClient {
+  return new Proxy(js, {
+    get: (target, prop) =>
+      prop === "jetstreamManager"
+        ? async () =>
+            new Proxy(await target.jetstreamManager(), {
+              get: (jsm, name) =>
+                name === "direct" ? { getMessage: async () => null } : Reflect.get(jsm, name),
+            })
+        : Reflect.get(target, prop),
+  });
+}
+
 /**
  * Writes `count` changes a few ms apart, each to a key of its own (every fifth a delete), so
  * that none is removed from the stream by a later one, and returns their revisions.
@@ -135,5 +149,19 @@ t.test(
       revisions,
     );
     t.equal(created, 3, "a working consumer was started after two silent ones");
+  },
+);
+
+t.test(
+  "a silent consumer and a replica left behind: the changes are read from the stream's leader",
+  async (t) => {
+    const { js, kv } = await bucket(t);
+    const changes = await follow(t, behindReplica(withConsumers(js, () => Promise.resolve(silentConsumer))));
+    const revisions = await write(js, kv, 20);
+    await waitUntil("every change arrived", async () => (changes.length >= 20 ? true : undefined), 10_000);
+    t.same(
+      changes.map((c) => c.revision),
+      revisions,
+    );
   },
 );
