@@ -256,6 +256,15 @@ export const ConfigSchema = Type.Object(
           },
           "Job scheduling.",
         ),
+        JobGC: section(
+          {
+            Threshold: duration(
+              "24h",
+              "A job that ended this long ago is removed with its executions, history, logs and result files; 0s keeps every job.",
+            ),
+          },
+          "Removal of finished jobs.",
+        ),
       },
       "The orchestrator daemon.",
     ),

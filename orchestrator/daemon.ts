@@ -44,6 +44,7 @@ import {
 } from "./external-nats.js";
 import { FabricLink } from "./fabric-link.js";
 import { brokerIdentities, InventoryWatcher } from "./inventory-watch.js";
+import { JobCollector } from "./job-collector.js";
 import { jobRequirements, parseSubmittedJob } from "./job-requirements.js";
 import { JobService } from "./job-service.js";
 import { JobTakeover, LEASES_BUCKET, openLeases } from "./job-takeover.js";
@@ -422,6 +423,20 @@ export class Orchestrator {
       print: this.#o.print ?? ((line: string) => process.stdout.write(`${line}\n`)),
       ...(this.#o.env ? { env: this.#o.env } : {}),
     });
+    const jobGcThresholdMs = parseDuration(c.Orchestrator.JobGC.Threshold);
+    if (jobGcThresholdMs > 0) {
+      const collector = new JobCollector({
+        store,
+        logs,
+        results,
+        thresholdMs: jobGcThresholdMs,
+        log: this.#log.child({ component: "job-gc" }),
+      });
+      // Before nodes are heard: no job's files are written meanwhile.
+      await collector.removeStrays();
+      collector.start();
+      this.#cleanups.push(() => collector.close());
+    }
     nodes.start();
     dispatcher.start();
     await link.start();

@@ -1,14 +1,22 @@
-import { JetStreamApiCodes, JetStreamApiError, type JetStreamClient } from "@nats-io/jetstream";
+import {
+  JetStreamApiCodes,
+  JetStreamApiError,
+  type JetStreamClient,
+  type JetStreamManager,
+} from "@nats-io/jetstream";
 import type { KV } from "@nats-io/kv";
 import type { Logger } from "../core/index.js";
 import { followBucket, type KvChange } from "./kv-follow.js";
 
 export interface KvTableOptions<T> {
+  /** The bucket's name; its stream is purged through `jsm` (see {@link KvTable.purge}). */
+  bucket: string;
+  jsm: JetStreamManager;
   /**
    * Other writers share the bucket (a cluster): their changes are followed
    * from the moment the table opens, and applied by {@link KvTable.follow}.
    */
-  shared?: { js: JetStreamClient; bucket: string };
+  shared?: { js: JetStreamClient };
   /**
    * Writes are compare-and-set against the revision this table last saw of
    * the key: a write that finds another writer's newer revision is dropped,
@@ -36,6 +44,8 @@ export interface KvFollower<T> {
  */
 export class KvTable<T> {
   readonly #kv: KV;
+  readonly #bucket: string;
+  readonly #jsm: JetStreamManager;
   readonly #log: Logger;
   readonly #rows = new Map<string, T>();
   /** The KV revision of each row as last written or read here. */
@@ -51,19 +61,22 @@ export class KvTable<T> {
   #scheduled: Promise<void> | undefined;
   #failure: unknown;
 
-  private constructor(kv: KV, log: Logger, onConflict: KvTableOptions<T>["onConflict"]) {
+  private constructor(kv: KV, log: Logger, options: KvTableOptions<T>) {
     this.#kv = kv;
+    this.#bucket = options.bucket;
+    this.#jsm = options.jsm;
     this.#log = log;
-    this.#onConflict = onConflict;
+    this.#onConflict = options.onConflict;
   }
 
   /** Opens the bucket and loads every current value into memory. */
-  static async open<T>(kv: KV, log: Logger, options: KvTableOptions<T> = {}): Promise<KvTable<T>> {
-    const table = new KvTable<T>(kv, log, options.onConflict);
+  static async open<T>(kv: KV, log: Logger, options: KvTableOptions<T>): Promise<KvTable<T>> {
+    const table = new KvTable<T>(kv, log, options);
     // Followed before loading, so no change made meanwhile is missed (older revisions are skipped).
     if (options.shared) {
-      table.#stopFollowing = await followBucket({ ...options.shared, log }, (change) =>
-        table.#follower ? table.#apply(table.#follower, change) : table.#early.push(change),
+      table.#stopFollowing = await followBucket(
+        { js: options.shared.js, bucket: options.bucket, log },
+        (change) => (table.#follower ? table.#apply(table.#follower, change) : table.#early.push(change)),
       );
     }
     const keys: string[] = [];
@@ -156,18 +169,40 @@ export class KvTable<T> {
     this.#schedule();
   }
 
+  /** Drops the key from memory only; the bucket keeps it (see {@link purge}). */
+  forget(key: string): void {
+    this.#rows.delete(key);
+    this.#revisions.delete(key);
+  }
+
+  /**
+   * Removes every stored revision of the key from the bucket's stream,
+   * leaving no delete marker (which would stay in the stream for good): the
+   * other writers are not told, each forgets the key on its own. Writes made
+   * before it are sent first, so none of them brings the key back.
+   */
+  async purge(key: string): Promise<void> {
+    await this.#settled();
+    await this.#jsm.streams.purge(`KV_${this.#bucket}`, { filter: `$KV.${this.#bucket}.${key}` });
+  }
+
   /**
    * Resolves when every write made so far is stored in JetStream; rejects with
    * the store's error if one failed (the rows stay dirty and are retried).
    */
   async flush(): Promise<void> {
-    if (this.#scheduled) await this.#scheduled;
-    await this.#flushing;
+    await this.#settled();
     if (this.#failure) {
       const err = this.#failure;
       this.#failure = undefined;
       throw err;
     }
+  }
+
+  /** Resolves when every write made so far has been sent and answered (stored or failed). */
+  async #settled(): Promise<void> {
+    if (this.#scheduled) await this.#scheduled;
+    await this.#flushing;
   }
 
   #schedule(): void {

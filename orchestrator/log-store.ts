@@ -55,6 +55,18 @@ export class LogStore {
       .map((l) => JSON.parse(l) as LogEntry);
   }
 
+  /** The jobs with stored lines. */
+  async jobIds(): Promise<string[]> {
+    const names = await fs.readdir(this.#dir);
+    return names.filter((n) => n.endsWith(".ndjson")).map((n) => n.slice(0, -".ndjson".length));
+  }
+
+  /** Removes the job's stored lines (after any append under way). */
+  async remove(jobId: string): Promise<void> {
+    await this.#tails.get(jobId);
+    await fs.rm(this.#file(jobId), { force: true });
+  }
+
   /** Calls `listener` for each new line of the job; returns the unsubscribe function. */
   follow(jobId: string, listener: (entry: LogEntry) => void): () => void {
     this.#emitter.on(jobId, listener);

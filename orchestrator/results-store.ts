@@ -6,7 +6,7 @@ import type { ReadableStream } from "node:stream/web";
 import type { JetStreamManager } from "@nats-io/jetstream";
 import type { ObjectInfo, ObjectStore } from "@nats-io/obj";
 import type { MessageBody } from "../fabric/protocol.js";
-import type { ResultFile } from "./records.js";
+import type { ExecutionRecord, ResultFile } from "./records.js";
 
 /** The object store a cluster's orchestrators keep every result file in (`OBJ_shoal-results`). */
 export const RESULTS_BUCKET = "shoal-results";
@@ -170,9 +170,41 @@ export class ResultsStore {
     if (st?.isFile()) return { size: st.size, stream: createReadStream(local) };
     // Stored by another orchestrator of the cluster (or this disk lost it): the object store's copy.
     if (!this.#shared) return undefined;
-    const info = await readInfo(this.#shared.jsm, sharedName(jobId, executionId, file.name));
+    const info = await readInfo(this.#shared.jsm, metaSubject(sharedName(jobId, executionId, file.name)));
     if (!info || info.deleted) return undefined;
     return { size: info.size, stream: Readable.from(readChunks(this.#shared.jsm, info, file)) };
+  }
+
+  /** The jobs with result files on this disk. */
+  async jobIds(): Promise<string[]> {
+    const entries = await fs.readdir(this.#root, { withFileTypes: true });
+    return entries.filter((e) => e.isDirectory() && !e.name.startsWith(".")).map((e) => e.name);
+  }
+
+  /** Removes the job's result files from this disk. */
+  async removeLocal(jobId: string): Promise<void> {
+    // The id names a directory directly under results/ (never .staging, never a path).
+    if (!SEGMENT.test(jobId) || jobId.startsWith(".")) return;
+    await fs.rm(path.join(this.#root, jobId), { recursive: true, force: true });
+  }
+
+  /**
+   * Removes the result files of the job's executions from the cluster's
+   * object store, by purging their chunks and description, so no delete
+   * marker stays behind.
+   */
+  async removeShared(jobId: string, executions: readonly ExecutionRecord[]): Promise<void> {
+    const jsm = this.#shared?.jsm;
+    if (!jsm) return;
+    const stream = `OBJ_${RESULTS_BUCKET}`;
+    for (const e of executions) {
+      for (const f of e.Results ?? []) {
+        const meta = metaSubject(sharedName(jobId, e.ID, f.name));
+        const info = await readInfo(jsm, meta);
+        if (info) await jsm.streams.purge(stream, { filter: `$O.${RESULTS_BUCKET}.C.${info.nuid}` });
+        await jsm.streams.purge(stream, { filter: meta });
+      }
+    }
   }
 
   #stagingDir(executionId: string): string {
@@ -184,17 +216,19 @@ export class ResultsStore {
   }
 }
 
-/**
- * An object's description, read with a direct get (see {@link readChunks}):
- * the client library's `info` asks the stream's leader, which a cluster is
- * without for seconds after a server loss.
- */
-async function readInfo(jsm: JetStreamManager, name: string): Promise<ObjectInfo | undefined> {
-  // The object store's metadata subject names the object in padded base64url (ADR-20).
+/** The subject of an object's description: its name in padded base64url (ADR-20). */
+function metaSubject(name: string): string {
   const token = Buffer.from(name).toString("base64").replace(/\+/g, "-").replace(/\//g, "_");
-  const m = await jsm.direct.getMessage(`OBJ_${RESULTS_BUCKET}`, {
-    last_by_subj: `$O.${RESULTS_BUCKET}.M.${token}`,
-  });
+  return `$O.${RESULTS_BUCKET}.M.${token}`;
+}
+
+/**
+ * An object's description (from its {@link metaSubject}), read with a
+ * direct get (see {@link readChunks}): the client library's `info` asks the
+ * stream's leader, which a cluster is without for seconds after a server loss.
+ */
+async function readInfo(jsm: JetStreamManager, meta: string): Promise<ObjectInfo | undefined> {
+  const m = await jsm.direct.getMessage(`OBJ_${RESULTS_BUCKET}`, { last_by_subj: meta });
   return m ? m.json<ObjectInfo>() : undefined;
 }
 

@@ -73,6 +73,7 @@ export class StateStore {
     } = {},
   ): Promise<StateStore> {
     const kvm = new Kvm(js);
+    const jsm = await js.jetstreamManager();
     const cluster = options.owner !== undefined;
     let store: StateStore | undefined;
     // In a cluster the job buckets follow the other orchestrators' writes; job records are fenced.
@@ -80,7 +81,11 @@ export class StateStore {
       KvTable.open<T>(
         await kvm.create(bucket, { history: 1, replicas: options.replicas ?? 1 }),
         log.child({ bucket }),
-        cluster && followed ? { shared: { js, bucket }, ...(onConflict ? { onConflict } : {}) } : {},
+        {
+          bucket,
+          jsm,
+          ...(cluster && followed ? { shared: { js }, ...(onConflict ? { onConflict } : {}) } : {}),
+        },
       );
     const [jobs, executions, nodes, events] = await Promise.all([
       open<JobRecord>(BUCKETS.jobs, true, (_id, job) => {
@@ -246,6 +251,23 @@ export class StateStore {
       if (e) out.push(e);
     }
     return out.sort((a, b) => a.CreateTime - b.CreateTime);
+  }
+
+  /** Drops the job, its executions and its history from memory, not from KV (see {@link purgeJob}). */
+  forgetJob(jobId: string): void {
+    for (const e of this.executionsOf(jobId)) this.executions.forget(e.ID);
+    this.jobs.forget(jobId);
+    this.events.forget(jobId);
+    this.#executionsByJob.delete(jobId);
+  }
+
+  /** Removes the job, its executions and its history from KV, leaving no delete markers. */
+  async purgeJob(jobId: string, executionIds: readonly string[]): Promise<void> {
+    await Promise.all([
+      this.jobs.purge(jobId),
+      this.events.purge(jobId),
+      ...executionIds.map((id) => this.executions.purge(id)),
+    ]);
   }
 
   /** Calls `listener` on every change to the job; returns the unsubscribe function. */

@@ -1,5 +1,4 @@
 import "reflect-metadata";
-import { createHash } from "node:crypto";
 import { promises as fs } from "node:fs";
 import path from "node:path";
 import { text } from "node:stream/consumers";
@@ -7,16 +6,15 @@ import { jetstream } from "@nats-io/jetstream";
 import { Objm } from "@nats-io/obj";
 import { connect } from "@nats-io/transport-node";
 import t, { type Test } from "tap";
-import type { MessageBody } from "../fabric/protocol.js";
 import { RESULTS_BUCKET, ResultsStore } from "../orchestrator/results-store.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
+import { resultMessages } from "./helpers/records.js";
 
 /**
  * A cluster's result files against a real nats-server: what one
  * orchestrator stores is served by another from the object store, and what
  * the object store hands back must be the file the node sent.
  */
-const sha256 = (s: string) => createHash("sha256").update(s).digest("hex");
 
 async function twoOrchestrators(t: Test) {
   const root = await tempDir(t, "shoal-results-");
@@ -33,29 +31,7 @@ async function twoOrchestrators(t: Test) {
 }
 
 /** The chunks and manifest a node sends for one file `out.txt` holding `content` (several chunks). */
-function result(content: string): { chunks: MessageBody<"result-chunk">[]; manifest: MessageBody<"result"> } {
-  const parts = [content.slice(0, 5), content.slice(5)];
-  const chunks = parts.map((p, index) => ({
-    executionId: "e-1",
-    file: "out.txt",
-    index,
-    data: Buffer.from(p).toString("base64"),
-    sha256: sha256(p),
-  }));
-  const manifest = {
-    executionId: "e-1",
-    state: "Completed",
-    exitCode: 0,
-    stdout: "",
-    stderr: "",
-    stdoutTruncated: false,
-    stderrTruncated: false,
-    files: [
-      { name: "out.txt", size: content.length, sha256: sha256(content), chunks: chunks.map((c) => c.sha256) },
-    ],
-  } as MessageBody<"result">;
-  return { chunks, manifest };
-}
+const result = (content: string) => resultMessages("e-1", [content.slice(0, 5), content.slice(5)]);
 
 t.test("a file stored by one orchestrator is served by another from the object store", async (t) => {
   const { root, a, b } = await twoOrchestrators(t);

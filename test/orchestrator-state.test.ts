@@ -7,23 +7,9 @@ import type { ExecutionRecord, JobRecord } from "../orchestrator/records.js";
 import { StateStore } from "../orchestrator/state-store.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
 import { testNodeService } from "./helpers/node-service.js";
+import { eventually, jobRecord } from "./helpers/records.js";
 
-function job(id: string, createTime: number): JobRecord {
-  return {
-    ID: id,
-    Name: id,
-    Namespace: "default",
-    Type: "batch",
-    Spec: { Name: id },
-    Submitter: { sub: "anonymous", namespace: "default", method: "anonymous" },
-    State: "Pending",
-    StateMessage: "submitted",
-    Count: 1,
-    Retries: 0,
-    CreateTime: createTime,
-    ModifyTime: createTime,
-  };
-}
+const job = (id: string, createTime: number) => jobRecord(id, createTime);
 
 t.test("state survives a reconnect: memory first, KV behind, coalesced writes", async (t) => {
   const dir = await tempDir(t, "shoal-state-");
@@ -71,12 +57,6 @@ t.test("state survives a reconnect: memory first, KV behind, coalesced writes", 
     "the job → executions index is rebuilt",
   );
 });
-
-/** Polls `check` every 20 ms for up to 5 s (a KV watch delivers in milliseconds). */
-async function eventually(what: string, check: () => boolean): Promise<void> {
-  for (let i = 0; i < 250 && !check(); i++) await new Promise((r) => setTimeout(r, 20));
-  if (!check()) throw new Error(`timed out waiting until ${what}`);
-}
 
 function running(id: string, jobId: string): ExecutionRecord {
   return {

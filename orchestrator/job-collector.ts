@@ -1,0 +1,143 @@
+import type { Logger } from "../core/index.js";
+import type { LogStore } from "./log-store.js";
+import { type ExecutionRecord, type JobRecord, TERMINAL_JOB_STATES } from "./records.js";
+import type { ResultsStore } from "./results-store.js";
+import type { StateStore } from "./state-store.js";
+
+/** Longest pause between two sweeps, whatever the threshold. */
+export const MAX_SWEEP_INTERVAL_MS = 5 * 60_000;
+/** Jobs removed side by side within a sweep. */
+const BATCH = 32;
+
+export interface JobCollectorOptions {
+  store: StateStore;
+  logs: LogStore;
+  results: ResultsStore;
+  log: Logger;
+  /** How long after it ended (its last change) a job is removed. */
+  thresholdMs: number;
+}
+
+/**
+ * Job garbage collection (`Orchestrator.JobGC.Threshold`): a job that ended
+ * (Completed, Failed, Stopped) longer ago than the threshold is removed with
+ * its executions, history, logs and result files, so an orchestrator's
+ * memory, its disk and JetStream do not grow with every job ever run.
+ *
+ * Every orchestrator of a cluster collects on its own: each forgets the
+ * expired jobs in memory and removes its own files, and the job's owner
+ * purges its records and shared result files from JetStream. Another
+ * orchestrator purges them only if they are still stored twice the threshold
+ * after the job ended (its owner is gone for good). Records are purged, not
+ * deleted, so no delete markers pile up in the streams; a job whose purge
+ * fails stays for the next sweep.
+ */
+export class JobCollector {
+  readonly #o: JobCollectorOptions;
+  /** Other orchestrators' jobs forgotten here: purged at `due` unless their owner did it. */
+  readonly #orphans = new Map<string, { due: number; executions: ExecutionRecord[] }>();
+  #timer: NodeJS.Timeout | undefined;
+  #sweeping: Promise<number> | undefined;
+
+  constructor(options: JobCollectorOptions) {
+    this.#o = options;
+  }
+
+  /** How often {@link start} sweeps: a quarter of the threshold, between 100 ms and 5 minutes. */
+  get intervalMs(): number {
+    return Math.min(MAX_SWEEP_INTERVAL_MS, Math.max(100, Math.floor(this.#o.thresholdMs / 4)));
+  }
+
+  /**
+   * Removes the logs and result files on this disk of jobs that are not
+   * stored (any more): removed while this orchestrator was down, or it
+   * stopped between a job's purge and the removal of its files. Run it after
+   * the store is loaded and before any job's files can be written.
+   */
+  async removeStrays(): Promise<number> {
+    const { store, logs, results } = this.#o;
+    const [logged, stored] = await Promise.all([logs.jobIds(), results.jobIds()]);
+    const strays = [...new Set([...logged, ...stored])].filter((id) => !store.jobs.has(id));
+    await Promise.all(strays.map((id) => this.#removeFiles(id)));
+    if (strays.length > 0) this.#o.log.info({ removed: strays.length }, "files of removed jobs deleted");
+    return strays.length;
+  }
+
+  /** Sweeps every {@link intervalMs} until {@link close}. */
+  start(): void {
+    this.#timer = setInterval(() => {
+      this.sweep().catch((err) => this.#o.log.error({ err }, "job collection failed"));
+    }, this.intervalMs);
+    this.#timer.unref();
+  }
+
+  /** Stops sweeping; resolves once a sweep under way is done. */
+  async close(): Promise<void> {
+    clearInterval(this.#timer);
+    await this.#sweeping?.catch(() => {});
+  }
+
+  /** Removes the jobs expired at `now` (one sweep at a time); resolves to how many. */
+  sweep(now = Date.now()): Promise<number> {
+    this.#sweeping ??= this.#sweep(now).finally(() => {
+      this.#sweeping = undefined;
+    });
+    return this.#sweeping;
+  }
+
+  async #sweep(now: number): Promise<number> {
+    const expired = [...this.#o.store.jobs.values()]
+      .filter((job) => TERMINAL_JOB_STATES.has(job.State) && now - job.ModifyTime >= this.#o.thresholdMs)
+      .map((job) => ({ jobId: job.ID, removed: true, run: () => this.#remove(job, now) }));
+    const orphans = [...this.#orphans]
+      .filter(([, orphan]) => orphan.due <= now)
+      .map(([jobId, orphan]) => ({ jobId, removed: false, run: () => this.#purgeOrphan(jobId, orphan) }));
+    const tasks = [...expired, ...orphans];
+    let removed = 0;
+    for (let i = 0; i < tasks.length; i += BATCH) {
+      const batch = tasks.slice(i, i + BATCH);
+      const outcomes = await Promise.allSettled(batch.map((task) => task.run()));
+      for (const [j, outcome] of outcomes.entries()) {
+        if (outcome.status === "fulfilled") {
+          if (batch[j]?.removed) removed++;
+        } else {
+          this.#o.log.warn(
+            { err: outcome.reason, job: batch[j]?.jobId },
+            "cannot remove an expired job; will retry",
+          );
+        }
+      }
+    }
+    if (removed > 0) this.#o.log.info({ removed }, "expired jobs removed");
+    return removed;
+  }
+
+  async #remove(job: JobRecord, now: number): Promise<void> {
+    const { store } = this.#o;
+    const executions = store.executionsOf(job.ID);
+    const due = job.ModifyTime + 2 * this.#o.thresholdMs;
+    if (store.isMine(job.ID) || due <= now) await this.#purge(job.ID, executions);
+    else this.#orphans.set(job.ID, { due, executions });
+    store.forgetJob(job.ID);
+    await this.#removeFiles(job.ID);
+  }
+
+  /** Removes this disk's copies of the job's logs and result files. */
+  async #removeFiles(jobId: string): Promise<void> {
+    await Promise.all([this.#o.logs.remove(jobId), this.#o.results.removeLocal(jobId)]);
+  }
+
+  /** Purges the job from JetStream: its shared result files first, since the execution records name them. */
+  async #purge(jobId: string, executions: readonly ExecutionRecord[]): Promise<void> {
+    await this.#o.results.removeShared(jobId, executions);
+    await this.#o.store.purgeJob(
+      jobId,
+      executions.map((e) => e.ID),
+    );
+  }
+
+  async #purgeOrphan(jobId: string, orphan: { executions: ExecutionRecord[] }): Promise<void> {
+    if (await this.#o.store.jobs.stored(jobId)) await this.#purge(jobId, orphan.executions);
+    this.#orphans.delete(jobId);
+  }
+}

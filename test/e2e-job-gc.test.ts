@@ -1,0 +1,50 @@
+import "reflect-metadata";
+import { promises as fs } from "node:fs";
+import path from "node:path";
+import t from "tap";
+import type { ApiResponseError } from "../cli/api-client.js";
+import { startComputeNode, startOrchestrator, tempDir, waitUntil } from "./helpers/cluster.js";
+import { getJob, submitJob, waitForJob, wasmEngine, writeSpec } from "./helpers/e2e-jobs.js";
+
+/**
+ * Job garbage collection with real processes: `shoal orchestrator serve`
+ * with a short `Orchestrator.JobGC.Threshold` and one `shoal compute serve`.
+ * Requires dist/wasm (scripts/build-wasm).
+ */
+t.test("a finished job is removed with its result files once the threshold has passed", async (t) => {
+  const dir = await tempDir(t);
+  const orch = await startOrchestrator(t, path.join(dir, "orch"), ["-c", "Orchestrator.JobGC.Threshold=2s"]);
+  await startComputeNode(t, orch, path.join(dir, "n1"), "n1");
+  const nowhere = await writeSpec(
+    dir,
+    "nowhere",
+    wasmEngine(path.resolve("dist/wasm/hello.wasm")),
+    "",
+    `Constraints: [{Key: pool, Operator: "=", Values: [nowhere]}]`,
+  );
+  const queued = await submitJob(orch, nowhere);
+  const id = await submitJob(orch, "configs/jobs/upper.yaml");
+  const done = await waitForJob(orch, id, "completes", (j) => j.State === "Completed");
+  t.equal(done.Executions[0]?.Results?.length, 1, "it has a result file");
+  const resultsDir = path.join(orch.dataDir, "results", id);
+  t.ok((await fs.stat(resultsDir)).isDirectory(), "stored on the orchestrator's disk");
+
+  const err = await waitUntil(
+    "the job is removed",
+    () =>
+      getJob(orch, id).then(
+        () => undefined,
+        (e: ApiResponseError) => e,
+      ),
+    20_000,
+  );
+  t.equal(err.status, 404);
+  t.equal(err.code, "SHOAL_ORCH_JOB_NOT_FOUND");
+  await t.rejects(fs.stat(resultsDir), { code: "ENOENT" }, "its result files are removed");
+  const list = await orch.client.get<{ Items: { ID: string }[] }>("/api/v1/orchestrator/jobs");
+  t.notOk(
+    list.Items.some((j) => j.ID === id),
+    "nor listed",
+  );
+  t.equal((await getJob(orch, queued)).State, "Queued", "an unfinished job older than the threshold stays");
+});

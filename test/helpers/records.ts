@@ -1,0 +1,61 @@
+import { createHash } from "node:crypto";
+import type { MessageBody } from "../../fabric/protocol.js";
+import type { JobRecord } from "../../orchestrator/records.js";
+
+/** A Pending batch job record created (and last changed) at `time`, with `fields` over it. */
+export function jobRecord(id: string, time: number, fields: Partial<JobRecord> = {}): JobRecord {
+  return {
+    ID: id,
+    Name: id,
+    Namespace: "default",
+    Type: "batch",
+    Spec: { Name: id },
+    Submitter: { sub: "anonymous", namespace: "default", method: "anonymous" },
+    State: "Pending",
+    StateMessage: "submitted",
+    Count: 1,
+    Retries: 0,
+    CreateTime: time,
+    ModifyTime: time,
+    ...fields,
+  };
+}
+
+/** Polls `check` every 20 ms for up to 5 s (a KV watch delivers in milliseconds). */
+export async function eventually(what: string, check: () => boolean): Promise<void> {
+  for (let i = 0; i < 250 && !check(); i++) await new Promise((r) => setTimeout(r, 20));
+  if (!check()) throw new Error(`timed out waiting until ${what}`);
+}
+
+export const sha256 = (s: string) => createHash("sha256").update(s).digest("hex");
+
+/**
+ * The chunks and manifest a node sends for one file `out.txt` of a Completed
+ * execution, holding the concatenation of `parts` (one chunk each).
+ */
+export function resultMessages(
+  executionId: string,
+  parts: string[],
+): { chunks: MessageBody<"result-chunk">[]; manifest: MessageBody<"result"> } {
+  const content = parts.join("");
+  const chunks = parts.map((p, index) => ({
+    executionId,
+    file: "out.txt",
+    index,
+    data: Buffer.from(p).toString("base64"),
+    sha256: sha256(p),
+  }));
+  const manifest = {
+    executionId,
+    state: "Completed",
+    exitCode: 0,
+    stdout: "",
+    stderr: "",
+    stdoutTruncated: false,
+    stderrTruncated: false,
+    files: [
+      { name: "out.txt", size: content.length, sha256: sha256(content), chunks: chunks.map((c) => c.sha256) },
+    ],
+  } as MessageBody<"result">;
+  return { chunks, manifest };
+}
