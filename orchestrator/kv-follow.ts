@@ -1,10 +1,6 @@
-import {
-  DeliverPolicy,
-  type JetStreamClient,
-  type JetStreamManager,
-  type MsgRequest,
-} from "@nats-io/jetstream";
+import { DeliverPolicy, type JetStreamClient } from "@nats-io/jetstream";
 import type { Logger } from "../core/index.js";
+import { nextStored } from "./stored-messages.js";
 
 /** One change of a KV bucket as its stream carries it; `value` undefined: deleted or purged. */
 export interface KvChange {
@@ -90,7 +86,7 @@ export async function followBucket(
   let behindAt: number | undefined;
   let checking = false;
   const check = async () => {
-    const next = await nextChange(jsm, stream, prefix, delivered).catch(() => undefined);
+    const next = await nextStored(jsm, stream, `${prefix}>`, delivered).catch(() => undefined);
     if (next === undefined || stopped) return;
     if (next === null || next.seq <= delivered) {
       behindAt = undefined;
@@ -113,7 +109,7 @@ export async function followBucket(
     }
     deliver(next.seq, next.subject, next.data, next.header.get(KV_OPERATION));
     for (let i = 1; i < DIRECT_READS_PER_CHECK && !stopped; i++) {
-      const m = await nextChange(jsm, stream, prefix, delivered);
+      const m = await nextStored(jsm, stream, `${prefix}>`, delivered);
       if (!m) break;
       deliver(m.seq, m.subject, m.data, m.header.get(KV_OPERATION));
     }
@@ -134,15 +130,4 @@ export async function followBucket(
     clearInterval(timer);
     stopConsumer?.();
   };
-}
-
-/**
- * The bucket's first change after revision `after`, read from any replica, else
- * from the stream's leader; null when neither has one.
- */
-async function nextChange(jsm: JetStreamManager, stream: string, prefix: string, after: number) {
-  const query = { seq: after + 1, next_by_subj: `${prefix}>` };
-  const direct = await jsm.direct.getMessage(stream, query).catch(() => null);
-  // STREAM.MSG.GET has taken next_by_subj since nats-server 2.9; the client's type omits it.
-  return direct ?? jsm.streams.getMessage(stream, query as unknown as MsgRequest);
 }

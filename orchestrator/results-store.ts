@@ -7,6 +7,7 @@ import type { JetStreamManager } from "@nats-io/jetstream";
 import type { ObjectInfo, ObjectStore } from "@nats-io/obj";
 import type { MessageBody } from "../fabric/protocol.js";
 import type { ExecutionRecord, ResultFile } from "./records.js";
+import { lastStored, nextStored } from "./stored-messages.js";
 
 /** The object store a cluster's orchestrators keep every result file in (`OBJ_shoal-results`). */
 export const RESULTS_BUCKET = "shoal-results";
@@ -223,18 +224,20 @@ function metaSubject(name: string): string {
 }
 
 /**
- * An object's description (from its {@link metaSubject}), read with a
- * direct get (see {@link readChunks}): the client library's `info` asks the
- * stream's leader, which a cluster is without for seconds after a server loss.
+ * An object's description (from its {@link metaSubject}), read as
+ * {@link lastStored} reads (a direct get, else the leader): the client
+ * library's `info` asks only the stream's leader, which a cluster is without
+ * for seconds after a server loss.
  */
 async function readInfo(jsm: JetStreamManager, meta: string): Promise<ObjectInfo | undefined> {
-  const m = await jsm.direct.getMessage(`OBJ_${RESULTS_BUCKET}`, { last_by_subj: meta });
+  const m = await lastStored(jsm, `OBJ_${RESULTS_BUCKET}`, meta);
   return m ? m.json<ObjectInfo>() : undefined;
 }
 
 /**
- * An object's chunks, read with direct gets that any live replica answers.
- * The client library's own reader creates a consumer, and right after a
+ * An object's chunks, read one by one as {@link nextStored} reads (a direct
+ * get that any live replica answers, else the leader when that replica is
+ * behind). The client library's own reader creates a consumer, and right after a
  * server of the cluster is lost nats-server 2.9 may place it on the lost
  * server (its creation then times out). Errors out unless the chunks add up
  * to the file the node sent (size and SHA-256 of its manifest).
@@ -250,7 +253,7 @@ async function* readChunks(
   let seq = 0;
   let size = 0;
   for (let i = 0; i < info.chunks; i++) {
-    const m = await jsm.direct.getMessage(stream, { seq: seq + 1, next_by_subj: subject });
+    const m = await nextStored(jsm, stream, subject, seq);
     if (!m) break;
     seq = m.seq;
     size += m.data.length;

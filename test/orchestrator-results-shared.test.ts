@@ -60,3 +60,24 @@ t.test("an object that is not the file the node sent is refused while it is read
   const opened = await b.open("j-1", "e-1", file);
   await t.rejects(text(opened!.stream), /does not match its digest/);
 });
+
+t.test(
+  "a file is served from the stream's leader when the replica answering direct gets is behind",
+  async (t) => {
+    const { root, a, shared } = await twoOrchestrators(t);
+    const content = "stored while this replica lagged";
+    const { chunks, manifest } = result(content);
+    for (const c of chunks) await a.stageChunk(c);
+    const [file] = await a.commit("j-1", manifest);
+    // Every direct get finds nothing, as a replica that has not caught up yet would answer.
+    const jsm = new Proxy(shared.jsm, {
+      get: (target, name) =>
+        name === "direct" ? { getMessage: async () => null } : Reflect.get(target, name),
+    });
+    const behind = new ResultsStore(path.join(root, "c"), { ...shared, jsm });
+    await behind.init();
+    const opened = await behind.open("j-1", "e-1", file!);
+    t.equal(opened?.size, content.length);
+    t.equal(await text(opened!.stream), content);
+  },
+);
