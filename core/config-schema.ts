@@ -8,6 +8,7 @@ import {
   type TUnion,
   Type,
 } from "@sinclair/typebox";
+import { nodeLabelsSchema } from "./node-labels.js";
 
 /**
  * The one schema for Shoal's configuration. Every key has a `default` and a
@@ -294,9 +295,10 @@ export const ConfigSchema = Type.Object(
           { Interval: duration("5s", "How often the node sends a heartbeat.") },
           "Heartbeats to the orchestrator.",
         ),
-        Labels: Type.Record(Type.String({ minLength: 1 }), Type.String(), {
+        Labels: nodeLabelsSchema({
           default: {},
-          description: "Labels that job constraints match, as a map (in env and -c: `k=v,k2=v2`).",
+          description:
+            "Labels that job constraints match, as a map (in env and -c: `k=v,k2=v2`): at most 64, keys of 1 to 128 letters, digits, '.', '_', '/' or '-' starting with a letter or digit, values of at most 256 characters.",
         }),
         Resources: section(
           {

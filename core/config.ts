@@ -15,6 +15,7 @@ import {
 import { ConfigSchema, type ShoalConfig } from "./config-schema.js";
 import { coerceConfigString, coerceYamlScalar, describeExpectation, parseDuration } from "./config-values.js";
 import { writeFileAtomic } from "./files.js";
+import { nodeLabelsProblem } from "./node-labels.js";
 
 export * from "./config-errors.js";
 export { ConfigSchema, type ShoalConfig } from "./config-schema.js";
@@ -356,6 +357,7 @@ function build(assignments: Assignment[]): ResolvedConfig {
     }
   }
   const config = Value.Default(ConfigSchema, raw) as ShoalConfig;
+  checkLabels(config, sources);
   const problem = VALIDATOR.Errors(config).First();
   if (problem) {
     const segments = problem.path
@@ -384,6 +386,22 @@ function build(assignments: Assignment[]): ResolvedConfig {
     }
   }
   return { config: deepFreeze(config), sources };
+}
+
+/**
+ * Compute.Labels as an orchestrator accepts them, refused with the reason
+ * (the schema's own message could only say "a map of names to strings").
+ * Values that are not strings are left to the schema check, which names them.
+ */
+function checkLabels(config: ShoalConfig, sources: ReadonlyMap<string, ConfigSource>): void {
+  const labels: unknown = config.Compute?.Labels;
+  if (labels === null || typeof labels !== "object") return;
+  if (Object.values(labels).some((v) => typeof v !== "string")) return;
+  const problem = nodeLabelsProblem(labels as Record<string, string>);
+  if (problem) {
+    const source = [...sources].find(([p]) => p === "Compute.Labels" || p.startsWith("Compute.Labels."));
+    throw new ConfigInvalidError("Compute.Labels", `Compute.Labels: ${problem}`, source?.[1]);
+  }
 }
 
 /** Keys that only make sense together, or not together. */

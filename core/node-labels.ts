@@ -16,14 +16,21 @@ const MAX_LABEL_VALUE = 256;
  * (`POST orchestrator/nodes/{id}/approve`): keys of 1 to 128 letters, digits,
  * '.', '_', '/' and '-' (starting with a letter or digit), values of at most
  * 256 characters, at most {@link MAX_NODE_LABELS}. One schema for every route,
- * so all refuse the same labels (the API with 400, `field: "Labels"`).
- * `propertyNames` carries the key rules: a TypeBox record key's own
- * constraints do not reach the JSON schema.
+ * so all refuse the same labels (the API with 400, `field: "Labels"`; a
+ * node's `register` and `Compute.Labels` too). The key rule is the one
+ * pattern property, with no other properties allowed, so TypeBox's checks
+ * (fabric bodies, configuration) enforce it as well as the API's validator.
  */
-export const NodeLabelsSchema = T.Record(T.String(), T.String({ maxLength: MAX_LABEL_VALUE }), {
-  propertyNames: { pattern: NODE_LABEL_KEY },
-  maxProperties: MAX_NODE_LABELS,
-});
+export const NodeLabelsSchema = nodeLabelsSchema();
+
+/** {@link NodeLabelsSchema} with extra schema options (a default, a description). */
+export function nodeLabelsSchema(options: { default?: Record<string, string>; description?: string } = {}) {
+  return T.Record(T.String({ pattern: NODE_LABEL_KEY }), T.String({ maxLength: MAX_LABEL_VALUE }), {
+    additionalProperties: false,
+    maxProperties: MAX_NODE_LABELS,
+    ...options,
+  });
+}
 
 /** Why `labels` are not valid node labels (see {@link NodeLabelsSchema}), or undefined when they are. */
 export function nodeLabelsProblem(labels: Record<string, string>): string | undefined {

@@ -1,5 +1,6 @@
 import { type Static, Type as T, type TSchema } from "@sinclair/typebox";
 import { type TypeCheck, TypeCompiler } from "@sinclair/typebox/compiler";
+import { NodeLabelsSchema } from "../core/index.js";
 
 /**
  * The job protocol between the orchestrator and compute nodes: the kinds of
@@ -42,7 +43,8 @@ export const BODY_SCHEMAS = {
     nodeId: T.String(),
     /** The node's certificate chain (leaf first), so verifiers can cache it by fingerprint. */
     chainPem: T.String(),
-    labels: T.Record(T.String(), T.String()),
+    /** As an operator may give them (core/node-labels); a node cannot register others. */
+    labels: NodeLabelsSchema,
     capacity: Resources,
     engines: T.Array(T.String()),
     version: T.String(),

@@ -192,6 +192,14 @@ t.test("wrong types and formats name the key path and the source", async (t) => 
     ["Compute.Resources.CPU=0", "Compute.Resources.CPU", /greater than 0/],
     ["Compute.Resources.Memory=lots", "Compute.Resources.Memory", /size like 512Mi/],
     ["Compute.Labels=zone", "Compute.Labels", /map of names to strings/],
+    ["Compute.Labels=bad key=x", "Compute.Labels", /label key "bad key": 1 to 128 letters/],
+    ["Compute.Labels=_x=1", "Compute.Labels", /label key "_x"/],
+    [`Compute.Labels=zone=${"v".repeat(257)}`, "Compute.Labels", /label zone: a value of at most 256/],
+    [
+      `Compute.Labels=${Array.from({ length: 65 }, (_, i) => `k${i}=v`).join(",")}`,
+      "Compute.Labels",
+      /65 labels, more than 64/,
+    ],
     ["API.TLS=x", "API.TLS", /is a section; set one of its keys: API\.TLS\.CertFile/],
   ];
   for (const [override, keyPath, message] of cases) {

@@ -233,3 +233,17 @@ t.test("compiled body checks agree with the schemas", async (t) => {
   t.ok(isValidBody("heartbeat", heartbeat));
   t.notOk(isValidBody("heartbeat", { ...heartbeat, seq: -1 }));
 });
+
+t.test("a register body's labels must follow the operator's label rules", async (t) => {
+  const register = {
+    ...Value.Create(BODY_SCHEMAS.register),
+    labels: { zone: "eu", "topology.io/rack": "r1" },
+  };
+  t.ok(isValidBody("register", register));
+  const labelled = (labels: Record<string, string>) => isValidBody("register", { ...register, labels });
+  t.notOk(labelled({ "bad key": "x" }), "a key with a space");
+  t.notOk(labelled({ _hidden: "x" }), "a key not starting with a letter or digit");
+  t.notOk(labelled({ ["k".repeat(129)]: "x" }), "a key of 129 characters");
+  t.notOk(labelled({ zone: "v".repeat(257) }), "a value of 257 characters");
+  t.notOk(labelled(Object.fromEntries(Array.from({ length: 65 }, (_, i) => [`k${i}`, "v"]))), "65 labels");
+});
