@@ -4,9 +4,11 @@ import { promises as fs } from "node:fs";
 import path from "node:path";
 import type { Subscription } from "@nats-io/transport-node";
 import {
+  ConfigInvalidError,
   isShoalError,
   jobResources,
   type Logger,
+  nodeLabelsProblem,
   parseByteSize,
   parseDuration,
   parseJobSpec,
@@ -296,6 +298,15 @@ export class ComputeNode {
     const log = this.#log.child({ node: identity.id });
     // Labels from the join token are the operator's word on this node: they win over local config.
     this.#labels = { ...c.Labels, ...(await readEnrollment(this.#dataDir))?.Labels };
+    // Each set is valid alone; together they may be too many for an orchestrator to accept.
+    const labelsProblem = nodeLabelsProblem(this.#labels);
+    if (labelsProblem) {
+      throw new ConfigInvalidError(
+        "Compute.Labels",
+        `Compute.Labels with the join token's labels: ${labelsProblem}`,
+        undefined,
+      );
+    }
 
     this.#spool = new ResultSpool(path.join(this.#dataDir, "spool"));
     await this.#spool.init();

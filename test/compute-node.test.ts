@@ -139,6 +139,28 @@ t.test("registers with the id of its certificate, then heartbeats", async (t) =>
   await t.rejects(fs.stat(path.join(root, "reg", "compute.lock")), { code: "ENOENT" }, "lock released");
 });
 
+t.test(
+  "labels of the config and the join token that together break the label rules stop the start",
+  async (t) => {
+    const identity = await fabric.identity("compute", "node-labels");
+    const dataDir = path.join(root, "labels");
+    const many = (prefix: string) => Array.from({ length: 40 }, (_, i) => [`${prefix}${i}`, "v"]);
+    await fs.mkdir(path.join(dataDir, "tls"), { recursive: true });
+    await fs.writeFile(
+      path.join(dataDir, "tls", "enrollment.json"),
+      JSON.stringify({ Labels: Object.fromEntries(many("t")) }),
+    );
+    const config = many("c")
+      .map(([k, v]) => `${k}=${v}`)
+      .join(",");
+    await t.rejects(startNode(identity, dataDir, [`Compute.Labels=${config}`]), {
+      code: "SHOAL_CONFIG_INVALID",
+      message: /Compute\.Labels with the join token's labels: 80 labels, more than 64/,
+    });
+    await t.rejects(fs.stat(path.join(dataDir, "compute.lock")), { code: "ENOENT" }, "lock released");
+  },
+);
+
 t.test("bids: the job-selection policy refuses with reasons, accepts what fits", async (t) => {
   const identity = await fabric.identity("compute", "node-bid");
   await startNode(identity, path.join(root, "bid"), ["Compute.Labels=region=eu", "Compute.Resources.CPU=1"]);
