@@ -5,6 +5,7 @@ import {
   type JetStreamManager,
 } from "@nats-io/jetstream";
 import type { KV } from "@nats-io/kv";
+import { InvalidArgumentError } from "@nats-io/transport-node";
 import type { Logger } from "../core/index.js";
 import { followBucket, type KvChange } from "./kv-follow.js";
 
@@ -152,6 +153,10 @@ export class KvTable<T> {
     return this.#rows.values();
   }
 
+  keys(): IterableIterator<string> {
+    return this.#rows.keys();
+  }
+
   get size(): number {
     return this.#rows.size;
   }
@@ -250,26 +255,33 @@ export class KvTable<T> {
   async #write(batch: Map<string, T | undefined>): Promise<void> {
     const results = await Promise.allSettled([...batch].map(([key, value]) => this.#store(key, value)));
     let failed = 0;
+    let retried = 0;
     for (const [i, [key, value]] of [...batch].entries()) {
       const r = results[i];
       if (r?.status === "fulfilled") {
         if (r.value !== undefined) this.#revisions.set(key, r.value);
       } else if (r && this.#onConflict && isWrongRevision(r.reason)) {
         await this.#conflict(key);
+      } else if (r && r.reason instanceof InvalidArgumentError) {
+        // A value no retry can store (larger than a NATS message): retrying it would fail
+        // every later batch, and with them every flush, for good.
+        failed++;
+        this.#failure = r.reason;
+        this.#log.error({ err: r.reason, key }, "KV write refused for good; the value stays in memory only");
       } else if (r) {
         failed++;
+        retried++;
         this.#failure = r.reason;
         // Retry with the next flush unless a newer value has replaced it.
         if (!this.#dirty.has(key)) this.#dirty.set(key, value);
       }
     }
-    if (failed > 0) {
-      this.#log.error({ err: this.#failure, failed }, "KV writes failed; will retry");
+    if (retried > 0) {
+      this.#log.error({ err: this.#failure, failed: retried }, "KV writes failed; will retry");
       setTimeout(() => this.#schedule(), 250).unref();
-    } else {
-      // Every batch carries the rows that failed before it (or newer values): all are stored now.
-      this.#failure = undefined;
     }
+    // Every batch carries the rows that failed before it (or newer values): all are stored now.
+    if (failed === 0) this.#failure = undefined;
   }
 }
 

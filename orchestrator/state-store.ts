@@ -20,6 +20,18 @@ export const BUCKETS = {
   events: "shoal-events",
 } as const;
 
+/**
+ * Events per stored page of a job's history: a job's history is kept in
+ * `shoal-events` as pages `<job>.<n>` of up to this many events (about
+ * 16 KB), so a long history (a batch job of Count 1000 makes thousands of
+ * events) never outgrows one NATS message, and an event rewrites one page,
+ * not the whole history. A history stored whole under `<job>` (before pages)
+ * is still read, before the pages.
+ */
+export const HISTORY_PAGE_EVENTS = 64;
+
+const pageKey = (jobId: string, page: number) => `${jobId}.${page}`;
+
 /** A change the API's watchers and the dispatcher react to. */
 export type StateChange =
   | { type: "job"; job: JobRecord }
@@ -35,6 +47,8 @@ export type StateChange =
 export class StateStore {
   readonly #emitter = new EventEmitter();
   readonly #executionsByJob = new Map<string, Set<string>>();
+  /** How many history pages each job has (see {@link HISTORY_PAGE_EVENTS}). */
+  readonly #pages = new Map<string, number>();
   #acting: () => boolean = () => true;
   readonly #log: Logger;
 
@@ -50,6 +64,7 @@ export class StateStore {
     this.#log = log;
     this.#emitter.setMaxListeners(0);
     for (const e of executions.values()) this.#index(e);
+    for (const key of events.keys()) this.#indexPage(key);
   }
 
   /**
@@ -185,8 +200,14 @@ export class StateStore {
 
   appendEvent(event: JobEvent): void {
     if (!this.#writable(event.JobID)) return;
-    const history = this.events.get(event.JobID) ?? [];
-    this.events.put(event.JobID, [...history, event]);
+    const pages = this.#pages.get(event.JobID) ?? 0;
+    const last = pages > 0 ? this.events.get(pageKey(event.JobID, pages - 1)) : undefined;
+    if (last && last.length < HISTORY_PAGE_EVENTS) {
+      this.events.put(pageKey(event.JobID, pages - 1), [...last, event]);
+    } else {
+      this.events.put(pageKey(event.JobID, pages), [event]);
+      this.#pages.set(event.JobID, pages + 1);
+    }
     this.#emitEvent(event);
   }
 
@@ -239,7 +260,10 @@ export class StateStore {
   }
 
   history(jobId: string): JobEvent[] {
-    return this.events.get(jobId) ?? [];
+    const history = [...(this.events.get(jobId) ?? [])];
+    const pages = this.#pages.get(jobId) ?? 0;
+    for (let page = 0; page < pages; page++) history.push(...(this.events.get(pageKey(jobId, page)) ?? []));
+    return history;
   }
 
   executionsOf(jobId: string): ExecutionRecord[] {
@@ -258,6 +282,8 @@ export class StateStore {
     for (const e of this.executionsOf(jobId)) this.executions.forget(e.ID);
     this.jobs.forget(jobId);
     this.events.forget(jobId);
+    for (let page = 0; page < (this.#pages.get(jobId) ?? 0); page++) this.events.forget(pageKey(jobId, page));
+    this.#pages.delete(jobId);
     this.#executionsByJob.delete(jobId);
   }
 
@@ -266,6 +292,7 @@ export class StateStore {
     await Promise.all([
       this.jobs.purge(jobId),
       this.events.purge(jobId),
+      this.events.purge(`${jobId}.>`),
       ...executionIds.map((id) => this.executions.purge(id)),
     ]);
   }
@@ -331,8 +358,9 @@ export class StateStore {
       },
     });
     this.events.follow({
-      accept: (jobId) => foreignJob(jobId),
-      applied: (_jobId, events, previous) => {
+      accept: (key) => foreignJob(jobOfPage(key)),
+      applied: (key, events, previous) => {
+        this.#indexPage(key);
         for (const event of (events ?? []).slice(previous?.length ?? 0)) this.#emitEvent(event);
       },
     });
@@ -354,6 +382,14 @@ export class StateStore {
     this.#emitter.emit(`job:${event.JobID}`, { type: "event", event } satisfies StateChange);
   }
 
+  #indexPage(key: string): void {
+    const jobId = jobOfPage(key);
+    const page = Number(key.slice(jobId.length + 1));
+    // A key without a page is a whole history stored before pages: history() reads it first.
+    if (key === jobId || !Number.isInteger(page) || page < 0) return;
+    if (page >= (this.#pages.get(jobId) ?? 0)) this.#pages.set(jobId, page + 1);
+  }
+
   #index(e: ExecutionRecord): void {
     let set = this.#executionsByJob.get(e.JobID);
     if (!set) {
@@ -362,4 +398,10 @@ export class StateStore {
     }
     set.add(e.ID);
   }
+}
+
+/** The job a `shoal-events` key belongs to: `<job>.<page>`, or `<job>` for a history stored whole. */
+function jobOfPage(key: string): string {
+  const dot = key.indexOf(".");
+  return dot < 0 ? key : key.slice(0, dot);
 }

@@ -148,7 +148,7 @@ t.test(
     t.notOk(a.store.jobs.has("j-old"));
     for (const [bucket, key] of [
       [BUCKETS.jobs, "j-old"],
-      [BUCKETS.events, "j-old"],
+      [BUCKETS.events, "j-old.0"],
       [BUCKETS.executions, executionId],
     ] as const) {
       t.notOk(await inKv(bucket, key), `${bucket} holds nothing of it, not even a delete marker`);

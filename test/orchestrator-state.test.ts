@@ -1,10 +1,11 @@
 import "reflect-metadata";
 import { jetstream } from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
 import { connect } from "@nats-io/transport-node";
 import t, { type Test } from "tap";
 import { silentLogger } from "../core/index.js";
-import type { ExecutionRecord, JobRecord } from "../orchestrator/records.js";
-import { StateStore } from "../orchestrator/state-store.js";
+import type { ExecutionRecord, JobEvent, JobRecord } from "../orchestrator/records.js";
+import { BUCKETS, StateStore } from "../orchestrator/state-store.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
 import { testNodeService } from "./helpers/node-service.js";
 import { eventually, jobRecord } from "./helpers/records.js";
@@ -210,4 +211,75 @@ t.test("in a cluster a register adopts the approval another orchestrator stored"
     "APPROVED",
     "approved at A, so B answers the node's next register with APPROVED",
   );
+});
+
+t.test("a long history is stored in pages, read back in order and followed by the others", async (t) => {
+  const open = await clusterStores(t, "shoal-state-history-");
+  const a = await open("orch-a");
+  const b = await open("orch-b");
+  const id = `j-${"0".repeat(8)}-0000-0000-0000-${"0".repeat(12)}`;
+  const start = Date.parse("2026-12-01T00:00:00Z");
+  a.putJob(jobRecord(id, start, { Orchestrator: "orch-a" }));
+  // About 1.3 MB of events, as a batch job of Count 1000 makes: more than one NATS message may carry.
+  const total = 5000;
+  for (let i = 0; i < total; i++) {
+    a.appendEvent({
+      Time: start + i,
+      JobID: id,
+      ExecutionID: `e-${String(i).padStart(36, "0")}`,
+      NodeID: "node-1",
+      Type: "ExecutionStateUpdate",
+      State: "Running",
+      PreviousState: "BidAccepted",
+      Message: `event ${i}`,
+    });
+    if (i % 500 === 499) await a.flush();
+  }
+  await a.flush();
+  const times = (store: StateStore) => store.history(id).map((e) => e.Time - start);
+  const expected = Array.from({ length: total }, (_, i) => i);
+  t.same(times(a), expected);
+  await eventually("B follows the whole history", () => b.history(id).length === total);
+  t.same(times(b), expected, "in order at B");
+  t.same(times(await open("orch-c")), expected, "and after a restart");
+});
+
+t.test("a history stored whole, before pages, is read first and removed with the job", async (t) => {
+  const url = await startJetStream(t, await tempDir(t, "shoal-state-legacy-"));
+  const nc = await connect({ servers: url });
+  t.teardown(() => nc.close());
+  const js = jetstream(nc);
+  const event = (time: number, state: string): JobEvent => ({
+    Time: time,
+    JobID: "j-1",
+    Type: "JobStateUpdate",
+    State: state,
+    Message: state,
+  });
+  const kv = await new Kvm(js).create(BUCKETS.events);
+  await kv.put("j-1", JSON.stringify([event(1, "Pending"), event(2, "Running")]));
+  const store = await StateStore.open(js, silentLogger);
+  store.putJob(jobRecord("j-1", 1, { State: "Running" }));
+  store.appendEvent(event(3, "Completed"));
+  await store.flush();
+  t.same(
+    store.history("j-1").map((e) => e.State),
+    ["Pending", "Running", "Completed"],
+  );
+  await store.purgeJob("j-1", []);
+  t.equal(await kv.get("j-1"), null, "the whole history is purged");
+  t.equal(await kv.get("j-1.0"), null, "and so is the page");
+});
+
+t.test("a value too large for a NATS message fails its flush once, and no later write", async (t) => {
+  const url = await startJetStream(t, await tempDir(t, "shoal-state-large-"));
+  const nc = await connect({ servers: url });
+  t.teardown(() => nc.close());
+  const store = await StateStore.open(jetstream(nc), silentLogger);
+  store.putJob(jobRecord("j-huge", 1, { Spec: { blob: "x".repeat(1100 * 1024) } }));
+  await t.rejects(store.flush(), { message: /max_payload/ });
+  store.putJob(jobRecord("j-small", 2));
+  await store.flush();
+  t.ok(await store.jobs.stored("j-small"), "later writes are stored");
+  t.equal(await store.jobs.stored("j-huge"), undefined);
 });
