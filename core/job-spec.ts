@@ -28,12 +28,19 @@ export const INPUTS_DIR = "/inputs";
 /** Where a job writes what it wants returned; `ResultPaths` must lie under it. */
 export const OUTPUTS_DIR = "/outputs";
 
-/** Largest decoded inline input, each. @default 1 MiB */
-export const DEFAULT_MAX_INLINE_INPUT_BYTES = 1024 * 1024;
-/** Largest sum of a job's decoded inline inputs. @default 4 MiB */
-export const DEFAULT_MAX_INLINE_TOTAL_BYTES = 4 * 1024 * 1024;
-/** Largest inline WebAssembly module. @default 8 MiB */
+/** Largest decoded inline input, each. @default 256 KiB */
+export const DEFAULT_MAX_INLINE_INPUT_BYTES = 256 * 1024;
+/** Largest sum of a job's decoded inline inputs. @default 512 KiB */
+export const DEFAULT_MAX_INLINE_TOTAL_BYTES = 512 * 1024;
+/** Largest WebAssembly module: inline (within {@link MAX_JOB_JSON_BYTES} too), or a node's local file. @default 8 MiB */
 export const DEFAULT_MAX_MODULE_BYTES = 8 * 1024 * 1024;
+/**
+ * Largest validated job, as JSON, inline modules and inputs (base64) included:
+ * the orchestrator stores a job as one KV value and sends it to a node in one
+ * signed envelope (base64url, a third larger), and a NATS message carries at
+ * most 1 MiB. @default 640 KiB
+ */
+export const MAX_JOB_JSON_BYTES = 640 * 1024;
 /** Largest spec document accepted as text. @default 16 MiB */
 export const DEFAULT_MAX_SPEC_BYTES = 16 * 1024 * 1024;
 /** Most executions a batch job may ask for. */
@@ -270,6 +277,15 @@ export function parseJobSpec(
   const problems: JobSpecProblem[] = [];
   const normalized = normalizeJob(spec, limits, problems);
   if (problems.length > 0) throw new JobSpecError(problems);
+  const size = Buffer.byteLength(JSON.stringify(normalized));
+  if (size > MAX_JOB_JSON_BYTES) {
+    throw new JobSpecError([
+      {
+        field: "Tasks",
+        message: `the job is ${formatBytes(size)} as JSON, inline modules and inputs included; the limit is ${formatBytes(MAX_JOB_JSON_BYTES)} (one fabric message carries it): use a localFile module or input from a path the nodes allow (Compute.Inputs.AllowedPaths)`,
+      },
+    ]);
+  }
   return deepFreeze(normalized);
 }
 

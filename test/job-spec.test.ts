@@ -204,19 +204,32 @@ t.test("negative cases name the field and the problem", async (t) => {
     t,
     task({ InputSources: [{ Target: "/inputs/a", Source: { Type: "inline", Params: { Content: big } } }] }),
     "Tasks[0].InputSources[0].Source.Params.Content",
-    /1\.0 MiB; an inline input may be at most 1 MiB/,
+    /256\.0 KiB; an inline input may be at most 256 KiB/,
   );
-  const mib = "y".repeat(DEFAULT_MAX_INLINE_INPUT_BYTES);
+  const most = "y".repeat(DEFAULT_MAX_INLINE_INPUT_BYTES);
   rejects(
     t,
     task({
-      InputSources: [0, 1, 2, 3, 4].map((i) => ({
+      InputSources: [0, 1, 2].map((i) => ({
         Target: `/inputs/${i}`,
-        Source: { Type: "inline", Params: { Content: mib } },
+        Source: { Type: "inline", Params: { Content: most } },
       })),
     }),
     "Tasks",
-    /inline inputs add up to 5 MiB; the limit is 4 MiB/,
+    /inline inputs add up to 768 KiB; the limit is 512 KiB/,
+  );
+  // Each part within its limit, but the whole job too large for one fabric message.
+  const module = Buffer.concat([WASM_HEADER, Buffer.alloc(600 * 1024)]).toString("base64");
+  rejects(
+    t,
+    wasmJob(
+      {},
+      {
+        Engine: { Type: "wasm", Params: { EntryModule: { Type: "inline", Params: { Content: module } } } },
+      },
+    ),
+    "Tasks",
+    /the job is 800\.\d KiB as JSON, inline modules and inputs included; the limit is 640 KiB/,
   );
   rejects(
     t,

@@ -109,6 +109,29 @@ t.test("the API validates every body and answers errors with code, message, fix 
       ),
       "Tasks[0].Engine.Params.EntryModule",
     ],
+    [
+      "job too large for one fabric message",
+      spec(
+        {},
+        {
+          Engine: {
+            Type: "wasm",
+            Params: {
+              EntryModule: {
+                Type: "inline",
+                Params: {
+                  Content: Buffer.concat([
+                    Buffer.from([0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00]),
+                    Buffer.alloc(900 * 1024),
+                  ]).toString("base64"),
+                },
+              },
+            },
+          },
+        },
+      ),
+      "Tasks",
+    ],
   ];
   for (const [what, job, field] of bad) {
     const r = await call("PUT", "/api/v1/orchestrator/jobs", { Job: job });
@@ -117,6 +140,11 @@ t.test("the API validates every body and answers errors with code, message, fix 
     t.match(r.json.error?.field, field, `${what}: names ${field}`);
     t.ok(r.json.error?.fix, `${what}: says how to fix it`);
   }
+  t.equal(
+    (await call("PUT", "/api/v1/orchestrator/jobs", { Job: spec() })).status,
+    201,
+    "a refused job leaves the store writable for the next",
+  );
   const envelope = await call("PUT", "/api/v1/orchestrator/jobs", { Job: spec(), Extra: 1 });
   t.equal(envelope.status, 400);
   t.equal(envelope.json.error.code, "SHOAL_ORCH_REQUEST_INVALID");
