@@ -4,7 +4,7 @@ import { mkdir, mkdtemp, readFile, rm, stat, symlink, writeFile } from "node:fs/
 import os from "node:os";
 import path from "node:path";
 import t from "tap";
-import { collectResults, prepareInputs } from "../compute/engines/index.js";
+import { collectResults, MAX_RESULT_MANIFEST_JSON_CHARS, prepareInputs } from "../compute/engines/index.js";
 import { type InputSource, parseJobSpec } from "../core/index.js";
 
 const root = await mkdtemp(path.join(os.tmpdir(), "shoal-io-"));
@@ -193,4 +193,40 @@ t.test("results: escaping links and oversized files are refused", async (t) => {
   });
   const ok = await collectResults(big, [{ Name: "all", Path: "/outputs" }], { maxTotalBytes: 200 });
   t.equal(ok.files.length, 2);
+});
+
+t.test("results: the list of files fits in one signed result message", async (t) => {
+  const all = [{ Name: "all", Path: "/outputs" }];
+  const files = async (count: number, name: (i: number) => string) => {
+    const dir = await freshDir();
+    for (let i = 0; i < count; i++) {
+      const file = path.join(dir, name(i));
+      await mkdir(path.dirname(file), { recursive: true });
+      await writeFile(file, "x");
+    }
+    return dir;
+  };
+  const numbered = (width: number) => (i: number) => String(i).padStart(width, "0");
+  await t.rejects(collectResults(await files(1001, numbered(4)), all), {
+    code: "SHOAL_RESULT_TOO_LARGE",
+    message: /exceed 1000 files/,
+  });
+  // 1000 files, each named by a 200-character directory and a 200-character file name.
+  const long = (i: number) => path.join("d".repeat(200), numbered(200)(i));
+  await t.rejects(collectResults(await files(1000, long), all), {
+    code: "SHOAL_RESULT_TOO_LARGE",
+    message: /list of \d+ result files is more than 384 KiB as JSON/,
+  });
+  const kept = await collectResults(await files(1000, numbered(150)), all);
+  t.equal(kept.files.length, 1000, "1000 files with names of 150 characters are kept");
+  const manifest = kept.files.map((f) => ({
+    name: f.name,
+    size: f.size,
+    sha256: f.sha256,
+    chunks: f.chunks.map((c) => c.sha256),
+  }));
+  t.ok(
+    JSON.stringify(manifest).length <= MAX_RESULT_MANIFEST_JSON_CHARS,
+    "and their list is within the limit",
+  );
 });

@@ -8,8 +8,15 @@ import { ENGINE_CODES, EngineError } from "./errors.js";
 export const DEFAULT_RESULT_MAX_FILE_BYTES = 64 * 1024 * 1024;
 /** Largest sum of an execution's result files. @default 256 MiB */
 export const DEFAULT_RESULT_MAX_TOTAL_BYTES = 256 * 1024 * 1024;
-/** Most result files per execution. @default 10000 */
-export const DEFAULT_RESULT_MAX_FILES = 10_000;
+/** Most result files per execution. @default 1000 */
+export const DEFAULT_RESULT_MAX_FILES = 1000;
+/**
+ * Largest JSON list of result files (names, sizes, digests of each file and
+ * chunk) in a `result` manifest: with stdout and stderr (at most 192 KiB of
+ * JSON each) the signed manifest, a third larger in base64url, stays within
+ * one NATS message (1 MiB), and so does the execution record that keeps it.
+ */
+export const MAX_RESULT_MANIFEST_JSON_CHARS = 384 * 1024;
 /** Size of the chunks results travel in (each signed with its digest). @default 256 KiB */
 export const DEFAULT_RESULT_CHUNK_BYTES = 256 * 1024;
 
@@ -52,6 +59,8 @@ export interface CollectedResults {
 interface Budget {
   files: number;
   bytes: number;
+  /** JSON characters of the files' manifest entries so far. */
+  manifest: number;
 }
 
 /**
@@ -77,7 +86,7 @@ export async function collectResults(
   const root = await fs.realpath(outputsDir);
   const found = new Map<string, string>();
   const missing: string[] = [];
-  const budget: Budget = { files: 0, bytes: 0 };
+  const budget: Budget = { files: 0, bytes: 0, manifest: 0 };
   for (const rp of resultPaths) {
     const rel = path.posix.relative(OUTPUTS_DIR, rp.Path);
     if (rel.startsWith("..") || path.posix.isAbsolute(rel)) {
@@ -145,6 +154,16 @@ function add(
       ENGINE_CODES.SHOAL_RESULT_TOO_LARGE,
       `results exceed ${limits.maxFiles} files or ${formatBytes(limits.maxTotalBytes)} in total`,
       { fix: "return fewer or smaller files" },
+    );
+  }
+  // The entry as the manifest will carry it: name, size, and the hex SHA-256 of the file and of each chunk.
+  const digests = 1 + Math.ceil(size / limits.chunkBytes);
+  budget.manifest += JSON.stringify({ name, size }).length + digests * 67 + 24;
+  if (budget.manifest > MAX_RESULT_MANIFEST_JSON_CHARS) {
+    throw new EngineError(
+      ENGINE_CODES.SHOAL_RESULT_TOO_LARGE,
+      `the list of ${budget.files} result files is more than ${formatBytes(MAX_RESULT_MANIFEST_JSON_CHARS)} as JSON (names and digests): a signed result travels in one NATS message`,
+      { fix: "return fewer files (e.g. one archive of them) or shorter names" },
     );
   }
   found.set(name, real);
