@@ -111,9 +111,17 @@ t.test("a node rotates its 20 s certificate while a job runs, and keeps its regi
   void job.then(() => {
     done = true;
   });
-  while (!done) {
+  // The 40 s job, with time for a loaded machine; then the daemons say what happened.
+  const jobDeadline = Date.now() + 150_000;
+  while (!done && Date.now() < jobDeadline) {
     await watchNode();
     await new Promise((r) => setTimeout(r, 1000));
+  }
+  if (!done) {
+    const list = await runShoal(t, ["job", "list", "--output", "json", ...orch.api]);
+    throw new Error(
+      `the job did not finish in 150 s; jobs: ${list.stdout}\nnode stderr (tail):\n${node.stderr().slice(-6000)}\norchestrator stderr (tail):\n${orch.proc.stderr().slice(-6000)}`,
+    );
   }
   const r = await job;
   t.equal(r.code, 0, r.stderr);
