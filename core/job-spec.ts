@@ -1,5 +1,6 @@
 import path from "node:path";
 import { Kind, type Static, Type as T, type TSchema } from "@sinclair/typebox";
+import { type TypeCheck, TypeCompiler } from "@sinclair/typebox/compiler";
 import { type ValueError, ValueErrorType } from "@sinclair/typebox/errors";
 import { Value } from "@sinclair/typebox/value";
 import { parse as parseYaml, YAMLError } from "yaml";
@@ -403,7 +404,16 @@ function translate(e: ValueError, prefix: string): JobSpecProblem {
 }
 
 /** Every schema violation once per field, translated to spec terms. */
+/** Compiled checks of the schemas specs are validated against (a valid spec skips the error walk). */
+const compiledChecks = new WeakMap<TSchema, TypeCheck<TSchema>>();
+
 function schemaProblems(schema: TSchema, value: unknown, prefix: string): JobSpecProblem[] {
+  let check = compiledChecks.get(schema);
+  if (!check) {
+    check = TypeCompiler.Compile(schema);
+    compiledChecks.set(schema, check);
+  }
+  if (check.Check(value)) return [];
   const seen = new Set<string>();
   const out: JobSpecProblem[] = [];
   for (const e of Value.Errors(schema, value)) {
