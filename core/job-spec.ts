@@ -283,7 +283,7 @@ export function parseJobSpec(
     throw new JobSpecError([
       {
         field: "Tasks",
-        message: `the job is ${formatBytes(size)} as JSON, inline modules and inputs included; the limit is ${formatBytes(MAX_JOB_JSON_BYTES)} (one fabric message carries it): use a localFile module or input from a path the nodes allow (Compute.Inputs.AllowedPaths)`,
+        message: `the job is ${formatBytes(size)} as JSON, inline modules and inputs included; the limit is ${formatBytes(MAX_JOB_JSON_BYTES)} (one fabric message carries it): put large modules and inputs on the nodes, under their Compute.Inputs.AllowedPaths, and name them by absolute localFile paths in a spec sent to the API (docs/jobs.md)`,
       },
     ]);
   }
