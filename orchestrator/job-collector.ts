@@ -51,13 +51,20 @@ export class JobCollector {
   /**
    * Removes the logs and result files on this disk of jobs that are not
    * stored (any more): removed while this orchestrator was down, or it
-   * stopped between a job's purge and the removal of its files. Run it after
-   * the store is loaded and before any job's files can be written.
+   * stopped between a job's purge and the removal of its files. Only files
+   * untouched for the threshold go: a job removed had ended that long before,
+   * while a store that has not loaded a live job yet (a lagging replica) must
+   * not cost it its files. Run it once the store is loaded, before nodes are heard.
    */
-  async removeStrays(): Promise<number> {
-    const { store, logs, results } = this.#o;
-    const [logged, stored] = await Promise.all([logs.jobIds(), results.jobIds()]);
-    const strays = [...new Set([...logged, ...stored])].filter((id) => !store.jobs.has(id));
+  async removeStrays(now = Date.now()): Promise<number> {
+    const { store, logs, results, thresholdMs } = this.#o;
+    const lastWrites = new Map<string, number>();
+    for (const files of await Promise.all([logs.jobs(), results.jobs()])) {
+      for (const [id, at] of files) lastWrites.set(id, Math.max(at, lastWrites.get(id) ?? 0));
+    }
+    const strays = [...lastWrites]
+      .filter(([id, at]) => !store.jobs.has(id) && now - at >= thresholdMs)
+      .map(([id]) => id);
     await Promise.all(strays.map((id) => this.#removeFiles(id)));
     if (strays.length > 0) this.#o.log.info({ removed: strays.length }, "files of removed jobs deleted");
     return strays.length;

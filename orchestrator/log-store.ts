@@ -55,10 +55,15 @@ export class LogStore {
       .map((l) => JSON.parse(l) as LogEntry);
   }
 
-  /** The jobs with stored lines. */
-  async jobIds(): Promise<string[]> {
-    const names = await fs.readdir(this.#dir);
-    return names.filter((n) => n.endsWith(".ndjson")).map((n) => n.slice(0, -".ndjson".length));
+  /** The jobs with stored lines, each with when its lines were last written (ms since the epoch). */
+  async jobs(): Promise<Map<string, number>> {
+    const names = (await fs.readdir(this.#dir)).filter((n) => n.endsWith(".ndjson"));
+    const stats = await Promise.all(
+      names.map((n) => fs.stat(path.join(this.#dir, n)).catch(() => undefined)),
+    );
+    return new Map(
+      names.flatMap((n, i) => (stats[i] ? [[n.slice(0, -".ndjson".length), stats[i].mtimeMs] as const] : [])),
+    );
   }
 
   /** Removes the job's stored lines (after any append under way). */

@@ -176,10 +176,14 @@ export class ResultsStore {
     return { size: info.size, stream: Readable.from(readChunks(this.#shared.jsm, info, file)) };
   }
 
-  /** The jobs with result files on this disk. */
-  async jobIds(): Promise<string[]> {
+  /** The jobs with result files on this disk, each with when its directory last changed (ms since the epoch). */
+  async jobs(): Promise<Map<string, number>> {
     const entries = await fs.readdir(this.#root, { withFileTypes: true });
-    return entries.filter((e) => e.isDirectory() && !e.name.startsWith(".")).map((e) => e.name);
+    const names = entries.filter((e) => e.isDirectory() && !e.name.startsWith(".")).map((e) => e.name);
+    const stats = await Promise.all(
+      names.map((n) => fs.stat(path.join(this.#root, n)).catch(() => undefined)),
+    );
+    return new Map(names.flatMap((n, i) => (stats[i] ? [[n, stats[i].mtimeMs] as const] : [])));
   }
 
   /** Removes the job's result files from this disk. */
