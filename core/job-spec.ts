@@ -44,6 +44,13 @@ export const DEFAULT_MAX_MODULE_BYTES = 8 * 1024 * 1024;
 export const MAX_JOB_JSON_BYTES = 640 * 1024;
 /** Largest spec document accepted as text. @default 16 MiB */
 export const DEFAULT_MAX_SPEC_BYTES = 16 * 1024 * 1024;
+/**
+ * Most bytes of stdout, and of stderr, a node keeps of an execution and
+ * streams as logs; the orchestrator stores no more of either. @default 1 MiB
+ */
+export const MAX_OUTPUT_STREAM_BYTES = 1024 * 1024;
+/** Largest sum of an execution's result files, at the node and at the orchestrator. @default 256 MiB */
+export const MAX_RESULT_TOTAL_BYTES = 256 * 1024 * 1024;
 /** Most executions a batch job may ask for. */
 export const MAX_JOB_COUNT = 1000;
 

@@ -310,6 +310,14 @@ export class Dispatcher implements JobDispatch {
         Seq: body.seq,
         Data: Buffer.from(body.data, "base64").toString("utf8"),
       })
+      .then((outcome) => {
+        if (outcome === "capped") {
+          this.#o.log.warn(
+            { node: nodeId, execution: e.ID, stream: body.stream },
+            "the node sent more output than it may keep; its further lines are dropped",
+          );
+        }
+      })
       .catch((err) => this.#o.log.error({ err, execution: e.ID }, "cannot store log line"));
   }
 
@@ -675,6 +683,14 @@ export class Dispatcher implements JobDispatch {
   /** Gives back what an execution held here: its node capacity and its deadline timer. */
   #release(executionId: string): void {
     this.#disarm(executionId);
+    // Lost, cancelled or never started: no result will be stored, so chunks staged for it go
+    // (in order with its result messages). Completed and Failed ones may still get theirs.
+    const state = this.#o.store.executions.get(executionId)?.State;
+    if (state !== "Completed" && state !== "Failed") {
+      void this.#resultOrder
+        .run(executionId, () => this.#o.results.discardStaged(executionId))
+        .catch((err) => this.#o.log.warn({ err, execution: executionId }, "cannot discard staged chunks"));
+    }
     const r = this.#reserved.get(executionId);
     if (!r) return;
     this.#reserved.delete(executionId);

@@ -1,6 +1,7 @@
 import { EventEmitter } from "node:events";
 import { promises as fs } from "node:fs";
 import path from "node:path";
+import { MAX_OUTPUT_STREAM_BYTES } from "../core/index.js";
 
 /** One line of an execution's output, as `GET .../logs` streams it (NDJSON). */
 export interface LogEntry {
@@ -21,17 +22,38 @@ export class LogStore {
   readonly #emitter = new EventEmitter();
   /** Appends per job are chained so lines keep their order. */
   readonly #tails = new Map<string, Promise<void>>();
+  readonly #maxStreamBytes: number;
+  /** Bytes stored per `<execution>/<stream>`, against `maxStreamBytes`. */
+  readonly #stored = new Map<string, number>();
 
-  constructor(dataDir: string) {
+  /**
+   * `maxStreamBytes`: most bytes of one execution's stdout, and of its
+   * stderr, stored; a node keeps and streams no more ({@link MAX_OUTPUT_STREAM_BYTES}),
+   * so lines past it come from a node that ignores its limits and are dropped.
+   */
+  constructor(dataDir: string, maxStreamBytes = MAX_OUTPUT_STREAM_BYTES) {
     this.#dir = path.join(dataDir, "logs");
     this.#emitter.setMaxListeners(0);
+    this.#maxStreamBytes = maxStreamBytes;
   }
 
   async init(): Promise<void> {
     await fs.mkdir(this.#dir, { recursive: true, mode: 0o700 });
   }
 
-  append(jobId: string, entry: LogEntry): Promise<void> {
+  /**
+   * Stores and fans out a line. Past the stream's cap nothing is kept: the
+   * first line dropped resolves to "capped", the later ones to "dropped".
+   */
+  async append(jobId: string, entry: LogEntry): Promise<"stored" | "capped" | "dropped"> {
+    const key = `${entry.ExecutionID}/${entry.Stream}`;
+    const before = this.#stored.get(key) ?? 0;
+    const stored = before + Buffer.byteLength(entry.Data);
+    if (stored > this.#maxStreamBytes) {
+      this.#stored.set(key, Number.POSITIVE_INFINITY);
+      return before === Number.POSITIVE_INFINITY ? "dropped" : "capped";
+    }
+    this.#stored.set(key, stored);
     this.#emitter.emit(jobId, entry);
     const prev = this.#tails.get(jobId) ?? Promise.resolve();
     const next = prev.then(() =>
@@ -42,7 +64,8 @@ export class LogStore {
     void settled.then(() => {
       if (this.#tails.get(jobId) === settled) this.#tails.delete(jobId);
     });
-    return next;
+    await next;
+    return "stored";
   }
 
   /** Every stored line of the job, oldest first. */
@@ -66,8 +89,10 @@ export class LogStore {
     );
   }
 
-  /** Removes the job's stored lines (after any append under way). */
-  async remove(jobId: string): Promise<void> {
+  /** Removes the job's stored lines (after any append under way) and what was counted of its executions'. */
+  async remove(jobId: string, executionIds: readonly string[] = []): Promise<void> {
+    for (const id of executionIds)
+      for (const stream of ["stdout", "stderr"]) this.#stored.delete(`${id}/${stream}`);
     await this.#tails.get(jobId);
     await fs.rm(this.#file(jobId), { force: true });
   }

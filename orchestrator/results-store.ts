@@ -5,6 +5,7 @@ import { Readable } from "node:stream";
 import type { ReadableStream } from "node:stream/web";
 import type { JetStreamManager } from "@nats-io/jetstream";
 import type { ObjectInfo, ObjectStore } from "@nats-io/obj";
+import { MAX_RESULT_TOTAL_BYTES } from "../core/index.js";
 import type { MessageBody } from "../fabric/protocol.js";
 import type { ExecutionRecord, ResultFile } from "./records.js";
 import { lastStored, nextStored } from "./stored-messages.js";
@@ -59,25 +60,50 @@ export class ResultsStore {
   readonly #staging: string;
 
   readonly #shared: SharedResults | undefined;
+  readonly #maxStagedBytes: number;
+  /** Per execution, the bytes staged and each chunk's size (by its file), so a resent chunk counts once. */
+  readonly #staged = new Map<string, { bytes: number; sizes: Map<string, number> }>();
 
-  constructor(dataDir: string, shared?: SharedResults) {
+  /**
+   * `maxStagedBytes`: most bytes of chunks staged for one execution, so a node
+   * that never sends its manifest cannot fill this disk (default: a node's
+   * own cap on its results, {@link MAX_RESULT_TOTAL_BYTES}, and a chunk).
+   */
+  constructor(
+    dataDir: string,
+    shared?: SharedResults,
+    maxStagedBytes = MAX_RESULT_TOTAL_BYTES + MAX_CHUNK_BYTES,
+  ) {
     this.#root = path.join(dataDir, "results");
     this.#staging = path.join(this.#root, ".staging");
     this.#shared = shared;
+    this.#maxStagedBytes = maxStagedBytes;
   }
 
+  /** Chunks staged before a restart are dropped: a node resends a whole result whose manifest failed. */
   async init(): Promise<void> {
+    await fs.rm(this.#staging, { recursive: true, force: true });
     await fs.mkdir(this.#staging, { recursive: true, mode: 0o700 });
   }
 
-  /** Stages one chunk after checking its digest; returns false (and keeps nothing) for a bad one. */
+  /**
+   * Stages one chunk after checking its digest; returns false (and keeps
+   * nothing) for a bad one, or one past the execution's staging cap.
+   */
   async stageChunk(chunk: MessageBody<"result-chunk">): Promise<boolean> {
     if (!isSafeResultName(chunk.file)) return false;
     const data = Buffer.from(chunk.data, "base64");
     if (data.length > MAX_CHUNK_BYTES || sha256(data) !== bareDigest(chunk.sha256)) return false;
+    const target = this.#chunkPath(chunk.executionId, chunk.file, chunk.index);
+    const staged = this.#staged.get(chunk.executionId) ?? { bytes: 0, sizes: new Map<string, number>() };
+    const bytes = staged.bytes - (staged.sizes.get(target) ?? 0) + data.length;
+    if (bytes > this.#maxStagedBytes) return false;
+    staged.bytes = bytes;
+    staged.sizes.set(target, data.length);
+    this.#staged.set(chunk.executionId, staged);
     const dir = this.#stagingDir(chunk.executionId);
     await fs.mkdir(dir, { recursive: true, mode: 0o700 });
-    await fs.writeFile(this.#chunkPath(chunk.executionId, chunk.file, chunk.index), data, { mode: 0o600 });
+    await fs.writeFile(target, data, { mode: 0o600 });
     return true;
   }
 
@@ -152,6 +178,7 @@ export class ResultsStore {
   }
 
   async discardStaged(executionId: string): Promise<void> {
+    this.#staged.delete(executionId);
     await fs.rm(this.#stagingDir(executionId), { recursive: true, force: true });
   }
 

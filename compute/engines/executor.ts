@@ -1,10 +1,10 @@
-import type { EngineType, Task } from "../../core/index.js";
+import { type EngineType, MAX_OUTPUT_STREAM_BYTES, type Task } from "../../core/index.js";
 import { ENGINE_CODES, EngineError } from "./errors.js";
 
 /** Bytes of stdout kept per execution. @default 1 MiB */
-export const DEFAULT_MAX_STDOUT_BYTES = 1024 * 1024;
+export const DEFAULT_MAX_STDOUT_BYTES = MAX_OUTPUT_STREAM_BYTES;
 /** Bytes of stderr kept per execution. @default 1 MiB */
-export const DEFAULT_MAX_STDERR_BYTES = 1024 * 1024;
+export const DEFAULT_MAX_STDERR_BYTES = MAX_OUTPUT_STREAM_BYTES;
 /** Bytes a WASM program may write to a stream (spooled on disk) before it is killed. @default 64 MiB */
 export const DEFAULT_MAX_LOG_FILE_BYTES = 64 * 1024 * 1024;
 

@@ -1,13 +1,13 @@
 import { createHash } from "node:crypto";
 import { constants, promises as fs } from "node:fs";
 import path from "node:path";
-import { formatBytes, OUTPUTS_DIR, type ResultPath } from "../../core/index.js";
+import { formatBytes, MAX_RESULT_TOTAL_BYTES, OUTPUTS_DIR, type ResultPath } from "../../core/index.js";
 import { ENGINE_CODES, EngineError } from "./errors.js";
 
 /** Largest single result file. @default 64 MiB */
 export const DEFAULT_RESULT_MAX_FILE_BYTES = 64 * 1024 * 1024;
 /** Largest sum of an execution's result files. @default 256 MiB */
-export const DEFAULT_RESULT_MAX_TOTAL_BYTES = 256 * 1024 * 1024;
+export const DEFAULT_RESULT_MAX_TOTAL_BYTES = MAX_RESULT_TOTAL_BYTES;
 /** Most result files per execution. @default 1000 */
 export const DEFAULT_RESULT_MAX_FILES = 1000;
 /**
