@@ -234,7 +234,7 @@ export class Dispatcher implements JobDispatch {
     const job = this.#o.store.jobs.get(jobId);
     if (!job || TERMINAL_JOB_STATES.has(job.State)) return;
     this.#finishJob(job, "Stopped", reason);
-    await this.#o.store.flush();
+    await this.#o.store.flushJob(jobId);
   }
 
   /** A node (re)appeared, was approved or became healthy: queued work may fit now. */
@@ -389,7 +389,7 @@ export class Dispatcher implements JobDispatch {
     } else {
       this.#o.store.putExecution({ ...current, ...extra });
     }
-    await this.#o.store.flush();
+    await this.#o.store.flushJob(e.JobID);
     return { stored: true };
   }
 

@@ -106,7 +106,7 @@ export class JobService {
       Message: `submitted by ${submitter.sub}`,
     });
     try {
-      await this.#o.store.flush();
+      await this.#o.store.flushJob(job.ID);
     } catch (cause) {
       throw new OrchestratorError(
         ORCHESTRATOR_CODES.SHOAL_ORCH_STATE_STORE,

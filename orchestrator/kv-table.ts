@@ -60,7 +60,10 @@ export class KvTable<T> {
   #dirty = new Map<string, T | undefined>();
   #flushing: Promise<void> = Promise.resolve();
   #scheduled: Promise<void> | undefined;
-  #failure: unknown;
+  /** Keys whose last write failed, with its error (until written again, or forgotten). */
+  readonly #failed = new Map<string, unknown>();
+  /** Keys in batches queued or being written, with how many such batches hold each. */
+  readonly #queued = new Map<string, number>();
 
   private constructor(kv: KV, log: Logger, options: KvTableOptions<T>) {
     this.#kv = kv;
@@ -178,6 +181,7 @@ export class KvTable<T> {
   forget(key: string): void {
     this.#rows.delete(key);
     this.#revisions.delete(key);
+    this.#failed.delete(key);
   }
 
   /**
@@ -192,15 +196,16 @@ export class KvTable<T> {
   }
 
   /**
-   * Resolves when every write made so far is stored in JetStream; rejects with
-   * the store's error if one failed (the rows stay dirty and are retried).
+   * Resolves when the writes made so far — of `keys`, or of every key — are
+   * stored in JetStream; rejects with the store's error if one of them failed
+   * (a failed row stays dirty and is retried, unless no retry could store it).
+   * A caller that names its keys is not failed by other keys' writes.
    */
-  async flush(): Promise<void> {
+  async flush(keys?: Iterable<string>): Promise<void> {
+    const watched = keys ? [...keys] : [...this.#dirty.keys(), ...this.#queued.keys()];
     await this.#settled();
-    if (this.#failure) {
-      const err = this.#failure;
-      this.#failure = undefined;
-      throw err;
+    for (const key of watched) {
+      if (this.#failed.has(key)) throw this.#failed.get(key);
     }
   }
 
@@ -217,6 +222,7 @@ export class KvTable<T> {
         this.#scheduled = undefined;
         const batch = this.#dirty;
         this.#dirty = new Map();
+        for (const key of batch.keys()) this.#queued.set(key, (this.#queued.get(key) ?? 0) + 1);
         // Batches are written one after another so a key's later value never
         // overtakes an earlier one.
         this.#flushing = this.#flushing.then(() => this.#write(batch));
@@ -254,34 +260,38 @@ export class KvTable<T> {
 
   async #write(batch: Map<string, T | undefined>): Promise<void> {
     const results = await Promise.allSettled([...batch].map(([key, value]) => this.#store(key, value)));
-    let failed = 0;
     let retried = 0;
     for (const [i, [key, value]] of [...batch].entries()) {
       const r = results[i];
+      const queued = (this.#queued.get(key) ?? 1) - 1;
+      if (queued > 0) this.#queued.set(key, queued);
+      else this.#queued.delete(key);
       if (r?.status === "fulfilled") {
+        this.#failed.delete(key);
         if (r.value !== undefined) this.#revisions.set(key, r.value);
       } else if (r && this.#onConflict && isWrongRevision(r.reason)) {
+        // Another writer's value won: nothing of this write is left to store.
+        this.#failed.delete(key);
         await this.#conflict(key);
       } else if (r && r.reason instanceof InvalidArgumentError) {
         // A value no retry can store (larger than a NATS message): retrying it would fail
-        // every later batch, and with them every flush, for good.
-        failed++;
-        this.#failure = r.reason;
+        // every later batch for good.
+        this.#failed.set(key, r.reason);
         this.#log.error({ err: r.reason, key }, "KV write refused for good; the value stays in memory only");
       } else if (r) {
-        failed++;
+        this.#failed.set(key, r.reason);
         retried++;
-        this.#failure = r.reason;
         // Retry with the next flush unless a newer value has replaced it.
         if (!this.#dirty.has(key)) this.#dirty.set(key, value);
       }
     }
     if (retried > 0) {
-      this.#log.error({ err: this.#failure, failed: retried }, "KV writes failed; will retry");
+      this.#log.error(
+        { err: [...this.#failed.values()].at(-1), failed: retried },
+        "KV writes failed; will retry",
+      );
       setTimeout(() => this.#schedule(), 250).unref();
     }
-    // Every batch carries the rows that failed before it (or newer values): all are stored now.
-    if (failed === 0) this.#failure = undefined;
   }
 }
 

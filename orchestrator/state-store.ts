@@ -309,9 +309,23 @@ export class StateStore {
     return () => this.#emitter.off("change", listener);
   }
 
-  /** Resolves when every change so far is stored in JetStream. */
+  /** Resolves when every change so far is stored in JetStream; rejects if one of them failed. */
   async flush(): Promise<void> {
     await Promise.all([this.jobs.flush(), this.executions.flush(), this.nodes.flush(), this.events.flush()]);
+  }
+
+  /**
+   * Resolves when the job's own records (job, executions, history) written so
+   * far are stored; rejects only if one of them failed, never for another
+   * job's write that failed meanwhile.
+   */
+  async flushJob(jobId: string): Promise<void> {
+    const pages = Array.from({ length: this.#pages.get(jobId) ?? 0 }, (_, page) => pageKey(jobId, page));
+    await Promise.all([
+      this.jobs.flush([jobId]),
+      this.executions.flush(this.#executionsByJob.get(jobId) ?? []),
+      this.events.flush([jobId, ...pages]),
+    ]);
   }
 
   /**

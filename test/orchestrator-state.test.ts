@@ -283,3 +283,32 @@ t.test("a value too large for a NATS message fails its flush once, and no later 
   t.ok(await store.jobs.stored("j-small"), "later writes are stored");
   t.equal(await store.jobs.stored("j-huge"), undefined);
 });
+
+t.test("a job's flush reports its own records' failure, not another job's written beside it", async (t) => {
+  const url = await startJetStream(t, await tempDir(t, "shoal-state-flush-"));
+  const nc = await connect({ servers: url });
+  t.teardown(() => nc.close());
+  const store = await StateStore.open(jetstream(nc), silentLogger);
+  // Two submissions in one tick: their writes go in one batch.
+  store.putJob(jobRecord("j-huge", 1, { Spec: { blob: "x".repeat(1100 * 1024) } }));
+  store.appendEvent({
+    Time: 1,
+    JobID: "j-huge",
+    Type: "JobStateUpdate",
+    State: "Pending",
+    Message: "submitted",
+  });
+  store.putJob(jobRecord("j-small", 2));
+  store.appendEvent({
+    Time: 2,
+    JobID: "j-small",
+    Type: "JobStateUpdate",
+    State: "Pending",
+    Message: "submitted",
+  });
+  const [huge, small] = await Promise.allSettled([store.flushJob("j-huge"), store.flushJob("j-small")]);
+  t.equal(huge.status, "rejected", "the job that could not be stored is told so");
+  t.equal(small.status, "fulfilled", "the one stored is not");
+  t.ok(await store.jobs.stored("j-small"));
+  t.equal(await store.jobs.stored("j-huge"), undefined);
+});
