@@ -46,6 +46,15 @@ export async function unlinkIfPresent(file: string): Promise<void> {
 }
 
 /**
+ * When each entry `names` of `dir` was last modified (ms since the epoch),
+ * by name; an entry gone meanwhile is left out.
+ */
+export async function modifiedTimes(dir: string, names: readonly string[]): Promise<Map<string, number>> {
+  const stats = await Promise.all(names.map((n) => fs.stat(path.join(dir, n)).catch(() => undefined)));
+  return new Map(names.flatMap((n, i) => (stats[i] ? [[n, stats[i].mtimeMs] as const] : [])));
+}
+
+/**
  * Writes `data` to `file` atomically: a temporary file in the same directory,
  * fsync, chmod, then rename. A crash or error leaves the old file (or none),
  * never a partial one. `mode` defaults to 0644; use 0600 for secrets.

@@ -410,10 +410,10 @@ function translate(e: ValueError, prefix: string): JobSpecProblem {
   }
 }
 
-/** Every schema violation once per field, translated to spec terms. */
 /** Compiled checks of the schemas specs are validated against (a valid spec skips the error walk). */
 const compiledChecks = new WeakMap<TSchema, TypeCheck<TSchema>>();
 
+/** Every schema violation once per field, translated to spec terms. */
 function schemaProblems(schema: TSchema, value: unknown, prefix: string): JobSpecProblem[] {
   let check = compiledChecks.get(schema);
   if (!check) {

@@ -261,6 +261,7 @@ export class KvTable<T> {
   async #write(batch: Map<string, T | undefined>): Promise<void> {
     const results = await Promise.allSettled([...batch].map(([key, value]) => this.#store(key, value)));
     let retried = 0;
+    let retryError: unknown;
     for (const [i, [key, value]] of [...batch].entries()) {
       const r = results[i];
       const queued = (this.#queued.get(key) ?? 1) - 1;
@@ -281,15 +282,13 @@ export class KvTable<T> {
       } else if (r) {
         this.#failed.set(key, r.reason);
         retried++;
+        retryError = r.reason;
         // Retry with the next flush unless a newer value has replaced it.
         if (!this.#dirty.has(key)) this.#dirty.set(key, value);
       }
     }
     if (retried > 0) {
-      this.#log.error(
-        { err: [...this.#failed.values()].at(-1), failed: retried },
-        "KV writes failed; will retry",
-      );
+      this.#log.error({ err: retryError, failed: retried }, "KV writes failed; will retry");
       setTimeout(() => this.#schedule(), 250).unref();
     }
   }

@@ -1,7 +1,7 @@
 import { EventEmitter } from "node:events";
 import { promises as fs } from "node:fs";
 import path from "node:path";
-import { MAX_OUTPUT_STREAM_BYTES } from "../core/index.js";
+import { MAX_OUTPUT_STREAM_BYTES, modifiedTimes } from "../core/index.js";
 
 /** One line of an execution's output, as `GET .../logs` streams it (NDJSON). */
 export interface LogEntry {
@@ -81,12 +81,8 @@ export class LogStore {
   /** The jobs with stored lines, each with when its lines were last written (ms since the epoch). */
   async jobs(): Promise<Map<string, number>> {
     const names = (await fs.readdir(this.#dir)).filter((n) => n.endsWith(".ndjson"));
-    const stats = await Promise.all(
-      names.map((n) => fs.stat(path.join(this.#dir, n)).catch(() => undefined)),
-    );
-    return new Map(
-      names.flatMap((n, i) => (stats[i] ? [[n.slice(0, -".ndjson".length), stats[i].mtimeMs] as const] : [])),
-    );
+    const times = await modifiedTimes(this.#dir, names);
+    return new Map([...times].map(([n, at]) => [n.slice(0, -".ndjson".length), at]));
   }
 
   /** Removes the job's stored lines (after any append under way) and what was counted of its executions'. */

@@ -5,7 +5,7 @@ import { Readable } from "node:stream";
 import type { ReadableStream } from "node:stream/web";
 import type { JetStreamManager } from "@nats-io/jetstream";
 import type { ObjectInfo, ObjectStore } from "@nats-io/obj";
-import { MAX_RESULT_TOTAL_BYTES } from "../core/index.js";
+import { MAX_RESULT_TOTAL_BYTES, modifiedTimes } from "../core/index.js";
 import type { MessageBody } from "../fabric/protocol.js";
 import type { ExecutionRecord, ResultFile } from "./records.js";
 import { lastStored, nextStored } from "./stored-messages.js";
@@ -207,10 +207,7 @@ export class ResultsStore {
   async jobs(): Promise<Map<string, number>> {
     const entries = await fs.readdir(this.#root, { withFileTypes: true });
     const names = entries.filter((e) => e.isDirectory() && !e.name.startsWith(".")).map((e) => e.name);
-    const stats = await Promise.all(
-      names.map((n) => fs.stat(path.join(this.#root, n)).catch(() => undefined)),
-    );
-    return new Map(names.flatMap((n, i) => (stats[i] ? [[n, stats[i].mtimeMs] as const] : [])));
+    return modifiedTimes(this.#root, names);
   }
 
   /** Removes the job's result files from this disk. */

@@ -260,10 +260,7 @@ export class StateStore {
   }
 
   history(jobId: string): JobEvent[] {
-    const history = [...(this.events.get(jobId) ?? [])];
-    const pages = this.#pages.get(jobId) ?? 0;
-    for (let page = 0; page < pages; page++) history.push(...(this.events.get(pageKey(jobId, page)) ?? []));
-    return history;
+    return this.#historyKeys(jobId).flatMap((key) => this.events.get(key) ?? []);
   }
 
   executionsOf(jobId: string): ExecutionRecord[] {
@@ -281,8 +278,7 @@ export class StateStore {
   forgetJob(jobId: string): void {
     for (const e of this.executionsOf(jobId)) this.executions.forget(e.ID);
     this.jobs.forget(jobId);
-    this.events.forget(jobId);
-    for (let page = 0; page < (this.#pages.get(jobId) ?? 0); page++) this.events.forget(pageKey(jobId, page));
+    for (const key of this.#historyKeys(jobId)) this.events.forget(key);
     this.#pages.delete(jobId);
     this.#executionsByJob.delete(jobId);
   }
@@ -320,11 +316,10 @@ export class StateStore {
    * job's write that failed meanwhile.
    */
   async flushJob(jobId: string): Promise<void> {
-    const pages = Array.from({ length: this.#pages.get(jobId) ?? 0 }, (_, page) => pageKey(jobId, page));
     await Promise.all([
       this.jobs.flush([jobId]),
       this.executions.flush(this.#executionsByJob.get(jobId) ?? []),
-      this.events.flush([jobId, ...pages]),
+      this.events.flush(this.#historyKeys(jobId)),
     ]);
   }
 
@@ -394,6 +389,11 @@ export class StateStore {
 
   #emitEvent(event: JobEvent): void {
     this.#emitter.emit(`job:${event.JobID}`, { type: "event", event } satisfies StateChange);
+  }
+
+  /** The `shoal-events` keys of the job's history, in order: a whole history stored before pages, then the pages. */
+  #historyKeys(jobId: string): string[] {
+    return [jobId, ...Array.from({ length: this.#pages.get(jobId) ?? 0 }, (_, page) => pageKey(jobId, page))];
   }
 
   #indexPage(key: string): void {

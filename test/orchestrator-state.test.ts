@@ -244,11 +244,18 @@ t.test("a long history is stored in pages, read back in order and followed by th
   t.same(times(await open("orch-c")), expected, "and after a restart");
 });
 
-t.test("a history stored whole, before pages, is read first and removed with the job", async (t) => {
-  const url = await startJetStream(t, await tempDir(t, "shoal-state-legacy-"));
-  const nc = await connect({ servers: url });
+/** A JetStream client on a fresh server of the test's own. */
+async function freshJetStream(t: Test, prefix: string) {
+  const nc = await connect({ servers: await startJetStream(t, await tempDir(t, prefix)) });
   t.teardown(() => nc.close());
-  const js = jetstream(nc);
+  return jetstream(nc);
+}
+
+/** A job record larger than one NATS message (1 MiB). */
+const tooLarge = (id: string) => jobRecord(id, 1, { Spec: { blob: "x".repeat(1100 * 1024) } });
+
+t.test("a history stored whole, before pages, is read first and removed with the job", async (t) => {
+  const js = await freshJetStream(t, "shoal-state-legacy-");
   const event = (time: number, state: string): JobEvent => ({
     Time: time,
     JobID: "j-1",
@@ -272,11 +279,8 @@ t.test("a history stored whole, before pages, is read first and removed with the
 });
 
 t.test("a value too large for a NATS message fails its flush once, and no later write", async (t) => {
-  const url = await startJetStream(t, await tempDir(t, "shoal-state-large-"));
-  const nc = await connect({ servers: url });
-  t.teardown(() => nc.close());
-  const store = await StateStore.open(jetstream(nc), silentLogger);
-  store.putJob(jobRecord("j-huge", 1, { Spec: { blob: "x".repeat(1100 * 1024) } }));
+  const store = await StateStore.open(await freshJetStream(t, "shoal-state-large-"), silentLogger);
+  store.putJob(tooLarge("j-huge"));
   await t.rejects(store.flush(), { message: /max_payload/ });
   store.putJob(jobRecord("j-small", 2));
   await store.flush();
@@ -285,12 +289,9 @@ t.test("a value too large for a NATS message fails its flush once, and no later 
 });
 
 t.test("a job's flush reports its own records' failure, not another job's written beside it", async (t) => {
-  const url = await startJetStream(t, await tempDir(t, "shoal-state-flush-"));
-  const nc = await connect({ servers: url });
-  t.teardown(() => nc.close());
-  const store = await StateStore.open(jetstream(nc), silentLogger);
+  const store = await StateStore.open(await freshJetStream(t, "shoal-state-flush-"), silentLogger);
   // Two submissions in one tick: their writes go in one batch.
-  store.putJob(jobRecord("j-huge", 1, { Spec: { blob: "x".repeat(1100 * 1024) } }));
+  store.putJob(tooLarge("j-huge"));
   store.appendEvent({
     Time: 1,
     JobID: "j-huge",
