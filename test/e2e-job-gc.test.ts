@@ -40,6 +40,16 @@ t.test("a finished job is removed with its result files once the threshold has p
   );
   t.equal(err.status, 404);
   t.equal(err.code, "SHOAL_ORCH_JOB_NOT_FOUND");
+  // The job is forgotten first, its files removed right after.
+  await waitUntil(
+    "its result files are removed",
+    () =>
+      fs.stat(resultsDir).then(
+        () => undefined,
+        () => true,
+      ),
+    5_000,
+  );
   await t.rejects(fs.stat(resultsDir), { code: "ENOENT" }, "its result files are removed");
   const list = await orch.client.get<{ Items: { ID: string }[] }>("/api/v1/orchestrator/jobs");
   t.notOk(
