@@ -6,30 +6,17 @@ import t from "tap";
 import {
   connectFabric,
   FABRIC_CODES,
-  type FabricConnection,
   type FabricError,
   type NatsSupervisorStatus,
   subjects,
 } from "../fabric/index.js";
 import { initPki, openPki, writeIssued } from "../pki/index.js";
-import { startTestFabric } from "./helpers/nats.js";
+import { joinFabric, startTestFabric } from "./helpers/nats.js";
 
 const fabric = await startTestFabric(t);
 const n1 = await fabric.identity("compute", "n1");
 await fabric.identity("compute", "n2");
 const orch = await fabric.identity("orchestrator", "o1");
-
-async function join(id: { spiffeId: string; certFile: string; keyFile: string }): Promise<FabricConnection> {
-  const c = await connectFabric({
-    servers: fabric.url,
-    caFile: fabric.caFile,
-    certFile: id.certFile,
-    keyFile: id.keyFile,
-    identity: id.spiffeId,
-  });
-  t.teardown(() => c.close());
-  return c;
-}
 
 /** The next client the broker refuses, as the supervisor decoded it from nats-server's log. */
 function nextRejection(): Promise<Extract<NatsSupervisorStatus, { type: "client-rejected" }>["rejection"]> {
@@ -57,8 +44,8 @@ async function rawDial(tls: Record<string, string>): Promise<unknown> {
   }
 }
 
-const node = await join(n1);
-const orchestrator = await join(orch);
+const node = await joinFabric(t, fabric, n1);
+const orchestrator = await joinFabric(t, fabric, orch);
 
 t.test("compute n1 cannot read other nodes, shared inboxes, JetStream, KV or result objects", async (t) => {
   for (const subject of [

@@ -4,10 +4,10 @@ import { promises as fs } from "node:fs";
 import path from "node:path";
 import t from "tap";
 import { silentLogger } from "../core/index.js";
-import { connectFabric, type FabricStatus } from "../fabric/index.js";
+import type { FabricStatus } from "../fabric/index.js";
 import { ensureServerCertificate } from "../orchestrator/certificates.js";
 import { OwnCertificateRenewer } from "../orchestrator/own-certificates.js";
-import { startTestFabric } from "./helpers/nats.js";
+import { joinFabric, startTestFabric } from "./helpers/nats.js";
 
 /**
  * The orchestrator's NATS server certificate, renewed by OwnCertificateRenewer
@@ -18,14 +18,7 @@ import { startTestFabric } from "./helpers/nats.js";
 t.test("server certificate renewal reloads nats-server and keeps connected clients", async (t) => {
   const fabric = await startTestFabric(t, { jetStream: false });
   const node = await fabric.identity("compute", "n1");
-  const conn = await connectFabric({
-    servers: fabric.url,
-    caFile: fabric.caFile,
-    certFile: node.certFile,
-    keyFile: node.keyFile,
-    identity: node.spiffeId,
-  });
-  t.teardown(() => conn.close());
+  const conn = await joinFabric(t, fabric, node);
   const events: FabricStatus["type"][] = [];
   void (async () => {
     for await (const s of conn.status()) events.push(s.type);
@@ -71,14 +64,7 @@ t.test("server certificate renewal reloads nats-server and keeps connected clien
     `the connected client stayed connected (${events.join(",") || "no events"})`,
   );
 
-  const late = await connectFabric({
-    servers: fabric.url,
-    caFile: fabric.caFile,
-    certFile: node.certFile,
-    keyFile: node.keyFile,
-    identity: node.spiffeId,
-  });
-  t.teardown(() => late.close());
+  const late = await joinFabric(t, fabric, node);
   await late.flush();
   t.pass("a new client connects with the renewed server certificate");
 });

@@ -2,7 +2,13 @@ import { promises as fs } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import type { Logger } from "../../core/index.js";
-import { type BrokerIdentity, brokerIdentityFromCertificate, NatsSupervisor } from "../../fabric/index.js";
+import {
+  type BrokerIdentity,
+  brokerIdentityFromCertificate,
+  connectFabric,
+  type FabricConnection,
+  NatsSupervisor,
+} from "../../fabric/index.js";
 import {
   type IdentityRole,
   type IssuedCertificate,
@@ -116,4 +122,21 @@ export async function startTestFabric(t: Teardown, opts: StartTestFabricOptions 
     },
   };
   return fabric;
+}
+
+/** Connects to the test fabric as `identity` (closed at teardown). */
+export async function joinFabric(
+  t: Teardown,
+  fabric: TestFabric,
+  identity: TestIdentity,
+): Promise<FabricConnection> {
+  const conn = await connectFabric({
+    servers: fabric.url,
+    caFile: fabric.caFile,
+    certFile: identity.certFile,
+    keyFile: identity.keyFile,
+    identity: identity.spiffeId,
+  });
+  t.teardown(() => conn.close());
+  return conn;
 }
