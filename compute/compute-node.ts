@@ -44,6 +44,7 @@ import { ExecutionManager, type ExecutionRequest, failedOutcome } from "./execut
 import { decideBid, type JobSelectionPolicy, jobDemand } from "./job-selection.js";
 import { defaultTlsFiles, loadNodeIdentity, type NodeIdentity } from "./node-identity.js";
 import { ResultSpool, type SpooledResult } from "./result-spool.js";
+import { StoredModules } from "./stored-modules.js";
 
 /** The Shoal version a node reports when it registers. */
 export const COMPUTE_VERSION: string = pkg.version;
@@ -310,10 +311,17 @@ export class ComputeNode {
 
     this.#spool = new ResultSpool(path.join(this.#dataDir, "spool"));
     await this.#spool.init();
+    const modules = new StoredModules({
+      dir: path.join(this.#dataDir, "modules"),
+      request: (body) => this.#requestModule(body),
+      log,
+    });
+    await modules.init();
     this.#engines = await createEngineRunner({
       execAllow,
       allowedInputPaths: c.Inputs.AllowedPaths,
       wasmMaxMemoryBytes: parseByteSize(c.Engines.WASM.MaxMemory),
+      storedModule: (executionId, digest) => modules.get(executionId, digest),
       log,
     });
     this.#ledger = new CapacityLedger({ cpu: c.Resources.CPU, memory: parseByteSize(c.Resources.Memory) });
@@ -540,6 +548,24 @@ export class ComputeNode {
       );
     }
     return body.chainPem;
+  }
+
+  /** One signed `module` request (part of a stored module an execution runs) to the orchestrator. */
+  async #requestModule(body: MessageBody<"module">): Promise<MessageBody<"module-reply">> {
+    if (!this.#connected || !this.#messenger) {
+      throw new FabricError("SHOAL_NATS_CLOSED", "not connected to an orchestrator");
+    }
+    const env = await this.#messenger.requestSigned(
+      subjects.computeOut(this.#identity!.id, "module"),
+      "module",
+      this.#audience(),
+      body,
+      this.#o.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS,
+    );
+    if (env.kind !== "module-reply" || env.sender.role !== ORCHESTRATOR_ROLE) {
+      throw new FabricError("SHOAL_ENVELOPE_KIND", `module answered with ${env.kind} by ${env.iss}`);
+    }
+    return env.body as MessageBody<"module-reply">;
   }
 
   /**

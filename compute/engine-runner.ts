@@ -27,6 +27,8 @@ export interface EngineRunnerOptions {
   allowedInputPaths: readonly string[];
   /** `Compute.Engines.WASM.MaxMemory` in bytes: the cap on a module's linear memory. */
   wasmMaxMemoryBytes: number;
+  /** Gets a job's `stored` module for the execution that runs it (compute/stored-modules). */
+  storedModule: (executionId: string, digest: string) => Promise<Buffer>;
   log: Logger;
 }
 
@@ -79,7 +81,10 @@ function outcomeOf(result: EngineRunResult): Omit<ExecutionOutcome, "files"> {
  */
 export async function createEngineRunner(o: EngineRunnerOptions): Promise<EngineRunner> {
   const executors = new Map<string, Executor>();
-  executors.set("wasm", new WasmExecutor({ allowedPaths: o.allowedInputPaths }));
+  executors.set(
+    "wasm",
+    new WasmExecutor({ allowedPaths: o.allowedInputPaths, storedModule: o.storedModule }),
+  );
   if (o.execAllow.enabled) executors.set("exec", new ExecExecutor({ allow: o.execAllow }));
   for (const executor of executors.values()) await executor.start();
 

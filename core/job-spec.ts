@@ -1,3 +1,4 @@
+import { createHash } from "node:crypto";
 import path from "node:path";
 import { Kind, type Static, Type as T, type TSchema } from "@sinclair/typebox";
 import { type TypeCheck, TypeCompiler } from "@sinclair/typebox/compiler";
@@ -33,13 +34,14 @@ export const OUTPUTS_DIR = "/outputs";
 export const DEFAULT_MAX_INLINE_INPUT_BYTES = 256 * 1024;
 /** Largest sum of a job's decoded inline inputs. @default 512 KiB */
 export const DEFAULT_MAX_INLINE_TOTAL_BYTES = 512 * 1024;
-/** Largest WebAssembly module: inline (within {@link MAX_JOB_JSON_BYTES} too), or a node's local file. @default 8 MiB */
+/** Largest WebAssembly module: inline (stored by the orchestrator apart from the job), or a node's local file. @default 8 MiB */
 export const DEFAULT_MAX_MODULE_BYTES = 8 * 1024 * 1024;
 /**
- * Largest validated job, as JSON, inline modules and inputs (base64) included:
- * the orchestrator stores a job as one KV value and sends it to a node in one
- * signed envelope (base64url, a third larger), and a NATS message carries at
- * most 1 MiB. @default 640 KiB
+ * Largest validated job, as JSON, inline inputs (base64) included and each
+ * inline module counted as the reference the orchestrator stores instead
+ * (see {@link separateModules}): the orchestrator stores a job as one KV
+ * value and sends it to a node in one signed envelope (base64url, a third
+ * larger), and a NATS message carries at most 1 MiB. @default 640 KiB
  */
 export const MAX_JOB_JSON_BYTES = 640 * 1024;
 /** Largest spec document accepted as text. @default 16 MiB */
@@ -132,10 +134,20 @@ const TIMEOUT = T.Union([T.Number(), T.String({ maxLength: 64 })], {
 });
 
 export const SourceSchema = Obj({
-  Type: T.Union([T.Literal("inline"), T.Literal("localFile"), T.Literal("localDirectory")], {
-    "x-shoal-noun": "source type",
-  }),
+  Type: T.Union(
+    [T.Literal("inline"), T.Literal("localFile"), T.Literal("localDirectory"), T.Literal("stored")],
+    {
+      "x-shoal-noun": "source type",
+    },
+  ),
   Params: Obj({
+    /** For `stored` (modules only): the module an orchestrator stores, by the SHA-256 of its bytes. */
+    Digest: T.Optional(
+      T.String({
+        pattern: "^sha256:[0-9a-f]{64}$",
+        "x-shoal-expect": '"sha256:" and 64 lower-case hex digits',
+      }),
+    ),
     /** The data itself, for `inline` (text, or base64 with `Encoding: base64`; modules are always base64). */
     Content: T.Optional(T.String()),
     /** @default "utf8" for inputs, "base64" for modules */
@@ -161,7 +173,12 @@ export const ResultPathSchema = Obj({
 });
 
 export const WasmParamsSchema = Obj({
-  /** The module: `inline` (base64 bytes; the CLI inlines a `localFile` at submit time) or an allow-listed `localFile` on the node. */
+  /**
+   * The module: `inline` (base64 bytes; the CLI inlines a `localFile` at
+   * submit time, and the orchestrator stores it apart as `stored`), `stored`
+   * (by digest, fetched by the node from the orchestrator) or an allow-listed
+   * `localFile` on the node.
+   */
   EntryModule: SourceSchema,
   /** Exported function to run. @default "_start" */
   Entrypoint: T.Optional(T.String({ minLength: 1, maxLength: 128, pattern: "^[^\\u0000-\\u001f]+$" })),
@@ -285,16 +302,77 @@ export function parseJobSpec(
   const problems: JobSpecProblem[] = [];
   const normalized = normalizeJob(spec, limits, problems);
   if (problems.length > 0) throw new JobSpecError(problems);
-  const size = Buffer.byteLength(JSON.stringify(normalized));
+  const size = Buffer.byteLength(JSON.stringify(replaceInlineModules(normalized, () => DIGEST_PLACEHOLDER)));
   if (size > MAX_JOB_JSON_BYTES) {
     throw new JobSpecError([
       {
         field: "Tasks",
-        message: `the job is ${formatBytes(size)} as JSON, inline modules and inputs included; the limit is ${formatBytes(MAX_JOB_JSON_BYTES)} (one fabric message carries it): put large modules and inputs on the nodes, under their Compute.Inputs.AllowedPaths, and name them by absolute localFile paths in a spec sent to the API (docs/jobs.md)`,
+        message: `the job is ${formatBytes(size)} as JSON, inline inputs included; the limit is ${formatBytes(MAX_JOB_JSON_BYTES)} (one fabric message carries it): put large inputs on the nodes, under their Compute.Inputs.AllowedPaths, and name them by absolute localFile paths (docs/jobs.md)`,
       },
     ]);
   }
   return deepFreeze(normalized);
+}
+
+/** The digest of a module: `sha256:` and the hex SHA-256 of its bytes. */
+export function moduleDigest(bytes: Uint8Array): string {
+  return `sha256:${createHash("sha256").update(bytes).digest("hex")}`;
+}
+
+const DIGEST_PLACEHOLDER = `sha256:${"0".repeat(64)}`;
+
+/** `spec` with each task's inline module replaced by a `stored` source of the digest `digestOf` gives it. */
+function replaceInlineModules(spec: JobSpec, digestOf: (source: Source) => string): JobSpec {
+  return {
+    ...spec,
+    Tasks: spec.Tasks.map((task) =>
+      task.Engine.Type === "wasm" && task.Engine.Params.EntryModule.Type === "inline"
+        ? {
+            ...task,
+            Engine: {
+              Type: "wasm",
+              Params: {
+                ...task.Engine.Params,
+                EntryModule: { Type: "stored", Params: { Digest: digestOf(task.Engine.Params.EntryModule) } },
+              },
+            },
+          }
+        : task,
+    ),
+  };
+}
+
+/** The `stored` modules a validated spec names: each digest with the field that names it. */
+export function storedModules(spec: JobSpec): { digest: string; field: string }[] {
+  const out: { digest: string; field: string }[] = [];
+  for (const [i, task] of spec.Tasks.entries()) {
+    const source = task.Engine.Type === "wasm" ? task.Engine.Params.EntryModule : undefined;
+    if (source?.Type === "stored" && source.Params.Digest) {
+      out.push({
+        digest: source.Params.Digest,
+        field: `Tasks[${i}].Engine.Params.EntryModule.Params.Digest`,
+      });
+    }
+  }
+  return out;
+}
+
+/**
+ * A validated spec as an orchestrator stores it: each inline module becomes a
+ * `stored` source naming its digest, and its bytes are returned beside it (to
+ * be stored once, whatever the number of jobs that run it). The job a node
+ * receives then stays small however large its module is, and the node checks
+ * the module it fetches against the digest its signed job names.
+ */
+export function separateModules(spec: JobSpec): { spec: JobSpec; modules: Map<string, Buffer> } {
+  const modules = new Map<string, Buffer>();
+  const stored = replaceInlineModules(spec, (source) => {
+    const bytes = decodeInlineContent(source.Params, "base64");
+    const digest = moduleDigest(bytes);
+    modules.set(digest, bytes);
+    return digest;
+  });
+  return { spec: deepFreeze(stored), modules };
 }
 
 /**
@@ -460,7 +538,8 @@ function coerceScalars(schema: TSchema, value: unknown): unknown {
   }
 }
 
-const BASE64_RE = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
+/** Base64 characters with at most two `=` at the end; with a length check, canonical base64. No group: a repeated group overflows the regex stack on megabytes. */
+const BASE64_RE = /^[A-Za-z0-9+/]*={0,2}$/;
 
 /** True when `bytes` start with the WebAssembly magic `\0asm` and binary version 1. */
 export function isWasmModule(bytes: Uint8Array): boolean {
@@ -489,7 +568,7 @@ export function decodeInlineContent(
   const content = params.Content ?? "";
   if ((params.Encoding ?? defaultEncoding) === "utf8") return Buffer.from(content, "utf8");
   const compact = content.replace(/\s+/g, "");
-  if (!BASE64_RE.test(compact)) throw new RangeError("not valid base64");
+  if (compact.length % 4 !== 0 || !BASE64_RE.test(compact)) throw new RangeError("not valid base64");
   return Buffer.from(compact, "base64");
 }
 
@@ -662,7 +741,7 @@ function normalizeEngine(
     if (p.EntryModule.Type === "localDirectory") {
       problems.push({
         field: `${moduleField}.Type`,
-        message: "a module is one file: use inline or localFile",
+        message: "a module is one file: use inline, stored or localFile",
       });
     } else {
       sourceProblems(p.EntryModule, moduleField, "module", limits, problems);
@@ -696,6 +775,28 @@ function sourceProblems(
   problems: JobSpecProblem[],
 ): number {
   const params = source.Params;
+  if (source.Type !== "stored" && params.Digest !== undefined) {
+    problems.push({ field: `${field}.Params.Digest`, message: "only a stored module has a Digest" });
+  }
+  if (source.Type === "stored") {
+    if (role === "input") {
+      problems.push({
+        field: `${field}.Type`,
+        message: "only a module is stored by digest: an input is inline, localFile or localDirectory",
+      });
+    } else if (params.Digest === undefined) {
+      problems.push({ field: `${field}.Params.Digest`, message: "is required for a stored module" });
+    }
+    for (const key of ["Content", "Encoding", "SourcePath", "ReadWrite"] as const) {
+      if (params[key] !== undefined) {
+        problems.push({
+          field: `${field}.Params.${key}`,
+          message: "a stored module carries only its Digest",
+        });
+      }
+    }
+    return 0;
+  }
   if (source.Type !== "inline") {
     if (params.Content !== undefined || params.Encoding !== undefined) {
       problems.push({ field: `${field}.Params.Content`, message: `only inline sources carry Content` });

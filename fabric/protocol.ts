@@ -10,9 +10,9 @@ import { NodeLabelsSchema } from "../core/index.js";
  *
  * Directions (see DESIGN.md "Subjects and permissions"):
  * - compute → orchestrator on `shoal.compute.<id>.out.<kind>`: register, heartbeat,
- *   status, logs, result, result-chunk, renew. `register`, `result` and `renew`
- *   are requests: the orchestrator replies on the node's inbox (`renew-reply`
- *   carries the new chain).
+ *   status, logs, result, result-chunk, renew, module. `register`, `result`,
+ *   `renew` and `module` are requests: the orchestrator replies on the node's
+ *   inbox (`renew-reply` carries the new chain, `module-reply` a module's bytes).
  * - orchestrator → compute on `shoal.compute.<id>.in`: bid, run, cancel. `bid`
  *   and `run` are requests: the node replies (allow_responses).
  * - orchestrator → all on `shoal.broadcast.<kind>`: revocation, certificate (the
@@ -138,6 +138,28 @@ export const BODY_SCHEMAS = {
     ),
   }),
   "result-reply": T.Object({ stored: T.Boolean(), reason: T.Optional(T.String()) }),
+  /**
+   * A node asks for part of a stored module (core/job-spec `stored` source)
+   * that one of its executions runs; the orchestrator answers only for an
+   * execution it placed on that node, of a job that names the module.
+   */
+  module: T.Object({
+    executionId: T.String({ maxLength: 256 }),
+    digest: T.String({ pattern: "^sha256:[0-9a-f]{64}$" }),
+    offset: T.Integer({ minimum: 0 }),
+  }),
+  /**
+   * The module's `size`, and its bytes (base64) from the asked offset, at most
+   * MODULE_CHUNK_BYTES; or why not, with `unknown` when the orchestrator does
+   * not know the execution (yet: in a cluster its record may still be on its
+   * way), so the node may ask again shortly.
+   */
+  "module-reply": T.Object({
+    size: T.Optional(T.Integer({ minimum: 0 })),
+    data: T.Optional(T.String()),
+    reason: T.Optional(T.String()),
+    unknown: T.Optional(T.Boolean()),
+  }),
   /** A node asks for a new certificate for the same identity: a CSR for a key it just made. */
   renew: T.Object({ csrPem: T.String({ maxLength: 16_384 }) }),
   /** The new chain (leaf first), or why not. */
@@ -152,6 +174,9 @@ export const BODY_SCHEMAS = {
 } satisfies Record<string, TSchema>;
 
 export type MessageKind = keyof typeof BODY_SCHEMAS;
+
+/** Most module bytes in one `module-reply` (its envelope, base64 twice over, stays well under 1 MiB). */
+export const MODULE_CHUNK_BYTES = 256 * 1024;
 export type MessageBody<K extends MessageKind> = Static<(typeof BODY_SCHEMAS)[K]>;
 
 /**

@@ -3,7 +3,7 @@ import type { AddressInfo } from "node:net";
 import os from "node:os";
 import path from "node:path";
 import type { Server as TlsServer } from "node:tls";
-import { jetstream } from "@nats-io/jetstream";
+import { type JetStreamClient, jetstream } from "@nats-io/jetstream";
 import { Objm } from "@nats-io/obj";
 import type { FastifyInstance } from "fastify";
 import { loadPolicies } from "../auth/index.js";
@@ -49,11 +49,12 @@ import { jobRequirements, parseSubmittedJob } from "./job-requirements.js";
 import { JobService } from "./job-service.js";
 import { JobTakeover, LEASES_BUCKET, openLeases } from "./job-takeover.js";
 import { LogStore } from "./log-store.js";
+import { MODULES_BUCKET, ModuleStore } from "./module-store.js";
 import { NodeService } from "./node-service.js";
 import { OwnCertificateRenewer } from "./own-certificates.js";
 import { PENDING_ENROLLMENTS_BUCKET, PendingEnrollments } from "./pending-enrollments.js";
 import { placeJob } from "./placement.js";
-import { RESULTS_BUCKET, ResultsStore } from "./results-store.js";
+import { RESULTS_BUCKET, ResultsStore, type SharedObjects } from "./results-store.js";
 import { IDENTITIES_BUCKET, SharedIdentities } from "./shared-identities.js";
 import { BUCKETS, StateStore } from "./state-store.js";
 import { TrustKeeper } from "./trust.js";
@@ -251,14 +252,11 @@ export class Orchestrator {
           : undefined,
         PendingEnrollments.open(js, { replicas }),
         cluster ? openLeases(js, replicas) : undefined,
-        cluster
-          ? Promise.all([new Objm(js).create(RESULTS_BUCKET, { replicas }), js.jetstreamManager()]).then(
-              ([objects, jsm]) => ({ objects, jsm }),
-            )
-          : undefined,
+        cluster ? sharedObjects(js, RESULTS_BUCKET, replicas) : undefined,
+        cluster ? sharedObjects(js, MODULES_BUCKET, replicas) : undefined,
       ]);
     };
-    const [store, authStore, shared, pendingEnrollments, leases, sharedResults] = cluster
+    const [store, authStore, shared, pendingEnrollments, leases, sharedResults, sharedModules] = cluster
       ? await whenJetStreamReady(fabric.nc, this.#log, DEFAULT_JETSTREAM_WAIT_MS, buckets, [
           ...[
             ...Object.values(BUCKETS),
@@ -268,6 +266,7 @@ export class Orchestrator {
             LEASES_BUCKET,
           ].map((bucket) => `KV_${bucket}`),
           `OBJ_${RESULTS_BUCKET}`,
+          `OBJ_${MODULES_BUCKET}`,
         ])
       : await buckets();
     this.#cleanups.push(async () => authStore.close());
@@ -282,7 +281,8 @@ export class Orchestrator {
     });
     const logs = new LogStore(dataDir);
     const results = new ResultsStore(dataDir, sharedResults);
-    await Promise.all([logs.init(), results.init()]);
+    const modules = new ModuleStore(dataDir, sharedModules);
+    await Promise.all([logs.init(), results.init(), modules.init()]);
     const disconnectTimeoutMs = parseDuration(c.Orchestrator.NodeManager.DisconnectTimeout);
     const limits = {
       executionTimeoutMs: parseDuration(c.Orchestrator.Scheduler.ExecutionTimeout),
@@ -317,6 +317,7 @@ export class Orchestrator {
       pki,
       store,
       nodes,
+      modules,
       identity,
       ...(cluster ? { announceOnRegister: true, storedNode: (nodeId) => store.nodes.stored(nodeId) } : {}),
       log: this.#log.child({ component: "fabric-link" }),
@@ -397,6 +398,7 @@ export class Orchestrator {
       store,
       logs,
       results,
+      modules,
       log: this.#log.child({ component: "jobs" }),
       parseSpec: parseSubmittedJob,
       dispatch: dispatcher,
@@ -429,6 +431,7 @@ export class Orchestrator {
         store,
         logs,
         results,
+        modules,
         thresholdMs: jobGcThresholdMs,
         log: this.#log.child({ component: "job-gc" }),
       });
@@ -641,6 +644,15 @@ export class Orchestrator {
     if (!this.#jobs || !this.#nodes || !this.#store) throw new Error("orchestrator not started");
     return { jobs: this.#jobs, nodes: this.#nodes, store: this.#store };
   }
+}
+
+/** A cluster's replicated object store `bucket` (created when missing), with the manager that reads it. */
+async function sharedObjects(js: JetStreamClient, bucket: string, replicas: number): Promise<SharedObjects> {
+  const [objects, jsm] = await Promise.all([
+    new Objm(js).create(bucket, { replicas }),
+    js.jetstreamManager(),
+  ]);
+  return { objects, jsm };
 }
 
 async function exists(p: string): Promise<boolean> {

@@ -1,6 +1,6 @@
 import { promises as fs } from "node:fs";
 import type { Msg, Subscription } from "@nats-io/transport-node";
-import type { Logger } from "../core/index.js";
+import { type JobSpec, type Logger, storedModules } from "../core/index.js";
 import {
   broadcastAudience,
   EnvelopeSigner,
@@ -8,6 +8,7 @@ import {
   type FabricConnection,
   type MessageBody,
   type MessageKind,
+  MODULE_CHUNK_BYTES,
   PeerCertificateCache,
   parseSubject,
   ReplayGuard,
@@ -16,8 +17,9 @@ import {
 } from "../fabric/index.js";
 import type { Pki } from "../pki/index.js";
 import type { Dispatcher, NodeChannel } from "./dispatcher.js";
+import type { ModuleStore } from "./module-store.js";
 import type { NodeService } from "./node-service.js";
-import type { NodeRecord } from "./records.js";
+import { type NodeRecord, TERMINAL_EXECUTION_STATES } from "./records.js";
 import type { StateStore } from "./state-store.js";
 
 export interface FabricLinkOptions {
@@ -25,6 +27,8 @@ export interface FabricLinkOptions {
   pki: Pki;
   store: StateStore;
   nodes: NodeService;
+  /** The modules nodes fetch for their executions (`module` requests). */
+  modules: ModuleStore;
   log: Logger;
   /** The orchestrator's identity certificate and key files. */
   identity: { certFile: string; keyFile: string };
@@ -196,6 +200,35 @@ export class FabricLink implements NodeChannel {
     }
   }
 
+  /**
+   * Part of a stored module, for an execution placed on this node, still
+   * active, of a job that names the module. Anything else is refused and
+   * logged: a node reads only the modules of what it runs.
+   */
+  async #module(nodeId: string, body: MessageBody<"module">): Promise<MessageBody<"module-reply">> {
+    const refuse = (reason: string, unknown = false): MessageBody<"module-reply"> => {
+      this.#o.log.warn(
+        { node: nodeId, execution: body.executionId, module: body.digest, reason },
+        "module refused",
+      );
+      return { reason, ...(unknown ? { unknown } : {}) };
+    };
+    const execution = this.#o.store.executions.get(body.executionId);
+    if (!execution) return refuse(`execution ${body.executionId} is not known here`, true);
+    if (execution.NodeID !== nodeId)
+      return refuse(`execution ${body.executionId} is not placed on ${nodeId}`);
+    if (TERMINAL_EXECUTION_STATES.has(execution.State)) {
+      return refuse(`execution ${body.executionId} is ${execution.State}`);
+    }
+    const job = this.#o.store.jobs.get(execution.JobID);
+    if (!job || !storedModules(job.Spec as JobSpec).some((m) => m.digest === body.digest)) {
+      return refuse(`job ${execution.JobID} does not run module ${body.digest}`);
+    }
+    const part = await this.#o.modules.read(body.digest, body.offset, MODULE_CHUNK_BYTES);
+    if (!part) return refuse(`module ${body.digest} is not stored`);
+    return { size: part.size, data: part.data.toString("base64") };
+  }
+
   #identityOf(nodeId: string): string {
     return `spiffe://${this.#o.pki.trustDomain}/compute/${nodeId}`;
   }
@@ -278,6 +311,14 @@ export class FabricLink implements NodeChannel {
         return;
       case "renew":
         this.#reply(msg, env.iss, "renew-reply", await this.#renew(nodeId, env.body as MessageBody<"renew">));
+        return;
+      case "module":
+        this.#reply(
+          msg,
+          env.iss,
+          "module-reply",
+          await this.#module(nodeId, env.body as MessageBody<"module">),
+        );
         return;
       case "result": {
         if (!d) return;

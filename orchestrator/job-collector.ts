@@ -1,5 +1,6 @@
-import type { Logger } from "../core/index.js";
+import { type JobSpec, type Logger, storedModules } from "../core/index.js";
 import type { LogStore } from "./log-store.js";
+import type { ModuleStore } from "./module-store.js";
 import { type ExecutionRecord, type JobRecord, TERMINAL_JOB_STATES } from "./records.js";
 import type { ResultsStore } from "./results-store.js";
 import type { StateStore } from "./state-store.js";
@@ -13,6 +14,7 @@ export interface JobCollectorOptions {
   store: StateStore;
   logs: LogStore;
   results: ResultsStore;
+  modules: ModuleStore;
   log: Logger;
   /** How long after it ended (its last change) a job is removed. */
   thresholdMs: number;
@@ -30,7 +32,8 @@ export interface JobCollectorOptions {
  * orchestrator purges them only if they are still stored twice the threshold
  * after the job ended (its owner is gone for good). Records are purged, not
  * deleted, so no delete markers pile up in the streams; a job whose purge
- * fails stays for the next sweep.
+ * fails stays for the next sweep. A stored module that no stored job has
+ * named at two sweeps in a row goes too (ModuleStore.collect).
  */
 export class JobCollector {
   readonly #o: JobCollectorOptions;
@@ -116,7 +119,22 @@ export class JobCollector {
       }
     }
     if (removed > 0) this.#o.log.info({ removed }, "expired jobs removed");
+    await this.#collectModules();
     return removed;
+  }
+
+  /** Removes the modules no stored job names any more (ModuleStore.collect); a failure waits for the next sweep. */
+  async #collectModules(): Promise<void> {
+    const named = new Set<string>();
+    for (const job of this.#o.store.jobs.values()) {
+      for (const m of storedModules(job.Spec as JobSpec)) named.add(m.digest);
+    }
+    try {
+      const removed = await this.#o.modules.collect(named);
+      if (removed > 0) this.#o.log.info({ removed }, "modules no job runs removed");
+    } catch (err) {
+      this.#o.log.warn({ err }, "cannot remove unused modules; will retry");
+    }
   }
 
   async #remove(job: JobRecord, now: number): Promise<void> {

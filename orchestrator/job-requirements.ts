@@ -4,6 +4,8 @@ import {
   jobResources,
   parseJobSpec,
   queueTimeoutMs,
+  separateModules,
+  storedModules,
 } from "../core/index.js";
 import type { JobRequirements } from "./dispatcher.js";
 import type { ParsedJob } from "./job-service.js";
@@ -11,9 +13,11 @@ import type { JobRecord } from "./records.js";
 
 /** Validates a submitted spec (core/job-spec); throws JobSpecError naming the field → HTTP 400. */
 export function parseSubmittedJob(raw: unknown): ParsedJob {
-  const spec = parseJobSpec(raw as object);
+  const { spec, modules } = separateModules(parseJobSpec(raw as object));
   return {
     spec,
+    modules,
+    namedModules: storedModules(spec),
     name: spec.Name,
     namespace: spec.Namespace,
     type: spec.Type,

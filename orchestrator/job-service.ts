@@ -1,9 +1,10 @@
 import { randomUUID } from "node:crypto";
 import type { Readable } from "node:stream";
-import type { Logger } from "../core/index.js";
+import { JobSpecError, type Logger } from "../core/index.js";
 import type { Submitter } from "../fabric/protocol.js";
 import { jobNotFound, ORCHESTRATOR_CODES, OrchestratorError, shuttingDown } from "./errors.js";
 import type { LogEntry, LogStore } from "./log-store.js";
+import type { ModuleStore } from "./module-store.js";
 import {
   type ExecutionRecord,
   type JobEvent,
@@ -18,7 +19,12 @@ import type { StateStore } from "./state-store.js";
 
 /** What a job spec parser yields: the validated spec and what the orchestrator needs of it. */
 export interface ParsedJob {
+  /** The spec as stored: inline modules replaced by their digests (core/job-spec `separateModules`). */
   spec: unknown;
+  /** The bytes of the spec's inline modules, by digest, to store before the job. */
+  modules: ReadonlyMap<string, Buffer>;
+  /** Every module the stored spec names, with the field naming it; each must be stored. */
+  namedModules: readonly { digest: string; field: string }[];
   name: string;
   namespace: string;
   type: "batch" | "ops";
@@ -37,6 +43,7 @@ export interface JobServiceOptions {
   store: StateStore;
   logs: LogStore;
   results: ResultsStore;
+  modules: ModuleStore;
   log: Logger;
   /** Validates a submitted spec; throws an error with `field` (HTTP 400) for a bad one. */
   parseSpec: (raw: unknown) => ParsedJob;
@@ -81,6 +88,46 @@ export class JobService {
   async submit(raw: unknown, submitter: Submitter): Promise<JobView> {
     if (!this.#accepting) throw shuttingDown();
     const parsed = this.#o.parseSpec(raw);
+    const release = this.#o.modules.pin(parsed.namedModules.map((m) => m.digest));
+    try {
+      await this.#storeModules(parsed);
+      return await this.#store(parsed, submitter);
+    } finally {
+      release();
+    }
+  }
+
+  /**
+   * Stores the job's inline modules (before the job, which names them), and
+   * checks that the modules it names by digest are stored.
+   */
+  async #storeModules(parsed: ParsedJob): Promise<void> {
+    const { modules } = this.#o;
+    try {
+      for (const [digest, bytes] of parsed.modules) await modules.put(digest, bytes);
+    } catch (cause) {
+      throw new OrchestratorError(
+        ORCHESTRATOR_CODES.SHOAL_ORCH_STATE_STORE,
+        "the job's module could not be stored",
+        503,
+        {
+          cause,
+          fix: "check the orchestrator's disk and the nats-server log lines; retry once the store is writable",
+        },
+      );
+    }
+    for (const { digest, field } of parsed.namedModules) {
+      if (parsed.modules.has(digest) || (await modules.has(digest))) continue;
+      throw new JobSpecError([
+        {
+          field,
+          message: `no module ${digest} is stored: submit the module inline (the CLI does) and the orchestrator stores it`,
+        },
+      ]);
+    }
+  }
+
+  async #store(parsed: ParsedJob, submitter: Submitter): Promise<JobView> {
     const now = Date.now();
     const job: JobRecord = {
       ID: `j-${randomUUID()}`,

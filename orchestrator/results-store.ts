@@ -4,11 +4,11 @@ import path from "node:path";
 import { Readable } from "node:stream";
 import type { ReadableStream } from "node:stream/web";
 import type { JetStreamManager } from "@nats-io/jetstream";
-import type { ObjectInfo, ObjectStore } from "@nats-io/obj";
+import type { ObjectStore } from "@nats-io/obj";
 import { MAX_RESULT_TOTAL_BYTES, modifiedTimes } from "../core/index.js";
 import type { MessageBody } from "../fabric/protocol.js";
 import type { ExecutionRecord, ResultFile } from "./records.js";
-import { lastStored, nextStored } from "./stored-messages.js";
+import { objectChunks, objectInfo, purgeObject } from "./stored-objects.js";
 
 /** The object store a cluster's orchestrators keep every result file in (`OBJ_shoal-results`). */
 export const RESULTS_BUCKET = "shoal-results";
@@ -16,8 +16,8 @@ export const RESULTS_BUCKET = "shoal-results";
 /** Largest single result chunk accepted (the node's chunks are far smaller). */
 export const MAX_CHUNK_BYTES = 4 * 1024 * 1024;
 
-/** A cluster's object store of result files (written through `objects`, read through `jsm`). */
-export interface SharedResults {
+/** A cluster's object store, of result files or modules (written through `objects`, read through `jsm`). */
+export interface SharedObjects {
   objects: ObjectStore;
   jsm: JetStreamManager;
 }
@@ -59,7 +59,7 @@ export class ResultsStore {
   readonly #root: string;
   readonly #staging: string;
 
-  readonly #shared: SharedResults | undefined;
+  readonly #shared: SharedObjects | undefined;
   readonly #maxStagedBytes: number;
   /** Per execution, the bytes staged and each chunk's size (by its file), so a resent chunk counts once. */
   readonly #staged = new Map<string, { bytes: number; sizes: Map<string, number> }>();
@@ -71,7 +71,7 @@ export class ResultsStore {
    */
   constructor(
     dataDir: string,
-    shared?: SharedResults,
+    shared?: SharedObjects,
     maxStagedBytes = MAX_RESULT_TOTAL_BYTES + MAX_CHUNK_BYTES,
   ) {
     this.#root = path.join(dataDir, "results");
@@ -198,9 +198,14 @@ export class ResultsStore {
     if (st?.isFile()) return { size: st.size, stream: createReadStream(local) };
     // Stored by another orchestrator of the cluster (or this disk lost it): the object store's copy.
     if (!this.#shared) return undefined;
-    const info = await readInfo(this.#shared.jsm, metaSubject(sharedName(jobId, executionId, file.name)));
+    const info = await objectInfo(
+      this.#shared.jsm,
+      RESULTS_BUCKET,
+      sharedName(jobId, executionId, file.name),
+    );
     if (!info || info.deleted) return undefined;
-    return { size: info.size, stream: Readable.from(readChunks(this.#shared.jsm, info, file)) };
+    const expected = { size: file.size, sha256: bareDigest(file.sha256) };
+    return { size: info.size, stream: Readable.from(objectChunks(this.#shared.jsm, info, expected)) };
   }
 
   /** The jobs with result files on this disk, each with when its directory last changed (ms since the epoch). */
@@ -225,14 +230,9 @@ export class ResultsStore {
   async removeShared(jobId: string, executions: readonly ExecutionRecord[]): Promise<void> {
     const jsm = this.#shared?.jsm;
     if (!jsm) return;
-    const stream = `OBJ_${RESULTS_BUCKET}`;
     for (const e of executions) {
-      for (const f of e.Results ?? []) {
-        const meta = metaSubject(sharedName(jobId, e.ID, f.name));
-        const info = await readInfo(jsm, meta);
-        if (info) await jsm.streams.purge(stream, { filter: `$O.${RESULTS_BUCKET}.C.${info.nuid}` });
-        await jsm.streams.purge(stream, { filter: meta });
-      }
+      for (const f of e.Results ?? [])
+        await purgeObject(jsm, RESULTS_BUCKET, sharedName(jobId, e.ID, f.name));
     }
   }
 
@@ -242,54 +242,6 @@ export class ResultsStore {
 
   #chunkPath(executionId: string, file: string, index: number): string {
     return path.join(this.#stagingDir(executionId), `${sha256(Buffer.from(file)).slice(0, 32)}.${index}`);
-  }
-}
-
-/** The subject of an object's description: its name in padded base64url (ADR-20). */
-function metaSubject(name: string): string {
-  const token = Buffer.from(name).toString("base64").replace(/\+/g, "-").replace(/\//g, "_");
-  return `$O.${RESULTS_BUCKET}.M.${token}`;
-}
-
-/**
- * An object's description (from its {@link metaSubject}), read as
- * {@link lastStored} reads (a direct get, else the leader): the client
- * library's `info` asks only the stream's leader, which a cluster is without
- * for seconds after a server loss.
- */
-async function readInfo(jsm: JetStreamManager, meta: string): Promise<ObjectInfo | undefined> {
-  const m = await lastStored(jsm, `OBJ_${RESULTS_BUCKET}`, meta);
-  return m ? m.json<ObjectInfo>() : undefined;
-}
-
-/**
- * An object's chunks, read one by one as {@link nextStored} reads (a direct
- * get that any live replica answers, else the leader when that replica is
- * behind). The client library's own reader creates a consumer, and right after a
- * server of the cluster is lost nats-server 2.9 may place it on the lost
- * server (its creation then times out). Errors out unless the chunks add up
- * to the file the node sent (size and SHA-256 of its manifest).
- */
-async function* readChunks(
-  jsm: JetStreamManager,
-  info: ObjectInfo,
-  file: ResultFile,
-): AsyncGenerator<Uint8Array> {
-  const stream = `OBJ_${info.bucket}`;
-  const subject = `$O.${info.bucket}.C.${info.nuid}`;
-  const hash = createHash("sha256");
-  let seq = 0;
-  let size = 0;
-  for (let i = 0; i < info.chunks; i++) {
-    const m = await nextStored(jsm, stream, subject, seq);
-    if (!m) break;
-    seq = m.seq;
-    size += m.data.length;
-    hash.update(m.data);
-    yield m.data;
-  }
-  if (size !== file.size || hash.digest("hex") !== bareDigest(file.sha256)) {
-    throw new Error(`stored result ${info.name} is incomplete or does not match its digest`);
   }
 }
 

@@ -56,6 +56,7 @@ async function setup(t: Test, name: string) {
     execAllow: ExecAllowList.OFF,
     allowedInputPaths: [],
     wasmMaxMemoryBytes: 64 * 2 ** 20,
+    storedModule: () => Promise.reject(new Error("these tests run inline modules")),
     log: silentLogger,
   });
   t.teardown(() => engines.close());

@@ -1,9 +1,24 @@
 import "reflect-metadata";
+import { createHash } from "node:crypto";
 import { promises as fs } from "node:fs";
 import path from "node:path";
-import t from "tap";
+import t, { type Test } from "tap";
+import type { JobSpec, WasmParams } from "../core/index.js";
 import { runShoal, startComputeNode, startOrchestrator, tempDir } from "./helpers/cluster.js";
 import { getJob } from "./helpers/e2e-jobs.js";
+
+/** `module` with a custom section (named "pad") of `bytes` zeros appended: still valid, and as large as wanted. */
+function withCustomSection(module: Buffer, bytes: number): Buffer {
+  const leb = (n: number) => {
+    const out: number[] = [];
+    for (let v = n; ; v = Math.floor(v / 128)) {
+      if (v < 128) return Buffer.from([...out, v]);
+      out.push((v % 128) | 0x80);
+    }
+  };
+  const payload = Buffer.concat([leb(3), Buffer.from("pad"), Buffer.alloc(bytes)]);
+  return Buffer.concat([module, Buffer.from([0]), leb(payload.length), payload]);
+}
 
 /**
  * End to end with real processes: `shoal orchestrator serve`, compute nodes
@@ -17,18 +32,19 @@ t.test("orchestrator and compute nodes run batch, ops and queued jobs", async (t
     startComputeNode(t, orch, path.join(dir, id), id, ["-c", `Compute.Labels=${labels}`]);
   await Promise.all([startNode("n1", "env=edge,zone=a"), startNode("n2", "env=edge,zone=b")]);
 
-  t.test("a batch WASM job completes with its stdout", async (t) => {
+  /** `shoal job run --wasm MODULE --wait --output json -- ARG`, which must complete; returns the job. */
+  const runWasm = async (t: Test, module: string, arg: string) => {
     const r = await runShoal(t, [
       "job",
       "run",
       "--wasm",
-      "dist/wasm/hello.wasm",
+      module,
       "--wait",
       "--output",
       "json",
       ...api,
       "--",
-      "e2e",
+      arg,
     ]);
     t.equal(r.code, 0, r.stderr);
     const job = JSON.parse(r.stdout);
@@ -37,9 +53,31 @@ t.test("orchestrator and compute nodes run batch, ops and queued jobs", async (t
       "Completed",
       JSON.stringify({ message: job.StateMessage, executions: job.Executions }),
     );
+    t.match(job.Executions[0].Stdout, new RegExp(`hello from wasm[\\s\\S]*${arg}`));
+    return job;
+  };
+
+  t.test("a batch WASM job completes with its stdout", async (t) => {
+    const job = await runWasm(t, "dist/wasm/hello.wasm", "e2e");
     t.equal(job.Executions.length, 1);
     t.equal(job.Executions[0].ExitCode, 0);
-    t.match(job.Executions[0].Stdout, /hello from wasm[\s\S]*e2e/);
+  });
+
+  t.test("a module larger than one fabric message runs; the job names it by digest", async (t) => {
+    // hello.wasm with a 2 MiB custom section: a valid module, twice what one NATS message carries.
+    const module = withCustomSection(await fs.readFile("dist/wasm/hello.wasm"), 2 * 1024 * 1024);
+    const file = path.join(dir, "big.wasm");
+    await fs.writeFile(file, module);
+    const job = await runWasm(t, file, "big");
+    const digest = createHash("sha256").update(module).digest("hex");
+    const stored = (await getJob(orch, job.ID)).Spec as JobSpec;
+    t.same((stored.Tasks[0]!.Engine.Params as WasmParams).EntryModule, {
+      Type: "stored",
+      Params: { Digest: `sha256:${digest}` },
+    });
+    const kept = path.join(dir, job.Executions[0].NodeID, "modules", `${digest}.wasm`);
+    t.ok((await fs.readFile(kept)).equals(module), "the node that ran it keeps what it fetched");
+    t.ok((await fs.readFile(path.join(dir, "orch", "modules", `${digest}.wasm`))).equals(module));
   });
 
   t.test("result files come back verified and `job get` checks their digests", async (t) => {

@@ -6,11 +6,15 @@ import t, { type Test } from "tap";
 import { isShoalError } from "../core/index.js";
 import {
   DEFAULT_MAX_INLINE_INPUT_BYTES,
+  DEFAULT_MAX_MODULE_BYTES,
   executionTimeoutMs,
   type JobSpecInput,
   jobResources,
+  moduleDigest,
   parseJobSpec,
   queueTimeoutMs,
+  separateModules,
+  storedModules,
   wasmJobSpec,
 } from "../core/job-spec.js";
 import { matchesConstraint } from "../core/job-spec-constraints.js";
@@ -219,17 +223,66 @@ t.test("negative cases name the field and the problem", async (t) => {
     /inline inputs add up to 768 KiB; the limit is 512 KiB/,
   );
   // Each part within its limit, but the whole job too large for one fabric message.
-  const module = Buffer.concat([WASM_HEADER, Buffer.alloc(600 * 1024)]).toString("base64");
+  const binary = Buffer.alloc(DEFAULT_MAX_INLINE_INPUT_BYTES, 1).toString("base64");
+  rejects(
+    t,
+    task({
+      InputSources: [0, 1].map((i) => ({
+        Target: `/inputs/${i}`,
+        Source: { Type: "inline", Params: { Content: binary, Encoding: "base64" } },
+      })),
+    }),
+    "Tasks",
+    /the job is 68\d\.\d KiB as JSON, inline inputs included; the limit is 640 KiB/,
+  );
+  const storedModule = (params: Record<string, unknown>) =>
+    wasmJob({}, { Engine: { Type: "wasm", Params: { EntryModule: { Type: "stored", Params: params } } } });
+  rejects(
+    t,
+    storedModule({}),
+    "Tasks[0].Engine.Params.EntryModule.Params.Digest",
+    /is required for a stored module/,
+  );
+  rejects(
+    t,
+    storedModule({ Digest: "sha256:ABC" }),
+    "Tasks[0].Engine.Params.EntryModule.Params.Digest",
+    /"sha256:" and 64 lower-case hex digits/,
+  );
+  rejects(
+    t,
+    storedModule({ Digest: `sha256:${"a".repeat(64)}`, Content: MODULE_B64 }),
+    "Tasks[0].Engine.Params.EntryModule.Params.Content",
+    /a stored module carries only its Digest/,
+  );
+  rejects(
+    t,
+    task({
+      InputSources: [
+        { Target: "/inputs/x", Source: { Type: "stored", Params: { Digest: `sha256:${"a".repeat(64)}` } } },
+      ],
+    }),
+    "Tasks[0].InputSources[0].Source.Type",
+    /only a module is stored by digest/,
+  );
   rejects(
     t,
     wasmJob(
       {},
       {
-        Engine: { Type: "wasm", Params: { EntryModule: { Type: "inline", Params: { Content: module } } } },
+        Engine: {
+          Type: "wasm",
+          Params: {
+            EntryModule: {
+              Type: "inline",
+              Params: { Content: MODULE_B64, Digest: `sha256:${"a".repeat(64)}` },
+            },
+          },
+        },
       },
     ),
-    "Tasks",
-    /the job is 800\.\d KiB as JSON, inline modules and inputs included; the limit is 640 KiB/,
+    "Tasks[0].Engine.Params.EntryModule.Params.Digest",
+    /only a stored module has a Digest/,
   );
   rejects(
     t,
@@ -249,7 +302,7 @@ t.test("negative cases name the field and the problem", async (t) => {
     t,
     task({ InputSources: [{ Target: "/inputs/x", Source: { Type: "s3", Params: {} } }] }),
     "Tasks[0].InputSources[0].Source.Type",
-    /unknown source type "s3"; expected inline, localFile or localDirectory/,
+    /unknown source type "s3"; expected inline, localFile, localDirectory or stored/,
   );
   rejects(
     t,
@@ -453,3 +506,59 @@ t.test("wasmJobSpec builds the spec of `job run --wasm`", async (t) => {
   t.same(engine.Type === "wasm" && engine.Params.Parameters, ["a", "b"]);
   t.throws(() => wasmJobSpec({ name: "quick", module: Buffer.from("nope") }), { code: "SHOAL_JOB_INVALID" });
 });
+
+t.test(
+  "an inline module is stored apart: the job keeps its digest, whatever the module's size",
+  async (t) => {
+    const module = Buffer.concat([
+      WASM_HEADER,
+      Buffer.alloc(DEFAULT_MAX_MODULE_BYTES - WASM_HEADER.length, 7),
+    ]);
+    const spec = parseJobSpec(
+      wasmJob(
+        {},
+        {
+          Engine: {
+            Type: "wasm",
+            Params: { EntryModule: { Type: "inline", Params: { Content: module.toString("base64") } } },
+          },
+        },
+      ),
+    );
+    const digest = moduleDigest(module);
+    t.match(digest, /^sha256:[0-9a-f]{64}$/);
+    const separated = separateModules(spec);
+    t.same([...separated.modules.keys()], [digest], "the module, by its digest");
+    t.ok(separated.modules.get(digest)?.equals(module), "with its bytes");
+    t.same(separated.spec.Tasks[0]?.Engine.Params, {
+      ...spec.Tasks[0]?.Engine.Params,
+      EntryModule: { Type: "stored", Params: { Digest: digest } },
+    });
+    t.ok(Buffer.byteLength(JSON.stringify(separated.spec)) < 1024, "the job itself stays small");
+    t.same(parseJobSpec(separated.spec), separated.spec, "and parses again to itself, as a node parses it");
+    t.same(storedModules(separated.spec), [
+      { digest, field: "Tasks[0].Engine.Params.EntryModule.Params.Digest" },
+    ]);
+    t.same(storedModules(spec), [], "an inline module is not stored yet");
+    t.ok(
+      Object.isFrozen((separated.spec.Tasks[0]!.Engine.Params as { EntryModule: unknown }).EntryModule),
+      "frozen like every parsed spec",
+    );
+
+    const over = Buffer.concat([module, Buffer.alloc(1)]);
+    rejects(
+      t,
+      wasmJob(
+        {},
+        {
+          Engine: {
+            Type: "wasm",
+            Params: { EntryModule: { Type: "inline", Params: { Content: over.toString("base64") } } },
+          },
+        },
+      ),
+      "Tasks[0].Engine.Params.EntryModule.Params.Content",
+      /is 8\.0 MiB; an inline module may be at most 8 MiB/,
+    );
+  },
+);

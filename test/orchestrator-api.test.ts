@@ -2,11 +2,12 @@ import "reflect-metadata";
 import { jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import t from "tap";
-import { silentLogger } from "../core/index.js";
+import { moduleDigest, silentLogger } from "../core/index.js";
 import { buildApi } from "../orchestrator/api.js";
 import { parseSubmittedJob } from "../orchestrator/job-requirements.js";
 import { type JobDispatch, JobService } from "../orchestrator/job-service.js";
 import { LogStore } from "../orchestrator/log-store.js";
+import { ModuleStore } from "../orchestrator/module-store.js";
 import { ResultsStore } from "../orchestrator/results-store.js";
 import { StateStore } from "../orchestrator/state-store.js";
 import { apiCaller } from "./helpers/api-call.js";
@@ -32,6 +33,8 @@ function spec(overrides: Record<string, unknown> = {}, task: Record<string, unkn
   };
 }
 
+const storedModule = (digest: string) => ({ Type: "stored", Params: { Digest: digest } });
+
 t.test("the API validates every body and answers errors with code, message, fix and field", async (t) => {
   const dir = await tempDir(t, "shoal-api-");
   const url = await startJetStream(t, dir);
@@ -40,7 +43,8 @@ t.test("the API validates every body and answers errors with code, message, fix 
   const store = await StateStore.open(jetstream(nc), silentLogger);
   const logs = new LogStore(dir);
   const results = new ResultsStore(dir);
-  await Promise.all([logs.init(), results.init()]);
+  const modules = new ModuleStore(dir);
+  await Promise.all([logs.init(), results.init(), modules.init()]);
   const enqueued: string[] = [];
   const stopped: string[] = [];
   // The dispatcher's side of the contract, recorded: placement is tested end to end.
@@ -56,6 +60,7 @@ t.test("the API validates every body and answers errors with code, message, fix 
     store,
     logs,
     results,
+    modules,
     log: silentLogger,
     parseSpec: parseSubmittedJob,
     dispatch,
@@ -114,23 +119,24 @@ t.test("the API validates every body and answers errors with code, message, fix 
       spec(
         {},
         {
-          Engine: {
-            Type: "wasm",
-            Params: {
-              EntryModule: {
-                Type: "inline",
-                Params: {
-                  Content: Buffer.concat([
-                    Buffer.from([0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00]),
-                    Buffer.alloc(900 * 1024),
-                  ]).toString("base64"),
-                },
-              },
+          InputSources: [0, 1].map((i) => ({
+            Target: `/inputs/${i}`,
+            Source: {
+              Type: "inline",
+              Params: { Content: Buffer.alloc(256 * 1024, 1).toString("base64"), Encoding: "base64" },
             },
-          },
+          })),
         },
       ),
       "Tasks",
+    ],
+    [
+      "module named by a digest nothing stored",
+      spec(
+        {},
+        { Engine: { Type: "wasm", Params: { EntryModule: storedModule(`sha256:${"e".repeat(64)}`) } } },
+      ),
+      "Tasks[0].Engine.Params.EntryModule.Params.Digest",
     ],
   ];
   for (const [what, job, field] of bad) {
@@ -145,6 +151,25 @@ t.test("the API validates every body and answers errors with code, message, fix 
     201,
     "a refused job leaves the store writable for the next",
   );
+  // A module too large for one fabric message is stored apart; the job names it by digest.
+  const module = Buffer.concat([
+    Buffer.from([0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00]),
+    Buffer.alloc(900 * 1024, 3),
+  ]);
+  const inline = { Type: "inline", Params: { Content: module.toString("base64") } };
+  const big = await call("PUT", "/api/v1/orchestrator/jobs", {
+    Job: spec({}, { Engine: { Type: "wasm", Params: { EntryModule: inline } } }),
+  });
+  t.equal(big.status, 201, "a 900 KiB module is accepted");
+  const digest = moduleDigest(module);
+  const bigJob = (await call("GET", `/api/v1/orchestrator/jobs/${big.json.JobID}`)).json.Job;
+  t.same(bigJob.Spec.Tasks[0].Engine.Params.EntryModule, storedModule(digest), "the job names it by digest");
+  t.ok((await modules.read(digest, 0, module.length))?.data.equals(module), "the module is stored whole");
+  const reuse = await call("PUT", "/api/v1/orchestrator/jobs", {
+    Job: spec({}, { Engine: { Type: "wasm", Params: { EntryModule: storedModule(digest) } } }),
+  });
+  t.equal(reuse.status, 201, "a job may name a stored module by its digest");
+
   const envelope = await call("PUT", "/api/v1/orchestrator/jobs", { Job: spec(), Extra: 1 });
   t.equal(envelope.status, 400);
   t.equal(envelope.json.error.code, "SHOAL_ORCH_REQUEST_INVALID");

@@ -8,6 +8,7 @@ import t, { type Test } from "tap";
 import { silentLogger } from "../core/index.js";
 import { JobCollector } from "../orchestrator/job-collector.js";
 import { LogStore } from "../orchestrator/log-store.js";
+import { MODULES_BUCKET, ModuleStore } from "../orchestrator/module-store.js";
 import type { ExecutionRecord, JobState } from "../orchestrator/records.js";
 import { RESULTS_BUCKET, ResultsStore } from "../orchestrator/results-store.js";
 import { BUCKETS, StateStore } from "../orchestrator/state-store.js";
@@ -44,6 +45,7 @@ interface Orchestrator {
   store: StateStore;
   logs: LogStore;
   results: ResultsStore;
+  modules: ModuleStore;
   collector: JobCollector;
   nc: NatsConnection;
 }
@@ -64,12 +66,21 @@ async function cluster(t: Test) {
       await nc.close();
     });
     const dir = path.join(root, owner);
-    const shared = { objects: await new Objm(js).create(RESULTS_BUCKET), jsm: await js.jetstreamManager() };
+    const jsm = await js.jetstreamManager();
+    const shared = { objects: await new Objm(js).create(RESULTS_BUCKET), jsm };
     const logs = new LogStore(dir);
     const results = new ResultsStore(dir, shared);
-    await Promise.all([logs.init(), results.init()]);
-    const collector = new JobCollector({ store, logs, results, log: silentLogger, thresholdMs: THRESHOLD });
-    return { dir, store, logs, results, collector, nc };
+    const modules = new ModuleStore(dir, { objects: await new Objm(js).create(MODULES_BUCKET), jsm });
+    await Promise.all([logs.init(), results.init(), modules.init()]);
+    const collector = new JobCollector({
+      store,
+      logs,
+      results,
+      modules,
+      log: silentLogger,
+      thresholdMs: THRESHOLD,
+    });
+    return { dir, store, logs, results, modules, collector, nc };
   };
   /** Whether anything, a delete marker included, is stored under the key. */
   const inKv = async (bucket: string, key: string) =>

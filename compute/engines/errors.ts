@@ -9,6 +9,8 @@ export const ENGINE_CODES = defineCodes("engines", {
     "An exec job sets an environment variable that changes how programs load (LD_*, ...).",
   SHOAL_ENGINE_MODULE_INVALID:
     "The WebAssembly module is not valid, or imports something other than WASI preview1.",
+  SHOAL_ENGINE_MODULE_UNAVAILABLE:
+    "The node could not get the job's stored module from the orchestrator (refused, not stored, no answer), or what it got does not match the digest the job names.",
   SHOAL_ENGINE_MEMORY_LIMIT: "The WebAssembly module needs more memory than the execution's limit.",
   SHOAL_ENGINE_START_FAILED: "The engine could not start the program (spawn failure).",
   SHOAL_ENGINE_TIMEOUT: "The execution ran past its ExecutionTimeout and was killed.",

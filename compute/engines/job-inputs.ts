@@ -74,18 +74,30 @@ async function allowedRealPath(sourcePath: string, roots: readonly string[], wha
 }
 
 /**
- * The bytes of a wasm task's `EntryModule`: decoded inline base64, or a
- * `localFile` read from the node when under `allowedPaths`. Checks the
- * WebAssembly header.
+ * The bytes of a wasm task's `EntryModule`: decoded inline base64, a `stored`
+ * module got through `stored` (by its digest), or a `localFile` read from the
+ * node when under `allowedPaths`. Checks the WebAssembly header.
  */
 export async function resolveEntryModule(
   source: Source,
-  options: { allowedPaths: readonly string[]; maxBytes?: number },
+  options: {
+    allowedPaths: readonly string[];
+    maxBytes?: number;
+    stored?: (digest: string) => Promise<Buffer>;
+  },
 ): Promise<Buffer> {
   const maxBytes = options.maxBytes ?? DEFAULT_MAX_MODULE_BYTES;
   let bytes: Buffer;
   if (source.Type === "inline") {
     bytes = decodeInlineContent(source.Params, "base64");
+  } else if (source.Type === "stored") {
+    if (!options.stored) {
+      throw new EngineError(
+        ENGINE_CODES.SHOAL_ENGINE_MODULE_UNAVAILABLE,
+        `module ${source.Params.Digest}: this engine cannot fetch stored modules`,
+      );
+    }
+    bytes = await options.stored(source.Params.Digest ?? "");
   } else {
     const real = await allowedRealPath(
       source.Params.SourcePath ?? "",

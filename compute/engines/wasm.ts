@@ -31,6 +31,8 @@ export interface WasmExecutorOptions {
   pool?: WasmWorkerPoolOptions;
   /** Compiled modules kept (see WasmModuleCache). */
   modules?: WasmModuleCacheOptions;
+  /** Gets a `stored` EntryModule by its digest, for the execution that runs it (compute/stored-modules). */
+  storedModule?: (executionId: string, digest: string) => Promise<Buffer>;
 }
 
 type StopReason = "timeout" | "cancel" | "output";
@@ -56,6 +58,7 @@ type StopReason = "timeout" | "cancel" | "output";
 export class WasmExecutor extends BaseExecutor {
   readonly engine = "wasm" as const;
   readonly #allowedPaths: readonly string[];
+  readonly #storedModule: WasmExecutorOptions["storedModule"];
   readonly #pollMs: number;
   readonly #pool: WasmWorkerPool;
   readonly #modules: WasmModuleCache;
@@ -64,6 +67,7 @@ export class WasmExecutor extends BaseExecutor {
   constructor(options: WasmExecutorOptions = {}) {
     super();
     this.#allowedPaths = options.allowedPaths ?? [];
+    this.#storedModule = options.storedModule;
     this.#pollMs = options.logPollMs ?? DEFAULT_WASM_LOG_POLL_MS;
     this.#pool = new WasmWorkerPool(options.pool);
     this.#modules = new WasmModuleCache(options.modules);
@@ -81,7 +85,11 @@ export class WasmExecutor extends BaseExecutor {
 
   protected async execute(req: EngineRunRequest, signal: AbortSignal): Promise<EngineRunResult> {
     const params = wasmParams(req.task);
-    const bytes = await resolveEntryModule(params.EntryModule, { allowedPaths: this.#allowedPaths });
+    const fetch = this.#storedModule;
+    const bytes = await resolveEntryModule(params.EntryModule, {
+      allowedPaths: this.#allowedPaths,
+      ...(fetch ? { stored: (digest: string) => fetch(req.executionId, digest) } : {}),
+    });
     const module = await this.#modules.get(bytes, req.limits.maxMemoryBytes, params.Entrypoint);
     const started = performance.now();
     const stdout = new OutputCapture(req.limits.maxStdoutBytes, (c) => req.onLog?.("stdout", c));

@@ -1,15 +1,23 @@
 import { createHash } from "node:crypto";
+import { separateModules, wasmJobSpec } from "../../core/index.js";
 import type { MessageBody } from "../../fabric/protocol.js";
 import type { JobRecord } from "../../orchestrator/records.js";
 
-/** A Pending batch job record created (and last changed) at `time`, with `fields` over it. */
+/** The smallest WebAssembly module: its header. */
+export const EMPTY_MODULE = Buffer.from([0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00]);
+
+/**
+ * A Pending batch job record created (and last changed) at `time`, with
+ * `fields` over it; its spec is what an orchestrator stores for
+ * `job run --wasm` (the module by digest).
+ */
 export function jobRecord(id: string, time: number, fields: Partial<JobRecord> = {}): JobRecord {
   return {
     ID: id,
     Name: id,
     Namespace: "default",
     Type: "batch",
-    Spec: { Name: id },
+    Spec: separateModules(wasmJobSpec({ name: id, module: EMPTY_MODULE })).spec,
     Submitter: { sub: "anonymous", namespace: "default", method: "anonymous" },
     State: "Pending",
     StateMessage: "submitted",
