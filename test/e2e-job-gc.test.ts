@@ -1,4 +1,5 @@
 import "reflect-metadata";
+import { createHash } from "node:crypto";
 import { promises as fs } from "node:fs";
 import path from "node:path";
 import t from "tap";
@@ -8,7 +9,9 @@ import { getJob, submitJob, waitForJob, wasmEngine, writeSpec } from "./helpers/
 
 /**
  * Job garbage collection with real processes: `shoal orchestrator serve`
- * with a short `Orchestrator.JobGC.Threshold` and one `shoal compute serve`.
+ * with a short `Orchestrator.JobGC.Threshold` and one `shoal compute serve`:
+ * a finished job goes with its result files, and then its module, which no
+ * other job runs.
  * Requires dist/wasm (scripts/build-wasm).
  */
 t.test("a finished job is removed with its result files once the threshold has passed", async (t) => {
@@ -28,6 +31,15 @@ t.test("a finished job is removed with its result files once the threshold has p
   t.equal(done.Executions[0]?.Results?.length, 1, "it has a result file");
   const resultsDir = path.join(orch.dataDir, "results", id);
   t.ok((await fs.stat(resultsDir)).isDirectory(), "stored on the orchestrator's disk");
+  const storedModule = async (wasm: string) => {
+    const digest = createHash("sha256")
+      .update(await fs.readFile(wasm))
+      .digest("hex");
+    return path.join(orch.dataDir, "modules", `${digest}.wasm`);
+  };
+  const upper = await storedModule("dist/wasm/upper.wasm");
+  const hello = await storedModule("dist/wasm/hello.wasm");
+  t.ok((await fs.stat(upper)).isFile(), "its module is stored apart");
 
   const err = await waitUntil(
     "the job is removed",
@@ -57,4 +69,15 @@ t.test("a finished job is removed with its result files once the threshold has p
     "nor listed",
   );
   t.equal((await getJob(orch, queued)).State, "Queued", "an unfinished job older than the threshold stays");
+  // No stored job names the removed job's module: it goes at the second sweep (every 0.5 s) after.
+  await waitUntil(
+    "the removed job's module is removed",
+    () =>
+      fs.stat(upper).then(
+        () => undefined,
+        () => true,
+      ),
+    5_000,
+  );
+  t.ok((await fs.stat(hello)).isFile(), "the queued job's module stays");
 });

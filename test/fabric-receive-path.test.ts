@@ -226,8 +226,12 @@ t.test("compiled body checks agree with the schemas", async (t) => {
     }),
     { numRuns: 500 },
   );
+  // Value.Create cannot make a string that must match a pattern: such bodies get a sample here.
+  const samples: Partial<Record<MessageKind, unknown>> = {
+    module: { executionId: "e-1", digest: `sha256:${"0".repeat(64)}`, offset: 0 },
+  };
   for (const kind of kinds) {
-    const sample = Value.Create(BODY_SCHEMAS[kind]);
+    const sample = samples[kind] ?? Value.Create(BODY_SCHEMAS[kind]);
     t.equal(isValidBody(kind, sample), Value.Check(BODY_SCHEMAS[kind], sample), kind);
   }
   t.ok(isValidBody("heartbeat", heartbeat));
