@@ -1,8 +1,13 @@
-import type { JetStreamClient } from "@nats-io/jetstream";
+import type { JetStreamClient, JetStreamManager } from "@nats-io/jetstream";
 import { type KV, Kvm, KvWatchInclude } from "@nats-io/kv";
 import type { Logger } from "../core/index.js";
 import type { BrokerIdentity } from "../fabric/index.js";
-import type { InventoryEntry, RevocationReason, RevokedIdentity } from "../pki/index.js";
+import {
+  expiredLongAgo,
+  type InventoryEntry,
+  type RevocationReason,
+  type RevokedIdentity,
+} from "../pki/index.js";
 
 /** The KV bucket where every orchestrator of a cluster publishes the fabric identities its PKI issued. */
 export const IDENTITIES_BUCKET = "shoal-identities";
@@ -54,25 +59,30 @@ export function sharedRecord(e: InventoryEntry): SharedIdentityRecord | undefine
  * A revocation is never undone: a record stored as revoked stays revoked,
  * whatever an orchestrator with an older copy of the inventory publishes.
  * Identities barred from enrolling again are shared too, so a node deleted at
- * one orchestrator cannot enroll again at another.
+ * one orchestrator cannot enroll again at another. A certificate that expired
+ * longer ago than the inventory keeps it (EXPIRED_RETENTION_MS) is purged
+ * from the bucket, as from each inventory, so the bucket does not grow with
+ * every renewal ever made.
  */
 export class SharedIdentities {
   readonly #kv: KV;
+  readonly #jsm: JetStreamManager;
   readonly #log: Logger;
   readonly #records = new Map<string, SharedIdentityRecord>();
   /** By SPIFFE id. */
   readonly #bars = new Map<string, SharedBarRecord>();
   #stop: (() => void) | undefined;
 
-  private constructor(kv: KV, log: Logger) {
+  private constructor(kv: KV, jsm: JetStreamManager, log: Logger) {
     this.#kv = kv;
+    this.#jsm = jsm;
     this.#log = log;
   }
 
   /** Opens (creating with `replicas` copies if needed) the bucket and loads it. */
   static async open(js: JetStreamClient, log: Logger, replicas = 1): Promise<SharedIdentities> {
     const kv = await new Kvm(js).create(IDENTITIES_BUCKET, { history: 1, replicas });
-    const shared = new SharedIdentities(kv, log);
+    const shared = new SharedIdentities(kv, await js.jetstreamManager(), log);
     for await (const key of await kv.keys()) {
       const e = await kv.get(key);
       if (e?.operation === "PUT" && e.length > 0) shared.#remember(key, e.json());
@@ -134,15 +144,33 @@ export class SharedIdentities {
     return [...this.#bars.values()];
   }
 
-  /** Publishes the local inventory's identity certificates that are new, or newly revoked. */
-  async publish(entries: readonly InventoryEntry[]): Promise<void> {
+  /**
+   * Publishes the local inventory's identity certificates that are new, or
+   * newly revoked, and purges the records of certificates that expired
+   * longer ago than the inventories keep them.
+   */
+  async publish(entries: readonly InventoryEntry[], now = new Date()): Promise<void> {
+    await this.#purgeExpired(now);
     for (const e of entries) {
       const record = sharedRecord(e);
-      if (!record) continue;
+      if (!record || expiredLongAgo(new Date(record.notAfter), now)) continue;
       const stored = this.#records.get(record.serial);
       if (stored && (stored.revoked || !record.revoked)) continue;
       this.#records.set(record.serial, record);
       await this.#kv.put(record.serial, JSON.stringify(record));
+    }
+  }
+
+  /**
+   * Removes the records of long-expired certificates, here and from the
+   * bucket's stream by subject (a KV delete would leave a marker for good).
+   * Other orchestrators are not told: each drops them by the same rule.
+   */
+  async #purgeExpired(now: Date): Promise<void> {
+    for (const [key, record] of this.#records) {
+      if (!expiredLongAgo(new Date(record.notAfter), now)) continue;
+      await this.#jsm.streams.purge(`KV_${IDENTITIES_BUCKET}`, { filter: `$KV.${IDENTITIES_BUCKET}.${key}` });
+      this.#records.delete(key);
     }
   }
 

@@ -29,6 +29,8 @@ export { isIdentityRevoked, revokedIdentities, revokeIdentity } from "./identity
 export {
   assertRevocationReason,
   type CertificateStatus,
+  EXPIRED_RETENTION_MS,
+  expiredLongAgo,
   INVENTORY_FILE,
   type InventoryEntry,
   type InventoryFile,

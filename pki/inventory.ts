@@ -143,14 +143,32 @@ export async function writeInventory(dir: string, inventory: InventoryFile): Pro
 }
 
 /**
+ * How long a certificate stays in the inventory after it expired (revoked or
+ * not): `pki list` shows it meanwhile. An expired certificate admits nothing
+ * and verifies nothing, so it is of no use after that, while a node renewing
+ * every 16 hours adds one and a half certificates a day. @default 7 days
+ */
+export const EXPIRED_RETENTION_MS = 7 * 24 * 60 * 60 * 1000;
+
+/** True when a certificate expired longer ago than {@link EXPIRED_RETENTION_MS} at `now`. */
+export function expiredLongAgo(notAfter: Date, now: Date): boolean {
+  return notAfter.getTime() + EXPIRED_RETENTION_MS < now.getTime();
+}
+
+/**
  * Read-modify-write of the inventory under its lock, so concurrent `pki issue`
  * runs (in any process) never lose an entry. `change` may throw to abort; the
- * file is then left as it was.
+ * file is then left as it was. Each write also drops the certificates that
+ * expired longer ago than {@link EXPIRED_RETENTION_MS}, so the file (rewritten
+ * whole, and read again by the orchestrator at each change) does not grow
+ * with every renewal ever made.
  */
 export async function updateInventory<T>(dir: string, change: (inventory: InventoryFile) => T): Promise<T> {
   return withFileLock(path.join(dir, `${INVENTORY_FILE}.lock`), async () => {
     const inventory = await readInventory(dir);
     const result = change(inventory);
+    const now = new Date();
+    inventory.certificates = inventory.certificates.filter((e) => !expiredLongAgo(e.notAfter, now));
     await writeInventory(dir, inventory);
     return result;
   });

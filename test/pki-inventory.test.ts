@@ -2,7 +2,8 @@ import "reflect-metadata";
 import { promises as fs } from "node:fs";
 import path from "node:path";
 import t from "tap";
-import { listCertificates, openPki, parseCrl, readInventory } from "../pki/index.js";
+import { EXPIRED_RETENTION_MS, listCertificates, openPki, parseCrl, readInventory } from "../pki/index.js";
+import { writeInventory } from "../pki/inventory.js";
 import { freshPki, shoal } from "./helpers/pki.js";
 
 t.test("concurrent issue runs in several processes lose no entry and leave valid JSON", async (t) => {
@@ -69,3 +70,46 @@ t.test("list reports valid, revoked and expired; revoke is idempotent; CRL numbe
     [[revoked.serial, "superseded"]],
   );
 });
+
+t.test(
+  "a certificate expired longer than the retention leaves the inventory and the CRL at the next write",
+  async (t) => {
+    const { dir, pki } = await freshPki(t);
+    const day = 86_400_000;
+    const ago = (ms: number) => new Date(Date.now() - ms);
+    const recent = await pki.issue({
+      role: "compute",
+      id: "recent",
+      notBefore: ago(3 * day),
+      notAfter: ago(day),
+    });
+    const old = await pki.issue({ role: "compute", id: "old", notBefore: ago(3 * day), notAfter: ago(day) });
+    await pki.revoke(old.serial, "superseded");
+    t.same(
+      parseCrl(await pki.crl()).entries.map((e) => e.serial),
+      [old.serial],
+    );
+    // As if a week and more had passed since "old" expired.
+    const inv = await readInventory(dir);
+    const entry = inv.certificates.find((e) => e.serial === old.serial)!;
+    entry.notAfter = ago(EXPIRED_RETENTION_MS + day);
+    await writeInventory(dir, inv);
+
+    const long = await pki.issue({
+      role: "compute",
+      id: "born-long-expired",
+      notBefore: ago(EXPIRED_RETENTION_MS + 3 * day),
+      notAfter: ago(EXPIRED_RETENTION_MS + day),
+    });
+    t.same(
+      (await listCertificates(dir)).map((e) => [e.serial, e.status]),
+      [[recent.serial, "expired"]],
+      "only the certificate expired within the retention is listed",
+    );
+    t.notOk(
+      (await listCertificates(dir)).some((e) => e.serial === long.serial),
+      "one issued long expired is not kept",
+    );
+    t.same(parseCrl(await pki.crl()).entries, [], "nor is the long-expired revoked one in the CRL");
+  },
+);
