@@ -2,7 +2,9 @@ import "reflect-metadata";
 import { jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import t from "tap";
-import { moduleDigest, silentLogger } from "../core/index.js";
+import { ApiClient } from "../cli/api-client.js";
+import { submitJob } from "../cli/job-submit.js";
+import { moduleDigest, silentLogger, wasmJobSpec } from "../core/index.js";
 import { buildApi } from "../orchestrator/api.js";
 import { parseSubmittedJob } from "../orchestrator/job-requirements.js";
 import { type JobDispatch, JobService } from "../orchestrator/job-service.js";
@@ -169,6 +171,29 @@ t.test("the API validates every body and answers errors with code, message, fix 
     Job: spec({}, { Engine: { Type: "wasm", Params: { EntryModule: storedModule(digest) } } }),
   });
   t.equal(reuse.status, 201, "a job may name a stored module by its digest");
+
+  // The CLI names a large module by digest first, and sends it only when the orchestrator lacks it.
+  const client = await ApiClient.create({ url: `https://127.0.0.1:${port}`, caPem: pki.caCertPem, env: {} });
+  t.teardown(() => client.close());
+  let puts = 0;
+  const put = modules.put.bind(modules);
+  modules.put = (d, b) => {
+    puts++;
+    return put(d, b);
+  };
+  const large = wasmJobSpec({ name: "large", module: Buffer.concat([module, Buffer.alloc(1)]) });
+  const first = await submitJob(client, large);
+  t.equal(puts, 1, "a module the orchestrator lacks is sent, after it answered so");
+  const second = await submitJob(client, large);
+  t.equal(puts, 1, "once stored it is named by digest only");
+  t.not(first, second);
+  t.same(
+    (await call("GET", `/api/v1/orchestrator/jobs/${second}`)).json.Job.Spec,
+    (await call("GET", `/api/v1/orchestrator/jobs/${first}`)).json.Job.Spec,
+    "both jobs are stored alike",
+  );
+  await submitJob(client, wasmJobSpec({ name: "small", module: Buffer.from(module.subarray(0, 1000)) }));
+  t.equal(puts, 2, "a small module is sent inline at once");
 
   const envelope = await call("PUT", "/api/v1/orchestrator/jobs", { Job: spec(), Extra: 1 });
   t.equal(envelope.status, 400);

@@ -2,10 +2,11 @@ import { createHash } from "node:crypto";
 import { createWriteStream, promises as fs } from "node:fs";
 import path from "node:path";
 import { pipeline } from "node:stream/promises";
-import { loadJobSpecFile, readFileChecked, ShoalError, wasmJobSpec } from "../../core/index.js";
+import { type JobSpec, loadJobSpecFile, readFileChecked, ShoalError, wasmJobSpec } from "../../core/index.js";
 import type { ExecutionResults, JobEvent, JobRecord, JobView, LogEntry } from "../../orchestrator/index.js";
 import { isSafeResultName } from "../../orchestrator/index.js";
 import type { ApiClient } from "../api-client.js";
+import { submitJob } from "../job-submit.js";
 import {
   type ApiArgs,
   download as fetchFile,
@@ -139,7 +140,7 @@ export const jobCommand: CommandModule = (cli) =>
             .parserConfiguration({ "populate--": true }),
         async (argv: Args) => {
           const args = ((argv["--"] as string[] | undefined) ?? []).map(String);
-          let spec: unknown;
+          let spec: JobSpec;
           if (argv.wasm && argv.spec)
             throw new ShoalError("SHOAL_USAGE", "give a spec file or --wasm, not both");
           if (typeof argv.wasm === "string") {
@@ -159,7 +160,7 @@ export const jobCommand: CommandModule = (cli) =>
             });
           }
           await withClient(argv, async (api) => {
-            const { JobID } = await api.put<{ JobID: string }>("/api/v1/orchestrator/jobs", { Job: spec });
+            const JobID = await submitJob(api, spec);
             if (!argv.wait && !argv.follow) {
               if (json(argv)) printJson({ JobID });
               else process.stdout.write(`${JobID}\n`);
