@@ -321,11 +321,25 @@ export class Dispatcher implements JobDispatch {
       .catch((err) => this.#o.log.error({ err, execution: e.ID }, "cannot store log line"));
   }
 
-  /** Stages one result chunk; call in arrival order (chunks and manifest of an execution are serialized). */
+  /**
+   * Stages one result chunk; call in arrival order (chunks and manifest of an
+   * execution are serialized). Only for an execution whose result may still be
+   * stored: an active one, or one that ended Completed or Failed without its
+   * files (the orchestrator failed it past its deadline, say). Chunks for an
+   * execution lost, cancelled or refused would stay staged for good, since
+   * nothing deletes them after its end.
+   */
   handleResultChunk(nodeId: string, body: MessageBody<"result-chunk">): Promise<void> {
     return this.#resultOrder.run(body.executionId, async () => {
       const e = this.#owned(nodeId, body.executionId);
       if (!e) return;
+      if (!isActive(e) && !((e.State === "Completed" || e.State === "Failed") && !e.Results)) {
+        this.#o.log.warn(
+          { node: nodeId, execution: e.ID, state: e.State },
+          "result chunk for an execution whose result is no longer wanted; ignored",
+        );
+        return;
+      }
       if (!(await this.#o.results.stageChunk(body))) {
         this.#o.log.warn(
           { node: nodeId, execution: e.ID, file: body.file, index: body.index },

@@ -1,0 +1,105 @@
+import "reflect-metadata";
+import { promises as fs } from "node:fs";
+import path from "node:path";
+import { jetstream } from "@nats-io/jetstream";
+import { connect } from "@nats-io/transport-node";
+import t, { type Test } from "tap";
+import { silentLogger } from "../core/index.js";
+import type { MessageBody } from "../fabric/index.js";
+import { Dispatcher, type NodeChannel } from "../orchestrator/dispatcher.js";
+import { jobRequirements } from "../orchestrator/job-requirements.js";
+import { LogStore } from "../orchestrator/log-store.js";
+import { placeJob } from "../orchestrator/placement.js";
+import { ResultsStore } from "../orchestrator/results-store.js";
+import { StateStore } from "../orchestrator/state-store.js";
+import { startJetStream, tempDir } from "./helpers/cluster.js";
+import { testNodeService } from "./helpers/node-service.js";
+import { eventually, jobRecord, resultMessages } from "./helpers/records.js";
+
+/**
+ * A node that sends result chunks for an execution and never its manifest
+ * cannot leave them on the orchestrator's disk: when the execution ends
+ * without a result (here: its job is stopped), the real dispatcher deletes
+ * what was staged for it, in order with the execution's result messages.
+ * The node side is a channel that accepts every bid (the dispatcher's
+ * boundary to the fabric), the rest is the orchestrator's own code on a real
+ * JetStream.
+ */
+
+const MINUTE = 60_000;
+
+async function dispatcherWithNode(t: Test) {
+  const dir = await tempDir(t, "shoal-dispatch-");
+  const nc = await connect({ servers: await startJetStream(t, path.join(dir, "js")) });
+  t.teardown(() => nc.close());
+  const store = await StateStore.open(jetstream(nc), silentLogger);
+  t.teardown(() => store.close());
+  const nodes = testNodeService(t, store);
+  const logs = new LogStore(dir);
+  const results = new ResultsStore(dir);
+  await Promise.all([logs.init(), results.init()]);
+  const cancelled: string[] = [];
+  const channel: NodeChannel = {
+    bid: async (): Promise<MessageBody<"bid-reply">> => ({ accept: true, started: true }),
+    run: async () => ({ accepted: true }),
+    cancel: async (_node, body) => {
+      cancelled.push(body.executionId);
+    },
+  };
+  const dispatcher = new Dispatcher({
+    store,
+    nodes,
+    logs,
+    results,
+    channel,
+    log: silentLogger,
+    requirements: (job) => jobRequirements(job, { executionTimeoutMs: MINUTE, queueTimeoutMs: MINUTE }),
+    place: placeJob,
+    queueTimeoutMs: MINUTE,
+    executionTimeoutMs: MINUTE,
+    retryBudget: 0,
+  });
+  t.teardown(() => dispatcher.close());
+  nodes.register(
+    "n1",
+    {
+      nodeId: "n1",
+      chainPem: "",
+      labels: {},
+      capacity: { cpu: 2, memory: 1 << 30 },
+      engines: ["wasm"],
+      version: "test",
+      executions: [],
+    },
+    "",
+  );
+  await nodes.approve("n1");
+  return { dir, store, dispatcher, cancelled };
+}
+
+const exists = (p: string) =>
+  fs.stat(p).then(
+    () => true,
+    () => false,
+  );
+
+t.test("chunks staged for an execution stopped before its result are deleted", async (t) => {
+  const { dir, store, dispatcher, cancelled } = await dispatcherWithNode(t);
+  store.putJob(jobRecord("j-1", Date.now()));
+  dispatcher.enqueue("j-1");
+  await eventually("the execution runs on n1", () =>
+    store.executionsOf("j-1").some((e) => e.State === "Running" && e.NodeID === "n1"),
+  );
+  const execution = store.executionsOf("j-1")[0]!;
+  const { chunks } = resultMessages(execution.ID, ["12345", "67890"]);
+  for (const chunk of chunks) await dispatcher.handleResultChunk("n1", chunk);
+  const staging = path.join(dir, "results", ".staging", execution.ID);
+  t.equal((await fs.readdir(staging)).length, 2, "the node's chunks are staged");
+
+  await dispatcher.stop("j-1", "stopped by the test");
+  t.same(cancelled, [execution.ID], "the node is told to cancel");
+  for (let i = 0; i < 100 && (await exists(staging)); i++) await new Promise((r) => setTimeout(r, 20));
+  t.notOk(await exists(staging), "what it staged is deleted");
+  await dispatcher.handleResultChunk("n1", chunks[0]!);
+  t.notOk(await exists(staging), "and a chunk sent after that is not staged");
+});
