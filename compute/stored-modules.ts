@@ -15,6 +15,12 @@ const TOUCH_INTERVAL_MS = 60_000;
 const UNKNOWN_RETRIES = 20;
 /** Pause between those asks. @default 250 ms */
 const UNKNOWN_RETRY_MS = 250;
+/**
+ * How often a node asks again for a chunk nobody answered (each ask waits the
+ * request timeout): its orchestrator may have just gone, and the node
+ * registers with another of the cluster, which answers the next ask.
+ */
+const NO_ANSWER_RETRIES = 2;
 
 /** One signed `module` request to the orchestrator, resolving to its verified reply. */
 export type ModuleRequest = (body: MessageBody<"module">) => Promise<MessageBody<"module-reply">>;
@@ -122,15 +128,23 @@ export class StoredModules {
     let received = 0;
     let size: number | undefined;
     let unknown = 0;
+    let unanswered = 0;
+    const pause = (times: number) =>
+      new Promise((resolve) => setTimeout(resolve, times * (this.#o.retryMs ?? UNKNOWN_RETRY_MS)));
     while (size === undefined || received < size) {
       let reply: MessageBody<"module-reply">;
       try {
         reply = await this.#o.request({ executionId, digest, offset: received });
       } catch (err) {
+        if (unanswered++ < NO_ANSWER_RETRIES) {
+          await pause(4);
+          continue;
+        }
         throw unavailable(digest, `the orchestrator did not answer: ${(err as Error).message}`, err);
       }
-      if (reply.unknown && received === 0 && unknown++ < UNKNOWN_RETRIES) {
-        await new Promise((resolve) => setTimeout(resolve, this.#o.retryMs ?? UNKNOWN_RETRY_MS));
+      // Not known yet (its record is on its way) or not known here (a new orchestrator after a failover).
+      if (reply.unknown && unknown++ < UNKNOWN_RETRIES) {
+        await pause(1);
         continue;
       }
       if (reply.size === undefined || reply.data === undefined) {
