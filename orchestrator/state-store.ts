@@ -22,15 +22,28 @@ export const BUCKETS = {
 
 /**
  * Events per stored page of a job's history: a job's history is kept in
- * `shoal-events` as pages `<job>.<n>` of up to this many events (about
- * 16 KB), so a long history (a batch job of Count 1000 makes thousands of
- * events) never outgrows one NATS message, and an event rewrites one page,
- * not the whole history. A history stored whole under `<job>` (before pages)
- * is still read, before the pages.
+ * `shoal-events` as pages of up to this many events (about 16 KB), so a long
+ * history (a batch job of Count 1000 makes thousands of events) never
+ * outgrows one NATS message, and an event rewrites one page, not the whole
+ * history. A single orchestrator writes pages `<job>.<n>`; in a cluster each
+ * orchestrator writes its own, `<job>.<name>.<n>`, so no page has two
+ * writers: an owner that has not yet heard of a takeover, or a new owner
+ * whose copy of the history lags, cannot overwrite the other's events. A
+ * history stored whole under `<job>` (before pages) is still read.
  */
 export const HISTORY_PAGE_EVENTS = 64;
 
-const pageKey = (jobId: string, page: number) => `${jobId}.${page}`;
+/** Page `page` of a job's history written by `writer` (an orchestrator of a cluster; none for a single one). */
+const pageKey = (jobId: string, writer: string | undefined, page: number) =>
+  writer === undefined ? `${jobId}.${page}` : `${jobId}.${writer}.${page}`;
+
+/** The writer and number of a page key's `<n>` or `<writer>.<n>` part; undefined for anything else. */
+function parsePage(rest: string): { writer: string | undefined; page: number } | undefined {
+  const dot = rest.lastIndexOf(".");
+  const page = Number(dot < 0 ? rest : rest.slice(dot + 1));
+  if (!Number.isInteger(page) || page < 0) return undefined;
+  return { writer: dot < 0 ? undefined : rest.slice(0, dot), page };
+}
 
 /** A change the API's watchers and the dispatcher react to. */
 export type StateChange =
@@ -47,8 +60,10 @@ export type StateChange =
 export class StateStore {
   readonly #emitter = new EventEmitter();
   readonly #executionsByJob = new Map<string, Set<string>>();
-  /** How many history pages each job has (see {@link HISTORY_PAGE_EVENTS}). */
-  readonly #pages = new Map<string, number>();
+  /** Each job's history pages, every writer's (see {@link HISTORY_PAGE_EVENTS}). */
+  readonly #pages = new Map<string, Set<string>>();
+  /** How many pages of each job's history this orchestrator wrote. */
+  readonly #ownPages = new Map<string, number>();
   #acting: () => boolean = () => true;
   readonly #log: Logger;
 
@@ -200,13 +215,15 @@ export class StateStore {
 
   appendEvent(event: JobEvent): void {
     if (!this.#writable(event.JobID)) return;
-    const pages = this.#pages.get(event.JobID) ?? 0;
-    const last = pages > 0 ? this.events.get(pageKey(event.JobID, pages - 1)) : undefined;
+    const pages = this.#ownPages.get(event.JobID) ?? 0;
+    const lastKey = pageKey(event.JobID, this.owner, pages - 1);
+    const last = pages > 0 ? this.events.get(lastKey) : undefined;
     if (last && last.length < HISTORY_PAGE_EVENTS) {
-      this.events.put(pageKey(event.JobID, pages - 1), [...last, event]);
+      this.events.put(lastKey, [...last, event]);
     } else {
-      this.events.put(pageKey(event.JobID, pages), [event]);
-      this.#pages.set(event.JobID, pages + 1);
+      const key = pageKey(event.JobID, this.owner, pages);
+      this.events.put(key, [event]);
+      this.#indexPage(key);
     }
     this.#emitEvent(event);
   }
@@ -259,8 +276,16 @@ export class StateStore {
     return next;
   }
 
+  /**
+   * The job's events: in the order written, and when several orchestrators
+   * wrote pages (a takeover), merged by time.
+   */
   history(jobId: string): JobEvent[] {
-    return this.#historyKeys(jobId).flatMap((key) => this.events.get(key) ?? []);
+    const keys = this.#historyKeys(jobId);
+    const events = keys.flatMap((key) => this.events.get(key) ?? []);
+    const writers = new Set(keys.slice(1).map((key) => parsePage(key.slice(jobId.length + 1))?.writer));
+    // A stable sort: each writer's events keep their order.
+    return writers.size > 1 ? events.sort((a, b) => a.Time - b.Time) : events;
   }
 
   executionsOf(jobId: string): ExecutionRecord[] {
@@ -280,6 +305,7 @@ export class StateStore {
     this.jobs.forget(jobId);
     for (const key of this.#historyKeys(jobId)) this.events.forget(key);
     this.#pages.delete(jobId);
+    this.#ownPages.delete(jobId);
     this.#executionsByJob.delete(jobId);
   }
 
@@ -391,17 +417,30 @@ export class StateStore {
     this.#emitter.emit(`job:${event.JobID}`, { type: "event", event } satisfies StateChange);
   }
 
-  /** The `shoal-events` keys of the job's history, in order: a whole history stored before pages, then the pages. */
+  /** The `shoal-events` keys of the job's history: a whole history stored before pages, then each writer's pages in order. */
   #historyKeys(jobId: string): string[] {
-    return [jobId, ...Array.from({ length: this.#pages.get(jobId) ?? 0 }, (_, page) => pageKey(jobId, page))];
+    const pages = [...(this.#pages.get(jobId) ?? [])].map((key) => ({
+      key,
+      ...parsePage(key.slice(jobId.length + 1))!,
+    }));
+    pages.sort((a, b) => (a.writer ?? "").localeCompare(b.writer ?? "") || a.page - b.page);
+    return [jobId, ...pages.map((p) => p.key)];
   }
 
   #indexPage(key: string): void {
     const jobId = jobOfPage(key);
-    const page = Number(key.slice(jobId.length + 1));
     // A key without a page is a whole history stored before pages: history() reads it first.
-    if (key === jobId || !Number.isInteger(page) || page < 0) return;
-    if (page >= (this.#pages.get(jobId) ?? 0)) this.#pages.set(jobId, page + 1);
+    const parsed = key === jobId ? undefined : parsePage(key.slice(jobId.length + 1));
+    if (!parsed) return;
+    let pages = this.#pages.get(jobId);
+    if (!pages) {
+      pages = new Set();
+      this.#pages.set(jobId, pages);
+    }
+    pages.add(key);
+    if (parsed.writer === this.owner && parsed.page >= (this.#ownPages.get(jobId) ?? 0)) {
+      this.#ownPages.set(jobId, parsed.page + 1);
+    }
   }
 
   #index(e: ExecutionRecord): void {

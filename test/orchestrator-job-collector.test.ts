@@ -153,13 +153,14 @@ t.test(
     t.same(b.store.history("j-old"), []);
     t.same(await b.logs.read("j-old"), [], "B's copy of its logs is removed");
     t.ok(await inKv(BUCKETS.jobs, "j-old"), "but only its owner purges it");
+    t.ok(await inKv(BUCKETS.events, "j-old.orch-a.0"), "its history too (A's page of it)");
     t.equal(await objects(), 2, "its result file stays in the object store (a chunk and a description)");
 
     t.equal(await a.collector.sweep(expiredAt), 1, "A removes its expired job");
     t.notOk(a.store.jobs.has("j-old"));
     for (const [bucket, key] of [
       [BUCKETS.jobs, "j-old"],
-      [BUCKETS.events, "j-old.0"],
+      [BUCKETS.events, "j-old.orch-a.0"],
       [BUCKETS.executions, executionId],
     ] as const) {
       t.notOk(await inKv(bucket, key), `${bucket} holds nothing of it, not even a delete marker`);

@@ -244,6 +244,40 @@ t.test("a long history is stored in pages, read back in order and followed by th
   t.same(times(await open("orch-c")), expected, "and after a restart");
 });
 
+t.test("a new owner whose copy of the history lags does not overwrite the old owner's events", async (t) => {
+  const open = await clusterStores(t, "shoal-state-pages-");
+  const a = await open("orch-a");
+  const start = Date.now() - 10_000;
+  const event = (i: number, by: string): JobEvent => ({
+    Time: start + i,
+    JobID: "j-1",
+    Type: "JobStateUpdate",
+    State: "Running",
+    Message: `event ${i} by ${by}`,
+  });
+  a.putJob(jobRecord("j-1", start, { Orchestrator: "orch-a", State: "Running" }));
+  a.appendEvent(event(1, "A"));
+  a.appendEvent(event(2, "A"));
+  await a.flush();
+  const b = await open("orch-b");
+  t.equal(b.history("j-1").length, 2, "B loaded the history so far");
+  // B stops following (its history copy lags from here); A records one more event.
+  b.close();
+  a.appendEvent(event(3, "A"));
+  await a.flush();
+  // B takes the job over (its claim writes an event) and records one of its own.
+  t.ok(await b.claimJob("j-1", () => true, "the test"));
+  b.appendEvent(event(20_000, "B"));
+  await b.flush();
+
+  const c = await open("orch-c");
+  t.same(
+    c.history("j-1").map((e) => e.Message.split(":")[0]),
+    ["event 1 by A", "event 2 by A", "event 3 by A", "taken over by orch-b from orch-a", "event 20000 by B"],
+    "every event of both owners is stored, in time order",
+  );
+});
+
 /** A JetStream client on a fresh server of the test's own. */
 async function freshJetStream(t: Test, prefix: string) {
   const nc = await connect({ servers: await startJetStream(t, await tempDir(t, prefix)) });
