@@ -30,6 +30,8 @@ export const FABRIC_CODES = defineCodes("fabric", {
   SHOAL_NATS_ROUTE_REJECTED:
     "A route between two servers of the cluster was refused: a certificate not from the fabric CA, without the route name, or not valid for the dialed host.",
   SHOAL_NATS_CONFIG: "The broker configuration cannot be generated (bad identity, path or option).",
+  SHOAL_NATS_STANDALONE_STORE:
+    "The supervised nats-server was asked to join a cluster, but its JetStream store holds streams of a server that ran alone, which nats-server would orphan.",
   SHOAL_ENVELOPE_MALFORMED: "A fabric message is not a well-formed compact JWS envelope.",
   SHOAL_ENVELOPE_TOO_LARGE: "A fabric message exceeds the envelope size limit.",
   SHOAL_ENVELOPE_UNKNOWN_SENDER: "The envelope names a sender certificate this verifier does not know.",

@@ -156,6 +156,7 @@ export class NatsSupervisor {
     await fs.mkdir(this.#o.dir, { recursive: true, mode: 0o700 });
     this.#logExclusions(this.#users);
     try {
+      if (this.#o.cluster && this.#o.jetStream !== false) await refuseStandaloneStore(this.#storeDir);
       await this.#spawn();
     } catch (err) {
       const error = err as NatsServerError;
@@ -213,6 +214,11 @@ export class NatsSupervisor {
     await this.close();
   }
 
+  /** The `store_dir` of the server's JetStream (it keeps its files in a `jetstream` directory under it). */
+  get #storeDir(): string {
+    return path.join(this.#o.dir, "jetstream");
+  }
+
   #render(users: BrokerUsers): string {
     return renderNatsConfig({
       host: this.host,
@@ -223,9 +229,7 @@ export class NatsSupervisor {
       ...(this.#o.cluster && this.#routePort !== undefined
         ? { cluster: { ...this.#o.cluster, port: this.#routePort } }
         : {}),
-      ...(this.#o.jetStream === false
-        ? {}
-        : { jetStream: { storeDir: path.join(this.#o.dir, "jetstream") } }),
+      ...(this.#o.jetStream === false ? {} : { jetStream: { storeDir: this.#storeDir } }),
     });
   }
 
@@ -496,5 +500,34 @@ export class NatsSupervisor {
         this.#log.debug(e, "identity is not a broker user");
       }
     }
+  }
+}
+
+/**
+ * Refuses a JetStream store written by a server that ran alone (streams on
+ * disk, no cluster metadata): nats-server 2.9 does not carry such streams
+ * into a cluster. Started with a `cluster {}` block it lists none of them and
+ * treats them as orphans, so an orchestrator would find its buckets empty
+ * and create new ones over its jobs, nodes and users.
+ *
+ * @throws NatsServerError SHOAL_NATS_STANDALONE_STORE
+ */
+async function refuseStandaloneStore(storeDir: string): Promise<void> {
+  const store = path.join(storeDir, "jetstream");
+  const clustered = await fs.stat(path.join(store, "$SYS", "_js_", "_meta_")).then(
+    () => true,
+    () => false,
+  );
+  if (clustered) return;
+  for (const account of await fs.readdir(store).catch(() => [] as string[])) {
+    const streams = await fs.readdir(path.join(store, account, "streams")).catch(() => [] as string[]);
+    if (streams.length === 0) continue;
+    throw new NatsServerError(
+      FABRIC_CODES.SHOAL_NATS_STANDALONE_STORE,
+      `${store} holds the streams of a nats-server that ran without a cluster (${streams.slice(0, 3).join(", ")}${streams.length > 3 ? ", ..." : ""}); nats-server does not carry them into a cluster, and the state in them would be lost`,
+      {
+        fix: "start the orchestrators of a cluster with fresh data directories, or run this one without Orchestrator.Cluster.*; keep this data directory to go on without a cluster",
+      },
+    );
   }
 }

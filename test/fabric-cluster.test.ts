@@ -1,6 +1,8 @@
 import "reflect-metadata";
 import { promises as fs } from "node:fs";
 import path from "node:path";
+import { jetstream } from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
 import t from "tap";
 import {
   connectFabric,
@@ -11,7 +13,7 @@ import {
   routeCertificateName,
 } from "../fabric/index.js";
 import { initPki, openPki, writeIssued } from "../pki/index.js";
-import { startTestFabric } from "./helpers/nats.js";
+import { joinFabric, startTestFabric } from "./helpers/nats.js";
 
 const TD = "test.local";
 
@@ -143,3 +145,65 @@ t.test("servers of one fabric CA route; others are refused with SHOAL_NATS_ROUTE
   );
   t.match(sameCa[0]?.type === "route-rejected" ? sameCa[0].rejection.reason : "", /authentication error/);
 });
+
+/**
+ * nats-server 2.9 does not carry the streams of a server that ran alone into
+ * a cluster (it lists none of them and treats them as orphans), so a
+ * supervised server whose store holds such streams is not started with a
+ * cluster: the orchestrator's state stays on disk, whole.
+ */
+t.test(
+  "a store written without a cluster is refused for a cluster with SHOAL_NATS_STANDALONE_STORE",
+  async (t) => {
+    const fabric = await startTestFabric(t, { serverCert: { dns: ["localhost", routeCertificateName(TD)] } });
+    const orch = await fabric.identity("orchestrator", "orch");
+    const conn = await joinFabric(t, fabric, orch);
+    const kv = await new Kvm(jetstream(conn.nc)).create("shoal-jobs");
+    await kv.put("j-1", "stored alone");
+    await conn.close();
+    await fabric.supervisor.close();
+
+    const dir = path.join(fabric.dir, "nats");
+    const tls = {
+      certFile: path.join(fabric.dir, "server.crt"),
+      keyFile: path.join(fabric.dir, "server.key"),
+      caFile: fabric.caFile,
+    };
+    const clustered = new NatsSupervisor({
+      dir,
+      host: "127.0.0.1",
+      port: -1,
+      serverName: "orch-1",
+      tls,
+      identities: [orch.broker],
+      cluster: {
+        name: "shoal-test",
+        host: "127.0.0.1",
+        port: -1,
+        routes: [],
+        routeName: routeCertificateName(TD),
+        tls,
+      },
+    });
+    t.teardown(() => clustered.close());
+    await t.rejects(clustered.start(), {
+      code: FABRIC_CODES.SHOAL_NATS_STANDALONE_STORE,
+      message: /KV_shoal-jobs/,
+    });
+
+    // Alone again, the server finds the state as it was.
+    const alone = new NatsSupervisor({ dir, host: "127.0.0.1", port: -1, tls, identities: [orch.broker] });
+    t.teardown(() => alone.close());
+    await alone.start();
+    const again = await connectFabric({
+      servers: alone.url,
+      caFile: fabric.caFile,
+      certFile: orch.certFile,
+      keyFile: orch.keyFile,
+      identity: orch.spiffeId,
+    });
+    t.teardown(() => again.close());
+    const entry = await (await new Kvm(jetstream(again.nc)).open("shoal-jobs")).get("j-1");
+    t.equal(entry?.string(), "stored alone");
+  },
+);
