@@ -207,21 +207,29 @@ export class FabricLink implements NodeChannel {
    */
   async #module(nodeId: string, body: MessageBody<"module">): Promise<MessageBody<"module-reply">> {
     const refuse = (reason: string, unknown = false): MessageBody<"module-reply"> => {
-      this.#o.log.warn(
+      // Not known (yet) is asked again by the node: a real refusal is the one worth a warning.
+      this.#o.log[unknown ? "debug" : "warn"](
         { node: nodeId, execution: body.executionId, module: body.digest, reason },
         "module refused",
       );
       return { reason, ...(unknown ? { unknown } : {}) };
     };
-    const execution = this.#o.store.executions.get(body.executionId);
+    // A record this orchestrator has not followed yet (its follower of the bucket may lag
+    // after a server loss) is read from the bucket itself.
+    const { store } = this.#o;
+    const execution =
+      store.executions.get(body.executionId) ??
+      (await store.executions.stored(body.executionId).catch(() => undefined));
     if (!execution) return refuse(`execution ${body.executionId} is not known here`, true);
     if (execution.NodeID !== nodeId)
       return refuse(`execution ${body.executionId} is not placed on ${nodeId}`);
     if (TERMINAL_EXECUTION_STATES.has(execution.State)) {
       return refuse(`execution ${body.executionId} is ${execution.State}`);
     }
-    const job = this.#o.store.jobs.get(execution.JobID);
-    if (!job || !storedModules(job.Spec as JobSpec).some((m) => m.digest === body.digest)) {
+    const job =
+      store.jobs.get(execution.JobID) ?? (await store.jobs.stored(execution.JobID).catch(() => undefined));
+    if (!job) return refuse(`job ${execution.JobID} is not known here`, true);
+    if (!storedModules(job.Spec as JobSpec).some((m) => m.digest === body.digest)) {
       return refuse(`job ${execution.JobID} does not run module ${body.digest}`);
     }
     const part = await this.#o.modules.read(body.digest, body.offset, MODULE_CHUNK_BYTES);

@@ -194,6 +194,25 @@ t.test("an orchestrator hands a module only to the node running a job that names
   }
   const unknown = await asN1({ executionId: "e-nope", digest, offset: 0 });
   t.same(unknown, { reason: "execution e-nope is not known here", unknown: true }, "may be on its way");
+
+  // Records another orchestrator stored that this one has not followed (its follower lags
+  // after a server loss) are read from the buckets themselves.
+  const elsewhere = await StateStore.open(jetstream((await joinFabric(t, fabric, orchId)).nc), silentLogger);
+  t.teardown(() => elsewhere.close());
+  const { record: lagging } = job("j-3", module);
+  elsewhere.putJob(lagging);
+  elsewhere.putExecution(execution("e-lagging", "j-3", "Running"));
+  await elsewhere.flush();
+  t.notOk(store.jobs.has("j-3"), "not in this orchestrator's memory");
+  const read = await asN1({ executionId: "e-lagging", digest, offset: 0 });
+  t.equal(read.size, module.length, "served from the stored records");
+  elsewhere.putExecution(execution("e-orphan", "j-missing", "Running"));
+  await elsewhere.flush();
+  t.same(
+    await asN1({ executionId: "e-orphan", digest, offset: 0 }),
+    { reason: "job j-missing is not known here", unknown: true },
+    "an execution whose job is nowhere yet may be asked for again",
+  );
 });
 
 /** `ask(node)`: that node's signed `module` requests to the orchestrator, each resolving to the verified reply. */
