@@ -131,34 +131,3 @@ export async function whenJetStreamReady<T>(
     }
   }
 }
-
-/**
- * Raises the number of copies of the cluster's `streams` that have fewer
- * than `replicas`: buckets made while the cluster had fewer peers keep their
- * count otherwise (a cluster grown from two orchestrators to three would
- * stay without fault tolerance). Never lowers a count. A stream that cannot
- * be raised now (not enough servers up) is logged and keeps its count until
- * the next start. Resolves to the streams raised.
- */
-export async function raiseReplicas(
-  nc: NatsConnection,
-  streams: readonly string[],
-  replicas: number,
-  log: Logger,
-): Promise<string[]> {
-  const jsm = await jetstreamManager(nc);
-  const raised: string[] = [];
-  for (const stream of streams) {
-    try {
-      const info = await jsm.streams.info(stream);
-      const from = info.config.num_replicas;
-      if (from >= replicas) continue;
-      await jsm.streams.update(stream, { ...info.config, num_replicas: replicas });
-      log.info({ stream, from, to: replicas }, "copies of the stream raised");
-      raised.push(stream);
-    } catch (err) {
-      log.warn({ stream, err }, "cannot raise the copies of the stream now; it keeps its count");
-    }
-  }
-  return raised;
-}

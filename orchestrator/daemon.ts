@@ -29,7 +29,6 @@ import {
   CLUSTER_JETSTREAM_TIMEOUT_MS,
   clusterState,
   DEFAULT_JETSTREAM_WAIT_MS,
-  raiseReplicas,
   routeCertificateNames,
   serverName,
   whenJetStreamReady,
@@ -257,21 +256,19 @@ export class Orchestrator {
         cluster ? sharedObjects(js, MODULES_BUCKET, replicas) : undefined,
       ]);
     };
-    const clusterStreams = [
-      ...[
-        ...Object.values(BUCKETS),
-        ...Object.values(AUTH_BUCKETS),
-        IDENTITIES_BUCKET,
-        PENDING_ENROLLMENTS_BUCKET,
-        LEASES_BUCKET,
-      ].map((bucket) => `KV_${bucket}`),
-      `OBJ_${RESULTS_BUCKET}`,
-      `OBJ_${MODULES_BUCKET}`,
-    ];
     const [store, authStore, shared, pendingEnrollments, leases, sharedResults, sharedModules] = cluster
-      ? await whenJetStreamReady(fabric.nc, this.#log, DEFAULT_JETSTREAM_WAIT_MS, buckets, clusterStreams)
+      ? await whenJetStreamReady(fabric.nc, this.#log, DEFAULT_JETSTREAM_WAIT_MS, buckets, [
+          ...[
+            ...Object.values(BUCKETS),
+            ...Object.values(AUTH_BUCKETS),
+            IDENTITIES_BUCKET,
+            PENDING_ENROLLMENTS_BUCKET,
+            LEASES_BUCKET,
+          ].map((bucket) => `KV_${bucket}`),
+          `OBJ_${RESULTS_BUCKET}`,
+          `OBJ_${MODULES_BUCKET}`,
+        ])
       : await buckets();
-    if (cluster) await raiseReplicas(fabric.nc, clusterStreams, replicas, this.#log);
     this.#cleanups.push(async () => authStore.close());
     if (shared) this.#cleanups.push(async () => shared.close());
     this.#cleanups.push(async () => pendingEnrollments.close());
