@@ -1,7 +1,13 @@
-import { randomBytes } from "node:crypto";
 import { promises as fs } from "node:fs";
 import path from "node:path";
-import { DEFAULT_MAX_MODULE_BYTES, formatBytes, type Logger, moduleDigest } from "../core/index.js";
+import {
+  DEFAULT_MAX_MODULE_BYTES,
+  formatBytes,
+  type Logger,
+  moduleDigest,
+  prepareAtomicDir,
+  writeFileAtomic,
+} from "../core/index.js";
 import type { MessageBody } from "../fabric/index.js";
 import { ENGINE_CODES, EngineError } from "./engines/index.js";
 
@@ -69,10 +75,8 @@ export class StoredModules {
     this.#o = options;
   }
 
-  async init(): Promise<void> {
-    await fs.mkdir(this.#o.dir, { recursive: true, mode: 0o700 });
-    const leftovers = (await fs.readdir(this.#o.dir)).filter((name) => name.endsWith(".tmp"));
-    await Promise.all(leftovers.map((name) => fs.rm(path.join(this.#o.dir, name), { force: true })));
+  init(): Promise<void> {
+    return prepareAtomicDir(this.#o.dir);
   }
 
   /**
@@ -176,16 +180,9 @@ export class StoredModules {
     return bytes;
   }
 
-  /** Writes the module (temporary file, then rename) and evicts the least recently used past the cap. */
+  /** Writes the module (atomically) and evicts the least recently used past the cap. */
   async #keep(file: string, bytes: Buffer): Promise<void> {
-    const tmp = `${file}.${randomBytes(6).toString("hex")}.tmp`;
-    try {
-      await fs.writeFile(tmp, bytes, { mode: 0o600 });
-      await fs.rename(tmp, file);
-    } catch (err) {
-      await fs.rm(tmp, { force: true });
-      throw err;
-    }
+    await writeFileAtomic(file, bytes, 0o600);
     const names = (await fs.readdir(this.#o.dir)).filter((n) => n.endsWith(".wasm"));
     const entries = await Promise.all(
       names.map(async (name) => {

@@ -89,6 +89,16 @@ export async function writeFileAtomic(
 }
 
 /**
+ * Creates `dir` (0700) if needed and removes the temporary files that
+ * {@link writeFileAtomic} leaves there when a process dies mid-write.
+ */
+export async function prepareAtomicDir(dir: string): Promise<void> {
+  await fs.mkdir(dir, { recursive: true, mode: 0o700 });
+  const leftovers = (await fs.readdir(dir)).filter((name) => name.endsWith(".tmp"));
+  await Promise.all(leftovers.map((name) => fs.rm(path.join(dir, name), { force: true })));
+}
+
+/**
  * Runs `fn` while holding an exclusive lock on `lockFile` (created with O_EXCL,
  * removed afterwards). Another process waiting for the lock retries for up to
  * `timeoutMs`; a lock older than `staleMs` is taken over (its holder crashed).

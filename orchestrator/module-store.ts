@@ -1,6 +1,6 @@
-import { randomBytes } from "node:crypto";
 import { promises as fs } from "node:fs";
 import path from "node:path";
+import { prepareAtomicDir, writeFileAtomic } from "../core/index.js";
 import type { SharedObjects } from "./results-store.js";
 import { objectChunks, objectInfo, purgeObject } from "./stored-objects.js";
 
@@ -42,10 +42,8 @@ export class ModuleStore {
   }
 
   /** Creates the directory and drops copies a crash left half written. */
-  async init(): Promise<void> {
-    await fs.mkdir(this.#dir, { recursive: true, mode: 0o700 });
-    const leftovers = (await fs.readdir(this.#dir)).filter((name) => name.endsWith(".tmp"));
-    await Promise.all(leftovers.map((name) => fs.rm(path.join(this.#dir, name), { force: true })));
+  init(): Promise<void> {
+    return prepareAtomicDir(this.#dir);
   }
 
   /**
@@ -73,7 +71,7 @@ export class ModuleStore {
   async put(digest: string, bytes: Buffer): Promise<void> {
     const hex = hexOf(digest);
     if (!hex) throw new Error(`not a module digest: ${digest}`);
-    await this.#writeLocal(hex, async (file) => fs.writeFile(file, bytes, { mode: 0o600 }));
+    await this.#writeLocal(hex, async () => bytes);
     const shared = this.#shared;
     if (!shared) return;
     const info = await objectInfo(shared.jsm, MODULES_BUCKET, hex);
@@ -145,22 +143,15 @@ export class ModuleStore {
     return path.join(this.#dir, `${hex}.wasm`);
   }
 
-  /** Writes the local copy through `write` (to a temporary file, then renamed) unless it exists. */
-  async #writeLocal(hex: string, write: (file: string) => Promise<void>): Promise<void> {
+  /** Writes the local copy of the bytes `content` gives (atomically) unless it exists. */
+  async #writeLocal(hex: string, content: () => Promise<Uint8Array>): Promise<void> {
     const under = this.#copying.get(hex);
     if (under) return under;
     const target = this.#file(hex);
     if (await isFile(target)) return;
-    const copy = (async () => {
-      const tmp = `${target}.${randomBytes(6).toString("hex")}.tmp`;
-      try {
-        await write(tmp);
-        await fs.rename(tmp, target);
-      } catch (err) {
-        await fs.rm(tmp, { force: true });
-        throw err;
-      }
-    })().finally(() => this.#copying.delete(hex));
+    const copy = (async () => writeFileAtomic(target, await content(), 0o600))().finally(() =>
+      this.#copying.delete(hex),
+    );
     this.#copying.set(hex, copy);
     return copy;
   }
@@ -172,16 +163,11 @@ export class ModuleStore {
     if (!shared) return false;
     const info = await objectInfo(shared.jsm, MODULES_BUCKET, hex);
     if (!info || info.deleted) return false;
-    await this.#writeLocal(hex, async (file) => {
-      const out = await fs.open(file, "w", 0o600);
-      try {
-        for await (const chunk of objectChunks(shared.jsm, info, { size: info.size, sha256: hex })) {
-          await out.write(chunk);
-        }
-        await out.sync();
-      } finally {
-        await out.close();
-      }
+    await this.#writeLocal(hex, async () => {
+      const chunks: Uint8Array[] = [];
+      for await (const chunk of objectChunks(shared.jsm, info, { size: info.size, sha256: hex }))
+        chunks.push(chunk);
+      return Buffer.concat(chunks);
     });
     return true;
   }

@@ -14,6 +14,18 @@ import { getJob, submitJob, waitForJob, wasmEngine, writeSpec } from "./helpers/
  * other job runs.
  * Requires dist/wasm (scripts/build-wasm).
  */
+/** Waits (5 s at most) until nothing is at `file`. */
+const untilGone = (what: string, file: string) =>
+  waitUntil(
+    what,
+    () =>
+      fs.stat(file).then(
+        () => undefined,
+        () => true,
+      ),
+    5_000,
+  );
+
 t.test("a finished job is removed with its result files once the threshold has passed", async (t) => {
   const dir = await tempDir(t);
   const orch = await startOrchestrator(t, path.join(dir, "orch"), ["-c", "Orchestrator.JobGC.Threshold=2s"]);
@@ -53,15 +65,7 @@ t.test("a finished job is removed with its result files once the threshold has p
   t.equal(err.status, 404);
   t.equal(err.code, "SHOAL_ORCH_JOB_NOT_FOUND");
   // The job is forgotten first, its files removed right after.
-  await waitUntil(
-    "its result files are removed",
-    () =>
-      fs.stat(resultsDir).then(
-        () => undefined,
-        () => true,
-      ),
-    5_000,
-  );
+  await untilGone("its result files are removed", resultsDir);
   await t.rejects(fs.stat(resultsDir), { code: "ENOENT" }, "its result files are removed");
   const list = await orch.client.get<{ Items: { ID: string }[] }>("/api/v1/orchestrator/jobs");
   t.notOk(
@@ -70,14 +74,6 @@ t.test("a finished job is removed with its result files once the threshold has p
   );
   t.equal((await getJob(orch, queued)).State, "Queued", "an unfinished job older than the threshold stays");
   // No stored job names the removed job's module: it goes at the second sweep (every 0.5 s) after.
-  await waitUntil(
-    "the removed job's module is removed",
-    () =>
-      fs.stat(upper).then(
-        () => undefined,
-        () => true,
-      ),
-    5_000,
-  );
+  await untilGone("the removed job's module is removed", upper);
   t.ok((await fs.stat(hello)).isFile(), "the queued job's module stays");
 });
