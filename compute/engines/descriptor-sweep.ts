@@ -1,5 +1,6 @@
 import { closeSync, promises as fs } from "node:fs";
 import path from "node:path";
+import { isWithin } from "./host-files.js";
 
 /** Where Linux lists a process's open descriptors, each a link to what it refers to. */
 const OWN_FDS = "/proc/self/fd";
@@ -18,11 +19,10 @@ const OWN_FDS = "/proc/self/fd";
  */
 export async function closeDescriptorsUnder(roots: readonly string[]): Promise<number> {
   const entries = await fs.readdir(OWN_FDS).catch(() => [] as string[]);
-  const isUnder = (target: string) => roots.some((r) => target === r || target.startsWith(r + path.sep));
   let closed = 0;
   for (const entry of entries) {
     const target = await fs.readlink(path.join(OWN_FDS, entry)).catch(() => undefined);
-    if (target === undefined || !isUnder(target)) continue;
+    if (target === undefined || !roots.some((r) => isWithin(target, r))) continue;
     closeSync(Number(entry));
     closed++;
   }

@@ -20,10 +20,13 @@ export const ENGINE_CODES = defineCodes("engines", {
   SHOAL_ENGINE_CRASHED: "The program trapped, ran out of memory or its sandbox failed.",
   SHOAL_ENGINE_CLOSED: "An executor was used after close().",
   SHOAL_INPUT_NOT_ALLOWED: "A job input or module names a host path outside Compute.Inputs.AllowedPaths.",
-  SHOAL_INPUT_MISSING: "A job input or module names a host path that does not exist on this node.",
+  SHOAL_INPUT_MISSING:
+    "A job input or module names a host path that does not exist on this node, is not a regular file or directory, or changed while the node read it.",
   SHOAL_INPUT_TOO_LARGE: "A job's host inputs add up to more than the node copies for one execution.",
   SHOAL_RESULT_ESCAPE: "A result path is a symlink that leads outside the execution's outputs directory.",
   SHOAL_RESULT_TOO_LARGE: "A result file, or all result files together, exceed the node's result size caps.",
+  SHOAL_RESULT_CHANGED:
+    "A result file was removed, or replaced by a link or something not a regular file, while the node collected it.",
 });
 
 export type EngineCode = keyof typeof ENGINE_CODES;

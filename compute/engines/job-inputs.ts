@@ -1,4 +1,4 @@
-import { constants, promises as fs } from "node:fs";
+import { promises as fs } from "node:fs";
 import path from "node:path";
 import {
   DEFAULT_MAX_MODULE_BYTES,
@@ -10,6 +10,17 @@ import {
   type Source,
 } from "../../core/index.js";
 import { ENGINE_CODES, EngineError } from "./errors.js";
+import {
+  HostFileError,
+  isVanished,
+  isWithin,
+  type OpenedFile,
+  openFileWithin,
+  readUpTo,
+} from "./host-files.js";
+
+/** Bytes read and written at a time when a host input is copied. */
+const COPY_CHUNK_BYTES = 1 << 20;
 
 /** Bytes of host inputs copied for one execution. @default 1 GiB */
 export const DEFAULT_MAX_INPUT_BYTES = 2 ** 30;
@@ -33,10 +44,6 @@ export interface PreparedInput {
 async function realRoots(allowedPaths: readonly string[]): Promise<string[]> {
   const roots = await Promise.all(allowedPaths.map((p) => fs.realpath(p).catch(() => undefined)));
   return roots.filter((r): r is string => r !== undefined);
-}
-
-function isWithin(p: string, root: string): boolean {
-  return p === root || p.startsWith(root.endsWith("/") ? root : `${root}/`);
 }
 
 /** The real path of `sourcePath` if it lies under an allowed root; throws INPUT_NOT_ALLOWED / INPUT_MISSING otherwise. */
@@ -74,6 +81,43 @@ async function allowedRealPath(sourcePath: string, roots: readonly string[], wha
 }
 
 /**
+ * Opens host file `p` (a real path under one of `roots`) with {@link openFileWithin},
+ * so the bytes read are those of a regular file still under `roots`, even if
+ * the path was changed since it was checked; its refusals as this module's codes.
+ */
+async function openHostFile(p: string, roots: readonly string[], what: string): Promise<OpenedFile> {
+  try {
+    return await openFileWithin(p, roots);
+  } catch (err) {
+    if (!(err instanceof HostFileError)) throw err;
+    if (err.problem === "outside") {
+      throw new EngineError(
+        ENGINE_CODES.SHOAL_INPUT_NOT_ALLOWED,
+        `${what} ${p} now leads to ${err.real}, outside Compute.Inputs.AllowedPaths`,
+        { cause: err, fix: "use a path under the node's Compute.Inputs.AllowedPaths" },
+      );
+    }
+    throw new EngineError(ENGINE_CODES.SHOAL_INPUT_MISSING, `${what} ${p} is not a regular file`, {
+      cause: err,
+    });
+  }
+}
+
+/** Runs `read` of host path `p`; a path removed, or a part of it replaced, meanwhile is SHOAL_INPUT_MISSING. */
+async function whileUnchanged<T>(what: string, p: string, read: () => Promise<T>): Promise<T> {
+  try {
+    return await read();
+  } catch (err) {
+    if (!isVanished(err)) throw err;
+    throw new EngineError(
+      ENGINE_CODES.SHOAL_INPUT_MISSING,
+      `${what} ${p} changed while it was read (removed, or a part of its path replaced)`,
+      { cause: err, fix: "leave host inputs unchanged while jobs read them" },
+    );
+  }
+}
+
+/**
  * The bytes of a wasm task's `EntryModule`: decoded inline base64, a `stored`
  * module got through `stored` (by its digest), or a `localFile` read from the
  * node when under `allowedPaths`. Checks the WebAssembly header.
@@ -99,19 +143,20 @@ export async function resolveEntryModule(
     }
     bytes = await options.stored(source.Params.Digest ?? "");
   } else {
-    const real = await allowedRealPath(
-      source.Params.SourcePath ?? "",
-      await realRoots(options.allowedPaths),
-      "module",
-    );
-    const stat = await fs.stat(real);
-    if (!stat.isFile() || stat.size > maxBytes) {
-      throw new EngineError(
-        ENGINE_CODES.SHOAL_ENGINE_MODULE_INVALID,
-        `module ${real} is ${stat.isFile() ? `${formatBytes(stat.size)}, over ${formatBytes(maxBytes)}` : "not a file"}`,
-      );
+    const roots = await realRoots(options.allowedPaths);
+    const real = await allowedRealPath(source.Params.SourcePath ?? "", roots, "module");
+    const file = await whileUnchanged("module", real, () => openHostFile(real, roots, "module"));
+    try {
+      if (file.size > maxBytes) {
+        throw new EngineError(
+          ENGINE_CODES.SHOAL_ENGINE_MODULE_INVALID,
+          `module ${real} is ${formatBytes(file.size)}, over ${formatBytes(maxBytes)}`,
+        );
+      }
+      bytes = await readUpTo(file.handle, file.size);
+    } finally {
+      await file.handle.close();
     }
-    bytes = await fs.readFile(real);
   }
   if (!isWasmModule(bytes)) {
     throw new EngineError(
@@ -162,16 +207,17 @@ export async function prepareInputs(
       bytes = data.length;
     } else {
       const real = await allowedRealPath(input.Source.Params.SourcePath ?? "", roots, "input");
-      const stat = await fs.stat(real);
-      if (input.Source.Type === "localFile" && !stat.isFile()) {
-        throw new EngineError(ENGINE_CODES.SHOAL_INPUT_MISSING, `input ${real} is not a regular file`);
-      }
-      if (input.Source.Type === "localDirectory" && !stat.isDirectory()) {
-        throw new EngineError(ENGINE_CODES.SHOAL_INPUT_MISSING, `input ${real} is not a directory`);
-      }
-      bytes = stat.isFile()
-        ? await copyFile(real, dest, mode, budget, input.Target)
-        : await copyTree(real, dest, mode, roots, budget, input.Target);
+      bytes = await whileUnchanged("input", real, async () => {
+        const stat = await fs.stat(real);
+        if (input.Source.Type === "localFile" && !stat.isFile()) {
+          throw new EngineError(ENGINE_CODES.SHOAL_INPUT_MISSING, `input ${real} is not a regular file`);
+        }
+        if (input.Source.Type === "localDirectory" && !stat.isDirectory()) {
+          throw new EngineError(ENGINE_CODES.SHOAL_INPUT_MISSING, `input ${real} is not a directory`);
+        }
+        const copy = { mode, roots, budget, target: input.Target };
+        return stat.isFile() ? await copyFile(real, dest, copy) : await copyTree(real, dest, copy);
+      });
     }
     prepared.push({ target: input.Target, path: dest, bytes });
   }
@@ -191,39 +237,59 @@ function take(budget: { left: number }, bytes: number, target: string): void {
   }
 }
 
-async function copyFile(src: string, dest: string, mode: number, budget: { left: number }, target: string) {
-  const { size } = await fs.stat(src);
-  take(budget, size, target);
-  await fs.mkdir(path.dirname(dest), { recursive: true });
-  await fs.copyFile(src, dest, constants.COPYFILE_EXCL);
-  await fs.chmod(dest, mode);
-  return size;
+/** One host input being copied: its files' mode, the allowed roots, the bytes left, its `Target`. */
+interface HostCopy {
+  mode: number;
+  roots: readonly string[];
+  budget: { left: number };
+  target: string;
 }
 
-async function copyTree(
-  src: string,
-  dest: string,
-  mode: number,
-  roots: readonly string[],
-  budget: { left: number },
-  target: string,
-): Promise<number> {
+/**
+ * Copies host file `src` (under one of `roots`) to `dest`, a new file: the
+ * bytes of the regular file opened, no more than its size when opened.
+ */
+async function copyFile(src: string, dest: string, copy: HostCopy): Promise<number> {
+  const file = await openHostFile(src, copy.roots, "input");
+  try {
+    take(copy.budget, file.size, copy.target);
+    await fs.mkdir(path.dirname(dest), { recursive: true });
+    const out = await fs.open(dest, "wx", copy.mode);
+    try {
+      const buf = Buffer.alloc(Math.min(file.size, COPY_CHUNK_BYTES));
+      for (let at = 0; at < file.size; ) {
+        const { bytesRead } = await file.handle.read(buf, 0, Math.min(buf.length, file.size - at), at);
+        if (bytesRead === 0) break;
+        await out.writeFile(buf.subarray(0, bytesRead));
+        at += bytesRead;
+      }
+      await out.chmod(copy.mode);
+    } finally {
+      await out.close();
+    }
+    return file.size;
+  } finally {
+    await file.handle.close();
+  }
+}
+
+async function copyTree(src: string, dest: string, copy: HostCopy): Promise<number> {
   await fs.mkdir(dest, { recursive: true });
   let total = 0;
   for (const entry of await fs.readdir(src, { withFileTypes: true })) {
     const from = path.join(src, entry.name);
     const to = path.join(dest, entry.name);
-    if (entry.isDirectory()) total += await copyTree(from, to, mode, roots, budget, target);
-    else if (entry.isFile()) total += await copyFile(from, to, mode, budget, target);
+    if (entry.isDirectory()) total += await copyTree(from, to, copy);
+    else if (entry.isFile()) total += await copyFile(from, to, copy);
     else if (entry.isSymbolicLink()) {
-      const real = await allowedRealPath(from, roots, "input link");
+      const real = await allowedRealPath(from, copy.roots, "input link");
       if (!(await fs.stat(real)).isFile()) {
         throw new EngineError(
           ENGINE_CODES.SHOAL_INPUT_NOT_ALLOWED,
           `input link ${from} does not lead to a regular file`,
         );
       }
-      total += await copyFile(real, to, mode, budget, target);
+      total += await copyFile(real, to, copy);
     } else {
       throw new EngineError(ENGINE_CODES.SHOAL_INPUT_NOT_ALLOWED, `input ${from} is not a file or directory`);
     }

@@ -1,8 +1,10 @@
 import { createHash } from "node:crypto";
-import { constants, promises as fs } from "node:fs";
+import { promises as fs } from "node:fs";
+import type { FileHandle } from "node:fs/promises";
 import path from "node:path";
 import { formatBytes, MAX_RESULT_TOTAL_BYTES, OUTPUTS_DIR, type ResultPath } from "../../core/index.js";
 import { ENGINE_CODES, EngineError } from "./errors.js";
+import { HostFileError, isVanished, isWithin, openFileWithin } from "./host-files.js";
 
 /** Largest single result file. @default 64 MiB */
 export const DEFAULT_RESULT_MAX_FILE_BYTES = 64 * 1024 * 1024;
@@ -88,26 +90,48 @@ export async function collectResults(
   const missing: string[] = [];
   const budget: Budget = { files: 0, bytes: 0, manifest: 0 };
   for (const rp of resultPaths) {
-    const rel = path.posix.relative(OUTPUTS_DIR, rp.Path);
-    if (rel.startsWith("..") || path.posix.isAbsolute(rel)) {
-      throw new EngineError(
-        ENGINE_CODES.SHOAL_RESULT_ESCAPE,
-        `result path ${rp.Path} is outside ${OUTPUTS_DIR}`,
-      );
-    }
-    const host = path.join(root, rel);
-    const real = await insideRoot(host, root, rp.Path);
-    if (real === undefined) {
-      missing.push(rp.Name);
-      continue;
-    }
-    const stat = await fs.stat(real);
-    if (stat.isDirectory()) await walk(real, rp.Name, root, found, budget, limits);
-    else if (stat.isFile()) add(found, rp.Name, real, stat.size, budget, limits);
+    await listResult(rp, root, found, missing, budget, limits).catch((err: unknown) => {
+      throw isVanished(err) ? changed(rp.Name, err) : err;
+    });
   }
   const files: CollectedResultFile[] = [];
-  for (const name of [...found.keys()].sort()) files.push(await readChunked(name, found.get(name)!, limits));
+  for (const name of [...found.keys()].sort())
+    files.push(await readChunked(name, found.get(name)!, root, limits));
   return { files, missing };
+}
+
+/** Adds the files of one result path to `found`, or its name to `missing`. */
+async function listResult(
+  rp: ResultPath,
+  root: string,
+  found: Map<string, string>,
+  missing: string[],
+  budget: Budget,
+  limits: Required<ResultCaps>,
+): Promise<void> {
+  const rel = path.posix.relative(OUTPUTS_DIR, rp.Path);
+  if (rel.startsWith("..") || path.posix.isAbsolute(rel)) {
+    throw new EngineError(
+      ENGINE_CODES.SHOAL_RESULT_ESCAPE,
+      `result path ${rp.Path} is outside ${OUTPUTS_DIR}`,
+    );
+  }
+  const real = await insideRoot(path.join(root, rel), root, rp.Path);
+  if (real === undefined) {
+    missing.push(rp.Name);
+    return;
+  }
+  const stat = await fs.stat(real);
+  if (stat.isDirectory()) await walk(real, rp.Name, root, found, budget, limits);
+  else if (stat.isFile()) add(found, rp.Name, real, stat.size, budget, limits);
+}
+
+function changed(name: string, cause: unknown): EngineError {
+  return new EngineError(
+    ENGINE_CODES.SHOAL_RESULT_CHANGED,
+    `result ${name} changed while it was collected (removed, or replaced by a link or a non-file)`,
+    { cause, fix: "write results as regular files under /outputs, and leave them be once the program ends" },
+  );
 }
 
 /** The real path of `p` if it exists and stays inside `root`; undefined if it does not exist. */
@@ -119,7 +143,7 @@ async function insideRoot(p: string, root: string, shown: string): Promise<strin
     if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
     throw err;
   }
-  if (real !== root && !real.startsWith(`${root}/`)) {
+  if (!isWithin(real, root)) {
     throw new EngineError(
       ENGINE_CODES.SHOAL_RESULT_ESCAPE,
       `result ${shown} leads outside ${OUTPUTS_DIR} (to ${real})`,
@@ -192,21 +216,44 @@ async function walk(
   }
 }
 
-/** Reads a file (not following a final symlink: the path given is already real) in digested chunks. */
+/**
+ * Reads a result file in digested chunks. It is opened with {@link openFileWithin},
+ * so what is read is a regular file still inside `root` even if a program
+ * left running changed the outputs since they were listed.
+ */
 async function readChunked(
   name: string,
   real: string,
+  root: string,
   limits: Required<ResultCaps>,
 ): Promise<CollectedResultFile> {
-  const handle = await fs.open(real, constants.O_RDONLY | constants.O_NOFOLLOW);
+  let handle: FileHandle;
   try {
-    const stat = await handle.stat();
-    if (!stat.isFile() || stat.size > limits.maxFileBytes) {
+    const opened = await openFileWithin(real, [root]);
+    handle = opened.handle;
+    if (opened.size > limits.maxFileBytes) {
+      await handle.close();
       throw new EngineError(
         ENGINE_CODES.SHOAL_RESULT_TOO_LARGE,
-        `result ${name} changed while it was collected`,
+        `result ${name} grew past the limit while it was collected`,
       );
     }
+  } catch (err) {
+    if (isVanished(err)) throw changed(name, err);
+    if (!(err instanceof HostFileError)) throw err;
+    if (err.problem === "outside") {
+      throw new EngineError(
+        ENGINE_CODES.SHOAL_RESULT_ESCAPE,
+        `result ${name} leads outside ${OUTPUTS_DIR} (to ${err.real})`,
+        {
+          cause: err,
+          fix: "write results as regular files under /outputs",
+        },
+      );
+    }
+    throw changed(name, err);
+  }
+  try {
     const whole = createHash("sha256");
     const chunks: ResultFileChunk[] = [];
     let size = 0;
