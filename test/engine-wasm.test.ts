@@ -192,3 +192,27 @@ t.test("a closed executor refuses new runs", async (t) => {
   t.equal(ex.close(), ex.close(), "close() returns the same promise");
   await t.rejects(ex.run(await request(task(await wat(LOOP))), never), { code: "SHOAL_ENGINE_CLOSED" });
 });
+
+t.test("a stop while the module is still being fetched ends the run at once", async (t) => {
+  const fetching = new WasmExecutor({ storedModule: () => new Promise<Buffer>(() => {}) });
+  await fetching.start();
+  t.teardown(() => fetching.close());
+  const stored = {
+    ...task(await wat(LOOP)),
+    Engine: {
+      Type: "wasm",
+      Params: { EntryModule: { Type: "stored", Params: { Digest: `sha256:${"a".repeat(64)}` } } },
+    },
+  } as Task;
+  const stop = new AbortController();
+  const run = fetching.run(await request(stored), stop.signal);
+  setTimeout(() => stop.abort(new Error("job stopped")), 50);
+  const settled = await Promise.race([
+    run.then(
+      () => "resolved",
+      (err: { code?: string }) => err.code,
+    ),
+    new Promise((r) => setTimeout(() => r("still fetching"), 3000)),
+  ]);
+  t.equal(settled, "SHOAL_ENGINE_CANCELLED", "a fetch that never answers does not hold the execution");
+});

@@ -3,7 +3,7 @@ import { performance } from "node:perf_hooks";
 import { promisify } from "node:util";
 import { INPUTS_DIR, OUTPUTS_DIR, type Task } from "../../core/index.js";
 import { closeDescriptorsUnder } from "./descriptor-sweep.js";
-import { ENGINE_CODES } from "./errors.js";
+import { ENGINE_CODES, EngineError } from "./errors.js";
 import {
   BaseExecutor,
   DEFAULT_MAX_LOG_FILE_BYTES,
@@ -86,10 +86,13 @@ export class WasmExecutor extends BaseExecutor {
   protected async execute(req: EngineRunRequest, signal: AbortSignal): Promise<EngineRunResult> {
     const params = wasmParams(req.task);
     const fetch = this.#storedModule;
-    const bytes = await resolveEntryModule(params.EntryModule, {
-      allowedPaths: this.#allowedPaths,
-      ...(fetch ? { stored: (digest: string) => fetch(req.executionId, digest) } : {}),
-    });
+    const bytes = await unlessAborted(
+      resolveEntryModule(params.EntryModule, {
+        allowedPaths: this.#allowedPaths,
+        ...(fetch ? { stored: (digest: string) => fetch(req.executionId, digest) } : {}),
+      }),
+      signal,
+    );
     const module = await this.#modules.get(bytes, req.limits.maxMemoryBytes, params.Entrypoint);
     const started = performance.now();
     const stdout = new OutputCapture(req.limits.maxStdoutBytes, (c) => req.onLog?.("stdout", c));
@@ -163,6 +166,27 @@ export class WasmExecutor extends BaseExecutor {
     if (failure) return { exitCode: -1, ...result, error: failure };
     return { exitCode: (outcome as { exitCode: number }).exitCode, ...result };
   }
+}
+
+/**
+ * `work`, or SHOAL_ENGINE_CANCELLED as soon as `signal` aborts: a stop or a
+ * timeout ends an execution at once, even while its module is still being
+ * fetched (which may wait seconds for an orchestrator). The work itself
+ * goes on unobserved; a fetch other executions share finishes for them.
+ */
+function unlessAborted<T>(work: Promise<T>, signal: AbortSignal): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () =>
+      reject(
+        new EngineError(
+          ENGINE_CODES.SHOAL_ENGINE_CANCELLED,
+          "stopped before it started, while its module was fetched",
+        ),
+      );
+    if (signal.aborted) onAbort();
+    else signal.addEventListener("abort", onAbort, { once: true });
+    work.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
+  });
 }
 
 function wasmParams(task: Task) {
