@@ -402,7 +402,9 @@ export class EnvelopeVerifier {
         FABRIC_CODES.SHOAL_ENVELOPE_REPLAY,
         verdict === "replay"
           ? `envelope ${claims.jti} from ${sender.identity} was already accepted`
-          : "replay cache is full; refusing until entries expire",
+          : verdict === "issuer-full"
+            ? `${sender.identity} has as many unexpired envelopes as one sender may (a flood); refusing its messages until they expire`
+            : "replay cache is full; refusing until entries expire",
         "replays are dropped; if this is not an attack, the sender retransmitted a signed message instead of signing anew",
         { jti: claims.jti, sender: sender.identity },
       );

@@ -1,11 +1,19 @@
 export interface ReplayGuardOptions {
   /** Hard memory bound. When full of live entries, new messages are refused (fail closed). @default 1_000_000 */
   readonly maxEntries?: number;
+  /**
+   * Most live entries of one issuer: past it only that issuer's new messages
+   * are refused, so one sender (a compromised node flooding signed messages
+   * with the longest lifetime accepted) cannot fill the guard and have every
+   * other sender refused for minutes. @default a quarter of maxEntries
+   */
+  readonly maxPerIssuer?: number;
   /** @default Date.now */
   readonly now?: () => number;
 }
 
-export type ReplayVerdict = "fresh" | "replay" | "full";
+/** `issuer-full`: this issuer has its {@link ReplayGuardOptions.maxPerIssuer} live entries. */
+export type ReplayVerdict = "fresh" | "replay" | "full" | "issuer-full";
 
 /** How often expired entries are swept while the guard is not full. */
 const SWEEP_INTERVAL_MS = 1000;
@@ -17,7 +25,9 @@ const SWEEP_INTERVAL_MS = 1000;
  * sender's ids. Memory is bounded: expired entries are swept in insertion order
  * at most once a second (keeping an id a little past its expiry is harmless), at
  * once when full, and when `maxEntries` live entries exist the guard refuses new
- * messages instead of forgetting old ones (which would re-open replays).
+ * messages instead of forgetting old ones (which would re-open replays). One
+ * issuer holds at most `maxPerIssuer` live entries; past that its own new
+ * messages are refused, nobody else's.
  *
  * Every accepted id outlives the young generation, so what an entry holds is
  * garbage-collector work on the receive path: the `jti` string the envelope's
@@ -30,13 +40,16 @@ export class ReplayGuard {
   readonly #byIssuer = new Map<string, Map<string, number>>();
   #size = 0;
   readonly #max: number;
+  readonly #maxPerIssuer: number;
   readonly #now: () => number;
   readonly #epoch: number;
   #lastFullSweep = Number.NEGATIVE_INFINITY;
+  #lastIssuerSweep = Number.NEGATIVE_INFINITY;
   #nextSweep = 0;
 
   constructor(options: ReplayGuardOptions = {}) {
     this.#max = options.maxEntries ?? 1_000_000;
+    this.#maxPerIssuer = options.maxPerIssuer ?? Math.max(1, Math.floor(this.#max / 4));
     this.#now = options.now ?? Date.now;
     this.#epoch = this.#now();
   }
@@ -60,6 +73,13 @@ export class ReplayGuard {
       seen = new Map();
       this.#byIssuer.set(issuer, seen);
     }
+    if (seen.size >= this.#maxPerIssuer) {
+      // Look past its long-lived head for expired entries, at most once a second.
+      const thorough = now - this.#lastIssuerSweep >= 1000;
+      if (thorough) this.#lastIssuerSweep = now;
+      this.#drop(seen, now, thorough);
+      if (seen.size >= this.#maxPerIssuer) return "issuer-full";
+    }
     // An expired entry the sweep has not dropped moves to the end, keeping the order.
     if (known !== undefined && seen.delete(jti)) this.#size--;
     seen.set(jti, forgetAtMs - this.#epoch);
@@ -74,15 +94,20 @@ export class ReplayGuard {
     if (full) this.#lastFullSweep = now;
     this.#nextSweep = now + SWEEP_INTERVAL_MS;
     for (const [issuer, seen] of this.#byIssuer) {
-      for (const [jti, forgetAt] of seen) {
-        if (forgetAt > now) {
-          if (!full) break;
-          continue;
-        }
-        seen.delete(jti);
-        this.#size--;
-      }
+      this.#drop(seen, now, full);
       if (seen.size === 0) this.#byIssuer.delete(issuer);
+    }
+  }
+
+  /** Drops one issuer's expired head; `thorough`: every expired entry, past live ones. */
+  #drop(seen: Map<string, number>, now: number, thorough: boolean): void {
+    for (const [jti, forgetAt] of seen) {
+      if (forgetAt > now) {
+        if (!thorough) break;
+        continue;
+      }
+      seen.delete(jti);
+      this.#size--;
     }
   }
 }

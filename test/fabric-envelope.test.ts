@@ -264,7 +264,7 @@ t.test("unknown senders, bad chains, oversize and malformed tokens are refused",
 
 t.test("the replay guard is bounded, scoped per issuer and forgets after exp + skew", async (t) => {
   let now = 1_000_000;
-  const guard = new ReplayGuard({ maxEntries: 3, now: () => now });
+  const guard = new ReplayGuard({ maxEntries: 3, maxPerIssuer: 3, now: () => now });
   t.equal(guard.check("a", "j1", now + 100), "fresh");
   t.equal(guard.check("a", "j1", now + 100), "replay");
   t.equal(guard.check("b", "j1", now + 100), "fresh", "another issuer's id is not burned");
@@ -278,4 +278,48 @@ t.test("the replay guard is bounded, scoped per issuer and forgets after exp + s
     "an expired id may be seen again (its envelope no longer verifies)",
   );
   t.ok(guard.size <= 3);
+});
+
+t.test("one issuer flooding the replay guard fills only its own share", async (t) => {
+  let now = 1_000_000;
+  const guard = new ReplayGuard({ maxEntries: 8, now: () => now });
+  // The flood: envelopes with the longest lifetime a verifier accepts.
+  for (let i = 0; i < 2; i++) t.equal(guard.check("flood", `f${i}`, now + 600_000), "fresh");
+  t.equal(guard.check("flood", "f2", now + 600_000), "issuer-full", "a quarter of the guard by default");
+  t.equal(guard.check("flood", "f0", now + 600_000), "replay", "its replays are still told apart");
+  for (const sender of ["n1", "n2", "n3"]) {
+    t.equal(guard.check(sender, "j1", now + 90_000), "fresh", `${sender} is still heard`);
+  }
+  // Its own entries expire; it is heard again. One whose long-lived head hides expired
+  // entries behind it has them found too (at most once a second).
+  const mixed = new ReplayGuard({ maxEntries: 100, maxPerIssuer: 2, now: () => now });
+  t.equal(mixed.check("m", "long", now + 600_000), "fresh");
+  t.equal(mixed.check("m", "short", now + 100), "fresh");
+  now += 2000;
+  t.equal(mixed.check("m", "next", now + 100), "fresh", "the expired entry behind a live one is dropped");
+  t.equal(mixed.check("m", "again", now + 100), "issuer-full");
+  now += 600_000;
+  t.equal(guard.check("flood", "f3", now + 90_000), "fresh", "heard again once its entries expired");
+});
+
+t.test("a verifier refuses a flooding sender's envelopes, not the others'", async (t) => {
+  const peers = new PeerCertificateCache({ caPem: pki.caCertPem, trustDomain: "test.local" });
+  peers.add(n1.certPem);
+  peers.add(n2.certPem);
+  const verifier = new EnvelopeVerifier({
+    identity: ORCH,
+    peers,
+    replayGuard: new ReplayGuard({ maxEntries: 4 }),
+  });
+  const beat = (c: IssuedCertificate, nodeId: string) =>
+    signer(c).sign("heartbeat", ORCH, { ...heartbeat, nodeId });
+  t.ok(verifier.verify(beat(n1, "n1"), { subject: HB }));
+  t.throws(() => verifier.verify(beat(n1, "n1"), { subject: HB }), {
+    code: FABRIC_CODES.SHOAL_ENVELOPE_REPLAY,
+    message: /as many unexpired envelopes as one sender may/,
+  });
+  t.ok(
+    verifier.verify(beat(n2, "n2"), { subject: subjects.computeOut("n2", "heartbeat") }),
+    "another node is heard",
+  );
 });

@@ -205,7 +205,7 @@ t.test(
   "a full replay guard looks past an issuer's long-lived head, and drops issuers with no ids",
   async (t) => {
     let now = 1_000_000;
-    const guard = new ReplayGuard({ maxEntries: 3, now: () => now });
+    const guard = new ReplayGuard({ maxEntries: 3, maxPerIssuer: 3, now: () => now });
     t.equal(guard.check("a", "long", now + 60_000), "fresh");
     t.equal(guard.check("a", "short1", now + 100), "fresh");
     t.equal(guard.check("b", "short2", now + 100), "fresh");
