@@ -38,7 +38,8 @@ const DIRECT_READS_PER_CHECK = 1000;
  * behind for two checks, the consumer is dropped, the missing changes are
  * read directly, and a new consumer is started in the background; until
  * that one runs, every check reads the new changes directly. No change is
- * missed or delivered twice. Returns the stop function.
+ * missed or delivered twice. A read gets `checkMs` to answer, so a check
+ * never waits out a leader election. Returns the stop function.
  */
 export async function followBucket(
   o: KvFollowOptions,
@@ -85,8 +86,11 @@ export async function followBucket(
   };
   let behindAt: number | undefined;
   let checking = false;
+  const checkMs = o.checkMs ?? 2000;
   const check = async () => {
-    const next = await nextStored(jsm, stream, `${prefix}>`, delivered).catch(() => undefined);
+    const next = await within(nextStored(jsm, stream, `${prefix}>`, delivered), checkMs).catch(
+      () => undefined,
+    );
     if (next === undefined || stopped) return;
     if (next === null || next.seq <= delivered) {
       behindAt = undefined;
@@ -109,7 +113,7 @@ export async function followBucket(
     }
     deliver(next.seq, next.subject, next.data, next.header.get(KV_OPERATION));
     for (let i = 1; i < DIRECT_READS_PER_CHECK && !stopped; i++) {
-      const m = await nextStored(jsm, stream, `${prefix}>`, delivered);
+      const m = await within(nextStored(jsm, stream, `${prefix}>`, delivered), checkMs);
       if (!m) break;
       deliver(m.seq, m.subject, m.data, m.header.get(KV_OPERATION));
     }
@@ -123,11 +127,28 @@ export async function followBucket(
       .finally(() => {
         checking = false;
       });
-  }, o.checkMs ?? 2000);
+  }, checkMs);
   timer.unref();
   return () => {
     stopped = true;
     clearInterval(timer);
     stopConsumer?.();
   };
+}
+
+/**
+ * `read`, or undefined once `ms` have passed. A read the stream's leader
+ * answers waits the whole JetStream timeout (15 s in a cluster) while a new
+ * leader is being elected after a server loss, and a check stuck on it held
+ * up every check behind it: measured in the takeover proof, reads waiting
+ * 15 s each and another orchestrator's copy of a job lagging over 10 s. The
+ * abandoned request ends by itself; the next check asks again.
+ */
+function within<T>(read: Promise<T>, ms: number): Promise<T | undefined> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<undefined>((resolve) => {
+    timer = setTimeout(resolve, ms, undefined);
+  });
+  read.catch(() => {}); // an abandoned read's later failure is nobody's concern
+  return Promise.race([read, late]).finally(() => clearTimeout(timer));
 }
