@@ -1,7 +1,7 @@
 import { randomBytes } from "node:crypto";
 import { promises as fs } from "node:fs";
 import path from "node:path";
-import { jetstreamManager } from "@nats-io/jetstream";
+import { jetstreamManager, type StreamInfo } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { Logger, ShoalConfig } from "../core/index.js";
 import { type NatsClusterState, routeCertificateName, routeUrl } from "../fabric/index.js";
@@ -85,7 +85,8 @@ export async function serverName(natsDir: string, prefix: string): Promise<strin
  * serves nothing until its meta group has a leader, which needs a quorum of
  * the servers, and a new leader's first moments refuse stream creation
  * ("jetstream is not enabled", timeouts): the orchestrators of a cluster must
- * therefore start within `timeoutMs` of each other.
+ * therefore start within `timeoutMs` of each other. Resolves to what `step`
+ * opened and the streams' infos as the leader check read them.
  */
 export async function whenJetStreamReady<T>(
   nc: NatsConnection,
@@ -93,7 +94,7 @@ export async function whenJetStreamReady<T>(
   timeoutMs: number,
   step: () => Promise<T>,
   streams: readonly string[],
-): Promise<T> {
+): Promise<{ opened: T; infos: StreamInfo[] }> {
   const deadline = Date.now() + timeoutMs;
   let told = false;
   for (;;) {
@@ -102,11 +103,13 @@ export async function whenJetStreamReady<T>(
       await jsm.getAccountInfo();
       const opened = await step();
       // A replicated stream takes writes once its own group has elected a leader.
+      const infos: StreamInfo[] = [];
       for (const stream of streams) {
         const info = await jsm.streams.info(stream);
         if (info.cluster && !info.cluster.leader) throw new Error(`stream ${stream} has no leader yet`);
+        infos.push(info);
       }
-      return opened;
+      return { opened, infos };
     } catch (err) {
       if (nc.isClosed()) throw err; // shutting down
       if (Date.now() >= deadline) {
@@ -130,4 +133,37 @@ export async function whenJetStreamReady<T>(
       await new Promise((r) => setTimeout(r, 500));
     }
   }
+}
+
+/**
+ * Raises the number of copies of the streams (as `infos` describe them) that
+ * have fewer than `replicas`: buckets made while the cluster had fewer peers
+ * keep their count otherwise (a cluster grown from two orchestrators to three
+ * would stay without fault tolerance). Never lowers a count, and sends
+ * nothing when every stream has its count. A stream that cannot be raised
+ * now (not enough servers up) is logged and keeps its count until the next
+ * start. Never rejects; resolves to the streams raised.
+ */
+export async function raiseReplicas(
+  nc: NatsConnection,
+  infos: readonly StreamInfo[],
+  replicas: number,
+  log: Logger,
+): Promise<string[]> {
+  const few = infos.filter((info) => info.config.num_replicas < replicas);
+  const raised: string[] = [];
+  for (const { config } of few) {
+    try {
+      const jsm = await jetstreamManager(nc);
+      await jsm.streams.update(config.name, { ...config, num_replicas: replicas });
+      log.info(
+        { stream: config.name, from: config.num_replicas, to: replicas },
+        "copies of the stream raised",
+      );
+      raised.push(config.name);
+    } catch (err) {
+      log.warn({ stream: config.name, err }, "cannot raise the copies of the stream now; it keeps its count");
+    }
+  }
+  return raised;
 }

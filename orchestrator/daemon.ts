@@ -29,6 +29,7 @@ import {
   CLUSTER_JETSTREAM_TIMEOUT_MS,
   clusterState,
   DEFAULT_JETSTREAM_WAIT_MS,
+  raiseReplicas,
   routeCertificateNames,
   serverName,
   whenJetStreamReady,
@@ -256,19 +257,34 @@ export class Orchestrator {
         cluster ? sharedObjects(js, MODULES_BUCKET, replicas) : undefined,
       ]);
     };
-    const [store, authStore, shared, pendingEnrollments, leases, sharedResults, sharedModules] = cluster
-      ? await whenJetStreamReady(fabric.nc, this.#log, DEFAULT_JETSTREAM_WAIT_MS, buckets, [
-          ...[
-            ...Object.values(BUCKETS),
-            ...Object.values(AUTH_BUCKETS),
-            IDENTITIES_BUCKET,
-            PENDING_ENROLLMENTS_BUCKET,
-            LEASES_BUCKET,
-          ].map((bucket) => `KV_${bucket}`),
-          `OBJ_${RESULTS_BUCKET}`,
-          `OBJ_${MODULES_BUCKET}`,
-        ])
-      : await buckets();
+    const clusterStreams = [
+      ...[
+        ...Object.values(BUCKETS),
+        ...Object.values(AUTH_BUCKETS),
+        IDENTITIES_BUCKET,
+        PENDING_ENROLLMENTS_BUCKET,
+        LEASES_BUCKET,
+      ].map((bucket) => `KV_${bucket}`),
+      `OBJ_${RESULTS_BUCKET}`,
+      `OBJ_${MODULES_BUCKET}`,
+    ];
+    let opened: Awaited<ReturnType<typeof buckets>>;
+    if (cluster) {
+      const ready = await whenJetStreamReady(
+        fabric.nc,
+        this.#log,
+        DEFAULT_JETSTREAM_WAIT_MS,
+        buckets,
+        clusterStreams,
+      );
+      opened = ready.opened;
+      // In the background: the buckets work with any count meanwhile.
+      const raising = raiseReplicas(fabric.nc, ready.infos, replicas, this.#log);
+      this.#cleanups.push(() => raising);
+    } else {
+      opened = await buckets();
+    }
+    const [store, authStore, shared, pendingEnrollments, leases, sharedResults, sharedModules] = opened;
     this.#cleanups.push(async () => authStore.close());
     if (shared) this.#cleanups.push(async () => shared.close());
     this.#cleanups.push(async () => pendingEnrollments.close());

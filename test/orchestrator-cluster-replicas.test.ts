@@ -1,0 +1,88 @@
+import "reflect-metadata";
+import { spawn } from "node:child_process";
+import { promises as fs } from "node:fs";
+import path from "node:path";
+import { jetstream } from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
+import { connect } from "@nats-io/transport-node";
+import t, { type Test } from "tap";
+import { silentLogger } from "../core/index.js";
+import { raiseReplicas } from "../orchestrator/cluster.js";
+import { freePort, tempDir } from "./helpers/cluster.js";
+
+/**
+ * A cluster grown to more orchestrators raises the copies of the buckets
+ * made while it had fewer (nats-server 2.9 moves a stream from two copies to
+ * three in place, its messages kept), and never lowers them.
+ */
+
+/** Three JetStream servers routed into one cluster (plain TCP: only the replica count is under test). */
+async function threeServers(t: Test): Promise<string> {
+  const dir = await tempDir(t, "shoal-replicas-");
+  const clientPorts = [await freePort(), await freePort(), await freePort()];
+  const routePorts = [await freePort(), await freePort(), await freePort()];
+  const routes = routePorts.map((p) => `nats-route://127.0.0.1:${p}`).join(", ");
+  for (const [i, port] of clientPorts.entries()) {
+    const conf = path.join(dir, `s${i}.conf`);
+    await fs.writeFile(
+      conf,
+      `listen: 127.0.0.1:${port}\nserver_name: s${i}\njetstream { store_dir: "${path.join(dir, `s${i}`)}" }\n` +
+        `cluster { name: replicas, listen: 127.0.0.1:${routePorts[i]}, routes: [${routes}] }\n`,
+    );
+    const child = spawn("nats-server", ["-c", conf], { stdio: "ignore" });
+    const exited = new Promise((resolve) => child.once("exit", resolve));
+    t.teardown(async () => {
+      child.kill("SIGTERM");
+      await exited;
+    });
+  }
+  return `127.0.0.1:${clientPorts[0]}`;
+}
+
+/** `attempt` until it resolves, 50 times at most, 200 ms apart: the servers route and elect a leader within seconds. */
+async function untilReady<T>(attempt: () => Promise<T>): Promise<T> {
+  for (let i = 0; ; i++) {
+    try {
+      return await attempt();
+    } catch (err) {
+      if (i >= 50) throw err;
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+}
+
+t.test("the copies of the cluster's streams are raised to the count wanted, never lowered", async (t) => {
+  const server = await threeServers(t);
+  const nc = await untilReady(() => connect({ servers: server }));
+  t.teardown(() => nc.close());
+  const js = jetstream(nc);
+  // The meta leader is elected a moment after the servers route.
+  const kv = await untilReady(() => new Kvm(js).create("shoal-jobs", { replicas: 2 }));
+  await kv.put("j-1", "kept");
+  const jsm = await js.jetstreamManager();
+  const info = () => jsm.streams.info("KV_shoal-jobs");
+  t.equal((await info()).config.num_replicas, 2);
+  // Every update request the servers get (no accounts here: a plain subscriber sees them).
+  let updates = 0;
+  const spy = nc.subscribe("$JS.API.STREAM.UPDATE.>", {
+    callback: () => {
+      updates++;
+    },
+  });
+  t.teardown(() => spy.unsubscribe());
+
+  t.same(await raiseReplicas(nc, [await info()], 3, silentLogger), ["KV_shoal-jobs"]);
+  t.equal((await info()).config.num_replicas, 3, "raised to three copies");
+  t.equal((await kv.get("j-1"))?.string(), "kept", "its messages kept");
+  await nc.flush();
+  t.equal(updates, 1);
+  t.same(
+    await raiseReplicas(nc, [await info()], 3, silentLogger),
+    [],
+    "a stream with its count is left alone",
+  );
+  t.same(await raiseReplicas(nc, [await info()], 2, silentLogger), [], "never lowered");
+  await nc.flush();
+  t.equal(updates, 1, "and nothing is sent for them");
+  t.equal((await info()).config.num_replicas, 3);
+});
