@@ -71,7 +71,10 @@ t.test("a job survives the loss of the orchestrator that accepted it", async (t)
   const { root, a, b, c } = await startCluster(t, "3s");
 
   // The node dials C's broker, which stays up.
-  await startComputeNode(t, c, path.join(root, "node-1"), "node-1");
+  const node = await startComputeNode(t, c, path.join(root, "node-1"), "node-1");
+  t.teardown(() => {
+    if (!t.passing()) t.comment(`node-1:\n${node.stderr().split("\n").slice(-30).join("\n")}`);
+  });
   // A result file stored by A (its owner): kept in the cluster's object store too, so it outlives A.
   const upper = await submitJob(
     a,
@@ -105,7 +108,14 @@ t.test("a job survives the loss of the orchestrator that accepted it", async (t)
       ["Completed", "Failed", "Stopped"].includes(j.State) &&
       j.Executions.every((e) => !["AskForBid", "BidAccepted", "Running"].includes(e.State)),
     60_000,
-  );
+  ).catch(async (err: unknown) => {
+    // What each one holds, for the diagnosis.
+    const views = await Promise.all(
+      [b, c].map((o) => o.client.get(`/api/v1/orchestrator/jobs/${id}`).catch((e: Error) => e.message)),
+    );
+    t.comment(`the job at B and C: ${JSON.stringify(views)}`);
+    throw err;
+  });
   t.equal(done.State, "Completed", JSON.stringify(done));
   const doneAtB = Date.now();
   t.comment(`completed ${doneAtB - killedAt} ms after A was killed`);
