@@ -156,7 +156,9 @@ export class Dispatcher implements JobDispatch {
           this.#reserve(e);
           this.#armDeadline(e, now);
         } else {
-          this.#setExecution(e, "Failed", `interrupted by ${why} before it started`);
+          // Cancelled, not Failed: a Failed execution fails its job, so the job sat Queued
+          // ("execution ... failed on node") until its queue timeout instead of being placed again.
+          this.#setExecution(e, "Cancelled", `interrupted by ${why} before it started; placed again`);
           void this.#cancelOnNode(e, `interrupted by ${why}`);
         }
       }

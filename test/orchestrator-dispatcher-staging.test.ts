@@ -103,3 +103,27 @@ t.test("chunks staged for an execution stopped before its result are deleted", a
   await dispatcher.handleResultChunk("n1", chunks[0]!);
   t.notOk(await exists(staging), "and a chunk sent after that is not staged");
 });
+
+t.test("a bid in flight when its orchestrator stopped is placed again, not failed", async (t) => {
+  const { store, dispatcher, cancelled } = await dispatcherWithNode(t);
+  const now = Date.now();
+  store.putJob(jobRecord("j-2", now, { State: "Running", StateMessage: "placed" }));
+  store.putExecution({
+    ID: "e-inflight",
+    JobID: "j-2",
+    NodeID: "n1",
+    State: "BidAccepted",
+    StateMessage: "bid accepted",
+    Resources: { cpu: 0.1, memory: 64 << 20 },
+    CreateTime: now,
+    ModifyTime: now,
+  });
+  // What a restart (or a takeover) does with the jobs it now owns.
+  dispatcher.start();
+  await eventually("a new execution runs on n1", () =>
+    store.executionsOf("j-2").some((e) => e.ID !== "e-inflight" && e.State === "Running"),
+  );
+  t.equal(store.executions.get("e-inflight")?.State, "Cancelled", "the abandoned bid is cancelled");
+  t.same(cancelled, ["e-inflight"], "and the node told so");
+  t.equal(store.jobs.get("j-2")?.State, "Running", "the job runs again, not Queued behind a failure");
+});

@@ -92,6 +92,10 @@ t.test("a job survives the loss of the orchestrator that accepted it", async (t)
   const running = await waitForJob(a, id, "Running", (j) => j.Executions[0]?.State === "Running", 30_000);
   const owner = running.Orchestrator;
   t.ok(owner, "A owns the job");
+  // Until A's write of Running is stored, the others know only the bid: killed earlier, A takes
+  // that write with it and the new owner cancels the execution and places the job again (an
+  // open gap: it could ask the node, whose heartbeats list what it runs). Here: a stored run.
+  await waitForJob(b, id, "Running stored", (j) => j.Executions[0]?.State === "Running", 10_000);
 
   // A dies mid-job, with no chance to hand anything over; its nats-server goes with it (a lost machine).
   const killedAt = Date.now();
