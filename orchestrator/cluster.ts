@@ -152,9 +152,13 @@ export async function raiseReplicas(
 ): Promise<string[]> {
   const few = infos.filter((info) => info.config.num_replicas < replicas);
   const raised: string[] = [];
+  if (few.length === 0) return raised;
+  const jsm = await jetstreamManager(nc).catch((err: unknown) => {
+    log.warn({ err }, "cannot raise the copies of the streams now; they keep their count");
+  });
+  if (!jsm) return raised;
   for (const { config } of few) {
     try {
-      const jsm = await jetstreamManager(nc);
       await jsm.streams.update(config.name, { ...config, num_replicas: replicas });
       log.info(
         { stream: config.name, from: config.num_replicas, to: replicas },

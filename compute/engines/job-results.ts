@@ -1,6 +1,5 @@
 import { createHash } from "node:crypto";
 import { promises as fs } from "node:fs";
-import type { FileHandle } from "node:fs/promises";
 import path from "node:path";
 import { formatBytes, MAX_RESULT_TOTAL_BYTES, OUTPUTS_DIR, type ResultPath } from "../../core/index.js";
 import { ENGINE_CODES, EngineError } from "./errors.js";
@@ -126,6 +125,18 @@ async function listResult(
   else if (stat.isFile()) add(found, rp.Name, real, stat.size, budget, limits);
 }
 
+/** {@link openFileWithin}'s refusal of a result file as a result error; any other error as it is. */
+function refusal(name: string, err: unknown): unknown {
+  if (err instanceof HostFileError && err.problem === "outside") {
+    return new EngineError(
+      ENGINE_CODES.SHOAL_RESULT_ESCAPE,
+      `result ${name} leads outside ${OUTPUTS_DIR} (to ${err.real})`,
+      { cause: err, fix: "write results as regular files under /outputs" },
+    );
+  }
+  return err instanceof HostFileError || isVanished(err) ? changed(name, err) : err;
+}
+
 function changed(name: string, cause: unknown): EngineError {
   return new EngineError(
     ENGINE_CODES.SHOAL_RESULT_CHANGED,
@@ -227,33 +238,16 @@ async function readChunked(
   root: string,
   limits: Required<ResultCaps>,
 ): Promise<CollectedResultFile> {
-  let handle: FileHandle;
+  const { handle, size: openedSize } = await openFileWithin(real, [root]).catch((err: unknown) => {
+    throw refusal(name, err);
+  });
   try {
-    const opened = await openFileWithin(real, [root]);
-    handle = opened.handle;
-    if (opened.size > limits.maxFileBytes) {
-      await handle.close();
+    if (openedSize > limits.maxFileBytes) {
       throw new EngineError(
         ENGINE_CODES.SHOAL_RESULT_TOO_LARGE,
         `result ${name} grew past the limit while it was collected`,
       );
     }
-  } catch (err) {
-    if (isVanished(err)) throw changed(name, err);
-    if (!(err instanceof HostFileError)) throw err;
-    if (err.problem === "outside") {
-      throw new EngineError(
-        ENGINE_CODES.SHOAL_RESULT_ESCAPE,
-        `result ${name} leads outside ${OUTPUTS_DIR} (to ${err.real})`,
-        {
-          cause: err,
-          fix: "write results as regular files under /outputs",
-        },
-      );
-    }
-    throw changed(name, err);
-  }
-  try {
     const whole = createHash("sha256");
     const chunks: ResultFileChunk[] = [];
     let size = 0;
