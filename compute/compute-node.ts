@@ -692,7 +692,9 @@ export class ComputeNode {
     if (this.#approval !== "APPROVED")
       return { accept: false, reason: `the node is ${this.#approval ?? "not registered"}` };
     const { executionId, run } = body;
-    if (this.#manager?.has(executionId)) return run ? { accept: true, started: true } : { accept: true };
+    // Asked again for an execution it holds (an orchestrator took the job over before it
+    // stored the answer): running or finished, it is not run a second time.
+    if (this.#holds(executionId)) return run ? { accept: true, started: true } : { accept: true };
     if (this.#ledger?.has(executionId)) return { accept: true };
     const spec = this.#parseSpec(body.spec);
     if (typeof spec === "string") return { accept: false, reason: spec };
@@ -716,6 +718,14 @@ export class ComputeNode {
       : { accept: false, ...(started.reason ? { reason: started.reason } : {}) };
   }
 
+  /** Whether the execution runs here, or its result waits for delivery (which is then tried at once). */
+  #holds(executionId: string): boolean {
+    if (this.#manager?.has(executionId)) return true;
+    if (!this.#deliveries.has(executionId)) return false;
+    this.#wake();
+    return true;
+  }
+
   #reserve(executionId: string, resources: MessageBody<"bid">["resources"]): void {
     this.#ledger!.hold(executionId, resources);
     clearTimeout(this.#reservations.get(executionId));
@@ -733,11 +743,7 @@ export class ComputeNode {
       return { accepted: false, reason: `the node is ${this.#approval ?? "not registered"}` };
     }
     const { executionId } = body;
-    if (this.#manager!.has(executionId)) return { accepted: true };
-    if (this.#deliveries.has(executionId)) {
-      this.#wake();
-      return { accepted: true };
-    }
+    if (this.#holds(executionId)) return { accepted: true };
     const spec = this.#parseSpec(body.spec);
     if (typeof spec === "string") return { accepted: false, reason: spec };
     clearTimeout(this.#reservations.get(executionId));

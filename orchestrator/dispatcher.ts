@@ -156,14 +156,37 @@ export class Dispatcher implements JobDispatch {
           this.#reserve(e);
           this.#armDeadline(e, now);
         } else {
-          // Cancelled, not Failed: a Failed execution fails its job, so the job sat Queued
-          // ("execution ... failed on node") until its queue timeout instead of being placed again.
-          this.#setExecution(e, "Cancelled", `interrupted by ${why} before it started; placed again`);
-          void this.#cancelOnNode(e, `interrupted by ${why}`);
+          this.#askAgain(job, e, why);
         }
       }
     }
     for (const job of jobs) this.#evaluate(job.ID);
+  }
+
+  /**
+   * A bid that was in flight when the previous owner stopped: the node is asked
+   * again for the same execution, since it may hold it (running, or its result
+   * waiting to be delivered) and then says so, and the run goes on. A node that
+   * never had it runs it now or declines; a declined or unanswered bid is placed
+   * again. Cancelling it instead threw away a run that had started, or even
+   * finished, before the previous owner stored `Running`.
+   */
+  #askAgain(job: JobRecord, e: ExecutionRecord, why: string): void {
+    let requirements: JobRequirements;
+    try {
+      requirements = this.#o.requirements(job);
+    } catch {
+      // #evaluate fails the job with the reason.
+      this.#setExecution(e, "Cancelled", `interrupted by ${why} before it started`);
+      void this.#cancelOnNode(e, `interrupted by ${why}`);
+      return;
+    }
+    const asking = this.#setExecution(
+      e,
+      "AskForBid",
+      `interrupted by ${why} before it started; asking the node again`,
+    );
+    this.#dispatch(job, asking, requirements);
   }
 
   /**
@@ -482,6 +505,11 @@ export class Dispatcher implements JobDispatch {
       State: "AskForBid",
       Message: `placed on ${nodeId}`,
     });
+    this.#dispatch(job, execution, requirements);
+  }
+
+  /** Holds the execution's capacity and asks its node for a bid that carries the run. */
+  #dispatch(job: JobRecord, execution: ExecutionRecord, requirements: JobRequirements): void {
     this.#reserve(execution);
     void this.#bidAndRun(job, execution, requirements).catch((err) => {
       this.#o.log.error({ err, execution: execution.ID }, "dispatch failed");

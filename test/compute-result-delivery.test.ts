@@ -163,3 +163,31 @@ t.test("a REJECTED node stops with a clear error", async (t) => {
   const error = await node.closed();
   t.match(error, { code: "SHOAL_COMPUTE_REJECTED", message: /node-rejected/ });
 });
+
+t.test(
+  "a bid asked again for an execution whose result waits is answered as started, and not run again",
+  async (t) => {
+    const identity = await fabric.identity("compute", "node-asked-again");
+    const dataDir = path.join(root, "asked-again");
+    orch.resultReply = () => undefined; // the orchestrator that placed it stopped before it answered
+    const { node, until } = await startNode(identity, dataDir);
+    await orch.next("register", (b) => b.nodeId === "node-asked-again");
+    const bid = {
+      jobId: "job-a",
+      executionId: "exec-a",
+      spec: spec("once\n"),
+      submitter,
+      resources: { cpu: 0.1, memory: 16 * 2 ** 20 },
+      run: { timeoutMs: 30_000 },
+    };
+    t.same((await orch.request("node-asked-again", "bid", bid)).body, { accept: true, started: true });
+    await until((e) => e.type === "result-spooled" && e.executionId === "exec-a");
+
+    // The orchestrator that took the job over asks for the same execution again.
+    orch.resultReply = () => ({ stored: true });
+    t.same((await orch.request("node-asked-again", "bid", bid)).body, { accept: true, started: true });
+    t.notOk(node.running().includes("exec-a"), "the finished execution is not started again");
+    await until((e) => e.type === "result-acknowledged" && e.executionId === "exec-a");
+    t.same(await spoolEntries(dataDir), [], "its one result is delivered");
+  },
+);

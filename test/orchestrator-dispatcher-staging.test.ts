@@ -28,7 +28,9 @@ import { eventually, jobRecord, resultMessages } from "./helpers/records.js";
 
 const MINUTE = 60_000;
 
-async function dispatcherWithNode(t: Test) {
+type Bid = (node: string, body: MessageBody<"bid">) => Promise<MessageBody<"bid-reply">>;
+
+async function dispatcherWithNode(t: Test, bid: Bid = async () => ({ accept: true, started: true })) {
   const dir = await tempDir(t, "shoal-dispatch-");
   const nc = await connect({ servers: await startJetStream(t, path.join(dir, "js")) });
   t.teardown(() => nc.close());
@@ -40,7 +42,7 @@ async function dispatcherWithNode(t: Test) {
   await Promise.all([logs.init(), results.init()]);
   const cancelled: string[] = [];
   const channel: NodeChannel = {
-    bid: async (): Promise<MessageBody<"bid-reply">> => ({ accept: true, started: true }),
+    bid,
     run: async () => ({ accepted: true }),
     cancel: async (_node, body) => {
       cancelled.push(body.executionId);
@@ -60,10 +62,16 @@ async function dispatcherWithNode(t: Test) {
     retryBudget: 0,
   });
   t.teardown(() => dispatcher.close());
+  await join(nodes, "n1");
+  return { dir, store, nodes, dispatcher, cancelled };
+}
+
+/** Registers and approves a node with room for a few small jobs. */
+async function join(nodes: ReturnType<typeof testNodeService>, id: string): Promise<void> {
   nodes.register(
-    "n1",
+    id,
     {
-      nodeId: "n1",
+      nodeId: id,
       chainPem: "",
       labels: {},
       capacity: { cpu: 2, memory: 1 << 30 },
@@ -73,8 +81,7 @@ async function dispatcherWithNode(t: Test) {
     },
     "",
   );
-  await nodes.approve("n1");
-  return { dir, store, dispatcher, cancelled };
+  await nodes.approve(id);
 }
 
 const exists = (p: string) =>
@@ -104,8 +111,18 @@ t.test("chunks staged for an execution stopped before its result are deleted", a
   t.notOk(await exists(staging), "and a chunk sent after that is not staged");
 });
 
-t.test("a bid in flight when its orchestrator stopped is placed again, not failed", async (t) => {
-  const { store, dispatcher, cancelled } = await dispatcherWithNode(t);
+/**
+ * A job whose bid was in flight (stored `BidAccepted`, not yet `Running`) when
+ * its orchestrator stopped, taken up by `dispatcher.start()` as after a restart
+ * or a takeover, with the node answering the bid asked again as `reply` says.
+ */
+async function adoptInterruptedBid(t: Test, reply: (asked: number) => Promise<MessageBody<"bid-reply">>) {
+  const asked: string[] = [];
+  const { store, nodes, dispatcher, cancelled } = await dispatcherWithNode(t, async (_node, body) => {
+    asked.push(body.executionId);
+    return body.executionId === "e-inflight" ? reply(asked.length) : { accept: true, started: true };
+  });
+  await join(nodes, "n2"); // where a declined bid can go
   const now = Date.now();
   store.putJob(jobRecord("j-2", now, { State: "Running", StateMessage: "placed" }));
   store.putExecution({
@@ -118,12 +135,43 @@ t.test("a bid in flight when its orchestrator stopped is placed again, not faile
     CreateTime: now,
     ModifyTime: now,
   });
-  // What a restart (or a takeover) does with the jobs it now owns.
   dispatcher.start();
-  await eventually("a new execution runs on n1", () =>
-    store.executionsOf("j-2").some((e) => e.ID !== "e-inflight" && e.State === "Running"),
+  return { store, asked, cancelled };
+}
+
+t.test(
+  "a bid in flight when its orchestrator stopped is asked again, and a node that holds it goes on",
+  async (t) => {
+    const { store, asked, cancelled } = await adoptInterruptedBid(t, async () => ({
+      accept: true,
+      started: true,
+    }));
+    await eventually("the execution runs", () => store.executions.get("e-inflight")?.State === "Running");
+    t.same(asked, ["e-inflight"], "the node is asked for the same execution, once");
+    t.same(cancelled, [], "nothing is cancelled on the node");
+    t.equal(store.executionsOf("j-2").length, 1, "and nothing runs twice");
+    t.equal(store.jobs.get("j-2")?.State, "Running");
+  },
+);
+
+t.test("a bid in flight that the node now declines is placed again, not failed", async (t) => {
+  const { store, asked } = await adoptInterruptedBid(t, async () => ({ accept: false, reason: "not now" }));
+  await eventually("a new execution runs on n2", () =>
+    store.executionsOf("j-2").some((e) => e.NodeID === "n2" && e.State === "Running"),
   );
-  t.equal(store.executions.get("e-inflight")?.State, "Cancelled", "the abandoned bid is cancelled");
-  t.same(cancelled, ["e-inflight"], "and the node told so");
+  t.equal(store.executions.get("e-inflight")?.State, "BidRejected", "the declined bid ends");
+  t.equal(asked[0], "e-inflight", "after the node was asked again");
   t.equal(store.jobs.get("j-2")?.State, "Running", "the job runs again, not Queued behind a failure");
+});
+
+t.test("a bid in flight to a node that does not answer is placed again", async (t) => {
+  const { store } = await adoptInterruptedBid(t, async () => {
+    throw new Error("no responders");
+  });
+  await eventually("a new execution runs on n2", () =>
+    store.executionsOf("j-2").some((e) => e.NodeID === "n2" && e.State === "Running"),
+  );
+  t.equal(store.executions.get("e-inflight")?.State, "BidRejected");
+  t.match(store.executions.get("e-inflight")?.StateMessage, /bid request failed: no responders/);
+  t.equal(store.jobs.get("j-2")?.State, "Running");
 });
