@@ -79,14 +79,37 @@ export async function serverName(natsDir: string, prefix: string): Promise<strin
   return name;
 }
 
+/** Whose JetStream an orchestrator waits for at start-up: what it logs while waiting, and the error when it gives up. */
+export interface JetStreamWait {
+  waiting: string;
+  code: keyof typeof ORCHESTRATOR_CODES;
+  fix: string;
+}
+
+/** The JetStream of Shoal's own cluster (Orchestrator.Cluster): its meta leader needs a quorum of the orchestrators' servers. */
+export const CLUSTER_WAIT: JetStreamWait = {
+  waiting: "waiting for the JetStream cluster (a quorum of the orchestrators' servers must be up)",
+  code: ORCHESTRATOR_CODES.SHOAL_ORCH_CLUSTER_QUORUM,
+  fix: "start the other orchestrators of Orchestrator.Cluster.Peers (more than half of the cluster must be up), and check that their routes connect (SHOAL_NATS_ROUTE_REJECTED in the log)",
+};
+
+/** The operator's JetStream (Orchestrator.NATS.Servers): a clustered one serves once its servers elected a meta leader. */
+export const OPERATOR_WAIT: JetStreamWait = {
+  waiting:
+    "waiting for JetStream on the operator-run NATS servers (a clustered JetStream needs a quorum of its servers up)",
+  code: ORCHESTRATOR_CODES.SHOAL_ORCH_NATS_NO_JETSTREAM,
+  fix: "check that JetStream is enabled on your nats-servers and, if they are clustered, that more than half of them are up and routed (`nats-server` logs a JetStream meta leader)",
+};
+
 /**
  * Runs `step` (opening KV buckets and object stores) until it succeeds and each
  * of their `streams` has a leader. In a cluster, JetStream
  * serves nothing until its meta group has a leader, which needs a quorum of
  * the servers, and a new leader's first moments refuse stream creation
  * ("jetstream is not enabled", timeouts): the orchestrators of a cluster must
- * therefore start within `timeoutMs` of each other. Resolves to what `step`
- * opened and the streams' infos as the leader check read them.
+ * therefore start within `timeoutMs` of each other, and one on an operator's
+ * clustered JetStream within `timeoutMs` of its servers. Resolves to what
+ * `step` opened and the streams' infos as the leader check read them.
  */
 export async function whenJetStreamReady<T>(
   nc: NatsConnection,
@@ -94,6 +117,7 @@ export async function whenJetStreamReady<T>(
   timeoutMs: number,
   step: () => Promise<T>,
   streams: readonly string[],
+  wait: JetStreamWait = CLUSTER_WAIT,
 ): Promise<{ opened: T; infos: StreamInfo[] }> {
   const deadline = Date.now() + timeoutMs;
   let told = false;
@@ -114,20 +138,14 @@ export async function whenJetStreamReady<T>(
       if (nc.isClosed()) throw err; // shutting down
       if (Date.now() >= deadline) {
         throw new OrchestratorError(
-          ORCHESTRATOR_CODES.SHOAL_ORCH_CLUSTER_QUORUM,
+          wait.code,
           `JetStream did not become available within ${timeoutMs / 1000} s: ${(err as Error).message}`,
           500,
-          {
-            cause: err,
-            fix: "start the other orchestrators of Orchestrator.Cluster.Peers (more than half of the cluster must be up), and check that their routes connect (SHOAL_NATS_ROUTE_REJECTED in the log)",
-          },
+          { cause: err, fix: wait.fix },
         );
       }
       if (!told) {
-        log.info(
-          { reason: (err as Error).message },
-          "waiting for the JetStream cluster (a quorum of the orchestrators' servers must be up)",
-        );
+        log.info({ reason: (err as Error).message }, wait.waiting);
         told = true;
       }
       await new Promise((r) => setTimeout(r, 500));
@@ -137,37 +155,80 @@ export async function whenJetStreamReady<T>(
 
 /**
  * Raises the number of copies of the streams (as `infos` describe them) that
- * have fewer than `replicas`: buckets made while the cluster had fewer peers
+ * have fewer than `wanted`: buckets made while the cluster had fewer peers
  * keep their count otherwise (a cluster grown from two orchestrators to three
- * would stay without fault tolerance). Never lowers a count, and sends
- * nothing when every stream has its count. A stream that cannot be raised
- * now (not enough servers up) is logged and keeps its count until the next
- * start. Never rejects; resolves to the streams raised.
+ * would stay without fault tolerance). `wanted` may be counts to try, most
+ * first: a count the servers refuse is not tried again for the streams after.
+ * Never lowers a count, and sends nothing when every stream has its count. A
+ * stream that cannot be raised now (not enough servers up) is logged and keeps
+ * its count until the next start. Never rejects; resolves to the streams raised.
  */
 export async function raiseReplicas(
   nc: NatsConnection,
   infos: readonly StreamInfo[],
-  replicas: number,
+  wanted: number | readonly number[],
   log: Logger,
 ): Promise<string[]> {
-  const few = infos.filter((info) => info.config.num_replicas < replicas);
+  const counts = [wanted].flat();
   const raised: string[] = [];
+  const few = infos.filter((info) => info.config.num_replicas < counts[0]!);
   if (few.length === 0) return raised;
   const jsm = await jetstreamManager(nc).catch((err: unknown) => {
     log.warn({ err }, "cannot raise the copies of the streams now; they keep their count");
   });
   if (!jsm) return raised;
   for (const { config } of few) {
-    try {
-      await jsm.streams.update(config.name, { ...config, num_replicas: replicas });
-      log.info(
-        { stream: config.name, from: config.num_replicas, to: replicas },
-        "copies of the stream raised",
-      );
-      raised.push(config.name);
-    } catch (err) {
-      log.warn({ stream: config.name, err }, "cannot raise the copies of the stream now; it keeps its count");
+    while (config.num_replicas < counts[0]!) {
+      const replicas = counts[0]!;
+      try {
+        await jsm.streams.update(config.name, { ...config, num_replicas: replicas });
+        log.info(
+          { stream: config.name, from: config.num_replicas, to: replicas },
+          "copies of the stream raised",
+        );
+        raised.push(config.name);
+        break;
+      } catch (err) {
+        if (counts.length === 1) {
+          log.warn(
+            { stream: config.name, err },
+            "cannot raise the copies of the stream now; it keeps its count",
+          );
+          break;
+        }
+        log.debug(
+          { stream: config.name, replicas, err },
+          "the servers refuse this many copies; trying fewer",
+        );
+        counts.shift();
+      }
     }
   }
   return raised;
+}
+
+/**
+ * Copies to try for the buckets on an operator's clustered JetStream, most
+ * first: its size is not known here (no API tells it), so its servers say by
+ * refusing what they cannot place.
+ */
+const OPERATOR_REPLICAS = [MAX_REPLICAS, 2];
+
+/**
+ * Gives the streams (as `infos` describe them) as many copies (3, else 2) as
+ * an operator-run clustered JetStream can place, so the state replicates when
+ * the operator's NATS is clustered. Streams of a single server (no cluster in
+ * their info) are left alone. Never rejects; resolves to the streams raised.
+ */
+export function raiseOnOperatorCluster(
+  nc: NatsConnection,
+  infos: readonly StreamInfo[],
+  log: Logger,
+): Promise<string[]> {
+  return raiseReplicas(
+    nc,
+    infos.filter((info) => info.cluster?.name),
+    OPERATOR_REPLICAS,
+    log,
+  );
 }

@@ -27,8 +27,11 @@ import {
 import {
   bucketReplicas,
   CLUSTER_JETSTREAM_TIMEOUT_MS,
+  CLUSTER_WAIT,
   clusterState,
   DEFAULT_JETSTREAM_WAIT_MS,
+  OPERATOR_WAIT,
+  raiseOnOperatorCluster,
   raiseReplicas,
   routeCertificateNames,
   serverName,
@@ -241,7 +244,7 @@ export class Orchestrator {
     this.#cleanups.push(() => fabric.close());
     // A cluster's JetStream needs a quorum of its servers: the buckets are opened once it serves.
     const buckets = async () => {
-      const js = jetstream(fabric.nc, cluster ? { timeout: CLUSTER_JETSTREAM_TIMEOUT_MS } : {});
+      const js = jetstream(fabric.nc, cluster || external ? { timeout: CLUSTER_JETSTREAM_TIMEOUT_MS } : {});
       return Promise.all([
         StateStore.open(js, this.#log.child({ component: "state" }), {
           replicas,
@@ -257,29 +260,35 @@ export class Orchestrator {
         cluster ? sharedObjects(js, MODULES_BUCKET, replicas) : undefined,
       ]);
     };
+    /** The KV buckets' streams of every orchestrator; a cluster has more. */
+    const streams = [
+      ...Object.values(BUCKETS),
+      ...Object.values(AUTH_BUCKETS),
+      PENDING_ENROLLMENTS_BUCKET,
+    ].map((bucket) => `KV_${bucket}`);
     const clusterStreams = [
-      ...[
-        ...Object.values(BUCKETS),
-        ...Object.values(AUTH_BUCKETS),
-        IDENTITIES_BUCKET,
-        PENDING_ENROLLMENTS_BUCKET,
-        LEASES_BUCKET,
-      ].map((bucket) => `KV_${bucket}`),
+      ...streams,
+      `KV_${IDENTITIES_BUCKET}`,
+      `KV_${LEASES_BUCKET}`,
       `OBJ_${RESULTS_BUCKET}`,
       `OBJ_${MODULES_BUCKET}`,
     ];
     let opened: Awaited<ReturnType<typeof buckets>>;
-    if (cluster) {
+    if (cluster || external) {
       const ready = await whenJetStreamReady(
         fabric.nc,
         this.#log,
         DEFAULT_JETSTREAM_WAIT_MS,
         buckets,
-        clusterStreams,
+        cluster ? clusterStreams : streams,
+        cluster ? CLUSTER_WAIT : OPERATOR_WAIT,
       );
       opened = ready.opened;
-      // In the background: the buckets work with any count meanwhile.
-      const raising = raiseReplicas(fabric.nc, ready.infos, replicas, this.#log);
+      // In the background: the buckets work with any count meanwhile. An operator's clustered
+      // JetStream replicates the state too.
+      const raising = cluster
+        ? raiseReplicas(fabric.nc, ready.infos, replicas, this.#log)
+        : raiseOnOperatorCluster(fabric.nc, ready.infos, this.#log);
       this.#cleanups.push(() => raising);
     } else {
       opened = await buckets();

@@ -3,12 +3,14 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { promises as fs } from "node:fs";
 import path from "node:path";
 import { createInterface } from "node:readline";
+import { jetstreamManager } from "@nats-io/jetstream";
 import t, { type Test } from "tap";
 import { loadConfig, silentLogger } from "../core/index.js";
 import { checkExternalNatsConfig, connectExternalNats } from "../orchestrator/external-nats.js";
 import { initPki, openPki, writeIssued } from "../pki/index.js";
 import {
   computeServeArgs,
+  freePort,
   spawnShoal,
   startComputeNode,
   startOrchestrator,
@@ -16,7 +18,7 @@ import {
   tempDir,
   waitUntil,
 } from "./helpers/cluster.js";
-import { submitJob, waitForJob, wasmEngine, writeSpec } from "./helpers/e2e-jobs.js";
+import { getJob, submitJob, waitForJob, wasmEngine, writeSpec } from "./helpers/e2e-jobs.js";
 
 const HELLO_WASM = path.resolve(import.meta.dirname, "..", "dist", "wasm", "hello.wasm");
 const AUTH_FILE = "nats-external-authorization.conf";
@@ -96,31 +98,54 @@ async function startOperatorServer(
  * leaves the block, the operator's reload cuts it off, and started again it
  * stops at once (SHOAL_NATS_AUTHORIZATION): the broker had admitted it before.
  */
-t.test("orchestrator on an operator-run nats-server", async (t) => {
-  const dir = await tempDir(t, "shoal-ext-nats-");
+/** `orchestrator serve` on the operator's servers `url` (comma-separated), API on a kernel-chosen port. */
+const serveArgs = (dataDir: string, url: string) => [
+  "orchestrator",
+  "serve",
+  "--data-dir",
+  dataDir,
+  "-c",
+  "API.Host=127.0.0.1",
+  "-c",
+  "API.Port=0",
+  "-c",
+  `Orchestrator.NATS.Servers=${url}`,
+  "-c",
+  "Logging.Level=warn",
+];
+
+/** A Shoal PKI in `DIR/data/pki` and the operator's server certificate from it (`shoal pki init` + `shoal pki issue server`). */
+async function operatorPki(t: Test, prefix: string) {
+  const dir = await tempDir(t, prefix);
   const dataDir = path.join(dir, "data");
-  // The operator's server certificate comes from Shoal's PKI (`shoal pki init` + `shoal pki issue server`).
   await initPki(path.join(dataDir, "pki"), { trustDomain: "ext.local" });
   const pki = await openPki(path.join(dataDir, "pki"));
   await writeIssued(
     path.join(dir, "server"),
     pki.mint({ role: "server", dns: ["localhost"], ip: ["127.0.0.1"] }),
   );
-  const authFile = path.join(dataDir, AUTH_FILE);
-  const serve = (url: string) => [
-    "orchestrator",
-    "serve",
-    "--data-dir",
-    dataDir,
-    "-c",
-    "API.Host=127.0.0.1",
-    "-c",
-    "API.Port=0",
-    "-c",
-    `Orchestrator.NATS.Servers=${url}`,
-    "-c",
-    "Logging.Level=warn",
-  ];
+  return { dir, dataDir, authFile: path.join(dataDir, AUTH_FILE) };
+}
+
+/** The orchestrator's own connection to the operator's servers: the same call `orchestrator serve` makes, with the identity it minted. */
+function dialAs(dataDir: string, url: string) {
+  const identity = path.join(dataDir, "identity", "orchestrator");
+  return connectExternalNats({
+    servers: url.split(","),
+    caFile: path.join(dataDir, "pki", "ca.crt"),
+    shoalCaFile: path.join(dataDir, "pki", "ca.crt"),
+    certFile: `${identity}.crt`,
+    keyFile: `${identity}.key`,
+    identity: "spiffe://ext.local/orchestrator/orchestrator",
+    id: "orchestrator",
+    authorizationFile: path.join(dataDir, AUTH_FILE),
+    logger: silentLogger,
+  });
+}
+
+t.test("orchestrator on an operator-run nats-server", async (t) => {
+  const { dir, dataDir, authFile } = await operatorPki(t, "shoal-ext-nats-");
+  const serve = (url: string) => serveArgs(dataDir, url);
 
   // Clustering is of the supervised server only.
   const clustered = await loadConfig({
@@ -156,20 +181,7 @@ t.test("orchestrator on an operator-run nats-server", async (t) => {
 
   // The block included, but no JetStream.
   const noJs = await startOperatorServer(t, dir, "nojs", (tls) => `${tls}\ninclude "${INCLUDE}"`);
-  // (in-process: the same call `orchestrator serve` makes, with the identity it minted above)
-  const identity = path.join(dataDir, "identity", "orchestrator");
-  const dial = (url: string) =>
-    connectExternalNats({
-      servers: [url],
-      caFile: path.join(dataDir, "pki", "ca.crt"),
-      shoalCaFile: path.join(dataDir, "pki", "ca.crt"),
-      certFile: `${identity}.crt`,
-      keyFile: `${identity}.key`,
-      identity: "spiffe://ext.local/orchestrator/orchestrator",
-      id: "orchestrator",
-      authorizationFile: authFile,
-      logger: silentLogger,
-    });
+  const dial = (url: string) => dialAs(dataDir, url);
   await t.rejects(
     dial(noJs.url.replace(/:\d+$/, ":1")),
     { code: "SHOAL_NATS_UNREACHABLE", fix: /Orchestrator\.NATS\.Servers/ },
@@ -278,4 +290,61 @@ t.test("orchestrator on an operator-run nats-server", async (t) => {
   t.not((await again.exited).code, 0, "a revoked node that was admitted before stops");
   t.match(again.stderr(), /SHOAL_NATS_AUTHORIZATION/, "with the broker's reason");
   t.notMatch(again.stdout() + again.stderr(), /SHOAL_COMPUTE_NOT_ADMITTED/, "and does not wait");
+});
+
+/**
+ * An operator's clustered JetStream (three routed servers, as an operator
+ * would run them): the orchestrator's state gets three copies of every bucket,
+ * so it survives the loss of a server, and a job is stored through them.
+ */
+t.test("on an operator's clustered JetStream the state gets three copies", async (t) => {
+  const { dir, dataDir, authFile } = await operatorPki(t, "shoal-ext-cluster-");
+  // Included by the servers from the start, with some other user so that they ask who connects; Shoal rewrites it.
+  await fs.writeFile(
+    authFile,
+    'authorization { users = [ { user: "spiffe://ext.local/compute/other" } ] }\n',
+    {
+      mode: 0o600,
+    },
+  );
+  const routePorts = [await freePort(), await freePort(), await freePort()];
+  const routes = routePorts.map((p) => `nats-route://127.0.0.1:${p}`).join(", ");
+  const servers = await Promise.all(
+    routePorts.map((port, i) =>
+      startOperatorServer(
+        t,
+        dir,
+        `c${i}`,
+        (tls) =>
+          `${tls}\ninclude "${INCLUDE}"\njetstream { store_dir: "${path.join(dir, `js-c${i}`)}" }\n` +
+          `cluster { name: operator, listen: 127.0.0.1:${port}, routes: [${routes}] }`,
+      ),
+    ),
+  );
+  const urls = servers.map((s) => s.url).join(",");
+  // The first start mints the orchestrator's identity and writes its user; the servers do not know it yet.
+  const first = spawnShoal(t, serveArgs(dataDir, urls), { SHOAL_ADMIN_PASSWORD: TEST_ADMIN_PASSWORD });
+  t.not((await first.exited).code, 0);
+  t.match(first.stderr(), /SHOAL_ORCH_NATS_NOT_ADMITTED/);
+  await Promise.all(servers.map((s) => s.reload()));
+
+  const orch = await startOrchestrator(t, dataDir, ["-c", `Orchestrator.NATS.Servers=${urls}`]);
+  const probe = await dialAs(dataDir, urls);
+  t.teardown(() => probe.close());
+  const jsm = await jetstreamManager(probe.nc);
+  const copies = async () => {
+    const counts = new Map<string, number>();
+    for await (const info of jsm.streams.list()) counts.set(info.config.name, info.config.num_replicas);
+    return counts;
+  };
+  const raised = await waitUntil("every bucket has three copies", async () => {
+    const counts = await copies();
+    return counts.size > 0 && [...counts.values()].every((n) => n === 3) ? counts : undefined;
+  });
+  t.ok(raised.has("KV_shoal-jobs"), "the jobs bucket among them");
+  t.ok(raised.size >= 5, `${raised.size} buckets`);
+
+  const spec = await writeSpec(dir, "hello", wasmEngine(HELLO_WASM));
+  const id = await submitJob(orch, spec);
+  t.equal((await getJob(orch, id)).State, "Queued", "a job is stored through them (no node yet: queued)");
 });

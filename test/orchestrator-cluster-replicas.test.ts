@@ -7,7 +7,7 @@ import { Kvm } from "@nats-io/kv";
 import { connect } from "@nats-io/transport-node";
 import t, { type Test } from "tap";
 import { silentLogger } from "../core/index.js";
-import { raiseReplicas } from "../orchestrator/cluster.js";
+import { raiseOnOperatorCluster, raiseReplicas } from "../orchestrator/cluster.js";
 import { freePort, tempDir } from "./helpers/cluster.js";
 
 /**
@@ -16,18 +16,20 @@ import { freePort, tempDir } from "./helpers/cluster.js";
  * three in place, its messages kept), and never lowers them.
  */
 
-/** Three JetStream servers routed into one cluster (plain TCP: only the replica count is under test). */
-async function threeServers(t: Test): Promise<string> {
+/** `count` JetStream servers routed into one cluster (plain TCP: only the replica count is under test); one URL. */
+async function routedServers(t: Test, count: number): Promise<string> {
   const dir = await tempDir(t, "shoal-replicas-");
-  const clientPorts = [await freePort(), await freePort(), await freePort()];
-  const routePorts = [await freePort(), await freePort(), await freePort()];
+  const clientPorts = await Promise.all(Array.from({ length: count }, freePort));
+  const routePorts = await Promise.all(Array.from({ length: count }, freePort));
   const routes = routePorts.map((p) => `nats-route://127.0.0.1:${p}`).join(", ");
   for (const [i, port] of clientPorts.entries()) {
     const conf = path.join(dir, `s${i}.conf`);
     await fs.writeFile(
       conf,
       `listen: 127.0.0.1:${port}\nserver_name: s${i}\njetstream { store_dir: "${path.join(dir, `s${i}`)}" }\n` +
-        `cluster { name: replicas, listen: 127.0.0.1:${routePorts[i]}, routes: [${routes}] }\n`,
+        (count > 1
+          ? `cluster { name: replicas, listen: 127.0.0.1:${routePorts[i]}, routes: [${routes}] }\n`
+          : ""),
     );
     const child = spawn("nats-server", ["-c", conf], { stdio: "ignore" });
     const exited = new Promise((resolve) => child.once("exit", resolve));
@@ -52,7 +54,7 @@ async function untilReady<T>(attempt: () => Promise<T>): Promise<T> {
 }
 
 t.test("the copies of the cluster's streams are raised to the count wanted, never lowered", async (t) => {
-  const server = await threeServers(t);
+  const server = await routedServers(t, 3);
   const nc = await untilReady(() => connect({ servers: server }));
   t.teardown(() => nc.close());
   const js = jetstream(nc);
@@ -85,4 +87,54 @@ t.test("the copies of the cluster's streams are raised to the count wanted, neve
   await nc.flush();
   t.equal(updates, 1, "and nothing is sent for them");
   t.equal((await info()).config.num_replicas, 3);
+});
+
+/**
+ * An operator-run JetStream (external NATS) of `servers` servers, two buckets
+ * made with one copy each as the orchestrator makes them there, then
+ * {@link raiseOnOperatorCluster}: the copies each bucket ends with, and how
+ * many update requests the servers got.
+ */
+async function onOperatorServers(t: Test, servers: number) {
+  const server = await routedServers(t, servers);
+  const nc = await untilReady(() => connect({ servers: server }));
+  t.teardown(() => nc.close());
+  const js = jetstream(nc);
+  for (const bucket of ["shoal-jobs", "shoal-nodes"]) {
+    await untilReady(() => new Kvm(js).create(bucket, { replicas: 1 }));
+  }
+  let updates = 0;
+  const spy = nc.subscribe("$JS.API.STREAM.UPDATE.>", {
+    callback: () => {
+      updates++;
+    },
+  });
+  t.teardown(() => spy.unsubscribe());
+  const jsm = await js.jetstreamManager();
+  const infos = () => Promise.all(["KV_shoal-jobs", "KV_shoal-nodes"].map((s) => jsm.streams.info(s)));
+  const raised = await raiseOnOperatorCluster(nc, await infos(), silentLogger);
+  await nc.flush();
+  const copies = (await infos()).map((info) => info.config.num_replicas);
+  return { raised, copies, updates };
+}
+
+t.test("an operator's clustered JetStream gives the buckets three copies", async (t) => {
+  const { raised, copies, updates } = await onOperatorServers(t, 3);
+  t.same(raised, ["KV_shoal-jobs", "KV_shoal-nodes"]);
+  t.same(copies, [3, 3]);
+  t.equal(updates, 2);
+});
+
+t.test("an operator's cluster of two servers gives two copies, three refused once", async (t) => {
+  const { raised, copies, updates } = await onOperatorServers(t, 2);
+  t.same(raised, ["KV_shoal-jobs", "KV_shoal-nodes"]);
+  t.same(copies, [2, 2]);
+  t.equal(updates, 3, "three asked for once, then two for each bucket");
+});
+
+t.test("an operator's single server is left alone", async (t) => {
+  const { raised, copies, updates } = await onOperatorServers(t, 1);
+  t.same(raised, []);
+  t.same(copies, [1, 1]);
+  t.equal(updates, 0, "nothing is asked of it");
 });
