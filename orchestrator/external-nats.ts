@@ -1,5 +1,6 @@
 import path from "node:path";
 import { jetstreamManager } from "@nats-io/jetstream";
+import { TimeoutError } from "@nats-io/transport-node";
 import type { Logger, ShoalConfig } from "../core/index.js";
 import { connectFabric, type FabricConnection, FabricError } from "../fabric/index.js";
 import { ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
@@ -41,8 +42,12 @@ export function checkExternalNatsConfig(c: ShoalConfig): void {
 
 /**
  * Connects the orchestrator to operator-run NATS servers with its identity
- * certificate and checks that JetStream answers there. Every failure names
- * what the operator has to change on their server.
+ * certificate and checks that they offer JetStream. Every failure names
+ * what the operator has to change on their server. A JetStream that does not
+ * answer in time is not a failure here: a clustered one answers nothing until
+ * its servers have elected a meta leader, and the caller waits for that
+ * (cluster.ts `whenJetStreamReady`, `OPERATOR_WAIT`); a server without
+ * JetStream says so at once.
  */
 export async function connectExternalNats(o: ExternalNatsOptions): Promise<FabricConnection> {
   const servers = o.servers.join(", ");
@@ -64,6 +69,7 @@ export async function connectExternalNats(o: ExternalNatsOptions): Promise<Fabri
     const jsm = await jetstreamManager(fabric.nc, { timeout: 5000 });
     await jsm.getAccountInfo();
   } catch (cause) {
+    if (cause instanceof TimeoutError) return fabric;
     await fabric.close();
     throw new OrchestratorError(
       ORCHESTRATOR_CODES.SHOAL_ORCH_NATS_NO_JETSTREAM,

@@ -294,8 +294,9 @@ t.test("orchestrator on an operator-run nats-server", async (t) => {
 
 /**
  * An operator's clustered JetStream (three routed servers, as an operator
- * would run them): the orchestrator's state gets three copies of every bucket,
- * so it survives the loss of a server, and a job is stored through them.
+ * would run them): an orchestrator started while the cluster has no quorum
+ * waits for it; its state gets three copies of every bucket, so it survives
+ * the loss of a server, and a job is stored through them.
  */
 t.test("on an operator's clustered JetStream the state gets three copies", async (t) => {
   const { dir, dataDir, authFile } = await operatorPki(t, "shoal-ext-cluster-");
@@ -309,27 +310,31 @@ t.test("on an operator's clustered JetStream the state gets three copies", async
   );
   const routePorts = [await freePort(), await freePort(), await freePort()];
   const routes = routePorts.map((p) => `nats-route://127.0.0.1:${p}`).join(", ");
-  const servers = await Promise.all(
-    routePorts.map((port, i) =>
-      startOperatorServer(
-        t,
-        dir,
-        `c${i}`,
-        (tls) =>
-          `${tls}\ninclude "${INCLUDE}"\njetstream { store_dir: "${path.join(dir, `js-c${i}`)}" }\n` +
-          `cluster { name: operator, listen: 127.0.0.1:${port}, routes: [${routes}] }`,
-      ),
-    ),
-  );
-  const urls = servers.map((s) => s.url).join(",");
-  // The first start mints the orchestrator's identity and writes its user; the servers do not know it yet.
-  const first = spawnShoal(t, serveArgs(dataDir, urls), { SHOAL_ADMIN_PASSWORD: TEST_ADMIN_PASSWORD });
+  const startServer = (i: number) =>
+    startOperatorServer(
+      t,
+      dir,
+      `c${i}`,
+      (tls) =>
+        `${tls}\ninclude "${INCLUDE}"\njetstream { store_dir: "${path.join(dir, `js-c${i}`)}" }\n` +
+        `cluster { name: operator, listen: 127.0.0.1:${routePorts[i]}, routes: [${routes}] }`,
+    );
+  // One server of three first: alone it has no quorum, so its JetStream answers nothing.
+  const c0 = await startServer(0);
+  // The first start mints the orchestrator's identity and writes its user; the server does not know it yet.
+  const first = spawnShoal(t, serveArgs(dataDir, c0.url), { SHOAL_ADMIN_PASSWORD: TEST_ADMIN_PASSWORD });
   t.not((await first.exited).code, 0);
   t.match(first.stderr(), /SHOAL_ORCH_NATS_NOT_ADMITTED/);
-  await Promise.all(servers.map((s) => s.reload()));
+  await c0.reload();
 
-  const orch = await startOrchestrator(t, dataDir, ["-c", `Orchestrator.NATS.Servers=${urls}`]);
-  const probe = await dialAs(dataDir, urls);
+  // Admitted now, the orchestrator waits for JetStream — longer than one request's 5 s timeout
+  // here — instead of exiting, and starts once the other two servers are up.
+  const starting = startOrchestrator(t, dataDir, ["-c", `Orchestrator.NATS.Servers=${c0.url}`]);
+  starting.catch(() => {}); // awaited below
+  await new Promise((r) => setTimeout(r, 6000));
+  await Promise.all([startServer(1), startServer(2)]);
+  const orch = await starting;
+  const probe = await dialAs(dataDir, c0.url);
   t.teardown(() => probe.close());
   const jsm = await jetstreamManager(probe.nc);
   const copies = async () => {
