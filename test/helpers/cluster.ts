@@ -1,5 +1,5 @@
 import { type ChildProcess, spawn } from "node:child_process";
-import { promises as fs, mkdtempSync, readdirSync, rmSync, statSync } from "node:fs";
+import { promises as fs, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import https from "node:https";
 import net from "node:net";
 import os from "node:os";
@@ -10,16 +10,41 @@ import { openPki, type Pki, writeIssued } from "../../pki/index.js";
 
 const ROOT = path.resolve(import.meta.dirname, "..", "..");
 
-/** A free loopback TCP port. */
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
+/** Ports below this are never handed out for outgoing connections (Linux's ephemeral range starts here). */
+const EPHEMERAL_LOW = Number(
+  (() => {
+    try {
+      return readFileSync("/proc/sys/net/ipv4/ip_local_port_range", "utf8").trim().split(/\s+/)[0];
+    } catch {
+      return undefined;
+    }
+  })() ?? 32768,
+);
+/** How far below the ephemeral range {@link freePort} picks from. */
+const PICK_SPAN = 10_000;
+
+/** Whether `port` can be listened on on loopback now. */
+function canListen(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
     const s = net.createServer();
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address() as net.AddressInfo;
-      s.close(() => resolve(port));
-    });
-    s.on("error", reject);
+    s.once("error", () => resolve(false));
+    s.listen(port, "127.0.0.1", () => s.close(() => resolve(true)));
   });
+}
+
+/**
+ * A free loopback TCP port for a server started a moment later (nats-server
+ * routes and the like, whose port must be known before it starts). Picked at
+ * random below the ephemeral range: a kernel-chosen port is one that any of
+ * the suite's outgoing connections may take before the server binds it.
+ */
+export async function freePort(): Promise<number> {
+  const low = Math.max(1024, EPHEMERAL_LOW - PICK_SPAN);
+  for (let i = 0; i < 50; i++) {
+    const port = low + Math.floor(Math.random() * (EPHEMERAL_LOW - low));
+    if (await canListen(port)) return port;
+  }
+  throw new Error(`no free port in ${low}-${EPHEMERAL_LOW - 1} after 50 tries`);
 }
 
 /** A temp directory removed when the test ends. */
