@@ -117,6 +117,8 @@ export class Dispatcher implements JobDispatch {
   readonly #queue = new Set<string>();
   #reexamine: NodeJS.Immediate | undefined;
   #closed = false;
+  /** Bids asked again after a restart or takeover that their node did not answer, with what they need. */
+  readonly #awaitingNode = new Map<string, JobRequirements>();
   /** One execution's result chunks and manifest are handled in arrival order, one at a time. */
   readonly #resultOrder = new KeyedSerializer();
 
@@ -167,9 +169,12 @@ export class Dispatcher implements JobDispatch {
    * A bid that was in flight when the previous owner stopped: the node is asked
    * again for the same execution, since it may hold it (running, or its result
    * waiting to be delivered) and then says so, and the run goes on. A node that
-   * never had it runs it now or declines; a declined or unanswered bid is placed
-   * again. Cancelling it instead threw away a run that had started, or even
-   * finished, before the previous owner stored `Running`.
+   * never had it runs it now or declines; a declined bid is placed again.
+   * Cancelling it instead threw away a run that had started, or even finished,
+   * before the previous owner stored `Running`. A node that does not answer now
+   * (after a restart its connection to the new server is still being made) is
+   * asked once more when it registers ({@link reconcile}); one that never comes
+   * back is LOST, and the execution with it.
    */
   #askAgain(job: JobRecord, e: ExecutionRecord, why: string): void {
     let requirements: JobRequirements;
@@ -186,7 +191,26 @@ export class Dispatcher implements JobDispatch {
       "AskForBid",
       `interrupted by ${why} before it started; asking the node again`,
     );
-    this.#dispatch(job, asking, requirements);
+    this.#dispatch(job, asking, requirements, (err) => {
+      if (this.#o.store.executions.get(asking.ID)?.State !== "AskForBid") return;
+      this.#o.log.info(
+        { execution: asking.ID, node: asking.NodeID, reason: err.message },
+        "the node did not answer the bid asked again; it is asked once more when it registers",
+      );
+      this.#awaitingNode.set(asking.ID, requirements);
+    });
+  }
+
+  /** Bids asked again ({@link askAgain}) whose node has registered: asked a last time. */
+  #askOnRegister(nodeId: string): void {
+    for (const [id, requirements] of this.#awaitingNode) {
+      const e = this.#o.store.executions.get(id);
+      if (e && e.NodeID !== nodeId && e.State === "AskForBid") continue;
+      this.#awaitingNode.delete(id);
+      const job = e && this.#o.store.jobs.get(e.JobID);
+      if (e?.State === "AskForBid" && job && this.#o.store.isMine(job.ID))
+        this.#dispatch(job, e, requirements);
+    }
   }
 
   /**
@@ -273,6 +297,7 @@ export class Dispatcher implements JobDispatch {
    * lost; executions it runs that we do not want are cancelled.
    */
   reconcile(nodeId: string, reported: MessageBody<"register">["executions"]): void {
+    this.#askOnRegister(nodeId);
     const held = new Set(reported.map((r) => r.executionId));
     for (const e of this.#o.store.executions.values()) {
       if (e.NodeID === nodeId && e.State === "Running" && !held.has(e.ID) && this.#o.store.isMine(e.JobID)) {
@@ -508,15 +533,29 @@ export class Dispatcher implements JobDispatch {
     this.#dispatch(job, execution, requirements);
   }
 
-  /** Holds the execution's capacity and asks its node for a bid that carries the run. */
-  #dispatch(job: JobRecord, execution: ExecutionRecord, requirements: JobRequirements): void {
+  /**
+   * Holds the execution's capacity and asks its node for a bid that carries the
+   * run. A bid request that fails (no answer) ends the execution `BidRejected`,
+   * or is handed to `unanswered`.
+   */
+  #dispatch(
+    job: JobRecord,
+    execution: ExecutionRecord,
+    requirements: JobRequirements,
+    unanswered?: (err: Error) => void,
+  ): void {
     this.#reserve(execution);
-    void this.#bidAndRun(job, execution, requirements).catch((err) => {
+    void this.#bidAndRun(job, execution, requirements, unanswered).catch((err) => {
       this.#o.log.error({ err, execution: execution.ID }, "dispatch failed");
     });
   }
 
-  async #bidAndRun(job: JobRecord, execution: ExecutionRecord, requirements: JobRequirements): Promise<void> {
+  async #bidAndRun(
+    job: JobRecord,
+    execution: ExecutionRecord,
+    requirements: JobRequirements,
+    unanswered = (err: Error) => this.#failBeforeStart(execution, `bid request failed: ${err.message}`),
+  ): Promise<void> {
     const timeoutMs = requirements.executionTimeoutMs ?? this.#o.executionTimeoutMs;
     /** What the bid and the run both say of the execution. */
     const order = { jobId: job.ID, executionId: execution.ID, spec: job.Spec, submitter: job.Submitter };
@@ -530,7 +569,7 @@ export class Dispatcher implements JobDispatch {
           run: { timeoutMs },
         });
       } catch (err) {
-        this.#failBeforeStart(execution, `bid request failed: ${(err as Error).message}`);
+        unanswered(err as Error);
         return;
       }
       e = this.#o.store.executions.get(execution.ID);

@@ -136,7 +136,7 @@ async function adoptInterruptedBid(t: Test, reply: (asked: number) => Promise<Me
     ModifyTime: now,
   });
   dispatcher.start();
-  return { store, asked, cancelled };
+  return { store, dispatcher, asked, cancelled };
 }
 
 t.test(
@@ -164,10 +164,31 @@ t.test("a bid in flight that the node now declines is placed again, not failed",
   t.equal(store.jobs.get("j-2")?.State, "Running", "the job runs again, not Queued behind a failure");
 });
 
-t.test("a bid in flight to a node that does not answer is placed again", async (t) => {
-  const { store } = await adoptInterruptedBid(t, async () => {
+t.test("a bid in flight to a node that does not answer yet is asked again when it registers", async (t) => {
+  const { store, dispatcher, asked } = await adoptInterruptedBid(t, async (n) => {
+    if (n === 1) throw new Error("no responders"); // its connection to the restarted server is not back yet
+    return { accept: true, started: true };
+  });
+  await eventually("the node was asked", () => asked.length === 1);
+  await new Promise((r) => setTimeout(r, 100));
+  t.equal(store.executions.get("e-inflight")?.State, "AskForBid", "the execution waits for its node");
+  t.equal(store.executionsOf("j-2").length, 1, "nothing is placed elsewhere meanwhile");
+
+  dispatcher.reconcile("n1", [{ executionId: "e-inflight", state: "Running" }]);
+  await eventually("the execution runs", () => store.executions.get("e-inflight")?.State === "Running");
+  t.same(asked, ["e-inflight", "e-inflight"], "asked once more when the node registered");
+  t.equal(store.executionsOf("j-2").length, 1, "and nothing runs twice");
+});
+
+t.test("a bid in flight to a node that never answers is placed again after its registration", async (t) => {
+  const { store, dispatcher } = await adoptInterruptedBid(t, async () => {
     throw new Error("no responders");
   });
+  await new Promise((r) => setTimeout(r, 100));
+  dispatcher.reconcile("n2", []); // another node's registration changes nothing
+  await new Promise((r) => setTimeout(r, 100));
+  t.equal(store.executions.get("e-inflight")?.State, "AskForBid");
+  dispatcher.reconcile("n1", []);
   await eventually("a new execution runs on n2", () =>
     store.executionsOf("j-2").some((e) => e.NodeID === "n2" && e.State === "Running"),
   );
