@@ -12,7 +12,7 @@ import {
   type Principal,
   type UserRecord,
 } from "./types.js";
-import type { UserDirectory } from "./users.js";
+import { type UserDirectory, userDisabled } from "./users.js";
 
 /** A configured shared secret and who presenting it becomes. */
 export interface SharedSecret {
@@ -261,9 +261,7 @@ export class Authenticator {
   #userPrincipal(user: UserRecord, method: AuthMethod, source: LoginSource): Principal {
     if (user.disabled) {
       this.#log.warn({ method, user: user.name, address: source.address }, "disabled user refused");
-      throw new AuthError(AUTH_CODES.SHOAL_AUTH_USER_DISABLED, `user ${user.name} is disabled`, {
-        fix: "ask an admin to enable the account",
-      });
+      throw userDisabled(user.name);
     }
     this.#log.info({ method, user: user.name, address: source.address }, "logged in");
     return { id: user.name, kind: "user", roles: [...user.roles], namespace: user.namespace, method };

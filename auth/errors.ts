@@ -15,7 +15,7 @@ export const AUTH_CODES = defineCodes("auth", {
   SHOAL_AUTH_TOKEN_INVALID: "A token that is malformed, tampered with or not signed by this orchestrator.",
   SHOAL_AUTH_TOKEN_ALGORITHM: "A token whose algorithm is not ES256 (e.g. alg none or HS256).",
   SHOAL_AUTH_TOKEN_EXPIRED: "A token past its expiry time.",
-  SHOAL_AUTH_TOKEN_REVOKED: "A token whose jti has been revoked.",
+  SHOAL_AUTH_TOKEN_REVOKED: "A token whose jti has been revoked, or whose user has been deleted.",
   SHOAL_AUTH_TOKEN_AUDIENCE: "A token issued for another API (aud) or by another issuer (iss).",
   SHOAL_AUTH_TOKEN_UNKNOWN_KEY:
     "A token signed by a key that no orchestrator of this cluster published (its kid is not in the token key store).",

@@ -96,8 +96,10 @@ export {
   type BootstrapResult,
   BUILTIN_ROLES,
   bootstrapAdmin,
+  currentPrincipal,
   isBuiltinRole,
   isValidName,
   type NewUser,
   UserDirectory,
+  userDisabled,
 } from "./users.js";

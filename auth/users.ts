@@ -5,7 +5,14 @@ import { writeFileAtomic } from "../core/index.js";
 import { AUTH_CODES, AuthError } from "./errors.js";
 import { assertPasswordStrength, type HashOptions, hashPassword } from "./password.js";
 import type { AuthStore } from "./store.js";
-import { DEFAULT_NAMESPACE, isAction, ROLE_SCOPES, type RoleRecord, type UserRecord } from "./types.js";
+import {
+  DEFAULT_NAMESPACE,
+  isAction,
+  type Principal,
+  ROLE_SCOPES,
+  type RoleRecord,
+  type UserRecord,
+} from "./types.js";
 
 /**
  * User, role and namespace names: the same rule as PKI ids, so that
@@ -216,6 +223,41 @@ function roleNotFound(name: string): AuthError {
 }
 
 /** The file the generated first admin password is written to (0600), under the data dir. */
+/**
+ * The principal a verified token stands for, as its user is now. A token
+ * names its user (`sub`) and carries the roles and namespace the user had when
+ * it logged in; a registered user's token (password, client key, mtls) is
+ * honoured only while that user exists, was created before the token was
+ * issued (a user deleted and added again under the same name does not inherit
+ * the old tokens) and is not disabled, and with the user's roles and namespace
+ * of now. Anyone else's (a shared secret, a client of anonymous mode) is as
+ * the token says.
+ */
+export function currentPrincipal(
+  token: { sub: string; iat: number },
+  principal: Principal,
+  user: UserRecord | undefined,
+): Principal {
+  if (principal.kind !== "user" || principal.method === "sharedSecret") return principal;
+  if (!user || Math.floor(Date.parse(user.createdAt) / 1000) > token.iat) {
+    throw new AuthError(
+      AUTH_CODES.SHOAL_AUTH_TOKEN_REVOKED,
+      `user ${token.sub} was deleted: its tokens are void`,
+      {
+        fix: "log in as an existing user",
+      },
+    );
+  }
+  if (user.disabled) throw userDisabled(user.name);
+  return { ...principal, roles: [...user.roles], namespace: user.namespace };
+}
+
+export function userDisabled(name: string): AuthError {
+  return new AuthError(AUTH_CODES.SHOAL_AUTH_USER_DISABLED, `user ${name} is disabled`, {
+    fix: "ask an admin to enable the account",
+  });
+}
+
 export const ADMIN_PASSWORD_FILE = "admin-password";
 
 export interface BootstrapResult {

@@ -13,6 +13,7 @@ import {
   bootstrapAdmin,
   ClientKeyVerifier,
   type CompiledPolicies,
+  currentPrincipal,
   type IssuedToken,
   type Principal,
   RateLimitedError,
@@ -166,6 +167,8 @@ export class ApiAuth {
   readonly #o: ApiAuthOptions;
   readonly #log: Logger;
   readonly #audit: Logger;
+  /** Every user as the store has it now (kept by the store's watcher), for the check of each token. */
+  readonly #users: Map<string, UserRecord>;
 
   private constructor(
     o: ApiAuthOptions,
@@ -174,6 +177,7 @@ export class ApiAuth {
       authorizer: Authorizer;
       tokens: TokenService;
       directory: UserDirectory;
+      users: Map<string, UserRecord>;
     },
   ) {
     this.#o = o;
@@ -181,6 +185,7 @@ export class ApiAuth {
     this.authorizer = parts.authorizer;
     this.tokens = parts.tokens;
     this.directory = parts.directory;
+    this.#users = parts.users;
     this.#log = o.logger.child({ component: "api-auth" });
     this.#audit = o.logger.child({ component: "audit" });
   }
@@ -216,12 +221,16 @@ export class ApiAuth {
     });
     const revocations = new RevocationList(o.store);
     await revocations.refresh();
+    // Watched before they are listed, so a change made meanwhile is not lost.
+    const users = new Map<string, UserRecord>();
     await o.store.watch({
       revocation: (e) => revocations.apply(e),
       roles: (roles) => {
         authorizer.setRoles(roles);
       },
+      user: (name, user) => (user ? users.set(name, user) : users.delete(name)),
     });
+    for (const user of await directory.listUsers()) users.set(user.name, user);
     const audience = apiAudience(o.trustDomain);
     const tokens = await TokenService.create({
       signingKey: await tokenSigningKey(o.dataDir),
@@ -240,7 +249,7 @@ export class ApiAuth {
       mtls: { caPem: o.caPem, trustDomain: o.trustDomain, ...(o.crlPem ? { crlPem: o.crlPem } : {}) },
       logger: o.logger,
     });
-    return new ApiAuth(o, { authenticator, authorizer, tokens, directory });
+    return new ApiAuth(o, { authenticator, authorizer, tokens, directory, users });
   }
 
   /** Whether the TLS listener should ask for client certificates (the mtls method). */
@@ -330,7 +339,8 @@ export class ApiAuth {
       );
     }
     try {
-      return (await this.tokens.verify(match[1]!)).principal;
+      const { claims, principal } = await this.tokens.verify(match[1]!);
+      return currentPrincipal(claims, principal, this.#users.get(claims.sub));
     } catch (err) {
       this.#audit.warn(
         { route: routeKey(req), address: req.ip, code: (err as AuthError).code },
@@ -394,6 +404,7 @@ export class ApiAuth {
           ...(b.Namespace === undefined ? {} : { namespace: b.Namespace }),
           ...(b.ClientKeys === undefined ? {} : { clientKeys: b.ClientKeys }),
         });
+        this.#users.set(user.name, user);
         this.#log.info({ by: req.principal.id, user: user.name, roles: user.roles }, "user added");
         return reply.status(201).send({ User: publicUser(user) });
       },
@@ -404,6 +415,8 @@ export class ApiAuth {
       async (req) => {
         const name = (req.params as { name: string }).name;
         await this.directory.deleteUser(name);
+        // Its tokens are refused here at once; the watcher brings the deletion to the other orchestrators.
+        this.#users.delete(name);
         this.#log.info({ by: req.principal.id, user: name }, "user deleted");
         return { Name: name, Deleted: true };
       },

@@ -84,6 +84,8 @@ export interface AuthStoreListeners {
   revocation: (event: RevocationEvent) => void;
   /** Called with every role record after any role changes. */
   roles: (roles: RoleRecord[]) => void;
+  /** A user was added or changed (`user`), or deleted (undefined). */
+  user: (name: string, user: UserRecord | undefined) => void;
 }
 
 /** An {@link AuthStore} that tells of changes made by any orchestrator. */
@@ -138,9 +140,9 @@ export class KvAuthStore implements WatchableAuthStore {
   }
 
   /**
-   * Pushes revocations and role changes written by any orchestrator (this one
-   * included) to `listeners`, until {@link close}. Resolves once both watchers
-   * are subscribed, so a change made after it is never missed.
+   * Pushes revocations, role and user changes written by any orchestrator
+   * (this one included) to `listeners`, until {@link close}. Resolves once the
+   * watchers are subscribed, so a change made after it is never missed.
    */
   async watch(listeners: AuthStoreListeners): Promise<void> {
     const revoked = await this.revokedTokens.kv.watch({ include: KvWatchInclude.UpdatesOnly });
@@ -162,6 +164,14 @@ export class KvAuthStore implements WatchableAuthStore {
         listeners.roles((await this.roles.list()).map(([, r]) => r));
       }
     })().catch((err) => this.log.error({ err }, "role watcher stopped"));
+
+    const users = await this.users.kv.watch({ include: KvWatchInclude.UpdatesOnly });
+    this.#stops.push(() => users.stop());
+    void (async () => {
+      for await (const e of users) {
+        listeners.user(e.key, e.operation === "PUT" && e.length > 0 ? e.json<UserRecord>() : undefined);
+      }
+    })().catch((err) => this.log.error({ err }, "user watcher stopped"));
   }
 
   close(): void {

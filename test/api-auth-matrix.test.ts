@@ -315,6 +315,32 @@ t.test("method × role × endpoint", async (t) => {
     t.equal(noCert.json.error?.code, "SHOAL_AUTH_CERT_REJECTED");
   });
 
+  t.test(
+    "a deleted user's tokens are refused at once, and not revived by a new user of the name",
+    async (t) => {
+      const token = await (await addUser("gone", ["operator"]))();
+      t.equal(
+        (await call("GET", "/api/v1/orchestrator/nodes", { token })).status,
+        200,
+        "works while the user exists",
+      );
+      t.equal((await call("DELETE", "/api/v1/auth/users/gone", { token: admin })).status, 200);
+      const refused = await call("GET", "/api/v1/orchestrator/nodes", { token });
+      t.equal(refused.status, 401);
+      t.equal(refused.json.error?.code, "SHOAL_AUTH_TOKEN_REVOKED");
+      // Added again a second later (a token's issue time is in seconds), with another role.
+      await new Promise((r) => setTimeout(r, 1100));
+      const fresh = await (await addUser("gone", ["reader"]))();
+      const old = await call("GET", "/api/v1/orchestrator/nodes", { token });
+      t.equal(old.json.error?.code, "SHOAL_AUTH_TOKEN_REVOKED", "the old operator token stays void");
+      t.equal(
+        (await call("GET", "/api/v1/orchestrator/nodes", { token: fresh })).status,
+        200,
+        "the new user's works",
+      );
+    },
+  );
+
   t.test("roles added at run time take effect", async (t) => {
     const role = await call("POST", "/api/v1/auth/roles", {
       token: admin,

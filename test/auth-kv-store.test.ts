@@ -10,7 +10,8 @@ import { startJetStream, tempDir } from "./helpers/cluster.js";
 /**
  * Two orchestrators' auth stores on one real JetStream: a token revoked on
  * one is refused by the other on its next check, a role added on one reaches
- * the other, a nonce is taken once, and `create` does not overwrite.
+ * the other, users added and deleted reach the other, a nonce is taken once,
+ * and `create` does not overwrite.
  */
 t.test("the KV auth store is shared by every orchestrator on the JetStream", async (t) => {
   const url = await startJetStream(t, await tempDir(t, "shoal-authkv-"));
@@ -26,10 +27,12 @@ t.test("the KV auth store is shared by every orchestrator on the JetStream", asy
   const revA = new RevocationList(a);
   const revB = new RevocationList(b);
   const roleUpdates: string[][] = [];
-  await a.watch({ revocation: (e) => revA.apply(e), roles: () => {} });
+  const userUpdates: [string, string[] | undefined][] = [];
+  await a.watch({ revocation: (e) => revA.apply(e), roles: () => {}, user: () => {} });
   await b.watch({
     revocation: (e) => revB.apply(e),
     roles: (roles) => roleUpdates.push(roles.map((r) => r.name)),
+    user: (name, user) => userUpdates.push([name, user?.roles]),
   });
 
   // Each publishes its verification key in the store; B accepts A's tokens by looking A's kid up there.
@@ -159,5 +162,16 @@ t.test("the KV auth store is shared by every orchestrator on the JetStream", asy
     }),
     true,
     "a deleted key can be created again",
+  );
+  // Users added and deleted anywhere reach B's watcher, in order.
+  for (let i = 0; i < 250 && userUpdates.length < 3; i++) await new Promise((r) => setTimeout(r, 20));
+  t.same(
+    userUpdates,
+    [
+      ["bob", []],
+      ["bob", undefined],
+      ["bob", []],
+    ],
+    "B is told of each user change",
   );
 });

@@ -10,6 +10,7 @@ import { SignJWT } from "jose";
 import t from "tap";
 import {
   AUTH_CODES,
+  currentPrincipal,
   MemoryAuthStore,
   type Principal,
   RevocationList,
@@ -271,4 +272,44 @@ t.test("only EC P-256 signing keys are accepted", async (t) => {
   });
   const pem = ec("prime256v1").privateKey.export({ type: "pkcs8", format: "pem" }).toString();
   t.ok(await TokenService.create({ ...base, signingKey: pem }), "PKCS#8 PEM works");
+});
+
+t.test("a registered user's token stands for the user as it is now", async (t) => {
+  const { service, clock } = await setup();
+  const createdAt = new Date(clock.ms - 60_000).toISOString();
+  const user = { name: "alice", roles: ["submitter"], namespace: "team-a", createdAt, disabled: false };
+  const { claims, principal } = await service.verify((await service.issue(alice)).token);
+  t.same(currentPrincipal(claims, principal, user), alice, "as the token says while the user is unchanged");
+  t.same(
+    currentPrincipal(claims, principal, { ...user, roles: ["reader"], namespace: "team-b" }),
+    { ...alice, roles: ["reader"], namespace: "team-b" },
+    "with the user's roles and namespace of now",
+  );
+  t.throws(
+    () => currentPrincipal(claims, principal, undefined),
+    { code: "SHOAL_AUTH_TOKEN_REVOKED" },
+    "deleted",
+  );
+  t.throws(
+    () =>
+      currentPrincipal(claims, principal, { ...user, createdAt: new Date(clock.ms + 1000).toISOString() }),
+    { code: "SHOAL_AUTH_TOKEN_REVOKED" },
+    "deleted and added again after the token was issued",
+  );
+  t.throws(
+    () => currentPrincipal(claims, principal, { ...user, disabled: true }),
+    { code: "SHOAL_AUTH_USER_DISABLED" },
+    "disabled",
+  );
+  for (const other of [
+    { ...alice, id: "shared-secret", roles: ["operator"], method: "sharedSecret" as const },
+    { ...alice, id: "client:ab", kind: "client" as const, roles: [], method: "clientKey" as const },
+  ]) {
+    const v = await service.verify((await service.issue(other)).token);
+    t.same(
+      currentPrincipal(v.claims, v.principal, undefined),
+      other,
+      `${other.method} is not a registered user`,
+    );
+  }
 });

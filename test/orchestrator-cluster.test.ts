@@ -127,6 +127,17 @@ t.test(
     );
     const eveStops = await atB.call("DELETE", `/api/v1/orchestrator/jobs/${id}`, eve);
     t.equal(eveStops.json.error?.code, "SHOAL_AUTH_DENIED");
+    // Deleted at A, eve's token from B is void at B too, as soon as B's watcher hears of it.
+    await a.client.delete("/api/v1/auth/users/eve");
+    const eveGone = await waitUntil(
+      "B refuses the deleted user's token",
+      async () => {
+        const r = await atB.call("GET", "/api/v1/orchestrator/jobs", eve);
+        return r.status === 401 ? r : undefined;
+      },
+      10_000,
+    );
+    t.equal(eveGone.json.error?.code, "SHOAL_AUTH_TOKEN_REVOKED");
     const missing = await atB.call(
       "GET",
       "/api/v1/orchestrator/jobs/j-00000000-0000-0000-0000-000000000000",
