@@ -233,12 +233,13 @@ function roleNotFound(name: string): AuthError {
  * of now. Anyone else's (a shared secret, a client of anonymous mode) is as
  * the token says.
  */
-export function currentPrincipal(
+export async function currentPrincipal(
   token: { sub: string; iat: number },
   principal: Principal,
-  user: UserRecord | undefined,
-): Principal {
+  lookup: (name: string) => UserRecord | undefined | Promise<UserRecord | undefined>,
+): Promise<Principal> {
   if (principal.kind !== "user" || principal.method === "sharedSecret") return principal;
+  const user = await lookup(token.sub);
   if (!user || Math.floor(Date.parse(user.createdAt) / 1000) > token.iat) {
     throw new AuthError(
       AUTH_CODES.SHOAL_AUTH_TOKEN_REVOKED,

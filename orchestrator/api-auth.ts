@@ -340,7 +340,13 @@ export class ApiAuth {
     }
     try {
       const { claims, principal } = await this.tokens.verify(match[1]!);
-      return currentPrincipal(claims, principal, this.#users.get(claims.sub));
+      // A user added at another orchestrator a moment ago may not have reached the watcher yet:
+      // then it is read from the store (not kept: the watcher's word is the one that lasts).
+      return await currentPrincipal(
+        claims,
+        principal,
+        (name) => this.#users.get(name) ?? this.directory.getUser(name),
+      );
     } catch (err) {
       this.#audit.warn(
         { route: routeKey(req), address: req.ip, code: (err as AuthError).code },
