@@ -39,6 +39,15 @@ const CLIENT = /^(\S+) - cid:\d+ - (?:"([^"]*)" - )?(.*)$/;
 const ROUTE = /^(\S+) - rid:\d+ - (.*)$/;
 const VIOLATION = /^(Publish|Subscription) Violation - User "([^"]*)", Subject "([^"]*)"/;
 
+/**
+ * Warnings nats-server 2.9 prints when nothing is wrong, logged at debug: at
+ * every reload it checks each client mapped from its certificate
+ * (`verify_and_map`) again, and warns that the user name it set itself at the
+ * first check came "in connect proto" — one line per connected node at each
+ * enrollment or renewal otherwise.
+ */
+const BENIGN_WARNINGS = [/^User "[^"]*" found in connect proto, but user required from cert$/];
+
 const TLS_REASONS: [RegExp, FabricCode][] = [
   [/didn't provide a certificate/, FABRIC_CODES.SHOAL_TLS_NO_CLIENT_CERT],
   [/signed by unknown authority/, FABRIC_CODES.SHOAL_TLS_CLIENT_UNKNOWN_CA],
@@ -60,8 +69,9 @@ const TLS_REASONS: [RegExp, FabricCode][] = [
 export function parseNatsLogLine(line: string): NatsLogLine {
   const m = LINE.exec(line);
   if (!m) return { level: "info", message: line, rejection: undefined };
-  const level = LEVELS[m[1] as string] ?? "info";
   const message = m[2] as string;
+  let level = LEVELS[m[1] as string] ?? "info";
+  if (level === "warn" && BENIGN_WARNINGS.some((re) => re.test(message))) level = "debug";
   return { level, message, rejection: level === "error" ? parseRejection(message) : undefined };
 }
 

@@ -199,6 +199,12 @@ t.test("nats-server log lines are decoded into fabric codes", async (t) => {
   );
   t.equal(p("[ERR] 127.0.0.1:7002 - rid:9 - Error trying to connect to route").rejection, undefined);
   t.equal(p("[WRN] something").rejection, undefined);
+  t.equal(p("[WRN] something").level, "warn");
+  t.equal(
+    p('[WRN] User "spiffe://td/compute/n1" found in connect proto, but user required from cert').level,
+    "debug",
+    "nats-server's warning at each reload for every certificate-mapped client is nothing wrong",
+  );
   t.equal(parseNatsLogLine("not a log line").message, "not a log line");
 });
 
