@@ -275,21 +275,32 @@ export class Orchestrator {
     ];
     let opened: Awaited<ReturnType<typeof buckets>>;
     if (cluster || external) {
+      const wait = cluster ? CLUSTER_WAIT : OPERATOR_WAIT;
       const ready = await whenJetStreamReady(
         fabric.nc,
         this.#log,
         DEFAULT_JETSTREAM_WAIT_MS,
         buckets,
         cluster ? clusterStreams : streams,
-        cluster ? CLUSTER_WAIT : OPERATOR_WAIT,
+        wait,
       );
       opened = ready.opened;
-      // In the background: the buckets work with any count meanwhile. An operator's clustered
-      // JetStream replicates the state too.
-      const raising = cluster
-        ? raiseReplicas(fabric.nc, ready.infos, replicas, this.#log)
-        : raiseOnOperatorCluster(fabric.nc, ready.infos, this.#log);
-      this.#cleanups.push(() => raising);
+      // Before anything is written: a stream given more copies elects a new leader, and writes
+      // meanwhile are refused ("jetstream is not enabled"). Nothing is sent when every stream
+      // has its count. An operator's clustered JetStream replicates the state too.
+      const raised = cluster
+        ? await raiseReplicas(fabric.nc, ready.infos, replicas, this.#log)
+        : await raiseOnOperatorCluster(fabric.nc, ready.infos, this.#log);
+      if (raised.length > 0) {
+        await whenJetStreamReady(
+          fabric.nc,
+          this.#log,
+          DEFAULT_JETSTREAM_WAIT_MS,
+          async () => {},
+          raised,
+          wait,
+        );
+      }
     } else {
       opened = await buckets();
     }

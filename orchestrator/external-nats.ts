@@ -1,6 +1,4 @@
 import path from "node:path";
-import { jetstreamManager } from "@nats-io/jetstream";
-import { TimeoutError } from "@nats-io/transport-node";
 import type { Logger, ShoalConfig } from "../core/index.js";
 import { connectFabric, type FabricConnection, FabricError } from "../fabric/index.js";
 import { ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
@@ -44,10 +42,10 @@ export function checkExternalNatsConfig(c: ShoalConfig): void {
  * Connects the orchestrator to operator-run NATS servers with its identity
  * certificate and checks that they offer JetStream. Every failure names
  * what the operator has to change on their server. A JetStream that does not
- * answer in time is not a failure here: a clustered one answers nothing until
- * its servers have elected a meta leader, and the caller waits for that
- * (cluster.ts `whenJetStreamReady`, `OPERATOR_WAIT`); a server without
- * JetStream says so at once.
+ * answer yet is not a failure here: a clustered one answers nothing, or "temporarily
+ * unavailable", until its servers have elected a meta leader, and the caller
+ * waits for that (cluster.ts `whenJetStreamReady`, `OPERATOR_WAIT`); a server
+ * without JetStream says so in its INFO.
  */
 export async function connectExternalNats(o: ExternalNatsOptions): Promise<FabricConnection> {
   const servers = o.servers.join(", ");
@@ -65,18 +63,15 @@ export async function connectExternalNats(o: ExternalNatsOptions): Promise<Fabri
   } catch (err) {
     throw explain(err, o, servers);
   }
-  try {
-    const jsm = await jetstreamManager(fabric.nc, { timeout: 5000 });
-    await jsm.getAccountInfo();
-  } catch (cause) {
-    if (cause instanceof TimeoutError) return fabric;
+  // The server's INFO says whether it runs JetStream at all. Whether JetStream answers yet is
+  // the caller's wait: a clustered one refuses or ignores requests until its meta leader is elected.
+  if (!fabric.nc.info?.jetstream) {
     await fabric.close();
     throw new OrchestratorError(
       ORCHESTRATOR_CODES.SHOAL_ORCH_NATS_NO_JETSTREAM,
-      `JetStream does not answer on ${servers}: ${(cause as Error).message}`,
+      `JetStream is not enabled on ${servers}`,
       500,
       {
-        cause,
         fix: "enable JetStream on your nats-server (a `jetstream { store_dir: ... }` block) and reload it; Shoal keeps its state in JetStream KV",
       },
     );
