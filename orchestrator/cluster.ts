@@ -159,9 +159,11 @@ export async function whenJetStreamReady<T>(
  * keep their count otherwise (a cluster grown from two orchestrators to three
  * would stay without fault tolerance). `wanted` may be counts to try, most
  * first: a count the servers refuse is not tried again for the streams after.
- * Never lowers a count, and sends nothing when every stream has its count. A
- * stream that cannot be raised now (not enough servers up) is logged and keeps
- * its count until the next start. Never rejects; resolves to the streams raised.
+ * Never lowers a count, and sends nothing when every stream has its count.
+ * When a stream cannot be raised now (not enough servers up), it is logged and
+ * the streams after it are not tried either (start-up waits for this, so it
+ * waits at most one request's timeout): they keep their count until a later
+ * start. Never rejects; resolves to the streams raised.
  */
 export async function raiseReplicas(
   nc: NatsConnection,
@@ -192,9 +194,9 @@ export async function raiseReplicas(
         if (counts.length === 1) {
           log.warn(
             { stream: config.name, err },
-            "cannot raise the copies of the stream now; it keeps its count",
+            "cannot raise the copies of the streams now; they keep their count until a later start",
           );
-          break;
+          return raised;
         }
         log.debug(
           { stream: config.name, replicas, err },

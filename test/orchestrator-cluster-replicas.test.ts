@@ -92,10 +92,10 @@ t.test("the copies of the cluster's streams are raised to the count wanted, neve
 /**
  * An operator-run JetStream (external NATS) of `servers` servers, two buckets
  * made with one copy each as the orchestrator makes them there, then
- * {@link raiseOnOperatorCluster}: the copies each bucket ends with, and how
- * many update requests the servers got.
+ * {@link raiseOnOperatorCluster} (or {@link raiseReplicas} to `wanted`): the
+ * copies each bucket ends with, and how many update requests the servers got.
  */
-async function onOperatorServers(t: Test, servers: number) {
+async function onOperatorServers(t: Test, servers: number, wanted?: number) {
   const server = await routedServers(t, servers);
   const nc = await untilReady(() => connect({ servers: server }));
   t.teardown(() => nc.close());
@@ -112,7 +112,10 @@ async function onOperatorServers(t: Test, servers: number) {
   t.teardown(() => spy.unsubscribe());
   const jsm = await js.jetstreamManager();
   const infos = () => Promise.all(["KV_shoal-jobs", "KV_shoal-nodes"].map((s) => jsm.streams.info(s)));
-  const raised = await raiseOnOperatorCluster(nc, await infos(), silentLogger);
+  const raised =
+    wanted === undefined
+      ? await raiseOnOperatorCluster(nc, await infos(), silentLogger)
+      : await raiseReplicas(nc, await infos(), wanted, silentLogger);
   await nc.flush();
   const copies = (await infos()).map((info) => info.config.num_replicas);
   return { raised, copies, updates };
@@ -138,3 +141,13 @@ t.test("an operator's single server is left alone", async (t) => {
   t.same(copies, [1, 1]);
   t.equal(updates, 0, "nothing is asked of it");
 });
+
+t.test(
+  "a raise the servers refuse stops at the first stream: start-up waits one request at most",
+  async (t) => {
+    const { raised, copies, updates } = await onOperatorServers(t, 2, 3);
+    t.same(raised, []);
+    t.same(copies, [1, 1], "both keep their count until a later start");
+    t.equal(updates, 1, "three copies asked for once, not for each stream");
+  },
+);
