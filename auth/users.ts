@@ -222,7 +222,6 @@ function roleNotFound(name: string): AuthError {
   });
 }
 
-/** The file the generated first admin password is written to (0600), under the data dir. */
 /**
  * The principal a verified token stands for, as its user is now. A token
  * names its user (`sub`) and carries the roles and namespace the user had when
@@ -259,6 +258,7 @@ export function userDisabled(name: string): AuthError {
   });
 }
 
+/** The file the generated first admin password is written to (0600), under the data dir. */
 export const ADMIN_PASSWORD_FILE = "admin-password";
 
 export interface BootstrapResult {
