@@ -1,5 +1,5 @@
 import type { JetStreamClient } from "@nats-io/jetstream";
-import { type KV, Kvm, KvWatchInclude } from "@nats-io/kv";
+import { type KV, type KvEntry, Kvm, KvWatchInclude } from "@nats-io/kv";
 import type {
   AuthCollection,
   AuthStore,
@@ -145,33 +145,32 @@ export class KvAuthStore implements WatchableAuthStore {
    * watchers are subscribed, so a change made after it is never missed.
    */
   async watch(listeners: AuthStoreListeners): Promise<void> {
-    const revoked = await this.revokedTokens.kv.watch({ include: KvWatchInclude.UpdatesOnly });
-    this.#stops.push(() => revoked.stop());
-    void (async () => {
-      for await (const e of revoked) {
-        if (e.operation === "PUT" && e.length > 0) {
-          listeners.revocation({ type: "revoked", record: e.json<RevokedToken>() });
-        } else if (e.operation !== "PUT") {
-          listeners.revocation({ type: "removed", jti: e.key });
-        }
+    await this.#watch(this.revokedTokens, "revocation", (e) => {
+      if (e.operation === "PUT" && e.length > 0) {
+        listeners.revocation({ type: "revoked", record: e.json<RevokedToken>() });
+      } else if (e.operation !== "PUT") {
+        listeners.revocation({ type: "removed", jti: e.key });
       }
-    })().catch((err) => this.log.error({ err }, "revocation watcher stopped"));
+    });
+    await this.#watch(this.roles, "role", async () => {
+      listeners.roles((await this.roles.list()).map(([, r]) => r));
+    });
+    await this.#watch(this.users, "user", (e) => {
+      listeners.user(e.key, e.operation === "PUT" && e.length > 0 ? e.json<UserRecord>() : undefined);
+    });
+  }
 
-    const roles = await this.roles.kv.watch({ include: KvWatchInclude.UpdatesOnly });
-    this.#stops.push(() => roles.stop());
+  /** Calls `each`, in order, with every change to `collection` made after it resolves, until {@link close}. */
+  async #watch<T>(
+    collection: KvCollection<T>,
+    what: string,
+    each: (entry: KvEntry) => void | Promise<void>,
+  ): Promise<void> {
+    const watcher = await collection.kv.watch({ include: KvWatchInclude.UpdatesOnly });
+    this.#stops.push(() => watcher.stop());
     void (async () => {
-      for await (const _ of roles) {
-        listeners.roles((await this.roles.list()).map(([, r]) => r));
-      }
-    })().catch((err) => this.log.error({ err }, "role watcher stopped"));
-
-    const users = await this.users.kv.watch({ include: KvWatchInclude.UpdatesOnly });
-    this.#stops.push(() => users.stop());
-    void (async () => {
-      for await (const e of users) {
-        listeners.user(e.key, e.operation === "PUT" && e.length > 0 ? e.json<UserRecord>() : undefined);
-      }
-    })().catch((err) => this.log.error({ err }, "user watcher stopped"));
+      for await (const e of watcher) await each(e);
+    })().catch((err) => this.log.error({ err }, `${what} watcher stopped`));
   }
 
   close(): void {
