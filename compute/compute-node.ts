@@ -25,6 +25,7 @@ import {
   FabricError,
   FabricMessenger,
   type MessageBody,
+  NODE_SEND_RATE,
   PeerCertificateCache,
   ReplayGuard,
   type SignedReplier,
@@ -381,6 +382,7 @@ export class ComputeNode {
       signer,
       this.#verifier,
       this.#o.logger ?? silentLogger,
+      NODE_SEND_RATE,
     );
     this.#connected = true;
     this.#emit({ type: "connected", server: this.#fabric.nc.getServer() });
@@ -795,19 +797,13 @@ export class ComputeNode {
     }
   }
 
-  /** Publishes a signed message to the orchestrator; dropped (and logged) when not connected yet. */
-  #publish<K extends "logs" | "status" | "heartbeat" | "result-chunk">(kind: K, body: MessageBody<K>): void {
+  /**
+   * Publishes a signed message to the orchestrator, within {@link NODE_SEND_RATE};
+   * dropped when not connected yet, logged when the connection is closed.
+   */
+  #publish<K extends "logs" | "status" | "heartbeat">(kind: K, body: MessageBody<K>): void {
     if (!this.#messenger || !this.#identity) return;
-    try {
-      this.#messenger.publishSigned(
-        subjects.computeOut(this.#identity.id, kind),
-        kind,
-        this.#audience(),
-        body,
-      );
-    } catch (err) {
-      this.#log.warn({ kind, err }, "cannot publish");
-    }
+    this.#messenger.publishSigned(subjects.computeOut(this.#identity.id, kind), kind, this.#audience(), body);
   }
 
   #audience(): string {
@@ -1014,13 +1010,12 @@ export class ComputeNode {
       for (const file of entry.result.files) {
         for (const [index, digest] of file.chunks.entries()) {
           const data = await this.#spool!.readChunk(executionId, digest);
-          this.#publish("result-chunk", {
-            executionId,
-            file: file.name,
-            index,
-            sha256: digest,
-            data: data.toString("base64"),
-          });
+          await this.#messenger!.publishSignedInTurn(
+            subjects.computeOut(identity.id, "result-chunk"),
+            "result-chunk",
+            this.#audience(),
+            { executionId, file: file.name, index, sha256: digest, data: data.toString("base64") },
+          );
         }
         await this.#fabric!.flush();
       }

@@ -7,5 +7,6 @@ export * from "./job-spec-errors.js";
 export * from "./job-spec-files.js";
 export * from "./job-spec-resources.js";
 export * from "./job-spec-states.js";
+export * from "./log-throttle.js";
 export * from "./logger.js";
 export * from "./node-labels.js";

@@ -47,6 +47,15 @@ export {
   RequestFailedError,
   TlsError,
 } from "./errors.js";
+export {
+  type Clock,
+  type MessageRate,
+  NODE_MESSAGE_LIMIT,
+  NODE_SEND_RATE,
+  Pacer,
+  RateLimit,
+  TokenBucket,
+} from "./message-rate.js";
 export { FabricMessenger, type SignedReplier, type VerifiedHandler } from "./messenger.js";
 export { type NatsClusterState, routeCertificateName, routeUrl } from "./nats-cluster.js";
 export {

@@ -3,6 +3,7 @@ import { type Logger, silentLogger } from "../core/index.js";
 import type { FabricConnection } from "./connection.js";
 import type { EnvelopeSigner, EnvelopeVerifier, VerifiedEnvelope } from "./envelope.js";
 import { FabricError } from "./errors.js";
+import { type MessageRate, Pacer } from "./message-rate.js";
 import type { MessageBody, MessageKind } from "./protocol.js";
 
 /** Answers a verified request with a signed reply addressed to its sender. */
@@ -20,19 +21,24 @@ export type VerifiedHandler = (
  * Signed messaging over a fabric connection: every publish is an envelope signed
  * by this daemon, every delivery is verified before the handler sees it (refused
  * messages are logged with their code and dropped), and replies are signed too.
+ * Given a `rate`, publishes and requests keep to it: each waits its turn, in
+ * order, and is signed when it goes (replies are not held).
  */
 export class FabricMessenger {
   readonly #log: Logger;
   #signer: EnvelopeSigner;
+  readonly #pacer: Pacer | undefined;
 
   constructor(
     readonly connection: FabricConnection,
     signer: EnvelopeSigner,
     readonly verifier: EnvelopeVerifier,
     logger: Logger = silentLogger,
+    rate?: MessageRate,
   ) {
     this.#signer = signer;
     this.#log = logger.child({ component: "fabric-messenger" });
+    this.#pacer = rate ? new Pacer(rate) : undefined;
   }
 
   /** The current signer; replaced when the daemon's certificate is renewed. */
@@ -49,8 +55,33 @@ export class FabricMessenger {
     this.#log.error({ err, kind: envelope.kind }, "handler failed");
   }
 
+  /** Signs and publishes, now or at its turn; a publish that fails (the connection closed) is logged. */
   publishSigned<K extends MessageKind>(subject: string, kind: K, aud: string, body: MessageBody<K>): void {
-    this.connection.publish(subject, this.signer.sign(kind, aud, body));
+    const send = () => this.#publish(subject, kind, aud, body);
+    if (this.#pacer) this.#pacer.send(send);
+    else send();
+  }
+
+  /**
+   * Waits for its turn, then publishes as {@link publishSigned}: for a sender
+   * that can wait and would otherwise queue much (the chunks of a large result).
+   */
+  async publishSignedInTurn<K extends MessageKind>(
+    subject: string,
+    kind: K,
+    aud: string,
+    body: MessageBody<K>,
+  ): Promise<void> {
+    await this.#pacer?.turn();
+    this.#publish(subject, kind, aud, body);
+  }
+
+  #publish<K extends MessageKind>(subject: string, kind: K, aud: string, body: MessageBody<K>): void {
+    try {
+      this.connection.publish(subject, this.signer.sign(kind, aud, body));
+    } catch (err) {
+      this.#log.warn({ kind, err }, "cannot publish");
+    }
   }
 
   /** Sends a signed request and returns the verified reply, which must come from `aud`. */
@@ -61,6 +92,7 @@ export class FabricMessenger {
     body: MessageBody<K>,
     timeoutMs = 10_000,
   ): Promise<VerifiedEnvelope> {
+    await this.#pacer?.turn();
     const msg = await this.connection.request(subject, this.signer.sign(kind, aud, body), timeoutMs);
     return this.verifier.verify(msg.data, { subject: msg.subject, expectedIss: aud });
   }

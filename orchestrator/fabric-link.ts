@@ -1,6 +1,6 @@
 import { promises as fs } from "node:fs";
 import type { Msg, Subscription } from "@nats-io/transport-node";
-import { type JobSpec, type Logger, storedModules } from "../core/index.js";
+import { type JobSpec, type Logger, LogThrottle, storedModules } from "../core/index.js";
 import {
   broadcastAudience,
   EnvelopeSigner,
@@ -8,9 +8,12 @@ import {
   type FabricConnection,
   type MessageBody,
   type MessageKind,
+  type MessageRate,
   MODULE_CHUNK_BYTES,
+  NODE_MESSAGE_LIMIT,
   PeerCertificateCache,
   parseSubject,
+  RateLimit,
   ReplayGuard,
   subjects,
   type VerifiedEnvelope,
@@ -51,6 +54,8 @@ export interface FabricLinkOptions {
    * approval (approved or rejected at any orchestrator) a register adopts.
    */
   storedNode?: (nodeId: string) => Promise<NodeRecord | undefined>;
+  /** What one node may send; past it, its messages are dropped unverified. @default NODE_MESSAGE_LIMIT */
+  nodeMessageLimit?: MessageRate;
 }
 
 const NODE_ID = /^[a-z0-9][a-z0-9_-]{0,62}$/;
@@ -61,7 +66,9 @@ const NODE_ID = /^[a-z0-9][a-z0-9_-]{0,62}$/;
  * the sender's certificate (chain, validity, role against the subject, replay)
  * before anything looks at its body; and the {@link NodeChannel} the dispatcher
  * uses to send signed bid/run/cancel messages. A node that sends garbage is
- * logged and ignored.
+ * logged and ignored; one that sends more than its limit has the excess
+ * dropped before verification. Either is logged at most once per node every
+ * 10 s, with how many lines were held back.
  */
 export class FabricLink implements NodeChannel {
   readonly #o: FabricLinkOptions;
@@ -71,10 +78,13 @@ export class FabricLink implements NodeChannel {
   #dispatcher: Dispatcher | undefined;
   #sub: Subscription | undefined;
   readonly #revoked = new Set<string>();
+  readonly #limit: RateLimit;
+  readonly #complaints = new LogThrottle();
 
   private constructor(o: FabricLinkOptions, signer: EnvelopeSigner) {
     this.#o = o;
     this.#signer = signer;
+    this.#limit = new RateLimit(o.nodeMessageLimit ?? NODE_MESSAGE_LIMIT);
     this.#peers = new PeerCertificateCache({ caPem: o.pki.caCertPem, trustDomain: o.pki.trustDomain });
     this.#verifier = new EnvelopeVerifier({
       identity: signer.identity,
@@ -265,6 +275,18 @@ export class FabricLink implements NodeChannel {
   async #handle(msg: Msg): Promise<void> {
     const parsed = parseSubject(msg.subject);
     if (parsed?.type !== "compute-out" || !NODE_ID.test(parsed.nodeId)) return;
+    // The broker lets a node publish only on its own subjects: the name is the sender's.
+    if (!this.#limit.admit(parsed.nodeId)) {
+      const held = this.#complaints.pass(`limit:${parsed.nodeId}`);
+      if (held !== undefined) {
+        const { perSecond, burst } = this.#o.nodeMessageLimit ?? NODE_MESSAGE_LIMIT;
+        this.#o.log.warn(
+          { node: parsed.nodeId, dropped: held + 1, perSecond, burst },
+          "node exceeds its message rate: messages dropped unverified",
+        );
+      }
+      return;
+    }
     let env: VerifiedEnvelope;
     try {
       // Only a register needs the token as text (for the chain it carries); every
@@ -272,12 +294,15 @@ export class FabricLink implements NodeChannel {
       if (parsed.kind === "register") this.#learnChain(msg.string());
       env = this.#verifier.verify(msg.data, { subject: msg.subject });
     } catch (err) {
+      const held = this.#complaints.pass(`refused:${parsed.nodeId}`);
+      if (held === undefined) return;
       this.#o.log.warn(
         {
           node: parsed.nodeId,
           kind: parsed.kind,
           code: (err as { code?: string }).code,
           reason: (err as Error).message,
+          ...(held > 0 ? { heldBack: held } : {}),
         },
         "fabric message refused",
       );

@@ -9,18 +9,24 @@ import {
   FABRIC_CODES,
   type FabricError,
   FabricMessenger,
+  type MessageRate,
   PeerCertificateCache,
   ReplayGuard,
   subjects,
 } from "../fabric/index.js";
 import { startTestFabric, type TestIdentity } from "./helpers/nats.js";
+import { resultMessages } from "./helpers/records.js";
 
 const fabric = await startTestFabric(t, { jetStream: false });
 const n1 = await fabric.identity("compute", "n1");
 const n2 = await fabric.identity("compute", "n2");
 const orch = await fabric.identity("orchestrator", "o1");
 
-async function messenger(id: TestIdentity, peers: TestIdentity[]): Promise<FabricMessenger> {
+async function messenger(
+  id: TestIdentity,
+  peers: TestIdentity[],
+  rate?: MessageRate,
+): Promise<FabricMessenger> {
   const conn = await connectFabric({
     servers: fabric.url,
     caFile: fabric.caFile,
@@ -40,7 +46,7 @@ async function messenger(id: TestIdentity, peers: TestIdentity[]): Promise<Fabri
     peers: cache,
     replayGuard: new ReplayGuard(),
   });
-  return new FabricMessenger(conn, signer, verifier);
+  return new FabricMessenger(conn, signer, verifier, undefined, rate);
 }
 
 const node = await messenger(n1, [orch]);
@@ -161,3 +167,44 @@ t.test("a handler that throws or rejects is logged and later messages still arri
     ],
   );
 });
+
+t.test(
+  "a messenger given a rate sends in order within it, a request after what was queued before",
+  async (t) => {
+    const paced = await messenger(n1, [orch], { perSecond: 100, burst: 5 });
+    const arrived: string[] = [];
+    const subs = await Promise.all([
+      orchestrator.subscribeVerified(subjects.computeOut("n1", "logs"), (env) => {
+        arrived.push(`logs ${(env.body as { seq: number }).seq}`);
+      }),
+      orchestrator.subscribeVerified(subjects.computeOut("n1", "result"), (env, reply) => {
+        arrived.push(env.kind);
+        reply?.respond("result-reply", { stored: true });
+      }),
+    ]);
+    t.teardown(() => {
+      for (const sub of subs) sub.unsubscribe();
+    });
+    const logs = (seq: number) => ({ executionId: "e1", stream: "stdout" as const, seq, data: "" });
+    const start = performance.now();
+    for (let seq = 0; seq < 20; seq++) {
+      paced.publishSigned(subjects.computeOut("n1", "logs"), "logs", orch.spiffeId, logs(seq));
+    }
+    const inTurn = paced
+      .publishSignedInTurn(subjects.computeOut("n1", "logs"), "logs", orch.spiffeId, logs(20))
+      .then(() => performance.now() - start);
+    const reply = await paced.requestSigned(
+      subjects.computeOut("n1", "result"),
+      "result",
+      orch.spiffeId,
+      resultMessages("e1", []).manifest,
+    );
+    t.equal(reply.kind, "result-reply");
+    t.ok((await inTurn) >= 150, "the 16th message past the burst of 5 waits its turn at 100/s");
+    t.same(
+      arrived,
+      [...Array.from({ length: 21 }, (_, i) => `logs ${i}`), "result"],
+      "nothing dropped or reordered; the request went after the publishes queued before it",
+    );
+  },
+);

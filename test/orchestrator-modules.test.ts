@@ -6,23 +6,13 @@ import { Objm } from "@nats-io/obj";
 import { connect } from "@nats-io/transport-node";
 import t, { type Test } from "tap";
 import { moduleDigest, separateModules, silentLogger, wasmJobSpec } from "../core/index.js";
-import {
-  EnvelopeSigner,
-  EnvelopeVerifier,
-  FabricMessenger,
-  type MessageBody,
-  MODULE_CHUNK_BYTES,
-  PeerCertificateCache,
-  ReplayGuard,
-  subjects,
-} from "../fabric/index.js";
-import { FabricLink } from "../orchestrator/fabric-link.js";
+import { type MessageBody, MODULE_CHUNK_BYTES, subjects } from "../fabric/index.js";
 import { MODULES_BUCKET, ModuleStore } from "../orchestrator/module-store.js";
 import type { ExecutionRecord } from "../orchestrator/records.js";
 import { StateStore } from "../orchestrator/state-store.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
-import { joinFabric, startTestFabric, type TestFabric, type TestIdentity } from "./helpers/nats.js";
-import { testNodeService } from "./helpers/node-service.js";
+import { startTestLink } from "./helpers/fabric-link.js";
+import { joinFabric, registeredNode, type TestFabric, type TestIdentity } from "./helpers/nats.js";
 import { EMPTY_MODULE, jobRecord } from "./helpers/records.js";
 
 /**
@@ -116,25 +106,7 @@ t.test("a module goes when no job named it at two collections in a row, unless p
 });
 
 t.test("an orchestrator hands a module only to the node running a job that names it", async (t) => {
-  const fabric = await startTestFabric(t);
-  const orchId = await fabric.identity("orchestrator", "o1");
-  const [n1, n2] = await Promise.all([fabric.identity("compute", "n1"), fabric.identity("compute", "n2")]);
-  const conn = await joinFabric(t, fabric, orchId);
-  const store = await StateStore.open(jetstream(conn.nc), silentLogger);
-  t.teardown(() => store.close());
-  const modules = new ModuleStore(await tempDir(t, "shoal-modules-"));
-  await modules.init();
-  const link = await FabricLink.create({
-    fabric: conn,
-    pki: fabric.pki,
-    store,
-    nodes: testNodeService(t, store),
-    modules,
-    log: silentLogger,
-    identity: { certFile: orchId.certFile, keyFile: orchId.keyFile },
-  });
-  await link.start();
-  t.teardown(() => link.close());
+  const { fabric, orchId, n1, n2, store, modules } = await startTestLink(t);
 
   // Two jobs, each naming its own stored module; executions placed on n1.
   const module = moduleOf(MODULE_CHUNK_BYTES + 1000, 5);
@@ -218,29 +190,7 @@ t.test("an orchestrator hands a module only to the node running a job that names
 /** `ask(node)`: that node's signed `module` requests to the orchestrator, each resolving to the verified reply. */
 async function nodeAsker(t: Test, fabric: TestFabric, orch: TestIdentity) {
   return async (node: TestIdentity) => {
-    const conn = await joinFabric(t, fabric, node);
-    const [certPem, keyPem] = await Promise.all([
-      fs.readFile(node.certFile, "utf8"),
-      fs.readFile(node.keyFile, "utf8"),
-    ]);
-    const peers = new PeerCertificateCache({ caPem: fabric.caPem, trustDomain: fabric.trustDomain });
-    peers.add(orch.issued.certPem);
-    const messenger = new FabricMessenger(
-      conn,
-      new EnvelopeSigner({ certPem, keyPem }),
-      new EnvelopeVerifier({ identity: node.spiffeId, peers, replayGuard: new ReplayGuard() }),
-    );
-    const id = node.spiffeId.split("/").pop()!;
-    // The orchestrator learns the node's chain from its register, as from a real node.
-    await messenger.requestSigned(subjects.computeOut(id, "register"), "register", orch.spiffeId, {
-      nodeId: id,
-      chainPem: certPem,
-      labels: {},
-      capacity: { cpu: 1, memory: 1 },
-      engines: ["wasm"],
-      version: "test",
-      executions: [],
-    });
+    const { id, messenger } = await registeredNode(t, fabric, node, orch);
     return async (body: MessageBody<"module">): Promise<MessageBody<"module-reply">> => {
       const env = await messenger.requestSigned(
         subjects.computeOut(id, "module"),

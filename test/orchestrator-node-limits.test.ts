@@ -1,17 +1,23 @@
 import "reflect-metadata";
 import { promises as fs } from "node:fs";
 import path from "node:path";
-import t from "tap";
+import { pino } from "pino";
+import t, { type Test } from "tap";
+import { subjects } from "../fabric/index.js";
+import type { Dispatcher } from "../orchestrator/dispatcher.js";
 import { type LogEntry, LogStore } from "../orchestrator/log-store.js";
 import { ResultsStore } from "../orchestrator/results-store.js";
 import { tempDir } from "./helpers/cluster.js";
+import { startTestLink } from "./helpers/fabric-link.js";
+import { registeredNode, type TestFabric, type TestIdentity } from "./helpers/nats.js";
 import { resultMessages } from "./helpers/records.js";
 
 /**
  * What a node that ignores its own limits can make an orchestrator keep:
  * no more staged result chunks per execution than a node may return, no more
  * log output per stream than a node may keep, and nothing staged across a
- * restart.
+ * restart; no more messages a second than a node may send (the excess
+ * dropped unverified), and no more than one warning per node every 10 s.
  */
 
 t.test("chunks staged for one execution stop at the cap; a resent chunk counts once", async (t) => {
@@ -74,3 +80,70 @@ t.test("log lines of one execution's stream stop at the cap", async (t) => {
     "a removed job's counts go with it",
   );
 });
+
+t.test("a node past its message rate has the excess dropped unverified, and is named once", async (t) => {
+  const warnings: { msg: string; node?: string; dropped?: number; code?: string; heldBack?: number }[] = [];
+  const { fabric, orchId, n1, n2, link } = await startTestLink(t, {
+    log: pino({ level: "warn" }, { write: (line: string) => warnings.push(JSON.parse(line)) }),
+    nodeMessageLimit: { perSecond: 20, burst: 40 },
+  });
+  const handled = new Map<string, number>();
+  link.attach({
+    handleLogs: (nodeId: string) => handled.set(nodeId, (handled.get(nodeId) ?? 0) + 1),
+  } as unknown as Dispatcher);
+
+  const flooder = await loggingNode(t, fabric, n1, orchId);
+  const quiet = await loggingNode(t, fabric, n2, orchId);
+  const start = performance.now();
+  for (let seq = 0; seq < 400; seq++) flooder.logs(seq);
+  await flooder.conn.flush();
+  await settled(() => handled.get("n1") ?? 0);
+  const seconds = (performance.now() - start) / 1000;
+  const n1Handled = handled.get("n1") ?? 0;
+  t.ok(n1Handled >= 40, `the burst is taken (${n1Handled})`);
+  t.ok(n1Handled <= 40 + 20 * seconds + 1, `then no more than the rate (${n1Handled} in ${seconds} s)`);
+  const limited = warnings.filter(
+    (w) => w.msg === "node exceeds its message rate: messages dropped unverified",
+  );
+  t.same(
+    limited.map((w) => [w.node, w.dropped]),
+    [["n1", 1]],
+    "one warning for the flood (the next one, 10 s on, would count what was held back)",
+  );
+
+  for (let seq = 0; seq < 3; seq++) quiet.logs(seq);
+  await quiet.conn.flush();
+  await settled(() => handled.get("n2") ?? 0);
+  t.equal(handled.get("n2"), 3, "another node is not held back by the flood");
+
+  for (let i = 0; i < 20; i++) quiet.conn.publish(subjects.computeOut("n2", "logs"), "not a signed envelope");
+  await quiet.conn.flush();
+  await new Promise((r) => setTimeout(r, 300));
+  const refused = warnings.filter((w) => w.msg === "fabric message refused");
+  t.equal(refused.length, 1, "twenty pieces of garbage are one warning, not twenty");
+  t.equal(refused[0]?.node, "n2");
+  t.equal(refused[0]?.code, "SHOAL_ENVELOPE_MALFORMED");
+  t.equal(handled.get("n2"), 3);
+});
+
+/** A node registered with the orchestrator, and a function that sends it a signed `logs` message. */
+async function loggingNode(t: Test, fabric: TestFabric, node: TestIdentity, orch: TestIdentity) {
+  const { id, conn, signer } = await registeredNode(t, fabric, node, orch);
+  return {
+    conn,
+    logs: (seq: number) =>
+      conn.publish(
+        subjects.computeOut(id, "logs"),
+        signer.sign("logs", orch.spiffeId, { executionId: "e-1", stream: "stdout", seq, data: "" }),
+      ),
+  };
+}
+
+/** Resolves once `count` has not changed for 200 ms (at most 10 s). */
+async function settled(count: () => number): Promise<void> {
+  let last = -1;
+  for (let i = 0; i < 50 && count() !== last; i++) {
+    last = count();
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}

@@ -6,8 +6,14 @@ import {
   type BrokerIdentity,
   brokerIdentityFromCertificate,
   connectFabric,
+  EnvelopeSigner,
+  EnvelopeVerifier,
   type FabricConnection,
+  FabricMessenger,
   NatsSupervisor,
+  PeerCertificateCache,
+  ReplayGuard,
+  subjects,
 } from "../../fabric/index.js";
 import {
   type IdentityRole,
@@ -139,4 +145,41 @@ export async function joinFabric(
   });
   t.teardown(() => conn.close());
   return conn;
+}
+
+/**
+ * Connects as compute `node` and registers with `orch` (which learns the
+ * node's chain from it, as from a real node): a node's side of the fabric,
+ * without a ComputeNode, for sending it crafted messages.
+ */
+export async function registeredNode(
+  t: Teardown,
+  fabric: TestFabric,
+  node: TestIdentity,
+  orch: TestIdentity,
+): Promise<{ id: string; conn: FabricConnection; signer: EnvelopeSigner; messenger: FabricMessenger }> {
+  const conn = await joinFabric(t, fabric, node);
+  const [certPem, keyPem] = await Promise.all([
+    fs.readFile(node.certFile, "utf8"),
+    fs.readFile(node.keyFile, "utf8"),
+  ]);
+  const peers = new PeerCertificateCache({ caPem: fabric.caPem, trustDomain: fabric.trustDomain });
+  peers.add(orch.issued.certPem);
+  const signer = new EnvelopeSigner({ certPem, keyPem });
+  const messenger = new FabricMessenger(
+    conn,
+    signer,
+    new EnvelopeVerifier({ identity: node.spiffeId, peers, replayGuard: new ReplayGuard() }),
+  );
+  const id = node.spiffeId.split("/").pop()!;
+  await messenger.requestSigned(subjects.computeOut(id, "register"), "register", orch.spiffeId, {
+    nodeId: id,
+    chainPem: certPem,
+    labels: {},
+    capacity: { cpu: 1, memory: 1 },
+    engines: ["wasm"],
+    version: "test",
+    executions: [],
+  });
+  return { id, conn, signer, messenger };
 }

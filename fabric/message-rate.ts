@@ -1,0 +1,153 @@
+/**
+ * How fast a compute node may send to the orchestrators, and the means to hold
+ * it to that: a token bucket; a {@link Pacer} for the sender, where sends wait
+ * their turn in order and none is dropped; a {@link RateLimit} per sender for
+ * the receiver, where what exceeds is dropped before it costs a signature check.
+ */
+
+export interface MessageRate {
+  /** Messages a second, sustained. */
+  perSecond: number;
+  /** Messages at once after a quiet spell. */
+  burst: number;
+}
+
+/**
+ * What an orchestrator takes from one node (on its `.out.` subjects); past it,
+ * messages are dropped unverified. A flood from one node with a valid key then
+ * costs about a fifth of a core in signature checks, not all of it.
+ */
+export const NODE_MESSAGE_LIMIT: Readonly<MessageRate> = Object.freeze({ perSecond: 2000, burst: 4000 });
+
+/**
+ * What a compute node holds itself to: half of {@link NODE_MESSAGE_LIMIT}, so
+ * that messages the network delivers bunched together still arrive within it.
+ * Far above what a node sends in normal work (a batch of log lines per running
+ * execution every 100 ms, one message per result chunk of 256 KiB).
+ */
+export const NODE_SEND_RATE: Readonly<MessageRate> = Object.freeze({ perSecond: 1000, burst: 2000 });
+
+/** The clock of the bucket: milliseconds, monotonic. */
+export type Clock = () => number;
+
+const monotonic: Clock = () => performance.now();
+
+/** A token bucket: `burst` tokens, refilled at `perSecond`; a message takes one. */
+export class TokenBucket {
+  readonly #rate: MessageRate;
+  #tokens: number;
+  #at: number;
+
+  constructor(rate: MessageRate, now: number) {
+    this.#rate = rate;
+    this.#tokens = rate.burst;
+    this.#at = now;
+  }
+
+  /** Takes a token if there is one. */
+  take(now: number): boolean {
+    this.#refill(now);
+    if (this.#tokens < 1) return false;
+    this.#tokens -= 1;
+    return true;
+  }
+
+  /** Milliseconds until a token is there (0: now). */
+  delay(now: number): number {
+    this.#refill(now);
+    return this.#tokens >= 1 ? 0 : ((1 - this.#tokens) * 1000) / this.#rate.perSecond;
+  }
+
+  #refill(now: number): void {
+    const elapsed = Math.max(0, now - this.#at);
+    this.#tokens = Math.min(this.#rate.burst, this.#tokens + (elapsed * this.#rate.perSecond) / 1000);
+    this.#at = now;
+  }
+}
+
+/**
+ * Holds a sender to a rate: each send runs at once while the bucket has a
+ * token and nothing waits before it, otherwise later, in the order given.
+ * Nothing is dropped; what waits is bounded by what the sender produces (a
+ * node's log output and status per execution are capped).
+ */
+export class Pacer {
+  readonly #bucket: TokenBucket;
+  readonly #now: Clock;
+  readonly #queue: Array<() => void> = [];
+  #timer: NodeJS.Timeout | undefined;
+
+  constructor(rate: MessageRate, now: Clock = monotonic) {
+    this.#now = now;
+    this.#bucket = new TokenBucket(rate, now());
+  }
+
+  /** Sends waiting for their turn. */
+  get waiting(): number {
+    return this.#queue.length;
+  }
+
+  /** Runs `send` now if the rate allows and nothing waits, else at its turn. */
+  send(send: () => void): void {
+    if (this.#queue.length === 0 && this.#bucket.take(this.#now())) {
+      send();
+      return;
+    }
+    this.#queue.push(send);
+    this.#arm();
+  }
+
+  /** Resolves when the caller may send one message, after everything queued before it. */
+  turn(): Promise<void> {
+    return new Promise((resolve) => this.send(resolve));
+  }
+
+  #arm(): void {
+    if (this.#timer) return;
+    // Not unref'd: a caller awaiting its turn must get it, and the wait is bounded.
+    this.#timer = setTimeout(() => {
+      this.#timer = undefined;
+      this.#drain();
+    }, this.#bucket.delay(this.#now()));
+  }
+
+  #drain(): void {
+    while (this.#queue.length > 0 && this.#bucket.take(this.#now())) this.#queue.shift()!();
+    if (this.#queue.length > 0) this.#arm();
+  }
+}
+
+/**
+ * One token bucket per sender, for a receiver that drops what exceeds. Keeps
+ * at most `maxSenders` buckets (the least recently used go: such a sender
+ * starts again with a full bucket).
+ */
+export class RateLimit {
+  readonly #rate: MessageRate;
+  readonly #now: Clock;
+  readonly #maxSenders: number;
+  readonly #buckets = new Map<string, TokenBucket>();
+
+  /** @param maxSenders @default 65536 */
+  constructor(rate: MessageRate, now: Clock = monotonic, maxSenders = 65_536) {
+    this.#rate = rate;
+    this.#now = now;
+    this.#maxSenders = maxSenders;
+  }
+
+  /** True when `sender` is within its rate (and this message counts against it). */
+  admit(sender: string): boolean {
+    const now = this.#now();
+    let bucket = this.#buckets.get(sender);
+    if (bucket) {
+      this.#buckets.delete(sender); // re-inserted below: Map order is least recently used first
+    } else {
+      bucket = new TokenBucket(this.#rate, now);
+      if (this.#buckets.size >= this.#maxSenders) {
+        this.#buckets.delete(this.#buckets.keys().next().value as string);
+      }
+    }
+    this.#buckets.set(sender, bucket);
+    return bucket.take(now);
+  }
+}
