@@ -264,7 +264,14 @@ export class Authenticator {
       throw userDisabled(user.name);
     }
     this.#log.info({ method, user: user.name, address: source.address }, "logged in");
-    return { id: user.name, kind: "user", roles: [...user.roles], namespace: user.namespace, method };
+    return {
+      id: user.name,
+      kind: "user",
+      roles: [...user.roles],
+      namespace: user.namespace,
+      method,
+      ...(user.uid ? { uid: user.uid } : {}),
+    };
   }
 
   #require(method: AuthMethod): void {

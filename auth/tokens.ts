@@ -59,6 +59,8 @@ export interface TokenClaims {
   roles: string[];
   ns: string;
   method: AuthMethod;
+  /** The registered user's `uid` (see UserRecord), when it has one. */
+  uid?: string;
 }
 
 export interface IssuedToken {
@@ -180,8 +182,10 @@ export class TokenService {
       roles: [...principal.roles],
       ns: principal.namespace,
       method: principal.method,
+      ...(principal.uid ? { uid: principal.uid } : {}),
     };
-    const token = await new SignJWT({ roles: claims.roles, ns: claims.ns, method: claims.method })
+    const { roles, ns, method, uid } = claims;
+    const token = await new SignJWT({ roles, ns, method, ...(uid ? { uid } : {}) })
       .setProtectedHeader({ alg: ALGORITHM, typ: TOKEN_TYPE, kid: this.#kid })
       .setIssuer(claims.iss)
       .setAudience(claims.aud)
@@ -276,8 +280,9 @@ export class TokenService {
     } catch (err) {
       throw tokenError(err);
     }
-    const { roles, ns, method } = payload as Record<string, unknown>;
+    const { roles, ns, method, uid } = payload as Record<string, unknown>;
     if (
+      (uid !== undefined && typeof uid !== "string") ||
       !Array.isArray(roles) ||
       !roles.every((r) => typeof r === "string") ||
       typeof ns !== "string" ||
@@ -299,6 +304,7 @@ export class TokenService {
       roles: roles as string[],
       ns,
       method: method as AuthMethod,
+      ...(uid === undefined ? {} : { uid }),
     };
   }
 }
@@ -325,6 +331,7 @@ function principalOf(c: TokenClaims): Principal {
     roles: c.roles,
     namespace: c.ns,
     method: c.method,
+    ...(c.uid === undefined ? {} : { uid: c.uid }),
   };
 }
 

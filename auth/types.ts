@@ -45,6 +45,12 @@ export interface UserRecord {
   clientKeys?: string[];
   /** ISO 8601. */
   createdAt: string;
+  /**
+   * A random id given at creation, named by the user's tokens: a user deleted
+   * and added again under the same name does not inherit the old tokens, even
+   * within the second they were issued. Absent on users created before it existed.
+   */
+  uid?: string;
   disabled: boolean;
 }
 
@@ -101,6 +107,8 @@ export interface Principal {
   roles: string[];
   namespace: string;
   method: AuthMethod;
+  /** A registered user's {@link UserRecord.uid}, when it has one. */
+  uid?: string;
 }
 
 /** The namespace of anonymous callers and of users created without one. @default "default" */

@@ -110,6 +110,7 @@ export class UserDirectory {
       roles: [...new Set(user.roles)],
       namespace,
       createdAt: new Date(this.#now()).toISOString(),
+      uid: randomBytes(12).toString("base64url"),
       disabled: false,
     };
     if (user.clientKeys?.length) record.clientKeys = [...user.clientKeys];
@@ -226,20 +227,20 @@ function roleNotFound(name: string): AuthError {
  * The principal a verified token stands for, as its user is now. A token
  * names its user (`sub`) and carries the roles and namespace the user had when
  * it logged in; a registered user's token (password, client key, mtls) is
- * honoured only while that user exists, was created before the token was
- * issued (a user deleted and added again under the same name does not inherit
- * the old tokens) and is not disabled, and with the user's roles and namespace
- * of now. Anyone else's (a shared secret, a client of anonymous mode) is as
- * the token says.
+ * honoured only while that user exists, is the user it was issued to (a user
+ * deleted and added again under the same name does not inherit the old
+ * tokens) and is not disabled, and with the user's roles and namespace of
+ * now. Anyone else's (a shared secret, a client of anonymous mode) is as the
+ * token says.
  */
 export async function currentPrincipal(
-  token: { sub: string; iat: number },
+  token: { sub: string; iat: number; uid?: string },
   principal: Principal,
   lookup: (name: string) => UserRecord | undefined | Promise<UserRecord | undefined>,
 ): Promise<Principal> {
   if (principal.kind !== "user" || principal.method === "sharedSecret") return principal;
   const user = await lookup(token.sub);
-  if (!user || Math.floor(Date.parse(user.createdAt) / 1000) > token.iat) {
+  if (!user || !issuedTo(token, user)) {
     throw new AuthError(
       AUTH_CODES.SHOAL_AUTH_TOKEN_REVOKED,
       `user ${token.sub} was deleted: its tokens are void`,
@@ -250,6 +251,17 @@ export async function currentPrincipal(
   }
   if (user.disabled) throw userDisabled(user.name);
   return { ...principal, roles: [...user.roles], namespace: user.namespace };
+}
+
+/**
+ * Whether the token was issued to this user, not to an earlier one of the
+ * same name: by the user's random id; for a token or a user from before ids
+ * existed, by time (the user created no later than the second the token was
+ * issued).
+ */
+function issuedTo(token: { iat: number; uid?: string }, user: UserRecord): boolean {
+  if (token.uid !== undefined && user.uid !== undefined) return token.uid === user.uid;
+  return Math.floor(Date.parse(user.createdAt) / 1000) <= token.iat;
 }
 
 export function userDisabled(name: string): AuthError {

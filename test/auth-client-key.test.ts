@@ -141,6 +141,7 @@ t.test("a registered key logs in as its user; unregistered keys need anonymous m
     roles: ["operator"],
     namespace: "default",
     method: "clientKey",
+    uid: (await directory.getUser("bob"))?.uid,
   });
   await t.rejects(auth.clientKey(answerChallenge(await auth.challenge(), stranger)), {
     code: AUTH_CODES.SHOAL_AUTH_BAD_CREDENTIALS,

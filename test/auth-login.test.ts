@@ -62,6 +62,7 @@ t.test("password login: right password, wrong password, unknown user, disabled u
     roles: ["submitter"],
     namespace: "team-a",
     method: "password",
+    uid: (await directory.getUser("alice"))?.uid,
   });
   await t.rejects(auth.password({ username: "alice", password: "wrong password!" }), {
     code: AUTH_CODES.SHOAL_AUTH_BAD_CREDENTIALS,

@@ -32,6 +32,7 @@ t.test("a user certificate from the fabric CA maps spiffe://td/user/<name> to th
     roles: ["reader"],
     namespace: "team-a",
     method: "mtls",
+    uid: (await directory.getUser("alice"))?.uid,
   });
 });
 

@@ -29,6 +29,24 @@ const ISSUER = "spiffe://shoal.local/orchestrator/orch-1";
 const AUDIENCE = "https://orch.example:1234";
 const ec = (namedCurve: string) => generateKeyPairSync("ec", { namedCurve });
 
+/** A JWT for ISSUER and AUDIENCE as a forger (or a test of odd claims) makes it, valid for a minute from `ms`. */
+function craft(
+  key: KeyObject,
+  header: { alg: string; typ: string; kid?: string },
+  claims: Record<string, unknown>,
+  o: { sub: string; jti: string; ms: number },
+): Promise<string> {
+  return new SignJWT(claims)
+    .setProtectedHeader(header)
+    .setIssuer(ISSUER)
+    .setAudience(AUDIENCE)
+    .setSubject(o.sub)
+    .setIssuedAt(o.ms / 1000)
+    .setExpirationTime(o.ms / 1000 + 60)
+    .setJti(o.jti)
+    .sign(key);
+}
+
 /** A service with a steppable clock; `now` is shared with its revocation list. */
 async function setup(overrides: Partial<TokenServiceOptions> = {}) {
   const clock = { ms: Date.UTC(2030, 0, 1) };
@@ -175,15 +193,12 @@ t.test("HS256 signed with the public key (algorithm confusion) is refused", asyn
 t.test("tokens signed with another key, curve or algorithm are refused", async (t) => {
   const { service, clock } = await setup();
   const sign = (key: KeyObject, alg: string, kid?: string) =>
-    new SignJWT({ roles: ["admin"], ns: "default", method: "password" })
-      .setProtectedHeader({ alg, typ: "at+jwt", ...(kid ? { kid } : {}) })
-      .setIssuer(ISSUER)
-      .setAudience(AUDIENCE)
-      .setSubject("mallory")
-      .setIssuedAt(clock.ms / 1000)
-      .setExpirationTime(clock.ms / 1000 + 60)
-      .setJti("j")
-      .sign(key);
+    craft(
+      key,
+      { alg, typ: "at+jwt", ...(kid ? { kid } : {}) },
+      { roles: ["admin"], ns: "default", method: "password" },
+      { sub: "mallory", jti: "j", ms: clock.ms },
+    );
   // Another P-256 key: unknown kid, or the real kid with a wrong signature.
   const { token } = await service.issue(alice);
   const realKid = JSON.parse(Buffer.from(token.split(".")[0]!, "base64url").toString()).kid as string;
@@ -230,16 +245,26 @@ t.test("wrong audience, wrong issuer and wrong typ are refused", async (t) => {
   });
   await t.rejects(otherIssuer.verify(token), { code: AUTH_CODES.SHOAL_AUTH_TOKEN_AUDIENCE });
   // A JWS of another kind (e.g. a fabric envelope) signed by the same key is not a token.
-  const envelope = await new SignJWT({ roles: [], ns: "default", method: "password" })
-    .setProtectedHeader({ alg: "ES256", typ: "shoal-envelope" })
-    .setIssuer(ISSUER)
-    .setAudience(AUDIENCE)
-    .setSubject("alice")
-    .setIssuedAt(clock.ms / 1000)
-    .setExpirationTime(clock.ms / 1000 + 60)
-    .setJti("x")
-    .sign(privateKey);
+  const envelope = await craft(
+    privateKey,
+    { alg: "ES256", typ: "shoal-envelope" },
+    { roles: [], ns: "default", method: "password" },
+    { sub: "alice", jti: "x", ms: clock.ms },
+  );
   await t.rejects(service.verify(envelope), { code: AUTH_CODES.SHOAL_AUTH_TOKEN_INVALID });
+});
+
+t.test("a token of ours whose user id is not a string is refused as malformed", async (t) => {
+  const { service, privateKey, clock } = await setup();
+  const { token } = await service.issue(alice);
+  const kid = JSON.parse(Buffer.from(token.split(".")[0]!, "base64url").toString()).kid as string;
+  const odd = await craft(
+    privateKey,
+    { alg: "ES256", typ: "at+jwt", kid },
+    { roles: ["submitter"], ns: "team-a", method: "password", uid: 7 },
+    { sub: "alice", jti: "j-uid", ms: clock.ms },
+  );
+  await t.rejects(service.verify(odd), { code: AUTH_CODES.SHOAL_AUTH_TOKEN_INVALID });
 });
 
 t.test("a verification key list lets tokens of a previous key verify during rotation", async (t) => {
@@ -294,6 +319,26 @@ t.test("a registered user's token stands for the user as it is now", async (t) =
     "deleted and added again after the token was issued",
   );
   await t.rejects(asNow({ ...user, disabled: true }), { code: "SHOAL_AUTH_USER_DISABLED" }, "disabled");
+
+  // A user with a random id: its tokens name it, so another user of the name is told apart
+  // even within the second the token was issued.
+  const v = await service.verify((await service.issue({ ...alice, uid: "u-1" })).token);
+  t.equal(v.claims.uid, "u-1", "the token carries the user's id");
+  const sameSecond = new Date(clock.ms).toISOString();
+  const withId = (uid: string | undefined) =>
+    currentPrincipal(v.claims, v.principal, () => ({ ...user, createdAt: sameSecond, uid }));
+  t.same(await withId("u-1"), { ...alice, uid: "u-1" }, "the same user");
+  await t.rejects(withId("u-2"), { code: "SHOAL_AUTH_TOKEN_REVOKED" }, "added again in the same second");
+  t.same(
+    await withId(undefined),
+    { ...alice, uid: "u-1" },
+    "a user stored without an id (before ids): judged by time",
+  );
+  t.same(
+    await currentPrincipal(claims, principal, () => ({ ...user, uid: "u-3" })),
+    alice,
+    "a token issued without an id (before ids): judged by time",
+  );
   for (const other of [
     { ...alice, id: "shared-secret", roles: ["operator"], method: "sharedSecret" as const },
     { ...alice, id: "client:ab", kind: "client" as const, roles: [], method: "clientKey" as const },
