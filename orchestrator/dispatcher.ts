@@ -65,6 +65,13 @@ export interface DispatcherOptions {
   /** Extra time past an execution's deadline before the orchestrator fails it itself. @default 5000 */
   timeoutGraceMs?: number;
   /**
+   * How long a bid asked again after a restart or takeover, which its node
+   * did not answer, waits for the node to register before it is asked a last
+   * time anyway (a node whose connection stayed up does not register again).
+   * @default 30000
+   */
+  askAgainAfterMs?: number;
+  /**
    * In a cluster every orchestrator hears every node: true for an execution
    * this one has not seen (yet) but another orchestrator of the cluster
    * stored. Such executions, like the known ones of jobs another
@@ -117,8 +124,12 @@ export class Dispatcher implements JobDispatch {
   readonly #queue = new Set<string>();
   #reexamine: NodeJS.Immediate | undefined;
   #closed = false;
-  /** Bids asked again after a restart or takeover that their node did not answer, with what they need. */
-  readonly #awaitingNode = new Map<string, JobRequirements>();
+  /**
+   * Bids asked again after a restart or takeover that their node did not
+   * answer: what they need, and the timer that asks a last time if the node
+   * does not register first.
+   */
+  readonly #awaitingNode = new Map<string, { requirements: JobRequirements; timer: NodeJS.Timeout }>();
   /** One execution's result chunks and manifest are handled in arrival order, one at a time. */
   readonly #resultOrder = new KeyedSerializer();
 
@@ -173,8 +184,10 @@ export class Dispatcher implements JobDispatch {
    * Cancelling it instead threw away a run that had started, or even finished,
    * before the previous owner stored `Running`. A node that does not answer now
    * (after a restart its connection to the new server is still being made) is
-   * asked once more when it registers ({@link reconcile}); one that never comes
-   * back is LOST, and the execution with it.
+   * asked a last time when it registers ({@link reconcile}), or after
+   * `askAgainAfterMs` if it does not (its connection stayed up); unanswered
+   * again, the bid ends `BidRejected` and the job is placed again. A node that
+   * never comes back is LOST, and the execution with it.
    */
   #askAgain(job: JobRecord, e: ExecutionRecord, why: string): void {
     let requirements: JobRequirements;
@@ -197,19 +210,30 @@ export class Dispatcher implements JobDispatch {
         { execution: asking.ID, node: asking.NodeID, reason: err.message },
         "the node did not answer the bid asked again; it is asked once more when it registers",
       );
-      this.#awaitingNode.set(asking.ID, requirements);
+      const timer = setTimeout(() => this.#askLastTime(asking.ID), this.#o.askAgainAfterMs ?? 30_000);
+      this.#awaitingNode.set(asking.ID, { requirements, timer });
     });
   }
 
   /** Bids asked again ({@link askAgain}) whose node has registered: asked a last time. */
   #askOnRegister(nodeId: string): void {
-    for (const [id, requirements] of this.#awaitingNode) {
+    for (const id of [...this.#awaitingNode.keys()]) {
       const e = this.#o.store.executions.get(id);
       if (e && e.NodeID !== nodeId && e.State === "AskForBid") continue;
-      this.#awaitingNode.delete(id);
-      const job = e && this.#o.store.jobs.get(e.JobID);
-      if (e?.State === "AskForBid" && job && this.#o.store.isMine(job.ID))
-        this.#dispatch(job, e, requirements);
+      this.#askLastTime(id);
+    }
+  }
+
+  /** A bid asked again and not answered: asked a last time, if it still waits (unanswered, it ends). */
+  #askLastTime(executionId: string): void {
+    const awaiting = this.#awaitingNode.get(executionId);
+    if (!awaiting) return;
+    clearTimeout(awaiting.timer);
+    this.#awaitingNode.delete(executionId);
+    const e = this.#o.store.executions.get(executionId);
+    const job = e && this.#o.store.jobs.get(e.JobID);
+    if (!this.#closed && e?.State === "AskForBid" && job && this.#o.store.isMine(job.ID)) {
+      this.#dispatch(job, e, awaiting.requirements);
     }
   }
 
@@ -247,9 +271,11 @@ export class Dispatcher implements JobDispatch {
     this.#closed = true;
     for (const t of this.#deadlines.values()) clearTimeout(t);
     for (const t of this.#queueTimers.values()) clearTimeout(t);
+    for (const { timer } of this.#awaitingNode.values()) clearTimeout(timer);
     if (this.#reexamine) clearImmediate(this.#reexamine);
     this.#deadlines.clear();
     this.#queueTimers.clear();
+    this.#awaitingNode.clear();
   }
 
   /** Capacity in use on each node (active executions), for the API and tests. */

@@ -30,7 +30,11 @@ const MINUTE = 60_000;
 
 type Bid = (node: string, body: MessageBody<"bid">) => Promise<MessageBody<"bid-reply">>;
 
-async function dispatcherWithNode(t: Test, bid: Bid = async () => ({ accept: true, started: true })) {
+async function dispatcherWithNode(
+  t: Test,
+  bid: Bid = async () => ({ accept: true, started: true }),
+  askAgainAfterMs?: number,
+) {
   const dir = await tempDir(t, "shoal-dispatch-");
   const nc = await connect({ servers: await startJetStream(t, path.join(dir, "js")) });
   t.teardown(() => nc.close());
@@ -60,6 +64,7 @@ async function dispatcherWithNode(t: Test, bid: Bid = async () => ({ accept: tru
     queueTimeoutMs: MINUTE,
     executionTimeoutMs: MINUTE,
     retryBudget: 0,
+    ...(askAgainAfterMs === undefined ? {} : { askAgainAfterMs }),
   });
   t.teardown(() => dispatcher.close());
   await join(nodes, "n1");
@@ -116,12 +121,20 @@ t.test("chunks staged for an execution stopped before its result are deleted", a
  * its orchestrator stopped, taken up by `dispatcher.start()` as after a restart
  * or a takeover, with the node answering the bid asked again as `reply` says.
  */
-async function adoptInterruptedBid(t: Test, reply: (asked: number) => Promise<MessageBody<"bid-reply">>) {
+async function adoptInterruptedBid(
+  t: Test,
+  reply: (asked: number) => Promise<MessageBody<"bid-reply">>,
+  askAgainAfterMs?: number,
+) {
   const asked: string[] = [];
-  const { store, nodes, dispatcher, cancelled } = await dispatcherWithNode(t, async (_node, body) => {
-    asked.push(body.executionId);
-    return body.executionId === "e-inflight" ? reply(asked.length) : { accept: true, started: true };
-  });
+  const { store, nodes, dispatcher, cancelled } = await dispatcherWithNode(
+    t,
+    async (_node, body) => {
+      asked.push(body.executionId);
+      return body.executionId === "e-inflight" ? reply(asked.length) : { accept: true, started: true };
+    },
+    askAgainAfterMs,
+  );
   await join(nodes, "n2"); // where a declined bid can go
   const now = Date.now();
   store.putJob(jobRecord("j-2", now, { State: "Running", StateMessage: "placed" }));
@@ -196,3 +209,29 @@ t.test("a bid in flight to a node that never answers is placed again after its r
   t.match(store.executions.get("e-inflight")?.StateMessage, /bid request failed: no responders/);
   t.equal(store.jobs.get("j-2")?.State, "Running");
 });
+
+t.test(
+  "a bid in flight to a node that stays connected and does not answer is asked a last time, then placed again",
+  async (t) => {
+    const { store, asked } = await adoptInterruptedBid(
+      t,
+      async () => {
+        throw new Error("timeout");
+      },
+      300,
+    );
+    await eventually("the node was asked", () => asked.length === 1);
+    t.equal(
+      store.executions.get("e-inflight")?.State,
+      "AskForBid",
+      "the execution waits for its node a while",
+    );
+    await eventually("a new execution runs on n2", () =>
+      store.executionsOf("j-2").some((e) => e.NodeID === "n2" && e.State === "Running"),
+    );
+    t.equal(asked.filter((id) => id === "e-inflight").length, 2, "asked a last time without a registration");
+    t.equal(store.executions.get("e-inflight")?.State, "BidRejected");
+    t.match(store.executions.get("e-inflight")?.StateMessage, /bid request failed: timeout/);
+    t.equal(store.jobs.get("j-2")?.State, "Running");
+  },
+);
