@@ -49,10 +49,12 @@ export {
 } from "./errors.js";
 export {
   type Clock,
-  type MessageRate,
+  MODULE_SERVE_MAX_WAIT_MS,
   NODE_MESSAGE_LIMIT,
+  NODE_MODULE_BYTES,
   NODE_SEND_RATE,
   Pacer,
+  type Rate,
   RateLimit,
   TokenBucket,
 } from "./message-rate.js";

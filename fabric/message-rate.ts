@@ -5,10 +5,11 @@
  * the receiver, where what exceeds is dropped before it costs a signature check.
  */
 
-export interface MessageRate {
-  /** Messages a second, sustained. */
+/** So many a second (messages, bytes), and so many at once. */
+export interface Rate {
+  /** How many a second, sustained. */
   perSecond: number;
-  /** Messages at once after a quiet spell. */
+  /** How many at once after a quiet spell. */
   burst: number;
 }
 
@@ -17,7 +18,7 @@ export interface MessageRate {
  * messages are dropped unverified. A flood from one node with a valid key then
  * costs about a fifth of a core in signature checks, not all of it.
  */
-export const NODE_MESSAGE_LIMIT: Readonly<MessageRate> = Object.freeze({ perSecond: 2000, burst: 4000 });
+export const NODE_MESSAGE_LIMIT: Readonly<Rate> = Object.freeze({ perSecond: 2000, burst: 4000 });
 
 /**
  * What a compute node holds itself to: half of {@link NODE_MESSAGE_LIMIT}, so
@@ -25,20 +26,32 @@ export const NODE_MESSAGE_LIMIT: Readonly<MessageRate> = Object.freeze({ perSeco
  * Far above what a node sends in normal work (a batch of log lines per running
  * execution every 100 ms, one message per result chunk of 256 KiB).
  */
-export const NODE_SEND_RATE: Readonly<MessageRate> = Object.freeze({ perSecond: 1000, burst: 2000 });
+export const NODE_SEND_RATE: Readonly<Rate> = Object.freeze({ perSecond: 1000, burst: 2000 });
+
+/**
+ * Module bytes an orchestrator serves one node (`module` requests, 256 KiB
+ * each): 32 MiB a second, 64 MiB at once (eight modules of the largest size).
+ * Serving a part costs a file read and a signature over it, far more than
+ * checking a message, so a node asking for more waits its turn, up to
+ * {@link MODULE_SERVE_MAX_WAIT_MS}, and past that is told to ask again.
+ */
+export const NODE_MODULE_BYTES: Readonly<Rate> = Object.freeze({ perSecond: 32 << 20, burst: 64 << 20 });
+
+/** The longest an orchestrator holds a `module` request back for {@link NODE_MODULE_BYTES}. */
+export const MODULE_SERVE_MAX_WAIT_MS = 3000;
 
 /** The clock of the bucket: milliseconds, monotonic. */
 export type Clock = () => number;
 
 const monotonic: Clock = () => performance.now();
 
-/** A token bucket: `burst` tokens, refilled at `perSecond`; a message takes one. */
+/** A token bucket: `burst` tokens, refilled at `perSecond`; a message takes one (or a byte). */
 export class TokenBucket {
-  readonly #rate: MessageRate;
+  readonly #rate: Rate;
   #tokens: number;
   #at: number;
 
-  constructor(rate: MessageRate, now: number) {
+  constructor(rate: Rate, now: number) {
     this.#rate = rate;
     this.#tokens = rate.burst;
     this.#at = now;
@@ -46,10 +59,21 @@ export class TokenBucket {
 
   /** Takes a token if there is one. */
   take(now: number): boolean {
+    return this.reserve(now, 1, 0) === 0;
+  }
+
+  /**
+   * Takes `amount` tokens now if they are there (0), or ahead of time if they
+   * will be within `maxWaitMs`: then it returns the wait, which the caller
+   * keeps to (the bucket is in debt meanwhile). Past `maxWaitMs` it takes
+   * nothing and returns `undefined`.
+   */
+  reserve(now: number, amount: number, maxWaitMs: number): number | undefined {
     this.#refill(now);
-    if (this.#tokens < 1) return false;
-    this.#tokens -= 1;
-    return true;
+    const waitMs = this.#tokens >= amount ? 0 : ((amount - this.#tokens) * 1000) / this.#rate.perSecond;
+    if (waitMs > maxWaitMs) return undefined;
+    this.#tokens -= amount;
+    return waitMs;
   }
 
   /** Milliseconds until a token is there (0: now). */
@@ -77,7 +101,7 @@ export class Pacer {
   readonly #queue: Array<() => void> = [];
   #timer: NodeJS.Timeout | undefined;
 
-  constructor(rate: MessageRate, now: Clock = monotonic) {
+  constructor(rate: Rate, now: Clock = monotonic) {
     this.#now = now;
     this.#bucket = new TokenBucket(rate, now());
   }
@@ -123,13 +147,13 @@ export class Pacer {
  * starts again with a full bucket).
  */
 export class RateLimit {
-  readonly #rate: MessageRate;
+  readonly #rate: Rate;
   readonly #now: Clock;
   readonly #maxSenders: number;
   readonly #buckets = new Map<string, TokenBucket>();
 
   /** @param maxSenders @default 65536 */
-  constructor(rate: MessageRate, now: Clock = monotonic, maxSenders = 65_536) {
+  constructor(rate: Rate, now: Clock = monotonic, maxSenders = 65_536) {
     this.#rate = rate;
     this.#now = now;
     this.#maxSenders = maxSenders;
@@ -137,6 +161,11 @@ export class RateLimit {
 
   /** True when `sender` is within its rate (and this message counts against it). */
   admit(sender: string): boolean {
+    return this.reserve(sender, 1, 0) === 0;
+  }
+
+  /** {@link TokenBucket.reserve} on `sender`'s bucket. */
+  reserve(sender: string, amount: number, maxWaitMs: number): number | undefined {
     const now = this.#now();
     let bucket = this.#buckets.get(sender);
     if (bucket) {
@@ -148,6 +177,6 @@ export class RateLimit {
       }
     }
     this.#buckets.set(sender, bucket);
-    return bucket.take(now);
+    return bucket.reserve(now, amount, maxWaitMs);
   }
 }

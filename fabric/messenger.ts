@@ -3,7 +3,7 @@ import { type Logger, silentLogger } from "../core/index.js";
 import type { FabricConnection } from "./connection.js";
 import type { EnvelopeSigner, EnvelopeVerifier, VerifiedEnvelope } from "./envelope.js";
 import { FabricError } from "./errors.js";
-import { type MessageRate, Pacer } from "./message-rate.js";
+import { Pacer, type Rate } from "./message-rate.js";
 import type { MessageBody, MessageKind } from "./protocol.js";
 
 /** Answers a verified request with a signed reply addressed to its sender. */
@@ -34,7 +34,7 @@ export class FabricMessenger {
     signer: EnvelopeSigner,
     readonly verifier: EnvelopeVerifier,
     logger: Logger = silentLogger,
-    rate?: MessageRate,
+    rate?: Rate,
   ) {
     this.#signer = signer;
     this.#log = logger.child({ component: "fabric-messenger" });

@@ -1,4 +1,5 @@
 import { promises as fs } from "node:fs";
+import { setTimeout as sleep } from "node:timers/promises";
 import type { Msg, Subscription } from "@nats-io/transport-node";
 import { type JobSpec, type Logger, LogThrottle, storedModules } from "../core/index.js";
 import {
@@ -8,11 +9,13 @@ import {
   type FabricConnection,
   type MessageBody,
   type MessageKind,
-  type MessageRate,
   MODULE_CHUNK_BYTES,
+  MODULE_SERVE_MAX_WAIT_MS,
   NODE_MESSAGE_LIMIT,
+  NODE_MODULE_BYTES,
   PeerCertificateCache,
   parseSubject,
+  type Rate,
   RateLimit,
   ReplayGuard,
   subjects,
@@ -55,7 +58,13 @@ export interface FabricLinkOptions {
    */
   storedNode?: (nodeId: string) => Promise<NodeRecord | undefined>;
   /** What one node may send; past it, its messages are dropped unverified. @default NODE_MESSAGE_LIMIT */
-  nodeMessageLimit?: MessageRate;
+  nodeMessageLimit?: Rate;
+  /**
+   * Module bytes served to one node; a `module` request past it waits up to
+   * `maxWaitMs`, then is told to ask again.
+   * @default { ...NODE_MODULE_BYTES, maxWaitMs: MODULE_SERVE_MAX_WAIT_MS }
+   */
+  moduleBytesLimit?: Rate & { maxWaitMs: number };
 }
 
 const NODE_ID = /^[a-z0-9][a-z0-9_-]{0,62}$/;
@@ -79,12 +88,16 @@ export class FabricLink implements NodeChannel {
   #sub: Subscription | undefined;
   readonly #revoked = new Set<string>();
   readonly #limit: RateLimit;
+  readonly #moduleBytes: RateLimit;
+  readonly #moduleMaxWaitMs: number;
   readonly #complaints = new LogThrottle();
 
   private constructor(o: FabricLinkOptions, signer: EnvelopeSigner) {
     this.#o = o;
     this.#signer = signer;
     this.#limit = new RateLimit(o.nodeMessageLimit ?? NODE_MESSAGE_LIMIT);
+    this.#moduleBytes = new RateLimit(o.moduleBytesLimit ?? NODE_MODULE_BYTES);
+    this.#moduleMaxWaitMs = o.moduleBytesLimit?.maxWaitMs ?? MODULE_SERVE_MAX_WAIT_MS;
     this.#peers = new PeerCertificateCache({ caPem: o.pki.caCertPem, trustDomain: o.pki.trustDomain });
     this.#verifier = new EnvelopeVerifier({
       identity: signer.identity,
@@ -213,7 +226,9 @@ export class FabricLink implements NodeChannel {
   /**
    * Part of a stored module, for an execution placed on this node, still
    * active, of a job that names the module. Anything else is refused and
-   * logged: a node reads only the modules of what it runs.
+   * logged: a node reads only the modules of what it runs. Within the node's
+   * module byte rate: past it the answer waits (up to a few seconds), then the
+   * node is told to ask again.
    */
   async #module(nodeId: string, body: MessageBody<"module">): Promise<MessageBody<"module-reply">> {
     const refuse = (reason: string, unknown = false): MessageBody<"module-reply"> => {
@@ -242,6 +257,9 @@ export class FabricLink implements NodeChannel {
     if (!storedModules(job.Spec as JobSpec).some((m) => m.digest === body.digest)) {
       return refuse(`job ${execution.JobID} does not run module ${body.digest}`);
     }
+    const waitMs = this.#moduleBytes.reserve(nodeId, MODULE_CHUNK_BYTES, this.#moduleMaxWaitMs);
+    if (waitMs === undefined) return refuse(`${nodeId} asks for more module bytes than it may now`, true);
+    if (waitMs > 0) await sleep(waitMs);
     const part = await this.#o.modules.read(body.digest, body.offset, MODULE_CHUNK_BYTES);
     if (!part) return refuse(`module ${body.digest} is not stored`);
     return { size: part.size, data: part.data.toString("base64") };

@@ -28,6 +28,16 @@ t.test("a token bucket gives its burst at once, then its rate", async (t) => {
   );
 });
 
+t.test("a reservation runs the bucket into debt for a bounded wait", async (t) => {
+  const bucket = new TokenBucket({ perSecond: 1000, burst: 1000 }, 0);
+  t.equal(bucket.reserve(0, 1000, 0), 0, "the burst at once");
+  t.equal(bucket.reserve(0, 500, 600), 500, "half a second ahead, within the longest wait");
+  t.equal(bucket.reserve(0, 200, 600), undefined, "0.7 s ahead is past it: nothing taken");
+  t.equal(bucket.reserve(0, 100, 600), 600, "so 0.6 s ahead still is");
+  t.notOk(bucket.take(599), "the debt is paid before anything else is taken");
+  t.ok(bucket.take(601));
+});
+
 t.test("a per-sender limit drops each sender's excess alone and forgets the least recent", async (t) => {
   let now = 0;
   const limit = new RateLimit({ perSecond: 100, burst: 2 }, () => now, 2);

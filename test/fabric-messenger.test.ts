@@ -9,8 +9,8 @@ import {
   FABRIC_CODES,
   type FabricError,
   FabricMessenger,
-  type MessageRate,
   PeerCertificateCache,
+  type Rate,
   ReplayGuard,
   subjects,
 } from "../fabric/index.js";
@@ -22,11 +22,7 @@ const n1 = await fabric.identity("compute", "n1");
 const n2 = await fabric.identity("compute", "n2");
 const orch = await fabric.identity("orchestrator", "o1");
 
-async function messenger(
-  id: TestIdentity,
-  peers: TestIdentity[],
-  rate?: MessageRate,
-): Promise<FabricMessenger> {
+async function messenger(id: TestIdentity, peers: TestIdentity[], rate?: Rate): Promise<FabricMessenger> {
   const conn = await connectFabric({
     servers: fabric.url,
     caFile: fabric.caFile,

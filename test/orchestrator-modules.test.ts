@@ -111,10 +111,6 @@ t.test("an orchestrator hands a module only to the node running a job that names
   // Two jobs, each naming its own stored module; executions placed on n1.
   const module = moduleOf(MODULE_CHUNK_BYTES + 1000, 5);
   const other = moduleOf(100, 6);
-  const job = (id: string, bytes: Buffer) => {
-    const { spec, modules: parts } = separateModules(wasmJobSpec({ name: id, module: bytes }));
-    return { record: jobRecord(id, Date.now(), { Spec: spec, State: "Running" }), parts };
-  };
   for (const [id, bytes] of [
     ["j-1", module],
     ["j-2", other],
@@ -123,16 +119,6 @@ t.test("an orchestrator hands a module only to the node running a job that names
     for (const [d, b] of parts) await modules.put(d, b);
     store.putJob(record);
   }
-  const execution = (id: string, jobId: string, state: ExecutionRecord["State"]): ExecutionRecord => ({
-    ID: id,
-    JobID: jobId,
-    NodeID: "n1",
-    State: state,
-    StateMessage: state,
-    Resources: { cpu: 0.1, memory: 1 },
-    CreateTime: Date.now(),
-    ModifyTime: Date.now(),
-  });
   store.putExecution(execution("e-run", "j-1", "Running"));
   store.putExecution(execution("e-done", "j-1", "Completed"));
 
@@ -186,6 +172,73 @@ t.test("an orchestrator hands a module only to the node running a job that names
     "an execution whose job is nowhere yet may be asked for again",
   );
 });
+
+/** A running job of a WASM module, and the module's parts to store apart. */
+function job(id: string, bytes: Buffer) {
+  const { spec, modules: parts } = separateModules(wasmJobSpec({ name: id, module: bytes }));
+  return { record: jobRecord(id, Date.now(), { Spec: spec, State: "Running" }), parts };
+}
+
+function execution(id: string, jobId: string, state: ExecutionRecord["State"], node = "n1"): ExecutionRecord {
+  return {
+    ID: id,
+    JobID: jobId,
+    NodeID: node,
+    State: state,
+    StateMessage: state,
+    Resources: { cpu: 0.1, memory: 1 },
+    CreateTime: Date.now(),
+    ModifyTime: Date.now(),
+  };
+}
+
+t.test(
+  "module bytes served to a node keep to its rate; past the longest wait it is told to ask again",
+  async (t) => {
+    const { fabric, orchId, n1, n2, store, modules } = await startTestLink(t, {
+      moduleBytesLimit: { perSecond: 2 * MODULE_CHUNK_BYTES, burst: 2 * MODULE_CHUNK_BYTES, maxWaitMs: 700 },
+    });
+    const module = moduleOf(100, 7);
+    const { record, parts } = job("j-1", module);
+    for (const [d, b] of parts) await modules.put(d, b);
+    store.putJob(record);
+    store.putExecution(execution("e-1", "j-1", "Running"));
+    store.putExecution(execution("e-2", "j-1", "Running", "n2"));
+    const ask = await nodeAsker(t, fabric, orchId);
+    const [asN1, asN2] = [await ask(n1), await ask(n2)];
+    const digest = moduleDigest(module);
+
+    const start = performance.now();
+    const answers = await Promise.all(
+      Array.from({ length: 6 }, () =>
+        asN1({ executionId: "e-1", digest, offset: 0 }).then((reply) => ({
+          reply,
+          ms: performance.now() - start,
+        })),
+      ),
+    );
+    const served = answers.filter((a) => a.reply.size === module.length);
+    t.equal(served.length, 3, "two chunks' worth at once, and one more within the longest wait");
+    t.ok(
+      Math.max(...served.map((a) => a.ms)) >= 400,
+      "the third waited its turn (half a second at this rate)",
+    );
+    const refused = answers.filter((a) => a.reply.size === undefined);
+    t.equal(refused.length, 3);
+    for (const { reply } of refused) {
+      t.same(
+        reply,
+        { reason: "n1 asks for more module bytes than it may now", unknown: true },
+        "to ask again",
+      );
+    }
+    t.equal(
+      (await asN2({ executionId: "e-2", digest, offset: 0 })).size,
+      module.length,
+      "another node has its own rate",
+    );
+  },
+);
 
 /** `ask(node)`: that node's signed `module` requests to the orchestrator, each resolving to the verified reply. */
 async function nodeAsker(t: Test, fabric: TestFabric, orch: TestIdentity) {

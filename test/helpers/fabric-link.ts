@@ -1,8 +1,7 @@
 import { jetstream } from "@nats-io/jetstream";
 import type { Test } from "tap";
-import { type Logger, silentLogger } from "../../core/index.js";
-import type { MessageRate } from "../../fabric/index.js";
-import { FabricLink } from "../../orchestrator/fabric-link.js";
+import { silentLogger } from "../../core/index.js";
+import { FabricLink, type FabricLinkOptions } from "../../orchestrator/fabric-link.js";
 import { ModuleStore } from "../../orchestrator/module-store.js";
 import { StateStore } from "../../orchestrator/state-store.js";
 import { tempDir } from "./cluster.js";
@@ -14,7 +13,10 @@ import { testNodeService } from "./node-service.js";
  * store and module store, and the identities of orchestrator o1 and compute
  * nodes n1 and n2 (all closed at teardown).
  */
-export async function startTestLink(t: Test, options: { log?: Logger; nodeMessageLimit?: MessageRate } = {}) {
+export async function startTestLink(
+  t: Test,
+  options: Partial<Pick<FabricLinkOptions, "log" | "nodeMessageLimit" | "moduleBytesLimit">> = {},
+) {
   const fabric = await startTestFabric(t);
   const orchId = await fabric.identity("orchestrator", "o1");
   const [n1, n2] = await Promise.all([fabric.identity("compute", "n1"), fabric.identity("compute", "n2")]);
@@ -29,9 +31,9 @@ export async function startTestLink(t: Test, options: { log?: Logger; nodeMessag
     store,
     nodes: testNodeService(t, store),
     modules,
-    log: options.log ?? silentLogger,
+    log: silentLogger,
     identity: { certFile: orchId.certFile, keyFile: orchId.keyFile },
-    ...(options.nodeMessageLimit ? { nodeMessageLimit: options.nodeMessageLimit } : {}),
+    ...options,
   });
   await link.start();
   t.teardown(() => link.close());
