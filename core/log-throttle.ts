@@ -1,3 +1,5 @@
+import type { Logger } from "pino";
+
 /**
  * At most one log line per key per interval, so that a peer repeating itself
  * (garbage, a flood) cannot fill the disk with the same warning; each line
@@ -35,5 +37,15 @@ export class LogThrottle {
     if (this.#keys.size >= this.#maxKeys) this.#keys.delete(this.#keys.keys().next().value as string);
     this.#keys.set(key, { at: now, held: 0 });
     return held;
+  }
+
+  /**
+   * Logs `msg` at `warn` unless a line of that message for `key` passed within
+   * the interval; a line after held-back ones says how many (`heldBack`).
+   */
+  warn(log: Logger, key: string, fields: Record<string, unknown>, msg: string): void {
+    const held = this.pass(`${key}\n${msg}`);
+    if (held === undefined) return;
+    log.warn(held > 0 ? { ...fields, heldBack: held } : fields, msg);
   }
 }

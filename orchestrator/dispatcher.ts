@@ -1,5 +1,5 @@
 import { randomUUID } from "node:crypto";
-import type { Logger } from "../core/index.js";
+import { type Logger, LogThrottle } from "../core/index.js";
 import type { MessageBody, Resources } from "../fabric/protocol.js";
 import { jobConflict } from "./errors.js";
 import type { JobDispatch } from "./job-service.js";
@@ -132,6 +132,7 @@ export class Dispatcher implements JobDispatch {
   readonly #awaitingNode = new Map<string, { requirements: JobRequirements; timer: NodeJS.Timeout }>();
   /** One execution's result chunks and manifest are handled in arrival order, one at a time. */
   readonly #resultOrder = new KeyedSerializer();
+  readonly #complaints = new LogThrottle();
 
   constructor(options: DispatcherOptions) {
     this.#o = options;
@@ -410,15 +411,17 @@ export class Dispatcher implements JobDispatch {
       const e = this.#owned(nodeId, body.executionId);
       if (!e) return;
       if (!isActive(e) && !((e.State === "Completed" || e.State === "Failed") && !e.Results)) {
-        this.#o.log.warn(
-          { node: nodeId, execution: e.ID, state: e.State },
+        this.#warn(
+          nodeId,
+          { execution: e.ID, state: e.State },
           "result chunk for an execution whose result is no longer wanted; ignored",
         );
         return;
       }
       if (!(await this.#o.results.stageChunk(body))) {
-        this.#o.log.warn(
-          { node: nodeId, execution: e.ID, file: body.file, index: body.index },
+        this.#warn(
+          nodeId,
+          { execution: e.ID, file: body.file, index: body.index },
           "bad result chunk ignored",
         );
       }
@@ -461,7 +464,7 @@ export class Dispatcher implements JobDispatch {
       files = body.files.length > 0 ? await this.#o.results.commit(e.JobID, body) : [];
     } catch (err) {
       if (!(err instanceof ResultRejected)) throw err;
-      this.#o.log.warn({ node: nodeId, execution: e.ID, reason: err.message }, "result rejected");
+      this.#warn(nodeId, { execution: e.ID, reason: err.message }, "result rejected");
       return { stored: false, reason: err.message };
     }
     const current = this.#o.store.executions.get(e.ID) ?? e;
@@ -812,6 +815,11 @@ export class Dispatcher implements JobDispatch {
     this.#deadlines.delete(executionId);
   }
 
+  /** A warning about what a node sent: at most one line of each per node every 10 s. */
+  #warn(nodeId: string, fields: Record<string, unknown>, msg: string): void {
+    this.#complaints.warn(this.#o.log, nodeId, { node: nodeId, ...fields }, msg);
+  }
+
   /** The execution if `nodeId` holds it and its job is this orchestrator's to act on. */
   #owned(nodeId: string, executionId: string): ExecutionRecord | undefined {
     const e = this.#held(nodeId, executionId);
@@ -823,10 +831,9 @@ export class Dispatcher implements JobDispatch {
     const e = this.#o.store.executions.get(executionId);
     if (!e || e.NodeID !== nodeId) {
       // In a cluster, messages about other orchestrators' executions reach every orchestrator.
-      this.#o.log[!e && this.#o.isForeign ? "debug" : "warn"](
-        { node: nodeId, execution: executionId },
-        "message about an execution the node does not hold; ignored",
-      );
+      const msg = "message about an execution the node does not hold; ignored";
+      if (!e && this.#o.isForeign) this.#o.log.debug({ node: nodeId, execution: executionId }, msg);
+      else this.#warn(nodeId, { execution: executionId }, msg);
       return undefined;
     }
     return e;

@@ -218,7 +218,7 @@ export class FabricLink implements NodeChannel {
       return { chainPem };
     } catch (err) {
       const code = (err as { code?: string }).code;
-      this.#o.log.warn({ node: nodeId, code, reason: (err as Error).message }, "certificate renewal refused");
+      this.#warn(nodeId, { code, reason: (err as Error).message }, "certificate renewal refused");
       return { reason: `${code ? `${code}: ` : ""}${(err as Error).message}` };
     }
   }
@@ -233,10 +233,9 @@ export class FabricLink implements NodeChannel {
   async #module(nodeId: string, body: MessageBody<"module">): Promise<MessageBody<"module-reply">> {
     const refuse = (reason: string, unknown = false): MessageBody<"module-reply"> => {
       // Not known (yet) is asked again by the node: a real refusal is the one worth a warning.
-      this.#o.log[unknown ? "debug" : "warn"](
-        { node: nodeId, execution: body.executionId, module: body.digest, reason },
-        "module refused",
-      );
+      const fields = { execution: body.executionId, module: body.digest, reason };
+      if (unknown) this.#o.log.debug({ node: nodeId, ...fields }, "module refused");
+      else this.#warn(nodeId, fields, "module refused");
       return { reason, ...(unknown ? { unknown } : {}) };
     };
     // A record this orchestrator has not followed yet (its follower of the bucket may lag
@@ -263,6 +262,11 @@ export class FabricLink implements NodeChannel {
     const part = await this.#o.modules.read(body.digest, body.offset, MODULE_CHUNK_BYTES);
     if (!part) return refuse(`module ${body.digest} is not stored`);
     return { size: part.size, data: part.data.toString("base64") };
+  }
+
+  /** A warning about what a node sent: at most one line of each per node every 10 s. */
+  #warn(nodeId: string, fields: Record<string, unknown>, msg: string): void {
+    this.#complaints.warn(this.#o.log, nodeId, { node: nodeId, ...fields }, msg);
   }
 
   #identityOf(nodeId: string): string {
@@ -295,7 +299,7 @@ export class FabricLink implements NodeChannel {
     if (parsed?.type !== "compute-out" || !NODE_ID.test(parsed.nodeId)) return;
     // The broker lets a node publish only on its own subjects: the name is the sender's.
     if (!this.#limit.admit(parsed.nodeId)) {
-      const held = this.#complaints.pass(`limit:${parsed.nodeId}`);
+      const held = this.#complaints.pass(`${parsed.nodeId}\nrate`);
       if (held !== undefined) {
         const { perSecond, burst } = this.#o.nodeMessageLimit ?? NODE_MESSAGE_LIMIT;
         this.#o.log.warn(
@@ -312,16 +316,10 @@ export class FabricLink implements NodeChannel {
       if (parsed.kind === "register") this.#learnChain(msg.string());
       env = this.#verifier.verify(msg.data, { subject: msg.subject });
     } catch (err) {
-      const held = this.#complaints.pass(`refused:${parsed.nodeId}`);
-      if (held === undefined) return;
-      this.#o.log.warn(
-        {
-          node: parsed.nodeId,
-          kind: parsed.kind,
-          code: (err as { code?: string }).code,
-          reason: (err as Error).message,
-          ...(held > 0 ? { heldBack: held } : {}),
-        },
+      const code = (err as { code?: string }).code;
+      this.#warn(
+        parsed.nodeId,
+        { kind: parsed.kind, code, reason: (err as Error).message },
         "fabric message refused",
       );
       return;
@@ -332,7 +330,7 @@ export class FabricLink implements NodeChannel {
       case "register": {
         const body = env.body as MessageBody<"register">;
         if (body.nodeId !== nodeId) {
-          this.#o.log.warn({ node: nodeId, claimed: body.nodeId }, "register names another node; ignored");
+          this.#warn(nodeId, { claimed: body.nodeId }, "register names another node; ignored");
           return;
         }
         const stored = await this.#o.storedNode?.(nodeId);
@@ -378,7 +376,7 @@ export class FabricLink implements NodeChannel {
         return;
       }
       default:
-        this.#o.log.warn({ node: nodeId, kind: env.kind }, "unexpected message kind; ignored");
+        this.#warn(nodeId, { kind: env.kind }, "unexpected message kind; ignored");
     }
   }
 

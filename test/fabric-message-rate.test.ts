@@ -1,3 +1,4 @@
+import { pino } from "pino";
 import t from "tap";
 import { LogThrottle } from "../core/index.js";
 import { Pacer, RateLimit, TokenBucket } from "../fabric/index.js";
@@ -86,3 +87,27 @@ t.test("a log throttle passes one line per key per interval and counts the rest"
   t.equal(throttle.pass("c"), 0, "a third key: the least recently logged (b) is forgotten");
   t.equal(throttle.pass("b"), 0, "and passes again at once");
 });
+
+t.test(
+  "a throttled warning is one line per key and message per interval, the next saying what was held",
+  async (t) => {
+    let now = 0;
+    const throttle = new LogThrottle(1000, () => now);
+    const lines: { msg: string; node: string; heldBack?: number }[] = [];
+    const log = pino({ level: "warn" }, { write: (line: string) => lines.push(JSON.parse(line)) });
+    for (let i = 0; i < 3; i++) throttle.warn(log, "n1", { node: "n1" }, "refused");
+    throttle.warn(log, "n1", { node: "n1" }, "another complaint");
+    throttle.warn(log, "n2", { node: "n2" }, "refused");
+    now = 1000;
+    throttle.warn(log, "n1", { node: "n1" }, "refused");
+    t.same(
+      lines.map((l) => [l.msg, l.node, l.heldBack]),
+      [
+        ["refused", "n1", undefined],
+        ["another complaint", "n1", undefined],
+        ["refused", "n2", undefined],
+        ["refused", "n1", 2],
+      ],
+    );
+  },
+);

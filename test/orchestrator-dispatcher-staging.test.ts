@@ -3,10 +3,11 @@ import { promises as fs } from "node:fs";
 import path from "node:path";
 import { jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
+import { pino } from "pino";
 import t, { type Test } from "tap";
 import { silentLogger } from "../core/index.js";
 import type { MessageBody } from "../fabric/index.js";
-import { Dispatcher, type NodeChannel } from "../orchestrator/dispatcher.js";
+import { Dispatcher, type DispatcherOptions, type NodeChannel } from "../orchestrator/dispatcher.js";
 import { jobRequirements } from "../orchestrator/job-requirements.js";
 import { LogStore } from "../orchestrator/log-store.js";
 import { placeJob } from "../orchestrator/placement.js";
@@ -33,7 +34,7 @@ type Bid = (node: string, body: MessageBody<"bid">) => Promise<MessageBody<"bid-
 async function dispatcherWithNode(
   t: Test,
   bid: Bid = async () => ({ accept: true, started: true }),
-  askAgainAfterMs?: number,
+  extra: Partial<DispatcherOptions> = {},
 ) {
   const dir = await tempDir(t, "shoal-dispatch-");
   const nc = await connect({ servers: await startJetStream(t, path.join(dir, "js")) });
@@ -64,7 +65,7 @@ async function dispatcherWithNode(
     queueTimeoutMs: MINUTE,
     executionTimeoutMs: MINUTE,
     retryBudget: 0,
-    ...(askAgainAfterMs === undefined ? {} : { askAgainAfterMs }),
+    ...extra,
   });
   t.teardown(() => dispatcher.close());
   await join(nodes, "n1");
@@ -133,7 +134,7 @@ async function adoptInterruptedBid(
       asked.push(body.executionId);
       return body.executionId === "e-inflight" ? reply(asked.length) : { accept: true, started: true };
     },
-    askAgainAfterMs,
+    askAgainAfterMs === undefined ? {} : { askAgainAfterMs },
   );
   await join(nodes, "n2"); // where a declined bid can go
   const now = Date.now();
@@ -235,3 +236,20 @@ t.test(
     t.equal(store.jobs.get("j-2")?.State, "Running");
   },
 );
+
+t.test("what a node sends about executions it does not hold is one warning per 10 s", async (t) => {
+  const lines: { msg: string; node?: string; execution?: string; heldBack?: number }[] = [];
+  const log = pino({ level: "warn" }, { write: (line: string) => lines.push(JSON.parse(line)) });
+  const { dispatcher } = await dispatcherWithNode(t, undefined, { log });
+  const logs = (executionId: string) => ({ executionId, stream: "stdout" as const, seq: 0, data: "" });
+  for (let i = 0; i < 5; i++) dispatcher.handleLogs("n1", logs(`e-nope-${i}`));
+  dispatcher.handleLogs("n2", logs("e-nope"));
+  t.same(
+    lines.map((l) => [l.msg, l.node, l.execution]),
+    [
+      ["message about an execution the node does not hold; ignored", "n1", "e-nope-0"],
+      ["message about an execution the node does not hold; ignored", "n2", "e-nope"],
+    ],
+    "the first of each node's, the next four of n1's held back",
+  );
+});

@@ -83,7 +83,7 @@ t.test("log lines of one execution's stream stop at the cap", async (t) => {
 
 t.test("a node past its message rate has the excess dropped unverified, and is named once", async (t) => {
   const warnings: { msg: string; node?: string; dropped?: number; code?: string; heldBack?: number }[] = [];
-  const { fabric, orchId, n1, n2, link } = await startTestLink(t, {
+  const { fabric, orchId, n1, n2, link, store } = await startTestLink(t, {
     log: pino({ level: "warn" }, { write: (line: string) => warnings.push(JSON.parse(line)) }),
     nodeMessageLimit: { perSecond: 20, burst: 40 },
   });
@@ -124,13 +124,44 @@ t.test("a node past its message rate has the excess dropped unverified, and is n
   t.equal(refused[0]?.node, "n2");
   t.equal(refused[0]?.code, "SHOAL_ENVELOPE_MALFORMED");
   t.equal(handled.get("n2"), 3);
+
+  // Signed requests the link refuses on their merits: warned about once too.
+  store.putExecution({
+    ID: "e-elsewhere",
+    JobID: "j-1",
+    NodeID: "n1",
+    State: "Running",
+    StateMessage: "running",
+    Resources: { cpu: 0.1, memory: 1 },
+    CreateTime: Date.now(),
+    ModifyTime: Date.now(),
+  });
+  for (let i = 0; i < 5; i++) {
+    const reply = await quiet.messenger.requestSigned(
+      subjects.computeOut("n2", "module"),
+      "module",
+      orchId.spiffeId,
+      {
+        executionId: "e-elsewhere",
+        digest: `sha256:${"0".repeat(64)}`,
+        offset: 0,
+      },
+    );
+    t.match((reply.body as { reason?: string }).reason, /not placed on n2/);
+  }
+  t.same(
+    warnings.filter((w) => w.msg === "module refused").map((w) => w.node),
+    ["n2"],
+    "five refused module requests are one warning",
+  );
 });
 
 /** A node registered with the orchestrator, and a function that sends it a signed `logs` message. */
 async function loggingNode(t: Test, fabric: TestFabric, node: TestIdentity, orch: TestIdentity) {
-  const { id, conn, signer } = await registeredNode(t, fabric, node, orch);
+  const { id, conn, signer, messenger } = await registeredNode(t, fabric, node, orch);
   return {
     conn,
+    messenger,
     logs: (seq: number) =>
       conn.publish(
         subjects.computeOut(id, "logs"),
