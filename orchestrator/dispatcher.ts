@@ -91,6 +91,15 @@ const BUSY_BID_RETRIES = 4;
 /** ...after this pause, doubled each time (0.1 + 0.2 + 0.4 + 0.8 s). */
 const BUSY_BID_PAUSE_MS = 100;
 
+/**
+ * In a cluster, how long log lines of an execution not known here are kept for
+ * its record to arrive (the owner's write reaches the others within
+ * milliseconds; after a server loss, within seconds), and how many bytes of
+ * them in all.
+ */
+const EARLY_LOG_MS = 5000;
+const EARLY_LOG_BYTES = 4 << 20;
+
 const ACTIVE: ReadonlySet<ExecutionState> = new Set(["AskForBid", "BidAccepted", "Running"]);
 
 function isActive(e: ExecutionRecord): boolean {
@@ -133,6 +142,9 @@ export class Dispatcher implements JobDispatch {
   /** One execution's result chunks and manifest are handled in arrival order, one at a time. */
   readonly #resultOrder = new KeyedSerializer();
   readonly #complaints = new LogThrottle();
+  /** Log lines of executions whose record has not reached this orchestrator yet, oldest first. */
+  readonly #earlyLogs = new Map<string, { nodeId: string; at: number; lines: MessageBody<"logs">[] }>();
+  #earlyLogBytes = 0;
 
   constructor(options: DispatcherOptions) {
     this.#o = options;
@@ -260,6 +272,7 @@ export class Dispatcher implements JobDispatch {
    * one gives it back and queued jobs are looked at again.
    */
   observe(e: ExecutionRecord): void {
+    this.#replayEarlyLogs(e.ID);
     if (isActive(e)) {
       this.#reserve(e);
     } else if (this.#reserved.has(e.ID)) {
@@ -374,9 +387,16 @@ export class Dispatcher implements JobDispatch {
   /**
    * Stores a log line of any execution known here, whoever owns its job:
    * every orchestrator of a cluster hears every node, so each can serve the
-   * logs of any job, and keeps them when it takes the job over.
+   * logs of any job, and keeps them when it takes the job over. In a cluster a
+   * line of an execution not known here yet (a job's first lines can reach the
+   * other orchestrators before its owner's record does) is kept until the
+   * record arrives ({@link observe}), for a few seconds.
    */
   handleLogs(nodeId: string, body: MessageBody<"logs">): void {
+    if (this.#o.isForeign && !this.#o.store.executions.has(body.executionId)) {
+      this.#keepEarlyLog(nodeId, body);
+      return;
+    }
     const e = this.#held(nodeId, body.executionId);
     if (!e) return;
     void this.#o.logs
@@ -396,6 +416,39 @@ export class Dispatcher implements JobDispatch {
         }
       })
       .catch((err) => this.#o.log.error({ err, execution: e.ID }, "cannot store log line"));
+  }
+
+  /** Keeps a line of an execution not known here yet: up to EARLY_LOG_MS, EARLY_LOG_BYTES in all. */
+  #keepEarlyLog(nodeId: string, body: MessageBody<"logs">): void {
+    const now = Date.now();
+    for (const [id, early] of this.#earlyLogs) {
+      if (now - early.at < EARLY_LOG_MS) break;
+      this.#takeEarlyLogs(id);
+    }
+    if (this.#earlyLogBytes + body.data.length > EARLY_LOG_BYTES) return;
+    let early = this.#earlyLogs.get(body.executionId);
+    if (!early) {
+      early = { nodeId, at: now, lines: [] };
+      this.#earlyLogs.set(body.executionId, early);
+    } else if (early.nodeId !== nodeId) {
+      return;
+    }
+    early.lines.push(body);
+    this.#earlyLogBytes += body.data.length;
+  }
+
+  /** The record of an execution arrived: the lines kept for it are stored now. */
+  #replayEarlyLogs(executionId: string): void {
+    const early = this.#takeEarlyLogs(executionId);
+    for (const line of early?.lines ?? []) this.handleLogs(early!.nodeId, line);
+  }
+
+  #takeEarlyLogs(executionId: string) {
+    const early = this.#earlyLogs.get(executionId);
+    if (!early) return undefined;
+    this.#earlyLogs.delete(executionId);
+    for (const line of early.lines) this.#earlyLogBytes -= line.data.length;
+    return early;
   }
 
   /**

@@ -69,7 +69,7 @@ async function dispatcherWithNode(
   });
   t.teardown(() => dispatcher.close());
   await join(nodes, "n1");
-  return { dir, store, nodes, dispatcher, cancelled };
+  return { dir, store, nodes, logs, dispatcher, cancelled };
 }
 
 /** Registers and approves a node with room for a few small jobs. */
@@ -252,4 +252,45 @@ t.test("what a node sends about executions it does not hold is one warning per 1
     ],
     "the first of each node's, the next four of n1's held back",
   );
+});
+
+t.test("in a cluster, lines heard before their execution's record are stored once it arrives", async (t) => {
+  const { store, logs, dispatcher } = await dispatcherWithNode(t, undefined, { isForeign: async () => true });
+  const line = (executionId: string, seq: number, text: string) => ({
+    executionId,
+    stream: "stdout" as const,
+    seq,
+    data: Buffer.from(text).toString("base64"),
+  });
+  dispatcher.handleLogs("n1", line("e-later", 0, "first\n"));
+  dispatcher.handleLogs("n2", line("e-later", 0, "not n2's to write\n"));
+  dispatcher.handleLogs("n1", line("e-later", 1, "second\n"));
+  dispatcher.handleLogs("n1", line("e-never", 0, "an execution that never comes\n"));
+  const now = Date.now();
+  store.putJob(jobRecord("j-later", now, { State: "Running", StateMessage: "placed" }));
+  const e = {
+    ID: "e-later",
+    JobID: "j-later",
+    NodeID: "n1",
+    State: "Running" as const,
+    StateMessage: "running",
+    Resources: { cpu: 0.1, memory: 64 << 20 },
+    CreateTime: now,
+    ModifyTime: now,
+  };
+  store.putExecution(e);
+  t.same(await logs.read("j-later"), [], "nothing is stored before the record is followed");
+  dispatcher.observe(e);
+  await eventually("the kept lines are stored", async () => (await logs.read("j-later")).length === 2);
+  t.same(
+    (await logs.read("j-later")).map((l) => [l.Seq, l.Data]),
+    [
+      [0, "first\n"],
+      [1, "second\n"],
+    ],
+    "the node's lines, in order; another node's line for it is not kept",
+  );
+  dispatcher.observe(e);
+  await new Promise((r) => setTimeout(r, 50));
+  t.equal((await logs.read("j-later")).length, 2, "kept lines are stored once");
 });

@@ -30,9 +30,9 @@ export function jobRecord(id: string, time: number, fields: Partial<JobRecord> =
 }
 
 /** Polls `check` every 20 ms for up to 5 s (a KV watch delivers in milliseconds). */
-export async function eventually(what: string, check: () => boolean): Promise<void> {
-  for (let i = 0; i < 250 && !check(); i++) await new Promise((r) => setTimeout(r, 20));
-  if (!check()) throw new Error(`timed out waiting until ${what}`);
+export async function eventually(what: string, check: () => boolean | Promise<boolean>): Promise<void> {
+  for (let i = 0; i < 250 && !(await check()); i++) await new Promise((r) => setTimeout(r, 20));
+  if (!(await check())) throw new Error(`timed out waiting until ${what}`);
 }
 
 export const sha256 = (s: string) => createHash("sha256").update(s).digest("hex");
