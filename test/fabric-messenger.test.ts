@@ -1,6 +1,6 @@
 import "reflect-metadata";
 import { readFile } from "node:fs/promises";
-import { pino } from "pino";
+import { type Logger, pino } from "pino";
 import t from "tap";
 import {
   connectFabric,
@@ -22,7 +22,12 @@ const n1 = await fabric.identity("compute", "n1");
 const n2 = await fabric.identity("compute", "n2");
 const orch = await fabric.identity("orchestrator", "o1");
 
-async function messenger(id: TestIdentity, peers: TestIdentity[], rate?: Rate): Promise<FabricMessenger> {
+async function messenger(
+  id: TestIdentity,
+  peers: TestIdentity[],
+  rate?: Rate,
+  logger?: Logger,
+): Promise<FabricMessenger> {
   const conn = await connectFabric({
     servers: fabric.url,
     caFile: fabric.caFile,
@@ -42,7 +47,7 @@ async function messenger(id: TestIdentity, peers: TestIdentity[], rate?: Rate): 
     peers: cache,
     replayGuard: new ReplayGuard(),
   });
-  return new FabricMessenger(conn, signer, verifier, undefined, rate);
+  return new FabricMessenger(conn, signer, verifier, logger, rate);
 }
 
 const node = await messenger(n1, [orch]);
@@ -204,3 +209,25 @@ t.test(
     );
   },
 );
+
+t.test("sends still waiting their turn when the connection closes are dropped quietly", async (t) => {
+  const lines: { level: number; msg: string }[] = [];
+  const logger = pino({ level: "debug" }, { write: (line: string) => lines.push(JSON.parse(line)) });
+  const paced = await messenger(n1, [orch], { perSecond: 100, burst: 1 }, logger);
+  for (let seq = 0; seq < 5; seq++) {
+    paced.publishSigned(subjects.computeOut("n1", "logs"), "logs", orch.spiffeId, {
+      executionId: "e1",
+      stream: "stdout",
+      seq,
+      data: "",
+    });
+  }
+  await paced.connection.close();
+  await new Promise((r) => setTimeout(r, 100));
+  const failed = lines.filter((l) => l.msg === "cannot publish");
+  t.equal(failed.length, 4, "the four past the burst found the connection closed");
+  t.ok(
+    failed.every((l) => l.level === 20),
+    "at debug, not a warning each",
+  );
+});
