@@ -69,8 +69,7 @@ export class TokenBucket {
    * nothing and returns `undefined`.
    */
   reserve(now: number, amount: number, maxWaitMs: number): number | undefined {
-    this.#refill(now);
-    const waitMs = this.#tokens >= amount ? 0 : ((amount - this.#tokens) * 1000) / this.#rate.perSecond;
+    const waitMs = this.#wait(now, amount);
     if (waitMs > maxWaitMs) return undefined;
     this.#tokens -= amount;
     return waitMs;
@@ -78,14 +77,15 @@ export class TokenBucket {
 
   /** Milliseconds until a token is there (0: now). */
   delay(now: number): number {
-    this.#refill(now);
-    return this.#tokens >= 1 ? 0 : ((1 - this.#tokens) * 1000) / this.#rate.perSecond;
+    return this.#wait(now, 1);
   }
 
-  #refill(now: number): void {
+  /** Milliseconds until `amount` tokens are there, after refilling for the time since the last call. */
+  #wait(now: number, amount: number): number {
     const elapsed = Math.max(0, now - this.#at);
     this.#tokens = Math.min(this.#rate.burst, this.#tokens + (elapsed * this.#rate.perSecond) / 1000);
     this.#at = now;
+    return this.#tokens >= amount ? 0 : ((amount - this.#tokens) * 1000) / this.#rate.perSecond;
   }
 }
 
@@ -111,7 +111,7 @@ export class Pacer {
     return this.#queue.length;
   }
 
-  /** Runs `send` now if the rate allows and nothing waits, else at its turn. */
+  /** Runs `send` now if the rate allows and nothing waits, else at its turn; `send` must not throw. */
   send(send: () => void): void {
     if (this.#queue.length === 0 && this.#bucket.take(this.#now())) {
       send();
