@@ -100,7 +100,7 @@ t.test("a node past its message rate has the excess dropped unverified, and is n
   await settled(() => handled.get("n1") ?? 0);
   const seconds = (performance.now() - start) / 1000;
   const n1Handled = handled.get("n1") ?? 0;
-  t.ok(n1Handled >= 40, `the burst is taken (${n1Handled})`);
+  t.ok(n1Handled >= 39, `the burst is taken, less the register's message (${n1Handled})`);
   t.ok(n1Handled <= 40 + 20 * seconds + 1, `then no more than the rate (${n1Handled} in ${seconds} s)`);
   const limited = warnings.filter(
     (w) => w.msg === "node exceeds its message rate: messages dropped unverified",
