@@ -440,7 +440,8 @@ export class Dispatcher implements JobDispatch {
   /** The record of an execution arrived: the lines kept for it are stored now. */
   #replayEarlyLogs(executionId: string): void {
     const early = this.#takeEarlyLogs(executionId);
-    for (const line of early?.lines ?? []) this.handleLogs(early!.nodeId, line);
+    if (!early) return;
+    for (const line of early.lines) this.handleLogs(early.nodeId, line);
   }
 
   #takeEarlyLogs(executionId: string) {
