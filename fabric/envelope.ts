@@ -23,8 +23,12 @@ import { splitPem } from "./tls-diagnosis.js";
 export const DEFAULT_ENVELOPE_TTL_MS = 60_000;
 /** Clock difference tolerated between sender and receiver. @default 30 s */
 export const DEFAULT_CLOCK_SKEW_MS = 30_000;
-/** Longest lifetime a verifier accepts (bounds the replay cache). @default 10 min */
-export const MAX_ENVELOPE_TTL_MS = 600_000;
+/**
+ * Longest lifetime a verifier accepts: twice what signers use. It bounds how long
+ * an accepted id stays in the replay cache, and so how long a flood of signed
+ * messages keeps its sender refused after it stops.
+ */
+export const MAX_ENVELOPE_TTL_MS = 120_000;
 /** Largest envelope accepted, the broker's default max_payload. @default 1 MiB */
 export const DEFAULT_MAX_ENVELOPE_BYTES = 1024 * 1024;
 
@@ -404,7 +408,9 @@ export class EnvelopeVerifier {
           ? `envelope ${claims.jti} from ${sender.identity} was already accepted`
           : verdict === "issuer-full"
             ? `${sender.identity} has as many unexpired envelopes as one sender may (a flood); refusing its messages until they expire`
-            : "replay cache is full; refusing until entries expire",
+            : verdict === "over-share"
+              ? `${sender.identity} holds more than its share of a crowded replay cache (a flood); refusing its messages until they expire`
+              : "replay cache is full; refusing until entries expire",
         "replays are dropped; if this is not an attack, the sender retransmitted a signed message instead of signing anew",
         { jti: claims.jti, sender: sender.identity },
       );

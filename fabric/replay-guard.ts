@@ -8,12 +8,23 @@ export interface ReplayGuardOptions {
    * other sender refused for minutes. @default a quarter of maxEntries
    */
   readonly maxPerIssuer?: number;
+  /**
+   * Live entries past which the guard is crowded: from there on, an issuer
+   * holding at least the average share is refused, and the rest of the room is
+   * kept for the issuers below it. A few colluding issuers (each under
+   * `maxPerIssuer`) can then fill the guard only up to this line, not to
+   * `maxEntries`, and every other sender is still heard. @default 80% of maxEntries
+   */
+  readonly crowdedEntries?: number;
   /** @default Date.now */
   readonly now?: () => number;
 }
 
-/** `issuer-full`: this issuer has its {@link ReplayGuardOptions.maxPerIssuer} live entries. */
-export type ReplayVerdict = "fresh" | "replay" | "full" | "issuer-full";
+/**
+ * `issuer-full`: this issuer has its {@link ReplayGuardOptions.maxPerIssuer} live entries.
+ * `over-share`: the guard is crowded and this issuer holds at least the average share.
+ */
+export type ReplayVerdict = "fresh" | "replay" | "full" | "issuer-full" | "over-share";
 
 /** How often expired entries are swept while the guard is not full. */
 const SWEEP_INTERVAL_MS = 1000;
@@ -27,7 +38,9 @@ const SWEEP_INTERVAL_MS = 1000;
  * once when full, and when `maxEntries` live entries exist the guard refuses new
  * messages instead of forgetting old ones (which would re-open replays). One
  * issuer holds at most `maxPerIssuer` live entries; past that its own new
- * messages are refused, nobody else's.
+ * messages are refused, nobody else's. Past `crowdedEntries`, an issuer holding
+ * at least the average share of the live entries is refused too, so colluding
+ * issuers cannot fill the rest: it stays for the issuers that hold less.
  *
  * Every accepted id outlives the young generation, so what an entry holds is
  * garbage-collector work on the receive path: the `jti` string the envelope's
@@ -41,6 +54,7 @@ export class ReplayGuard {
   #size = 0;
   readonly #max: number;
   readonly #maxPerIssuer: number;
+  readonly #crowded: number;
   readonly #now: () => number;
   readonly #epoch: number;
   #lastFullSweep = Number.NEGATIVE_INFINITY;
@@ -50,6 +64,7 @@ export class ReplayGuard {
   constructor(options: ReplayGuardOptions = {}) {
     this.#max = options.maxEntries ?? 1_000_000;
     this.#maxPerIssuer = options.maxPerIssuer ?? Math.max(1, Math.floor(this.#max / 4));
+    this.#crowded = options.crowdedEntries ?? Math.floor(this.#max * 0.8);
     this.#now = options.now ?? Date.now;
     this.#epoch = this.#now();
   }
@@ -60,7 +75,7 @@ export class ReplayGuard {
 
   /**
    * Records `issuer`'s `jti` until `forgetAtMs` and says whether it is new.
-   * A "replay" or "full" verdict records nothing.
+   * Only a "fresh" verdict records the id.
    */
   check(issuer: string, jti: string, forgetAtMs: number): ReplayVerdict {
     const now = this.#now() - this.#epoch;
@@ -73,18 +88,24 @@ export class ReplayGuard {
       seen = new Map();
       this.#byIssuer.set(issuer, seen);
     }
-    if (seen.size >= this.#maxPerIssuer) {
+    if (seen.size >= this.#maxPerIssuer || this.#overShare(seen)) {
       // Look past its long-lived head for expired entries, at most once a second.
       const thorough = now - this.#lastIssuerSweep >= 1000;
       if (thorough) this.#lastIssuerSweep = now;
       this.#drop(seen, now, thorough);
       if (seen.size >= this.#maxPerIssuer) return "issuer-full";
+      if (this.#overShare(seen)) return "over-share";
     }
     // An expired entry the sweep has not dropped moves to the end, keeping the order.
     if (known !== undefined && seen.delete(jti)) this.#size--;
     seen.set(jti, forgetAtMs - this.#epoch);
     this.#size++;
     return "fresh";
+  }
+
+  /** Crowded, and `seen` holds at least the average of the issuers' live entries. */
+  #overShare(seen: Map<string, number>): boolean {
+    return this.#size >= this.#crowded && seen.size * this.#byIssuer.size >= this.#size;
   }
 
   /** Entries are inserted with nearly increasing expiry; drop each issuer's expired head. */

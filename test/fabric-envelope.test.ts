@@ -264,7 +264,7 @@ t.test("unknown senders, bad chains, oversize and malformed tokens are refused",
 
 t.test("the replay guard is bounded, scoped per issuer and forgets after exp + skew", async (t) => {
   let now = 1_000_000;
-  const guard = new ReplayGuard({ maxEntries: 3, maxPerIssuer: 3, now: () => now });
+  const guard = new ReplayGuard({ maxEntries: 3, maxPerIssuer: 3, crowdedEntries: 3, now: () => now });
   t.equal(guard.check("a", "j1", now + 100), "fresh");
   t.equal(guard.check("a", "j1", now + 100), "replay");
   t.equal(guard.check("b", "j1", now + 100), "fresh", "another issuer's id is not burned");
@@ -302,6 +302,32 @@ t.test("one issuer flooding the replay guard fills only its own share", async (t
   t.equal(guard.check("flood", "f3", now + 90_000), "fresh", "heard again once its entries expired");
 });
 
+t.test("colluding issuers cannot crowd the others out of the replay guard", async (t) => {
+  let now = 1_000_000;
+  // Crowded at 80 of 120 entries; each issuer may hold 25.
+  const guard = new ReplayGuard({ maxEntries: 120, maxPerIssuer: 25, crowdedEntries: 80, now: () => now });
+  const colluders = ["c1", "c2", "c3", "c4"];
+  let accepted = 0;
+  for (let i = 0; i < 25; i++) {
+    for (const c of colluders) if (guard.check(c, `x${i}`, now + 150_000) === "fresh") accepted++;
+  }
+  t.equal(accepted, 80, "together, under their own shares, they fill it only to the crowded line");
+  t.equal(guard.check("c1", "late", now + 150_000), "over-share");
+  // An honest sender is heard until it holds the average share: 5 × k ≥ 80 + k at k = 20.
+  let honest = 0;
+  while (honest < 30 && guard.check("n1", `j${honest}`, now + 90_000) === "fresh") honest++;
+  t.equal(honest, 20, "a sender below the average is still heard");
+  t.equal(guard.check("n1", "j99", now + 90_000), "over-share");
+  t.equal(guard.check("n2", "j0", now + 90_000), "fresh", "a new sender is heard");
+  t.equal(guard.check("c2", "x0", now + 150_000), "replay", "replays are still told apart");
+  now += 150_000;
+  t.equal(guard.check("c1", "late", now + 150_000), "fresh", "heard again once its entries expired");
+  const lone = new ReplayGuard({ maxEntries: 10, maxPerIssuer: 10, now: () => now });
+  let taken = 0;
+  while (taken < 10 && lone.check("a", `j${taken}`, now + 1000) === "fresh") taken++;
+  t.equal(taken, 8, "crowded at 80% of the entries by default");
+});
+
 t.test("a verifier refuses a flooding sender's envelopes, not the others'", async (t) => {
   const peers = new PeerCertificateCache({ caPem: pki.caCertPem, trustDomain: "test.local" });
   peers.add(n1.certPem);
@@ -322,4 +348,14 @@ t.test("a verifier refuses a flooding sender's envelopes, not the others'", asyn
     verifier.verify(beat(n2, "n2"), { subject: subjects.computeOut("n2", "heartbeat") }),
     "another node is heard",
   );
+  const crowded = new EnvelopeVerifier({
+    identity: ORCH,
+    peers,
+    replayGuard: new ReplayGuard({ maxEntries: 5, maxPerIssuer: 5, crowdedEntries: 2 }),
+  });
+  for (let i = 0; i < 2; i++) crowded.verify(beat(n1, "n1"), { subject: HB });
+  t.throws(() => crowded.verify(beat(n1, "n1"), { subject: HB }), {
+    code: FABRIC_CODES.SHOAL_ENVELOPE_REPLAY,
+    message: /more than its share of a crowded replay cache/,
+  });
 });
