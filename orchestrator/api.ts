@@ -9,7 +9,7 @@ import Fastify, {
 } from "fastify";
 import { ANONYMOUS_PRINCIPAL, type Principal } from "../auth/index.js";
 import { isShoalError, type Logger, NodeLabelsSchema } from "../core/index.js";
-import { ORCHESTRATOR_CODES } from "./errors.js";
+import { isStoreFailure, ORCHESTRATOR_CODES, storeUnavailable } from "./errors.js";
 import type { JobService } from "./job-service.js";
 import type { NodeService } from "./node-service.js";
 import type { JobRecord } from "./records.js";
@@ -87,7 +87,11 @@ export interface ApiErrorBody {
   error: { code: string; message: string; fix?: string; field?: string };
 }
 
-function errorReply(err: unknown): { status: number; body: ApiErrorBody } {
+function errorReply(thrown: unknown): { status: number; body: ApiErrorBody } {
+  // The broker or JetStream did not answer (a timeout, a lost quorum): the caller may retry.
+  const err = isStoreFailure(thrown)
+    ? storeUnavailable(`the state store failed: ${(thrown as Error).message}`, thrown)
+    : thrown;
   const e = err as FastifyError & { status?: number; field?: string; fix?: string };
   if (e.validation) {
     const v = e.validation[0];

@@ -1,3 +1,12 @@
+import { JetStreamApiError, JetStreamError } from "@nats-io/jetstream";
+import {
+  ClosedConnectionError,
+  ConnectionError,
+  DrainingConnectionError,
+  NoRespondersError,
+  RequestError,
+  TimeoutError,
+} from "@nats-io/transport-node";
 import { defineCodes, ShoalError } from "../core/index.js";
 
 export const ORCHESTRATOR_CODES = defineCodes("orchestrator", {
@@ -75,4 +84,29 @@ export function shuttingDown(): OrchestratorError {
     503,
     { fix: "retry once it is back up" },
   );
+}
+
+/** The broker's and JetStream's own errors: a timeout, no responders, a closed connection, a refused write. */
+const STORE_FAILURES = [
+  TimeoutError,
+  RequestError,
+  NoRespondersError,
+  ClosedConnectionError,
+  DrainingConnectionError,
+  ConnectionError,
+  JetStreamError,
+  JetStreamApiError,
+];
+
+/** Whether `err` came from the broker or JetStream: the state store is unavailable, the request is not wrong. */
+export function isStoreFailure(err: unknown): boolean {
+  return STORE_FAILURES.some((failure) => err instanceof failure);
+}
+
+/** `message` says what could not be stored or read; a 503 the caller may retry. */
+export function storeUnavailable(message: string, cause: unknown): OrchestratorError {
+  return new OrchestratorError(ORCHESTRATOR_CODES.SHOAL_ORCH_STATE_STORE, message, 503, {
+    cause,
+    fix: "retry once the store is writable; the nats-server log lines say why it is not (in a cluster: are the other orchestrators up?)",
+  });
 }

@@ -2,7 +2,13 @@ import { randomUUID } from "node:crypto";
 import type { Readable } from "node:stream";
 import { JobSpecError, type Logger } from "../core/index.js";
 import type { Submitter } from "../fabric/protocol.js";
-import { jobNotFound, ORCHESTRATOR_CODES, OrchestratorError, shuttingDown } from "./errors.js";
+import {
+  jobNotFound,
+  ORCHESTRATOR_CODES,
+  OrchestratorError,
+  shuttingDown,
+  storeUnavailable,
+} from "./errors.js";
 import type { LogEntry, LogStore } from "./log-store.js";
 import type { ModuleStore } from "./module-store.js";
 import {
@@ -155,12 +161,7 @@ export class JobService {
     try {
       await this.#o.store.flushJob(job.ID);
     } catch (cause) {
-      throw new OrchestratorError(
-        ORCHESTRATOR_CODES.SHOAL_ORCH_STATE_STORE,
-        `job ${job.ID} could not be stored durably`,
-        503,
-        { cause, fix: "check the nats-server log lines; retry once the store is writable" },
-      );
+      throw storeUnavailable(`job ${job.ID} could not be stored durably`, cause);
     }
     this.#o.log.info({ job: job.ID, type: job.Type, submitter: submitter.sub }, "job submitted");
     this.#o.dispatch.enqueue(job.ID);

@@ -1,6 +1,6 @@
 import type { Logger } from "../core/index.js";
 import type { Approval, MessageBody } from "../fabric/protocol.js";
-import { nodeNotFound, ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
+import { nodeNotFound, ORCHESTRATOR_CODES, OrchestratorError, storeUnavailable } from "./errors.js";
 import type { PendingEnrollment } from "./pending-enrollments.js";
 import type { NodeHealth, NodeRecord } from "./records.js";
 import type { StateStore } from "./state-store.js";
@@ -169,7 +169,7 @@ export class NodeService {
     }
     this.#disarm(id);
     this.#o.store.deleteNode(id);
-    await this.#o.store.flush();
+    await this.#stored(id);
     this.#o.onLost?.({ ...node, Health: "LOST" });
   }
 
@@ -221,10 +221,19 @@ export class NodeService {
     const node = this.#require(id);
     const next = { ...node, Approval: approval };
     this.#o.store.putNode(next);
-    await this.#o.store.flush();
+    await this.#stored(id);
     this.#o.log.info({ node: id, approval }, "node approval changed");
     if (approval === "REJECTED") this.#o.onLost?.(next);
     return view(next);
+  }
+
+  /** Resolves when the node's record, as changed so far, is stored (another record's failed write does not fail it). */
+  async #stored(id: string): Promise<void> {
+    try {
+      await this.#o.store.nodes.flush([id]);
+    } catch (cause) {
+      throw storeUnavailable(`the change to node ${id} could not be stored`, cause);
+    }
   }
 
   #require(id: string): NodeRecord {

@@ -1,7 +1,7 @@
 import "reflect-metadata";
 import { jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
-import t from "tap";
+import t, { type Test } from "tap";
 import { ApiClient } from "../cli/api-client.js";
 import { submitJob } from "../cli/job-submit.js";
 import { moduleDigest, silentLogger, wasmJobSpec } from "../core/index.js";
@@ -10,6 +10,7 @@ import { parseSubmittedJob } from "../orchestrator/job-requirements.js";
 import { type JobDispatch, JobService } from "../orchestrator/job-service.js";
 import { LogStore } from "../orchestrator/log-store.js";
 import { ModuleStore } from "../orchestrator/module-store.js";
+import { NodeService } from "../orchestrator/node-service.js";
 import { ResultsStore } from "../orchestrator/results-store.js";
 import { StateStore } from "../orchestrator/state-store.js";
 import { apiCaller } from "./helpers/api-call.js";
@@ -37,7 +38,15 @@ function spec(overrides: Record<string, unknown> = {}, task: Record<string, unkn
 
 const storedModule = (digest: string) => ({ Type: "stored", Params: { Digest: digest } });
 
-t.test("the API validates every body and answers errors with code, message, fix and field", async (t) => {
+/**
+ * The API on a real JetStream state store, with the dispatcher's side of the
+ * contract recorded (placement is tested end to end); `makeNodes` builds the
+ * node registry on that store.
+ */
+async function startApi(
+  t: Test,
+  makeNodes: (store: StateStore) => NodeService = (s) => testNodeService(t, s),
+) {
   const dir = await tempDir(t, "shoal-api-");
   const url = await startJetStream(t, dir);
   const nc = await connect({ servers: url });
@@ -48,12 +57,9 @@ t.test("the API validates every body and answers errors with code, message, fix 
   const modules = new ModuleStore(dir);
   await Promise.all([logs.init(), results.init(), modules.init()]);
   const enqueued: string[] = [];
-  const stopped: string[] = [];
-  // The dispatcher's side of the contract, recorded: placement is tested end to end.
   const dispatch: JobDispatch = {
     enqueue: (id) => enqueued.push(id),
     stop: async (id, reason) => {
-      stopped.push(id);
       const job = store.jobs.get(id);
       if (job) store.setJobState(job, "Stopped", reason);
     },
@@ -67,7 +73,7 @@ t.test("the API validates every body and answers errors with code, message, fix 
     parseSpec: parseSubmittedJob,
     dispatch,
   });
-  const nodes = testNodeService(t, store);
+  const nodes = makeNodes(store);
   const { pki } = await freshPki(t);
   const server = await pki.issue({ role: "server", dns: ["localhost"] });
   const api = buildApi({
@@ -86,6 +92,11 @@ t.test("the API validates every body and answers errors with code, message, fix 
   t.teardown(caller.close);
   const call = (method: string, path: string, body?: unknown) => caller.call(method, path, { body });
 
+  return { call, nc, jobs, nodes, enqueued, modules, port, pki };
+}
+
+t.test("the API validates every body and answers errors with code, message, fix and field", async (t) => {
+  const { call, jobs, nodes, enqueued, modules, port, pki } = await startApi(t);
   t.equal((await call("GET", "/api/v1/agent/alive")).json.Status, "OK");
   t.match((await call("GET", "/api/v1/pki/ca")).text, /BEGIN CERTIFICATE/, "the CA bundle is public");
 
@@ -246,4 +257,53 @@ t.test("the API validates every body and answers errors with code, message, fix 
   const refused = await call("PUT", "/api/v1/orchestrator/jobs", { Job: spec() });
   t.equal(refused.status, 503);
   t.equal(refused.json.error.code, "SHOAL_ORCH_SHUTTING_DOWN");
+});
+
+t.test("a state store that fails is a 503 the caller may retry, not an internal error", async (t) => {
+  let brokerDown = true;
+  const { call, nc, nodes } = await startApi(t, (store) => {
+    const service = new NodeService({
+      store,
+      log: silentLogger,
+      manualApproval: true,
+      disconnectTimeoutMs: 60_000,
+      heartbeatIntervalMs: 1000,
+      // As the trust keeper's writes to the cluster's shared KV fail when JetStream does not answer.
+      revokeIdentity: async () => {
+        if (brokerDown) await nc.request("shoal.nobody.listens", "", { timeout: 1000 });
+        return true;
+      },
+    });
+    t.teardown(() => service.close());
+    return service;
+  });
+  nodes.register(
+    "n1",
+    {
+      nodeId: "n1",
+      chainPem: "",
+      labels: {},
+      capacity: { cpu: 1, memory: 1 << 30 },
+      engines: ["wasm"],
+      version: "test",
+      executions: [],
+    },
+    "",
+  );
+  const refused = await call("DELETE", "/api/v1/orchestrator/nodes/n1");
+  t.equal(refused.status, 503);
+  t.equal(refused.json.error.code, "SHOAL_ORCH_STATE_STORE");
+  t.match(refused.json.error.message, /^the state store failed: /);
+  t.match(refused.json.error.fix, /retry/);
+  brokerDown = false;
+
+  // The connection to JetStream is gone: a node's change and a job are not stored, and say so.
+  await nc.close();
+  const approve = await call("POST", "/api/v1/orchestrator/nodes/n1/approve");
+  t.equal(approve.status, 503);
+  t.equal(approve.json.error.code, "SHOAL_ORCH_STATE_STORE");
+  t.match(approve.json.error.message, "the change to node n1 could not be stored");
+  const job = await call("PUT", "/api/v1/orchestrator/jobs", { Job: spec() });
+  t.equal(job.status, 503);
+  t.equal(job.json.error.code, "SHOAL_ORCH_STATE_STORE");
 });

@@ -49,21 +49,6 @@ async function startCluster(t: Test, lease: string) {
   const [a, b, c] = await Promise.all(dirs.map((dir, i) => startOrchestrator(t, dir, clusterArgs(i))));
   if (!a || !b || !c) throw new Error("three orchestrators expected");
   t.match(a.proc.stdout(), /cluster shoal-test, 3 copies/);
-  t.teardown(() => {
-    if (t.passing()) return;
-    for (const [n, o] of [
-      ["B", b],
-      ["C", c],
-    ] as const) {
-      const lines = o.proc.stderr().split("\n");
-      t.comment(
-        `${n}:\n${lines
-          .filter((l) => !/route|routing/.test(l))
-          .slice(-40)
-          .join("\n")}`,
-      );
-    }
-  });
   return { root, a, b, c };
 }
 

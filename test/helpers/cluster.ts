@@ -285,6 +285,16 @@ export async function startOrchestrator(
   });
   // Registered after spawnShoal's own teardown, so it runs first (tap runs them last in, first out).
   t.teardown(async () => {
+    // A failed test shows what the daemon logged last (warnings and errors), routes' chatter left out.
+    if (!t.passing()) {
+      const lines = proc.stderr().split("\n");
+      t.comment(
+        `orchestrator ${path.basename(dataDir)}:\n${lines
+          .filter((l) => !/route|routing/.test(l))
+          .slice(-40)
+          .join("\n")}`,
+      );
+    }
     if (proc.child.exitCode === null && proc.child.signalCode === null) {
       proc.child.kill("SIGKILL");
       await proc.exited;
