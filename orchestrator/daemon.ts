@@ -551,6 +551,12 @@ export class Orchestrator {
       (this.#o.print ?? ((line: string) => process.stdout.write(`${line}\n`)))(
         `  Routes (mTLS):  nats-route://${routes} (cluster ${cluster.name}, ${replicas} cop${replicas === 1 ? "y" : "ies"} of new KV buckets)`,
       );
+      if (replicas === 2) {
+        this.#log.warn(
+          { cluster: cluster.name },
+          "two orchestrators tolerate no loss: JetStream needs a majority, so losing either stops the state store and nothing is taken over; run three",
+        );
+      }
     }
     this.#log.info({ api: this.#endpoints.apiUrl, nats: localUrl }, "orchestrator ready");
     return this.#endpoints;

@@ -46,6 +46,8 @@ t.test(
       startOrchestrator(t, dirB, clusterArgs(portB, portA)),
     ]);
     t.match(a.proc.stdout(), /Routes \(mTLS\):\s+nats-route:\/\/\S+ \(cluster shoal-test, 2 copies/);
+    // The operator is told two give no fault tolerance.
+    await a.proc.waitFor(/two orchestrators tolerate no loss/, 10_000);
     t.equal(a.pki.rootFingerprint, b.pki.rootFingerprint, "one CA for the cluster");
 
     // The node's identity is issued by B's copy of the PKI and it dials B's broker only.
