@@ -1,5 +1,7 @@
-import type { ServerOptions } from "node:https";
+import type { IncomingMessage } from "node:http";
+import type { Server as HttpsServer, ServerOptions } from "node:https";
 import { PassThrough } from "node:stream";
+import type { TLSSocket } from "node:tls";
 import { Type as T } from "@sinclair/typebox";
 import Fastify, {
   type FastifyError,
@@ -16,6 +18,25 @@ import type { JobRecord } from "./records.js";
 
 /** Largest request body (a job with an inline WASM module). */
 export const DEFAULT_BODY_LIMIT = 32 * 1024 * 1024;
+
+/**
+ * How long a caller may take, per connection, before it is cut off: to finish
+ * the TLS handshake, to send a request's headers (from the connection's start,
+ * or from the first byte of a request), and to send a whole request with its
+ * body (a 32 MiB module at about 1 Mbit/s). Without them a caller that
+ * connects and then sends nothing, or headers a byte at a time, held its
+ * connection for good (Node's TLS waits 120 s for a handshake, and fastify
+ * sets no request timeout), and enough of them exhaust the orchestrator's
+ * memory and descriptors before any authentication happens. Responses are not
+ * limited: a followed job's history or logs may stream for hours. Node checks
+ * the header and request timeouts every `checkMs`.
+ */
+export const API_TIMEOUTS = {
+  handshakeMs: 10_000,
+  headersMs: 30_000,
+  requestMs: 300_000,
+  checkMs: 5_000,
+} as const;
 
 export interface ApiOptions {
   jobs: JobService;
@@ -37,6 +58,8 @@ export interface ApiOptions {
   security?: ApiSecurity;
   /** @default DEFAULT_BODY_LIMIT */
   bodyLimit?: number;
+  /** @default API_TIMEOUTS */
+  timeouts?: Partial<Record<keyof typeof API_TIMEOUTS, number>>;
   /** Route groups kept in their own files (e.g. enrollment), registered after the core routes. */
   routes?: ((app: FastifyInstance) => void)[];
 }
@@ -167,14 +190,27 @@ function ndjson(req: FastifyRequest, reply: FastifyReply) {
  * `{ error: { code, message, fix, field } }` with a 4xx/5xx status.
  */
 export function buildApi(o: ApiOptions): FastifyInstance {
+  const timeouts = { ...API_TIMEOUTS, ...o.timeouts };
   const app = Fastify({
-    https: o.https,
+    https: {
+      handshakeTimeout: timeouts.handshakeMs,
+      connectionsCheckingInterval: timeouts.checkMs,
+      ...o.https,
+    },
+    requestTimeout: timeouts.requestMs,
     bodyLimit: o.bodyLimit ?? DEFAULT_BODY_LIMIT,
     // Per-request lines only for failures: the API is on the hot path of every job.
     loggerInstance: o.log.child({}, { level: o.log.levelVal > 40 ? o.log.level : "warn" }),
     // Unknown fields are errors, not silently dropped (fastify's default drops them).
     ajv: { customOptions: { removeAdditional: false, coerceTypes: "array" } },
   }) as unknown as FastifyInstance;
+  const server = app.server as unknown as HttpsServer;
+  server.headersTimeout = timeouts.headersMs;
+  // Node's header timeout starts with a request's first byte: a connection that sends none
+  // is cut off after the same time, unless a request comes (whose response may then stream
+  // for hours; after it, keep-alive's own timeout takes over).
+  server.on("secureConnection", (socket: TLSSocket) => socket.setTimeout(timeouts.headersMs));
+  server.on("request", (req: IncomingMessage) => req.socket.setTimeout(0));
 
   // An empty body with a JSON content type (DELETE, POST .../approve) is no body, not an error.
   const parseJson = app.getDefaultJsonParser("error", "error");

@@ -1,11 +1,13 @@
 import "reflect-metadata";
+import net from "node:net";
+import tls from "node:tls";
 import { jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import t, { type Test } from "tap";
 import { ApiClient } from "../cli/api-client.js";
 import { submitJob } from "../cli/job-submit.js";
 import { moduleDigest, silentLogger, wasmJobSpec } from "../core/index.js";
-import { buildApi } from "../orchestrator/api.js";
+import { type ApiOptions, buildApi } from "../orchestrator/api.js";
 import { parseSubmittedJob } from "../orchestrator/job-requirements.js";
 import { type JobDispatch, JobService } from "../orchestrator/job-service.js";
 import { LogStore } from "../orchestrator/log-store.js";
@@ -17,6 +19,7 @@ import { apiCaller } from "./helpers/api-call.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
 import { testNodeService } from "./helpers/node-service.js";
 import { freshPki } from "./helpers/pki.js";
+import { eventually } from "./helpers/records.js";
 
 /** A minimal valid WASM module (magic + version): enough for the spec check. */
 const WASM = Buffer.from([0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00]).toString("base64");
@@ -45,7 +48,10 @@ const storedModule = (digest: string) => ({ Type: "stored", Params: { Digest: di
  */
 async function startApi(
   t: Test,
-  makeNodes: (store: StateStore) => NodeService = (s) => testNodeService(t, s),
+  {
+    makeNodes = (s) => testNodeService(t, s),
+    timeouts,
+  }: { makeNodes?: (store: StateStore) => NodeService; timeouts?: ApiOptions["timeouts"] } = {},
 ) {
   const dir = await tempDir(t, "shoal-api-");
   const url = await startJetStream(t, dir);
@@ -84,6 +90,7 @@ async function startApi(
     caBundlePem: () => pki.caCertPem,
     nodeInfo: () => ({ ID: "orchestrator" }),
     version: "test",
+    timeouts,
   });
   await api.listen({ host: "127.0.0.1", port: 0 });
   t.teardown(() => api.close());
@@ -261,21 +268,23 @@ t.test("the API validates every body and answers errors with code, message, fix 
 
 t.test("a state store that fails is a 503 the caller may retry, not an internal error", async (t) => {
   let brokerDown = true;
-  const { call, nc, nodes } = await startApi(t, (store) => {
-    const service = new NodeService({
-      store,
-      log: silentLogger,
-      manualApproval: true,
-      disconnectTimeoutMs: 60_000,
-      heartbeatIntervalMs: 1000,
-      // As the trust keeper's writes to the cluster's shared KV fail when JetStream does not answer.
-      revokeIdentity: async () => {
-        if (brokerDown) await nc.request("shoal.nobody.listens", "", { timeout: 1000 });
-        return true;
-      },
-    });
-    t.teardown(() => service.close());
-    return service;
+  const { call, nc, nodes } = await startApi(t, {
+    makeNodes: (store) => {
+      const service = new NodeService({
+        store,
+        log: silentLogger,
+        manualApproval: true,
+        disconnectTimeoutMs: 60_000,
+        heartbeatIntervalMs: 1000,
+        // As the trust keeper's writes to the cluster's shared KV fail when JetStream does not answer.
+        revokeIdentity: async () => {
+          if (brokerDown) await nc.request("shoal.nobody.listens", "", { timeout: 1000 });
+          return true;
+        },
+      });
+      t.teardown(() => service.close());
+      return service;
+    },
   });
   nodes.register(
     "n1",
@@ -307,3 +316,80 @@ t.test("a state store that fails is a 503 the caller may retry, not an internal 
   t.equal(job.status, 503);
   t.equal(job.json.error.code, "SHOAL_ORCH_STATE_STORE");
 });
+
+/** Resolves with how long (ms) until the server closed the connection, and what it last sent. */
+function whenClosed(socket: net.Socket): Promise<{ afterMs: number; said: string }> {
+  const t0 = Date.now();
+  let said = "";
+  socket.on("data", (d: Buffer) => {
+    said += d.toString();
+  });
+  socket.on("error", () => {});
+  return new Promise((resolve) => socket.on("close", () => resolve({ afterMs: Date.now() - t0, said })));
+}
+
+t.test(
+  "a caller that sends nothing, or a request too slowly, is cut off; a long response is not",
+  async (t) => {
+    const timeouts = { handshakeMs: 400, headersMs: 800, requestMs: 1500, checkMs: 100 };
+    const { call, port, pki } = await startApi(t, { timeouts });
+    const open = (then?: (s: tls.TLSSocket) => void) => {
+      const s = tls.connect({ port, host: "127.0.0.1", ca: pki.caCertPem, servername: "localhost" }, () =>
+        then?.(s),
+      );
+      return s;
+    };
+    // Before any authentication: no TLS handshake; a handshake and no request; headers never finished.
+    const noHandshake = whenClosed(net.connect(port, "127.0.0.1"));
+    const noRequest = whenClosed(open());
+    const slowHeaders = whenClosed(open((s) => s.write("GET /api/v1/agent/alive HTTP/1.1\r\nHost: x\r\n")));
+    // Headers done, the body never finished: the whole request has its own time.
+    const slowBody = whenClosed(
+      open((s) =>
+        s.write(
+          'PUT /api/v1/orchestrator/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"Job"',
+        ),
+      ),
+    );
+    // A job that stays Pending (nothing places it here): its history is followed well past every timeout.
+    const { JobID } = (await call("PUT", "/api/v1/orchestrator/jobs", { Job: spec() })).json as {
+      JobID: string;
+    };
+    const follow = open((s) =>
+      s.write(`GET /api/v1/orchestrator/jobs/${JobID}/history?follow=true HTTP/1.1\r\nHost: x\r\n\r\n`),
+    );
+    const followed = whenClosed(follow);
+    let streamed = "";
+    follow.on("data", (d: Buffer) => {
+      streamed += d.toString();
+    });
+
+    const [handshake, request, headers, body] = await Promise.all([
+      noHandshake,
+      noRequest,
+      slowHeaders,
+      slowBody,
+    ]);
+    t.ok(
+      handshake.afterMs >= 350 && handshake.afterMs < 5000,
+      `no handshake: cut after ${handshake.afterMs} ms`,
+    );
+    t.ok(request.afterMs >= 700 && request.afterMs < 5000, `no request: cut after ${request.afterMs} ms`);
+    t.ok(
+      headers.afterMs >= 700 && headers.afterMs < 5000,
+      `unfinished headers: cut after ${headers.afterMs} ms`,
+    );
+    t.ok(body.afterMs >= 1400 && body.afterMs < 6000, `unfinished body: cut after ${body.afterMs} ms`);
+    t.match(body.said, /^HTTP\/1.1 408/, "and told why");
+
+    await new Promise((r) => setTimeout(r, 2 * timeouts.requestMs));
+    t.notOk(follow.destroyed, "the followed history still streams after twice the request timeout");
+    t.equal((await call("DELETE", `/api/v1/orchestrator/jobs/${JobID}`)).status, 200);
+    await eventually("the stream ends with the Stopped job", () =>
+      /"Job":\{.*"State":"Stopped"/.test(streamed),
+    );
+    t.match(streamed, /"State":"Pending"/, "it carried the job's history");
+    follow.destroy();
+    await followed;
+  },
+);
