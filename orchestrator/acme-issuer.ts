@@ -33,6 +33,12 @@ export interface AcmeIssuerOptions {
    * client per process, so this applies to every ACME request of the process.
    */
   directoryCaPem?: string;
+  /**
+   * How long a connection to the challenge listener may stay silent before it
+   * is closed (the CA's requests are answered at once, so anything longer is a
+   * caller holding connections open). @default 10000
+   */
+  challengeIdleMs?: number;
   /** Contact address given to the CA when the account is created. */
   email?: string;
   /** First delay when polling the CA for an order's progress. @default 1000 */
@@ -86,7 +92,13 @@ export class AcmeIssuer {
     if (this.#o.directoryCaPem) {
       acme.axios.defaults.httpsAgent = new https.Agent({ ca: this.#o.directoryCaPem, minVersion: "TLSv1.2" });
     }
-    const server = http.createServer((req, res) => this.#answer(req, res));
+    const idleMs = this.#o.challengeIdleMs ?? 10_000;
+    const server = http.createServer(
+      { headersTimeout: idleMs, requestTimeout: idleMs, connectionsCheckingInterval: Math.min(idleMs, 1000) },
+      (req, res) => this.#answer(req, res),
+    );
+    // Node's header timeout starts with a request's first byte; a connection that sends none waits for this.
+    server.setTimeout(idleMs);
     const host = this.#o.challengeHost ?? "0.0.0.0";
     const port = this.#o.challengePort ?? 80;
     await new Promise<void>((resolve, reject) => {

@@ -111,7 +111,10 @@ export interface ApiTlsManagerOptions {
   reloadDebounceMs?: number;
   /** ACME details not in the config (challenge listener, test CA trust). */
   acme?: Partial<
-    Pick<AcmeIssuerOptions, "challengeHost" | "challengePort" | "directoryCaPem" | "email" | "pollMinMs">
+    Pick<
+      AcmeIssuerOptions,
+      "challengeHost" | "challengePort" | "challengeIdleMs" | "directoryCaPem" | "email" | "pollMinMs"
+    >
   >;
   /** The clock. @default () => new Date() */
   now?: () => Date;

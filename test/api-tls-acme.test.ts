@@ -2,6 +2,7 @@ import "reflect-metadata";
 import { promises as fs } from "node:fs";
 import http from "node:http";
 import https from "node:https";
+import net from "node:net";
 import path from "node:path";
 import t from "tap";
 import { defaultConfig } from "../core/index.js";
@@ -69,6 +70,7 @@ t.test(
       acme: {
         challengeHost: "127.0.0.1",
         challengePort,
+        challengeIdleMs: 1000,
         directoryCaPem: pebble.caPem,
         pollMinMs: 200,
       },
@@ -125,6 +127,11 @@ t.test(
       `http://127.0.0.1:${challengePort}/.well-known/acme-challenge/unknown-token`,
     );
     t.equal(probe, 404, "the challenge listener answers only tokens it was given");
+    const silent = net.connect(challengePort, "127.0.0.1");
+    silent.on("error", () => {});
+    const t0 = Date.now();
+    await new Promise((resolve) => silent.on("close", resolve));
+    t.ok(Date.now() - t0 < 5000, `a connection that sends nothing is closed (after ${Date.now() - t0} ms)`);
 
     const kept = due.current.fingerprint;
     await pebble.stop();
