@@ -46,6 +46,13 @@ export const PUBLIC_ROUTES: Set<string> = new Set([
   `POST ${V1}/enroll`,
 ]);
 
+/**
+ * Largest body a public route reads (a login, an enrollment's CSR and labels
+ * take a few KiB): before any credential is checked, nobody may make the
+ * orchestrator read and parse the 32 MiB a job submission may carry.
+ */
+export const PUBLIC_BODY_LIMIT = 64 * 1024;
+
 /** What a request does, for Cedar: the action and how to find the resource it acts on. */
 export interface RouteRule {
   action: Action;
@@ -267,6 +274,7 @@ export class ApiAuth {
         if (method === "HEAD") continue;
         const key = `${method} ${route.url}`;
         const markedPublic = (route.config as { public?: unknown } | undefined)?.public === true;
+        if (markedPublic || PUBLIC_ROUTES.has(key)) route.bodyLimit ??= PUBLIC_BODY_LIMIT;
         if (
           !markedPublic &&
           !PUBLIC_ROUTES.has(key) &&

@@ -78,6 +78,14 @@ t.test("method × role × endpoint", async (t) => {
     ["anonymous", "clientKey", "password", "sharedSecret", "mtls"],
   );
 
+  // Before any credential is checked, a public route reads no large body.
+  const huge = { username: "admin", password: "x".repeat(100 * 1024) };
+  for (const route of ["/api/v1/auth/password", "/api/v1/enroll"]) {
+    const r = await call("POST", route, { body: huge });
+    t.equal(r.status, 413, `${route}: a 100 KiB body is refused unread`);
+    t.equal(r.json.error?.code, "SHOAL_ORCH_REQUEST_INVALID");
+  }
+
   const login = async (method: string, body: unknown, caller = call) => {
     const r = await caller("POST", `/api/v1/auth/${method}`, { body });
     t.equal(r.status, 201, `${method} login${r.status === 201 ? "" : `: ${r.text}`}`);
