@@ -1,5 +1,6 @@
 import { type KeyObject, X509Certificate } from "node:crypto";
 import path from "node:path";
+import { type Readable, Transform } from "node:stream";
 import type { TLSSocket } from "node:tls";
 import { Type as T } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
@@ -47,9 +48,11 @@ export const PUBLIC_ROUTES: Set<string> = new Set([
 ]);
 
 /**
- * Largest body a public route reads (a login, an enrollment's CSR and labels
- * take a few KiB): before any credential is checked, nobody may make the
- * orchestrator read and parse the 32 MiB a job submission may carry.
+ * Largest body a public route, or an anonymous caller on any route, has read
+ * (a login, an enrollment's CSR and labels take a few KiB): without a
+ * credential, nobody may make the orchestrator read and parse the 32 MiB a job
+ * submission may carry (authorization looks at the parsed body, so it comes
+ * after the parse).
  */
 export const PUBLIC_BODY_LIMIT = 64 * 1024;
 
@@ -290,6 +293,12 @@ export class ApiAuth {
     app.addHook("onRequest", async (req) => {
       req.principal = await this.#authenticate(req);
     });
+    // Public routes have PUBLIC_BODY_LIMIT as their own limit (above).
+    app.addHook("preParsing", async (req, _reply, payload) =>
+      req.principal.kind === "anonymous" && !isPublic(req)
+        ? capped(req, payload, PUBLIC_BODY_LIMIT)
+        : payload,
+    );
     // Before validation: a caller without the right learns nothing from schema errors.
     app.addHook("preValidation", async (req) => {
       const key = routeKey(req);
@@ -596,6 +605,24 @@ function publicUser(u: UserRecord) {
     HasPassword: u.passwordHash !== undefined,
     ClientKeys: u.clientKeys ?? [],
   };
+}
+
+/** `payload`, refused with 413 once it is longer than `limit`: at once by its declared length, else as it arrives. */
+function capped(req: FastifyRequest, payload: Readable, limit: number): Readable {
+  const tooLarge = () =>
+    Object.assign(new Error(`a request without credentials may carry at most ${limit} bytes of body`), {
+      statusCode: 413,
+    });
+  if (Number(req.headers["content-length"] ?? 0) > limit) throw tooLarge();
+  let seen = 0;
+  return payload.pipe(
+    new Transform({
+      transform(chunk: Buffer, _encoding, done) {
+        seen += chunk.length;
+        done(seen > limit ? tooLarge() : null, chunk);
+      },
+    }),
+  );
 }
 
 function isPublic(req: FastifyRequest): boolean {

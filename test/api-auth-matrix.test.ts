@@ -1,6 +1,7 @@
 import "reflect-metadata";
 import { createPrivateKey, generateKeyPairSync } from "node:crypto";
 import { promises as fs } from "node:fs";
+import https from "node:https";
 import path from "node:path";
 import t from "tap";
 import { answerChallenge, clientIdOf, RevocationList, TokenService } from "../auth/index.js";
@@ -92,6 +93,31 @@ t.test("method × role × endpoint", async (t) => {
     return r.json.Token as string;
   };
   const admin = await login("password", { username: "admin", password: ADMIN_PASSWORD });
+
+  // Without a credential no route reads a large body (authorization needs the parsed body,
+  // so it comes after): declared, or sent in chunks; a caller with a token may send one.
+  const bigJob = { Job: { Name: "big", Tasks: [], Padding: "x".repeat(100 * 1024) } };
+  const anonymousBig = await call("PUT", "/api/v1/orchestrator/jobs", { body: bigJob });
+  t.equal(anonymousBig.status, 413, "an anonymous 100 KiB body is refused unread");
+  t.match(anonymousBig.json.error?.message, /without credentials/);
+  const chunked = await new Promise<number>((resolve, reject) => {
+    const req = https.request(
+      new URL("/api/v1/orchestrator/jobs", ep.apiUrl),
+      { method: "PUT", ca: caPem, headers: { "content-type": "application/json" } },
+      (res) => {
+        res.resume();
+        resolve(res.statusCode ?? 0);
+      },
+    );
+    req.on("error", reject);
+    const text = JSON.stringify(bigJob);
+    req.write(text.slice(0, 1000));
+    req.end(text.slice(1000));
+  });
+  t.equal(chunked, 413, "and so is one sent in chunks, as it arrives");
+  const adminBig = await call("PUT", "/api/v1/orchestrator/jobs", { token: admin, body: bigJob });
+  t.equal(adminBig.status, 400, "a caller with a token has it read (and validated)");
+  t.match(adminBig.json.error?.field, /Padding/);
 
   const clientKeyLogin = async (
     privateKey = generateKeyPairSync("ec", { namedCurve: "P-256" }).privateKey,
