@@ -109,6 +109,12 @@ export const ConfigSchema = Type.Object(
       {
         Host: str("0.0.0.0", "Address the HTTPS API listens on."),
         Port: port(1234, "Port the HTTPS API listens on (0 picks a free port)."),
+        MaxConnsPerClient: Type.Integer({
+          default: 100,
+          minimum: 0,
+          description:
+            "Most connections one client address may hold open to the API at once; more are closed at once. 0 means no limit (e.g. behind a reverse proxy, where every client has its address).",
+        }),
         TLS: section(
           {
             CertFile: pathKey(

@@ -1,5 +1,6 @@
 import type { IncomingMessage } from "node:http";
 import type { Server as HttpsServer, ServerOptions } from "node:https";
+import type { Socket } from "node:net";
 import { PassThrough } from "node:stream";
 import type { TLSSocket } from "node:tls";
 import { Type as T } from "@sinclair/typebox";
@@ -10,7 +11,7 @@ import Fastify, {
   type FastifyRequest,
 } from "fastify";
 import { ANONYMOUS_PRINCIPAL, type Principal } from "../auth/index.js";
-import { isShoalError, type Logger, NodeLabelsSchema } from "../core/index.js";
+import { isShoalError, type Logger, LogThrottle, NodeLabelsSchema } from "../core/index.js";
 import { isStoreFailure, ORCHESTRATOR_CODES, storeUnavailable } from "./errors.js";
 import type { JobService } from "./job-service.js";
 import type { NodeService } from "./node-service.js";
@@ -58,6 +59,8 @@ export interface ApiOptions {
   security?: ApiSecurity;
   /** @default DEFAULT_BODY_LIMIT */
   bodyLimit?: number;
+  /** Most connections one client address may hold open at once (`API.MaxConnsPerClient`); 0: no limit. @default 100 */
+  maxConnsPerClient?: number;
   /** @default API_TIMEOUTS */
   timeouts?: Partial<Record<keyof typeof API_TIMEOUTS, number>>;
   /** Route groups kept in their own files (e.g. enrollment), registered after the core routes. */
@@ -166,6 +169,36 @@ function errorReply(thrown: unknown): { status: number; body: ApiErrorBody } {
   };
 }
 
+/**
+ * Closes a new connection at once when its address already holds `max` open
+ * (as Nomad's `http_max_conns_per_client`): one client cannot take all the
+ * connections, memory and descriptors the API has, whatever its requests.
+ */
+function limitConnsPerClient(server: HttpsServer, max: number, log: Logger): void {
+  const open = new Map<string, number>();
+  const complaints = new LogThrottle();
+  server.on("connection", (socket: Socket) => {
+    const address = socket.remoteAddress ?? "";
+    const held = open.get(address) ?? 0;
+    if (held >= max) {
+      complaints.warn(
+        log,
+        address,
+        { client: address, max },
+        "API connections from one address past API.MaxConnsPerClient: closed",
+      );
+      socket.destroy();
+      return;
+    }
+    open.set(address, held + 1);
+    socket.once("close", () => {
+      const left = (open.get(address) ?? 1) - 1;
+      if (left > 0) open.set(address, left);
+      else open.delete(address);
+    });
+  });
+}
+
 /** Streams objects as NDJSON until `end` is called or the client goes away. */
 function ndjson(req: FastifyRequest, reply: FastifyReply) {
   const out = new PassThrough();
@@ -211,6 +244,8 @@ export function buildApi(o: ApiOptions): FastifyInstance {
   // for hours; after it, keep-alive's own timeout takes over).
   server.on("secureConnection", (socket: TLSSocket) => socket.setTimeout(timeouts.headersMs));
   server.on("request", (req: IncomingMessage) => req.socket.setTimeout(0));
+  const perClient = o.maxConnsPerClient ?? 100;
+  if (perClient > 0) limitConnsPerClient(server, perClient, o.log);
 
   // An empty body with a JSON content type (DELETE, POST .../approve) is no body, not an error.
   const parseJson = app.getDefaultJsonParser("error", "error");

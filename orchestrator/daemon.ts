@@ -521,6 +521,7 @@ export class Orchestrator {
         ...(auth.wantsClientCertificates ? { requestCert: true, rejectUnauthorized: false } : {}),
       },
       security: auth,
+      maxConnsPerClient: c.API.MaxConnsPerClient,
       caBundlePem: () => caPem,
       routes: [(app) => registerEnrollmentRoutes(app, enrollment)],
       version: this.#o.version,

@@ -50,8 +50,11 @@ async function startApi(
   t: Test,
   {
     makeNodes = (s) => testNodeService(t, s),
-    timeouts,
-  }: { makeNodes?: (store: StateStore) => NodeService; timeouts?: ApiOptions["timeouts"] } = {},
+    api: more = {},
+  }: {
+    makeNodes?: (store: StateStore) => NodeService;
+    api?: Pick<ApiOptions, "timeouts" | "maxConnsPerClient">;
+  } = {},
 ) {
   const dir = await tempDir(t, "shoal-api-");
   const url = await startJetStream(t, dir);
@@ -90,7 +93,7 @@ async function startApi(
     caBundlePem: () => pki.caCertPem,
     nodeInfo: () => ({ ID: "orchestrator" }),
     version: "test",
-    timeouts,
+    ...more,
   });
   await api.listen({ host: "127.0.0.1", port: 0 });
   t.teardown(() => api.close());
@@ -332,7 +335,7 @@ t.test(
   "a caller that sends nothing, or a request too slowly, is cut off; a long response is not",
   async (t) => {
     const timeouts = { handshakeMs: 400, headersMs: 800, requestMs: 1500, checkMs: 100 };
-    const { call, port, pki } = await startApi(t, { timeouts });
+    const { call, port, pki } = await startApi(t, { api: { timeouts } });
     const open = (then?: (s: tls.TLSSocket) => void) => {
       const s = tls.connect({ port, host: "127.0.0.1", ca: pki.caCertPem, servername: "localhost" }, () =>
         then?.(s),
@@ -393,3 +396,28 @@ t.test(
     await followed;
   },
 );
+
+t.test("one client address holds at most API.MaxConnsPerClient connections", async (t) => {
+  const { port, pki } = await startApi(t, { api: { maxConnsPerClient: 3 } });
+  const connect = () =>
+    new Promise<{ socket: tls.TLSSocket; up: boolean }>((resolve) => {
+      const socket = tls.connect(
+        { port, host: "127.0.0.1", ca: pki.caCertPem, servername: "localhost" },
+        () => resolve({ socket, up: true }),
+      );
+      socket.on("error", () => resolve({ socket, up: false }));
+      socket.on("close", () => resolve({ socket, up: false }));
+    });
+  const held = [await connect(), await connect(), await connect()];
+  t.same(
+    held.map((c) => c.up),
+    [true, true, true],
+  );
+  const fourth = await connect();
+  t.equal(fourth.up, false, "the fourth is closed before its handshake");
+  held[0]!.socket.destroy();
+  await new Promise((r) => setTimeout(r, 200));
+  const again = await connect();
+  t.equal(again.up, true, "one closed, one more may come");
+  for (const c of [...held, again]) c.socket.destroy();
+});
