@@ -4,7 +4,7 @@ import { parseSpiffeId, verifyCertificate } from "../pki/index.js";
 import type { ClientKeyChallenge, ClientKeyResponse, ClientKeyVerifier } from "./client-key.js";
 import { AUTH_CODES, AuthError } from "./errors.js";
 import { DEFAULT_SCRYPT_LOG_N, type HashOptions, hashPassword, verifyPassword } from "./password.js";
-import { LoginRateLimiter } from "./rate-limit.js";
+import { HashGate, LoginRateLimiter } from "./rate-limit.js";
 import {
   ANONYMOUS_PRINCIPAL,
   type AuthMethod,
@@ -50,6 +50,8 @@ export interface AuthenticatorOptions {
     /** The current CRL of the fabric CA, if any. */
     crlPem?: () => string | undefined;
   };
+  /** Password checks at once and queued, server-wide. @default new HashGate() (2 and 32) */
+  hashGate?: HashGate;
   /** Cost of the dummy hash checked for unknown users (match the users' hashes). @default DEFAULT_SCRYPT_LOG_N */
   hash?: HashOptions;
   /** Logs successes and failures of logins (never secrets) as `{ component: "auth" }`. */
@@ -70,6 +72,7 @@ export class Authenticator {
   readonly #methods: ReadonlySet<AuthMethod>;
   readonly #directory: UserDirectory;
   readonly #limiter: LoginRateLimiter;
+  readonly #hashGate: HashGate;
   readonly #options: AuthenticatorOptions;
   readonly #log: Logger;
   #dummyHash: Promise<string> | undefined;
@@ -78,6 +81,7 @@ export class Authenticator {
     this.#methods = new Set(options.methods);
     this.#directory = options.directory;
     this.#limiter = options.limiter ?? new LoginRateLimiter();
+    this.#hashGate = options.hashGate ?? new HashGate();
     this.#options = options;
     this.#log = (options.logger ?? silentLogger).child({ component: "auth" });
     if (this.#methods.has("clientKey") && !options.clientKeys)
@@ -120,20 +124,23 @@ export class Authenticator {
   ): Promise<Principal> {
     this.#require("password");
     const subject = { user: String(credentials.username), address: source.address };
-    this.#limiter.check(subject);
-    const user = await this.#directory.getUser(subject.user);
-    // Unknown users and users without a password cost one scrypt too, so timing does not tell them apart.
-    const ok = await verifyPassword(
-      String(credentials.password),
-      user?.passwordHash ?? (await this.#dummy()),
-    );
-    if (!user?.passwordHash || !ok) {
-      this.#limiter.recordFailure(subject);
-      this.#log.warn({ method: "password", user: subject.user, address: source.address }, "login failed");
-      throw badCredentials();
+    const end = this.#limiter.begin(subject);
+    try {
+      const user = await this.#directory.getUser(subject.user);
+      // Unknown users and users without a password cost one scrypt too, so timing does not tell them apart.
+      const ok = await this.#hashGate.run(async () =>
+        verifyPassword(String(credentials.password), user?.passwordHash ?? (await this.#dummy())),
+      );
+      if (!user?.passwordHash || !ok) {
+        this.#limiter.recordFailure(subject);
+        this.#log.warn({ method: "password", user: subject.user, address: source.address }, "login failed");
+        throw badCredentials();
+      }
+      this.#limiter.recordSuccess(subject);
+      return this.#userPrincipal(user, "password", source);
+    } finally {
+      end();
     }
-    this.#limiter.recordSuccess(subject);
-    return this.#userPrincipal(user, "password", source);
   }
 
   /** A fresh nonce for the client-key method; see {@link ClientKeyVerifier.challenge}. */

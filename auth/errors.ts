@@ -52,14 +52,23 @@ export class AuthError extends ShoalError {
 
 /** A login refused by the rate limiter; the API answers 429 with `Retry-After`. */
 export class RateLimitedError extends AuthError {
+  /**
+   * `busy`: not a lockout but logins under way (from this user or address, or
+   * on the whole server), each costing a password hash.
+   */
   constructor(
     readonly retryAfterMs: number,
-    readonly limitedBy: "user" | "address",
+    readonly limitedBy: "user" | "address" | "server",
+    busy = false,
   ) {
     super(
       AUTH_CODES.SHOAL_AUTH_RATE_LIMITED,
-      `too many failed logins for this ${limitedBy}; retry in ${Math.ceil(retryAfterMs / 1000)} s`,
-      { fix: "wait for the lockout to end, then log in with the right credentials" },
+      `too many ${busy ? "logins under way" : "failed logins"} for this ${limitedBy}; retry in ${Math.ceil(retryAfterMs / 1000)} s`,
+      {
+        fix: busy
+          ? "retry in a moment; logins are checked a few at a time"
+          : "wait for the lockout to end, then log in with the right credentials",
+      },
     );
   }
 

@@ -60,7 +60,7 @@ export {
   parsePolicyCases,
   runPolicyCases,
 } from "./policy-cases.js";
-export { type LoginLimits, LoginRateLimiter } from "./rate-limit.js";
+export { HashGate, type LoginLimits, LoginRateLimiter } from "./rate-limit.js";
 export { type RevocationEvent, RevocationList } from "./revocation.js";
 export { rolePolicies, rolePolicyId } from "./role-policies.js";
 export { type AuthCollection, type AuthStore, MemoryAuthStore, MemoryCollection } from "./store.js";

@@ -15,6 +15,9 @@ export interface LoginLimits {
   maxKeys?: number;
 }
 
+/** Retry-After for an attempt refused because others from the same source are under way. */
+const BUSY_RETRY_MS = 1000;
+
 interface Entry {
   failures: number[];
   lockedUntil: number;
@@ -30,6 +33,8 @@ export class LoginRateLimiter {
   readonly #limits: Required<LoginLimits>;
   readonly #now: () => number;
   readonly #entries = new Map<string, Entry>();
+  /** Attempts under way, by key: each may still fail. */
+  readonly #inFlight = new Map<string, number>();
 
   constructor(limits: LoginLimits = {}, now: () => number = Date.now) {
     this.#limits = {
@@ -50,6 +55,37 @@ export class LoginRateLimiter {
       const e = this.#entries.get(key);
       if (e && e.lockedUntil > now) throw new RateLimitedError(e.lockedUntil - now, kind);
     }
+  }
+
+  /**
+   * {@link check}, and counts the attempt as under way until the returned
+   * function is called. Attempts under way count as failures to come: a burst
+   * of concurrent guesses (each costs a password hash) cannot get past what
+   * the lockout allows, as it could when all of them were checked before the
+   * first one failed.
+   */
+  begin(subject: { user?: string; address?: string }): () => void {
+    this.check(subject);
+    const now = this.#now();
+    const keys = keysOf(subject);
+    for (const [kind, key] of keys) {
+      const recent =
+        this.#entries.get(key)?.failures.filter((t) => t > now - this.#limits.windowMs).length ?? 0;
+      const max = kind === "user" ? this.#limits.maxFailuresPerUser : this.#limits.maxFailuresPerAddress;
+      if (recent + (this.#inFlight.get(key) ?? 0) >= max)
+        throw new RateLimitedError(BUSY_RETRY_MS, kind, true);
+    }
+    for (const [, key] of keys) this.#inFlight.set(key, (this.#inFlight.get(key) ?? 0) + 1);
+    let ended = false;
+    return () => {
+      if (ended) return;
+      ended = true;
+      for (const [, key] of keys) {
+        const left = (this.#inFlight.get(key) ?? 1) - 1;
+        if (left > 0) this.#inFlight.set(key, left);
+        else this.#inFlight.delete(key);
+      }
+    };
   }
 
   /** Counts a failed login; locks the user or address once its window holds too many failures. */
@@ -86,4 +122,38 @@ function keysOf(subject: { user?: string; address?: string }): Array<["user" | "
   if (subject.user !== undefined) keys.push(["user", `user:${subject.user}`]);
   if (subject.address !== undefined) keys.push(["address", `addr:${subject.address}`]);
   return keys;
+}
+
+/**
+ * Password hashes checked at once, and queued, on the whole server. A scrypt
+ * check takes 128 MiB and about a tenth of a CPU second in libuv's thread
+ * pool (4 threads, shared with every file operation): logins from many
+ * addresses at once must neither take all of it nor queue without bound.
+ */
+export class HashGate {
+  readonly #running: number;
+  readonly #waiting: number;
+  #busy = 0;
+  readonly #queue: Array<() => void> = [];
+
+  /** @param running @default 2 @param waiting @default 32 */
+  constructor(running = 2, waiting = 32) {
+    this.#running = running;
+    this.#waiting = waiting;
+  }
+
+  /** Runs `check` at its turn; refuses (SHOAL_AUTH_RATE_LIMITED, `server`) when the queue is full. */
+  async run<T>(check: () => Promise<T>): Promise<T> {
+    if (this.#busy < this.#running) this.#busy++;
+    else if (this.#queue.length < this.#waiting) await new Promise<void>((turn) => this.#queue.push(turn));
+    else throw new RateLimitedError(BUSY_RETRY_MS, "server", true);
+    try {
+      return await check();
+    } finally {
+      // The turn passes straight to the next in line, or the place is freed.
+      const next = this.#queue.shift();
+      if (next) next();
+      else this.#busy--;
+    }
+  }
 }

@@ -5,8 +5,10 @@ import path from "node:path";
 import t from "tap";
 import {
   AUTH_CODES,
+  type AuthError,
   Authenticator,
   bootstrapAdmin,
+  HashGate,
   hashPassword,
   isPasswordHash,
   LoginRateLimiter,
@@ -114,6 +116,55 @@ t.test("failed logins lock out the user, then the address, with a retry-after", 
     limitedBy: "address",
   });
 });
+
+t.test(
+  "concurrent guesses count against the lockout; the server checks a few passwords at a time",
+  async (t) => {
+    const { auth, directory } = await setup({ maxFailuresPerAddress: 3 });
+    const from = { address: "192.0.2.9" };
+    const codes = await Promise.all(
+      ["u1", "u2", "u3", "u4", "u5", "u6"].map((username) =>
+        auth.password({ username, password: "a wrong guess here" }, from).catch((e: AuthError) => e.code),
+      ),
+    );
+    t.equal(
+      codes.filter((c) => c === AUTH_CODES.SHOAL_AUTH_BAD_CREDENTIALS).length,
+      3,
+      "as many run as the lockout allows",
+    );
+    t.equal(
+      codes.filter((c) => c === AUTH_CODES.SHOAL_AUTH_RATE_LIMITED).length,
+      3,
+      "the rest are refused at once, before any hash",
+    );
+
+    // Server-wide: one check at a time and one waiting; a third at once is refused, whoever sends it.
+    const gated = new Authenticator({
+      methods: ["password"],
+      directory,
+      hash: HASH,
+      hashGate: new HashGate(1, 1),
+    });
+    const outcomes = await Promise.all(
+      ["a", "b", "c"].map((username, i) =>
+        gated.password({ username, password: "a wrong guess here" }, { address: `198.51.100.${i}` }).then(
+          () => undefined,
+          (e: AuthError) => e,
+        ),
+      ),
+    );
+    t.equal(outcomes.filter((e) => e?.code === AUTH_CODES.SHOAL_AUTH_BAD_CREDENTIALS).length, 2);
+    t.match(
+      outcomes.find((e) => e?.code === AUTH_CODES.SHOAL_AUTH_RATE_LIMITED),
+      { limitedBy: "server", message: /logins under way/ },
+    );
+    t.equal(
+      (await gated.password({ username: "alice", password: PASSWORD })).id,
+      "alice",
+      "the gate frees its places",
+    );
+  },
+);
 
 t.test("the limiter doubles repeated lockouts and forgives after a quiet window", async (t) => {
   const clock = { ms: 0 };
