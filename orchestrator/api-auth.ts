@@ -26,6 +26,7 @@ import {
   type UserRecord,
 } from "../auth/index.js";
 import { type Logger, parseDuration, type ShoalConfig } from "../core/index.js";
+import { type Rate, RateLimit } from "../fabric/index.js";
 import { loadOrCreateKeyFile } from "../pki/index.js";
 import type { WatchableAuthStore } from "./auth-store.js";
 import { ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
@@ -55,6 +56,13 @@ export const PUBLIC_ROUTES: Set<string> = new Set([
  * after the parse).
  */
 export const PUBLIC_BODY_LIMIT = 64 * 1024;
+
+/**
+ * Client-key challenges one address may ask for: each is a nonce written to
+ * JetStream KV (kept 60 s) before anyone has proven anything, so their rate is
+ * bounded per address. A login needs one.
+ */
+export const CHALLENGE_RATE: Readonly<Rate> = Object.freeze({ perSecond: 20, burst: 100 });
 
 /** What a request does, for Cedar: the action and how to find the resource it acts on. */
 export interface RouteRule {
@@ -179,6 +187,7 @@ export class ApiAuth {
   readonly #audit: Logger;
   /** Every user as the store has it now (kept by the store's watcher), for the check of each token. */
   readonly #users: Map<string, UserRecord>;
+  readonly #challenges = new RateLimit(CHALLENGE_RATE);
 
   private constructor(
     o: ApiAuthOptions,
@@ -546,6 +555,7 @@ export class ApiAuth {
         case "clientKey":
           // Step 1 (no signature): a fresh nonce. Step 2: the signed nonce.
           if (body.signature === undefined) {
+            if (!this.#challenges.admit(req.ip)) throw new RateLimitedError(1000, "address", true);
             const clientId = typeof body.clientId === "string" ? { clientId: body.clientId } : {};
             return { Challenge: await this.authenticator.challenge(clientId) };
           }

@@ -386,6 +386,24 @@ t.test("method × role × endpoint", async (t) => {
     t.equal((await call("POST", "/api/v1/orchestrator/nodes/node-appr/approve", { token })).status, 200);
     t.equal((await call("POST", "/api/v1/auth/users", { token, body: {} })).status, 403);
   });
+
+  t.test("one address gets client-key challenges (a KV write each) at a bounded rate", async (t) => {
+    const statuses: number[] = [];
+    let refused: Awaited<ReturnType<typeof call>> | undefined;
+    for (let i = 0; i < 160; i++) {
+      const r = await call("POST", "/api/v1/auth/clientKey", { body: {} });
+      statuses.push(r.status);
+      if (r.status !== 200) refused ??= r;
+    }
+    t.ok(
+      statuses.slice(0, 90).every((s) => s === 200),
+      "a burst is served",
+    );
+    t.ok(refused, `then refused (${statuses.filter((s) => s !== 200).length} of 160)`);
+    t.equal(refused?.status, 429);
+    t.equal(refused?.json.error?.code, "SHOAL_AUTH_RATE_LIMITED");
+    t.equal(refused?.headers["retry-after"], "1");
+  });
 });
 
 t.test("without anonymous mode a request without a token is 401", async (t) => {
