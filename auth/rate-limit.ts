@@ -1,3 +1,4 @@
+import { clientKey } from "../core/index.js";
 import { RateLimitedError } from "./errors.js";
 
 export interface LoginLimits {
@@ -120,7 +121,7 @@ export class LoginRateLimiter {
 function keysOf(subject: { user?: string; address?: string }): Array<["user" | "address", string]> {
   const keys: Array<["user" | "address", string]> = [];
   if (subject.user !== undefined) keys.push(["user", `user:${subject.user}`]);
-  if (subject.address !== undefined) keys.push(["address", `addr:${subject.address}`]);
+  if (subject.address !== undefined) keys.push(["address", `addr:${clientKey(subject.address)}`]);
   return keys;
 }
 

@@ -1,3 +1,4 @@
+export * from "./client-address.js";
 export * from "./config.js";
 export * from "./errors.js";
 export * from "./files.js";

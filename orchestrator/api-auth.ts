@@ -25,7 +25,7 @@ import {
   UserDirectory,
   type UserRecord,
 } from "../auth/index.js";
-import { type Logger, parseDuration, type ShoalConfig } from "../core/index.js";
+import { clientKey, type Logger, parseDuration, type ShoalConfig } from "../core/index.js";
 import { type Rate, RateLimit } from "../fabric/index.js";
 import { loadOrCreateKeyFile } from "../pki/index.js";
 import type { WatchableAuthStore } from "./auth-store.js";
@@ -555,7 +555,7 @@ export class ApiAuth {
         case "clientKey":
           // Step 1 (no signature): a fresh nonce. Step 2: the signed nonce.
           if (body.signature === undefined) {
-            if (!this.#challenges.admit(req.ip)) throw new RateLimitedError(1000, "address", true);
+            if (!this.#challenges.admit(clientKey(req.ip))) throw new RateLimitedError(1000, "address", true);
             const clientId = typeof body.clientId === "string" ? { clientId: body.clientId } : {};
             return { Challenge: await this.authenticator.challenge(clientId) };
           }

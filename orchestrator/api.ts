@@ -11,7 +11,7 @@ import Fastify, {
   type FastifyRequest,
 } from "fastify";
 import { ANONYMOUS_PRINCIPAL, type Principal } from "../auth/index.js";
-import { isShoalError, type Logger, LogThrottle, NodeLabelsSchema } from "../core/index.js";
+import { clientKey, isShoalError, type Logger, LogThrottle, NodeLabelsSchema } from "../core/index.js";
 import { isStoreFailure, ORCHESTRATOR_CODES, storeUnavailable } from "./errors.js";
 import type { JobService } from "./job-service.js";
 import type { NodeService } from "./node-service.js";
@@ -178,7 +178,7 @@ function limitConnsPerClient(server: HttpsServer, max: number, log: Logger): voi
   const open = new Map<string, number>();
   const complaints = new LogThrottle();
   server.on("connection", (socket: Socket) => {
-    const address = socket.remoteAddress ?? "";
+    const address = clientKey(socket.remoteAddress ?? "");
     const held = open.get(address) ?? 0;
     if (held >= max) {
       complaints.warn(

@@ -1,5 +1,6 @@
 import type { JetStreamClient } from "@nats-io/jetstream";
 import { type KV, type KvEntry, Kvm, KvWatchInclude } from "@nats-io/kv";
+import { clientKey } from "../core/index.js";
 import { checkCsr, publicKeyFingerprint } from "../pki/index.js";
 import { ORCHESTRATOR_CODES, OrchestratorError } from "./errors.js";
 import { KeyedSerializer } from "./keyed-serializer.js";
@@ -202,7 +203,9 @@ export class PendingEnrollments {
       if (waiting.length >= this.#maxPending) {
         throw limitReached(`${waiting.length} enrollment requests already wait for approval`);
       }
-      if (waiting.filter((e) => e.Address === req.address).length >= this.#maxPerAddress) {
+      if (
+        waiting.filter((e) => clientKey(e.Address) === clientKey(req.address)).length >= this.#maxPerAddress
+      ) {
         throw limitReached(
           `${this.#maxPerAddress} enrollment requests from ${req.address} already wait for approval`,
         );

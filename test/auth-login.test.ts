@@ -117,6 +117,30 @@ t.test("failed logins lock out the user, then the address, with a retry-after", 
   });
 });
 
+t.test("IPv6 addresses of one /64 share the address lockout", async (t) => {
+  const { auth } = await setup({ maxFailuresPerAddress: 2 });
+  for (const [username, address] of [
+    ["u1", "2001:db8:1:2::1"],
+    ["u2", "2001:db8:1:2::2"],
+  ] as const) {
+    await t.rejects(auth.password({ username, password: "a wrong guess here" }, { address }), {
+      code: AUTH_CODES.SHOAL_AUTH_BAD_CREDENTIALS,
+    });
+  }
+  await t.rejects(
+    auth.password({ username: "u3", password: "a wrong guess here" }, { address: "2001:db8:1:2::3" }),
+    {
+      code: AUTH_CODES.SHOAL_AUTH_RATE_LIMITED,
+      limitedBy: "address",
+    },
+  );
+  await t.rejects(
+    auth.password({ username: "u4", password: "a wrong guess here" }, { address: "2001:db8:1:3::1" }),
+    { code: AUTH_CODES.SHOAL_AUTH_BAD_CREDENTIALS },
+    "another /64 is another client",
+  );
+});
+
 t.test(
   "concurrent guesses count against the lockout; the server checks a few passwords at a time",
   async (t) => {
