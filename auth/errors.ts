@@ -72,6 +72,11 @@ export class RateLimitedError extends AuthError {
     );
   }
 
+  /** Refused because logins are under way (from `limitedBy`), not a lockout: retry in a second. */
+  static busy(limitedBy: RateLimitedError["limitedBy"]): RateLimitedError {
+    return new RateLimitedError(1000, limitedBy, true);
+  }
+
   /** Seconds for the `Retry-After` header. */
   get retryAfterSeconds(): number {
     return Math.ceil(this.retryAfterMs / 1000);

@@ -16,9 +16,6 @@ export interface LoginLimits {
   maxKeys?: number;
 }
 
-/** Retry-After for an attempt refused because others from the same source are under way. */
-const BUSY_RETRY_MS = 1000;
-
 interface Entry {
   failures: number[];
   lockedUntil: number;
@@ -70,11 +67,8 @@ export class LoginRateLimiter {
     const now = this.#now();
     const keys = keysOf(subject);
     for (const [kind, key] of keys) {
-      const recent =
-        this.#entries.get(key)?.failures.filter((t) => t > now - this.#limits.windowMs).length ?? 0;
-      const max = kind === "user" ? this.#limits.maxFailuresPerUser : this.#limits.maxFailuresPerAddress;
-      if (recent + (this.#inFlight.get(key) ?? 0) >= max)
-        throw new RateLimitedError(BUSY_RETRY_MS, kind, true);
+      const recent = this.#recent(this.#entries.get(key)?.failures ?? [], now).length;
+      if (recent + (this.#inFlight.get(key) ?? 0) >= this.#max(kind)) throw RateLimitedError.busy(kind);
     }
     for (const [, key] of keys) this.#inFlight.set(key, (this.#inFlight.get(key) ?? 0) + 1);
     let ended = false;
@@ -95,11 +89,10 @@ export class LoginRateLimiter {
     for (const [kind, key] of keysOf(subject)) {
       const e = this.#entries.get(key) ?? { failures: [], lockedUntil: 0, lockouts: 0 };
       this.#entries.delete(key); // re-insert: Map order is then least recently failed first
-      e.failures = e.failures.filter((t) => t > now - this.#limits.windowMs);
+      e.failures = this.#recent(e.failures, now);
       if (e.lockouts > 0 && now > e.lockedUntil + this.#limits.windowMs) e.lockouts = 0; // quiet for a window: forgiven
       e.failures.push(now);
-      const max = kind === "user" ? this.#limits.maxFailuresPerUser : this.#limits.maxFailuresPerAddress;
-      if (e.failures.length >= max) {
+      if (e.failures.length >= this.#max(kind)) {
         const lockout = Math.min(this.#limits.lockoutMs * 2 ** e.lockouts, this.#limits.maxLockoutMs);
         e.lockedUntil = now + lockout;
         e.lockouts++;
@@ -110,6 +103,16 @@ export class LoginRateLimiter {
     while (this.#entries.size > this.#limits.maxKeys) {
       this.#entries.delete(this.#entries.keys().next().value as string);
     }
+  }
+
+  /** The failures within the window. */
+  #recent(failures: number[], now: number): number[] {
+    return failures.filter((t) => t > now - this.#limits.windowMs);
+  }
+
+  /** Failures in a window that lock out a user or an address. */
+  #max(kind: "user" | "address"): number {
+    return kind === "user" ? this.#limits.maxFailuresPerUser : this.#limits.maxFailuresPerAddress;
   }
 
   /** A successful login clears the user's record (not the address's: one good account does not excuse guessing). */
@@ -147,7 +150,7 @@ export class HashGate {
   async run<T>(check: () => Promise<T>): Promise<T> {
     if (this.#busy < this.#running) this.#busy++;
     else if (this.#queue.length < this.#waiting) await new Promise<void>((turn) => this.#queue.push(turn));
-    else throw new RateLimitedError(BUSY_RETRY_MS, "server", true);
+    else throw RateLimitedError.busy("server");
     try {
       return await check();
     } finally {

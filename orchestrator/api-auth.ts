@@ -285,14 +285,10 @@ export class ApiAuth {
       for (const method of [route.method].flat()) {
         if (method === "HEAD") continue;
         const key = `${method} ${route.url}`;
-        const markedPublic = (route.config as { public?: unknown } | undefined)?.public === true;
-        if (markedPublic || PUBLIC_ROUTES.has(key)) route.bodyLimit ??= PUBLIC_BODY_LIMIT;
-        if (
-          !markedPublic &&
-          !PUBLIC_ROUTES.has(key) &&
-          !ROUTE_RULES.has(key) &&
-          !HANDLER_AUTHORIZED_ROUTES.has(key)
-        ) {
+        const isPublicRoute =
+          (route.config as { public?: unknown } | undefined)?.public === true || PUBLIC_ROUTES.has(key);
+        if (isPublicRoute) route.bodyLimit ??= PUBLIC_BODY_LIMIT;
+        if (!isPublicRoute && !ROUTE_RULES.has(key) && !HANDLER_AUTHORIZED_ROUTES.has(key)) {
           throw new Error(
             `route ${key} has no authorization rule: add it to ROUTE_RULES or PUBLIC_ROUTES in orchestrator/api-auth.ts`,
           );
@@ -555,7 +551,7 @@ export class ApiAuth {
         case "clientKey":
           // Step 1 (no signature): a fresh nonce. Step 2: the signed nonce.
           if (body.signature === undefined) {
-            if (!this.#challenges.admit(clientKey(req.ip))) throw new RateLimitedError(1000, "address", true);
+            if (!this.#challenges.admit(clientKey(req.ip))) throw RateLimitedError.busy("address");
             const clientId = typeof body.clientId === "string" ? { clientId: body.clientId } : {};
             return { Challenge: await this.authenticator.challenge(clientId) };
           }

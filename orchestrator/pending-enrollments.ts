@@ -203,9 +203,8 @@ export class PendingEnrollments {
       if (waiting.length >= this.#maxPending) {
         throw limitReached(`${waiting.length} enrollment requests already wait for approval`);
       }
-      if (
-        waiting.filter((e) => clientKey(e.Address) === clientKey(req.address)).length >= this.#maxPerAddress
-      ) {
+      const client = clientKey(req.address);
+      if (waiting.filter((e) => clientKey(e.Address) === client).length >= this.#maxPerAddress) {
         throw limitReached(
           `${this.#maxPerAddress} enrollment requests from ${req.address} already wait for approval`,
         );
