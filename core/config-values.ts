@@ -80,23 +80,6 @@ function splitList(raw: string): string[] {
     .filter((s) => s !== "");
 }
 
-/**
- * YAML types scalars by their look (`Name: 2024` is a number), so for a
- * string-typed key a number or boolean from the file is taken as its text.
- */
-export function coerceYamlScalar(schema: TSchema, value: unknown): unknown {
-  if (schema[Kind] === "String" && (typeof value === "number" || typeof value === "boolean"))
-    return String(value);
-  if (schema[Kind] === "Array" && Array.isArray(value)) {
-    return value.map((item) => coerceYamlScalar(schema.items as TSchema, item));
-  }
-  if (schema[Kind] === "Record" && value !== null && typeof value === "object" && !Array.isArray(value)) {
-    const valueSchema = Object.values(schema.patternProperties as Record<string, TSchema>)[0]!;
-    return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, coerceYamlScalar(valueSchema, v)]));
-  }
-  return value;
-}
-
 /** A value as `-c Key=Value` would take it: lists comma-joined, maps as `k=v,k2=v2`. */
 export function formatConfigValue(value: unknown): string {
   if (Array.isArray(value)) return value.map(formatConfigValue).join(",");

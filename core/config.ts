@@ -13,9 +13,10 @@ import {
   nearestKey,
 } from "./config-errors.js";
 import { ConfigSchema, type ShoalConfig } from "./config-schema.js";
-import { coerceConfigString, coerceYamlScalar, describeExpectation, parseDuration } from "./config-values.js";
+import { coerceConfigString, describeExpectation, parseDuration } from "./config-values.js";
 import { writeFileAtomic } from "./files.js";
 import { nodeLabelsProblem } from "./node-labels.js";
+import { fitScalars, valueAt, writtenScalars } from "./yaml-scalars.js";
 
 export * from "./config-errors.js";
 export { ConfigSchema, type ShoalConfig } from "./config-schema.js";
@@ -133,8 +134,8 @@ export async function loadConfig(options: LoadConfigOptions = {}): Promise<Shoal
 export async function resolveConfig(options: LoadConfigOptions = {}): Promise<ResolvedConfig> {
   const assignments: Assignment[] = [];
   if (options.file !== undefined) {
-    const { doc, lines } = await readConfigDocument(options.file, false);
-    assignments.push(...documentAssignments(options.file, doc, lines));
+    const { doc, lines, written } = await readConfigDocument(options.file, false);
+    assignments.push(...documentAssignments(options.file, doc, lines, written));
   }
   assignments.push(...envAssignments(options.env ?? process.env));
   for (const override of options.overrides ?? []) assignments.push(overrideAssignment(override));
@@ -197,8 +198,8 @@ export async function setConfigFileValue(file: string, keyPath: string, raw: str
   const source = `config set ${keyPath}`;
   const { key, entry } = resolveKey(keyPath, source);
   const value = coerce(key, entry, raw);
-  const { doc, lines, mode } = await readConfigDocument(file, true);
-  build([...documentAssignments(file, doc, lines), { key, entry, value, source }]);
+  const { doc, lines, mode, written } = await readConfigDocument(file, true);
+  build([...documentAssignments(file, doc, lines, written), { key, entry, value, source }]);
 
   const target = entry === undefined ? [...key.segments] : [...key.segments, entry];
   if (doc.contents === null || (isScalar(doc.contents) && doc.contents.value === null))
@@ -269,7 +270,7 @@ function envAssignments(env: NodeJS.ProcessEnv): Assignment[] {
 async function readConfigDocument(
   file: string,
   mayBeMissing: boolean,
-): Promise<{ doc: Document; lines: LineCounter; mode?: number }> {
+): Promise<{ doc: Document; lines: LineCounter; mode?: number; written: unknown }> {
   let text = "";
   let mode: number | undefined;
   try {
@@ -296,11 +297,19 @@ async function readConfigDocument(
       },
     );
   }
-  return { doc, lines, mode };
+  return { doc, lines, mode, written: writtenScalars(text) };
 }
 
-/** Turns a parsed config file into assignments, checking every key name against the schema. */
-function documentAssignments(file: string, doc: Document, lines: LineCounter): Assignment[] {
+/**
+ * Turns a parsed config file into assignments, checking every key name against
+ * the schema. `written`: the file's scalars as written (writtenScalars).
+ */
+function documentAssignments(
+  file: string,
+  doc: Document,
+  lines: LineCounter,
+  written: unknown,
+): Assignment[] {
   const out: Assignment[] = [];
   const lineOf = (node: unknown) => {
     const range = (node as YamlNode | null)?.range;
@@ -330,7 +339,8 @@ function documentAssignments(file: string, doc: Document, lines: LineCounter): A
       }
       const value = (pair.value as YamlNode | null)?.toJS(doc) ?? null;
       if (value === null) continue;
-      out.push({ key, value: coerceYamlScalar(key.schema, value), source: sourceOf(pair.key) });
+      const text = valueAt(written, [...prefix, name]);
+      out.push({ key, value: fitScalars(key.schema, value, text), source: sourceOf(pair.key) });
     }
   };
   walk(doc.contents, []);

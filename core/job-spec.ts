@@ -17,6 +17,7 @@ import {
   parseMemory,
   parseTimeoutMs,
 } from "./job-spec-resources.js";
+import { fitScalars, valueAt, writtenScalars } from "./yaml-scalars.js";
 
 /**
  * Job specs: the schema users write (YAML or JSON, shaped like Bacalhau's),
@@ -295,7 +296,7 @@ export function parseJobSpec(
   const limits = { ...DEFAULT_LIMITS, ...options.limits };
   const raw =
     typeof input === "string" || input instanceof Uint8Array ? readJobSpecDocument(input, options) : input;
-  const doc = coerceScalars(JobSpecSchema, raw);
+  const doc = fitSpecScalars(raw);
   const structural = schemaProblems(JobSpecSchema, doc, "");
   if (structural.length > 0) throw new JobSpecError(structural);
   const spec = doc as JobSpecInput;
@@ -396,7 +397,7 @@ export function readJobSpecDocument(input: string | Uint8Array, options: ParseJo
     if (value === null || typeof value !== "object" || Array.isArray(value)) {
       throw new JobSpecError([{ field: "", message: "a job spec must be a mapping with Name and Tasks" }]);
     }
-    return value;
+    return options.format === "json" ? value : (fitSpecScalars(value, writtenScalars(text)) as object);
   } catch (err) {
     if (err instanceof JobSpecError) throw err;
     const where =
@@ -512,30 +513,27 @@ function schemaProblems(schema: TSchema, value: unknown, prefix: string): JobSpe
 }
 
 /**
- * YAML types scalars by their look (`Values: [3]` is a number), so where the
- * schema wants only a string, a number or boolean becomes its text.
+ * The spec with the numbers and booleans of its string fields as strings
+ * (fitScalars), engine parameters by their engine's schema. `written`: the
+ * same YAML document's scalars as written (writtenScalars).
  */
-function coerceScalars(schema: TSchema, value: unknown): unknown {
-  switch (schema[Kind]) {
-    case "String":
-      return typeof value === "number" || typeof value === "boolean" ? String(value) : value;
-    case "Object": {
-      if (value === null || typeof value !== "object" || Array.isArray(value)) return value;
-      const props = schema.properties as Record<string, TSchema>;
-      return Object.fromEntries(
-        Object.entries(value).map(([k, v]) => [k, props[k] ? coerceScalars(props[k], v) : v]),
-      );
-    }
-    case "Array":
-      return Array.isArray(value) ? value.map((v) => coerceScalars(schema.items as TSchema, v)) : value;
-    case "Record": {
-      if (value === null || typeof value !== "object" || Array.isArray(value)) return value;
-      const valueSchema = Object.values(schema.patternProperties as Record<string, TSchema>)[0]!;
-      return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, coerceScalars(valueSchema, v)]));
-    }
-    default:
-      return value;
-  }
+function fitSpecScalars(raw: object, written?: unknown): unknown {
+  const doc = fitScalars(JobSpecSchema, raw, written);
+  const tasks = valueAt(doc, ["Tasks"]);
+  if (!Array.isArray(tasks)) return doc;
+  return {
+    ...(doc as object),
+    Tasks: tasks.map((task, i) => fitEngineParams(task, valueAt(written, ["Tasks", i, "Engine", "Params"]))),
+  };
+}
+
+function fitEngineParams(task: unknown, written: unknown): unknown {
+  const type = valueAt(task, ["Engine", "Type"]);
+  const params = valueAt(task, ["Engine", "Params"]);
+  if (typeof type !== "string" || !Object.hasOwn(ENGINE_PARAMS, type) || params === undefined) return task;
+  const fitted = fitScalars(ENGINE_PARAMS[type as EngineType], params, written);
+  const { Engine } = task as { Engine: object };
+  return { ...(task as object), Engine: { ...Engine, Params: fitted } };
 }
 
 /** Base64 characters with at most two `=` at the end; with a length check, canonical base64. No group: a repeated group overflows the regex stack on megabytes. */
@@ -725,8 +723,7 @@ function normalizeEngine(
   const field = `${at}.Engine.Params`;
   const params = task.Engine.Params ?? {};
   const schema = ENGINE_PARAMS[type];
-  const coerced = coerceScalars(schema, params);
-  const structural = schemaProblems(schema, coerced, field);
+  const structural = schemaProblems(schema, params, field);
   if (structural.length > 0) {
     for (const p of structural) {
       if (p.field === `${field}.EntryModule` && p.message === "is required") {
@@ -736,7 +733,7 @@ function normalizeEngine(
     return undefined;
   }
   if (type === "wasm") {
-    const p = coerced as Static<typeof WasmParamsSchema>;
+    const p = params as Static<typeof WasmParamsSchema>;
     const moduleField = `${field}.EntryModule`;
     if (p.EntryModule.Type === "localDirectory") {
       problems.push({
@@ -756,7 +753,7 @@ function normalizeEngine(
       },
     };
   }
-  const p = coerced as Static<typeof ExecParamsSchema>;
+  const p = params as Static<typeof ExecParamsSchema>;
   const commandProblem = hostPathProblem(p.Command);
   if (commandProblem) problems.push({ field: `${field}.Command`, message: commandProblem });
   (p.Arguments ?? []).forEach((arg, i) => {

@@ -233,6 +233,32 @@ t.test("YAML scalars are taken as text for string keys; null means default", asy
   t.equal(cfg.Compute.API, "");
 });
 
+t.test("a YAML scalar for a string key is taken as written, as the same value from a flag is", async (t) => {
+  const file = await writeYaml(
+    t,
+    "Compute:\n  Labels: {version: 1.10, rack: 007, id: 0x1F, big: 1e3, quoted: '1.10', same: &v 2.50, alias: *v}\n",
+  );
+  const cfg = await loadConfig({ file, env: {} });
+  t.same(cfg.Compute.Labels, {
+    version: "1.10",
+    rack: "007",
+    id: "0x1F",
+    big: "1e3",
+    quoted: "1.10",
+    same: "2.50",
+    alias: "2.50",
+  });
+  const flagged = await loadConfig({ env: {}, overrides: ["Compute.Labels.version=1.10"] });
+  t.equal(flagged.Compute.Labels.version, cfg.Compute.Labels.version, "file and flag agree");
+  // Keys typed as numbers stay numbers, whatever their spelling.
+  const numbers = await writeYaml(t, "API:\n  Port: 08443\n");
+  t.equal((await loadConfig({ file: numbers, env: {} })).API.Port, 8443);
+  // `config set` writes the text unquoted; reading it back keeps it.
+  const set = path.join(await tempDir(t), "config.yaml");
+  await setConfigFileValue(set, "Compute.Labels.version", "1.10");
+  t.equal((await loadConfig({ file: set, env: {} })).Compute.Labels.version, "1.10");
+});
+
 t.test("durations", async (t) => {
   t.equal(parseDuration("30s"), 30_000);
   t.equal(parseDuration("5m"), 300_000);

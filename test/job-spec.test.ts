@@ -102,6 +102,32 @@ Tasks:
   rejects(t, "- a list", "", /must be a mapping/);
 });
 
+t.test("a YAML scalar in a string field is taken as written, in engine parameters too", async (t) => {
+  const yaml = `
+Name: 1.10
+Labels: {version: 1.10}
+Constraints:
+  - {Key: version, Operator: in, Values: [1.10, 007, 0x1F, 1e3]}
+Tasks:
+  - Name: main
+    Engine: {Type: wasm, Params: {EntryModule: {Type: stored, Params: {Digest: "sha256:${"a".repeat(64)}"}}, Parameters: [2.50, 010], EnvironmentVariables: {V: 1.10}}}
+    Env: {LEVEL: 1.10}
+    Resources: {CPU: 0.50}
+`;
+  const spec = parseJobSpec(yaml);
+  t.equal(spec.Name, "1.10");
+  t.same(spec.Labels, { version: "1.10" });
+  t.same(spec.Constraints[0]!.Values, ["1.10", "007", "0x1F", "1e3"]);
+  const task = spec.Tasks[0]!;
+  t.same(task.Env, { LEVEL: "1.10" });
+  t.same(task.Engine.Type === "wasm" && task.Engine.Params.Parameters, ["2.50", "010"]);
+  t.same(task.Engine.Type === "wasm" && task.Engine.Params.EnvironmentVariables, { V: "1.10" });
+  t.equal(jobResources(spec).cpu, 0.5, "a number field stays a number");
+  // JSON has no text for a number: 1.10 is 1.1 before Shoal sees it.
+  const json = parseJobSpec(JSON.stringify(wasmJob({ Labels: { version: 1.1 } })), { format: "json" });
+  t.same(json.Labels, { version: "1.1" });
+});
+
 t.test("negative cases name the field and the problem", async (t) => {
   const task = (patch: Record<string, unknown>) => wasmJob({}, patch);
   rejects(
