@@ -50,9 +50,11 @@ export {
 export {
   type Clock,
   MODULE_SERVE_MAX_WAIT_MS,
+  NODE_CONTROL_LIMITS,
   NODE_MESSAGE_LIMIT,
   NODE_MODULE_BYTES,
   NODE_SEND_RATE,
+  nodeControlLimits,
   Pacer,
   type Rate,
   RateLimit,

@@ -37,6 +37,41 @@ export const NODE_SEND_RATE: Readonly<Rate> = Object.freeze({ perSecond: 1000, b
  */
 export const NODE_MODULE_BYTES: Readonly<Rate> = Object.freeze({ perSecond: 32 << 20, burst: 64 << 20 });
 
+/**
+ * Of {@link NODE_MESSAGE_LIMIT}, what one node may spend on the messages that
+ * cost an orchestrator most, each dropped unverified past its own limit:
+ * - `register`: a chain validated against the CA, a write of the node's record
+ *   (and in a cluster a read of it). A node registers when it connects, after a
+ *   renewal and once a heartbeat while PENDING.
+ * - `renew`: a certificate signed, recorded in the PKI inventory and pushed to
+ *   the broker's users. A node renews once a certificate lifetime and retries
+ *   with backoff up to 30 s.
+ *
+ * These are the floors: {@link nodeControlLimits} raises them for short
+ * heartbeats and certificate lifetimes.
+ */
+export const NODE_CONTROL_LIMITS: Readonly<Record<"register" | "renew", Readonly<Rate>>> = Object.freeze({
+  register: Object.freeze({ perSecond: 1, burst: 10 }),
+  renew: Object.freeze({ perSecond: 1 / 30, burst: 5 }),
+});
+
+/**
+ * {@link NODE_CONTROL_LIMITS} for an orchestrator that tells its nodes to
+ * heartbeat every `heartbeatMs` and issues certificates of `certTtlMs`: at
+ * least twice the pace an honest node keeps (a PENDING node registers once a
+ * heartbeat; a node renews at two thirds of a lifetime at the soonest).
+ */
+export function nodeControlLimits(o: {
+  heartbeatMs: number;
+  certTtlMs: number;
+}): Record<"register" | "renew", Rate> {
+  const { register, renew } = NODE_CONTROL_LIMITS;
+  return {
+    register: { ...register, perSecond: Math.max(register.perSecond, 2000 / o.heartbeatMs) },
+    renew: { ...renew, perSecond: Math.max(renew.perSecond, 3000 / o.certTtlMs) },
+  };
+}
+
 /** The longest an orchestrator holds a `module` request back for {@link NODE_MODULE_BYTES}. */
 export const MODULE_SERVE_MAX_WAIT_MS = 3000;
 

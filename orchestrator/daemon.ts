@@ -13,6 +13,7 @@ import {
   ExternalAuthorization,
   type FabricConnection,
   NatsSupervisor,
+  nodeControlLimits,
 } from "../fabric/index.js";
 import { initPki, openPki, type Pki } from "../pki/index.js";
 import { buildApi } from "./api.js";
@@ -357,6 +358,10 @@ export class Orchestrator {
       identity,
       ...(cluster ? { announceOnRegister: true, storedNode: (nodeId) => store.nodes.stored(nodeId) } : {}),
       log: this.#log.child({ component: "fabric-link" }),
+      nodeControlLimits: nodeControlLimits({
+        heartbeatMs: nodes.heartbeatIntervalMs,
+        certTtlMs: parseDuration(c.PKI.CertTTL),
+      }),
       renewCertificate: async (nodeId, csrPem) => {
         const issued = await signComputeCsr(pki, csrPem, nodeId, {
           ttlMs: parseDuration(c.PKI.CertTTL),

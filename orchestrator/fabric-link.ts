@@ -11,6 +11,7 @@ import {
   type MessageKind,
   MODULE_CHUNK_BYTES,
   MODULE_SERVE_MAX_WAIT_MS,
+  NODE_CONTROL_LIMITS,
   NODE_MESSAGE_LIMIT,
   NODE_MODULE_BYTES,
   PeerCertificateCache,
@@ -59,6 +60,8 @@ export interface FabricLinkOptions {
   storedNode?: (nodeId: string) => Promise<NodeRecord | undefined>;
   /** What one node may send; past it, its messages are dropped unverified. @default NODE_MESSAGE_LIMIT */
   nodeMessageLimit?: Rate;
+  /** What one node may send of its costliest messages; past it, they are dropped unverified. @default NODE_CONTROL_LIMITS */
+  nodeControlLimits?: Partial<Record<keyof typeof NODE_CONTROL_LIMITS, Rate>>;
   /**
    * Module bytes served to one node; a `module` request past it waits up to
    * `maxWaitMs`, then is told to ask again.
@@ -88,6 +91,8 @@ export class FabricLink implements NodeChannel {
   #sub: Subscription | undefined;
   readonly #revoked = new Set<string>();
   readonly #limit: RateLimit;
+  /** Per message kind (register, renew): each node's own limit, within {@link #limit}. */
+  readonly #controlLimits = new Map<string, { rate: Rate; limit: RateLimit }>();
   readonly #moduleBytes: RateLimit;
   readonly #moduleMaxWaitMs: number;
   readonly #complaints = new LogThrottle();
@@ -96,6 +101,9 @@ export class FabricLink implements NodeChannel {
     this.#o = o;
     this.#signer = signer;
     this.#limit = new RateLimit(o.nodeMessageLimit ?? NODE_MESSAGE_LIMIT);
+    for (const [kind, rate] of Object.entries({ ...NODE_CONTROL_LIMITS, ...o.nodeControlLimits })) {
+      this.#controlLimits.set(kind, { rate, limit: new RateLimit(rate) });
+    }
     this.#moduleBytes = new RateLimit(o.moduleBytesLimit ?? NODE_MODULE_BYTES);
     this.#moduleMaxWaitMs = o.moduleBytesLimit?.maxWaitMs ?? MODULE_SERVE_MAX_WAIT_MS;
     this.#peers = new PeerCertificateCache({ caPem: o.pki.caCertPem, trustDomain: o.pki.trustDomain });
@@ -299,14 +307,12 @@ export class FabricLink implements NodeChannel {
     if (parsed?.type !== "compute-out" || !NODE_ID.test(parsed.nodeId)) return;
     // The broker lets a node publish only on its own subjects: the name is the sender's.
     if (!this.#limit.admit(parsed.nodeId)) {
-      const held = this.#complaints.pass(`${parsed.nodeId}\nrate`);
-      if (held !== undefined) {
-        const { perSecond, burst } = this.#o.nodeMessageLimit ?? NODE_MESSAGE_LIMIT;
-        this.#o.log.warn(
-          { node: parsed.nodeId, dropped: held + 1, perSecond, burst },
-          "node exceeds its message rate: messages dropped unverified",
-        );
-      }
+      this.#overRate(parsed.nodeId, "message", this.#o.nodeMessageLimit ?? NODE_MESSAGE_LIMIT);
+      return;
+    }
+    const control = this.#controlLimits.get(parsed.kind);
+    if (control && !control.limit.admit(parsed.nodeId)) {
+      this.#overRate(parsed.nodeId, parsed.kind, control.rate);
       return;
     }
     let env: VerifiedEnvelope;
@@ -378,6 +384,16 @@ export class FabricLink implements NodeChannel {
       default:
         this.#warn(nodeId, { kind: env.kind }, "unexpected message kind; ignored");
     }
+  }
+
+  /** Logs (at most once per node and kind every 10 s) that a node's messages are dropped for its rate. */
+  #overRate(nodeId: string, kind: string, { perSecond, burst }: Rate): void {
+    const held = this.#complaints.pass(`${nodeId}\nrate\n${kind}`);
+    if (held === undefined) return;
+    this.#o.log.warn(
+      { node: nodeId, kind, dropped: held + 1, perSecond, burst },
+      `node exceeds its ${kind} rate: messages dropped unverified`,
+    );
   }
 
   /**

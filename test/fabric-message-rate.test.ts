@@ -1,7 +1,7 @@
 import { pino } from "pino";
 import t from "tap";
 import { LogThrottle } from "../core/index.js";
-import { Pacer, RateLimit, TokenBucket } from "../fabric/index.js";
+import { NODE_CONTROL_LIMITS, nodeControlLimits, Pacer, RateLimit, TokenBucket } from "../fabric/index.js";
 
 /**
  * The rate a node's messages are held to: a token bucket, the sender's pacer
@@ -111,3 +111,16 @@ t.test(
     );
   },
 );
+
+t.test("a node's register and renew limits keep twice the pace an honest node keeps", async (t) => {
+  const defaults = nodeControlLimits({ heartbeatMs: 5000, certTtlMs: 24 * 3_600_000 });
+  t.same(defaults, NODE_CONTROL_LIMITS, "default heartbeats and lifetimes: the floors");
+  const short = nodeControlLimits({ heartbeatMs: 100, certTtlMs: 20_000 });
+  t.equal(
+    short.register.perSecond,
+    20,
+    "a PENDING node registers once per 100 ms heartbeat: 10 a second, twice that",
+  );
+  t.equal(short.renew.perSecond, 0.15, "a 20 s certificate is renewed every 13.3 s at most: twice that");
+  t.equal(short.renew.burst, NODE_CONTROL_LIMITS.renew.burst);
+});

@@ -156,6 +156,58 @@ t.test("a node past its message rate has the excess dropped unverified, and is n
   );
 });
 
+t.test("registers and renewals past a node's own limit are dropped unverified", async (t) => {
+  const warnings: { msg: string; node?: string; kind?: string; dropped?: number }[] = [];
+  let renewed = 0;
+  const { fabric, orchId, n1, n2, link } = await startTestLink(t, {
+    log: pino({ level: "warn" }, { write: (line: string) => warnings.push(JSON.parse(line)) }),
+    // Refilled too slowly to matter within the test: each node gets exactly the burst.
+    nodeControlLimits: { register: { perSecond: 0.001, burst: 3 }, renew: { perSecond: 0.001, burst: 2 } },
+    renewCertificate: async () => {
+      renewed++;
+      throw new Error("not in this test");
+    },
+  });
+  link.attach({ reconcile: () => {} } as unknown as Dispatcher);
+  const node = await registeredNode(t, fabric, n1, orchId); // the first register of the three
+  const answered = async (kind: "register" | "renew", body: object) => {
+    const replies = await Promise.allSettled(
+      Array.from({ length: 4 }, () =>
+        node.messenger.requestSigned(
+          subjects.computeOut("n1", kind),
+          kind,
+          orchId.spiffeId,
+          body as never,
+          500,
+        ),
+      ),
+    );
+    return replies.filter((r) => r.status === "fulfilled").length;
+  };
+  const register = {
+    nodeId: "n1",
+    chainPem: n1.issued.certPem,
+    labels: {},
+    capacity: { cpu: 1, memory: 1 },
+    engines: ["wasm"],
+    version: "test",
+    executions: [],
+  };
+  t.equal(await answered("register", register), 2, "two more registers, then none");
+  t.equal(await answered("renew", { csrPem: "x" }), 2, "two renewals, then none");
+  t.equal(renewed, 2, "the dropped renewals never reached the CA");
+  t.same(
+    warnings.filter((w) => /rate: messages dropped unverified/.test(w.msg)).map((w) => [w.kind, w.dropped]),
+    [
+      ["register", 1],
+      ["renew", 1],
+    ],
+    "one warning per kind",
+  );
+  await registeredNode(t, fabric, n2, orchId); // another node has its own limit
+  t.pass("another node registers");
+});
+
 /** A node registered with the orchestrator, and a function that sends it a signed `logs` message. */
 async function loggingNode(t: Test, fabric: TestFabric, node: TestIdentity, orch: TestIdentity) {
   const { id, conn, signer, messenger } = await registeredNode(t, fabric, node, orch);

@@ -15,7 +15,12 @@ import { testNodeService } from "./node-service.js";
  */
 export async function startTestLink(
   t: Test,
-  options: Partial<Pick<FabricLinkOptions, "log" | "nodeMessageLimit" | "moduleBytesLimit">> = {},
+  options: Partial<
+    Pick<
+      FabricLinkOptions,
+      "log" | "nodeMessageLimit" | "nodeControlLimits" | "moduleBytesLimit" | "renewCertificate"
+    >
+  > = {},
 ) {
   const fabric = await startTestFabric(t);
   const orchId = await fabric.identity("orchestrator", "o1");
