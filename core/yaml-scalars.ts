@@ -12,11 +12,13 @@ import { parse } from "yaml";
 /**
  * The document's values with every scalar as written: YAML's failsafe schema,
  * which types nothing (a parse {@link fitScalars} can look up by path).
+ * Silent: the typed parse of the same text reports its problems, and tags
+ * such as `!!int`, which the failsafe schema does not know, are no problem.
  * Undefined when the text does not parse that way either.
  */
 export function writtenScalars(text: string): unknown {
   try {
-    return parse(text, { schema: "failsafe", maxAliasCount: 100 });
+    return parse(text, { schema: "failsafe", maxAliasCount: 100, logLevel: "silent" });
   } catch {
     return undefined;
   }

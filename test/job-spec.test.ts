@@ -123,6 +123,15 @@ Tasks:
   t.same(task.Engine.Type === "wasm" && task.Engine.Params.Parameters, ["2.50", "010"]);
   t.same(task.Engine.Type === "wasm" && task.Engine.Params.EnvironmentVariables, { V: "1.10" });
   t.equal(jobResources(spec).cpu, 0.5, "a number field stays a number");
+  // An explicit tag is kept to, and the failsafe reading of it warns of nothing.
+  const warnings: Error[] = [];
+  const onWarning = (w: Error) => warnings.push(w);
+  process.on("warning", onWarning);
+  t.teardown(() => process.off("warning", onWarning));
+  const tagged = parseJobSpec(yaml.replace("Labels: {version: 1.10}", "Labels: {version: !!float 1.10}"));
+  t.same(tagged.Labels, { version: "1.10" });
+  await new Promise((r) => setImmediate(r));
+  t.same(warnings, [], "no YAML warning");
   // JSON has no text for a number: 1.10 is 1.1 before Shoal sees it.
   const json = parseJobSpec(JSON.stringify(wasmJob({ Labels: { version: 1.1 } })), { format: "json" });
   t.same(json.Labels, { version: "1.1" });
