@@ -39,6 +39,7 @@ import { CertificateRenewer } from "./certificate-renewal.js";
 import { lockDataDir } from "./data-dir-lock.js";
 import { createEngineRunner, type EngineRunner } from "./engine-runner.js";
 import { ExecAllowList, realPathOf } from "./engines/exec-allow-list.js";
+import { hardLinksProtected } from "./engines/job-inputs.js";
 import { ensureEnrolled, type JoinOptions, readEnrollment } from "./enrollment.js";
 import { COMPUTE_CODES, ComputeError } from "./errors.js";
 import { ExecutionManager, type ExecutionRequest, failedOutcome } from "./execution-manager.js";
@@ -86,6 +87,8 @@ export interface ComputeNodeOptions {
   bidReservationMs?: number;
   /** First retry pause; doubles up to MAX_RETRY_BACKOFF_MS, with jitter. @default 500 */
   retryBaseMs?: number;
+  /** Where `fs.protected_hardlinks` is read (a test's file). @default PROTECTED_HARDLINKS_FILE */
+  protectedHardlinksFile?: string;
 }
 
 /** What happens to a node, as data (see {@link ComputeNode.events}). */
@@ -266,6 +269,15 @@ export class ComputeNode {
     const defaults = defaultTlsFiles(this.#dataDir);
     // Before anything is written: a node that cannot start must not enroll first.
     const execAllow = await ExecAllowList.resolve(c.Engines.Exec.Allow);
+    if (
+      c.Inputs.AllowedPaths.length > 0 &&
+      (await hardLinksProtected(this.#o.protectedHardlinksFile)) === false
+    ) {
+      this.#log.warn(
+        { allowedPaths: c.Inputs.AllowedPaths, sysctl: "fs.protected_hardlinks=0" },
+        "any user who can write to an allowed input path can hard-link into it files they do not own, which jobs may then read: set fs.protected_hardlinks=1",
+      );
+    }
     // Locked first: two nodes on one data directory must not both enroll into it.
     const hadDataDir = await fs.access(this.#dataDir).then(
       () => true,

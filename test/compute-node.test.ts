@@ -5,6 +5,7 @@ import { promises as fs } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { promisify } from "node:util";
+import { pino } from "pino";
 import t from "tap";
 import { ComputeNode, type ComputeNodeEvent } from "../compute/index.js";
 import { EnvelopeSigner, type MessageBody, subjects } from "../fabric/index.js";
@@ -117,6 +118,33 @@ async function startNode(
   await node.start();
   return { node, events, until };
 }
+
+t.test("a node that allows host inputs warns when the kernel lets users hard-link any file", async (t) => {
+  const identity = await fabric.identity("compute", "node-links");
+  const sysctl = path.join(root, "protected_hardlinks");
+  const allowed = path.join(root, "links-allowed");
+  await fs.mkdir(allowed);
+  const warnings = async (protectedValue: string | undefined, overrides: string[]) => {
+    if (protectedValue === undefined) await fs.rm(sysctl, { force: true });
+    else await fs.writeFile(sysctl, `${protectedValue}\n`);
+    const lines: { msg: string; sysctl?: string }[] = [];
+    const node = new ComputeNode({
+      config: await computeConfig(fabric, identity, path.join(root, "links"), overrides),
+      logger: pino({ level: "warn" }, { write: (line: string) => lines.push(JSON.parse(line)) }),
+      protectedHardlinksFile: sysctl,
+    });
+    await node.start();
+    await node.close();
+    return lines.filter((l) => l.sysctl === "fs.protected_hardlinks=0").map((l) => l.msg);
+  };
+  const inputs = [`Compute.Inputs.AllowedPaths=${allowed}`];
+  t.match(await warnings("0", inputs), [
+    /hard-link into it files they do not own.*set fs.protected_hardlinks=1/,
+  ]);
+  t.same(await warnings("1", inputs), [], "protected: no warning");
+  t.same(await warnings(undefined, inputs), [], "unknown (not Linux): no warning");
+  t.same(await warnings("0", []), [], "no host inputs allowed: nothing to warn about");
+});
 
 t.test("registers with the id of its certificate, then heartbeats", async (t) => {
   const identity = await fabric.identity("compute", "node-reg");

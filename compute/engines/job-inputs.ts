@@ -40,6 +40,20 @@ export interface PreparedInput {
   bytes: number;
 }
 
+/** Linux's switch that keeps users from hard-linking files they do not own. */
+export const PROTECTED_HARDLINKS_FILE = "/proc/sys/fs/protected_hardlinks";
+
+/**
+ * Whether the kernel keeps users from hard-linking into a directory files
+ * they do not own (`fs.protected_hardlinks`): a hard link inside an allowed
+ * input directory is that directory's file, wherever else the file lives.
+ * Undefined when the switch cannot be read (not Linux).
+ */
+export async function hardLinksProtected(file = PROTECTED_HARDLINKS_FILE): Promise<boolean | undefined> {
+  const value = await fs.readFile(file, "utf8").catch(() => undefined);
+  return value === undefined ? undefined : value.trim() !== "0";
+}
+
 /** The real paths of the allow-list entries that exist. */
 async function realRoots(allowedPaths: readonly string[]): Promise<string[]> {
   const roots = await Promise.all(allowedPaths.map((p) => fs.realpath(p).catch(() => undefined)));
