@@ -158,6 +158,14 @@ export function spawnBuiltShoal(
   return spawnNode(t, [BUILT_CLI, ...args], env, opts);
 }
 
+/**
+ * A launcher like {@link spawnShoal} for the CLI at `entry` (an installed
+ * copy, say), started through `opts.prefix` when given.
+ */
+export function shoalAt(entry: string, opts: SpawnOptions = {}): typeof spawnShoal {
+  return (t, args, env = {}) => spawnNode(t, [entry, ...args], env, opts);
+}
+
 export interface SpawnOptions {
   /** A launcher that execs node, e.g. `["ip", "netns", "exec", "NS"]`. */
   prefix?: string[];
