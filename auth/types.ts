@@ -19,6 +19,7 @@ export const ACTIONS = [
   "role:manage",
   "token:revoke",
   "agent:read",
+  "agent:metrics",
   "pki:enroll-token",
 ] as const;
 export type Action = (typeof ACTIONS)[number];

@@ -43,8 +43,9 @@ export const BUILTIN_ROLES: readonly RoleRecord[] = Object.freeze([
   },
   {
     name: "operator",
-    description: "Manages nodes (list, describe, approve, reject, delete) and reads jobs.",
+    description: "Manages nodes (list, describe, approve, reject, delete), reads jobs and the metrics.",
     actions: [
+      "agent:metrics",
       "node:list",
       "node:read",
       "node:approve",

@@ -95,6 +95,7 @@ export function jobResource(j: JobRecord): Resource {
 export const ROUTE_RULES: Map<string, RouteRule> = new Map<string, RouteRule>([
   [`GET ${V1}/agent/version`, { action: "agent:read", resource: api }],
   [`GET ${V1}/agent/node`, { action: "agent:read", resource: api }],
+  [`GET ${V1}/agent/metrics`, { action: "agent:metrics", resource: api }],
   [
     `PUT ${V1}/orchestrator/jobs`,
     {

@@ -14,6 +14,7 @@ import { ANONYMOUS_PRINCIPAL, type Principal } from "../auth/index.js";
 import { clientKey, isShoalError, type Logger, LogThrottle, NodeLabelsSchema } from "../core/index.js";
 import { isStoreFailure, ORCHESTRATOR_CODES, storeUnavailable } from "./errors.js";
 import type { JobService } from "./job-service.js";
+import type { OrchestratorMetrics } from "./metrics.js";
 import type { NodeService } from "./node-service.js";
 import type { JobRecord } from "./records.js";
 
@@ -63,6 +64,8 @@ export interface ApiOptions {
   maxConnsPerClient?: number;
   /** @default API_TIMEOUTS */
   timeouts?: Partial<Record<keyof typeof API_TIMEOUTS, number>>;
+  /** Prometheus metrics: API requests are counted into it, and `GET agent/metrics` serves it. */
+  metrics?: OrchestratorMetrics;
   /** Route groups kept in their own files (e.g. enrollment), registered after the core routes. */
   routes?: ((app: FastifyInstance) => void)[];
 }
@@ -263,6 +266,14 @@ export function buildApi(o: ApiOptions): FastifyInstance {
     });
   }
 
+  const metrics = o.metrics;
+  if (metrics) {
+    app.addHook("onResponse", async (req, reply) => {
+      const route = req.routeOptions.url ?? "unmatched";
+      metrics.apiRequest(req.method, route, reply.statusCode, reply.elapsedTime / 1000);
+    });
+  }
+
   app.setErrorHandler((err, req, reply) => {
     const { status, body } = errorReply(err);
     if (status >= 500) req.log.error({ err }, "request failed");
@@ -283,6 +294,12 @@ export function buildApi(o: ApiOptions): FastifyInstance {
   app.get(`${v1}/agent/alive`, async () => ({ Status: "OK" }));
   app.get(`${v1}/agent/version`, async () => ({ Version: o.version }));
   app.get(`${v1}/agent/node`, async () => o.nodeInfo());
+  if (metrics) {
+    app.get(`${v1}/agent/metrics`, async (_req, reply) => {
+      const { contentType, text } = await metrics.render();
+      return reply.header("content-type", contentType).send(text);
+    });
+  }
   app.get(`${v1}/pki/ca`, { config: PUBLIC_ROUTE }, async (_req, reply) =>
     reply.type("application/x-pem-file").send(o.caBundlePem()),
   );

@@ -54,6 +54,7 @@ import { jobRequirements, parseSubmittedJob } from "./job-requirements.js";
 import { JobService } from "./job-service.js";
 import { JobTakeover, LEASES_BUCKET, openLeases } from "./job-takeover.js";
 import { LogStore } from "./log-store.js";
+import { OrchestratorMetrics } from "./metrics.js";
 import { MODULES_BUCKET, ModuleStore } from "./module-store.js";
 import { NodeService } from "./node-service.js";
 import { OwnCertificateRenewer } from "./own-certificates.js";
@@ -306,6 +307,7 @@ export class Orchestrator {
       opened = await buckets();
     }
     const [store, authStore, shared, pendingEnrollments, leases, sharedResults, sharedModules] = opened;
+    const metrics = new OrchestratorMetrics(store);
     this.#cleanups.push(async () => authStore.close());
     if (shared) this.#cleanups.push(async () => shared.close());
     this.#cleanups.push(async () => pendingEnrollments.close());
@@ -358,6 +360,7 @@ export class Orchestrator {
       identity,
       ...(cluster ? { announceOnRegister: true, storedNode: (nodeId) => store.nodes.stored(nodeId) } : {}),
       log: this.#log.child({ component: "fabric-link" }),
+      metrics,
       nodeControlLimits: nodeControlLimits({
         heartbeatMs: nodes.heartbeatIntervalMs,
         certTtlMs: parseDuration(c.PKI.CertTTL),
@@ -397,6 +400,7 @@ export class Orchestrator {
       results,
       channel: link,
       log: this.#log.child({ component: "dispatcher" }),
+      onJobFinished: (state) => metrics.jobFinished(state),
       requirements: (job) => jobRequirements(job, limits),
       place: placeJob,
       queueTimeoutMs: limits.queueTimeoutMs,
@@ -526,6 +530,7 @@ export class Orchestrator {
         ...(auth.wantsClientCertificates ? { requestCert: true, rejectUnauthorized: false } : {}),
       },
       security: auth,
+      metrics,
       maxConnsPerClient: c.API.MaxConnsPerClient,
       caBundlePem: () => caPem,
       routes: [(app) => registerEnrollmentRoutes(app, enrollment)],

@@ -62,6 +62,8 @@ export interface DispatcherOptions {
   queueTimeoutMs: number;
   executionTimeoutMs: number;
   retryBudget: number;
+  /** Told each time a job of this orchestrator ends (metrics). */
+  onJobFinished?: (state: "Completed" | "Failed" | "Stopped") => void;
   /** Extra time past an execution's deadline before the orchestrator fails it itself. @default 5000 */
   timeoutGraceMs?: number;
   /**
@@ -776,6 +778,7 @@ export class Dispatcher implements JobDispatch {
       void this.#cancelOnNode(e, message);
     }
     this.#o.store.setJobState(job, state, message);
+    this.#o.onJobFinished?.(state);
     this.#o.log.info({ job: job.ID, state, message }, "job finished");
   }
 

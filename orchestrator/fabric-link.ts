@@ -24,6 +24,7 @@ import {
 } from "../fabric/index.js";
 import type { Pki } from "../pki/index.js";
 import type { Dispatcher, NodeChannel } from "./dispatcher.js";
+import type { OrchestratorMetrics } from "./metrics.js";
 import type { ModuleStore } from "./module-store.js";
 import type { NodeService } from "./node-service.js";
 import { type NodeRecord, TERMINAL_EXECUTION_STATES } from "./records.js";
@@ -60,6 +61,8 @@ export interface FabricLinkOptions {
   storedNode?: (nodeId: string) => Promise<NodeRecord | undefined>;
   /** What one node may send; past it, its messages are dropped unverified. @default NODE_MESSAGE_LIMIT */
   nodeMessageLimit?: Rate;
+  /** Counts what is dropped and refused (orchestrator/metrics.ts). */
+  metrics?: Pick<OrchestratorMetrics, "nodeMessageDropped" | "nodeMessageRefused">;
   /** What one node may send of its costliest messages; past it, they are dropped unverified. @default NODE_CONTROL_LIMITS */
   nodeControlLimits?: Partial<Record<keyof typeof NODE_CONTROL_LIMITS, Rate>>;
   /**
@@ -323,6 +326,7 @@ export class FabricLink implements NodeChannel {
       env = this.#verifier.verify(msg.data, { subject: msg.subject });
     } catch (err) {
       const code = (err as { code?: string }).code;
+      this.#o.metrics?.nodeMessageRefused(code ?? "unknown");
       this.#warn(
         parsed.nodeId,
         { kind: parsed.kind, code, reason: (err as Error).message },
@@ -388,6 +392,7 @@ export class FabricLink implements NodeChannel {
 
   /** Logs (at most once per node and kind every 10 s) that a node's messages are dropped for its rate. */
   #overRate(nodeId: string, kind: string, { perSecond, burst }: Rate): void {
+    this.#o.metrics?.nodeMessageDropped(kind);
     const held = this.#complaints.pass(`${nodeId}\nrate\n${kind}`);
     if (held === undefined) return;
     this.#o.log.warn(

@@ -75,6 +75,7 @@ const EXPECTED: Record<string, Partial<Record<Action, Grant>>> = {
   admin: Object.fromEntries(ACTIONS.map((a) => [a, "both"])),
   operator: {
     ...ALWAYS,
+    "agent:metrics": "both",
     ...JOB_READ,
     ...NODE_READ,
     "job:logs": "both",

@@ -83,8 +83,14 @@ t.test("log lines of one execution's stream stop at the cap", async (t) => {
 
 t.test("a node past its message rate has the excess dropped unverified, and is named once", async (t) => {
   const warnings: { msg: string; node?: string; dropped?: number; code?: string; heldBack?: number }[] = [];
+  const counted = { dropped: new Map<string, number>(), refused: new Map<string, number>() };
+  const bump = (m: Map<string, number>, k: string) => m.set(k, (m.get(k) ?? 0) + 1);
   const { fabric, orchId, n1, n2, link, store } = await startTestLink(t, {
     log: pino({ level: "warn" }, { write: (line: string) => warnings.push(JSON.parse(line)) }),
+    metrics: {
+      nodeMessageDropped: (kind) => bump(counted.dropped, kind),
+      nodeMessageRefused: (code) => bump(counted.refused, code),
+    },
     nodeMessageLimit: { perSecond: 20, burst: 40 },
   });
   const handled = new Map<string, number>();
@@ -110,6 +116,7 @@ t.test("a node past its message rate has the excess dropped unverified, and is n
     [["n1", 1]],
     "one warning for the flood (the next one, 10 s on, would count what was held back)",
   );
+  t.equal(counted.dropped.get("message"), 400 - n1Handled, "every dropped message is counted");
 
   for (let seq = 0; seq < 3; seq++) quiet.logs(seq);
   await quiet.conn.flush();
@@ -123,6 +130,7 @@ t.test("a node past its message rate has the excess dropped unverified, and is n
   t.equal(refused.length, 1, "twenty pieces of garbage are one warning, not twenty");
   t.equal(refused[0]?.node, "n2");
   t.equal(refused[0]?.code, "SHOAL_ENVELOPE_MALFORMED");
+  t.equal(counted.refused.get("SHOAL_ENVELOPE_MALFORMED"), 20, "and every refused one, by code");
   t.equal(handled.get("n2"), 3);
 
   // Signed requests the link refuses on their merits: warned about once too.

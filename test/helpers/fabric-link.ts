@@ -18,7 +18,7 @@ export async function startTestLink(
   options: Partial<
     Pick<
       FabricLinkOptions,
-      "log" | "nodeMessageLimit" | "nodeControlLimits" | "moduleBytesLimit" | "renewCertificate"
+      "log" | "metrics" | "nodeMessageLimit" | "nodeControlLimits" | "moduleBytesLimit" | "renewCertificate"
     >
   > = {},
 ) {

@@ -1,0 +1,117 @@
+import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from "prom-client";
+import type { StateStore } from "./state-store.js";
+
+/** Seconds: an API request is milliseconds; a followed job's stream is minutes. */
+const API_SECONDS_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 300];
+
+/**
+ * The orchestrator's Prometheus metrics, served at `GET /api/v1/agent/metrics`
+ * (action `agent:metrics`). One registry per orchestrator, so several in one
+ * process (tests, benchmarks) keep apart. What the state store holds is
+ * counted when scraped; what passes (requests, refusals, job endings) is
+ * counted as it happens. Every label has a bounded set of values: route
+ * templates, states, message kinds, error codes.
+ */
+export class OrchestratorMetrics {
+  readonly registry = new Registry();
+  readonly #apiRequests = new Counter({
+    name: "shoal_api_requests_total",
+    help: "API requests answered, by method, route template and HTTP status.",
+    labelNames: ["method", "route", "status"] as const,
+    registers: [this.registry],
+  });
+  readonly #apiSeconds = new Histogram({
+    name: "shoal_api_request_duration_seconds",
+    help: "Time from an API request to its response's end (a followed stream lasts as long as it is followed).",
+    labelNames: ["method", "route"] as const,
+    buckets: API_SECONDS_BUCKETS,
+    registers: [this.registry],
+  });
+  readonly #nodeDropped = this.#counter(
+    "shoal_node_messages_dropped_total",
+    "Node messages dropped unverified because their sender exceeded a rate (kind: message for the overall rate, else register or renew).",
+    "kind",
+  );
+  readonly #nodeRefused = this.#counter(
+    "shoal_node_messages_refused_total",
+    "Node messages that failed envelope verification, by error code.",
+    "code",
+  );
+  readonly #jobsFinished = this.#counter(
+    "shoal_jobs_finished_total",
+    "Jobs this orchestrator finished, by final state.",
+    "state",
+  );
+
+  /** @param store what is counted at each scrape: jobs, executions and nodes by state. */
+  constructor(store: StateStore) {
+    this.#counted(
+      "shoal_jobs",
+      "Jobs known to this orchestrator (in a cluster: every orchestrator's), by state.",
+      ["state"],
+      () => [...store.jobs.values()].map((j) => [j.State]),
+    );
+    this.#counted("shoal_executions", "Executions known to this orchestrator, by state.", ["state"], () =>
+      [...store.executions.values()].map((e) => [e.State]),
+    );
+    this.#counted(
+      "shoal_nodes",
+      "Compute nodes by approval and health (as this orchestrator sees them).",
+      ["approval", "health"],
+      () => [...store.nodes.values()].map((n) => [n.Approval, n.Health]),
+    );
+    collectDefaultMetrics({ register: this.registry });
+  }
+
+  #counter<L extends string>(name: string, help: string, label: L): Counter<L> {
+    return new Counter({ name, help, labelNames: [label], registers: [this.registry] });
+  }
+
+  /** A gauge of how many of `items()` (each its label values) have each combination, counted at each scrape. */
+  #counted(name: string, help: string, labelNames: string[], items: () => string[][]): void {
+    new Gauge({
+      name,
+      help,
+      labelNames,
+      registers: [this.registry],
+      collect() {
+        this.reset();
+        const counts = new Map<string, { labels: string[]; n: number }>();
+        for (const labels of items()) {
+          const key = labels.join("\0");
+          const c = counts.get(key) ?? { labels, n: 0 };
+          c.n++;
+          counts.set(key, c);
+        }
+        for (const { labels, n } of counts.values()) {
+          this.set(Object.fromEntries(labelNames.map((l, i) => [l, labels[i]!])), n);
+        }
+      },
+    });
+  }
+
+  /** An API response ended (`route`: the route's template, or "unmatched"). */
+  apiRequest(method: string, route: string, status: number, seconds: number): void {
+    this.#apiRequests.inc({ method, route, status: String(status) });
+    this.#apiSeconds.observe({ method, route }, seconds);
+  }
+
+  /** A node message was dropped for its sender's rate. */
+  nodeMessageDropped(kind: string): void {
+    this.#nodeDropped.inc({ kind });
+  }
+
+  /** A node message failed verification. */
+  nodeMessageRefused(code: string): void {
+    this.#nodeRefused.inc({ code });
+  }
+
+  jobFinished(state: string): void {
+    this.#jobsFinished.inc({ state });
+  }
+
+  /** The exposition text and its content type. */
+  async render(): Promise<{ contentType: string; text: string }> {
+    return { contentType: this.registry.contentType, text: await this.registry.metrics() };
+  }
+}
