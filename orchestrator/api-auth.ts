@@ -186,6 +186,8 @@ export class ApiAuth {
   readonly #o: ApiAuthOptions;
   readonly #log: Logger;
   readonly #audit: Logger;
+  /** Connections whose client certificate was refused, and why (see #byCertificate). */
+  readonly #refusedCertificates = new WeakMap<object, Error>();
   /** Every user as the store has it now (kept by the store's watcher), for the check of each token. */
   readonly #users: Map<string, UserRecord>;
   readonly #challenges = new RateLimit(CHALLENGE_RATE);
@@ -341,6 +343,7 @@ export class ApiAuth {
     const header = req.headers.authorization;
     if (header === undefined) {
       if (isPublic(req)) return this.#anonymous();
+      if (this.authenticator.isEnabled("mtls") && hasPeerCertificate(req)) return this.#byCertificate(req);
       try {
         return this.authenticator.anonymous();
       } catch (err) {
@@ -374,6 +377,31 @@ export class ApiAuth {
       this.#audit.warn(
         { route: routeKey(req), address: req.ip, code: (err as AuthError).code },
         "token refused",
+      );
+      throw err;
+    }
+  }
+
+  /**
+   * A request without a token on a connection that presented a client
+   * certificate is that certificate's user, checked as an mtls login is (CA,
+   * trust domain, CRL, the user exists and is enabled), on every request, so
+   * a revoked certificate or a disabled user stops at once. For clients that
+   * cannot log in first (a Prometheus scraper). A certificate refused once is
+   * refused for the rest of its connection without checking it again, and
+   * logged once.
+   */
+  async #byCertificate(req: FastifyRequest): Promise<Principal> {
+    const socket = req.raw.socket;
+    const refused = this.#refusedCertificates.get(socket);
+    if (refused) throw refused;
+    try {
+      return await this.authenticator.mtls(peerChainPem(req), { address: req.ip });
+    } catch (err) {
+      this.#refusedCertificates.set(socket, err as Error);
+      this.#audit.warn(
+        { route: routeKey(req), address: req.ip, code: (err as AuthError).code },
+        "client certificate refused",
       );
       throw err;
     }
@@ -646,6 +674,11 @@ function routeKey(req: FastifyRequest): string {
 function sourceIp(req: FastifyRequest): string | undefined {
   const ip = req.ip?.replace(/^::ffff:/, "");
   return ip && !ip.includes("%") ? ip : undefined;
+}
+
+/** Whether the client presented a TLS certificate on the request's connection. */
+function hasPeerCertificate(req: FastifyRequest): boolean {
+  return Boolean((req.raw.socket as TLSSocket).getPeerCertificate?.()?.raw);
 }
 
 /** The TLS client certificate chain (leaf first) as PEM; empty when the client sent none. */

@@ -3,12 +3,13 @@ import { createPrivateKey, generateKeyPairSync } from "node:crypto";
 import { promises as fs } from "node:fs";
 import https from "node:https";
 import path from "node:path";
+import { pino } from "pino";
 import t from "tap";
 import { answerChallenge, clientIdOf, RevocationList, TokenService } from "../auth/index.js";
-import { createLogger, loadConfig } from "../core/index.js";
+import { loadConfig } from "../core/index.js";
 import { apiAudience, Orchestrator, TOKEN_KEY_FILE } from "../orchestrator/index.js";
 import type { NodeRecord } from "../orchestrator/records.js";
-import { openPki } from "../pki/index.js";
+import { initPki, openPki } from "../pki/index.js";
 import { apiCaller } from "./helpers/api-call.js";
 import { tempDir } from "./helpers/cluster.js";
 
@@ -47,20 +48,22 @@ async function startOrchestrator(dataDir: string, overrides: string[] = [], env:
     ],
   });
   const printed: string[] = [];
+  /** Warnings and errors the orchestrator logged, by message. */
+  const logged: string[] = [];
   const orch = new Orchestrator({
     config,
-    logger: createLogger({ level: "silent" }),
+    logger: pino({ level: "warn" }, { write: (line: string) => logged.push(JSON.parse(line).msg) }),
     version: "test",
     print: (l) => printed.push(l),
     env,
   });
-  return { orch, printed, start: () => orch.start() };
+  return { orch, printed, logged, start: () => orch.start() };
 }
 
 t.test("method × role × endpoint", async (t) => {
   const dir = await tempDir(t, "shoal-authz-");
   const dataDir = path.join(dir, "orch");
-  const { orch } = await startOrchestrator(
+  const { orch, logged } = await startOrchestrator(
     dataDir,
     ["API.Auth.Methods=anonymous,clientKey,password,sharedSecret,mtls"],
     { SHOAL_ADMIN_PASSWORD: ADMIN_PASSWORD, SHOAL_SHARED_SECRET: SHARED_SECRET },
@@ -333,6 +336,48 @@ t.test("method × role × endpoint", async (t) => {
     const again = await call("POST", "/api/v1/auth/clientKey", { body: answer });
     t.equal(again.status, 401);
     t.equal(again.json.error?.code, "SHOAL_AUTH_CHALLENGE_INVALID");
+  });
+
+  t.test("without a token, a connection's user certificate is its user, on every request", async (t) => {
+    // A scraper with a certificate of an operator: no login first.
+    await addUser("scraper", ["operator"]);
+    const cert = await pki.issue({ role: "user", id: "scraper" });
+    const scraper = apiCaller(ep.apiUrl, caPem, { cert: cert.certPem, key: cert.keyPem! });
+    t.teardown(scraper.close);
+    t.equal((await call("GET", "/api/v1/agent/metrics")).status, 403, "anonymous callers may not");
+    const scraped = await scraper.call("GET", "/api/v1/agent/metrics");
+    t.equal(scraped.status, 200, scraped.text.slice(0, 200));
+    t.match(scraped.text, /shoal_nodes\{/);
+    const reader = await mtlsApi.call("GET", "/api/v1/agent/metrics");
+    t.equal(reader.status, 403, "a reader's certificate is the reader, who may not either");
+    t.equal(reader.json.error?.code, "SHOAL_AUTH_DENIED");
+    t.equal(
+      (await scraper.call("GET", "/api/v1/agent/metrics", { token: await login("mtls", {}, mtlsApi.call) }))
+        .status,
+      403,
+      "a token wins over the certificate",
+    );
+
+    // Checked on every request: a deleted user's certificate stops at once.
+    t.equal((await call("DELETE", "/api/v1/auth/users/scraper", { token: admin })).status, 200);
+    const gone = await scraper.call("GET", "/api/v1/agent/metrics");
+    t.equal(gone.status, 401);
+    t.equal(gone.json.error?.code, "SHOAL_AUTH_BAD_CREDENTIALS");
+
+    // A certificate of another CA is refused, and stays refused on its connection.
+    const otherDir = await tempDir(t, "shoal-other-ca-");
+    await initPki(otherDir, { trustDomain: pki.trustDomain });
+    const forged = await (await openPki(otherDir)).issue({ role: "user", id: "admin" });
+    const forger = apiCaller(ep.apiUrl, caPem, { cert: forged.certPem, key: forged.keyPem! });
+    t.teardown(forger.close);
+    const warned = () => logged.filter((m) => m === "client certificate refused").length;
+    const before = warned();
+    for (let i = 0; i < 3; i++) {
+      const r = await forger.call("GET", "/api/v1/orchestrator/nodes");
+      t.equal(r.status, 401, "another CA's certificate, even for admin");
+      t.equal(r.json.error?.code, "SHOAL_AUTH_CERT_REJECTED");
+    }
+    t.equal(warned() - before, 1, "checked and logged once for its connection");
   });
 
   t.test("logins that fail say why", async (t) => {
