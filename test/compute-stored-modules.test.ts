@@ -163,12 +163,26 @@ t.test(
     const { orchestrator, modules } = await setup(t);
     const bytes = wasmLike(100, 4);
     const digest = orchestrator.serve(bytes);
-    orchestrator.misbehave = (ask, honest) =>
-      ask.executionId === "e-cancelled" ? { reason: "execution e-cancelled is Cancelled" } : honest();
-    const [cancelled, other] = await Promise.allSettled([
-      modules.get("e-cancelled", digest),
-      modules.get("e-2", digest),
-    ]);
+    let release!: () => void;
+    const refusal = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    orchestrator.misbehave = async (ask, honest) => {
+      if (ask.executionId !== "e-cancelled") return honest();
+      await refusal;
+      return { reason: "execution e-cancelled is Cancelled" };
+    };
+    // e-cancelled's fetch is under way once the orchestrator is asked. Both calls first look on
+    // disk, whose answers may come back in either order: e-2 starts only now, so it cannot
+    // become the fetcher, and it joins the fetch under way while its refusal is held back.
+    const first = modules.get("e-cancelled", digest);
+    for (let i = 0; i < 1000 && orchestrator.asked.length === 0; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+    const second = modules.get("e-2", digest);
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    release();
+    const [cancelled, other] = await Promise.allSettled([first, second]);
     t.equal(cancelled.status, "rejected", "the execution refused fails");
     t.ok(other.status === "fulfilled" && other.value.equals(bytes), "the other gets the module");
     t.same(
