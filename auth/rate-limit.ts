@@ -1,4 +1,4 @@
-import { clientKey } from "../core/index.js";
+import { clientKey, Tally } from "../core/index.js";
 import { RateLimitedError } from "./errors.js";
 
 export interface LoginLimits {
@@ -32,7 +32,7 @@ export class LoginRateLimiter {
   readonly #now: () => number;
   readonly #entries = new Map<string, Entry>();
   /** Attempts under way, by key: each may still fail. */
-  readonly #inFlight = new Map<string, number>();
+  readonly #inFlight = new Tally();
 
   constructor(limits: LoginLimits = {}, now: () => number = Date.now) {
     this.#limits = {
@@ -68,18 +68,14 @@ export class LoginRateLimiter {
     const keys = keysOf(subject);
     for (const [kind, key] of keys) {
       const recent = this.#recent(this.#entries.get(key)?.failures ?? [], now).length;
-      if (recent + (this.#inFlight.get(key) ?? 0) >= this.#max(kind)) throw RateLimitedError.busy(kind);
+      if (recent + this.#inFlight.get(key) >= this.#max(kind)) throw RateLimitedError.busy(kind);
     }
-    for (const [, key] of keys) this.#inFlight.set(key, (this.#inFlight.get(key) ?? 0) + 1);
+    for (const [, key] of keys) this.#inFlight.add(key);
     let ended = false;
     return () => {
       if (ended) return;
       ended = true;
-      for (const [, key] of keys) {
-        const left = (this.#inFlight.get(key) ?? 1) - 1;
-        if (left > 0) this.#inFlight.set(key, left);
-        else this.#inFlight.delete(key);
-      }
+      for (const [, key] of keys) this.#inFlight.remove(key);
     };
   }
 

@@ -11,3 +11,4 @@ export * from "./job-spec-states.js";
 export * from "./log-throttle.js";
 export * from "./logger.js";
 export * from "./node-labels.js";
+export * from "./tally.js";

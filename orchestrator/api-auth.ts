@@ -347,10 +347,7 @@ export class ApiAuth {
       try {
         return this.authenticator.anonymous();
       } catch (err) {
-        this.#audit.warn(
-          { route: routeKey(req), address: req.ip, code: (err as AuthError).code },
-          "unauthenticated",
-        );
+        this.#auditRefusal(req, err, "unauthenticated");
         throw err;
       }
     }
@@ -374,10 +371,7 @@ export class ApiAuth {
         (name) => this.#users.get(name) ?? this.directory.getUser(name),
       );
     } catch (err) {
-      this.#audit.warn(
-        { route: routeKey(req), address: req.ip, code: (err as AuthError).code },
-        "token refused",
-      );
+      this.#auditRefusal(req, err, "token refused");
       throw err;
     }
   }
@@ -399,12 +393,14 @@ export class ApiAuth {
       return await this.authenticator.mtls(peerChainPem(req), { address: req.ip });
     } catch (err) {
       this.#refusedCertificates.set(socket, err as Error);
-      this.#audit.warn(
-        { route: routeKey(req), address: req.ip, code: (err as AuthError).code },
-        "client certificate refused",
-      );
+      this.#auditRefusal(req, err, "client certificate refused");
       throw err;
     }
+  }
+
+  /** Logs a refused authentication, with its route, address and code, to the audit log. */
+  #auditRefusal(req: FastifyRequest, err: unknown, message: string): void {
+    this.#audit.warn({ route: routeKey(req), address: req.ip, code: (err as AuthError).code }, message);
   }
 
   /** The principal of public routes: anonymous even when anonymous mode is off (they need no one). */

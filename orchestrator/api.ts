@@ -11,7 +11,7 @@ import Fastify, {
   type FastifyRequest,
 } from "fastify";
 import { ANONYMOUS_PRINCIPAL, type Principal } from "../auth/index.js";
-import { clientKey, isShoalError, type Logger, LogThrottle, NodeLabelsSchema } from "../core/index.js";
+import { clientKey, isShoalError, type Logger, LogThrottle, NodeLabelsSchema, Tally } from "../core/index.js";
 import { isStoreFailure, ORCHESTRATOR_CODES, storeUnavailable } from "./errors.js";
 import type { JobService } from "./job-service.js";
 import type { OrchestratorMetrics } from "./metrics.js";
@@ -178,12 +178,11 @@ function errorReply(thrown: unknown): { status: number; body: ApiErrorBody } {
  * connections, memory and descriptors the API has, whatever its requests.
  */
 function limitConnsPerClient(server: HttpsServer, max: number, log: Logger): void {
-  const open = new Map<string, number>();
+  const open = new Tally();
   const complaints = new LogThrottle();
   server.on("connection", (socket: Socket) => {
     const address = clientKey(socket.remoteAddress ?? "");
-    const held = open.get(address) ?? 0;
-    if (held >= max) {
+    if (open.get(address) >= max) {
       complaints.warn(
         log,
         address,
@@ -193,12 +192,8 @@ function limitConnsPerClient(server: HttpsServer, max: number, log: Logger): voi
       socket.destroy();
       return;
     }
-    open.set(address, held + 1);
-    socket.once("close", () => {
-      const left = (open.get(address) ?? 1) - 1;
-      if (left > 0) open.set(address, left);
-      else open.delete(address);
-    });
+    open.add(address);
+    socket.once("close", () => open.remove(address));
   });
 }
 

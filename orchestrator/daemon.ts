@@ -137,6 +137,8 @@ export class Orchestrator {
 
   async #start(): Promise<OrchestratorEndpoints> {
     const c = this.#o.config;
+    /** Lifetime of the certificates this orchestrator issues (PKI.CertTTL). */
+    const certTtlMs = parseDuration(c.PKI.CertTTL);
     const dataDir = c.DataDir;
     const id = this.#o.id ?? "orchestrator";
     // A bad policy file stops the start before anything else happens, naming file:line:column.
@@ -171,7 +173,7 @@ export class Orchestrator {
     const caFile = operatorTls ? c.Orchestrator.TLS.CACert : path.join(pkiDir, "ca.crt");
     // Our own certificates live PKI.CertTTL and are renewed PKI.RenewBefore ahead (see OwnCertificateRenewer).
     const certPolicy = (): OwnCertificatePolicy => ({
-      ttlMs: parseDuration(c.PKI.CertTTL),
+      ttlMs: certTtlMs,
       renewBeforeMs: parseDuration(c.PKI.RenewBefore),
     });
     const ensureNatsCert = () =>
@@ -331,7 +333,7 @@ export class Orchestrator {
     let trustKeeper: TrustKeeper | undefined;
     const enrollment = new EnrollmentService({
       pki,
-      certTtlMs: parseDuration(c.PKI.CertTTL),
+      certTtlMs,
       externalIdentities: c.Orchestrator.NodeManager.Identities,
       pending: pendingEnrollments,
       // The supervised broker admits the node before it gets its certificate (no refused first dial).
@@ -363,11 +365,11 @@ export class Orchestrator {
       metrics,
       nodeControlLimits: nodeControlLimits({
         heartbeatMs: nodes.heartbeatIntervalMs,
-        certTtlMs: parseDuration(c.PKI.CertTTL),
+        certTtlMs,
       }),
       renewCertificate: async (nodeId, csrPem) => {
         const issued = await signComputeCsr(pki, csrPem, nodeId, {
-          ttlMs: parseDuration(c.PKI.CertTTL),
+          ttlMs: certTtlMs,
           exclusive: false,
         });
         // The broker knows the new certificate before the node reconnects with it.

@@ -6,7 +6,7 @@ import {
 } from "@nats-io/jetstream";
 import type { KV } from "@nats-io/kv";
 import { InvalidArgumentError } from "@nats-io/transport-node";
-import type { Logger } from "../core/index.js";
+import { type Logger, Tally } from "../core/index.js";
 import { followBucket, type KvChange } from "./kv-follow.js";
 
 export interface KvTableOptions<T> {
@@ -63,7 +63,7 @@ export class KvTable<T> {
   /** Keys whose last write failed, with its error (until written again, or forgotten). */
   readonly #failed = new Map<string, unknown>();
   /** Keys in batches queued or being written, with how many such batches hold each. */
-  readonly #queued = new Map<string, number>();
+  readonly #queued = new Tally();
 
   private constructor(kv: KV, log: Logger, options: KvTableOptions<T>) {
     this.#kv = kv;
@@ -222,7 +222,7 @@ export class KvTable<T> {
         this.#scheduled = undefined;
         const batch = this.#dirty;
         this.#dirty = new Map();
-        for (const key of batch.keys()) this.#queued.set(key, (this.#queued.get(key) ?? 0) + 1);
+        for (const key of batch.keys()) this.#queued.add(key);
         // Batches are written one after another so a key's later value never
         // overtakes an earlier one.
         this.#flushing = this.#flushing.then(() => this.#write(batch));
@@ -264,9 +264,7 @@ export class KvTable<T> {
     let retryError: unknown;
     for (const [i, [key, value]] of [...batch].entries()) {
       const r = results[i];
-      const queued = (this.#queued.get(key) ?? 1) - 1;
-      if (queued > 0) this.#queued.set(key, queued);
-      else this.#queued.delete(key);
+      this.#queued.remove(key);
       if (r?.status === "fulfilled") {
         this.#failed.delete(key);
         if (r.value !== undefined) this.#revisions.set(key, r.value);

@@ -1,6 +1,6 @@
 import { promises as fs } from "node:fs";
 import path from "node:path";
-import { prepareAtomicDir, writeFileAtomic } from "../core/index.js";
+import { prepareAtomicDir, Tally, writeFileAtomic } from "../core/index.js";
 import type { SharedObjects } from "./results-store.js";
 import { objectChunks, objectInfo, purgeObject } from "./stored-objects.js";
 
@@ -32,7 +32,7 @@ export class ModuleStore {
   /** Local copies being made, by digest: concurrent puts and reads share one. */
   readonly #copying = new Map<string, Promise<void>>();
   /** Digests of submissions under way (stored, their job not yet): never collected. */
-  readonly #pinned = new Map<string, number>();
+  readonly #pinned = new Tally();
   /** Digests no job named at the previous {@link collect}. */
   #unnamed = new Set<string>();
 
@@ -53,13 +53,9 @@ export class ModuleStore {
    */
   pin(digests: Iterable<string>): () => void {
     const list = [...digests];
-    for (const d of list) this.#pinned.set(d, (this.#pinned.get(d) ?? 0) + 1);
+    for (const d of list) this.#pinned.add(d);
     return () => {
-      for (const d of list) {
-        const n = (this.#pinned.get(d) ?? 1) - 1;
-        if (n > 0) this.#pinned.set(d, n);
-        else this.#pinned.delete(d);
-      }
+      for (const d of list) this.#pinned.remove(d);
     };
   }
 
