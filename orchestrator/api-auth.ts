@@ -327,16 +327,14 @@ export class ApiAuth {
     });
   }
 
-  /** The jobs of `jobs` the caller may read (a listing shows no other). */
-  visibleJobs(req: FastifyRequest, jobs: JobRecord[]): JobRecord[] {
+  /** Whether the caller may read a job: a listing shows no other. */
+  canReadJob(req: FastifyRequest): (job: JobRecord) => boolean {
     const context = { sourceIp: sourceIp(req) };
-    return jobs.filter(
-      (j) =>
-        this.authorizer.authorize(
-          { principal: req.principal, action: "job:read", resource: jobResource(j), context },
-          { audit: false },
-        ).decision === "allow",
-    );
+    return (j) =>
+      this.authorizer.authorize(
+        { principal: req.principal, action: "job:read", resource: jobResource(j), context },
+        { audit: false },
+      ).decision === "allow";
   }
 
   async #authenticate(req: FastifyRequest): Promise<Principal> {

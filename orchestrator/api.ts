@@ -13,7 +13,7 @@ import Fastify, {
 import { ANONYMOUS_PRINCIPAL, type Principal } from "../auth/index.js";
 import { clientKey, isShoalError, type Logger, LogThrottle, NodeLabelsSchema, Tally } from "../core/index.js";
 import { isStoreFailure, ORCHESTRATOR_CODES, storeUnavailable } from "./errors.js";
-import type { JobService } from "./job-service.js";
+import { type JobService, PAGE_TOKEN_PATTERN } from "./job-service.js";
 import type { OrchestratorMetrics } from "./metrics.js";
 import type { NodeService } from "./node-service.js";
 import type { JobRecord } from "./records.js";
@@ -81,8 +81,8 @@ export const PUBLIC_ROUTE = { public: true } as const;
 export interface ApiSecurity {
   /** Adds the authn/authz hooks and the auth routes; called before any other route is added. */
   install(app: FastifyInstance): void;
-  /** The jobs of a listing the caller may read. */
-  visibleJobs(req: FastifyRequest, jobs: JobRecord[]): JobRecord[];
+  /** Whether the caller may read a job (a listing shows no other). */
+  canReadJob(req: FastifyRequest): (job: JobRecord) => boolean;
 }
 
 declare module "fastify" {
@@ -98,6 +98,7 @@ const ListQuery = T.Object(
   {
     state: T.Optional(T.Union(JobStates.map((s) => T.Literal(s)))),
     limit: T.Optional(T.Integer({ minimum: 1, maximum: 10_000 })),
+    next_token: T.Optional(T.String({ pattern: PAGE_TOKEN_PATTERN })),
   },
   { additionalProperties: false },
 );
@@ -310,11 +311,14 @@ export function buildApi(o: ApiOptions): FastifyInstance {
     return reply.status(201).send({ JobID: job.ID, Job: job });
   });
   app.get(`${v1}/orchestrator/jobs`, { schema: { querystring: ListQuery } }, async (req) => {
-    const q = req.query as { state?: (typeof JobStates)[number]; limit?: number };
-    // Filtered before the limit, so a caller gets its newest visible jobs.
-    const all = o.jobs.list({ state: q.state, limit: Number.MAX_SAFE_INTEGER });
-    const visible = o.security ? o.security.visibleJobs(req, all) : all;
-    return { Items: visible.slice(0, q.limit ?? 100) };
+    const q = req.query as { state?: (typeof JobStates)[number]; limit?: number; next_token?: string };
+    const page = o.jobs.list({
+      state: q.state,
+      limit: q.limit ?? 100,
+      ...(q.next_token ? { after: q.next_token } : {}),
+      ...(o.security ? { visible: o.security.canReadJob(req) } : {}),
+    });
+    return page.next ? { Items: page.items, NextToken: page.next } : { Items: page.items };
   });
   app.get(`${v1}/orchestrator/jobs/:id`, { schema: { params: JobIdParams } }, async (req) => ({
     Job: o.jobs.get((req.params as { id: string }).id),

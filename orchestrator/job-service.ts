@@ -11,6 +11,7 @@ import {
 } from "./errors.js";
 import type { LogEntry, LogStore } from "./log-store.js";
 import type { ModuleStore } from "./module-store.js";
+import type { Cursor } from "./ordered-keys.js";
 import {
   type ExecutionRecord,
   type JobEvent,
@@ -56,12 +57,43 @@ export interface JobServiceOptions {
   dispatch: JobDispatch;
   /** In a cluster: this orchestrator's name, stamped on the jobs it accepts (`JobRecord.Orchestrator`). */
   owner?: string;
+  /** Most jobs one listing looks at. @default LIST_SCAN_LIMIT */
+  listScanLimit?: number;
 }
+
+/**
+ * Most jobs one listing looks at, whether the caller may see them or not, so
+ * that one page costs the event loop a few milliseconds however many jobs
+ * the orchestrator holds and however few of them the caller may see. A page
+ * that stops here has fewer items than asked and a {@link JobPage.next}.
+ */
+export const LIST_SCAN_LIMIT = 2000;
 
 export interface ListOptions {
   state?: JobState;
   /** @default 100 */
   limit?: number;
+  /** Where the previous page stopped: its {@link JobPage.next}. */
+  after?: string;
+  /** The jobs the caller may see (the API's authorization); the others are skipped. */
+  visible?: (job: JobRecord) => boolean;
+}
+
+/** One page of a listing, newest first. */
+export interface JobPage {
+  items: JobRecord[];
+  /** Set when older jobs may follow: pass it as {@link ListOptions.after} for the next page. */
+  next?: string;
+}
+
+/** The shape of a {@link JobPage.next} token: the rank (creation time) and tie of a {@link Cursor}. */
+export const PAGE_TOKEN_PATTERN = "^[0-9]{1,16}\\.[A-Za-z0-9_-]{16}$";
+
+const pageToken = (c: Cursor) => `${c.rank}.${c.tie}`;
+
+function pageCursor(token: string): Cursor {
+  const dot = token.indexOf(".");
+  return { rank: Number(token.slice(0, dot)), tie: token.slice(dot + 1) };
 }
 
 export interface ExecutionResults {
@@ -168,13 +200,28 @@ export class JobService {
     return { ...job, Executions: [] };
   }
 
-  list(options: ListOptions = {}): JobRecord[] {
+  /**
+   * A page of jobs, newest first. Reads at most `listScanLimit` jobs: the
+   * page then ends early, with a `next` token to go on from there. `after`
+   * must match {@link PAGE_TOKEN_PATTERN} (the API's schema checks it).
+   */
+  list(options: ListOptions = {}): JobPage {
     const limit = options.limit ?? 100;
-    const out: JobRecord[] = [];
-    for (const job of this.#o.store.jobs.values()) {
-      if (!options.state || job.State === options.state) out.push(job);
+    const scanLimit = this.#o.listScanLimit ?? LIST_SCAN_LIMIT;
+    const items: JobRecord[] = [];
+    let scanned = 0;
+    let last: Cursor | undefined;
+    for (const { row: job, cursor } of this.#o.store.jobs.descending(
+      options.after ? pageCursor(options.after) : undefined,
+    )) {
+      if (items.length === limit || scanned === scanLimit) return { items, next: pageToken(last!) };
+      scanned++;
+      last = cursor;
+      if (options.state && job.State !== options.state) continue;
+      if (options.visible && !options.visible(job)) continue;
+      items.push(job);
     }
-    return out.sort((a, b) => b.CreateTime - a.CreateTime).slice(0, limit);
+    return { items };
   }
 
   get(id: string): JobView {

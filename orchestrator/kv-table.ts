@@ -8,6 +8,7 @@ import type { KV } from "@nats-io/kv";
 import { InvalidArgumentError } from "@nats-io/transport-node";
 import { type Logger, Tally } from "../core/index.js";
 import { followBucket, type KvChange } from "./kv-follow.js";
+import { type Cursor, OrderedKeys } from "./ordered-keys.js";
 
 export interface KvTableOptions<T> {
   /** The bucket's name; its stream is purged through `jsm` (see {@link KvTable.purge}). */
@@ -24,6 +25,8 @@ export interface KvTableOptions<T> {
    * the stored value is read back into memory and `onConflict` is told.
    */
   onConflict?: (key: string, stored: T | undefined) => void;
+  /** Keeps the rows in the order of this rank, for {@link KvTable.descending}. */
+  rank?: (row: T) => number;
 }
 
 /** Which changes of other writers a shared table applies, and what to do after. */
@@ -52,6 +55,7 @@ export class KvTable<T> {
   /** The KV revision of each row as last written or read here. */
   readonly #revisions = new Map<string, number>();
   readonly #onConflict: KvTableOptions<T>["onConflict"];
+  readonly #order: OrderedKeys<T> | undefined;
   #stopFollowing: (() => void) | undefined;
   /** Other writers' changes that arrived before {@link follow} was called. */
   readonly #early: KvChange[] = [];
@@ -71,6 +75,7 @@ export class KvTable<T> {
     this.#jsm = options.jsm;
     this.#log = log;
     this.#onConflict = options.onConflict;
+    this.#order = options.rank ? new OrderedKeys(options.rank) : undefined;
   }
 
   /** Opens the bucket and loads every current value into memory. */
@@ -88,7 +93,7 @@ export class KvTable<T> {
     const entries = await Promise.all(keys.map((k) => kv.get(k)));
     for (const e of entries) {
       if (e && e.operation === "PUT" && e.length > 0) {
-        table.#rows.set(e.key, e.json<T>());
+        table.#setRow(e.key, e.json<T>());
         table.#revisions.set(e.key, e.revision);
       }
     }
@@ -112,8 +117,8 @@ export class KvTable<T> {
     if (!follower.accept(key, value)) return;
     const previous = this.#rows.get(key);
     this.#revisions.set(key, revision);
-    if (value === undefined) this.#rows.delete(key);
-    else this.#rows.set(key, value);
+    if (value === undefined) this.#deleteRow(key);
+    else this.#setRow(key, value);
     follower.applied(key, value, previous);
   }
 
@@ -144,7 +149,7 @@ export class KvTable<T> {
       if (isWrongRevision(err)) return false;
       throw err;
     }
-    this.#rows.set(key, value);
+    this.#setRow(key, value);
     return true;
   }
 
@@ -164,22 +169,44 @@ export class KvTable<T> {
     return this.#rows.size;
   }
 
+  /**
+   * The rows from the highest rank down (the table's `rank` option), each
+   * with its cursor; with `below`, only those ranked strictly below it.
+   */
+  *descending(below?: Cursor): Generator<{ row: T; cursor: Cursor }> {
+    if (!this.#order) throw new Error(`the ${this.#bucket} table keeps no order`);
+    for (const { key, cursor } of this.#order.descending(below)) yield { row: this.#rows.get(key)!, cursor };
+  }
+
+  #setRow(key: string, value: T): void {
+    const previous = this.#rows.get(key);
+    this.#rows.set(key, value);
+    this.#order?.set(key, value, previous);
+  }
+
+  #deleteRow(key: string): void {
+    const previous = this.#rows.get(key);
+    if (previous === undefined) return;
+    this.#rows.delete(key);
+    this.#order?.delete(key, previous);
+  }
+
   /** Sets `key` in memory now and in KV with the next flush. */
   put(key: string, value: T): void {
-    this.#rows.set(key, value);
+    this.#setRow(key, value);
     this.#dirty.set(key, value);
     this.#schedule();
   }
 
   delete(key: string): void {
-    this.#rows.delete(key);
+    this.#deleteRow(key);
     this.#dirty.set(key, undefined);
     this.#schedule();
   }
 
   /** Drops the key from memory only; the bucket keeps it (see {@link purge}). */
   forget(key: string): void {
-    this.#rows.delete(key);
+    this.#deleteRow(key);
     this.#revisions.delete(key);
     this.#failed.delete(key);
   }
@@ -244,7 +271,7 @@ export class KvTable<T> {
   async refresh(key: string): Promise<T | undefined> {
     const stored = await this.storedEntry(key);
     if (stored && stored.revision > (this.#revisions.get(key) ?? 0)) {
-      this.#rows.set(key, stored.value);
+      this.#setRow(key, stored.value);
       this.#revisions.set(key, stored.revision);
     }
     return this.#rows.get(key);

@@ -107,19 +107,30 @@ export class StateStore {
     const cluster = options.owner !== undefined;
     let store: StateStore | undefined;
     // In a cluster the job buckets follow the other orchestrators' writes; job records are fenced.
-    const open = async <T>(bucket: string, followed: boolean, onConflict?: KvTableOptions<T>["onConflict"]) =>
+    const open = async <T>(
+      bucket: string,
+      followed: boolean,
+      more: Pick<KvTableOptions<T>, "onConflict" | "rank"> = {},
+    ) =>
       KvTable.open<T>(
         await kvm.create(bucket, { history: 1, replicas: options.replicas ?? 1 }),
         log.child({ bucket }),
         {
           bucket,
           jsm,
-          ...(cluster && followed ? { shared: { js }, ...(onConflict ? { onConflict } : {}) } : {}),
+          ...(more.rank ? { rank: more.rank } : {}),
+          ...(cluster && followed
+            ? { shared: { js }, ...(more.onConflict ? { onConflict: more.onConflict } : {}) }
+            : {}),
         },
       );
     const [jobs, executions, nodes, events] = await Promise.all([
-      open<JobRecord>(BUCKETS.jobs, true, (_id, job) => {
-        if (job && store) store.#emitJob(job);
+      open<JobRecord>(BUCKETS.jobs, true, {
+        // Listed newest first (JobService.list).
+        rank: (job) => job.CreateTime,
+        onConflict: (_id, job) => {
+          if (job && store) store.#emitJob(job);
+        },
       }),
       open<ExecutionRecord>(BUCKETS.executions, true),
       // Nodes are shared by every orchestrator, each keeping its own view of their health.

@@ -5,6 +5,7 @@ import { jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import t, { type Test } from "tap";
 import { ApiClient } from "../cli/api-client.js";
+import { listJobs } from "../cli/job-list.js";
 import { submitJob } from "../cli/job-submit.js";
 import { moduleDigest, silentLogger, wasmJobSpec } from "../core/index.js";
 import { type ApiOptions, buildApi } from "../orchestrator/api.js";
@@ -19,7 +20,7 @@ import { apiCaller } from "./helpers/api-call.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
 import { testNodeService } from "./helpers/node-service.js";
 import { freshPki } from "./helpers/pki.js";
-import { eventually } from "./helpers/records.js";
+import { eventually, jobRecord } from "./helpers/records.js";
 
 /** A minimal valid WASM module (magic + version): enough for the spec check. */
 const WASM = Buffer.from([0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00]).toString("base64");
@@ -51,9 +52,11 @@ async function startApi(
   {
     makeNodes = (s) => testNodeService(t, s),
     api: more = {},
+    listScanLimit,
   }: {
     makeNodes?: (store: StateStore) => NodeService;
     api?: Pick<ApiOptions, "timeouts" | "maxConnsPerClient">;
+    listScanLimit?: number;
   } = {},
 ) {
   const dir = await tempDir(t, "shoal-api-");
@@ -81,6 +84,7 @@ async function startApi(
     log: silentLogger,
     parseSpec: parseSubmittedJob,
     dispatch,
+    ...(listScanLimit ? { listScanLimit } : {}),
   });
   const nodes = makeNodes(store);
   const { pki } = await freshPki(t);
@@ -102,7 +106,7 @@ async function startApi(
   t.teardown(caller.close);
   const call = (method: string, path: string, body?: unknown) => caller.call(method, path, { body });
 
-  return { call, nc, jobs, nodes, enqueued, modules, port, pki };
+  return { call, nc, store, jobs, nodes, enqueued, modules, port, pki };
 }
 
 t.test("the API validates every body and answers errors with code, message, fix and field", async (t) => {
@@ -267,6 +271,127 @@ t.test("the API validates every body and answers errors with code, message, fix 
   const refused = await call("PUT", "/api/v1/orchestrator/jobs", { Job: spec() });
   t.equal(refused.status, 503);
   t.equal(refused.json.error.code, "SHOAL_ORCH_SHUTTING_DOWN");
+});
+
+t.test("jobs are listed newest first, a page at a time, each job once", async (t) => {
+  const { call, nc, store, jobs, port, pki } = await startApi(t, { listScanLimit: 6 });
+  // Three jobs per millisecond, so pages also end between jobs created together.
+  const ids = Array.from({ length: 25 }, (_, i) => `j-${String(i).padStart(2, "0")}`);
+  for (const [i, id] of ids.entries()) {
+    store.putJob(jobRecord(id, 1_000 + Math.floor(i / 3), { State: i % 5 === 0 ? "Completed" : "Pending" }));
+  }
+  await store.flushJob(ids.at(-1)!);
+  const byTime = (id: string) => store.jobs.get(id)!.CreateTime;
+
+  const list = async (query: string) => {
+    const r = await call("GET", `/api/v1/orchestrator/jobs?${query}`);
+    t.equal(r.status, 200, query);
+    return r.json as { Items: { ID: string }[]; NextToken?: string };
+  };
+  /** Every page of a listing (at most 20), following the tokens. */
+  const pagesOf = async (query: string) => {
+    const pages: string[][] = [];
+    let token: string | undefined;
+    do {
+      const page = await list(`${query}${token ? `&next_token=${token}` : ""}`);
+      pages.push(page.Items.map((j) => j.ID));
+      token = page.NextToken;
+    } while (token && pages.length < 20);
+    return pages;
+  };
+  const pages = await pagesOf("limit=4");
+  t.same(
+    pages.map((p) => p.length),
+    [4, 4, 4, 4, 4, 4, 1],
+    "full pages, then the rest; no token after the last",
+  );
+  const listed = pages.flat();
+  t.same([...listed].sort(), [...ids].sort(), "every job once");
+  t.ok(
+    listed.every((id, i) => i === 0 || byTime(listed[i - 1]!) >= byTime(id)),
+    "newest first, across pages",
+  );
+  t.same(
+    (await pagesOf("state=Completed&limit=100")).flat(),
+    listed.filter((id) => Number(id.slice(2)) % 5 === 0),
+    "a state filter reads from the same order",
+  );
+
+  // A job submitted and a job removed between pages: the next page neither repeats nor misses any.
+  const first = await list("limit=5");
+  t.same(
+    first.Items.map((j) => j.ID),
+    listed.slice(0, 5),
+  );
+  store.putJob(jobRecord("j-new", 2_000));
+  const gone = listed[8]!;
+  store.jobs.delete(gone);
+  const rest = await list(`limit=4&next_token=${first.NextToken}`);
+  t.same(
+    rest.Items.map((j) => j.ID),
+    listed.slice(5, 10).filter((id) => id !== gone),
+    "the next page goes on where the first stopped",
+  );
+  t.notMatch(first.NextToken, /j-/, "a token does not name a job");
+
+  // A listing reads at most listScanLimit jobs, however few of them the caller may see.
+  let looked = 0;
+  const mine = (job: { ID: string }) => {
+    looked++;
+    return job.ID.endsWith("7");
+  };
+  const seen: string[] = [];
+  let after: string | undefined;
+  let calls = 0;
+  do {
+    looked = 0;
+    const page = jobs.list({ limit: 100, visible: mine, ...(after ? { after } : {}) });
+    t.ok(looked <= 6, `page ${++calls} looked at ${looked} jobs`);
+    seen.push(...page.items.map((j) => j.ID));
+    after = page.next;
+  } while (after && calls < 20);
+  t.same(
+    seen,
+    listed.filter((id) => id.endsWith("7") && id !== gone),
+    "following the tokens finds every visible job",
+  );
+  t.equal(calls, 5, "26 jobs, 6 at a time");
+
+  for (const bad of ["nope", "1000.short", "-1.AAAAAAAAAAAAAAAA", "j-01"]) {
+    const r = await call("GET", `/api/v1/orchestrator/jobs?next_token=${bad}`);
+    t.equal(r.status, 400, `next_token=${bad}: 400`);
+    t.equal(r.json.error.code, "SHOAL_ORCH_REQUEST_INVALID");
+    t.equal(r.json.error.field, "next_token");
+  }
+
+  // The CLI follows the tokens until it has as many jobs as asked for.
+  const client = await ApiClient.create({ url: `https://127.0.0.1:${port}`, caPem: pki.caCertPem, env: {} });
+  t.teardown(() => client.close());
+  const all = [...store.jobs.descending()].map((e) => e.row.ID);
+  t.same(
+    (await listJobs(client, undefined, 100)).map((j) => j.ID),
+    all,
+    "every job, though each page holds at most 6",
+  );
+  t.same(
+    (await listJobs(client, undefined, 8)).map((j) => j.ID),
+    all.slice(0, 8),
+    "as many as asked for",
+  );
+  t.same(
+    (await listJobs(client, "Completed", 2)).map((j) => j.ID),
+    all.filter((id) => store.jobs.get(id)!.State === "Completed").slice(0, 2),
+  );
+
+  // A restarted orchestrator lists the stored jobs in the same order.
+  await store.flushJob("j-new");
+  const reopened = await StateStore.open(jetstream(nc), silentLogger);
+  t.teardown(() => reopened.close());
+  t.same(
+    [...reopened.jobs.descending()].map((e) => e.row.ID),
+    ["j-new", ...listed.filter((id) => id !== gone)],
+    "the order is rebuilt from KV",
+  );
 });
 
 t.test("a state store that fails is a 503 the caller may retry, not an internal error", async (t) => {

@@ -3,9 +3,10 @@ import { createWriteStream, promises as fs } from "node:fs";
 import path from "node:path";
 import { pipeline } from "node:stream/promises";
 import { type JobSpec, loadJobSpecFile, readFileChecked, ShoalError, wasmJobSpec } from "../../core/index.js";
-import type { ExecutionResults, JobEvent, JobRecord, JobView, LogEntry } from "../../orchestrator/index.js";
+import type { ExecutionResults, JobEvent, JobView, LogEntry } from "../../orchestrator/index.js";
 import { isSafeResultName } from "../../orchestrator/index.js";
 import type { ApiClient } from "../api-client.js";
+import { listJobs } from "../job-list.js";
 import { submitJob } from "../job-submit.js";
 import {
   type ApiArgs,
@@ -185,12 +186,10 @@ export const jobCommand: CommandModule = (cli) =>
         (y) =>
           y
             .option("state", { type: "string", describe: "only jobs in this state" })
-            .option("limit", { type: "number", describe: "at most this many" }),
+            .option("limit", { type: "number", default: 100, describe: "at most this many" }),
         async (argv: Args) =>
           withClient(argv, async (api) => {
-            const { Items } = await api.get<{ Items: JobRecord[] }>("/api/v1/orchestrator/jobs", {
-              query: { state: argv.state as string | undefined, limit: argv.limit as number | undefined },
-            });
+            const Items = await listJobs(api, argv.state as string | undefined, argv.limit as number);
             if (json(argv)) return printJson(Items);
             printTable(
               ["ID", "NAME", "TYPE", "STATE", "CREATED"],
