@@ -100,10 +100,10 @@ export interface ApiClientOptions {
   env?: NodeJS.ProcessEnv;
 }
 
-/** One request. `query` values that are undefined are left out. */
+/** One request. `query` values that are undefined are left out; an array is the parameter repeated. */
 export interface RequestOptions {
   body?: unknown;
-  query?: Record<string, string | number | boolean | undefined>;
+  query?: Record<string, string | number | boolean | readonly string[] | undefined>;
   headers?: Record<string, string>;
   signal?: AbortSignal;
 }
@@ -273,7 +273,8 @@ export class ApiClient {
   async #send(method: string, path: string, opts: RequestOptions, accept: string): Promise<IncomingMessage> {
     const target = new URL(`${this.url}${path.startsWith("/") ? path : `/${path}`}`);
     for (const [k, v] of Object.entries(opts.query ?? {})) {
-      if (v !== undefined) target.searchParams.set(k, String(v));
+      for (const one of v === undefined ? [] : Array.isArray(v) ? v : [v])
+        target.searchParams.append(k, String(one));
     }
     const body = opts.body === undefined ? undefined : Buffer.from(JSON.stringify(opts.body));
     const token = await this.#o.token?.();

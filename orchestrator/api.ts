@@ -99,9 +99,18 @@ const ListQuery = T.Object(
     state: T.Optional(T.Union(JobStates.map((s) => T.Literal(s)))),
     limit: T.Optional(T.Integer({ minimum: 1, maximum: 10_000 })),
     next_token: T.Optional(T.String({ pattern: PAGE_TOKEN_PATTERN })),
+    /** `key=value`, repeatable: only jobs with every such label. */
+    label: T.Optional(
+      T.Array(T.String({ pattern: "^[A-Za-z0-9][A-Za-z0-9._/-]{0,252}=.{0,256}$" }), { maxItems: 16 }),
+    ),
   },
   { additionalProperties: false },
 );
+/** `key=value` pairs (the schema checked each holds a `=`) as a label map. */
+function labelMap(pairs: readonly string[]): Record<string, string> {
+  return Object.fromEntries(pairs.map((p) => [p.slice(0, p.indexOf("=")), p.slice(p.indexOf("=") + 1)]));
+}
+
 const FollowQuery = T.Object({ follow: T.Optional(T.Boolean()) }, { additionalProperties: false });
 const SubmitBody = T.Object(
   { Job: T.Object({}, { additionalProperties: true }) },
@@ -311,9 +320,15 @@ export function buildApi(o: ApiOptions): FastifyInstance {
     return reply.status(201).send({ JobID: job.ID, Job: job });
   });
   app.get(`${v1}/orchestrator/jobs`, { schema: { querystring: ListQuery } }, async (req) => {
-    const q = req.query as { state?: (typeof JobStates)[number]; limit?: number; next_token?: string };
+    const q = req.query as {
+      state?: (typeof JobStates)[number];
+      limit?: number;
+      next_token?: string;
+      label?: string[];
+    };
     const page = o.jobs.list({
       state: q.state,
+      ...(q.label ? { labels: labelMap(q.label) } : {}),
       limit: q.limit ?? 100,
       ...(q.next_token ? { after: q.next_token } : {}),
       ...(o.security ? { visible: o.security.canReadJob(req) } : {}),

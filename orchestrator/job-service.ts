@@ -1,6 +1,6 @@
 import { randomUUID } from "node:crypto";
 import type { Readable } from "node:stream";
-import { JobSpecError, type Logger } from "../core/index.js";
+import { type JobSpec, JobSpecError, type Logger } from "../core/index.js";
 import type { Submitter } from "../fabric/protocol.js";
 import {
   jobNotFound,
@@ -71,6 +71,8 @@ export const LIST_SCAN_LIMIT = 2000;
 
 export interface ListOptions {
   state?: JobState;
+  /** Only jobs with each of these labels. */
+  labels?: Readonly<Record<string, string>>;
   /** @default 100 */
   limit?: number;
   /** Where the previous page stopped: its {@link JobPage.next}. */
@@ -208,6 +210,7 @@ export class JobService {
   list(options: ListOptions = {}): JobPage {
     const limit = options.limit ?? 100;
     const scanLimit = this.#o.listScanLimit ?? LIST_SCAN_LIMIT;
+    const wanted = Object.entries(options.labels ?? {});
     const items: JobRecord[] = [];
     let scanned = 0;
     let last: Cursor | undefined;
@@ -218,6 +221,10 @@ export class JobService {
       scanned++;
       last = cursor;
       if (options.state && job.State !== options.state) continue;
+      if (wanted.length > 0) {
+        const labels = (job.Spec as Partial<JobSpec>).Labels ?? {};
+        if (wanted.some(([k, v]) => labels[k] !== v)) continue;
+      }
       if (options.visible && !options.visible(job)) continue;
       items.push(job);
     }

@@ -277,8 +277,12 @@ t.test("jobs are listed newest first, a page at a time, each job once", async (t
   const { call, nc, store, jobs, port, pki } = await startApi(t, { listScanLimit: 6 });
   // Three jobs per millisecond, so pages also end between jobs created together.
   const ids = Array.from({ length: 25 }, (_, i) => `j-${String(i).padStart(2, "0")}`);
+  // Labels: team=a on every other job, and on every fourth also tier=1.10 and expr=x=y.
+  const labelsOf = (i: number): Record<string, string> =>
+    i % 4 === 0 ? { team: "a", tier: "1.10", expr: "x=y" } : i % 4 === 1 ? { team: "a" } : { team: "b" };
   for (const [i, id] of ids.entries()) {
-    store.putJob(jobRecord(id, 1_000 + Math.floor(i / 3), { State: i % 5 === 0 ? "Completed" : "Pending" }));
+    const job = jobRecord(id, 1_000 + Math.floor(i / 3), { State: i % 5 === 0 ? "Completed" : "Pending" });
+    store.putJob({ ...job, Spec: { ...(job.Spec as object), Labels: labelsOf(i) } });
   }
   await store.flushJob(ids.at(-1)!);
   const byTime = (id: string) => store.jobs.get(id)!.CreateTime;
@@ -316,6 +320,29 @@ t.test("jobs are listed newest first, a page at a time, each job once", async (t
     listed.filter((id) => Number(id.slice(2)) % 5 === 0),
     "a state filter reads from the same order",
   );
+
+  const numbered = (filter: (i: number) => boolean) => listed.filter((id) => filter(Number(id.slice(2))));
+  t.same(
+    (await pagesOf("label=team=a&limit=100")).flat(),
+    numbered((i) => i % 4 <= 1),
+    "a label filter",
+  );
+  t.same(
+    (await pagesOf("label=team=a&label=tier=1.10&limit=100")).flat(),
+    numbered((i) => i % 4 === 0),
+    "every label must match",
+  );
+  t.same(
+    (await pagesOf("label=expr=x=y&limit=100")).flat(),
+    numbered((i) => i % 4 === 0),
+    "a value may hold '='",
+  );
+  t.same((await pagesOf("label=team=c&limit=100")).flat(), [], "no job has that label");
+  for (const bad of ["=a", "team", "-x=1"]) {
+    const r = await call("GET", `/api/v1/orchestrator/jobs?label=${bad}`);
+    t.equal(r.status, 400, `label=${bad}: 400`);
+    t.match(r.json.error.field, /^label/);
+  }
 
   // A job submitted and a job removed between pages: the next page neither repeats nor misses any.
   const first = await list("limit=5");
@@ -369,17 +396,22 @@ t.test("jobs are listed newest first, a page at a time, each job once", async (t
   t.teardown(() => client.close());
   const all = [...store.jobs.descending()].map((e) => e.row.ID);
   t.same(
-    (await listJobs(client, undefined, 100)).map((j) => j.ID),
+    (await listJobs(client, { limit: 100 })).map((j) => j.ID),
     all,
     "every job, though each page holds at most 6",
   );
   t.same(
-    (await listJobs(client, undefined, 8)).map((j) => j.ID),
+    (await listJobs(client, { limit: 8 })).map((j) => j.ID),
     all.slice(0, 8),
     "as many as asked for",
   );
   t.same(
-    (await listJobs(client, "Completed", 2)).map((j) => j.ID),
+    (await listJobs(client, { state: "Completed", labels: { team: "a" }, limit: 100 })).map((j) => j.ID),
+    all.filter((id) => store.jobs.get(id)!.State === "Completed" && Number(id.slice(2)) % 4 <= 1),
+    "the CLI's filters",
+  );
+  t.same(
+    (await listJobs(client, { state: "Completed", limit: 2 })).map((j) => j.ID),
     all.filter((id) => store.jobs.get(id)!.State === "Completed").slice(0, 2),
   );
 

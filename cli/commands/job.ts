@@ -8,6 +8,7 @@ import { isSafeResultName } from "../../orchestrator/index.js";
 import type { ApiClient } from "../api-client.js";
 import { listJobs } from "../job-list.js";
 import { submitJob } from "../job-submit.js";
+import { parseLabelOptions } from "../label-options.js";
 import {
   type ApiArgs,
   download as fetchFile,
@@ -186,10 +187,19 @@ export const jobCommand: CommandModule = (cli) =>
         (y) =>
           y
             .option("state", { type: "string", describe: "only jobs in this state" })
+            .option("label", {
+              type: "string",
+              array: true,
+              describe: "only jobs with this label (k=v, repeatable)",
+            })
             .option("limit", { type: "number", default: 100, describe: "at most this many" }),
         async (argv: Args) =>
           withClient(argv, async (api) => {
-            const Items = await listJobs(api, argv.state as string | undefined, argv.limit as number);
+            const Items = await listJobs(api, {
+              state: argv.state as string | undefined,
+              labels: parseLabelOptions(argv.label),
+              limit: argv.limit as number,
+            });
             if (json(argv)) return printJson(Items);
             printTable(
               ["ID", "NAME", "TYPE", "STATE", "CREATED"],
