@@ -21,16 +21,6 @@ const run = promisify(execFile);
 const repo = path.resolve(import.meta.dirname, "..");
 
 /**
- * Without tap's hooks, which tap adds to every child's NODE_OPTIONS (and to
- * a node command line it recognizes): they take the extension-less bin/shoal
- * for CommonJS, and write under the repository.
- */
-const UNSET_TAP = "unset NODE_OPTIONS";
-
-/** Runs the command after {@link UNSET_TAP}. */
-const WITHOUT_TAP = ["sh", "-c", `${UNSET_TAP}; exec "$@"`, "sh"];
-
-/**
  * The command as the systemd units run a daemon, less what needs systemd: as
  * an unprivileged user (`nobody`, owning `stateDir` as `shoal` owns its
  * StateDirectory) with no capabilities and no new privileges, and everything
@@ -38,7 +28,7 @@ const WITHOUT_TAP = ["sh", "-c", `${UNSET_TAP}; exec "$@"`, "sh"];
  */
 function asService(stateDir: string): string[] {
   const script = [
-    `d=$1; shift; ${UNSET_TAP}`,
+    "d=$1; shift",
     'chown -R nobody:nogroup "$d"',
     "mount -o remount,bind,ro /",
     'mount --bind "$d" "$d"',
@@ -119,7 +109,7 @@ t.test(
     }
 
     // The installed example finds its module inside the installed package.
-    const submit = shoalAt(shoal, { prefix: WITHOUT_TAP })(
+    const submit = shoalAt(shoal)(
       t,
       [
         "job",
