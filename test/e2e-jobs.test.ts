@@ -129,7 +129,7 @@ t.test("orchestrator and compute nodes run batch, ops and queued jobs", async (t
     const module = path.resolve("dist/wasm/hello.wasm");
     await fs.writeFile(
       spec,
-      `Name: zone-c\nConstraints:\n  - {Key: zone, Operator: "=", Values: [c]}\nTasks:\n  - Name: main\n    Engine: {Type: wasm, Params: {EntryModule: {Type: localFile, Params: {SourcePath: ${module}}}}}\n`,
+      `Name: zone-c\nLabels: {team: lab, release: "1.10"}\nConstraints:\n  - {Key: zone, Operator: "=", Values: [c]}\nTasks:\n  - Name: main\n    Engine: {Type: wasm, Params: {EntryModule: {Type: localFile, Params: {SourcePath: ${module}}}}}\n`,
     );
     const submitted = await runShoal(t, ["job", "run", spec, ...api]);
     t.equal(submitted.code, 0, submitted.stderr);
@@ -142,6 +142,21 @@ t.test("orchestrator and compute nodes run batch, ops and queued jobs", async (t
     const final = JSON.parse((await runShoal(t, ["job", "describe", id, "--output", "json", ...api])).stdout);
     t.equal(final.State, "Completed");
     t.equal(final.Executions[0].NodeID, "n3");
+    // The CLI lists jobs by label (the release's 1.10 as written, not 1.1).
+    const listed = async (...labels: string[]) => {
+      const r = await runShoal(t, [
+        "job",
+        "list",
+        ...labels.flatMap((l) => ["--label", l]),
+        "--output",
+        "json",
+        ...api,
+      ]);
+      t.equal(r.code, 0, r.stderr);
+      return (JSON.parse(r.stdout) as { ID: string }[]).map((j) => j.ID);
+    };
+    t.same(await listed("team=lab", "release=1.10"), [id], "only the job with both labels");
+    t.same(await listed("team=lab", "release=1.1"), [], "a label must match exactly");
   });
 
   t.test("bad input is refused with the field named", async (t) => {
