@@ -137,6 +137,40 @@ export async function followBucket(
 }
 
 /**
+ * The current value of every key of a bucket (deleted and purged keys left
+ * out), streamed by one ordered consumer that delivers the last message of
+ * each key's subject, as `kv.keys()` streams the keys. A direct get per key
+ * read 60,000 keys in 15 s here, and all sent at once, the last of them
+ * waited out their timeout.
+ */
+export async function readBucket(
+  js: JetStreamClient,
+  bucket: string,
+): Promise<(KvChange & { value: Uint8Array })[]> {
+  const prefix = `$KV.${bucket}.`;
+  const consumer = await js.consumers.getPushConsumer(`KV_${bucket}`, {
+    filter_subjects: `${prefix}>`,
+    deliver_policy: DeliverPolicy.LastPerSubject,
+  });
+  if ((await consumer.info()).num_pending === 0) return [];
+  const messages = await consumer.consume();
+  // A heartbeat means the server has nothing more to deliver (kv.keys() ends on it too).
+  void (async () => {
+    for await (const s of messages.status()) if (s.type === "heartbeat") messages.stop();
+  })();
+  const current = new Map<string, KvChange & { value: Uint8Array }>();
+  for await (const m of messages) {
+    const key = m.subject.slice(prefix.length);
+    const op = m.headers?.get(KV_OPERATION);
+    if (op === "DEL" || op === "PURGE" || m.data.length === 0) current.delete(key);
+    else current.set(key, { key, revision: m.seq, value: m.data });
+    if (m.info.pending === 0) break;
+  }
+  messages.stop();
+  return [...current.values()];
+}
+
+/**
  * `read`, or undefined once `ms` have passed. A read the stream's leader
  * answers waits the whole JetStream timeout (15 s in a cluster) while a new
  * leader is being elected after a server loss, and a check stuck on it held

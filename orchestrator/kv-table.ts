@@ -7,18 +7,19 @@ import {
 import type { KV } from "@nats-io/kv";
 import { InvalidArgumentError } from "@nats-io/transport-node";
 import { type Logger, Tally } from "../core/index.js";
-import { followBucket, type KvChange } from "./kv-follow.js";
+import { followBucket, type KvChange, readBucket } from "./kv-follow.js";
 import { type Cursor, OrderedKeys } from "./ordered-keys.js";
 
 export interface KvTableOptions<T> {
-  /** The bucket's name; its stream is purged through `jsm` (see {@link KvTable.purge}). */
+  /** The bucket's name; its stream is read through `js` and purged through `jsm` (see {@link KvTable.purge}). */
   bucket: string;
+  js: JetStreamClient;
   jsm: JetStreamManager;
   /**
    * Other writers share the bucket (a cluster): their changes are followed
    * from the moment the table opens, and applied by {@link KvTable.follow}.
    */
-  shared?: { js: JetStreamClient };
+  shared?: boolean;
   /**
    * Writes are compare-and-set against the revision this table last saw of
    * the key: a write that finds another writer's newer revision is dropped,
@@ -83,19 +84,13 @@ export class KvTable<T> {
     const table = new KvTable<T>(kv, log, options);
     // Followed before loading, so no change made meanwhile is missed (older revisions are skipped).
     if (options.shared) {
-      table.#stopFollowing = await followBucket(
-        { js: options.shared.js, bucket: options.bucket, log },
-        (change) => (table.#follower ? table.#apply(table.#follower, change) : table.#early.push(change)),
+      table.#stopFollowing = await followBucket({ js: options.js, bucket: options.bucket, log }, (change) =>
+        table.#follower ? table.#apply(table.#follower, change) : table.#early.push(change),
       );
     }
-    const keys: string[] = [];
-    for await (const k of await kv.keys()) keys.push(k);
-    const entries = await Promise.all(keys.map((k) => kv.get(k)));
-    for (const e of entries) {
-      if (e && e.operation === "PUT" && e.length > 0) {
-        table.#setRow(e.key, e.json<T>());
-        table.#revisions.set(e.key, e.revision);
-      }
+    for (const { key, revision, value } of await readBucket(options.js, options.bucket)) {
+      table.#setRow(key, JSON.parse(Buffer.from(value).toString("utf8")) as T);
+      table.#revisions.set(key, revision);
     }
     return table;
   }

@@ -117,10 +117,11 @@ export class StateStore {
         log.child({ bucket }),
         {
           bucket,
+          js,
           jsm,
           ...(more.rank ? { rank: more.rank } : {}),
           ...(cluster && followed
-            ? { shared: { js }, ...(more.onConflict ? { onConflict: more.onConflict } : {}) }
+            ? { shared: true, ...(more.onConflict ? { onConflict: more.onConflict } : {}) }
             : {}),
         },
       );

@@ -4,7 +4,7 @@ import { type KV, Kvm } from "@nats-io/kv";
 import { connect } from "@nats-io/transport-node";
 import t, { type Test } from "tap";
 import { silentLogger } from "../core/index.js";
-import { followBucket, type KvChange } from "../orchestrator/kv-follow.js";
+import { followBucket, type KvChange, readBucket } from "../orchestrator/kv-follow.js";
 import { startJetStream, tempDir, waitUntil } from "./helpers/cluster.js";
 
 /**
@@ -165,3 +165,37 @@ t.test(
     );
   },
 );
+
+t.test("a bucket is read whole in one stream: each key's last value, no deleted key", async (t) => {
+  const { js, kv } = await bucket(t);
+  t.same(await readBucket(js, "follow"), [], "an empty bucket, at once");
+  await kv.put("a", "1");
+  await kv.put("b", "1");
+  const a2 = await kv.put("a", "2");
+  await kv.put("c", "1");
+  await kv.delete("c");
+  await kv.put("d", "1");
+  await kv.purge("d");
+  const text = (changes: KvChange[]) =>
+    Object.fromEntries(changes.map((c) => [c.key, `${Buffer.from(c.value!).toString()}@${c.revision}`]));
+  t.same(
+    text(await readBucket(js, "follow")),
+    { a: `2@${a2}`, b: "1@2" },
+    "last values with their revisions",
+  );
+  await kv.delete("a");
+  await kv.delete("b");
+  t.same(await readBucket(js, "follow"), [], "only deleted keys: nothing, at once");
+
+  // Many keys: more than the consumer delivers before it asks for flow control.
+  const many = 20_000;
+  for (let i = 0; i < many; i += 1000) {
+    await Promise.all(Array.from({ length: 1000 }, (_, k) => kv.put(`k${i + k}`, `${i + k}`)));
+  }
+  const read = await readBucket(js, "follow");
+  t.equal(read.length, many, `all ${many} keys`);
+  t.ok(
+    read.every((c) => c.key === `k${Buffer.from(c.value).toString()}`),
+    "each with its own value",
+  );
+});

@@ -1,0 +1,184 @@
+/**
+ * The orchestrator's state store at scale: N finished jobs (each with one
+ * execution and the six history events of a run) stored in JetStream KV,
+ * then, beside baselines measured in the same run:
+ *
+ * - loading them all, as a restarted orchestrator does (StateStore.open: one
+ *   ordered consumer per bucket), beside reading each key with a direct get,
+ *   256 at a time (sent all at once, the gets of 20,000 jobs time out);
+ * - the newest page of 100 jobs (the jobs table's creation-order index),
+ *   beside sorting every job, as listings did before the index;
+ * - the heap the loaded records take per job, for sizing an orchestrator:
+ *   jobs are kept for `Orchestrator.JobGC.Threshold` (24 h by default).
+ *
+ *   npm run bench:state [-- JOBS=20000]
+ */
+import "reflect-metadata";
+import { spawn } from "node:child_process";
+import { randomUUID } from "node:crypto";
+import { promises as fs } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { jetstream } from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
+import { connect } from "@nats-io/transport-node";
+import { silentLogger } from "../core/index.js";
+import type { JobRecord } from "../orchestrator/records.js";
+import { BUCKETS, StateStore } from "../orchestrator/state-store.js";
+
+const JOBS = Number(process.argv[2] ?? 20_000);
+const gc = (globalThis as { gc?: () => void }).gc;
+if (!gc) throw new Error("run with node --expose-gc (npm run bench:state does)");
+
+const dir = await fs.mkdtemp(path.join(os.tmpdir(), "shoal-bench-state-"));
+const server = spawn(
+  "nats-server",
+  ["-js", "-a", "127.0.0.1", "-p", "-1", "-sd", dir, "-ports_file_dir", dir],
+  {
+    stdio: "ignore",
+  },
+);
+let url = "";
+for (let i = 0; i < 100 && !url; i++) {
+  await new Promise((r) => setTimeout(r, 50));
+  const ports = await fs.readFile(path.join(dir, `nats-server_${server.pid}.ports`), "utf8").catch(() => "");
+  url = (JSON.parse(ports || "{}") as { nats?: string[] }).nats?.[0] ?? "";
+}
+const nc = await connect({ servers: url });
+const js = jetstream(nc);
+
+// A finished job's records, as an orchestrator writes them for `job run --wasm`.
+const writer = await StateStore.open(js, silentLogger);
+const start = Date.now() - JOBS * 10;
+for (let i = 0; i < JOBS; i++) {
+  const time = start + i * 10;
+  const jobId = `j-${randomUUID()}`;
+  const executionId = `e-${randomUUID()}`;
+  const job: JobRecord = {
+    ID: jobId,
+    Name: "hello",
+    Namespace: "default",
+    Type: "batch",
+    Spec: {
+      Name: "hello",
+      Namespace: "default",
+      Type: "batch",
+      Count: 1,
+      Priority: 0,
+      Constraints: [],
+      Labels: {},
+      Meta: {},
+      Tasks: [
+        {
+          Name: "main",
+          Engine: {
+            Type: "wasm",
+            Params: { EntryModule: { Type: "stored", Params: { Digest: `sha256:${"ab".repeat(32)}` } } },
+          },
+        },
+      ],
+    },
+    Submitter: { sub: "alice", namespace: "default", method: "password" },
+    State: "Completed",
+    StateMessage: "all executions completed",
+    Count: 1,
+    Retries: 0,
+    CreateTime: time,
+    ModifyTime: time + 9,
+  };
+  writer.putJob(job);
+  writer.putExecution({
+    ID: executionId,
+    JobID: jobId,
+    NodeID: "node-1",
+    State: "Completed",
+    StateMessage: "exit code 0",
+    Resources: { cpu: 0.1, memory: 64 << 20 },
+    CreateTime: time + 1,
+    ModifyTime: time + 8,
+    Deadline: time + 600_000,
+    ExitCode: 0,
+    Stdout: "hello from wasm\n",
+    Stderr: "",
+  });
+  const run = { ExecutionID: executionId, NodeID: "node-1", Type: "ExecutionStateUpdate" } as const;
+  for (const event of [
+    { Type: "JobStateUpdate", State: "Pending", Message: "submitted" },
+    { ...run, State: "AskForBid", Message: "asking node-1" },
+    { ...run, State: "BidAccepted", PreviousState: "AskForBid", Message: "node-1 accepted" },
+    { ...run, State: "Running", PreviousState: "BidAccepted", Message: "running" },
+    { ...run, State: "Completed", PreviousState: "Running", Message: "exit code 0" },
+    {
+      Type: "JobStateUpdate",
+      State: "Completed",
+      PreviousState: "Running",
+      Message: "all executions completed",
+    },
+  ] as const) {
+    writer.appendEvent({ Time: time, JobID: jobId, ...event });
+  }
+  if (i % 500 === 499) await writer.flushJob(jobId);
+}
+await writer.flushJob("");
+writer.close();
+
+/** Median of three runs of `fn`, in ms. */
+async function median(fn: () => Promise<unknown>): Promise<number> {
+  const times: number[] = [];
+  for (let i = 0; i < 3; i++) {
+    const t0 = performance.now();
+    await fn();
+    times.push(performance.now() - t0);
+  }
+  return times.sort((a, b) => a - b)[1]!;
+}
+
+const kvm = new Kvm(js);
+const byGets = await median(async () => {
+  for (const bucket of Object.values(BUCKETS)) {
+    const kv = await kvm.open(bucket);
+    const keys: string[] = [];
+    for await (const k of await kv.keys()) keys.push(k);
+    for (let i = 0; i < keys.length; i += 256) {
+      await Promise.all(keys.slice(i, i + 256).map((k) => kv.get(k).then((e) => e?.json())));
+    }
+  }
+});
+const byStream = await median(async () => (await StateStore.open(js, silentLogger)).close());
+
+gc();
+const heapBefore = process.memoryUsage().heapUsed;
+const store = await StateStore.open(js, silentLogger);
+gc();
+const heapPerJob = (process.memoryUsage().heapUsed - heapBefore) / store.jobs.size;
+
+const pageNewest = () => {
+  const page: JobRecord[] = [];
+  for (const { row } of store.jobs.descending()) if (page.push(row) === 100) break;
+  return page;
+};
+const pageSorted = () => [...store.jobs.values()].sort((a, b) => b.CreateTime - a.CreateTime).slice(0, 100);
+const time = (fn: () => unknown, runs: number) => {
+  const t0 = performance.now();
+  for (let i = 0; i < runs; i++) fn();
+  return (performance.now() - t0) / runs;
+};
+const indexed = time(pageNewest, 1000);
+const sorted = time(pageSorted, 5);
+if (pageNewest()[0]?.ID !== pageSorted()[0]?.ID) throw new Error("the two listings disagree");
+
+const row = (what: string, value: string, baseline: string, ratio: string) =>
+  console.log(`${what.padEnd(46)} ${value.padStart(12)} ${baseline.padStart(14)} ${ratio.padStart(8)}`);
+const ms = (x: number) => `${x < 10 ? x.toFixed(2) : x.toFixed(0)} ms`;
+console.log(`${store.jobs.size} finished jobs in JetStream KV, load average ${os.loadavg()[0]!.toFixed(1)}`);
+row("measure", "value", "baseline", "×");
+row("load every record (restart)", ms(byStream), ms(byGets), (byGets / byStream).toFixed(1));
+row("newest page of 100 jobs", ms(indexed), ms(sorted), (sorted / indexed).toFixed(0));
+row("heap per job (job, execution, history)", `${(heapPerJob / 1024).toFixed(1)} KiB`, "", "");
+row(`  at 1 job/s kept 24 h (86,400 jobs)`, `${((heapPerJob * 86_400) / 2 ** 20).toFixed(0)} MiB`, "", "");
+
+store.close();
+await nc.close();
+server.kill();
+await new Promise((r) => server.once("exit", r));
+await fs.rm(dir, { recursive: true, force: true });
