@@ -57,6 +57,10 @@ export const MAX_RESULT_TOTAL_BYTES = 256 * 1024 * 1024;
 /** Most executions a batch job may ask for. */
 export const MAX_JOB_COUNT = 1000;
 
+/** A job label key (a regular expression, unanchored): letters, digits, '.', '_', '/', '-'. */
+export const JOB_LABEL_KEY = "[A-Za-z0-9][A-Za-z0-9._/-]{0,252}";
+/** The longest job label value. */
+export const MAX_JOB_LABEL_VALUE = 256;
 export const DEFAULT_NAMESPACE = "default";
 export const DEFAULT_TASK_CPU = "100m";
 export const DEFAULT_TASK_MEMORY = "64Mi";
@@ -230,7 +234,7 @@ export const JobSpecSchema = Obj({
   /** Label selector on nodes; all must match. */
   Constraints: T.Optional(T.Array(ConstraintSchema, { maxItems: 64 })),
   Labels: T.Optional(
-    T.Record(T.String({ pattern: "^[A-Za-z0-9][A-Za-z0-9._/-]{0,252}$" }), T.String({ maxLength: 256 }), {
+    T.Record(T.String({ pattern: `^${JOB_LABEL_KEY}$` }), T.String({ maxLength: MAX_JOB_LABEL_VALUE }), {
       "x-shoal-key": "a label key (letters, digits, '.', '_', '/', '-')",
       additionalProperties: false,
       maxProperties: 64,

@@ -11,7 +11,16 @@ import Fastify, {
   type FastifyRequest,
 } from "fastify";
 import { ANONYMOUS_PRINCIPAL, type Principal } from "../auth/index.js";
-import { clientKey, isShoalError, type Logger, LogThrottle, NodeLabelsSchema, Tally } from "../core/index.js";
+import {
+  clientKey,
+  isShoalError,
+  JOB_LABEL_KEY,
+  type Logger,
+  LogThrottle,
+  MAX_JOB_LABEL_VALUE,
+  NodeLabelsSchema,
+  Tally,
+} from "../core/index.js";
 import { isStoreFailure, ORCHESTRATOR_CODES, storeUnavailable } from "./errors.js";
 import { type JobService, PAGE_TOKEN_PATTERN } from "./job-service.js";
 import type { OrchestratorMetrics } from "./metrics.js";
@@ -101,7 +110,7 @@ const ListQuery = T.Object(
     next_token: T.Optional(T.String({ pattern: PAGE_TOKEN_PATTERN })),
     /** `key=value`, repeatable: only jobs with every such label. */
     label: T.Optional(
-      T.Array(T.String({ pattern: "^[A-Za-z0-9][A-Za-z0-9._/-]{0,252}=.{0,256}$" }), { maxItems: 16 }),
+      T.Array(T.String({ pattern: `^${JOB_LABEL_KEY}=.{0,${MAX_JOB_LABEL_VALUE}}$` }), { maxItems: 16 }),
     ),
   },
   { additionalProperties: false },

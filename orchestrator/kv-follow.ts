@@ -19,6 +19,11 @@ export interface KvFollowOptions {
 
 const KV_OPERATION = "KV-Operation";
 
+/** Whether a KV stream message (`op`: its KV-Operation header) deletes or purges its key. */
+function isDeletion(op: string | undefined, data: Uint8Array): boolean {
+  return op === "DEL" || op === "PURGE" || data.length === 0;
+}
+
 /** At most this many changes are read directly from the bucket per check. */
 const DIRECT_READS_PER_CHECK = 1000;
 
@@ -56,8 +61,11 @@ export async function followBucket(
   const deliver = (seq: number, subject: string, data: Uint8Array, op: string | undefined) => {
     if (seq <= delivered || stopped) return;
     delivered = seq;
-    const deleted = op === "DEL" || op === "PURGE" || data.length === 0;
-    onChange({ key: subject.slice(prefix.length), revision: seq, value: deleted ? undefined : data });
+    onChange({
+      key: subject.slice(prefix.length),
+      revision: seq,
+      value: isDeletion(op, data) ? undefined : data,
+    });
   };
   const consume = async () => {
     const consumer = await o.js.consumers.get(stream, {
@@ -161,8 +169,7 @@ export async function readBucket(
   const current = new Map<string, KvChange & { value: Uint8Array }>();
   for await (const m of messages) {
     const key = m.subject.slice(prefix.length);
-    const op = m.headers?.get(KV_OPERATION);
-    if (op === "DEL" || op === "PURGE" || m.data.length === 0) current.delete(key);
+    if (isDeletion(m.headers?.get(KV_OPERATION), m.data)) current.delete(key);
     else current.set(key, { key, revision: m.seq, value: m.data });
     if (m.info.pending === 0) break;
   }

@@ -195,12 +195,14 @@ function isolatedHome(): string {
  * `bin/shoal` of an installed package for CommonJS.
  */
 function spawnNode(t: Test, argv: string[], env: NodeJS.ProcessEnv, opts: SpawnOptions = {}): ShoalProcess {
-  const [command = process.execPath, ...launcher] = [
+  const [command, ...launcher] = [
     ...(opts.prefix ?? []),
-    ...["/usr/bin/env", "-u", "NODE_OPTIONS"],
+    "/usr/bin/env",
+    "-u",
+    "NODE_OPTIONS",
     process.execPath,
   ];
-  const child = spawn(command, [...launcher, ...argv], {
+  const child = spawn(command!, [...launcher, ...argv], {
     cwd: ROOT,
     env: { ...process.env, HOME: isolatedHome(), SHOAL_CONFIG: "", ...env },
     stdio: ["ignore", "pipe", "pipe"],
