@@ -1,5 +1,5 @@
 import { randomUUID } from "node:crypto";
-import { promises as fs } from "node:fs";
+import { type Dirent, promises as fs } from "node:fs";
 import path from "node:path";
 import type { JobSpec, Logger } from "../core/index.js";
 import type { MessageBody, Submitter } from "../fabric/index.js";
@@ -30,6 +30,26 @@ export interface ExecutionRequest {
  */
 export const DEFAULT_READY_WORK_DIRS = 4;
 
+/**
+ * Work directories kept for reuse, made ahead or given back by a WASM
+ * execution that left them as they were made (see {@link workDirReusable}).
+ * @default 16
+ */
+export const DEFAULT_IDLE_WORK_DIRS = 16;
+
+/**
+ * Whether an execution of `spec` may give its work directory back for the
+ * next one (when it is found as it was made). Only WASM tasks without
+ * inputs: a module reaches the directory through its preopens alone and
+ * nothing of it runs once its run has ended, where an `exec` program's
+ * children may outlive it and write into a directory another job then uses;
+ * inputs are copied in by the node itself, and a copy that an abort left
+ * running could land in the next job's `inputs/`.
+ */
+export function workDirReusable(spec: JobSpec): boolean {
+  return spec.Tasks.every((task) => task.Engine.Type === "wasm" && task.InputSources.length === 0);
+}
+
 /** Everything a runner needs for one execution; the manager owns the directories and the clock. */
 export interface ExecutionContext {
   jobId: string;
@@ -37,9 +57,10 @@ export interface ExecutionContext {
   spec: JobSpec;
   submitter: Submitter;
   /**
-   * `DATA-DIR/executions/w-<uuid>` as a real path, made for this execution
-   * alone (ahead of it, see DEFAULT_READY_WORK_DIRS); removed after the result
-   * is spooled.
+   * `DATA-DIR/executions/w-<uuid>` as a real path, this execution's alone
+   * while it runs: made ahead (see DEFAULT_READY_WORK_DIRS), or given back by
+   * an earlier execution that left it as it was made (see workDirReusable);
+   * removed or given back after the result is spooled.
    */
   workDir: string;
   /** `workDir/inputs`, created empty. */
@@ -88,6 +109,8 @@ export interface ExecutionManagerOptions {
   logFlushBytes?: number;
   /** @default DEFAULT_READY_WORK_DIRS */
   readyWorkDirs?: number;
+  /** @default DEFAULT_IDLE_WORK_DIRS */
+  idleWorkDirs?: number;
 }
 
 interface Running {
@@ -100,6 +123,7 @@ interface Running {
 const MARKER = "execution.json";
 const INPUTS = "inputs";
 const OUTPUTS = "outputs";
+const MADE_DIRS = new Set([INPUTS, OUTPUTS]);
 /** How long past its time limit an execution may take (inputs, results) before the manager aborts it. */
 export const TIMEOUT_BACKSTOP_MS = 5000;
 
@@ -151,9 +175,14 @@ export class ExecutionManager {
   readonly #unsettled = new Set<Promise<void>>();
   /** `root` created and resolved to its real path, once: engines are given real paths. */
   #realRoot: Promise<string> | undefined;
-  /** Work directories made ahead, each with empty `inputs/` and `outputs/`. */
+  /**
+   * Work directories ready for an execution, each with empty `inputs/` and
+   * `outputs/` and no marker or an empty one.
+   */
   readonly #ready: string[] = [];
   #preparing = 0;
+  /** Directories of running executions that may be given back (workDirReusable). */
+  #returning = 0;
   #draining = false;
 
   constructor(options: ExecutionManagerOptions) {
@@ -270,11 +299,41 @@ export class ExecutionManager {
     await Promise.all(this.#ready.splice(0).map((dir) => removeWorkDir(dir)));
   }
 
-  /** A fresh work directory for one execution: one made ahead, else a new one; more are made behind it. */
-  async #workDir(): Promise<string> {
+  /**
+   * A work directory for one execution: a ready one, else a new one. More are
+   * made behind it, unless the execution is expected to give it back.
+   */
+  async #workDir(reusable: boolean): Promise<string> {
     const ready = this.#ready.pop();
+    if (reusable) this.#returning++;
     this.#prepare();
     return ready ?? (await this.#makeWorkDir());
+  }
+
+  /**
+   * Ends an execution's use of its work directory: given back to the ready
+   * ones when it may be (`reuse`) and is as it was made, with its marker
+   * emptied; removed otherwise (and another made ahead in its place).
+   * `returning`: the directory was taken as one expected back (#workDir).
+   */
+  async #retire(workDir: string | undefined, returning: boolean, reuse: boolean): Promise<void> {
+    const room = () =>
+      !this.#draining && this.#ready.length < (this.#o.idleWorkDirs ?? DEFAULT_IDLE_WORK_DIRS);
+    try {
+      if (workDir !== undefined && reuse && room() && (await asMade(workDir))) {
+        await fs.truncate(path.join(workDir, MARKER), 0);
+        if (room()) {
+          this.#ready.push(workDir);
+          return;
+        }
+      }
+    } catch {
+      // Removed below, like any directory that cannot be given back.
+    } finally {
+      if (returning) this.#returning--;
+    }
+    await removeWorkDir(workDir);
+    this.#prepare();
   }
 
   async #makeWorkDir(): Promise<string> {
@@ -287,10 +346,13 @@ export class ExecutionManager {
     return workDir;
   }
 
-  /** Makes work directories in the background until DEFAULT_READY_WORK_DIRS are ready (or being made). */
+  /**
+   * Makes work directories in the background until DEFAULT_READY_WORK_DIRS
+   * are ready, being made, or expected back from running executions.
+   */
   #prepare(): void {
     const wanted = this.#o.readyWorkDirs ?? DEFAULT_READY_WORK_DIRS;
-    while (!this.#draining && this.#ready.length + this.#preparing < wanted) {
+    while (!this.#draining && this.#ready.length + this.#preparing + this.#returning < wanted) {
       this.#preparing++;
       const making = this.#makeWorkDir()
         .then(
@@ -341,23 +403,25 @@ export class ExecutionManager {
     let outcome: ExecutionOutcome;
     let marked: Promise<unknown> = Promise.resolve();
     let workDir: string | undefined;
-    /** Removes the work directory once the marker's write (and `after`) settled. */
-    const removeAfter = async (after?: Promise<unknown>) => {
+    const reusable = workDirReusable(request.spec);
+    /** Gives back or removes the work directory once the marker's write (and `after`) settled. */
+    const retireAfter = async (after?: Promise<unknown>) => {
       await Promise.all([marked, after]);
-      await removeWorkDir(workDir);
+      await this.#retire(workDir, reusable, reusable && entry.stop === undefined);
     };
     try {
-      workDir = await this.#workDir();
+      workDir = await this.#workDir(reusable);
       const inputsDir = path.join(workDir, INPUTS);
       const outputsDir = path.join(workDir, OUTPUTS);
       // Written while the execution runs, not before, and the result does not wait for it
       // (only the directory's removal does): it only has to outlive a crash of this
       // process, and one not written yet (or cut short) reads as no marker (docs/compute.md
-      // "Durability"). Neither fsynced nor renamed into place, for the same reason.
+      // "Durability"). Neither fsynced nor renamed into place, for the same reason; a
+      // directory given back holds an empty one, written over in place (no new inode).
       marked = fs
         .writeFile(path.join(workDir, MARKER), JSON.stringify({ jobId, executionId }), {
           mode: 0o600,
-          flag: "wx",
+          flag: "w",
         })
         .catch((err: unknown) =>
           log.warn(
@@ -387,7 +451,7 @@ export class ExecutionManager {
       batcher.flush();
     }
     if (entry.stop?.kind === "cancel") {
-      await removeAfter();
+      await retireAfter();
       log.info({ reason: entry.stop.message }, "execution cancelled");
       this.#running.delete(executionId);
       this.#o.onCancelled(executionId, entry.stop.message);
@@ -400,7 +464,7 @@ export class ExecutionManager {
       started = await this.#o.spool.begin(jobId, { ...rest, executionId }, files);
     } catch (err) {
       log.error({ err }, "cannot spool the result of an execution; it is lost");
-      await removeAfter();
+      await retireAfter();
       return;
     }
     const { entry: result } = started;
@@ -421,8 +485,22 @@ export class ExecutionManager {
     // Off the result's path: a crash before this leaves a work directory whose marker
     // recover() turns into a Failed result, which the orchestrator refuses as a resend
     // (it already stored the real one) or never asked for.
-    await removeAfter(stored);
+    await retireAfter(stored);
   }
+}
+
+/**
+ * Whether a work directory holds only what the manager made: its marker (a
+ * regular file), and `inputs/` and `outputs/` with nothing in them.
+ */
+async function asMade(workDir: string): Promise<boolean> {
+  const [top, inputs, outputs] = await Promise.all([
+    fs.readdir(workDir, { withFileTypes: true }),
+    fs.readdir(path.join(workDir, INPUTS)),
+    fs.readdir(path.join(workDir, OUTPUTS)),
+  ]);
+  const made = (d: Dirent) => (d.name === MARKER ? d.isFile() : MADE_DIRS.has(d.name) && d.isDirectory());
+  return inputs.length === 0 && outputs.length === 0 && top.every(made);
 }
 
 /**

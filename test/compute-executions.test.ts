@@ -8,13 +8,14 @@ import t, { type Test } from "tap";
 import { ExecAllowList } from "../compute/engines/index.js";
 import {
   createEngineRunner,
+  type ExecutionContext,
   ExecutionManager,
   failedOutcome,
   fitForManifest,
   ResultSpool,
   type SpooledResult,
 } from "../compute/index.js";
-import { parseJobSpec, silentLogger } from "../core/index.js";
+import { type JobSpec, parseJobSpec, silentLogger } from "../core/index.js";
 import { workDirsInUse } from "./helpers/compute-standin.js";
 
 const root = await fs.mkdtemp(path.join(os.tmpdir(), "shoal-executions-"));
@@ -84,37 +85,69 @@ async function setup(t: Test, name: string) {
   return { dir, spool, manager, spooled, logs, nextSpooled };
 }
 
-t.test(
-  "each execution gets a fresh work directory, made ahead; those left are removed by drain",
-  async (t) => {
-    const dir = path.join(root, "fresh");
-    const spool = new ResultSpool(path.join(dir, "spool"));
-    await spool.init();
-    const executions = path.join(dir, "executions");
-    const used: { workDir: string; entries: string[] }[] = [];
-    let finished: () => void = () => {};
-    const manager = new ExecutionManager({
-      root: executions,
-      spool,
-      // The manager's part alone: a runner that only looks at what it was given.
-      runner: async (ctx) => {
-        used.push({ workDir: ctx.workDir, entries: (await fs.readdir(ctx.workDir)).sort() });
-        return { ...failedOutcome(ctx.executionId, "unused"), state: "Completed", exitCode: 0, files: [] };
-      },
-      log: silentLogger,
-      onLog: () => {},
-      onResult: (_e, stored) => void stored.then(() => finished()),
-      onCancelled: () => {},
-      readyWorkDirs: 2,
-    });
-    for (const executionId of ["e-one", "e-two", "e-three", "e-four"]) {
-      const done = new Promise<void>((resolve) => {
-        finished = resolve;
+/** A manager whose runner only does `act` in the directories it was given; one execution at a time. */
+async function standIn(
+  t: Test,
+  name: string,
+  act: (ctx: ExecutionContext) => Promise<void>,
+  readyWorkDirs = 1,
+) {
+  const dir = path.join(root, name);
+  const spool = new ResultSpool(path.join(dir, "spool"));
+  await spool.init();
+  const executions = path.join(dir, "executions");
+  const used: { workDir: string; entries: string[]; marker: string }[] = [];
+  let finished: () => void = () => {};
+  const manager = new ExecutionManager({
+    root: executions,
+    spool,
+    runner: async (ctx) => {
+      await act(ctx);
+      used.push({
+        workDir: ctx.workDir,
+        entries: (await fs.readdir(ctx.workDir)).sort(),
+        marker: await fs.readFile(path.join(ctx.workDir, "execution.json"), "utf8").catch(() => ""),
       });
-      manager.start({ jobId: "j", executionId, spec, submitter, timeoutMs: 30_000 });
-      await done;
-    }
-    t.equal(new Set(used.map((u) => u.workDir)).size, 4, "four different directories");
+      return { ...failedOutcome(ctx.executionId, "unused"), state: "Completed", exitCode: 0, files: [] };
+    },
+    log: silentLogger,
+    onLog: () => {},
+    onResult: (_e, stored) => void stored.then(() => finished()),
+    onCancelled: () => finished(),
+    readyWorkDirs,
+  });
+  t.teardown(() => manager.drain(1000));
+  /** Runs one execution of `jobSpec` to its end, work directory retired included. */
+  const run = async (executionId: string, jobSpec = spec) => {
+    const done = new Promise<void>((resolve) => {
+      finished = resolve;
+    });
+    manager.start({ jobId: "j", executionId, spec: jobSpec, submitter, timeoutMs: 30_000 });
+    await done;
+    for (let i = 0; i < 100 && manager.running().length + (await workDirsInUse(executions)).length > 0; i++)
+      await new Promise((r) => setTimeout(r, 20));
+  };
+  return { executions, manager, used, run };
+}
+
+const execSpec = parseJobSpec({
+  Name: "exec",
+  Tasks: [{ Name: "main", Engine: { Type: "exec", Params: { Command: "/bin/true" } } }],
+});
+const withInput = parseJobSpec({
+  ...spec,
+  Tasks: spec.Tasks.map((task) => ({
+    ...task,
+    InputSources: [{ Source: { Type: "inline", Params: { Content: "aGk=" } }, Target: "/inputs/a" }],
+  })),
+});
+
+t.test(
+  "work directories are made ahead, each with empty inputs/ and outputs/; drain removes those left",
+  async (t) => {
+    const { executions, manager, used, run } = await standIn(t, "fresh", async () => {}, 2);
+    for (const executionId of ["e-one", "e-two", "e-three", "e-four"]) await run(executionId, execSpec);
+    t.equal(new Set(used.map((u) => u.workDir)).size, 4, "four different directories: exec never reuses one");
     for (const u of used) {
       t.equal(path.dirname(u.workDir), await fs.realpath(executions), "under the root, as a real path");
       t.same(
@@ -123,17 +156,75 @@ t.test(
         "with its inputs/ and outputs/ (and its marker, written beside the run)",
       );
     }
-    let left = await fs.readdir(executions);
-    for (let i = 0; i < 100 && left.length !== 2; i++) {
-      await new Promise((r) => setTimeout(r, 20));
-      left = await fs.readdir(executions);
-    }
+    const left = await fs.readdir(executions);
     t.equal(left.length, 2, "the used ones are removed; two are ready for the next executions");
     t.notOk(left.some((name) => used.some((u) => path.basename(u.workDir) === name)));
     await manager.drain(1000);
     t.same(await fs.readdir(executions), [], "none left after drain");
   },
 );
+
+t.test(
+  "a WASM execution that leaves its work directory as it was made gives it back, marker emptied",
+  async (t) => {
+    const { executions, used, run } = await standIn(t, "reuse", async () => {});
+    await run("e-one");
+    await run("e-two");
+    t.equal(used[1]?.workDir, used[0]?.workDir, "the second execution runs in the first one's directory");
+    t.same(JSON.parse(used[1]?.marker ?? ""), { jobId: "j", executionId: "e-two" }, "marked for the second");
+    t.same(
+      await fs.readdir(executions),
+      [path.basename(used[0]?.workDir ?? "")],
+      "no other directory was made",
+    );
+    t.equal(
+      await fs.readFile(path.join(used[0]?.workDir ?? "", "execution.json"), "utf8"),
+      "",
+      "marker emptied",
+    );
+  },
+);
+
+t.test(
+  "a work directory is removed, not given back, when the execution could have left something in it",
+  async (t) => {
+    const cases: [string, (ctx: ExecutionContext) => Promise<void>, JobSpec?][] = [
+      ["a file in outputs/", (ctx) => fs.writeFile(path.join(ctx.outputsDir, "left"), "x")],
+      ["a directory in inputs/", (ctx) => fs.mkdir(path.join(ctx.inputsDir, "left"))],
+      ["a file beside inputs/ and outputs/", (ctx) => fs.writeFile(path.join(ctx.workDir, "left"), "x")],
+      ["an exec task", async () => {}, execSpec],
+      ["a task with inputs", async () => {}, withInput],
+    ];
+    for (const [what, act, jobSpec] of cases) {
+      const { executions, used, run } = await standIn(
+        t,
+        `no-reuse-${cases.findIndex((c) => c[0] === what)}`,
+        act,
+      );
+      await run("e-one", jobSpec);
+      await run("e-two", jobSpec);
+      t.not(used[1]?.workDir, used[0]?.workDir, `${what}: the second execution gets another directory`);
+      t.notOk(
+        (await fs.readdir(executions)).includes(path.basename(used[0]?.workDir ?? "")),
+        `${what}: the first one is removed`,
+      );
+    }
+  },
+);
+
+t.test("a cancelled execution's work directory is removed, not given back", async (t) => {
+  let cancelled = false;
+  const { executions, manager, used, run } = await standIn(t, "cancelled", async (ctx) => {
+    if (cancelled) return;
+    cancelled = true;
+    queueMicrotask(() => manager.cancel(ctx.executionId, "stop"));
+    await new Promise((resolve) => ctx.signal.addEventListener("abort", resolve, { once: true }));
+  });
+  await run("e-cancelled");
+  await run("e-two");
+  t.not(used[1]?.workDir, used[0]?.workDir);
+  t.notOk((await fs.readdir(executions)).includes(path.basename(used[0]?.workDir ?? "")));
+});
 
 t.test("the engine's time limit fails the execution and its work directory is removed", async (t) => {
   const { manager, nextSpooled, dir } = await setup(t, "timeout");

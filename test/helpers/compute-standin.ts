@@ -206,16 +206,22 @@ export function computeConfig(
 
 /**
  * The work directories under `root` (a node's `executions/`) that hold more
- * than an empty `inputs/` and `outputs/`: in use or left behind. The others
- * were made ahead for the next executions.
+ * than an empty `inputs/` and `outputs/` (and an empty marker): in use or left
+ * behind. The others are ready for the next executions (made ahead, or given
+ * back by an earlier one).
  */
 export async function workDirsInUse(root: string): Promise<string[]> {
   const inUse: string[] = [];
   for (const name of await fs.readdir(root).catch(() => [] as string[])) {
     const entries = await fs.readdir(path.join(root, name)).catch(() => [] as string[]);
     const empty = async (sub: string) => (await fs.readdir(path.join(root, name, sub))).length === 0;
+    // Given back by an earlier execution: with its marker, emptied.
+    const marker = entries.includes("execution.json")
+      ? (await fs.readFile(path.join(root, name, "execution.json"), "utf8").catch(() => "x")) === ""
+      : true;
     const ready =
-      entries.length === 2 &&
+      marker &&
+      entries.length === (entries.includes("execution.json") ? 3 : 2) &&
       entries.includes("inputs") &&
       entries.includes("outputs") &&
       (await empty("inputs").catch(() => false)) &&
