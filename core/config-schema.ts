@@ -269,6 +269,12 @@ export const ConfigSchema = Type.Object(
               "24h",
               "A job that ended this long ago is removed with its executions, history, logs and result files; 0s keeps every job.",
             ),
+            MaxJobs: Type.Integer({
+              default: 100_000,
+              minimum: 0,
+              description:
+                "Finished jobs kept at most: beyond it the ones that ended first are removed, whatever their age; 0 sets no limit.",
+            }),
           },
           "Removal of finished jobs.",
         ),

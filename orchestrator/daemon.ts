@@ -473,13 +473,15 @@ export class Orchestrator {
       ...(this.#o.env ? { env: this.#o.env } : {}),
     });
     const jobGcThresholdMs = parseDuration(c.Orchestrator.JobGC.Threshold);
-    if (jobGcThresholdMs > 0) {
+    const { MaxJobs } = c.Orchestrator.JobGC;
+    if (jobGcThresholdMs > 0 || MaxJobs > 0) {
       const collector = new JobCollector({
         store,
         logs,
         results,
         modules,
         thresholdMs: jobGcThresholdMs,
+        maxJobs: MaxJobs,
         log: this.#log.child({ component: "job-gc" }),
       });
       // Before nodes are heard: no job's files are written meanwhile.

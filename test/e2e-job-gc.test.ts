@@ -4,7 +4,13 @@ import { promises as fs } from "node:fs";
 import path from "node:path";
 import t from "tap";
 import type { ApiResponseError } from "../cli/api-client.js";
-import { startComputeNode, startOrchestrator, tempDir, waitUntil } from "./helpers/cluster.js";
+import {
+  type OrchestratorHandle,
+  startComputeNode,
+  startOrchestrator,
+  tempDir,
+  waitUntil,
+} from "./helpers/cluster.js";
 import { getJob, submitJob, waitForJob, wasmEngine, writeSpec } from "./helpers/e2e-jobs.js";
 
 /**
@@ -24,6 +30,18 @@ const untilGone = (what: string, file: string) =>
         () => true,
       ),
     5_000,
+  );
+
+/** Waits (20 s at most) until the API no longer finds the job; its error. */
+const untilRemoved = (orch: OrchestratorHandle, id: string, what: string) =>
+  waitUntil(
+    what,
+    () =>
+      getJob(orch, id).then(
+        () => undefined,
+        (e: ApiResponseError) => e,
+      ),
+    20_000,
   );
 
 t.test("a finished job is removed with its result files once the threshold has passed", async (t) => {
@@ -53,15 +71,7 @@ t.test("a finished job is removed with its result files once the threshold has p
   const hello = await storedModule("dist/wasm/hello.wasm");
   t.ok((await fs.stat(upper)).isFile(), "its module is stored apart");
 
-  const err = await waitUntil(
-    "the job is removed",
-    () =>
-      getJob(orch, id).then(
-        () => undefined,
-        (e: ApiResponseError) => e,
-      ),
-    20_000,
-  );
+  const err = await untilRemoved(orch, id, "the job is removed");
   t.equal(err.status, 404);
   t.equal(err.code, "SHOAL_ORCH_JOB_NOT_FOUND");
   // The job is forgotten first, its files removed right after.
@@ -77,3 +87,26 @@ t.test("a finished job is removed with its result files once the threshold has p
   await untilGone("the removed job's module is removed", upper);
   t.ok((await fs.stat(hello)).isFile(), "the queued job's module stays");
 });
+
+t.test(
+  "beyond Orchestrator.JobGC.MaxJobs finished jobs, the first to end is removed at the next sweep",
+  async (t) => {
+    const dir = await tempDir(t);
+    const orch = await startOrchestrator(t, path.join(dir, "orch"), [
+      "-c",
+      "Orchestrator.JobGC.Threshold=0s",
+      "-c",
+      "Orchestrator.JobGC.MaxJobs=1",
+    ]);
+    await startComputeNode(t, orch, path.join(dir, "n1"), "n1");
+    const first = await submitJob(orch, "configs/jobs/upper.yaml");
+    await waitForJob(orch, first, "the first completes", (j) => j.State === "Completed");
+    const second = await submitJob(orch, "configs/jobs/upper.yaml");
+    await waitForJob(orch, second, "the second completes", (j) => j.State === "Completed");
+    // A sweep comes at least every 10 s with a limit, whatever the threshold (here none).
+    const err = await untilRemoved(orch, first, "the first job is removed");
+    t.equal(err.code, "SHOAL_ORCH_JOB_NOT_FOUND");
+    await untilGone("its result files are removed", path.join(orch.dataDir, "results", first));
+    t.equal((await getJob(orch, second)).State, "Completed", "the last to end stays");
+  },
+);

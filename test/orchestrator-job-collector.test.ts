@@ -4,9 +4,16 @@ import path from "node:path";
 import { type JetStreamManager, jetstream } from "@nats-io/jetstream";
 import { Objm } from "@nats-io/obj";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
+import fc from "fast-check";
 import t, { type Test } from "tap";
 import { silentLogger } from "../core/index.js";
-import { JobCollector } from "../orchestrator/job-collector.js";
+import {
+  JobCollector,
+  kthSmallest,
+  MAX_COUNT_SWEEP_INTERVAL_MS,
+  MAX_SWEEP_INTERVAL_MS,
+  STRAY_GRACE_MS,
+} from "../orchestrator/job-collector.js";
 import { LogStore } from "../orchestrator/log-store.js";
 import { MODULES_BUCKET, ModuleStore } from "../orchestrator/module-store.js";
 import type { ExecutionRecord, JobState } from "../orchestrator/records.js";
@@ -57,7 +64,10 @@ async function cluster(t: Test) {
   const admin = await connect({ servers: url });
   t.teardown(() => admin.close());
   const jsm: JetStreamManager = await jetstream(admin).jetstreamManager();
-  const open = async (owner: string): Promise<Orchestrator> => {
+  const open = async (
+    owner: string,
+    limits: { thresholdMs: number; maxJobs?: number } = { thresholdMs: THRESHOLD },
+  ): Promise<Orchestrator> => {
     const nc = await connect({ servers: url });
     const js = jetstream(nc);
     const store = await StateStore.open(js, silentLogger, { owner });
@@ -78,7 +88,7 @@ async function cluster(t: Test) {
       results,
       modules,
       log: silentLogger,
-      thresholdMs: THRESHOLD,
+      ...limits,
     });
     return { dir, store, logs, results, modules, collector, nc };
   };
@@ -239,4 +249,100 @@ t.test("files of jobs no longer stored, untouched for the threshold, are removed
   t.ok(await exists(path.join(a.dir, "results", "j-kept")), "a stored job's files stay");
   t.equal((await a.logs.read("j-kept")).length, 1);
   t.ok(await exists(path.join(a.dir, "results", ".staging")), "and so does the staging area");
+});
+
+t.test(
+  "beyond MaxJobs finished jobs, the ones that ended first are removed, whatever their age",
+  async (t) => {
+    const { open, inKv } = await cluster(t);
+    const a = await open("orch-a", { thresholdMs: 0, maxJobs: 2 });
+    for (const [id, ended] of [
+      ["j-1", 1_000],
+      ["j-3", 3_000],
+      ["j-2", 2_000],
+    ] as const) {
+      a.store.putJob(job(id, "Completed", "orch-a", ended));
+    }
+    a.store.putJob(job("j-running", "Running", "orch-a", 0));
+    a.store.putJob(job("j-queued", "Queued", "orch-a", 0));
+    await a.store.flush();
+
+    t.equal(await a.collector.sweep(3_000), 1, "one finished job too many");
+    t.same([...a.store.jobs.keys()].sort(), ["j-2", "j-3", "j-queued", "j-running"], "the first to end goes");
+    t.notOk(await inKv(BUCKETS.jobs, "j-1"), "purged from KV");
+    t.equal(
+      await a.collector.sweep(Number.MAX_SAFE_INTEGER),
+      0,
+      "at the limit, nothing is old enough without a threshold",
+    );
+
+    a.store.putJob(job("j-4", "Failed", "orch-a", 4_000));
+    a.store.putJob(job("j-5", "Stopped", "orch-a", 5_000));
+    await a.store.flush();
+    t.equal(await a.collector.sweep(5_000), 2);
+    t.same(
+      [...a.store.jobs.keys()].sort(),
+      ["j-4", "j-5", "j-queued", "j-running"],
+      "unfinished jobs never count",
+    );
+
+    // With a threshold too: the limit, then the age of those kept.
+    const b = await open("orch-b", { thresholdMs: THRESHOLD, maxJobs: 1 });
+    await eventually("B follows A's jobs", () => b.store.jobs.size === 4);
+    t.equal(await b.collector.sweep(4_000 + THRESHOLD), 1, "j-4 beyond the limit; j-5 not old enough");
+    t.same([...b.store.jobs.keys()].sort(), ["j-5", "j-queued", "j-running"]);
+    t.equal(await b.collector.sweep(5_000 + THRESHOLD), 1, "then j-5 for its age");
+  },
+);
+
+t.test("the limit picks the jobs that ended first among many, ties included", async (t) => {
+  const { open } = await cluster(t);
+  const a = await open("orch-a", { thresholdMs: 0, maxJobs: 150 });
+  // 200 jobs ended 10 ms apart, stored in a shuffled order; two of them ended at 1,490, the cutoff.
+  const ends = Array.from({ length: 200 }, (_, i) => 1_000 + i * 10);
+  ends[50] = 1_490;
+  for (let i = ends.length - 1; i > 0; i--) {
+    const j = (i * 7919) % (i + 1);
+    [ends[i], ends[j]] = [ends[j]!, ends[i]!];
+  }
+  for (const [i, ended] of ends.entries()) a.store.putJob(job(`j-${i}`, "Completed", "orch-a", ended));
+  await a.store.flush();
+  t.equal(await a.collector.sweep(10_000), 50);
+  const kept = [...a.store.jobs.values()].map((j) => j.ModifyTime).sort((x, y) => x - y);
+  t.equal(kept.length, 150);
+  t.same(kept.slice(0, 2), [1_490, 1_510], "one of the two that ended at the cutoff is kept, and all after");
+  t.equal(kept.at(-1), 2_990);
+});
+
+t.test("sweeps come often enough for the limit; strays wait an hour without a threshold", async (t) => {
+  const { open } = await cluster(t);
+  const interval = async (thresholdMs: number, maxJobs?: number) =>
+    (await open(`orch-${thresholdMs}-${maxJobs}`, { thresholdMs, ...(maxJobs ? { maxJobs } : {}) })).collector
+      .intervalMs;
+  t.equal(await interval(1_000), 250, "a quarter of the threshold");
+  t.equal(await interval(24 * 3_600_000), MAX_SWEEP_INTERVAL_MS);
+  t.equal(await interval(24 * 3_600_000, 10), MAX_COUNT_SWEEP_INTERVAL_MS);
+  t.equal(await interval(0, 10), MAX_COUNT_SWEEP_INTERVAL_MS);
+
+  const a = await open("orch-a", { thresholdMs: 0, maxJobs: 10 });
+  await a.logs.append("j-gone", { Time: ENDED, ExecutionID: "e-1", Stream: "stdout", Seq: 0, Data: "x" });
+  t.equal(await a.collector.removeStrays(Date.now() + STRAY_GRACE_MS - 60_000), 0, "recent files stay");
+  t.equal(await a.collector.removeStrays(Date.now() + STRAY_GRACE_MS), 1);
+  t.same(await a.logs.read("j-gone"), []);
+});
+
+t.test("kthSmallest is the k-th value of the sorted array, whatever the order and the repeats", async (t) => {
+  fc.assert(
+    fc.property(
+      fc.array(fc.integer({ min: 0, max: 20 }), { minLength: 1, maxLength: 60 }),
+      fc.nat(),
+      (values, n) => {
+        const k = n % values.length;
+        const sorted = [...values].sort((a, b) => a - b);
+        return kthSmallest(Float64Array.from(values), k) === sorted[k];
+      },
+    ),
+    { numRuns: 2000 },
+  );
+  t.pass("2,000 arrays");
 });
