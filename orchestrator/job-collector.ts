@@ -52,19 +52,29 @@ export class JobCollector {
   readonly #orphans = new Map<string, { due: number; executions: ExecutionRecord[] }>();
   #timer: NodeJS.Timeout | undefined;
   #sweeping: Promise<number> | undefined;
+  /** When (the `now` of a sweep) modules were last collected. */
+  #modulesCollectedAt = Number.NEGATIVE_INFINITY;
 
   constructor(options: JobCollectorOptions) {
     this.#o = options;
   }
 
-  /**
-   * How often {@link start} sweeps: a quarter of the threshold, between 100 ms
-   * and 5 minutes (10 s with a limit on finished jobs).
-   */
+  /** How often {@link start} sweeps: {@link modulesIntervalMs}, at most 10 s with a limit on finished jobs. */
   get intervalMs(): number {
-    const longest = this.#o.maxJobs ? MAX_COUNT_SWEEP_INTERVAL_MS : MAX_SWEEP_INTERVAL_MS;
-    if (this.#o.thresholdMs <= 0) return longest;
-    return Math.min(longest, Math.max(100, Math.floor(this.#o.thresholdMs / 4)));
+    const byAge = this.modulesIntervalMs;
+    return this.#o.maxJobs ? Math.min(MAX_COUNT_SWEEP_INTERVAL_MS, byAge) : byAge;
+  }
+
+  /**
+   * How often modules are collected (one no job names at two collections in a
+   * row goes): a quarter of the threshold, between 100 ms and 5 minutes; 5
+   * minutes without a threshold. Frequent sweeps for a job limit must not
+   * shorten the time a module stays unnamed before it goes.
+   */
+  get modulesIntervalMs(): number {
+    const { thresholdMs } = this.#o;
+    if (thresholdMs <= 0) return MAX_SWEEP_INTERVAL_MS;
+    return Math.min(MAX_SWEEP_INTERVAL_MS, Math.max(100, Math.floor(thresholdMs / 4)));
   }
 
   /**
@@ -139,7 +149,10 @@ export class JobCollector {
       }
     }
     if (removed > 0) this.#o.log.info({ removed }, "expired jobs removed");
-    await this.#collectModules();
+    if (now - this.#modulesCollectedAt >= this.modulesIntervalMs) {
+      this.#modulesCollectedAt = now;
+      await this.#collectModules();
+    }
     return removed;
   }
 

@@ -325,6 +325,15 @@ t.test("sweeps come often enough for the limit; strays wait an hour without a th
   t.equal(await interval(0, 10), MAX_COUNT_SWEEP_INTERVAL_MS);
 
   const a = await open("orch-a", { thresholdMs: 0, maxJobs: 10 });
+  // A module no job names goes at the second collection, 5 minutes apart whatever the sweeps.
+  const digest = `sha256:${"ab".repeat(32)}`;
+  await a.modules.put(digest, Buffer.from("\0asm\x01\0\0\0"));
+  const start = Date.now();
+  for (const at of [0, MAX_COUNT_SWEEP_INTERVAL_MS, MAX_SWEEP_INTERVAL_MS - 1])
+    await a.collector.sweep(start + at);
+  t.ok(await a.modules.has(digest), "frequent sweeps collect modules at the usual pace");
+  await a.collector.sweep(start + MAX_SWEEP_INTERVAL_MS);
+  t.notOk(await a.modules.has(digest), "then it goes");
   await a.logs.append("j-gone", { Time: ENDED, ExecutionID: "e-1", Stream: "stdout", Seq: 0, Data: "x" });
   t.equal(await a.collector.removeStrays(Date.now() + STRAY_GRACE_MS - 60_000), 0, "recent files stay");
   t.equal(await a.collector.removeStrays(Date.now() + STRAY_GRACE_MS), 1);
