@@ -8,6 +8,9 @@
  *   256 at a time (sent all at once, the gets of 20,000 jobs time out);
  * - the newest page of 100 jobs (the jobs table's creation-order index),
  *   beside sorting every job, as listings did before the index;
+ * - a node's unfinished executions, read at each register and lost node
+ *   (the executions table's grouping by node), beside scanning every
+ *   execution, as the dispatcher did before;
  * - the heap the loaded records take per job, for sizing an orchestrator:
  *   jobs are kept for `Orchestrator.JobGC.Threshold` (24 h by default).
  *
@@ -23,7 +26,7 @@ import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { connect } from "@nats-io/transport-node";
 import { silentLogger } from "../core/index.js";
-import type { JobRecord } from "../orchestrator/records.js";
+import { type JobRecord, TERMINAL_EXECUTION_STATES } from "../orchestrator/records.js";
 import { BUCKETS, StateStore } from "../orchestrator/state-store.js";
 
 const JOBS = Number(process.argv[2] ?? 20_000);
@@ -166,6 +169,15 @@ const time = (fn: () => unknown, runs: number) => {
 const indexed = time(pageNewest, 1000);
 const sorted = time(pageSorted, 5);
 if (pageNewest()[0]?.ID !== pageSorted()[0]?.ID) throw new Error("the two listings disagree");
+// What a register or a lost node reads: the node's unfinished executions (here none, among all of its finished ones).
+const onNode = () => store.unfinishedExecutionsOn("node-1");
+const onNodeScanned = () =>
+  [...store.executions.values()].filter(
+    (e) => e.NodeID === "node-1" && !TERMINAL_EXECUTION_STATES.has(e.State),
+  );
+const nodeIndexed = time(onNode, 1000);
+const nodeScanned = time(onNodeScanned, 20);
+if (onNode().length !== onNodeScanned().length) throw new Error("the two reads of a node disagree");
 
 const row = (what: string, value: string, baseline: string, ratio: string) =>
   console.log(`${what.padEnd(46)} ${value.padStart(12)} ${baseline.padStart(14)} ${ratio.padStart(8)}`);
@@ -174,6 +186,12 @@ console.log(`${store.jobs.size} finished jobs in JetStream KV, load average ${os
 row("measure", "value", "baseline", "×");
 row("load every record (restart)", ms(byStream), ms(byGets), (byGets / byStream).toFixed(1));
 row("newest page of 100 jobs", ms(indexed), ms(sorted), (sorted / indexed).toFixed(0));
+row(
+  "a node's unfinished executions",
+  ms(nodeIndexed),
+  ms(nodeScanned),
+  (nodeScanned / nodeIndexed).toFixed(0),
+);
 row("heap per job (job, execution, history)", `${(heapPerJob / 1024).toFixed(1)} KiB`, "", "");
 row(`  at 1 job/s kept 24 h (86,400 jobs)`, `${((heapPerJob * 86_400) / 2 ** 20).toFixed(0)} MiB`, "", "");
 

@@ -341,8 +341,8 @@ export class Dispatcher implements JobDispatch {
   reconcile(nodeId: string, reported: MessageBody<"register">["executions"]): void {
     this.#askOnRegister(nodeId);
     const held = new Set(reported.map((r) => r.executionId));
-    for (const e of this.#o.store.executions.values()) {
-      if (e.NodeID === nodeId && e.State === "Running" && !held.has(e.ID) && this.#o.store.isMine(e.JobID)) {
+    for (const e of this.#o.store.unfinishedExecutionsOn(nodeId)) {
+      if (e.State === "Running" && !held.has(e.ID) && this.#o.store.isMine(e.JobID)) {
         this.#loseExecution(e, "the node restarted and no longer has this execution");
       }
     }
@@ -366,8 +366,8 @@ export class Dispatcher implements JobDispatch {
 
   /** The node is gone (LOST, deleted or rejected): its executions move elsewhere. */
   nodeLost(node: NodeRecord): void {
-    for (const e of this.#o.store.executions.values()) {
-      if (e.NodeID === node.ID && isActive(e) && this.#o.store.isMine(e.JobID)) {
+    for (const e of this.#o.store.unfinishedExecutionsOn(node.ID)) {
+      if (isActive(e) && this.#o.store.isMine(e.JobID)) {
         this.#loseExecution(
           e,
           `node ${node.ID} is ${node.Approval === "REJECTED" ? "REJECTED" : node.Health}`,

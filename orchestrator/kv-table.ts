@@ -28,6 +28,11 @@ export interface KvTableOptions<T> {
   onConflict?: (key: string, stored: T | undefined) => void;
   /** Keeps the rows in the order of this rank, for {@link KvTable.descending}. */
   rank?: (row: T) => number;
+  /**
+   * Keeps the keys of the rows by the group each is in (`undefined`: none),
+   * under each grouping's name, for {@link KvTable.inGroup}.
+   */
+  groups?: Record<string, (row: T) => string | undefined>;
 }
 
 /** Which changes of other writers a shared table applies, and what to do after. */
@@ -57,6 +62,7 @@ export class KvTable<T> {
   readonly #revisions = new Map<string, number>();
   readonly #onConflict: KvTableOptions<T>["onConflict"];
   readonly #order: OrderedKeys<T> | undefined;
+  readonly #groups: Map<string, Grouping<T>>;
   #stopFollowing: (() => void) | undefined;
   /** Other writers' changes that arrived before {@link follow} was called. */
   readonly #early: KvChange[] = [];
@@ -77,6 +83,9 @@ export class KvTable<T> {
     this.#log = log;
     this.#onConflict = options.onConflict;
     this.#order = options.rank ? new OrderedKeys(options.rank) : undefined;
+    this.#groups = new Map(
+      Object.entries(options.groups ?? {}).map(([name, of]) => [name, new Grouping(of)]),
+    );
   }
 
   /** Opens the bucket and loads every current value into memory. */
@@ -173,10 +182,19 @@ export class KvTable<T> {
     for (const { key, cursor } of this.#order.descending(below)) yield { row: this.#rows.get(key)!, cursor };
   }
 
+  /** The rows in `group` of the grouping named `grouping` (the table's `groups` option), in no order. */
+  *inGroup(grouping: string, group: string): Generator<T> {
+    const keys = this.#groups.get(grouping);
+    if (!keys) throw new Error(`the ${this.#bucket} table keeps no grouping ${grouping}`);
+    // A copy: the caller may change rows as it goes.
+    for (const key of [...keys.keysIn(group)]) yield this.#rows.get(key)!;
+  }
+
   #setRow(key: string, value: T): void {
     const previous = this.#rows.get(key);
     this.#rows.set(key, value);
     this.#order?.set(key, value, previous);
+    for (const grouping of this.#groups.values()) grouping.move(key, previous, value);
   }
 
   #deleteRow(key: string): void {
@@ -184,6 +202,7 @@ export class KvTable<T> {
     if (previous === undefined) return;
     this.#rows.delete(key);
     this.#order?.delete(key, previous);
+    for (const grouping of this.#groups.values()) grouping.move(key, previous, undefined);
   }
 
   /** Sets `key` in memory now and in KV with the next flush. */
@@ -311,6 +330,34 @@ export class KvTable<T> {
       this.#log.error({ err: retryError, failed: retried }, "KV writes failed; will retry");
       setTimeout(() => this.#schedule(), 250).unref();
     }
+  }
+}
+
+/** A table's keys by the group each row is in, kept as rows are set and deleted. */
+class Grouping<T> {
+  readonly #keys = new Map<string, Set<string>>();
+
+  constructor(readonly groupOf: (row: T) => string | undefined) {}
+
+  /** `key` held `previous` and holds `value` now (`undefined`: no row). */
+  move(key: string, previous: T | undefined, value: T | undefined): void {
+    const from = previous === undefined ? undefined : this.groupOf(previous);
+    const to = value === undefined ? undefined : this.groupOf(value);
+    if (from === to) return;
+    if (from !== undefined) {
+      const keys = this.#keys.get(from);
+      keys?.delete(key);
+      if (keys?.size === 0) this.#keys.delete(from);
+    }
+    if (to !== undefined) {
+      const keys = this.#keys.get(to) ?? new Set();
+      keys.add(key);
+      this.#keys.set(to, keys);
+    }
+  }
+
+  keysIn(group: string): ReadonlySet<string> {
+    return this.#keys.get(group) ?? new Set();
   }
 }
 

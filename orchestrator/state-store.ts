@@ -3,13 +3,14 @@ import type { JetStreamClient } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import type { Logger } from "../core/index.js";
 import { KvTable, type KvTableOptions } from "./kv-table.js";
-import type {
-  ExecutionRecord,
-  ExecutionState,
-  JobEvent,
-  JobRecord,
-  JobState,
-  NodeRecord,
+import {
+  type ExecutionRecord,
+  type ExecutionState,
+  type JobEvent,
+  type JobRecord,
+  type JobState,
+  type NodeRecord,
+  TERMINAL_EXECUTION_STATES,
 } from "./records.js";
 
 /** The KV buckets the orchestrator keeps its state in. */
@@ -59,7 +60,6 @@ export type StateChange =
  */
 export class StateStore {
   readonly #emitter = new EventEmitter();
-  readonly #executionsByJob = new Map<string, Set<string>>();
   /** Each job's history pages, every writer's (see {@link HISTORY_PAGE_EVENTS}). */
   readonly #pages = new Map<string, Set<string>>();
   /** How many pages of each job's history this orchestrator wrote. */
@@ -78,7 +78,6 @@ export class StateStore {
   ) {
     this.#log = log;
     this.#emitter.setMaxListeners(0);
-    for (const e of executions.values()) this.#index(e);
     for (const key of events.keys()) this.#indexPage(key);
   }
 
@@ -110,7 +109,7 @@ export class StateStore {
     const open = async <T>(
       bucket: string,
       followed: boolean,
-      more: Pick<KvTableOptions<T>, "onConflict" | "rank"> = {},
+      more: Pick<KvTableOptions<T>, "onConflict" | "rank" | "groups"> = {},
     ) =>
       KvTable.open<T>(
         await kvm.create(bucket, { history: 1, replicas: options.replicas ?? 1 }),
@@ -120,6 +119,7 @@ export class StateStore {
           js,
           jsm,
           ...(more.rank ? { rank: more.rank } : {}),
+          ...(more.groups ? { groups: more.groups } : {}),
           ...(cluster && followed
             ? { shared: true, ...(more.onConflict ? { onConflict: more.onConflict } : {}) }
             : {}),
@@ -133,7 +133,13 @@ export class StateStore {
           if (job && store) store.#emitJob(job);
         },
       }),
-      open<ExecutionRecord>(BUCKETS.executions, true),
+      open<ExecutionRecord>(BUCKETS.executions, true, {
+        groups: {
+          job: (e) => e.JobID,
+          // What a node holds or is about to: read per node as it registers or is lost.
+          node: (e) => (TERMINAL_EXECUTION_STATES.has(e.State) ? undefined : e.NodeID),
+        },
+      }),
       // Nodes are shared by every orchestrator, each keeping its own view of their health.
       open<NodeRecord>(BUCKETS.nodes, false),
       open<JobEvent[]>(BUCKETS.events, true),
@@ -301,14 +307,12 @@ export class StateStore {
   }
 
   executionsOf(jobId: string): ExecutionRecord[] {
-    const ids = this.#executionsByJob.get(jobId);
-    if (!ids) return [];
-    const out: ExecutionRecord[] = [];
-    for (const id of ids) {
-      const e = this.executions.get(id);
-      if (e) out.push(e);
-    }
-    return out.sort((a, b) => a.CreateTime - b.CreateTime);
+    return [...this.executions.inGroup("job", jobId)].sort((a, b) => a.CreateTime - b.CreateTime);
+  }
+
+  /** The node's executions that have not ended (its own view of them may differ), in no order. */
+  unfinishedExecutionsOn(nodeId: string): ExecutionRecord[] {
+    return [...this.executions.inGroup("node", nodeId)];
   }
 
   /** Drops the job, its executions and its history from memory, not from KV (see {@link purgeJob}). */
@@ -318,7 +322,6 @@ export class StateStore {
     for (const key of this.#historyKeys(jobId)) this.events.forget(key);
     this.#pages.delete(jobId);
     this.#ownPages.delete(jobId);
-    this.#executionsByJob.delete(jobId);
   }
 
   /** Removes the job, its executions and its history from KV, leaving no delete markers. */
@@ -356,7 +359,7 @@ export class StateStore {
   async flushJob(jobId: string): Promise<void> {
     await Promise.all([
       this.jobs.flush([jobId]),
-      this.executions.flush(this.#executionsByJob.get(jobId) ?? []),
+      this.executions.flush(this.executionsOf(jobId).map((e) => e.ID)),
       this.events.flush(this.#historyKeys(jobId)),
     ]);
   }
@@ -419,7 +422,6 @@ export class StateStore {
   }
 
   #emitExecution(execution: ExecutionRecord): void {
-    this.#index(execution);
     const change: StateChange = { type: "execution", execution };
     this.#emitter.emit(`job:${execution.JobID}`, change);
     this.#emitter.emit("change", change);
@@ -453,15 +455,6 @@ export class StateStore {
     if (parsed.writer === this.owner && parsed.page >= (this.#ownPages.get(jobId) ?? 0)) {
       this.#ownPages.set(jobId, parsed.page + 1);
     }
-  }
-
-  #index(e: ExecutionRecord): void {
-    let set = this.#executionsByJob.get(e.JobID);
-    if (!set) {
-      set = new Set();
-      this.#executionsByJob.set(e.JobID, set);
-    }
-    set.add(e.ID);
   }
 }
 

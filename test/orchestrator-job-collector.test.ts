@@ -16,11 +16,11 @@ import {
 } from "../orchestrator/job-collector.js";
 import { LogStore } from "../orchestrator/log-store.js";
 import { MODULES_BUCKET, ModuleStore } from "../orchestrator/module-store.js";
-import type { ExecutionRecord, JobState } from "../orchestrator/records.js";
+import type { JobState } from "../orchestrator/records.js";
 import { RESULTS_BUCKET, ResultsStore } from "../orchestrator/results-store.js";
 import { BUCKETS, StateStore } from "../orchestrator/state-store.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
-import { eventually, jobRecord, resultMessages } from "./helpers/records.js";
+import { eventually, executionRecord, jobRecord, resultMessages } from "./helpers/records.js";
 
 /**
  * Job garbage collection against a real nats-server: orchestrators of a
@@ -34,18 +34,7 @@ const ENDED = 1_000;
 const job = (id: string, state: JobState, owner: string, modifyTime = ENDED) =>
   jobRecord(id, modifyTime, { State: state, StateMessage: state, Orchestrator: owner });
 
-function execution(id: string, jobId: string): ExecutionRecord {
-  return {
-    ID: id,
-    JobID: jobId,
-    NodeID: "n1",
-    State: "Completed",
-    StateMessage: "exit code 0",
-    Resources: { cpu: 0.1, memory: 1 },
-    CreateTime: ENDED,
-    ModifyTime: ENDED,
-  };
-}
+const execution = (id: string, jobId: string) => executionRecord(id, jobId, "Completed", { time: ENDED });
 
 interface Orchestrator {
   dir: string;

@@ -13,7 +13,7 @@ import { StateStore } from "../orchestrator/state-store.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
 import { startTestLink } from "./helpers/fabric-link.js";
 import { joinFabric, registeredNode, type TestFabric, type TestIdentity } from "./helpers/nats.js";
-import { EMPTY_MODULE, jobRecord } from "./helpers/records.js";
+import { EMPTY_MODULE, executionRecord, jobRecord } from "./helpers/records.js";
 
 /**
  * Modules stored apart from their jobs: the store keeps one copy per digest
@@ -179,18 +179,8 @@ function job(id: string, bytes: Buffer) {
   return { record: jobRecord(id, Date.now(), { Spec: spec, State: "Running" }), parts };
 }
 
-function execution(id: string, jobId: string, state: ExecutionRecord["State"], node = "n1"): ExecutionRecord {
-  return {
-    ID: id,
-    JobID: jobId,
-    NodeID: node,
-    State: state,
-    StateMessage: state,
-    Resources: { cpu: 0.1, memory: 1 },
-    CreateTime: Date.now(),
-    ModifyTime: Date.now(),
-  };
-}
+const execution = (id: string, jobId: string, state: ExecutionRecord["State"], node = "n1") =>
+  executionRecord(id, jobId, state, { node });
 
 t.test(
   "module bytes served to a node keep to its rate; past the longest wait it is told to ask again",

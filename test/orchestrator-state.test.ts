@@ -8,7 +8,7 @@ import type { ExecutionRecord, JobEvent, JobRecord } from "../orchestrator/recor
 import { BUCKETS, StateStore } from "../orchestrator/state-store.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
 import { testNodeService } from "./helpers/node-service.js";
-import { eventually, jobRecord } from "./helpers/records.js";
+import { eventually, executionRecord, jobRecord } from "./helpers/records.js";
 
 const job = (id: string, createTime: number) => jobRecord(id, createTime);
 
@@ -347,3 +347,48 @@ t.test("a job's flush reports its own records' failure, not another job's writte
   t.ok(await store.jobs.stored("j-small"));
   t.equal(await store.jobs.stored("j-huge"), undefined);
 });
+
+t.test(
+  "each node's unfinished executions are indexed as they change, followed, forgotten and reloaded",
+  async (t) => {
+    const url = await startJetStream(t, await tempDir(t, "shoal-state-by-node-"));
+    const nc = await connect({ servers: url });
+    t.teardown(() => nc.close());
+    const open = (owner: string) => StateStore.open(jetstream(nc), silentLogger, { owner });
+    const [a, b] = [await open("orch-a"), await open("orch-b")];
+    t.teardown(() => {
+      a.close();
+      b.close();
+    });
+    const on = (store: StateStore, node: string) =>
+      store
+        .unfinishedExecutionsOn(node)
+        .map((e) => e.ID)
+        .sort();
+    const execution = (id: string, jobId: string, node: string, state: ExecutionRecord["State"]) =>
+      executionRecord(id, jobId, state, { node, time: 1 });
+    for (const id of ["j-1", "j-2"]) a.putJob({ ...job(id, 1), Orchestrator: "orch-a" });
+    a.putExecution(execution("e-1", "j-1", "n1", "Running"));
+    a.putExecution(execution("e-2", "j-1", "n1", "Completed"));
+    a.putExecution(execution("e-3", "j-2", "n2", "BidAccepted"));
+    t.same(on(a, "n1"), ["e-1"], "ended executions are not a node's");
+    t.same(on(a, "n2"), ["e-3"]);
+    t.same(on(a, "n3"), []);
+
+    const e1 = a.executions.get("e-1")!;
+    a.setExecutionState(e1, "Completed", "exit code 0");
+    t.same(on(a, "n1"), [], "an execution that ends leaves its node's");
+    a.putExecution(execution("e-4", "j-2", "n1", "AskForBid"));
+    await a.flush();
+    await eventually(
+      "B follows A's executions",
+      () => on(b, "n1").join() === "e-4" && on(b, "n2").join() === "e-3",
+    );
+
+    a.forgetJob("j-2");
+    t.same([on(a, "n1"), on(a, "n2")], [[], []], "a job forgotten takes its executions along");
+    const c = await open("orch-c");
+    t.teardown(() => c.close());
+    t.same([on(c, "n1"), on(c, "n2")], [["e-4"], ["e-3"]], "rebuilt when the state is loaded");
+  },
+);

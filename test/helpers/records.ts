@@ -1,7 +1,7 @@
 import { createHash } from "node:crypto";
 import { separateModules, wasmJobSpec } from "../../core/index.js";
 import type { MessageBody } from "../../fabric/protocol.js";
-import type { JobRecord } from "../../orchestrator/records.js";
+import type { ExecutionRecord, JobRecord } from "../../orchestrator/records.js";
 
 /** The smallest WebAssembly module: its header. */
 export const EMPTY_MODULE = Buffer.from([0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00]);
@@ -26,6 +26,25 @@ export function jobRecord(id: string, time: number, fields: Partial<JobRecord> =
     CreateTime: time,
     ModifyTime: time,
     ...fields,
+  };
+}
+
+/** An execution of `jobId` on `node` in `state`, created (and last changed) at `time`. */
+export function executionRecord(
+  id: string,
+  jobId: string,
+  state: ExecutionRecord["State"],
+  { node = "n1", time = Date.now() }: { node?: string; time?: number } = {},
+): ExecutionRecord {
+  return {
+    ID: id,
+    JobID: jobId,
+    NodeID: node,
+    State: state,
+    StateMessage: state,
+    Resources: { cpu: 0.1, memory: 1 },
+    CreateTime: time,
+    ModifyTime: time,
   };
 }
 
