@@ -12,6 +12,7 @@ import {
   parseByteSize,
   parseDuration,
   parseJobSpec,
+  SHOAL_VERSION,
   type ShoalConfig,
   silentLogger,
 } from "../core/index.js";
@@ -32,7 +33,6 @@ import {
   subjects,
   type VerifiedEnvelope,
 } from "../fabric/index.js";
-import pkg from "../package.json" with { type: "json" };
 import { decideOnRefusal, readAdmission, recordAdmission } from "./broker-admission.js";
 import { CapacityLedger } from "./capacity-ledger.js";
 import { CertificateRenewer } from "./certificate-renewal.js";
@@ -47,9 +47,6 @@ import { decideBid, type JobSelectionPolicy, jobDemand } from "./job-selection.j
 import { defaultTlsFiles, loadNodeIdentity, type NodeIdentity } from "./node-identity.js";
 import { ResultSpool, type SpooledResult } from "./result-spool.js";
 import { StoredModules } from "./stored-modules.js";
-
-/** The Shoal version a node reports when it registers. */
-export const COMPUTE_VERSION: string = pkg.version;
 
 /** Running executions may finish for this long when the node shuts down. @default 30 s */
 export const DEFAULT_SHUTDOWN_GRACE_MS = 30_000;
@@ -75,7 +72,7 @@ export interface ComputeNodeOptions {
    * (`--join`, `--ca-fingerprint`, `--id`); ignored once enrolled.
    */
   join?: JoinOptions;
-  /** @default COMPUTE_VERSION */
+  /** The version the node reports when it registers. @default SHOAL_VERSION */
   version?: string;
   /** @default DEFAULT_SHUTDOWN_GRACE_MS */
   shutdownGraceMs?: number;
@@ -848,7 +845,7 @@ export class ComputeNode {
       labels: { ...this.#labels },
       capacity: { ...this.#ledger!.capacity },
       engines: [...this.#policy!.engines],
-      version: this.#o.version ?? COMPUTE_VERSION,
+      version: this.#o.version ?? SHOAL_VERSION,
       executions: this.#heldExecutions(),
     };
     const msg = await this.#fabric!.request(

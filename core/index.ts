@@ -12,3 +12,4 @@ export * from "./log-throttle.js";
 export * from "./logger.js";
 export * from "./node-labels.js";
 export * from "./tally.js";
+export * from "./version.js";

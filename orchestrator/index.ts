@@ -2,10 +2,6 @@
  * The orchestrator: the daemon (`shoal orchestrator serve`), its HTTPS API, the
  * node registry, the dispatcher and the KV-backed job store.
  */
-import pkg from "../package.json" with { type: "json" };
-
-/** The version the API reports at `GET /api/v1/agent/version`. */
-export const ORCHESTRATOR_VERSION: string = pkg.version;
 
 export { type ApiErrorBody, type ApiOptions, type ApiSecurity, buildApi } from "./api.js";
 export {

@@ -1,5 +1,5 @@
-import { createLogger } from "../../core/index.js";
-import { ORCHESTRATOR_VERSION, Orchestrator } from "../../orchestrator/index.js";
+import { createLogger, SHOAL_VERSION } from "../../core/index.js";
+import { Orchestrator } from "../../orchestrator/index.js";
 import { type ConfigArgs, loadConfigFromArgv, withConfigOptions } from "../config-options.js";
 import type { CommandModule } from "./index.js";
 
@@ -24,7 +24,7 @@ export const orchestratorCommand: CommandModule = (cli) =>
         async (argv: ServeArgs) => {
           const config = await loadConfigFromArgv(argv, { "data-dir": "DataDir" });
           const logger = createLogger({ level: config.Logging.Level, format: config.Logging.Format });
-          const daemon = new Orchestrator({ config, logger, version: ORCHESTRATOR_VERSION });
+          const daemon = new Orchestrator({ config, logger, version: SHOAL_VERSION });
           let signals = 0;
           const onSignal = (signal: NodeJS.Signals) => {
             signals++;
