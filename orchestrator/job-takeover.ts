@@ -70,6 +70,8 @@ export class JobTakeover {
   #lapsed = false;
   #timer: NodeJS.Timeout | undefined;
   #ticking: Promise<void> | undefined;
+  /** A takeover round under way: it reads the others' leases, which may wait out a JetStream timeout. */
+  #judging: Promise<void> | undefined;
   #released = false;
 
   /** `kv`: the lease bucket ({@link openLeases}). */
@@ -106,6 +108,7 @@ export class JobTakeover {
     if (!release) return;
     this.#released = true;
     await this.#ticking;
+    await this.#judging;
     try {
       await this.#o.store.flush();
       await this.#kv.put(this.#o.owner, JSON.stringify({ ...this.#record(), Released: true }));
@@ -115,7 +118,13 @@ export class JobTakeover {
     }
   }
 
-  /** One round: renew, then (holding the lease) take over the jobs of orchestrators whose lease expired. */
+  /**
+   * One round: renew, then (holding the lease) take over the jobs of
+   * orchestrators whose lease expired. The takeover goes on beside the next
+   * rounds: its reads of the others' leases can wait out the JetStream
+   * timeout (15 s in a cluster) while a stream leader is elected, and
+   * renewals held up behind them let this orchestrator's own lease lapse.
+   */
   #tick(): Promise<void> {
     this.#ticking ??= this.#round().finally(() => {
       this.#ticking = undefined;
@@ -127,10 +136,15 @@ export class JobTakeover {
     try {
       if (this.#released || !(await this.#renew())) return;
       if (this.#lapsed) await this.#regained();
-      await this.#takeOver();
     } catch (err) {
       this.#o.log.warn({ err }, "lease round failed");
+      return;
     }
+    this.#judging ??= this.#takeOver()
+      .catch((err: unknown) => this.#o.log.warn({ err }, "takeover round failed"))
+      .finally(() => {
+        this.#judging = undefined;
+      });
   }
 
   #record(): LeaseRecord {
@@ -197,13 +211,14 @@ export class JobTakeover {
       if (owner === undefined || owner === this.#o.owner || TERMINAL_JOB_STATES.has(job.State)) continue;
       owners.set(job.ID, owner);
     }
-    const gone = new Set<string>();
-    for (const owner of new Set(owners.values())) {
-      if (await this.#expired(owner)) gone.add(owner);
-    }
+    const candidates = [...new Set(owners.values())];
+    const judged = await Promise.all(candidates.map((owner) => this.#expired(owner)));
+    const gone = new Set(candidates.filter((_, i) => judged[i]));
     const expired = [...owners].filter(([, owner]) => gone.has(owner));
     const taken: string[] = [];
     for (const [id, owner] of expired) {
+      // The reads may have taken long: no claim once this orchestrator's own lease lapsed meanwhile.
+      if (!this.acting) break;
       // Only from the owner judged gone: not from one that took the job over meanwhile.
       const job = await this.#o.store.claimJob(
         id,
