@@ -204,17 +204,12 @@ export class JobTakeover {
   }
 
   async #takeOver(): Promise<void> {
-    /** Job id → its owner; owner → whether its lease expired. */
-    const owners = new Map<string, string>();
-    for (const job of this.#o.store.jobs.values()) {
-      const owner = job.Orchestrator;
-      if (owner === undefined || owner === this.#o.owner || TERMINAL_JOB_STATES.has(job.State)) continue;
-      owners.set(job.ID, owner);
-    }
-    const candidates = [...new Set(owners.values())];
+    const store = this.#o.store;
+    const candidates = store.ownersOfUnfinishedJobs().filter((owner) => owner !== this.#o.owner);
     const judged = await Promise.all(candidates.map((owner) => this.#expired(owner)));
-    const gone = new Set(candidates.filter((_, i) => judged[i]));
-    const expired = [...owners].filter(([, owner]) => gone.has(owner));
+    const expired = candidates
+      .filter((_, i) => judged[i])
+      .flatMap((owner) => store.unfinishedJobsOf(owner).map((job) => [job.ID, owner] as const));
     const taken: string[] = [];
     for (const [id, owner] of expired) {
       // The reads may have taken long: no claim once this orchestrator's own lease lapsed meanwhile.

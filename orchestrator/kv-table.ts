@@ -184,10 +184,19 @@ export class KvTable<T> {
 
   /** The rows in `group` of the grouping named `grouping` (the table's `groups` option), in no order. */
   *inGroup(grouping: string, group: string): Generator<T> {
-    const keys = this.#groups.get(grouping);
-    if (!keys) throw new Error(`the ${this.#bucket} table keeps no grouping ${grouping}`);
     // A copy: the caller may change rows as it goes.
-    for (const key of [...keys.keysIn(group)]) yield this.#rows.get(key)!;
+    for (const key of [...this.#grouping(grouping).keysIn(group)]) yield this.#rows.get(key)!;
+  }
+
+  /** The groups of the grouping named `grouping` that hold rows now. */
+  groups(grouping: string): string[] {
+    return this.#grouping(grouping).groups();
+  }
+
+  #grouping(name: string): Grouping<T> {
+    const grouping = this.#groups.get(name);
+    if (!grouping) throw new Error(`the ${this.#bucket} table keeps no grouping ${name}`);
+    return grouping;
   }
 
   #setRow(key: string, value: T): void {
@@ -358,6 +367,10 @@ class Grouping<T> {
 
   keysIn(group: string): ReadonlySet<string> {
     return this.#keys.get(group) ?? new Set();
+  }
+
+  groups(): string[] {
+    return [...this.#keys.keys()];
   }
 }
 

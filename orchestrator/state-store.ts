@@ -11,6 +11,7 @@ import {
   type JobState,
   type NodeRecord,
   TERMINAL_EXECUTION_STATES,
+  TERMINAL_JOB_STATES,
 } from "./records.js";
 
 /** The KV buckets the orchestrator keeps its state in. */
@@ -129,6 +130,13 @@ export class StateStore {
       open<JobRecord>(BUCKETS.jobs, true, {
         // Listed newest first (JobService.list).
         rank: (job) => job.CreateTime,
+        // Read at each takeover round (JobTakeover).
+        groups: {
+          owner: (job) =>
+            TERMINAL_JOB_STATES.has(job.State) || job.Orchestrator === undefined
+              ? undefined
+              : job.Orchestrator,
+        },
         onConflict: (_id, job) => {
           if (job && store) store.#emitJob(job);
         },
@@ -308,6 +316,16 @@ export class StateStore {
 
   executionsOf(jobId: string): ExecutionRecord[] {
     return [...this.executions.inGroup("job", jobId)].sort((a, b) => a.CreateTime - b.CreateTime);
+  }
+
+  /** The orchestrators named as the owner of a job that has not ended. */
+  ownersOfUnfinishedJobs(): string[] {
+    return this.jobs.groups("owner");
+  }
+
+  /** The jobs that have not ended and name `owner` as their owner, in no order. */
+  unfinishedJobsOf(owner: string): JobRecord[] {
+    return [...this.jobs.inGroup("owner", owner)];
   }
 
   /** The node's executions that have not ended (its own view of them may differ), in no order. */

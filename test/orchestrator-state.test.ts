@@ -392,3 +392,37 @@ t.test(
     t.same([on(c, "n1"), on(c, "n2")], [["e-4"], ["e-3"]], "rebuilt when the state is loaded");
   },
 );
+
+t.test("each orchestrator's unfinished jobs are indexed by owner as they change hands and end", async (t) => {
+  const url = await startJetStream(t, await tempDir(t, "shoal-state-by-owner-"));
+  const nc = await connect({ servers: url });
+  t.teardown(() => nc.close());
+  const open = (owner: string) => StateStore.open(jetstream(nc), silentLogger, { owner });
+  const [a, b] = [await open("orch-a"), await open("orch-b")];
+  t.teardown(() => {
+    a.close();
+    b.close();
+  });
+  const owners = (store: StateStore) => store.ownersOfUnfinishedJobs().sort().join();
+  const of = (store: StateStore, owner: string) =>
+    store
+      .unfinishedJobsOf(owner)
+      .map((j) => j.ID)
+      .sort()
+      .join();
+  b.putJob({ ...job("j-1", 1), State: "Running", Orchestrator: "orch-b" });
+  b.putJob({ ...job("j-2", 1), State: "Queued", Orchestrator: "orch-b" });
+  b.putJob({ ...job("j-3", 1), State: "Completed", Orchestrator: "orch-b" });
+  a.putJob({ ...job("j-4", 1), State: "Pending", Orchestrator: "orch-a" });
+  await b.flush();
+  await eventually("A follows B's jobs", () => of(a, "orch-b") === "j-1,j-2");
+  t.equal(owners(a), "orch-a,orch-b", "a finished job names no owner here");
+
+  t.ok(await a.claimJob("j-2", () => true, "test"), "A takes j-2 over");
+  t.equal(of(a, "orch-a"), "j-2,j-4");
+  const j1 = b.jobs.get("j-1")!;
+  b.setJobState(j1, "Failed", "lost");
+  await b.flush();
+  await eventually("A follows j-1's end", () => owners(a) === "orch-a");
+  t.equal(of(a, "orch-b"), "", "an owner whose jobs all ended is no longer one");
+});
