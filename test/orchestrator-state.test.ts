@@ -348,18 +348,23 @@ t.test("a job's flush reports its own records' failure, not another job's writte
   t.equal(await store.jobs.stored("j-huge"), undefined);
 });
 
+/** The stores of two orchestrators of a cluster, orch-a and orch-b, on one JetStream; `open` opens more. */
+async function cluster(t: Test, prefix: string) {
+  const url = await startJetStream(t, await tempDir(t, prefix));
+  const nc = await connect({ servers: url });
+  t.teardown(() => nc.close());
+  const open = async (owner: string) => {
+    const store = await StateStore.open(jetstream(nc), silentLogger, { owner });
+    t.teardown(() => store.close());
+    return store;
+  };
+  return { open, a: await open("orch-a"), b: await open("orch-b") };
+}
+
 t.test(
   "each node's unfinished executions are indexed as they change, followed, forgotten and reloaded",
   async (t) => {
-    const url = await startJetStream(t, await tempDir(t, "shoal-state-by-node-"));
-    const nc = await connect({ servers: url });
-    t.teardown(() => nc.close());
-    const open = (owner: string) => StateStore.open(jetstream(nc), silentLogger, { owner });
-    const [a, b] = [await open("orch-a"), await open("orch-b")];
-    t.teardown(() => {
-      a.close();
-      b.close();
-    });
+    const { open, a, b } = await cluster(t, "shoal-state-by-node-");
     const on = (store: StateStore, node: string) =>
       store
         .unfinishedExecutionsOn(node)
@@ -388,21 +393,12 @@ t.test(
     a.forgetJob("j-2");
     t.same([on(a, "n1"), on(a, "n2")], [[], []], "a job forgotten takes its executions along");
     const c = await open("orch-c");
-    t.teardown(() => c.close());
     t.same([on(c, "n1"), on(c, "n2")], [["e-4"], ["e-3"]], "rebuilt when the state is loaded");
   },
 );
 
 t.test("each orchestrator's unfinished jobs are indexed by owner as they change hands and end", async (t) => {
-  const url = await startJetStream(t, await tempDir(t, "shoal-state-by-owner-"));
-  const nc = await connect({ servers: url });
-  t.teardown(() => nc.close());
-  const open = (owner: string) => StateStore.open(jetstream(nc), silentLogger, { owner });
-  const [a, b] = [await open("orch-a"), await open("orch-b")];
-  t.teardown(() => {
-    a.close();
-    b.close();
-  });
+  const { a, b } = await cluster(t, "shoal-state-by-owner-");
   const owners = (store: StateStore) => store.ownersOfUnfinishedJobs().sort().join();
   const of = (store: StateStore, owner: string) =>
     store
