@@ -1,5 +1,5 @@
 import "reflect-metadata";
-import { type JetStreamClient, jetstream } from "@nats-io/jetstream";
+import { type ConsumerMessages, type JetStreamClient, type JsMsg, jetstream } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import { connect } from "@nats-io/transport-node";
 import t, { type Test } from "tap";
@@ -198,4 +198,83 @@ t.test("a bucket is read whole in one stream: each key's last value, no deleted 
     read.every((c) => c.key === `k${Buffer.from(c.value).toString()}`),
     "each with its own value",
   );
+  // Asked every millisecond whether anything is still to come, the read still waits for all of it.
+  t.equal((await readBucket(js, "follow", 1)).length, many, "idle checks do not cut it short");
+});
+
+/** `js` whose push consumers' `consume` is `consume(real)`. */
+function withConsume(
+  js: JetStreamClient,
+  consume: (real: () => Promise<ConsumerMessages>) => Promise<ConsumerMessages>,
+): JetStreamClient {
+  const consumers = new Proxy(js.consumers, {
+    get: (target, prop) =>
+      prop === "getPushConsumer"
+        ? async (...args: Parameters<JetStreamClient["consumers"]["getPushConsumer"]>) => {
+            const consumer = await target.getPushConsumer(...args);
+            return new Proxy(consumer, {
+              get: (c, name) => {
+                if (name === "consume") return () => consume(() => c.consume());
+                const value = Reflect.get(c, name) as unknown;
+                return typeof value === "function" ? value.bind(c) : value;
+              },
+            });
+          }
+        : Reflect.get(target, prop),
+  });
+  return new Proxy(js, {
+    get: (target, prop) => (prop === "consumers" ? consumers : Reflect.get(target, prop)),
+  });
+}
+
+t.test(
+  "a read whose pending messages are purged before delivery ends without the 30 s heartbeat",
+  async (t) => {
+    const { js, kv } = await bucket(t);
+    await kv.put("a", "1");
+    await kv.put("b", "1");
+    const jsm = await js.jetstreamManager();
+    // Between the consumer's creation (2 pending) and its delivery, everything is purged.
+    const purged = withConsume(js, async (consume) => {
+      await jsm.streams.purge("KV_follow");
+      return consume();
+    });
+    const started = performance.now();
+    t.same(await readBucket(purged, "follow", 200), [], "nothing is left");
+    t.ok(performance.now() - started < 5_000, "ended by the idle check, not the 30 s heartbeat");
+  },
+);
+
+t.test("a read whose messages are delivered but not read yet is not ended by the idle check", async (t) => {
+  const { js, kv } = await bucket(t);
+  await Promise.all(Array.from({ length: 20 }, (_, i) => kv.put(`k${i}`, `${i}`)));
+  // All 20 are delivered at once (nothing pending) and handed out 20 ms apart; a stop drops
+  // what was not handed out yet, as nats.js drops messages that arrive after a stop.
+  const slow = withConsume(js, async (consume) => {
+    const messages = await consume();
+    const delivered: JsMsg[] = [];
+    for await (const m of messages) if (delivered.push(m) === 20) break;
+    let stopped = false;
+    return new Proxy(messages, {
+      get: (m, name) => {
+        if (name === "stop") {
+          return () => {
+            stopped = true;
+          };
+        }
+        if (name === Symbol.asyncIterator) {
+          return () => ({
+            next: async () => {
+              await new Promise((r) => setTimeout(r, 20));
+              const value = stopped ? undefined : delivered.shift();
+              return value ? { value, done: false } : { value: undefined, done: true };
+            },
+          });
+        }
+        const value = Reflect.get(m, name) as unknown;
+        return typeof value === "function" ? value.bind(m) : value;
+      },
+    });
+  });
+  t.equal((await readBucket(slow, "follow", 5)).length, 20, "every key, though checks came in between");
 });
