@@ -33,6 +33,8 @@ export interface KvTableOptions<T> {
    * under each grouping's name, for {@link KvTable.inGroup}.
    */
   groups?: Record<string, (row: T) => string | undefined>;
+  /** Counts the rows by a key of each, under each tally's name, for {@link KvTable.tally}. */
+  tallies?: Record<string, (row: T) => string>;
 }
 
 /** Which changes of other writers a shared table applies, and what to do after. */
@@ -63,6 +65,7 @@ export class KvTable<T> {
   readonly #onConflict: KvTableOptions<T>["onConflict"];
   readonly #order: OrderedKeys<T> | undefined;
   readonly #groups: Map<string, Grouping<T>>;
+  readonly #tallies: Map<string, { of: (row: T) => string; counts: Tally }>;
   #stopFollowing: (() => void) | undefined;
   /** Other writers' changes that arrived before {@link follow} was called. */
   readonly #early: KvChange[] = [];
@@ -85,6 +88,9 @@ export class KvTable<T> {
     this.#order = options.rank ? new OrderedKeys(options.rank) : undefined;
     this.#groups = new Map(
       Object.entries(options.groups ?? {}).map(([name, of]) => [name, new Grouping(of)]),
+    );
+    this.#tallies = new Map(
+      Object.entries(options.tallies ?? {}).map(([name, of]) => [name, { of, counts: new Tally() }]),
     );
   }
 
@@ -193,6 +199,13 @@ export class KvTable<T> {
     return this.#grouping(grouping).groups();
   }
 
+  /** How many rows have each key of the tally named `name` (the table's `tallies` option), kept as rows change. */
+  tally(name: string): ReadonlyMap<string, number> {
+    const tally = this.#tallies.get(name);
+    if (!tally) throw new Error(`the ${this.#bucket} table keeps no tally ${name}`);
+    return new Map([...tally.counts.keys()].map((key) => [key, tally.counts.get(key)]));
+  }
+
   #grouping(name: string): Grouping<T> {
     const grouping = this.#groups.get(name);
     if (!grouping) throw new Error(`the ${this.#bucket} table keeps no grouping ${name}`);
@@ -204,6 +217,10 @@ export class KvTable<T> {
     this.#rows.set(key, value);
     this.#order?.set(key, value, previous);
     for (const grouping of this.#groups.values()) grouping.move(key, previous, value);
+    for (const { of, counts } of this.#tallies.values()) {
+      if (previous !== undefined) counts.remove(of(previous));
+      counts.add(of(value));
+    }
   }
 
   #deleteRow(key: string): void {
@@ -212,6 +229,7 @@ export class KvTable<T> {
     this.#rows.delete(key);
     this.#order?.delete(key, previous);
     for (const grouping of this.#groups.values()) grouping.move(key, previous, undefined);
+    for (const { of, counts } of this.#tallies.values()) counts.remove(of(previous));
   }
 
   /** Sets `key` in memory now and in KV with the next flush. */

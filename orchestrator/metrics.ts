@@ -3,14 +3,17 @@ import type { StateStore } from "./state-store.js";
 
 /** Seconds: an API request is milliseconds; a followed job's stream is minutes. */
 const API_SECONDS_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 300];
+/** Joins the label values of a count's key. */
+const LABELS = "\0";
 
 /**
  * The orchestrator's Prometheus metrics, served at `GET /api/v1/agent/metrics`
  * (action `agent:metrics`). One registry per orchestrator, so several in one
  * process (tests, benchmarks) keep apart. What the state store holds is
- * counted when scraped; what passes (requests, refusals, job endings) is
- * counted as it happens. Every label has a bounded set of values: route
- * templates, states, message kinds, error codes.
+ * read when scraped (jobs and executions from counts kept as they change);
+ * what passes (requests, refusals, job endings) is counted as it happens.
+ * Every label has a bounded set of values: route templates, states, message
+ * kinds, error codes.
  */
 export class OrchestratorMetrics {
   readonly registry = new Registry();
@@ -45,20 +48,28 @@ export class OrchestratorMetrics {
 
   /** @param store what is counted at each scrape: jobs, executions and nodes by state. */
   constructor(store: StateStore) {
+    // Jobs and executions are counted as they change: a scan of 100,000 held the event loop 20-35 ms.
     this.#counted(
       "shoal_jobs",
       "Jobs known to this orchestrator (in a cluster: every orchestrator's), by state.",
       ["state"],
-      () => [...store.jobs.values()].map((j) => [j.State]),
+      () => store.jobs.tally("state"),
     );
     this.#counted("shoal_executions", "Executions known to this orchestrator, by state.", ["state"], () =>
-      [...store.executions.values()].map((e) => [e.State]),
+      store.executions.tally("state"),
     );
     this.#counted(
       "shoal_nodes",
       "Compute nodes by approval and health (as this orchestrator sees them).",
       ["approval", "health"],
-      () => [...store.nodes.values()].map((n) => [n.Approval, n.Health]),
+      () => {
+        const counts = new Map<string, number>();
+        for (const n of store.nodes.values()) {
+          const key = [n.Approval, n.Health].join(LABELS);
+          counts.set(key, (counts.get(key) ?? 0) + 1);
+        }
+        return counts;
+      },
     );
     collectDefaultMetrics({ register: this.registry });
   }
@@ -67,8 +78,16 @@ export class OrchestratorMetrics {
     return new Counter({ name, help, labelNames: [label], registers: [this.registry] });
   }
 
-  /** A gauge of how many of `items()` (each its label values) have each combination, counted at each scrape. */
-  #counted(name: string, help: string, labelNames: string[], items: () => string[][]): void {
+  /**
+   * A gauge set at each scrape from `counts()`: how many have each
+   * combination of label values (joined by {@link LABELS}).
+   */
+  #counted(
+    name: string,
+    help: string,
+    labelNames: string[],
+    counts: () => ReadonlyMap<string, number>,
+  ): void {
     new Gauge({
       name,
       help,
@@ -76,14 +95,8 @@ export class OrchestratorMetrics {
       registers: [this.registry],
       collect() {
         this.reset();
-        const counts = new Map<string, { labels: string[]; n: number }>();
-        for (const labels of items()) {
-          const key = labels.join("\0");
-          const c = counts.get(key) ?? { labels, n: 0 };
-          c.n++;
-          counts.set(key, c);
-        }
-        for (const { labels, n } of counts.values()) {
+        for (const [key, n] of counts()) {
+          const labels = key.split(LABELS);
           this.set(Object.fromEntries(labelNames.map((l, i) => [l, labels[i]!])), n);
         }
       },

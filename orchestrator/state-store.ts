@@ -110,7 +110,7 @@ export class StateStore {
     const open = async <T>(
       bucket: string,
       followed: boolean,
-      more: Pick<KvTableOptions<T>, "onConflict" | "rank" | "groups"> = {},
+      more: Pick<KvTableOptions<T>, "onConflict" | "rank" | "groups" | "tallies"> = {},
     ) =>
       KvTable.open<T>(
         await kvm.create(bucket, { history: 1, replicas: options.replicas ?? 1 }),
@@ -121,6 +121,7 @@ export class StateStore {
           jsm,
           ...(more.rank ? { rank: more.rank } : {}),
           ...(more.groups ? { groups: more.groups } : {}),
+          ...(more.tallies ? { tallies: more.tallies } : {}),
           ...(cluster && followed
             ? { shared: true, ...(more.onConflict ? { onConflict: more.onConflict } : {}) }
             : {}),
@@ -130,6 +131,8 @@ export class StateStore {
       open<JobRecord>(BUCKETS.jobs, true, {
         // Listed newest first (JobService.list).
         rank: (job) => job.CreateTime,
+        // Counted at each scrape (OrchestratorMetrics).
+        tallies: { state: (job) => job.State },
         // Read at each takeover round (JobTakeover).
         groups: {
           owner: (job) =>
@@ -142,6 +145,7 @@ export class StateStore {
         },
       }),
       open<ExecutionRecord>(BUCKETS.executions, true, {
+        tallies: { state: (e) => e.State },
         groups: {
           job: (e) => e.JobID,
           // What a node holds or is about to: read per node as it registers or is lost.

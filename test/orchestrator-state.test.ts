@@ -422,3 +422,36 @@ t.test("each orchestrator's unfinished jobs are indexed by owner as they change 
   await eventually("A follows j-1's end", () => owners(a) === "orch-a");
   t.equal(of(a, "orch-b"), "", "an owner whose jobs all ended is no longer one");
 });
+
+t.test(
+  "jobs and executions are counted by state as they change, are followed, forgotten and reloaded",
+  async (t) => {
+    const { open, a, b } = await cluster(t, "shoal-state-tally-");
+    const sorted = (tally: ReadonlyMap<string, number>) => Object.fromEntries([...tally].sort());
+    const counts = (store: StateStore) => ({
+      jobs: sorted(store.jobs.tally("state")),
+      executions: sorted(store.executions.tally("state")),
+    });
+    let j1: JobRecord = { ...job("j-1", 1), Orchestrator: "orch-a" };
+    a.putJob(j1);
+    a.putJob({ ...job("j-2", 1), Orchestrator: "orch-a" });
+    a.putExecution(executionRecord("e-1", "j-1", "Running"));
+    t.same(counts(a), { jobs: { Pending: 2 }, executions: { Running: 1 } });
+    j1 = a.setJobState(j1, "Completed", "done");
+    a.setExecutionState(a.executions.get("e-1")!, "Completed", "exit code 0");
+    t.same(
+      counts(a),
+      { jobs: { Pending: 1, Completed: 1 }, executions: { Completed: 1 } },
+      "a change moves a count",
+    );
+    await a.flush();
+    await eventually("B counts A's writes", () => JSON.stringify(counts(b)) === JSON.stringify(counts(a)));
+    a.forgetJob("j-1");
+    t.same(counts(a), { jobs: { Pending: 1 }, executions: {} }, "a job forgotten is no longer counted");
+    t.same(
+      counts(await open("orch-c")),
+      { jobs: { Pending: 1, Completed: 1 }, executions: { Completed: 1 } },
+      "a load counts",
+    );
+  },
+);
