@@ -463,9 +463,17 @@ export class ExecutionManager {
     try {
       started = await this.#o.spool.begin(jobId, { ...rest, executionId }, files);
     } catch (err) {
-      log.error({ err }, "cannot spool the result of an execution; it is lost");
-      await retireAfter();
-      return;
+      // Only the files can fail here (a full disk, most often): the execution is reported
+      // Failed without them, a result without files being sent while it is written, and
+      // kept in memory if that write fails too. Reporting nothing would leave the
+      // orchestrator waiting for the execution's timeout.
+      log.error({ err }, "cannot spool the result's files; the execution is reported Failed without them");
+      const failure = `the node cannot store the result's files: ${describeFailure(err)}`;
+      started = await this.#o.spool.begin(
+        jobId,
+        { ...rest, executionId, state: "Failed", error: failure },
+        [],
+      );
     }
     const { entry: result } = started;
     log.info({ state: result.result.state, exitCode: result.result.exitCode }, "execution finished");

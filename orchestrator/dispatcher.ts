@@ -130,6 +130,8 @@ export class Dispatcher implements JobDispatch {
    */
   readonly #reserved = new Map<string, { jobId: string; nodeId: string; resources: Resources }>();
   readonly #deadlines = new Map<string, NodeJS.Timeout>();
+  /** Why the result of an active execution could not be stored here (last attempt), for its timeout's message. */
+  readonly #unstored = new Map<string, string>();
   readonly #queueTimers = new Map<string, NodeJS.Timeout>();
   /** Queued jobs in submission order, re-examined whenever capacity or nodes change. */
   readonly #queue = new Set<string>();
@@ -474,7 +476,15 @@ export class Dispatcher implements JobDispatch {
         );
         return;
       }
-      if (!(await this.#o.results.stageChunk(body))) {
+      let staged: boolean;
+      try {
+        staged = await this.#o.results.stageChunk(body);
+      } catch (err) {
+        // Its manifest is not answered (#notStored): the node sends the whole result again.
+        this.#warn(nodeId, { execution: e.ID, err }, "result chunk not staged");
+        return;
+      }
+      if (!staged) {
         this.#warn(
           nodeId,
           { execution: e.ID, file: body.file, index: body.index },
@@ -489,7 +499,9 @@ export class Dispatcher implements JobDispatch {
    * stored — only after the files and the execution's new state are durable,
    * because the node deletes its copy when it reads `stored: true`. Runs after
    * the chunks that arrived before it have been staged. Resolves to undefined
-   * when the execution is another orchestrator's: its owner answers, not this one.
+   * when the execution is another orchestrator's (its owner answers, not this
+   * one), and when this orchestrator cannot store it (a full disk, a store
+   * that is down): the node keeps the result and sends it again later.
    */
   handleResult(
     nodeId: string,
@@ -501,8 +513,23 @@ export class Dispatcher implements JobDispatch {
         await this.#o.results.discardStaged(body.executionId);
         return undefined;
       }
-      return this.#storeResult(nodeId, body);
+      try {
+        return await this.#storeResult(nodeId, body);
+      } catch (err) {
+        this.#notStored(nodeId, body.executionId, err);
+        return undefined;
+      }
     });
+  }
+
+  /** A result this orchestrator could not store: logged, and named by its execution's timeout. */
+  #notStored(nodeId: string, executionId: string, err: unknown): void {
+    this.#o.log.error(
+      { err, node: nodeId, execution: executionId },
+      "cannot store a result here; the node keeps it and sends it again",
+    );
+    const e = this.#o.store.executions.get(executionId);
+    if (e && isActive(e)) this.#unstored.set(executionId, (err as Error).message);
   }
 
   async #storeResult(nodeId: string, body: MessageBody<"result">): Promise<MessageBody<"result-reply">> {
@@ -715,6 +742,7 @@ export class Dispatcher implements JobDispatch {
     const wasActive = isActive(e);
     const next = this.#o.store.setExecutionState(e, state, message, extra);
     if (wasActive && !isActive(next)) {
+      this.#unstored.delete(e.ID);
       this.#release(e.ID);
       this.#scheduleReexamine();
     }
@@ -801,8 +829,16 @@ export class Dispatcher implements JobDispatch {
         this.#deadlines.delete(e.ID);
         const current = this.#o.store.executions.get(e.ID);
         if (!current || !isActive(current) || !this.#o.store.isMine(current.JobID)) return;
-        void this.#cancelOnNode(current, "execution timeout");
-        this.#endExecution(current, "Failed", "execution timeout: the node did not finish in time");
+        const unstored = this.#unstored.get(e.ID);
+        // A node whose result could not be stored has finished: a cancel would make it drop the result.
+        if (unstored === undefined) void this.#cancelOnNode(current, "execution timeout");
+        this.#endExecution(
+          current,
+          "Failed",
+          unstored === undefined
+            ? "execution timeout: the node did not finish in time"
+            : `execution timeout: its result came but could not be stored here (${unstored}); the node keeps it and sends it again`,
+        );
       },
       Math.max(0, e.Deadline - now) + grace,
     );

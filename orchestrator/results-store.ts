@@ -5,7 +5,7 @@ import { Readable } from "node:stream";
 import type { ReadableStream } from "node:stream/web";
 import type { JetStreamManager } from "@nats-io/jetstream";
 import type { ObjectStore } from "@nats-io/obj";
-import { MAX_RESULT_TOTAL_BYTES, modifiedTimes } from "../core/index.js";
+import { FileWriteError, MAX_RESULT_TOTAL_BYTES, modifiedTimes } from "../core/index.js";
 import type { MessageBody } from "../fabric/protocol.js";
 import type { ExecutionRecord, ResultFile } from "./records.js";
 import { objectChunks, objectInfo, purgeObject } from "./stored-objects.js";
@@ -24,6 +24,13 @@ export interface SharedObjects {
 
 /** Why a result manifest was not stored; sent back in result-reply `reason`. */
 export class ResultRejected extends Error {}
+
+/**
+ * A result this orchestrator cannot store for a reason of its own (a full
+ * disk, say), not the node's: no reply is sent, so the node keeps the result
+ * and sends it again later, where a {@link ResultRejected} counts against it.
+ */
+export class ResultNotStored extends Error {}
 
 const SEGMENT = /^[A-Za-z0-9._-]+$/;
 
@@ -63,6 +70,8 @@ export class ResultsStore {
   readonly #maxStagedBytes: number;
   /** Per execution, the bytes staged and each chunk's size (by its file), so a resent chunk counts once. */
   readonly #staged = new Map<string, { bytes: number; sizes: Map<string, number> }>();
+  /** Per execution, why staging one of its chunks failed here, until its manifest comes. */
+  readonly #unstaged = new Map<string, Error>();
 
   /**
    * `maxStagedBytes`: most bytes of chunks staged for one execution, so a node
@@ -88,7 +97,9 @@ export class ResultsStore {
 
   /**
    * Stages one chunk after checking its digest; returns false (and keeps
-   * nothing) for a bad one, or one past the execution's staging cap.
+   * nothing) for a bad one, or one past the execution's staging cap. One that
+   * cannot be written (a full disk) leaves nothing either, throws, and makes
+   * the execution's next {@link commit} throw {@link ResultNotStored}.
    */
   async stageChunk(chunk: MessageBody<"result-chunk">): Promise<boolean> {
     if (!isSafeResultName(chunk.file)) return false;
@@ -102,8 +113,18 @@ export class ResultsStore {
     staged.sizes.set(target, data.length);
     this.#staged.set(chunk.executionId, staged);
     const dir = this.#stagingDir(chunk.executionId);
-    await fs.mkdir(dir, { recursive: true, mode: 0o700 });
-    await fs.writeFile(target, data, { mode: 0o600 });
+    try {
+      await fs.mkdir(dir, { recursive: true, mode: 0o700 });
+      await fs.writeFile(target, data, { mode: 0o600 });
+    } catch (err) {
+      // A part written before the failure would fill the disk and fail the manifest as a bad chunk.
+      await fs.rm(target, { force: true }).catch(() => {});
+      staged.bytes -= data.length;
+      staged.sizes.delete(target);
+      const failure = new FileWriteError(target, err);
+      this.#unstaged.set(chunk.executionId, failure);
+      throw failure;
+    }
     return true;
   }
 
@@ -114,6 +135,12 @@ export class ResultsStore {
    * the first copy.
    */
   async commit(jobId: string, manifest: MessageBody<"result">): Promise<ResultFile[]> {
+    const unstaged = this.#unstaged.get(manifest.executionId);
+    if (unstaged) {
+      // The node sends every chunk again with its next attempt.
+      this.#unstaged.delete(manifest.executionId);
+      throw new ResultNotStored(`a chunk could not be staged: ${unstaged.message}`, { cause: unstaged });
+    }
     const finalDir = this.executionDir(jobId, manifest.executionId);
     const files: ResultFile[] = manifest.files.map((f) => ({ name: f.name, size: f.size, sha256: f.sha256 }));
     if (await exists(finalDir)) {
@@ -157,7 +184,8 @@ export class ResultsStore {
       await fs.rename(tmpDir, finalDir);
     } catch (err) {
       await fs.rm(tmpDir, { recursive: true, force: true });
-      throw err;
+      if (err instanceof ResultRejected) throw err;
+      throw new ResultNotStored(`cannot store the result files: ${(err as Error).message}`, { cause: err });
     }
     await this.discardStaged(manifest.executionId);
     await this.#share(jobId, manifest.executionId, files);
@@ -179,6 +207,7 @@ export class ResultsStore {
 
   async discardStaged(executionId: string): Promise<void> {
     this.#staged.delete(executionId);
+    this.#unstaged.delete(executionId);
     await fs.rm(this.#stagingDir(executionId), { recursive: true, force: true });
   }
 

@@ -1,0 +1,123 @@
+import "reflect-metadata";
+import { execFile } from "node:child_process";
+import { promises as fs } from "node:fs";
+import path from "node:path";
+import { promisify } from "node:util";
+import t, { type Test } from "tap";
+import { startComputeNode, startOrchestrator, tempDir, waitUntil } from "./helpers/cluster.js";
+import { getJob, submitJob, waitForJob, wasmEngine, writeSpec } from "./helpers/e2e-jobs.js";
+
+/**
+ * A full disk, for real: a small tmpfs mounted over a node's data directory,
+ * or over the orchestrator's result files, with real processes. The job
+ * copies an input of 250,000 bytes to a result file of the same size
+ * (dist/wasm/upper.wasm). Needs root to mount (skipped otherwise) and
+ * dist/wasm (scripts/build-wasm).
+ */
+const run = promisify(execFile);
+const INPUT = "x".repeat(250_000);
+
+async function whyNot(): Promise<string | undefined> {
+  if (process.getuid?.() !== 0) return "needs root to mount a tmpfs";
+  const probe = await fs.mkdtemp("/tmp/shoal-tmpfs-probe-");
+  try {
+    await run("mount", ["-t", "tmpfs", "-o", "size=64k", "tmpfs", probe]);
+    await run("umount", [probe]);
+    return undefined;
+  } catch (err) {
+    return `cannot mount a tmpfs: ${(err as Error).message.split("\n")[0]}`;
+  } finally {
+    await fs.rmdir(probe).catch(() => {});
+  }
+}
+
+/** Mounts a tmpfs of `size` over `dir` until the test ends. */
+async function smallDisk(t: Test, dir: string, size: string): Promise<void> {
+  await fs.mkdir(dir, { recursive: true });
+  await run("mount", ["-t", "tmpfs", "-o", `size=${size},mode=0700`, "tmpfs", dir]);
+  t.teardown(() => run("umount", ["-l", dir]).catch(() => {}));
+}
+
+/** The job: upper-cases INPUT into the result file `outputs/out.txt`. */
+async function bigJob(dir: string, timeout: string): Promise<string> {
+  return writeSpec(
+    dir,
+    "big",
+    wasmEngine(path.resolve("dist/wasm/upper.wasm")),
+    `InputSources: [{Alias: text, Target: /inputs/in.txt, Source: {Type: inline, Params: {Content: "${INPUT}"}}}]
+    ResultPaths: [{Name: outputs, Path: /outputs}]
+    Timeouts: {ExecutionTimeout: ${timeout}}`,
+  );
+}
+
+/** Every file under `dir`, as paths relative to it. */
+async function filesUnder(dir: string): Promise<string[]> {
+  const entries = await fs.readdir(dir, { recursive: true, withFileTypes: true });
+  return entries.filter((e) => !e.isDirectory()).map((e) => path.relative(dir, path.join(e.path, e.name)));
+}
+
+const skip = await whyNot();
+if (skip) {
+  t.plan(0, `full-disk tests skipped: ${skip}`);
+} else {
+  t.test(
+    "a node that cannot store a result's files reports the execution Failed at once, and why",
+    async (t) => {
+      const dir = await tempDir(t);
+      const orch = await startOrchestrator(t, path.join(dir, "orch"));
+      const nodeDir = path.join(dir, "n1");
+      // Room for the node's own files and the input, not for the result's copy in the spool too.
+      await smallDisk(t, nodeDir, "600k");
+      await startComputeNode(t, orch, nodeDir, "n1");
+      // A timeout far beyond the wait below: a result that never came would fail the wait.
+      const id = await submitJob(orch, await bigJob(dir, "10m"));
+      const job = await waitForJob(orch, id, "fails", (j) => j.State === "Failed", 30_000);
+      t.match(
+        job.Executions[0]?.StateMessage,
+        /^the node cannot store the result's files: SHOAL_FILE_WRITE: cannot write .*\/spool\/.*: ENOSPC$/,
+      );
+      t.equal(job.Executions[0]?.Stdout, "upper: wrote /outputs/out.txt\n", "what the run printed is kept");
+      t.same(job.Executions[0]?.Results, [], "no files");
+      // Once the failure is acknowledged nothing is left behind: the disk is free for the next job.
+      await waitUntil("the spool is empty", async () =>
+        (await filesUnder(path.join(nodeDir, "spool"))).length === 0 ? true : undefined,
+      );
+      const hello = await submitJob(orch, "configs/jobs/hello.yaml");
+      await waitForJob(orch, hello, "completes on the same node", (j) => j.State === "Completed");
+    },
+  );
+
+  t.test(
+    "an orchestrator that cannot store a result keeps nothing partial, and stores it once there is room",
+    async (t) => {
+      const dir = await tempDir(t);
+      const orch = await startOrchestrator(t, path.join(dir, "orch"));
+      const results = path.join(orch.dataDir, "results");
+      await smallDisk(t, results, "100k");
+      await startComputeNode(t, orch, path.join(dir, "n1"), "n1");
+      const id = await submitJob(orch, await bigJob(dir, "1s"));
+      // The node got no answer: its execution times out here, naming why.
+      const failed = await waitForJob(orch, id, "times out", (j) => j.State === "Failed", 30_000);
+      const execution = failed.Executions[0]!;
+      t.match(
+        execution.StateMessage,
+        /^execution timeout: its result came but could not be stored here \(a chunk could not be staged: cannot write .*\/results\/\.staging\/.*: ENOSPC\); the node keeps it and sends it again$/,
+      );
+      t.same(await filesUnder(results), [], "no part of a chunk is left to fill the disk");
+
+      await run("mount", ["-o", "remount,size=2m", results]);
+      // The node sends it again (within about 10 s of its last try) and this time it is stored.
+      const stored = await waitUntil(
+        "the result is stored",
+        async () => {
+          const e = (await getJob(orch, id)).Executions[0];
+          return e?.Results?.length ? e : undefined;
+        },
+        60_000,
+      );
+      t.equal(stored.State, "Failed", "the execution keeps its state");
+      const out = await fs.readFile(path.join(results, id, execution.ID, "outputs", "out.txt"), "utf8");
+      t.equal(out, INPUT.toUpperCase(), "the whole file");
+    },
+  );
+}
