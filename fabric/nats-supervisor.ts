@@ -205,6 +205,22 @@ export class NatsSupervisor {
     return this.#closing;
   }
 
+  /**
+   * Stops a server that runs but no longer serves (SIGTERM, then SIGKILL after
+   * `graceMs`: a server stuck on its own locks does not finish a shutdown), so
+   * that it is started again as after a crash. Does nothing while the server is
+   * starting or the supervisor is closing.
+   */
+  async restart(reason: string, graceMs = 5_000): Promise<void> {
+    const running = this.#running;
+    if (this.#closing || !running?.wasReady) return;
+    this.#log.error({ reason, pid: running.child.pid }, "stopping nats-server to start it again");
+    running.child.kill("SIGTERM");
+    const killer = setTimeout(() => running.child.kill("SIGKILL"), graceMs);
+    await running.exited;
+    clearTimeout(killer);
+  }
+
   /** Resolves when the supervisor has stopped: to the error that stopped it, if any. */
   closed(): Promise<NatsServerError | undefined> {
     return this.#closed;

@@ -3,7 +3,7 @@ import type { AddressInfo } from "node:net";
 import os from "node:os";
 import path from "node:path";
 import type { Server as TlsServer } from "node:tls";
-import { type JetStreamClient, jetstream } from "@nats-io/jetstream";
+import { type JetStreamClient, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Objm } from "@nats-io/obj";
 import type { FastifyInstance } from "fastify";
 import { loadPolicies } from "../auth/index.js";
@@ -49,6 +49,7 @@ import {
 } from "./external-nats.js";
 import { FabricLink } from "./fabric-link.js";
 import { brokerIdentities, InventoryWatcher } from "./inventory-watch.js";
+import { JETSTREAM_PROBE_TIMEOUT_MS, JetStreamWatchdog } from "./jetstream-watchdog.js";
 import { JobCollector } from "./job-collector.js";
 import { jobRequirements, parseSubmittedJob } from "./job-requirements.js";
 import { JobService } from "./job-service.js";
@@ -221,10 +222,16 @@ export class Orchestrator {
         });
     if (supervisor) {
       this.#cleanups.push(() => supervisor.close());
+      const writePid = () =>
+        fs.writeFile(path.join(natsDir, "nats-server.pid"), String(supervisor.pid ?? ""), { mode: 0o600 });
+      // Kept current when the server is started again (after a crash, or by the watchdog below).
+      void (async () => {
+        for await (const s of supervisor.status()) {
+          if (s.type === "ready") await writePid().catch(() => {});
+        }
+      })();
       await supervisor.start();
-      await fs.writeFile(path.join(natsDir, "nats-server.pid"), String(supervisor.pid ?? ""), {
-        mode: 0o600,
-      });
+      await writePid();
     }
 
     const localUrl = supervisor
@@ -309,6 +316,17 @@ export class Orchestrator {
       opened = await buckets();
     }
     const [store, authStore, shared, pendingEnrollments, leases, sharedResults, sharedModules] = opened;
+    if (supervisor && !cluster) {
+      // A cluster's servers answer JetStream's questions through its meta leader: no local probe.
+      const jsm = await jetstreamManager(fabric.nc, { timeout: JETSTREAM_PROBE_TIMEOUT_MS });
+      const watchdog = new JetStreamWatchdog({
+        probe: () => jsm.getAccountInfo(),
+        restart: (reason) => supervisor.restart(reason),
+        log: this.#log.child({ component: "jetstream-watchdog" }),
+      });
+      watchdog.start();
+      this.#cleanups.push(async () => watchdog.stop());
+    }
     const metrics = new OrchestratorMetrics(store);
     this.#cleanups.push(async () => authStore.close());
     if (shared) this.#cleanups.push(async () => shared.close());

@@ -4,12 +4,21 @@ import { promises as fs } from "node:fs";
 import path from "node:path";
 import { promisify } from "node:util";
 import t, { type Test } from "tap";
+import type { ApiResponseError } from "../cli/api-client.js";
 import { startComputeNode, startOrchestrator, tempDir, waitUntil } from "./helpers/cluster.js";
-import { getJob, submitJob, waitForJob, wasmEngine, writeSpec } from "./helpers/e2e-jobs.js";
+import {
+  getJob,
+  submitJob,
+  waitForJob,
+  wasmEngine,
+  writeNowhereSpec,
+  writeSpec,
+} from "./helpers/e2e-jobs.js";
 
 /**
  * A full disk, for real: a small tmpfs mounted over a node's data directory,
- * or over the orchestrator's result files, with real processes. The job
+ * over the orchestrator's result files, or over its whole data directory,
+ * with real processes. The job
  * copies an input of 250,000 bytes to a result file of the same size
  * (dist/wasm/upper.wasm). Needs root to mount (skipped otherwise) and
  * dist/wasm (scripts/build-wasm).
@@ -118,6 +127,36 @@ if (skip) {
       t.equal(stored.State, "Failed", "the execution keeps its state");
       const out = await fs.readFile(path.join(results, id, execution.ID, "outputs", "out.txt"), "utf8");
       t.equal(out, INPUT.toUpperCase(), "the whole file");
+    },
+  );
+
+  t.test(
+    "an orchestrator whose JetStream hangs on a full disk starts its nats-server again, and loses nothing",
+    async (t) => {
+      const dir = await tempDir(t);
+      const orchDir = path.join(dir, "orch");
+      await smallDisk(t, orchDir, "8m");
+      const orch = await startOrchestrator(t, orchDir);
+      const nowhere = await writeNowhereSpec(dir);
+      const queued = await submitJob(orch, nowhere);
+      // Everything but about 150 KB: the next job's record (its input) does not fit.
+      const { bavail, bsize } = await fs.statfs(orchDir);
+      const filler = path.join(orchDir, "filler");
+      await fs.writeFile(filler, Buffer.alloc(bavail * bsize - 150_000));
+      const full = await submitJob(orch, await bigJob(dir, "1m")).catch((e: ApiResponseError) => e);
+      t.match(full, { status: 503, code: "SHOAL_ORCH_STATE_STORE" }, "the job cannot be stored");
+      await fs.rm(filler);
+      // nats-server 2.9.10 now waits on a lock it holds: nothing is stored until it is started again.
+      await orch.proc.waitFor(/stopping nats-server to start it again/, 90_000);
+      const id = await waitUntil(
+        "a job is stored again",
+        () => submitJob(orch, nowhere).catch(() => undefined),
+        60_000,
+        500,
+      );
+      t.equal((await getJob(orch, id)).State, "Queued");
+      t.equal((await getJob(orch, queued)).State, "Queued", "the job stored before is still there");
+      t.match(orch.proc.stderr(), /JetStream does not answer/);
     },
   );
 }

@@ -11,7 +11,7 @@ import {
   tempDir,
   waitUntil,
 } from "./helpers/cluster.js";
-import { getJob, submitJob, waitForJob, wasmEngine, writeSpec } from "./helpers/e2e-jobs.js";
+import { getJob, submitJob, waitForJob, writeNowhereSpec } from "./helpers/e2e-jobs.js";
 
 /**
  * Job garbage collection with real processes: `shoal orchestrator serve`
@@ -48,13 +48,7 @@ t.test("a finished job is removed with its result files once the threshold has p
   const dir = await tempDir(t);
   const orch = await startOrchestrator(t, path.join(dir, "orch"), ["-c", "Orchestrator.JobGC.Threshold=2s"]);
   await startComputeNode(t, orch, path.join(dir, "n1"), "n1");
-  const nowhere = await writeSpec(
-    dir,
-    "nowhere",
-    wasmEngine(path.resolve("dist/wasm/hello.wasm")),
-    "",
-    `Constraints: [{Key: pool, Operator: "=", Values: [nowhere]}]`,
-  );
+  const nowhere = await writeNowhereSpec(dir);
   const queued = await submitJob(orch, nowhere);
   const id = await submitJob(orch, "configs/jobs/upper.yaml");
   const done = await waitForJob(orch, id, "completes", (j) => j.State === "Completed");

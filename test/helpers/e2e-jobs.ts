@@ -53,6 +53,17 @@ export async function writeSpec(
   return file;
 }
 
+/** Writes `dir/nowhere.yaml`: a hello job whose constraint (`pool=nowhere`) no node matches, so it stays Queued. */
+export function writeNowhereSpec(dir: string): Promise<string> {
+  return writeSpec(
+    dir,
+    "nowhere",
+    wasmEngine(path.resolve("dist/wasm/hello.wasm")),
+    "",
+    `Constraints: [{Key: pool, Operator: "=", Values: [nowhere]}]`,
+  );
+}
+
 /** `shoal compute serve` settings of a node with one CPU, labelled `pool=small`. */
 export const SMALL_NODE = ["-c", "Compute.Resources.CPU=1", "-c", "Compute.Labels=pool=small"];
 
