@@ -278,6 +278,15 @@ export const ConfigSchema = Type.Object(
           },
           "Removal of finished jobs.",
         ),
+        Storage: section(
+          {
+            MinFree: size(
+              "256Mi",
+              "Free space kept on the data directory's file system: below it new jobs are refused (HTTP 507) and result files are held back on the nodes; 0 keeps none.",
+            ),
+          },
+          "The data directory's disk.",
+        ),
       },
       "The orchestrator daemon.",
     ),

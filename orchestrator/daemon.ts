@@ -7,7 +7,7 @@ import { type JetStreamClient, jetstream, jetstreamManager } from "@nats-io/jets
 import { Objm } from "@nats-io/obj";
 import type { FastifyInstance } from "fastify";
 import { loadPolicies } from "../auth/index.js";
-import { type Logger, parseDuration, type ShoalConfig } from "../core/index.js";
+import { type Logger, parseByteSize, parseDuration, type ShoalConfig } from "../core/index.js";
 import {
   connectFabric,
   ExternalAuthorization,
@@ -38,6 +38,7 @@ import {
   serverName,
   whenJetStreamReady,
 } from "./cluster.js";
+import { DiskSpace } from "./disk-space.js";
 import { Dispatcher } from "./dispatcher.js";
 import { EnrollmentService, signComputeCsr } from "./enrollment.js";
 import { registerEnrollmentRoutes } from "./enrollment-routes.js";
@@ -339,7 +340,9 @@ export class Orchestrator {
       store.close();
     });
     const logs = new LogStore(dataDir);
-    const results = new ResultsStore(dataDir, sharedResults);
+    const disk = new DiskSpace(dataDir, parseByteSize(c.Orchestrator.Storage.MinFree));
+    const shortfall = () => disk.shortfall();
+    const results = new ResultsStore(dataDir, sharedResults, { shortfall });
     const modules = new ModuleStore(dataDir, sharedModules);
     await Promise.all([logs.init(), results.init(), modules.init()]);
     const disconnectTimeoutMs = parseDuration(c.Orchestrator.NodeManager.DisconnectTimeout);
@@ -467,6 +470,7 @@ export class Orchestrator {
       log: this.#log.child({ component: "jobs" }),
       parseSpec: parseSubmittedJob,
       dispatch: dispatcher,
+      shortfall,
       ...(owner ? { owner } : {}),
     });
     this.#jobs = jobs;

@@ -20,6 +20,8 @@ export const ORCHESTRATOR_CODES = defineCodes("orchestrator", {
   SHOAL_ORCH_SHUTTING_DOWN: "The orchestrator is shutting down and takes no new work.",
   SHOAL_ORCH_STATE_STORE: "The JetStream KV state store cannot be reached or written.",
   SHOAL_ORCH_DATA_DIR: "The data directory cannot be created or used.",
+  SHOAL_ORCH_DISK_FULL:
+    "The data directory's file system has less free space than Orchestrator.Storage.MinFree: no new job is taken (HTTP 507).",
   SHOAL_ORCH_CLUSTER_QUORUM:
     "A clustered orchestrator's JetStream did not become available in time (too few of the cluster's servers are up or routed).",
   SHOAL_ORCH_NODE_ID_TAKEN:
@@ -83,6 +85,18 @@ export function shuttingDown(): OrchestratorError {
     "the orchestrator is shutting down",
     503,
     { fix: "retry once it is back up" },
+  );
+}
+
+/** `shortfall` says how little room is left (DiskSpace); a 507 the caller may retry later. */
+export function diskFull(shortfall: string): OrchestratorError {
+  return new OrchestratorError(
+    ORCHESTRATOR_CODES.SHOAL_ORCH_DISK_FULL,
+    `no room for new jobs: ${shortfall}`,
+    507,
+    {
+      fix: "retry later; the operator frees space under the data directory (finished jobs go by Orchestrator.JobGC) or lowers Orchestrator.Storage.MinFree",
+    },
   );
 }
 

@@ -3,6 +3,7 @@ import type { Readable } from "node:stream";
 import { type JobSpec, JobSpecError, type Logger } from "../core/index.js";
 import type { Submitter } from "../fabric/protocol.js";
 import {
+  diskFull,
   jobNotFound,
   ORCHESTRATOR_CODES,
   OrchestratorError,
@@ -57,6 +58,8 @@ export interface JobServiceOptions {
   dispatch: JobDispatch;
   /** In a cluster: this orchestrator's name, stamped on the jobs it accepts (`JobRecord.Orchestrator`). */
   owner?: string;
+  /** What room is missing on the data directory's disk (DiskSpace), if any: new jobs are refused while something is. */
+  shortfall?: () => Promise<string | undefined>;
   /** Most jobs one listing looks at. @default LIST_SCAN_LIMIT */
   listScanLimit?: number;
 }
@@ -128,6 +131,8 @@ export class JobService {
   async submit(raw: unknown, submitter: Submitter): Promise<JobView> {
     if (!this.#accepting) throw shuttingDown();
     const parsed = this.#o.parseSpec(raw);
+    const short = await this.#o.shortfall?.();
+    if (short !== undefined) throw diskFull(short);
     const release = this.#o.modules.pin(parsed.namedModules.map((m) => m.digest));
     try {
       await this.#storeModules(parsed);

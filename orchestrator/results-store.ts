@@ -68,6 +68,7 @@ export class ResultsStore {
 
   readonly #shared: SharedObjects | undefined;
   readonly #maxStagedBytes: number;
+  readonly #shortfall: (() => Promise<string | undefined>) | undefined;
   /** Per execution, the bytes staged and each chunk's size (by its file), so a resent chunk counts once. */
   readonly #staged = new Map<string, { bytes: number; sizes: Map<string, number> }>();
   /** Per execution, why staging one of its chunks failed here, until its manifest comes. */
@@ -77,16 +78,22 @@ export class ResultsStore {
    * `maxStagedBytes`: most bytes of chunks staged for one execution, so a node
    * that never sends its manifest cannot fill this disk (default: a node's
    * own cap on its results, {@link MAX_RESULT_TOTAL_BYTES}, and a chunk).
+   * `shortfall`: what room is missing on this disk (DiskSpace), if any; while
+   * something is, chunks are not staged, as if they could not be written.
    */
   constructor(
     dataDir: string,
     shared?: SharedObjects,
-    maxStagedBytes = MAX_RESULT_TOTAL_BYTES + MAX_CHUNK_BYTES,
+    {
+      maxStagedBytes = MAX_RESULT_TOTAL_BYTES + MAX_CHUNK_BYTES,
+      shortfall,
+    }: { maxStagedBytes?: number; shortfall?: () => Promise<string | undefined> } = {},
   ) {
     this.#root = path.join(dataDir, "results");
     this.#staging = path.join(this.#root, ".staging");
     this.#shared = shared;
     this.#maxStagedBytes = maxStagedBytes;
+    this.#shortfall = shortfall;
   }
 
   /** Chunks staged before a restart are dropped: a node resends a whole result whose manifest failed. */
@@ -98,11 +105,18 @@ export class ResultsStore {
   /**
    * Stages one chunk after checking its digest; returns false (and keeps
    * nothing) for a bad one, or one past the execution's staging cap. One that
-   * cannot be written (a full disk) leaves nothing either, throws, and makes
-   * the execution's next {@link commit} throw {@link ResultNotStored}.
+   * cannot be written (a full disk, or less room than `shortfall` wants) leaves
+   * nothing either, throws, and makes the execution's next {@link commit}
+   * throw {@link ResultNotStored}.
    */
   async stageChunk(chunk: MessageBody<"result-chunk">): Promise<boolean> {
     if (!isSafeResultName(chunk.file)) return false;
+    const short = await this.#shortfall?.();
+    if (short !== undefined) {
+      const failure = new Error(`no room for result files: ${short}`);
+      this.#unstaged.set(chunk.executionId, failure);
+      throw failure;
+    }
     const data = Buffer.from(chunk.data, "base64");
     if (data.length > MAX_CHUNK_BYTES || sha256(data) !== bareDigest(chunk.sha256)) return false;
     const target = this.#chunkPath(chunk.executionId, chunk.file, chunk.index);

@@ -159,4 +159,37 @@ if (skip) {
       t.match(orch.proc.stderr(), /JetStream does not answer/);
     },
   );
+
+  t.test(
+    "below Orchestrator.Storage.MinFree new jobs are refused and results wait on their node, before anything hangs",
+    async (t) => {
+      const dir = await tempDir(t);
+      const orchDir = path.join(dir, "orch");
+      await smallDisk(t, orchDir, "8m");
+      const orch = await startOrchestrator(t, orchDir, ["-c", "Orchestrator.Storage.MinFree=4Mi"]);
+      // Stored while there is room, run once the disk is short of it.
+      const id = await submitJob(orch, await bigJob(dir, "10m"));
+      const { bavail, bsize } = await fs.statfs(orchDir);
+      const filler = path.join(orchDir, "filler");
+      await fs.writeFile(filler, Buffer.alloc(bavail * bsize - 3 * 2 ** 20));
+      await new Promise((r) => setTimeout(r, 1_100)); // the free space is read once a second
+      const refused = await submitJob(orch, await bigJob(dir, "10m")).catch((e: ApiResponseError) => e);
+      t.match(refused, {
+        status: 507,
+        code: "SHOAL_ORCH_DISK_FULL",
+        message:
+          /^no room for new jobs: .* has 3\.\d MiB free, less than Orchestrator.Storage.MinFree \(4\.0 MiB\)$/,
+      });
+      const node = await startComputeNode(t, orch, path.join(dir, "n1"), "n1");
+      await node.waitFor(/result not delivered; will retry/, 60_000);
+      t.equal((await getJob(orch, id)).State, "Running", "its result waits on the node");
+      t.match(orch.proc.stderr(), /no room for result files: .* less than Orchestrator.Storage.MinFree/);
+
+      await fs.rm(filler);
+      const done = await waitForJob(orch, id, "completes", (j) => j.State === "Completed", 60_000);
+      t.equal(done.Executions[0]?.Results?.length, 1, "with its result file");
+      t.type(await submitJob(orch, await bigJob(dir, "10m")), "string", "new jobs are taken again");
+      t.notMatch(orch.proc.stderr(), /JetStream does not answer/, "JetStream never hung");
+    },
+  );
 }

@@ -22,7 +22,7 @@ import { resultMessages } from "./helpers/records.js";
 
 t.test("chunks staged for one execution stop at the cap; a resent chunk counts once", async (t) => {
   const dir = await tempDir(t, "shoal-limits-");
-  const results = new ResultsStore(dir, undefined, 10);
+  const results = new ResultsStore(dir, undefined, { maxStagedBytes: 10 });
   await results.init();
   const { chunks } = resultMessages("e-1", ["12345", "67890", "x"]);
   const [first, second, third] = chunks;
@@ -39,7 +39,7 @@ t.test("chunks staged for one execution stop at the cap; a resent chunk counts o
   t.ok(await results.stageChunk(third!), "discarded chunks no longer count");
 
   // A restart drops what was staged: the node resends a result whose manifest fails.
-  const again = new ResultsStore(dir, undefined, 10);
+  const again = new ResultsStore(dir, undefined, { maxStagedBytes: 10 });
   await again.init();
   t.same(await fs.readdir(path.join(dir, "results", ".staging")), []);
 });
