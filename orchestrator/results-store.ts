@@ -153,7 +153,7 @@ export class ResultsStore {
     if (unstaged) {
       // The node sends every chunk again with its next attempt.
       this.#unstaged.delete(manifest.executionId);
-      throw new ResultNotStored(`a chunk could not be staged: ${unstaged.message}`, { cause: unstaged });
+      throw new ResultNotStored(`a chunk could not be staged: ${unstaged.message}`);
     }
     const finalDir = this.executionDir(jobId, manifest.executionId);
     const files: ResultFile[] = manifest.files.map((f) => ({ name: f.name, size: f.size, sha256: f.sha256 }));

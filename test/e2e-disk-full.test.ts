@@ -47,6 +47,21 @@ async function smallDisk(t: Test, dir: string, size: string): Promise<void> {
   t.teardown(() => run("umount", ["-l", dir]).catch(() => {}));
 }
 
+/** An orchestrator whose whole data directory is an 8 MiB tmpfs, with `Orchestrator.Storage.MinFree` at `minFree`. */
+async function orchestratorOnSmallDisk(t: Test, dir: string, minFree: string) {
+  const orchDir = path.join(dir, "orch");
+  await smallDisk(t, orchDir, "8m");
+  return startOrchestrator(t, orchDir, ["-c", `Orchestrator.Storage.MinFree=${minFree}`]);
+}
+
+/** Fills the file system of `dir` but for `leave` bytes; returns the file to remove to free it again. */
+async function fillBut(dir: string, leave: number): Promise<string> {
+  const { bavail, bsize } = await fs.statfs(dir);
+  const filler = path.join(dir, "filler");
+  await fs.writeFile(filler, Buffer.alloc(bavail * bsize - leave));
+  return filler;
+}
+
 /** The job: upper-cases INPUT into the result file `outputs/out.txt`. */
 async function bigJob(dir: string, timeout: string): Promise<string> {
   return writeSpec(
@@ -134,15 +149,12 @@ if (skip) {
     "an orchestrator whose JetStream hangs on a full disk starts its nats-server again, and loses nothing",
     async (t) => {
       const dir = await tempDir(t);
-      const orchDir = path.join(dir, "orch");
-      await smallDisk(t, orchDir, "8m");
-      const orch = await startOrchestrator(t, orchDir);
+      // No room kept: the disk fills up for real.
+      const orch = await orchestratorOnSmallDisk(t, dir, "0");
       const nowhere = await writeNowhereSpec(dir);
       const queued = await submitJob(orch, nowhere);
       // Everything but about 150 KB: the next job's record (its input) does not fit.
-      const { bavail, bsize } = await fs.statfs(orchDir);
-      const filler = path.join(orchDir, "filler");
-      await fs.writeFile(filler, Buffer.alloc(bavail * bsize - 150_000));
+      const filler = await fillBut(orch.dataDir, 150_000);
       const full = await submitJob(orch, await bigJob(dir, "1m")).catch((e: ApiResponseError) => e);
       t.match(full, { status: 503, code: "SHOAL_ORCH_STATE_STORE" }, "the job cannot be stored");
       await fs.rm(filler);
@@ -164,21 +176,17 @@ if (skip) {
     "below Orchestrator.Storage.MinFree new jobs are refused and results wait on their node, before anything hangs",
     async (t) => {
       const dir = await tempDir(t);
-      const orchDir = path.join(dir, "orch");
-      await smallDisk(t, orchDir, "8m");
-      const orch = await startOrchestrator(t, orchDir, ["-c", "Orchestrator.Storage.MinFree=4Mi"]);
+      const orch = await orchestratorOnSmallDisk(t, dir, "4Mi");
       // Stored while there is room, run once the disk is short of it.
       const id = await submitJob(orch, await bigJob(dir, "10m"));
-      const { bavail, bsize } = await fs.statfs(orchDir);
-      const filler = path.join(orchDir, "filler");
-      await fs.writeFile(filler, Buffer.alloc(bavail * bsize - 3 * 2 ** 20));
+      const filler = await fillBut(orch.dataDir, 3 * 2 ** 20);
       await new Promise((r) => setTimeout(r, 1_100)); // the free space is read once a second
       const refused = await submitJob(orch, await bigJob(dir, "10m")).catch((e: ApiResponseError) => e);
       t.match(refused, {
         status: 507,
         code: "SHOAL_ORCH_DISK_FULL",
         message:
-          /^no room for new jobs: .* has 3\.\d MiB free, less than Orchestrator.Storage.MinFree \(4\.0 MiB\)$/,
+          /^no room for new jobs: .* has \d+\.\d MiB free, less than Orchestrator.Storage.MinFree \(4\.0 MiB\)$/,
       });
       const node = await startComputeNode(t, orch, path.join(dir, "n1"), "n1");
       await node.waitFor(/result not delivered; will retry/, 60_000);
