@@ -5,9 +5,11 @@ import path from "node:path";
 import type { Subscription } from "@nats-io/transport-node";
 import {
   ConfigInvalidError,
+  DiskSpace,
   isShoalError,
   jobResources,
   type Logger,
+  LogThrottle,
   nodeLabelsProblem,
   parseByteSize,
   parseDuration,
@@ -158,6 +160,10 @@ export class ComputeNode {
   #spool: ResultSpool | undefined;
   #ledger: CapacityLedger | undefined;
   #policy: JobSelectionPolicy | undefined;
+  /** The data directory's free space against `Compute.Storage.MinFree`: jobs are declined below it. */
+  #disk: DiskSpace | undefined;
+  /** The "declining jobs" warning, at most once a minute. */
+  readonly #lowDiskWarnings = new LogThrottle(60_000);
   #unlock: (() => Promise<void>) | undefined;
   #labels: Record<string, string> = {};
   #renewer: CertificateRenewer | undefined;
@@ -335,6 +341,7 @@ export class ComputeNode {
       log,
     });
     this.#ledger = new CapacityLedger({ cpu: c.Resources.CPU, memory: parseByteSize(c.Resources.Memory) });
+    this.#disk = new DiskSpace(this.#dataDir, parseByteSize(c.Storage.MinFree), "Compute.Storage.MinFree");
     this.#policy = {
       engines: this.#engines.engines,
       execAllow: execAllow.realPaths,
@@ -674,6 +681,17 @@ export class ComputeNode {
     submitter: MessageBody<"bid">["submitter"],
     resources: MessageBody<"bid">["resources"],
   ): Promise<{ accept: boolean; reason?: string; busy?: boolean }> {
+    // Inputs, work files and the result's spool entry need room: a job taken now would fail half-way.
+    const short = await this.#disk!.shortfall();
+    if (short !== undefined) {
+      this.#lowDiskWarnings.warn(
+        this.#log,
+        "disk",
+        { shortfall: short },
+        "declining jobs: the disk is short of room",
+      );
+      return { accept: false, reason: `no room on the node: ${short}` };
+    }
     const demand = jobDemand(spec, submitter, resources);
     const commandRealPath = demand.command === undefined ? undefined : await realPathOf(demand.command);
     const inputs = await Promise.all(

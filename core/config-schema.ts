@@ -377,6 +377,15 @@ export const ConfigSchema = Type.Object(
           },
           "Job inputs.",
         ),
+        Storage: section(
+          {
+            MinFree: size(
+              "256Mi",
+              "Free space kept on the data directory's file system: below it the node declines jobs; 0 keeps none.",
+            ),
+          },
+          "The data directory's disk.",
+        ),
       },
       "The compute daemon.",
     ),

@@ -1,5 +1,6 @@
 export * from "./client-address.js";
 export * from "./config.js";
+export * from "./disk-space.js";
 export * from "./errors.js";
 export * from "./files.js";
 export * from "./job-spec.js";

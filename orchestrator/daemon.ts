@@ -7,7 +7,7 @@ import { type JetStreamClient, jetstream, jetstreamManager } from "@nats-io/jets
 import { Objm } from "@nats-io/obj";
 import type { FastifyInstance } from "fastify";
 import { loadPolicies } from "../auth/index.js";
-import { type Logger, parseByteSize, parseDuration, type ShoalConfig } from "../core/index.js";
+import { DiskSpace, type Logger, parseByteSize, parseDuration, type ShoalConfig } from "../core/index.js";
 import {
   connectFabric,
   ExternalAuthorization,
@@ -38,7 +38,6 @@ import {
   serverName,
   whenJetStreamReady,
 } from "./cluster.js";
-import { DiskSpace } from "./disk-space.js";
 import { Dispatcher } from "./dispatcher.js";
 import { EnrollmentService, signComputeCsr } from "./enrollment.js";
 import { registerEnrollmentRoutes } from "./enrollment-routes.js";
@@ -340,7 +339,7 @@ export class Orchestrator {
       store.close();
     });
     const logs = new LogStore(dataDir);
-    const disk = new DiskSpace(dataDir, parseByteSize(c.Orchestrator.Storage.MinFree));
+    const disk = new DiskSpace(dataDir, parseByteSize(c.Orchestrator.Storage.MinFree), "Orchestrator.Storage.MinFree");
     const shortfall = () => disk.shortfall();
     const results = new ResultsStore(dataDir, sharedResults, { shortfall });
     const modules = new ModuleStore(dataDir, sharedModules);

@@ -54,6 +54,19 @@ async function orchestratorOnSmallDisk(t: Test, dir: string, minFree: string) {
   return startOrchestrator(t, orchDir, ["-c", `Orchestrator.Storage.MinFree=${minFree}`]);
 }
 
+/**
+ * An orchestrator, and a node `n1` whose data directory is a tmpfs of `size`
+ * with `Compute.Storage.MinFree` at `minFree`.
+ */
+async function nodeOnSmallDisk(t: Test, size: string, minFree: string) {
+  const dir = await tempDir(t);
+  const orch = await startOrchestrator(t, path.join(dir, "orch"));
+  const nodeDir = path.join(dir, "n1");
+  await smallDisk(t, nodeDir, size);
+  const node = await startComputeNode(t, orch, nodeDir, "n1", ["-c", `Compute.Storage.MinFree=${minFree}`]);
+  return { dir, orch, nodeDir, node };
+}
+
 /** Fills the file system of `dir` but for `leave` bytes; returns the file to remove to free it again. */
 async function fillBut(dir: string, leave: number): Promise<string> {
   const { bavail, bsize } = await fs.statfs(dir);
@@ -87,12 +100,9 @@ if (skip) {
   t.test(
     "a node that cannot store a result's files reports the execution Failed at once, and why",
     async (t) => {
-      const dir = await tempDir(t);
-      const orch = await startOrchestrator(t, path.join(dir, "orch"));
-      const nodeDir = path.join(dir, "n1");
-      // Room for the node's own files and the input, not for the result's copy in the spool too.
-      await smallDisk(t, nodeDir, "600k");
-      await startComputeNode(t, orch, nodeDir, "n1");
+      // Room for the node's own files and the input, not for the result's copy in the spool
+      // too; and none kept (MinFree 0): the node takes the job, and its disk fills up for real.
+      const { dir, orch, nodeDir } = await nodeOnSmallDisk(t, "600k", "0");
       // A timeout far beyond the wait below: a result that never came would fail the wait.
       const id = await submitJob(orch, await bigJob(dir, "10m"));
       const job = await waitForJob(orch, id, "fails", (j) => j.State === "Failed", 30_000);
@@ -198,6 +208,33 @@ if (skip) {
       t.equal(done.Executions[0]?.Results?.length, 1, "with its result file");
       t.type(await submitJob(orch, await bigJob(dir, "10m")), "string", "new jobs are taken again");
       t.notMatch(orch.proc.stderr(), /JetStream does not answer/, "JetStream never hung");
+    },
+  );
+
+  t.test(
+    "below Compute.Storage.MinFree a node declines jobs, and takes them again once there is room",
+    async (t) => {
+      const { orch, nodeDir, node } = await nodeOnSmallDisk(t, "4m", "2Mi");
+      const filler = await fillBut(nodeDir, 2 ** 20);
+      await new Promise((r) => setTimeout(r, 1_100)); // the free space is read once a second
+      const id = await submitJob(orch, "configs/jobs/hello.yaml");
+      const queued = await waitForJob(
+        orch,
+        id,
+        "is declined",
+        (j) => j.Executions[0]?.State === "BidRejected",
+      );
+      t.match(
+        queued.Executions[0]?.StateMessage,
+        /^bid rejected: no room on the node: .*\/n1 has \d+\.\d MiB free, less than Compute.Storage.MinFree \(2\.0 MiB\)$/,
+      );
+      t.equal(queued.State, "Queued", "no other node: it waits");
+      t.match(node.stderr(), /declining jobs: the disk is short of room/);
+
+      await fs.rm(filler);
+      await new Promise((r) => setTimeout(r, 1_100));
+      const next = await submitJob(orch, "configs/jobs/hello.yaml");
+      await waitForJob(orch, next, "completes on the same node", (j) => j.State === "Completed");
     },
   );
 }

@@ -6,22 +6,25 @@ export const DISK_SPACE_READ_EVERY_MS = 1_000;
 const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(1)} MiB`;
 
 /**
- * The free space of the file system under the orchestrator's data directory,
- * against `Orchestrator.Storage.MinFree`. What the orchestrator writes there
- * (job records in JetStream, result files) stops short of filling it: a full
- * disk makes nats-server 2.9.10 hang (see jetstream-watchdog.ts), and a
- * refused job or a result held back on its node is better than that. The
- * space is read (statfs, the blocks an unprivileged writer may use) at most
- * once a second.
+ * The free space of the file system under a data directory, against the
+ * setting that keeps some of it free (`Orchestrator.Storage.MinFree`,
+ * `Compute.Storage.MinFree`), so that a daemon stops short of filling its disk
+ * itself: a full disk makes nats-server 2.9.10 hang (orchestrator/jetstream-watchdog.ts),
+ * and a refused job, a declined bid or a result held back is better than a
+ * failure half-way. The space is read (statfs, the blocks an unprivileged
+ * writer may use) at most once a second.
  */
 export class DiskSpace {
   readonly #dir: string;
   readonly #minFree: number;
+  readonly #setting: string;
   #read: { at: number; free: Promise<number> } | undefined;
 
-  constructor(dir: string, minFree: number) {
+  /** `setting`: the key that sets `minFree`, for the messages. */
+  constructor(dir: string, minFree: number, setting: string) {
     this.#dir = dir;
     this.#minFree = minFree;
+    this.#setting = setting;
   }
 
   /**
@@ -43,6 +46,6 @@ export class DiskSpace {
     const free = await this.#read.free;
     return free >= this.#minFree
       ? undefined
-      : `${this.#dir} has ${mib(free)} free, less than Orchestrator.Storage.MinFree (${mib(this.#minFree)})`;
+      : `${this.#dir} has ${mib(free)} free, less than ${this.#setting} (${mib(this.#minFree)})`;
   }
 }
