@@ -339,7 +339,11 @@ export class Orchestrator {
       store.close();
     });
     const logs = new LogStore(dataDir);
-    const disk = new DiskSpace(dataDir, parseByteSize(c.Orchestrator.Storage.MinFree), "Orchestrator.Storage.MinFree");
+    const disk = new DiskSpace(
+      dataDir,
+      parseByteSize(c.Orchestrator.Storage.MinFree),
+      "Orchestrator.Storage.MinFree",
+    );
     const shortfall = () => disk.shortfall();
     const results = new ResultsStore(dataDir, sharedResults, { shortfall });
     const modules = new ModuleStore(dataDir, sharedModules);

@@ -254,6 +254,30 @@ t.test("what a node sends about executions it does not hold is one warning per 1
   );
 });
 
+t.test("lines that cannot be stored (the logs directory is unusable) are one error per 10 s", async (t) => {
+  const lines: { msg: string; execution?: string; err?: { code?: string } }[] = [];
+  const log = pino({ level: "warn" }, { write: (line: string) => lines.push(JSON.parse(line)) });
+  const { dir, store, dispatcher } = await dispatcherWithNode(t, undefined, { log });
+  store.putJob(jobRecord("j-1", Date.now()));
+  dispatcher.enqueue("j-1");
+  await eventually("the execution runs on n1", () =>
+    store.executionsOf("j-1").some((e) => e.State === "Running" && e.NodeID === "n1"),
+  );
+  const execution = store.executionsOf("j-1")[0]!;
+  // Every append now fails: its directory is a file.
+  await fs.rm(path.join(dir, "logs"), { recursive: true });
+  await fs.writeFile(path.join(dir, "logs"), "");
+  const data = Buffer.from("a line\n").toString("base64");
+  for (let seq = 0; seq < 5; seq++)
+    dispatcher.handleLogs("n1", { executionId: execution.ID, stream: "stdout", seq, data });
+  await eventually("the first failure is logged", () => lines.some((l) => l.msg === "cannot store log line"));
+  await new Promise((r) => setTimeout(r, 100));
+  t.same(
+    lines.filter((l) => l.msg === "cannot store log line").map((l) => [l.execution, l.err?.code]),
+    [[execution.ID, "ENOTDIR"]],
+  );
+});
+
 t.test("in a cluster, lines heard before their execution's record are stored once it arrives", async (t) => {
   const { store, logs, dispatcher } = await dispatcherWithNode(t, undefined, { isForeign: async () => true });
   const line = (executionId: string, seq: number, text: string) => ({
