@@ -857,6 +857,7 @@ export class ComputeNode {
    */
   async #register(): Promise<RegisterReply> {
     const identity = this.#identity!;
+    const lowDisk = await this.#disk!.shortfall();
     const body: MessageBody<"register"> = {
       nodeId: identity.id,
       chainPem: identity.chainPem,
@@ -865,6 +866,7 @@ export class ComputeNode {
       engines: [...this.#policy!.engines],
       version: this.#o.version ?? SHOAL_VERSION,
       executions: this.#heldExecutions(),
+      ...(lowDisk === undefined ? {} : { lowDisk }),
     };
     const msg = await this.#fabric!.request(
       subjects.computeOut(identity.id, "register"),
@@ -930,12 +932,16 @@ export class ComputeNode {
     this.#heartbeatMs = intervalMs;
     this.#heartbeat = setInterval(() => {
       if (!this.#connected || !this.#orchestrator) return;
-      this.#publish("heartbeat", {
-        nodeId: this.#identity!.id,
-        seq: this.#heartbeatSeq++,
-        allocated: this.#ledger!.allocated(),
-        running: this.#manager!.running(),
-      });
+      // The orchestrator places no job here while the disk is short of room (Compute.Storage.MinFree).
+      void this.#disk!.shortfall().then((lowDisk) =>
+        this.#publish("heartbeat", {
+          nodeId: this.#identity!.id,
+          seq: this.#heartbeatSeq++,
+          allocated: this.#ledger!.allocated(),
+          running: this.#manager!.running(),
+          ...(lowDisk === undefined ? {} : { lowDisk }),
+        }),
+      );
     }, intervalMs);
     this.#heartbeat.unref();
   }

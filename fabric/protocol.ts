@@ -50,6 +50,8 @@ export const BODY_SCHEMAS = {
     version: T.String(),
     /** Executions the node still runs or holds unacknowledged results for (resync after reconnect). */
     executions: T.Array(T.Object({ executionId: T.String(), state: T.String() })),
+    /** Set while the node's disk has less room than it keeps (Compute.Storage.MinFree): what is short. */
+    lowDisk: T.Optional(T.String({ maxLength: 1024 })),
   }),
   "register-reply": T.Object({
     approval: Approval,
@@ -63,6 +65,8 @@ export const BODY_SCHEMAS = {
     seq: T.Integer({ minimum: 0 }),
     allocated: Resources,
     running: T.Array(T.String()),
+    /** As in `register`: set while the node's disk is short of room. */
+    lowDisk: T.Optional(T.String({ maxLength: 1024 })),
   }),
   bid: T.Object({
     jobId: T.String(),

@@ -356,7 +356,7 @@ export class FabricLink implements NodeChannel {
         return;
       }
       case "heartbeat":
-        if (!this.#o.nodes.heartbeat(nodeId))
+        if (!this.#o.nodes.heartbeat(nodeId, env.body as MessageBody<"heartbeat">))
           this.#o.log.debug({ node: nodeId }, "heartbeat from an unregistered node");
         return;
       case "status":

@@ -194,6 +194,7 @@ export class NodeService {
       LastSeen: now,
       FirstSeen: prev?.FirstSeen ?? now,
       ChainPem: chainPem,
+      ...(body.lowDisk === undefined ? {} : { LowDisk: body.lowDisk }),
     };
     this.#o.store.putNode(node);
     this.#arm(nodeId);
@@ -201,14 +202,30 @@ export class NodeService {
     return node;
   }
 
-  /** Records a heartbeat; false when the node is unknown (it must register first). */
-  heartbeat(nodeId: string): boolean {
+  /**
+   * Records a heartbeat; false when the node is unknown (it must register
+   * first). The record is written only when something the scheduler reads
+   * changed: its health, or whether its disk is short of room.
+   */
+  heartbeat(nodeId: string, body?: Pick<MessageBody<"heartbeat">, "lowDisk">): boolean {
     const node = this.#o.store.nodes.get(nodeId);
     if (!node) return false;
     const now = Date.now();
-    if (node.Health !== "HEALTHY") {
-      this.#o.store.putNode({ ...node, Health: "HEALTHY", LastSeen: now });
-      this.#o.log.info({ node: nodeId }, "node healthy again");
+    const lowDisk = body?.lowDisk;
+    if (node.Health !== "HEALTHY" || lowDisk !== node.LowDisk) {
+      const { LowDisk: _was, ...rest } = node;
+      this.#o.store.putNode({
+        ...rest,
+        Health: "HEALTHY",
+        LastSeen: now,
+        ...(lowDisk === undefined ? {} : { LowDisk: lowDisk }),
+      });
+      if (node.Health !== "HEALTHY") this.#o.log.info({ node: nodeId }, "node healthy again");
+      if (lowDisk !== node.LowDisk) {
+        if (lowDisk === undefined) this.#o.log.info({ node: nodeId }, "node has room on its disk again");
+        else
+          this.#o.log.warn({ node: nodeId, lowDisk }, "node is short of room on its disk: no jobs go there");
+      }
     } else {
       // LastSeen is kept in memory on every beat but written to KV only on health changes.
       node.LastSeen = now;

@@ -29,6 +29,7 @@ export const placeJob: PlaceFn = ({ job, executions, nodes, allocated }): Placem
       capacity: n.Capacity,
       allocated: allocated.get(n.ID) ?? NONE,
       engines: n.Engines,
+      ...(n.LowDisk === undefined ? {} : { lowDisk: n.LowDisk }),
     })),
     now: Date.now(),
     // Lost executions are budgeted by the dispatcher (Orchestrator.Scheduler.RetryBudget).

@@ -97,6 +97,8 @@ export interface NodeRecord {
   FirstSeen: number;
   /** The node's certificate chain from its last register, for envelope verification. */
   ChainPem: string;
+  /** Set while the node reports its disk short of room (Compute.Storage.MinFree): no job is placed there. */
+  LowDisk?: string;
 }
 
 /** A job with its executions, as `GET .../jobs/{id}` returns it. */

@@ -47,6 +47,8 @@ export interface SchedulerNode {
   /** Everything already placed on the node, by every job (including executions not yet reported by heartbeat). */
   allocated: SchedulerResources;
   engines: readonly string[];
+  /** Set while the node reports its disk short of room: what is short. */
+  lowDisk?: string;
 }
 
 export interface SchedulerExecution {
@@ -80,7 +82,7 @@ export interface NodeVerdict {
   nodeId: string;
   ok: boolean;
   /** Which check failed. */
-  check?: "approval" | "health" | "engine" | "constraint" | "capacity";
+  check?: "approval" | "health" | "disk" | "engine" | "constraint" | "capacity";
   reason?: string;
 }
 
@@ -341,6 +343,7 @@ export function judgeNode(
   });
   if (node.approval !== "APPROVED") return no("approval", `not approved (${node.approval})`);
   if (node.health !== "HEALTHY") return no("health", node.health.toLowerCase());
+  if (node.lowDisk !== undefined) return no("disk", `short of disk: ${node.lowDisk}`);
   const missing = jobEngines(spec).filter((e) => !node.engines.includes(e));
   if (missing.length > 0) return no("engine", `no ${missing.join(", ")} engine`);
   const unmet: Constraint | undefined = firstUnmetConstraint(node.labels, spec.Constraints);

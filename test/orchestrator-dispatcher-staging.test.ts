@@ -254,6 +254,37 @@ t.test("what a node sends about executions it does not hold is one warning per 1
   );
 });
 
+t.test(
+  "no job goes to a node while its heartbeats say its disk is short of room; it does once they stop",
+  async (t) => {
+    const asked: string[] = [];
+    const { store, nodes, dispatcher } = await dispatcherWithNode(t, async (node) => {
+      asked.push(node);
+      return { accept: true, started: true };
+    });
+    // As the daemon does: a node's record changing makes the dispatcher look at its queue again.
+    const unwatch = store.watchAll((change) => {
+      if (change.type === "node") dispatcher.nodeChanged();
+    });
+    t.teardown(unwatch);
+    const lowDisk = "/var/lib/shoal has 12.0 MiB free, less than Compute.Storage.MinFree (256.0 MiB)";
+    nodes.heartbeat("n1", { lowDisk });
+    t.equal(store.nodes.get("n1")?.LowDisk, lowDisk, "recorded");
+    store.putJob(jobRecord("j-1", Date.now()));
+    dispatcher.enqueue("j-1");
+    await eventually("the job is queued", () => store.jobs.get("j-1")?.State === "Queued");
+    t.match(store.jobs.get("j-1")?.StateMessage, `n1: short of disk: ${lowDisk}`);
+    t.same(asked, [], "the node is not asked");
+
+    nodes.heartbeat("n1", {});
+    t.equal(store.nodes.get("n1")?.LowDisk, undefined, "cleared");
+    await eventually("the job runs on n1", () =>
+      store.executionsOf("j-1").some((e) => e.State === "Running" && e.NodeID === "n1"),
+    );
+    t.same(asked, ["n1"]);
+  },
+);
+
 t.test("lines that cannot be stored (the logs directory is unusable) are one error per 10 s", async (t) => {
   const lines: { msg: string; execution?: string; err?: { code?: string } }[] = [];
   const log = pino({ level: "warn" }, { write: (line: string) => lines.push(JSON.parse(line)) });

@@ -63,6 +63,7 @@ t.test("a batch job goes to the least loaded matching node, ties broken by id", 
     node("a"),
     node("pending", { approval: "PENDING" }),
     node("sick", { health: "UNHEALTHY" }),
+    node("full-disk", { lowDisk: "/var/lib/shoal has 12.0 MiB free" }),
     node("no-wasm", { engines: ["exec"] }),
     node("us", { labels: { region: "us" } }),
   ];
@@ -77,6 +78,7 @@ t.test("a batch job goes to the least loaded matching node, ties broken by id", 
   t.same(
     plan.verdicts.filter((v) => !v.ok).map((v) => [v.nodeId, v.check]),
     [
+      ["full-disk", "disk"],
       ["no-wasm", "engine"],
       ["pending", "approval"],
       ["sick", "health"],
@@ -93,6 +95,10 @@ t.test("a batch job goes to the least loaded matching node, ties broken by id", 
     ["us"],
   );
   t.match(constrained.verdicts.find((v) => v.nodeId === "a")!.reason, /region = us not met/);
+  t.equal(
+    plan.verdicts.find((v) => v.nodeId === "full-disk")!.reason,
+    "short of disk: /var/lib/shoal has 12.0 MiB free",
+  );
 });
 
 t.test("nothing fits: queued with reasons, failed after QueueTimeout", async (t) => {

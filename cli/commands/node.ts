@@ -20,7 +20,7 @@ function show(argv: Args, node: NodeView): void {
     .map(([k, v]) => `${k}=${v}`)
     .join(",");
   process.stdout.write(
-    `ID:       ${node.ID}\nApproval: ${node.Approval}\nHealth:   ${node.Health}\nEngines:  ${node.Engines.join(",")}\nCPU:      ${node.Capacity.cpu}\nMemory:   ${node.Capacity.memory}\nLabels:   ${labels}\nVersion:  ${node.Version}\nLastSeen: ${new Date(node.LastSeen).toISOString()}\n`,
+    `ID:       ${node.ID}\nApproval: ${node.Approval}\nHealth:   ${node.Health}\nEngines:  ${node.Engines.join(",")}\nCPU:      ${node.Capacity.cpu}\nMemory:   ${node.Capacity.memory}\nLabels:   ${labels}\nVersion:  ${node.Version}\nLastSeen: ${new Date(node.LastSeen).toISOString()}\n${node.LowDisk === undefined ? "" : `LowDisk:  ${node.LowDisk} (no jobs go there)\n`}`,
   );
 }
 
