@@ -171,9 +171,16 @@ if (skip) {
       const filler = await fillBut(orch.dataDir, 150_000);
       const full = await submitJob(orch, await bigJob(dir, "1m")).catch((e: ApiResponseError) => e);
       t.match(full, { status: 503, code: "SHOAL_ORCH_STATE_STORE" }, "the job cannot be stored");
-      await fs.rm(filler);
-      // nats-server 2.9.10 now waits on a lock it holds: nothing is stored until it is started again.
+      // nats-server 2.9.10 now waits on a lock it holds: nothing is stored until it is
+      // started again, which the orchestrator does, here on a disk still full.
+      const pidFile = path.join(orch.dataDir, "nats", "nats-server.pid");
+      const hung = await fs.readFile(pidFile, "utf8");
       await orch.proc.waitFor(/stopping nats-server to start it again/, 90_000);
+      await waitUntil("the new server is ready", async () =>
+        (await fs.readFile(pidFile, "utf8")) !== hung ? true : undefined,
+      );
+      // Started on a full disk, it stores jobs again once there is room.
+      await fs.rm(filler);
       const id = await waitUntil(
         "a job is stored again",
         () => submitJob(orch, nowhere).catch(() => undefined),
