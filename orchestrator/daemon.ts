@@ -220,18 +220,12 @@ export class Orchestrator {
           identities: await brokerIdentities(pki, c.Orchestrator.NodeManager.Identities),
           logger: this.#o.logger,
         });
+    const writePid = (running: NatsSupervisor) =>
+      fs.writeFile(path.join(natsDir, "nats-server.pid"), String(running.pid ?? ""), { mode: 0o600 });
     if (supervisor) {
       this.#cleanups.push(() => supervisor.close());
-      const writePid = () =>
-        fs.writeFile(path.join(natsDir, "nats-server.pid"), String(supervisor.pid ?? ""), { mode: 0o600 });
-      // Kept current when the server is started again (after a crash, or by the watchdog below).
-      void (async () => {
-        for await (const s of supervisor.status()) {
-          if (s.type === "ready") await writePid().catch(() => {});
-        }
-      })();
       await supervisor.start();
-      await writePid();
+      await writePid(supervisor);
     }
 
     const localUrl = supervisor
@@ -328,6 +322,15 @@ export class Orchestrator {
       this.#cleanups.push(async () => watchdog.stop());
     }
     const metrics = new OrchestratorMetrics(store);
+    if (supervisor) {
+      // The pid file and a count follow the server when it is started again (after a crash, or by the watchdog).
+      void (async () => {
+        for await (const s of supervisor.status()) {
+          if (s.type === "restarting") metrics.natsServerRestarted();
+          if (s.type === "ready") await writePid(supervisor).catch(() => {});
+        }
+      })();
+    }
     this.#cleanups.push(async () => authStore.close());
     if (shared) this.#cleanups.push(async () => shared.close());
     this.#cleanups.push(async () => pendingEnrollments.close());

@@ -45,6 +45,11 @@ export class OrchestratorMetrics {
     "Jobs this orchestrator finished, by final state.",
     "state",
   );
+  readonly #natsRestarts = new Counter({
+    name: "shoal_nats_server_restarts_total",
+    help: "Times this orchestrator's own nats-server was started again: it exited, or it was stopped because its JetStream no longer answered.",
+    registers: [this.registry],
+  });
 
   /** @param store what is counted at each scrape: jobs, executions and nodes by state. */
   constructor(store: StateStore) {
@@ -70,6 +75,12 @@ export class OrchestratorMetrics {
         }
         return counts;
       },
+    );
+    this.#counted(
+      "shoal_nodes_short_of_disk",
+      "Compute nodes whose heartbeats say their disk is short of room (Compute.Storage.MinFree): no job goes there.",
+      [],
+      () => new Map([["", [...store.nodes.values()].filter((n) => n.LowDisk !== undefined).length]]),
     );
     collectDefaultMetrics({ register: this.registry });
   }
@@ -121,6 +132,11 @@ export class OrchestratorMetrics {
 
   jobFinished(state: string): void {
     this.#jobsFinished.inc({ state });
+  }
+
+  /** The orchestrator's own nats-server is being started again. */
+  natsServerRestarted(): void {
+    this.#natsRestarts.inc();
   }
 
   /** The exposition text and its content type. */

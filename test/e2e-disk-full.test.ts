@@ -8,6 +8,7 @@ import type { ApiResponseError } from "../cli/api-client.js";
 import { startComputeNode, startOrchestrator, tempDir, waitUntil } from "./helpers/cluster.js";
 import {
   getJob,
+  scrapeMetrics,
   submitJob,
   waitForJob,
   wasmEngine,
@@ -190,6 +191,8 @@ if (skip) {
       t.equal((await getJob(orch, id)).State, "Queued");
       t.equal((await getJob(orch, queued)).State, "Queued", "the job stored before is still there");
       t.match(orch.proc.stderr(), /JetStream does not answer/);
+      const metrics = await scrapeMetrics(orch, await orch.adminToken());
+      t.equal(metrics.value("shoal_nats_server_restarts_total"), 1, "counted");
     },
   );
 
@@ -239,6 +242,9 @@ if (skip) {
       const queued = await waitForJob(orch, id, "is queued", (j) => j.State === "Queued");
       t.match(queued.StateMessage, `n1: short of disk: ${lowDisk}`);
       t.same(queued.Executions, [], "the node is not asked");
+      const metrics = await scrapeMetrics(orch, await orch.adminToken());
+      t.equal(metrics.value("shoal_nodes_short_of_disk"), 1, "counted");
+      t.equal(metrics.value("shoal_nats_server_restarts_total"), 0);
 
       await fs.rm(filler);
       await waitForJob(orch, id, "completes on the node once it has room", (j) => j.State === "Completed");

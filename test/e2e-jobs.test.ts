@@ -1,19 +1,11 @@
 import "reflect-metadata";
 import { createHash } from "node:crypto";
-import { promises as fs, readFileSync } from "node:fs";
-import type { IncomingHttpHeaders } from "node:http";
-import https from "node:https";
+import { promises as fs } from "node:fs";
 import path from "node:path";
 import t, { type Test } from "tap";
 import type { JobSpec, WasmParams } from "../core/index.js";
-import {
-  type OrchestratorHandle,
-  runShoal,
-  startComputeNode,
-  startOrchestrator,
-  tempDir,
-} from "./helpers/cluster.js";
-import { getJob } from "./helpers/e2e-jobs.js";
+import { runShoal, startComputeNode, startOrchestrator, tempDir } from "./helpers/cluster.js";
+import { getJob, scrapeMetrics } from "./helpers/e2e-jobs.js";
 
 /** `module` with a custom section (named "pad") of `bytes` zeros appended: still valid, and as large as wanted. */
 function withCustomSection(module: Buffer, bytes: number): Buffer {
@@ -168,10 +160,7 @@ t.test("orchestrator and compute nodes run batch, ops and queued jobs", async (t
   });
 
   t.test("Prometheus metrics count what happened, for the operator and not for anyone", async (t) => {
-    const metrics = async (token?: string) => {
-      const res = await fetchText(orch, "/api/v1/agent/metrics", token);
-      return { ...res, value: (series: string) => seriesValue(res.text, series) };
-    };
+    const metrics = (token?: string) => scrapeMetrics(orch, token);
     const anonymous = await metrics();
     t.equal(anonymous.status, 403);
     t.match(JSON.parse(anonymous.text), { error: { code: "SHOAL_AUTH_DENIED" } });
@@ -200,31 +189,3 @@ t.test("orchestrator and compute nodes run batch, ops and queued jobs", async (t
     t.ok(m.value("process_cpu_seconds_total")! > 0, "with the process's own metrics");
   });
 });
-
-/** GET `p` from the orchestrator's API, with `token` if given. */
-function fetchText(
-  orch: OrchestratorHandle,
-  p: string,
-  token?: string,
-): Promise<{ status: number; headers: IncomingHttpHeaders; text: string }> {
-  return new Promise((resolve, reject) => {
-    const req = https.get(
-      `https://127.0.0.1:${orch.apiPort}${p}`,
-      { ca: readFileSync(orch.ca), headers: token ? { authorization: `Bearer ${token}` } : {} },
-      (res) => {
-        let text = "";
-        res.on("data", (d: Buffer) => {
-          text += d.toString();
-        });
-        res.on("end", () => resolve({ status: res.statusCode ?? 0, headers: res.headers, text }));
-      },
-    );
-    req.on("error", reject);
-  });
-}
-
-/** The value of one series (`name{labels}` exactly as exposed) in Prometheus text, or undefined. */
-function seriesValue(text: string, series: string): number | undefined {
-  const line = text.split("\n").find((l) => l.startsWith(`${series} `));
-  return line === undefined ? undefined : Number(line.slice(series.length + 1));
-}

@@ -1,5 +1,7 @@
 import { execFile } from "node:child_process";
-import { promises as fs } from "node:fs";
+import { promises as fs, readFileSync } from "node:fs";
+import type { IncomingHttpHeaders } from "node:http";
+import https from "node:https";
 import path from "node:path";
 import { promisify } from "node:util";
 import { loadJobSpecFile } from "../../core/index.js";
@@ -166,4 +168,44 @@ export async function threadAlive(pid: number, tid: string): Promise<boolean> {
     () => true,
     () => false,
   );
+}
+
+/**
+ * `GET /api/v1/agent/metrics` with `token` if given: the status, headers and
+ * Prometheus text, and `value(series)`, one series' value (`name{labels}`
+ * exactly as exposed), undefined when it is not there.
+ */
+export function scrapeMetrics(
+  orch: OrchestratorHandle,
+  token?: string,
+): Promise<{
+  status: number;
+  headers: IncomingHttpHeaders;
+  text: string;
+  value: (series: string) => number | undefined;
+}> {
+  return new Promise((resolve, reject) => {
+    const req = https.get(
+      `https://127.0.0.1:${orch.apiPort}/api/v1/agent/metrics`,
+      { ca: readFileSync(orch.ca), headers: token ? { authorization: `Bearer ${token}` } : {} },
+      (res) => {
+        let text = "";
+        res.on("data", (d: Buffer) => {
+          text += d.toString();
+        });
+        res.on("end", () =>
+          resolve({
+            status: res.statusCode ?? 0,
+            headers: res.headers,
+            text,
+            value: (series) => {
+              const line = text.split("\n").find((l) => l.startsWith(`${series} `));
+              return line === undefined ? undefined : Number(line.slice(series.length + 1));
+            },
+          }),
+        );
+      },
+    );
+    req.on("error", reject);
+  });
 }
