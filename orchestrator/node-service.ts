@@ -74,6 +74,8 @@ function enrollmentView(e: PendingEnrollment): NodeView {
 export class NodeService {
   readonly #o: NodeServiceOptions;
   readonly #timers = new Map<string, { unhealthy: NodeJS.Timeout; lost: NodeJS.Timeout }>();
+  /** When each node's disk condition last changed its record: at most once per heartbeat interval. */
+  readonly #lowDiskChanged = new Map<string, number>();
 
   constructor(options: NodeServiceOptions) {
     this.#o = options;
@@ -205,13 +207,19 @@ export class NodeService {
   /**
    * Records a heartbeat; false when the node is unknown (it must register
    * first). The record is written only when something the scheduler reads
-   * changed: its health, or whether its disk is short of room.
+   * changed: its health, or whether its disk is short of room. The latter at
+   * most once per heartbeat interval, so that a node flipping it in every
+   * message (up to its message rate) cannot turn each into a state write and
+   * a log line; a node repeats it in every heartbeat, so a change held back
+   * is taken from a later one.
    */
   heartbeat(nodeId: string, body?: Pick<MessageBody<"heartbeat">, "lowDisk">): boolean {
     const node = this.#o.store.nodes.get(nodeId);
     if (!node) return false;
     const now = Date.now();
-    const lowDisk = body?.lowDisk;
+    const recent = now - (this.#lowDiskChanged.get(nodeId) ?? 0) < this.#o.heartbeatIntervalMs;
+    const lowDisk = recent ? node.LowDisk : body?.lowDisk;
+    if (lowDisk !== node.LowDisk) this.#lowDiskChanged.set(nodeId, now);
     if (node.Health !== "HEALTHY" || lowDisk !== node.LowDisk) {
       const { LowDisk: _was, ...rest } = node;
       this.#o.store.putNode({
@@ -283,6 +291,7 @@ export class NodeService {
     clearTimeout(t.unhealthy);
     clearTimeout(t.lost);
     this.#timers.delete(id);
+    this.#lowDiskChanged.delete(id);
   }
 
   #mark(id: string, health: "UNHEALTHY" | "LOST"): void {

@@ -276,12 +276,34 @@ t.test(
     t.match(store.jobs.get("j-1")?.StateMessage, `n1: short of disk: ${lowDisk}`);
     t.same(asked, [], "the node is not asked");
 
-    nodes.heartbeat("n1", {});
-    t.equal(store.nodes.get("n1")?.LowDisk, undefined, "cleared");
+    // The node says so in every heartbeat; the record changes at most once per interval (1 s here).
+    await eventually("a heartbeat clears it", () => {
+      nodes.heartbeat("n1", {});
+      return store.nodes.get("n1")?.LowDisk === undefined;
+    });
     await eventually("the job runs on n1", () =>
       store.executionsOf("j-1").some((e) => e.State === "Running" && e.NodeID === "n1"),
     );
     t.same(asked, ["n1"]);
+  },
+);
+
+t.test(
+  "a node flipping its disk condition in every message changes its record once per heartbeat interval",
+  async (t) => {
+    const { store, nodes } = await dispatcherWithNode(t);
+    let writes = 0;
+    const unwatch = store.watchAll((change) => {
+      if (change.type === "node") writes++;
+    });
+    t.teardown(unwatch);
+    nodes.heartbeat("n1", { lowDisk: "a" });
+    for (let i = 0; i < 100; i++) nodes.heartbeat("n1", i % 2 ? { lowDisk: "b" } : {});
+    t.equal(store.nodes.get("n1")?.LowDisk, "a", "the later flips are held back");
+    t.equal(writes, 1, "one write");
+    await new Promise((r) => setTimeout(r, 1_050));
+    nodes.heartbeat("n1", {});
+    t.equal(store.nodes.get("n1")?.LowDisk, undefined, "a heartbeat after the interval is taken");
   },
 );
 
