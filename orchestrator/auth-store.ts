@@ -1,4 +1,4 @@
-import type { JetStreamClient } from "@nats-io/jetstream";
+import { JetStreamApiCodes, JetStreamApiError, type JetStreamClient } from "@nats-io/jetstream";
 import { type KV, type KvEntry, Kvm, KvWatchInclude } from "@nats-io/kv";
 import type {
   AuthCollection,
@@ -47,7 +47,12 @@ class KvCollection<T> implements AuthCollection<T> {
       await this.kv.create(key, JSON.stringify(value));
       return true;
     } catch (err) {
-      // KV refuses create when a live value exists; anything else is a real failure.
+      // KV refuses create when a live value exists. The stream's leader says so ("wrong last
+      // sequence") even when a replica behind it, which may answer the get, does not have
+      // the value yet: two orchestrators of a cluster creating the first admin at once.
+      if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.StreamWrongLastSequence)
+        return false;
+      // Anything else is a real failure, unless the value is there after all.
       if ((await this.get(key)) !== undefined) return false;
       throw err;
     }

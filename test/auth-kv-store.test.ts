@@ -175,3 +175,24 @@ t.test("the KV auth store is shared by every orchestrator on the JetStream", asy
     "B is told of each user change",
   );
 });
+
+t.test(
+  "create loses to a concurrent create even when the value is not readable yet (a replica behind)",
+  async (t) => {
+    const url = await startJetStream(t, await tempDir(t, "shoal-authkv-"));
+    const nc = await connect({ servers: url });
+    t.teardown(() => nc.close());
+    const [a, b] = [
+      await KvAuthStore.open(jetstream(nc), silentLogger),
+      await KvAuthStore.open(jetstream(nc), silentLogger),
+    ];
+    t.teardown(() => a.close());
+    t.teardown(() => b.close());
+    const user = { name: "admin", roles: [], namespace: "default", createdAt: "", disabled: false };
+    t.equal(await a.users.create("admin", user), true);
+    // B reads from a replica that has not caught up: the leader's refusal is the answer.
+    const kv = (b.users as unknown as { kv: { get: (key: string) => Promise<null> } }).kv;
+    kv.get = async () => null;
+    t.equal(await b.users.create("admin", user), false, "not stored, and no error");
+  },
+);
