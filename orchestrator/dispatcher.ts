@@ -674,7 +674,8 @@ export class Dispatcher implements JobDispatch {
     job: JobRecord,
     execution: ExecutionRecord,
     requirements: JobRequirements,
-    unanswered = (err: Error) => this.#failBeforeStart(execution, `bid request failed: ${err.message}`),
+    unanswered = (err: Error) =>
+      this.#failBeforeStart(execution, `bid request failed: ${err.message}`, { Unanswered: true }),
   ): Promise<void> {
     const timeoutMs = requirements.executionTimeoutMs ?? this.#o.executionTimeoutMs;
     /** What the bid and the run both say of the execution. */
@@ -732,11 +733,11 @@ export class Dispatcher implements JobDispatch {
   }
 
   /** A node that cannot be reached before the run started: try another node, no retry spent. */
-  #failBeforeStart(execution: ExecutionRecord, message: string): void {
+  #failBeforeStart(execution: ExecutionRecord, message: string, extra: Partial<ExecutionRecord> = {}): void {
     const e = this.#o.store.executions.get(execution.ID);
     if (!e || !isActive(e)) return;
     this.#o.log.warn({ execution: e.ID, node: e.NodeID }, message);
-    this.#endExecution(e, "BidRejected", message);
+    this.#endExecution(e, "BidRejected", message, extra);
   }
 
   // ---- execution and job endings ------------------------------------------------------------

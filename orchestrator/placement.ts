@@ -20,7 +20,12 @@ export const placeJob: PlaceFn = ({ job, executions, nodes, allocated }): Placem
       createdAt: job.CreateTime,
       ...(job.QueuedSince === undefined ? {} : { queuedAt: job.QueuedSince }),
     },
-    executions: executions.map((e) => ({ id: e.ID, nodeId: e.NodeID, state: e.State })),
+    executions: executions.map((e) => ({
+      id: e.ID,
+      nodeId: e.NodeID,
+      state: e.State,
+      ...(e.Unanswered ? { unansweredAt: e.ModifyTime } : {}),
+    })),
     nodes: nodes.map((n) => ({
       id: n.ID,
       labels: n.Labels,
@@ -29,6 +34,7 @@ export const placeJob: PlaceFn = ({ job, executions, nodes, allocated }): Placem
       capacity: n.Capacity,
       allocated: allocated.get(n.ID) ?? NONE,
       engines: n.Engines,
+      lastSeen: n.LastSeen,
       ...(n.LowDisk === undefined ? {} : { lowDisk: n.LowDisk }),
     })),
     now: Date.now(),

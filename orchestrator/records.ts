@@ -64,6 +64,12 @@ export interface ExecutionRecord {
   ModifyTime: number;
   /** When the node must be done, for the orchestrator's own ExecutionTimeout. */
   Deadline?: number;
+  /**
+   * Set on a `BidRejected` whose node did not answer the bid (nobody listened,
+   * or no reply in time): it did not decline the job, and may be asked again
+   * once it is seen after that (scheduler.ts).
+   */
+  Unanswered?: boolean;
   ExitCode?: number;
   Stdout?: string;
   Stderr?: string;

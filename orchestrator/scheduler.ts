@@ -49,12 +49,16 @@ export interface SchedulerNode {
   engines: readonly string[];
   /** Set while the node reports its disk short of room: what is short. */
   lowDisk?: string;
+  /** Its last register or heartbeat (ms): a node that did not answer a bid may be asked again once seen after it. */
+  lastSeen?: number;
 }
 
 export interface SchedulerExecution {
   id: string;
   nodeId: string;
   state: ExecutionState;
+  /** A `BidRejected` whose node did not answer the bid (it did not decline): when that was. */
+  unansweredAt?: number;
 }
 
 export interface SchedulerJob {
@@ -178,8 +182,17 @@ export function schedule(input: ScheduleInput): SchedulePlan {
         cancel: stopActive,
       });
     }
+    // A node that declined is not asked again for this job. One that did not answer (it was
+    // reconnecting, say) is, once it has been seen since: else a job placed on a single node
+    // at that moment could never run.
     const declined = new Set(
-      current.filter((e) => e.state === ExecutionState.BidRejected).map((e) => e.nodeId),
+      current
+        .filter(
+          (e) =>
+            e.state === ExecutionState.BidRejected &&
+            (e.unansweredAt === undefined || (byId.get(e.nodeId)?.lastSeen ?? 0) <= e.unansweredAt),
+        )
+        .map((e) => e.nodeId),
     );
     const busy = new Set([...active, ...completed].map((e) => e.nodeId));
     const candidates = verdicts

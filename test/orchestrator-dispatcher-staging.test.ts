@@ -289,6 +289,36 @@ t.test(
 );
 
 t.test(
+  "a job whose bid found its only node reconnecting runs there once the node registers again",
+  async (t) => {
+    let calls = 0;
+    const { store, nodes, dispatcher } = await dispatcherWithNode(t, async () => {
+      if (calls++ === 0) throw new Error("nobody listens on shoal.compute.n1.in");
+      return { accept: true, started: true };
+    });
+    const unwatch = store.watchAll((change) => {
+      if (change.type === "node") dispatcher.nodeChanged();
+    });
+    t.teardown(unwatch);
+    store.putJob(jobRecord("j-1", Date.now()));
+    dispatcher.enqueue("j-1");
+    await eventually("the job is queued", () => store.jobs.get("j-1")?.State === "Queued");
+    const [first] = store.executionsOf("j-1");
+    t.match(first, {
+      State: "BidRejected",
+      Unanswered: true,
+      StateMessage: /^bid request failed: nobody listens/,
+    });
+    await new Promise((r) => setTimeout(r, 5)); // its register comes after the failure
+    await join(nodes, "n1");
+    await eventually("the job runs on n1", () =>
+      store.executionsOf("j-1").some((e) => e.State === "Running" && e.NodeID === "n1"),
+    );
+    t.equal(calls, 2, "asked again");
+  },
+);
+
+t.test(
   "a node flipping its disk condition in every message changes its record once per heartbeat interval",
   async (t) => {
     const { store, nodes } = await dispatcherWithNode(t);
