@@ -31,7 +31,22 @@ export async function main(argv: string[]): Promise<number> {
       return 1;
     }
     const message = err instanceof Error ? err.message : String(err);
-    process.stderr.write(`shoal: ${message}\n`);
+    const fix = systemErrorFix(err);
+    process.stderr.write(`shoal: ${message}\n${fix === undefined ? "" : `  fix: ${fix}\n`}`);
     return 2;
   }
+}
+
+/** What to do about an operating system's error that reached the top without a Shoal code. */
+const SYSTEM_FIXES: Readonly<Record<string, string>> = {
+  ENOSPC: "the disk is full: free space where the data directory is (docs/deploy.md, Monitoring)",
+  EDQUOT: "the disk quota is used up: free space where the data directory is, or raise the quota",
+  EROFS: "the file system is read-only: give a writable --data-dir",
+  EACCES: "run as the user that owns the data directory, or correct its permissions",
+};
+
+/** The fix for an error the operating system raised (its `code`), if one is known. */
+export function systemErrorFix(err: unknown): string | undefined {
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  return typeof code === "string" ? SYSTEM_FIXES[code] : undefined;
 }

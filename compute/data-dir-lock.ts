@@ -1,5 +1,6 @@
 import { constants, promises as fs } from "node:fs";
 import path from "node:path";
+import { FileWriteError } from "../core/index.js";
 import { COMPUTE_CODES, ComputeError } from "./errors.js";
 
 const LOCK_FILE = "compute.lock";
@@ -28,14 +29,22 @@ export async function lockDataDir(dataDir: string): Promise<() => Promise<void>>
   for (let attempt = 0; attempt < 3; attempt++) {
     try {
       const handle = await fs.open(file, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600);
-      await handle.writeFile(token);
+      try {
+        await handle.writeFile(token);
+      } catch (err) {
+        // A full disk, say: no empty lock is left behind, and the error names the file.
+        await handle.close();
+        await fs.rm(file, { force: true });
+        throw new FileWriteError(file, err);
+      }
       await handle.close();
       return async () => {
         const held = await fs.readFile(file, "utf8").catch(() => "");
         if (held === token) await fs.rm(file, { force: true });
       };
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+      if (err instanceof FileWriteError) throw err;
+      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw new FileWriteError(file, err);
       const holder = await fs.readFile(file, "utf8").catch(() => "");
       const pid = Number.parseInt(holder, 10);
       if (Number.isInteger(pid) && pid > 0 && isAlive(pid)) {

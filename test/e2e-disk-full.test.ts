@@ -5,7 +5,15 @@ import path from "node:path";
 import { promisify } from "node:util";
 import t, { type Test } from "tap";
 import type { ApiResponseError } from "../cli/api-client.js";
-import { startComputeNode, startOrchestrator, tempDir, waitUntil } from "./helpers/cluster.js";
+import { writeIssued } from "../pki/index.js";
+import {
+  computeServeArgs,
+  runShoal,
+  startComputeNode,
+  startOrchestrator,
+  tempDir,
+  waitUntil,
+} from "./helpers/cluster.js";
 import {
   getJob,
   scrapeMetrics,
@@ -272,4 +280,27 @@ if (skip) {
     );
     t.match(node.stderr(), /declining jobs: the disk is short of room/);
   });
+
+  t.test(
+    "a node that cannot start on a full disk names the file, leaves nothing behind, and starts once there is room",
+    async (t) => {
+      const dir = await tempDir(t);
+      const orch = await startOrchestrator(t, path.join(dir, "orch"));
+      const nodeDir = path.join(dir, "n1");
+      await smallDisk(t, nodeDir, "1m");
+      await writeIssued(path.join(nodeDir, "identity"), await orch.pki.issue({ role: "compute", id: "n1" }));
+      const filler = await fillBut(nodeDir, 0);
+      const servers = `tls://127.0.0.1:${orch.natsPort}`;
+      const failed = await runShoal(t, computeServeArgs({ dataDir: nodeDir, servers, caFile: orch.ca }));
+      t.equal(failed.code, 1);
+      t.match(
+        failed.stderr,
+        /SHOAL_FILE_WRITE: cannot write .*\/n1\/compute\.lock: ENOSPC\n {2}fix: check the directory's permissions and free space/,
+      );
+      await t.rejects(fs.stat(path.join(nodeDir, "compute.lock")), { code: "ENOENT" }, "no empty lock left");
+
+      await fs.rm(filler);
+      await startComputeNode(t, orch, nodeDir, "n1");
+    },
+  );
 }
