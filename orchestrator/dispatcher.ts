@@ -130,6 +130,8 @@ export class Dispatcher implements JobDispatch {
    */
   readonly #reserved = new Map<string, { jobId: string; nodeId: string; resources: Resources }>();
   readonly #deadlines = new Map<string, NodeJS.Timeout>();
+  /** Nodes that left a bid unanswered and have not been heard from since (see {@link nodeSeen}). */
+  readonly #unanswered = new Set<string>();
   /** Why the result of an active execution could not be stored here (last attempt), for its timeout's message. */
   readonly #unstored = new Map<string, string>();
   readonly #queueTimers = new Map<string, NodeJS.Timeout>();
@@ -333,6 +335,15 @@ export class Dispatcher implements JobDispatch {
   /** A node (re)appeared, was approved or became healthy: queued work may fit now. */
   nodeChanged(): void {
     this.#scheduleReexamine();
+  }
+
+  /**
+   * A node was heard from (a heartbeat): if a bid to it went unanswered, the
+   * jobs that wait may be placed there again (scheduler.ts), so the queue is
+   * looked at once, not at every heartbeat.
+   */
+  nodeSeen(nodeId: string): void {
+    if (this.#unanswered.delete(nodeId)) this.#scheduleReexamine();
   }
 
   /**
@@ -674,8 +685,10 @@ export class Dispatcher implements JobDispatch {
     job: JobRecord,
     execution: ExecutionRecord,
     requirements: JobRequirements,
-    unanswered = (err: Error) =>
-      this.#failBeforeStart(execution, `bid request failed: ${err.message}`, { Unanswered: true }),
+    unanswered = (err: Error) => {
+      this.#unanswered.add(execution.NodeID);
+      this.#failBeforeStart(execution, `bid request failed: ${err.message}`, { Unanswered: true });
+    },
   ): Promise<void> {
     const timeoutMs = requirements.executionTimeoutMs ?? this.#o.executionTimeoutMs;
     /** What the bid and the run both say of the execution. */

@@ -358,6 +358,7 @@ export class FabricLink implements NodeChannel {
       case "heartbeat":
         if (!this.#o.nodes.heartbeat(nodeId, env.body as MessageBody<"heartbeat">))
           this.#o.log.debug({ node: nodeId }, "heartbeat from an unregistered node");
+        else d?.nodeSeen(nodeId);
         return;
       case "status":
         d?.handleStatus(nodeId, env.body as MessageBody<"status">);

@@ -289,32 +289,39 @@ t.test(
 );
 
 t.test(
-  "a job whose bid found its only node reconnecting runs there once the node registers again",
+  "a job whose bid its only node left unanswered runs there once the node is heard from again",
   async (t) => {
-    let calls = 0;
-    const { store, nodes, dispatcher } = await dispatcherWithNode(t, async () => {
-      if (calls++ === 0) throw new Error("nobody listens on shoal.compute.n1.in");
-      return { accept: true, started: true };
-    });
-    const unwatch = store.watchAll((change) => {
-      if (change.type === "node") dispatcher.nodeChanged();
-    });
-    t.teardown(unwatch);
-    store.putJob(jobRecord("j-1", Date.now()));
-    dispatcher.enqueue("j-1");
-    await eventually("the job is queued", () => store.jobs.get("j-1")?.State === "Queued");
-    const [first] = store.executionsOf("j-1");
-    t.match(first, {
-      State: "BidRejected",
-      Unanswered: true,
-      StateMessage: /^bid request failed: nobody listens/,
-    });
-    await new Promise((r) => setTimeout(r, 5)); // its register comes after the failure
-    await join(nodes, "n1");
-    await eventually("the job runs on n1", () =>
-      store.executionsOf("j-1").some((e) => e.State === "Running" && e.NodeID === "n1"),
-    );
-    t.equal(calls, 2, "asked again");
+    for (const how of ["register", "heartbeat"] as const) {
+      let calls = 0;
+      const { store, nodes, dispatcher } = await dispatcherWithNode(t, async () => {
+        if (calls++ === 0) throw new Error("nobody listens on shoal.compute.n1.in");
+        return { accept: true, started: true };
+      });
+      const unwatch = store.watchAll((change) => {
+        if (change.type === "node") dispatcher.nodeChanged();
+      });
+      t.teardown(unwatch);
+      store.putJob(jobRecord("j-1", Date.now()));
+      dispatcher.enqueue("j-1");
+      await eventually("the job is queued", () => store.jobs.get("j-1")?.State === "Queued");
+      const [first] = store.executionsOf("j-1");
+      t.match(first, {
+        State: "BidRejected",
+        Unanswered: true,
+        StateMessage: /^bid request failed: nobody listens/,
+      });
+      await new Promise((r) => setTimeout(r, 5)); // heard from after the failure
+      if (how === "register") await join(nodes, "n1");
+      else {
+        // As the fabric link does with each heartbeat.
+        nodes.heartbeat("n1", {});
+        dispatcher.nodeSeen("n1");
+      }
+      await eventually(`the job runs on n1 (${how})`, () =>
+        store.executionsOf("j-1").some((e) => e.State === "Running" && e.NodeID === "n1"),
+      );
+      t.equal(calls, 2, `asked again after its ${how}`);
+    }
   },
 );
 
