@@ -1,7 +1,7 @@
 import { randomBytes } from "node:crypto";
 import { promises as fs } from "node:fs";
 import path from "node:path";
-import { jetstreamManager, type StreamInfo } from "@nats-io/jetstream";
+import { JetStreamApiError, jetstreamManager, type StreamInfo } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { Logger, ShoalConfig } from "../core/index.js";
 import { type NatsClusterState, routeCertificateName, routeUrl } from "../fabric/index.js";
@@ -153,6 +153,9 @@ export async function whenJetStreamReady<T>(
   }
 }
 
+/** Tries of one raise that gets no answer (a timeout, not a refusal) before it is left for a later start. */
+const RAISE_ATTEMPTS = 3;
+
 /**
  * Raises the number of copies of the streams (as `infos` describe them) that
  * have fewer than `wanted`: buckets made while the cluster had fewer peers
@@ -160,10 +163,13 @@ export async function whenJetStreamReady<T>(
  * would stay without fault tolerance). `wanted` may be counts to try, most
  * first: a count the servers refuse is not tried again for the streams after.
  * Never lowers a count, and sends nothing when every stream has its count.
- * When a stream cannot be raised now (not enough servers up), it is logged and
- * the streams after it are not tried either (start-up waits for this, so it
- * waits at most one request's timeout): they keep their count until a later
- * start. Never rejects; resolves to the streams raised.
+ * A raise that gets no answer in time (the servers are busy electing leaders)
+ * is not a refusal: it is asked again, up to {@link RAISE_ATTEMPTS} times.
+ * When a stream cannot be raised now (not enough servers up, or still no
+ * answer), it is logged and the streams after it are not tried either
+ * (start-up waits for this, at most RAISE_ATTEMPTS requests' timeouts): they
+ * keep their count until a later start. Never rejects; resolves to the
+ * streams raised.
  */
 export async function raiseReplicas(
   nc: NatsConnection,
@@ -180,7 +186,7 @@ export async function raiseReplicas(
   });
   if (!jsm) return raised;
   for (const { config } of few) {
-    while (config.num_replicas < counts[0]!) {
+    for (let attempt = 1; config.num_replicas < counts[0]!; attempt++) {
       const replicas = counts[0]!;
       try {
         await jsm.streams.update(config.name, { ...config, num_replicas: replicas });
@@ -191,7 +197,12 @@ export async function raiseReplicas(
         raised.push(config.name);
         break;
       } catch (err) {
-        if (counts.length === 1) {
+        // No answer in time (servers busy electing leaders) is not a refusal: asked again, not fewer.
+        if (!(err instanceof JetStreamApiError) && attempt < RAISE_ATTEMPTS) {
+          log.debug({ stream: config.name, replicas, err }, "no answer to the raise; asking again");
+          continue;
+        }
+        if (counts.length === 1 || !(err instanceof JetStreamApiError)) {
           log.warn(
             { stream: config.name, err },
             "cannot raise the copies of the streams now; they keep their count until a later start",
@@ -203,6 +214,7 @@ export async function raiseReplicas(
           "the servers refuse this many copies; trying fewer",
         );
         counts.shift();
+        attempt = 0;
       }
     }
   }

@@ -4,7 +4,7 @@ import { promises as fs } from "node:fs";
 import path from "node:path";
 import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
-import { connect } from "@nats-io/transport-node";
+import { connect, type NatsConnection, TimeoutError } from "@nats-io/transport-node";
 import t, { type Test } from "tap";
 import { silentLogger } from "../core/index.js";
 import { raiseOnOperatorCluster, raiseReplicas } from "../orchestrator/cluster.js";
@@ -95,7 +95,12 @@ t.test("the copies of the cluster's streams are raised to the count wanted, neve
  * {@link raiseOnOperatorCluster} (or {@link raiseReplicas} to `wanted`): the
  * copies each bucket ends with, and how many update requests the servers got.
  */
-async function onOperatorServers(t: Test, servers: number, wanted?: number) {
+async function onOperatorServers(
+  t: Test,
+  servers: number,
+  wanted?: number,
+  through: (nc: NatsConnection) => NatsConnection = (nc) => nc,
+) {
   const server = await routedServers(t, servers);
   const nc = await untilReady(() => connect({ servers: server }));
   t.teardown(() => nc.close());
@@ -114,8 +119,8 @@ async function onOperatorServers(t: Test, servers: number, wanted?: number) {
   const infos = () => Promise.all(["KV_shoal-jobs", "KV_shoal-nodes"].map((s) => jsm.streams.info(s)));
   const raised =
     wanted === undefined
-      ? await raiseOnOperatorCluster(nc, await infos(), silentLogger)
-      : await raiseReplicas(nc, await infos(), wanted, silentLogger);
+      ? await raiseOnOperatorCluster(through(nc), await infos(), silentLogger)
+      : await raiseReplicas(through(nc), await infos(), wanted, silentLogger);
   await nc.flush();
   const copies = (await infos()).map((info) => info.config.num_replicas);
   return { raised, copies, updates };
@@ -133,6 +138,26 @@ t.test("an operator's cluster of two servers gives two copies, three refused onc
   t.same(raised, ["KV_shoal-jobs", "KV_shoal-nodes"]);
   t.same(copies, [2, 2]);
   t.equal(updates, 3, "three asked for once, then two for each bucket");
+});
+
+t.test("a raise that gets no answer in time is asked again, not taken for a refusal", async (t) => {
+  // The first update request fails as a timeout would (servers busy electing leaders), unsent.
+  let failed = 0;
+  const busy = (nc: NatsConnection) =>
+    new Proxy(nc, {
+      get(target, key, receiver) {
+        if (key !== "request") return Reflect.get(target, key, receiver);
+        return (subject: string, ...rest: unknown[]) =>
+          subject.startsWith("$JS.API.STREAM.UPDATE.") && failed++ === 0
+            ? Promise.reject(new TimeoutError())
+            : (target.request as (...a: unknown[]) => unknown).call(target, subject, ...rest);
+      },
+    });
+  const { raised, copies, updates } = await onOperatorServers(t, 3, undefined, busy);
+  t.equal(failed, 3, "one failed, then one for each stream");
+  t.same(raised, ["KV_shoal-jobs", "KV_shoal-nodes"]);
+  t.same(copies, [3, 3], "three copies, not two");
+  t.equal(updates, 2);
 });
 
 t.test("an operator's single server is left alone", async (t) => {
