@@ -110,6 +110,8 @@ const skip = await whyNot();
 if (skip) {
   t.plan(0, `full-disk tests skipped: ${skip}`);
 } else {
+  // Seven clusters of real processes in turn, one waiting ~45 s for a hung server: past tap's 120 s on a busy machine.
+  t.setTimeout(360_000);
   t.test(
     "a node that cannot store a result's files reports the execution Failed at once, and why",
     async (t) => {
