@@ -44,8 +44,23 @@ export class LogThrottle {
    * the interval; a line after held-back ones says how many (`heldBack`).
    */
   warn(log: Logger, key: string, fields: Record<string, unknown>, msg: string): void {
+    this.#log(log, "warn", key, fields, msg);
+  }
+
+  /** As {@link warn}, at `error`. */
+  error(log: Logger, key: string, fields: Record<string, unknown>, msg: string): void {
+    this.#log(log, "error", key, fields, msg);
+  }
+
+  #log(
+    log: Logger,
+    level: "warn" | "error",
+    key: string,
+    fields: Record<string, unknown>,
+    msg: string,
+  ): void {
     const held = this.pass(`${key}\n${msg}`);
     if (held === undefined) return;
-    log.warn(held > 0 ? { ...fields, heldBack: held } : fields, msg);
+    log[level](held > 0 ? { ...fields, heldBack: held } : fields, msg);
   }
 }

@@ -430,15 +430,10 @@ export class Dispatcher implements JobDispatch {
           );
         }
       })
-      .catch((err) => {
-        // Every line fails alike (a full disk, say): one error per 10 s, not one per line.
-        const held = this.#complaints.pass("cannot store log line");
-        if (held === undefined) return;
-        this.#o.log.error(
-          { err, execution: e.ID, ...(held > 0 ? { heldBack: held } : {}) },
-          "cannot store log line",
-        );
-      });
+      // Every line fails alike (a full disk, say): one error per 10 s, not one per line.
+      .catch((err) =>
+        this.#complaints.error(this.#o.log, "", { err, execution: e.ID }, "cannot store log line"),
+      );
   }
 
   /** Keeps a line of an execution not known here yet: up to EARLY_LOG_MS, EARLY_LOG_BYTES in all. */

@@ -112,11 +112,8 @@ export class ResultsStore {
   async stageChunk(chunk: MessageBody<"result-chunk">): Promise<boolean> {
     if (!isSafeResultName(chunk.file)) return false;
     const short = await this.#shortfall?.();
-    if (short !== undefined) {
-      const failure = new Error(`no room for result files: ${short}`);
-      this.#unstaged.set(chunk.executionId, failure);
-      throw failure;
-    }
+    if (short !== undefined)
+      this.#unstage(chunk.executionId, new Error(`no room for result files: ${short}`));
     const data = Buffer.from(chunk.data, "base64");
     if (data.length > MAX_CHUNK_BYTES || sha256(data) !== bareDigest(chunk.sha256)) return false;
     const target = this.#chunkPath(chunk.executionId, chunk.file, chunk.index);
@@ -135,11 +132,15 @@ export class ResultsStore {
       await fs.rm(target, { force: true }).catch(() => {});
       staged.bytes -= data.length;
       staged.sizes.delete(target);
-      const failure = new FileWriteError(target, err);
-      this.#unstaged.set(chunk.executionId, failure);
-      throw failure;
+      this.#unstage(chunk.executionId, new FileWriteError(target, err));
     }
     return true;
+  }
+
+  /** Records why a chunk of the execution was not staged, for its manifest ({@link commit}), and throws it. */
+  #unstage(executionId: string, failure: Error): never {
+    this.#unstaged.set(executionId, failure);
+    throw failure;
   }
 
   /**
