@@ -48,6 +48,8 @@ async function startCluster(t: Test, lease: string) {
   ];
   const [a, b, c] = await Promise.all(dirs.map((dir, i) => startOrchestrator(t, dir, clusterArgs(i))));
   if (!a || !b || !c) throw new Error("three orchestrators expected");
+  // Printed just after the API line startOrchestrator waits for: it may not be read yet.
+  await a.proc.waitFor(/cluster shoal-test, 3 copies/);
   t.match(a.proc.stdout(), /cluster shoal-test, 3 copies/);
   return { root, a, b, c };
 }
