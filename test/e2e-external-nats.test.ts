@@ -1,5 +1,5 @@
 import "reflect-metadata";
-import { type ChildProcess, spawn } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
 import { promises as fs } from "node:fs";
 import path from "node:path";
 import { createInterface } from "node:readline";
@@ -12,6 +12,7 @@ import {
   computeServeArgs,
   freePort,
   spawnShoal,
+  spawnTied,
   startComputeNode,
   startOrchestrator,
   TEST_ADMIN_PASSWORD,
@@ -47,7 +48,7 @@ async function startOperatorServer(
   verify_and_map: true
 }`;
   await fs.writeFile(conf, `server_name: ${name}\nhost: 127.0.0.1\nport: -1\n${body(tls)}\n`);
-  const child = spawn("/usr/sbin/nats-server", ["-c", conf], { stdio: ["ignore", "pipe", "pipe"] });
+  const child = spawnTied("/usr/sbin/nats-server", ["-c", conf], { stdio: ["ignore", "pipe", "pipe"] });
   t.teardown(() => {
     child.kill("SIGKILL");
   });

@@ -1,5 +1,4 @@
 import "reflect-metadata";
-import { spawn } from "node:child_process";
 import { promises as fs } from "node:fs";
 import path from "node:path";
 import { jetstream } from "@nats-io/jetstream";
@@ -8,7 +7,7 @@ import { connect, type NatsConnection, TimeoutError } from "@nats-io/transport-n
 import t, { type Test } from "tap";
 import { silentLogger } from "../core/index.js";
 import { raiseOnOperatorCluster, raiseReplicas } from "../orchestrator/cluster.js";
-import { freePort, tempDir } from "./helpers/cluster.js";
+import { freePort, spawnTied, tempDir } from "./helpers/cluster.js";
 
 /**
  * A cluster grown to more orchestrators raises the copies of the buckets
@@ -31,7 +30,7 @@ async function routedServers(t: Test, count: number): Promise<string> {
           ? `cluster { name: replicas, listen: 127.0.0.1:${routePorts[i]}, routes: [${routes}] }\n`
           : ""),
     );
-    const child = spawn("nats-server", ["-c", conf], { stdio: "ignore" });
+    const child = spawnTied("nats-server", ["-c", conf], { stdio: "ignore" });
     const exited = new Promise((resolve) => child.once("exit", resolve));
     t.teardown(async () => {
       child.kill("SIGTERM");

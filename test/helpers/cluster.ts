@@ -1,4 +1,4 @@
-import { type ChildProcess, spawn } from "node:child_process";
+import { type ChildProcess, type SpawnOptions as ChildSpawnOptions, spawn } from "node:child_process";
 import { promises as fs, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import https from "node:https";
 import net from "node:net";
@@ -6,6 +6,7 @@ import os from "node:os";
 import path from "node:path";
 import type { Test } from "tap";
 import { ApiClient } from "../../cli/api-client.js";
+import { dieWithParentLauncher } from "../../fabric/index.js";
 import { openPki, type Pki, writeIssued } from "../../pki/index.js";
 
 const ROOT = path.resolve(import.meta.dirname, "..", "..");
@@ -47,6 +48,18 @@ export async function freePort(): Promise<number> {
   throw new Error(`no free port in ${low}-${EPHEMERAL_LOW - 1} after 50 tries`);
 }
 
+const dieWithTest = await dieWithParentLauncher();
+
+/**
+ * `spawn`, with the child tied to this test process (SIGTERM when it dies):
+ * tap kills a test file that runs past its time limit without running its
+ * teardowns, and daemons and servers it started would otherwise run on.
+ */
+export function spawnTied(command: string, args: string[], options: ChildSpawnOptions = {}): ChildProcess {
+  const [launcher, ...argv] = [...dieWithTest, command, ...args];
+  return spawn(launcher!, argv, options);
+}
+
 /** A temp directory removed when the test ends. */
 export async function tempDir(t: Test, prefix = "shoal-e2e-"): Promise<string> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), prefix));
@@ -64,7 +77,7 @@ export async function tempDir(t: Test, prefix = "shoal-e2e-"): Promise<string> {
  * rejects with the server's log if it exits first.
  */
 export async function startJetStream(t: Test, dir: string): Promise<string> {
-  const child = spawn("nats-server", ["-js", "-a", "127.0.0.1", "-p", "-1", "-sd", dir], {
+  const child = spawnTied("nats-server", ["-js", "-a", "127.0.0.1", "-p", "-1", "-sd", dir], {
     stdio: ["ignore", "ignore", "pipe"],
   });
   const exited = new Promise<number | null>((resolve) => child.once("exit", resolve));
@@ -202,7 +215,7 @@ function spawnNode(t: Test, argv: string[], env: NodeJS.ProcessEnv, opts: SpawnO
     "NODE_OPTIONS",
     process.execPath,
   ];
-  const child = spawn(command!, [...launcher, ...argv], {
+  const child = spawnTied(command!, [...launcher, ...argv], {
     cwd: ROOT,
     env: { ...process.env, HOME: isolatedHome(), SHOAL_CONFIG: "", ...env },
     stdio: ["ignore", "pipe", "pipe"],

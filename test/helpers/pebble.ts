@@ -1,9 +1,9 @@
-import { type ChildProcess, spawn } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
 import { promises as fs } from "node:fs";
 import path from "node:path";
 import type { Test } from "tap";
 import { writeIssued } from "../../pki/index.js";
-import { freePort } from "./cluster.js";
+import { freePort, spawnTied } from "./cluster.js";
 import { freshPki } from "./pki.js";
 
 /** A running pebble ACME test server. */
@@ -48,7 +48,7 @@ export async function startPebble(t: Test, challengePort: number, timeoutMs = 15
       },
     }),
   );
-  const child: ChildProcess = spawn("pebble", ["-config", configFile], {
+  const child: ChildProcess = spawnTied("pebble", ["-config", configFile], {
     env: {
       ...process.env,
       PEBBLE_VA_NOSLEEP: "1",
