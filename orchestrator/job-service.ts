@@ -200,6 +200,7 @@ export class JobService {
     try {
       await this.#o.store.flushJob(job.ID);
     } catch (cause) {
+      this.#o.store.withdrawJob(job.ID);
       throw storeUnavailable(`job ${job.ID} could not be stored durably`, cause);
     }
     this.#o.log.info({ job: job.ID, type: job.Type, submitter: submitter.sub }, "job submitted");

@@ -346,6 +346,19 @@ export class StateStore {
     this.#ownPages.delete(jobId);
   }
 
+  /**
+   * Takes back a job whose submitter is told it was not stored: gone from
+   * memory now, and deleted in KV by writes queued after the failed ones, so
+   * their retry never stores it later (a job the caller then submits again
+   * would run twice). The job has no executions yet.
+   */
+  withdrawJob(jobId: string): void {
+    for (const key of this.#historyKeys(jobId)) if (this.events.has(key)) this.events.delete(key);
+    this.jobs.delete(jobId);
+    this.#pages.delete(jobId);
+    this.#ownPages.delete(jobId);
+  }
+
   /** Removes the job, its executions and its history from KV, leaving no delete markers. */
   async purgeJob(jobId: string, executionIds: readonly string[]): Promise<void> {
     await Promise.all([

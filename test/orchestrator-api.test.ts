@@ -53,17 +53,30 @@ async function startApi(
     makeNodes = (s) => testNodeService(t, s),
     api: more = {},
     listScanLimit,
+    failPublish = () => false,
   }: {
     makeNodes?: (store: StateStore) => NodeService;
     api?: Pick<ApiOptions, "timeouts" | "maxConnsPerClient">;
     listScanLimit?: number;
+    /** Whether the state store's write to `subject` fails (as a JetStream that does not answer). */
+    failPublish?: (subject: string) => boolean;
   } = {},
 ) {
   const dir = await tempDir(t, "shoal-api-");
   const url = await startJetStream(t, dir);
   const nc = await connect({ servers: url });
   t.teardown(() => nc.close());
-  const store = await StateStore.open(jetstream(nc), silentLogger);
+  const js = jetstream(nc);
+  const failing = new Proxy(js, {
+    get: (target, prop, receiver) =>
+      prop === "publish"
+        ? (subject: string, ...rest: unknown[]) =>
+            failPublish(subject)
+              ? Promise.reject(new Error("timeout"))
+              : (target.publish as (...a: unknown[]) => unknown).call(target, subject, ...rest)
+        : Reflect.get(target, prop, receiver),
+  });
+  const store = await StateStore.open(failing, silentLogger);
   const logs = new LogStore(dir);
   const results = new ResultsStore(dir);
   const modules = new ModuleStore(dir);
@@ -475,6 +488,29 @@ t.test("a state store that fails is a 503 the caller may retry, not an internal 
   const job = await call("PUT", "/api/v1/orchestrator/jobs", { Job: spec() });
   t.equal(job.status, 503);
   t.equal(job.json.error.code, "SHOAL_ORCH_STATE_STORE");
+});
+
+t.test("a job the store could not take is not kept, and no retry of its write stores it later", async (t) => {
+  let down = true;
+  const { call, nc, store } = await startApi(t, {
+    failPublish: (subject) => down && subject.startsWith("$KV.shoal-jobs."),
+  });
+  const job = await call("PUT", "/api/v1/orchestrator/jobs", { Job: spec() });
+  t.equal(job.status, 503);
+  t.equal(job.json.error.code, "SHOAL_ORCH_STATE_STORE");
+  t.match(job.json.error.message, /^job j-\S+ could not be stored durably$/);
+  const jobId = job.json.error.message.split(" ")[1];
+  t.equal(store.jobs.get(jobId), undefined, "not in memory");
+  t.same((await call("GET", "/api/v1/orchestrator/jobs")).json.Items, [], "not listed");
+
+  // The store answers again: the failed write is retried (every 250 ms), and the job's removal after it.
+  down = false;
+  await new Promise((r) => setTimeout(r, 600));
+  await store.flush();
+  const reopened = await StateStore.open(jetstream(nc), silentLogger);
+  t.teardown(() => reopened.close());
+  t.equal(reopened.jobs.get(jobId), undefined, "not in KV");
+  t.same(reopened.history(jobId), [], "nor its history");
 });
 
 /** Resolves with how long (ms) until the server closed the connection, and what it last sent. */
