@@ -23,6 +23,7 @@ import {
   writeNowhereSpec,
   writeSpec,
 } from "./helpers/e2e-jobs.js";
+import { fillBut, smallDisk, whySmallDisksCannot } from "./helpers/small-disk.js";
 
 /**
  * A full disk, for real: a small tmpfs mounted over a node's data directory,
@@ -34,27 +35,6 @@ import {
  */
 const run = promisify(execFile);
 const INPUT = "x".repeat(250_000);
-
-async function whyNot(): Promise<string | undefined> {
-  if (process.getuid?.() !== 0) return "needs root to mount a tmpfs";
-  const probe = await fs.mkdtemp("/tmp/shoal-tmpfs-probe-");
-  try {
-    await run("mount", ["-t", "tmpfs", "-o", "size=64k", "tmpfs", probe]);
-    await run("umount", [probe]);
-    return undefined;
-  } catch (err) {
-    return `cannot mount a tmpfs: ${(err as Error).message.split("\n")[0]}`;
-  } finally {
-    await fs.rmdir(probe).catch(() => {});
-  }
-}
-
-/** Mounts a tmpfs of `size` over `dir` until the test ends. */
-async function smallDisk(t: Test, dir: string, size: string): Promise<void> {
-  await fs.mkdir(dir, { recursive: true });
-  await run("mount", ["-t", "tmpfs", "-o", `size=${size},mode=0700`, "tmpfs", dir]);
-  t.teardown(() => run("umount", ["-l", dir]).catch(() => {}));
-}
 
 /** An orchestrator whose whole data directory is an 8 MiB tmpfs, with `Orchestrator.Storage.MinFree` at `minFree`. */
 async function orchestratorOnSmallDisk(t: Test, dir: string, minFree: string) {
@@ -80,14 +60,6 @@ async function nodeOnSmallDisk(t: Test, size: string, minFree: string, extra: st
   return { dir, orch, nodeDir, node };
 }
 
-/** Fills the file system of `dir` but for `leave` bytes; returns the file to remove to free it again. */
-async function fillBut(dir: string, leave: number): Promise<string> {
-  const { bavail, bsize } = await fs.statfs(dir);
-  const filler = path.join(dir, "filler");
-  await fs.writeFile(filler, Buffer.alloc(bavail * bsize - leave));
-  return filler;
-}
-
 /** The job: upper-cases INPUT into the result file `outputs/out.txt`. */
 async function bigJob(dir: string, timeout: string): Promise<string> {
   return writeSpec(
@@ -106,7 +78,7 @@ async function filesUnder(dir: string): Promise<string[]> {
   return entries.filter((e) => !e.isDirectory()).map((e) => path.relative(dir, path.join(e.path, e.name)));
 }
 
-const skip = await whyNot();
+const skip = await whySmallDisksCannot();
 if (skip) {
   t.plan(0, `full-disk tests skipped: ${skip}`);
 } else {

@@ -3,13 +3,11 @@ import { promises as fs } from "node:fs";
 import path from "node:path";
 import t, { type Test } from "tap";
 import type { JobView } from "../orchestrator/records.js";
-import { initPki } from "../pki/index.js";
 import { apiCaller } from "./helpers/api-call.js";
 import {
-  freePort,
   killLeftoverNats,
   startComputeNode,
-  startOrchestrator,
+  startThreeOrchestrators,
   tempDir,
   waitUntil,
 } from "./helpers/cluster.js";
@@ -31,27 +29,12 @@ import {
  * takes it up as a restart would, accepts the node's result, and the job
  * completes with its one execution, visible from both survivors.
  */
-/** Three clustered orchestrators with `lease`, printing B's and C's last log lines when the test fails. */
+/** Three clustered orchestrators with `lease`. */
 async function startCluster(t: Test, lease: string) {
   const root = await tempDir(t, "shoal-takeover-");
-  const shared = path.join(root, "pki");
-  await initPki(shared, { trustDomain: "shoal.local" });
-  const names = ["a", "b", "c"];
-  const dirs = names.map((n) => path.join(root, n));
-  for (const dir of dirs) await fs.cp(shared, path.join(dir, "pki"), { recursive: true });
-  const ports: number[] = [];
-  for (const _ of names) ports.push(await freePort());
-  const clusterArgs = (i: number) => [
-    ...["-c", "Orchestrator.Cluster.Name=shoal-test", "-c", "Orchestrator.Cluster.Host=127.0.0.1"],
-    ...["-c", `Orchestrator.Cluster.Port=${ports[i]}`, "-c", `Orchestrator.Cluster.Lease=${lease}`],
-    ...["-c", `Orchestrator.Cluster.Peers=${ports.filter((_, j) => j !== i).map((p) => `127.0.0.1:${p}`)}`],
-  ];
-  const [a, b, c] = await Promise.all(dirs.map((dir, i) => startOrchestrator(t, dir, clusterArgs(i))));
-  if (!a || !b || !c) throw new Error("three orchestrators expected");
-  // Printed just after the API line startOrchestrator waits for: it may not be read yet.
-  await a.proc.waitFor(/cluster shoal-test, 3 copies/);
-  t.match(a.proc.stdout(), /cluster shoal-test, 3 copies/);
-  return { root, a, b, c };
+  const cluster = await startThreeOrchestrators(t, root, () => ["-c", `Orchestrator.Cluster.Lease=${lease}`]);
+  t.match(cluster.a.proc.stdout(), /cluster shoal-test, 3 copies/);
+  return { root, ...cluster };
 }
 
 t.test("a job survives the loss of the orchestrator that accepted it", async (t) => {

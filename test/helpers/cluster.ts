@@ -7,7 +7,7 @@ import path from "node:path";
 import type { Test } from "tap";
 import { ApiClient } from "../../cli/api-client.js";
 import { dieWithParentLauncher } from "../../fabric/index.js";
-import { openPki, type Pki, writeIssued } from "../../pki/index.js";
+import { initPki, openPki, type Pki, writeIssued } from "../../pki/index.js";
 
 const ROOT = path.resolve(import.meta.dirname, "..", "..");
 
@@ -371,6 +371,10 @@ export async function startOrchestrator(
           req.end(body);
         }),
     );
+    // A failed login is tried again at the next call (an orchestrator whose store was down).
+    token.catch(() => {
+      token = undefined;
+    });
     return token;
   };
   const client = await ApiClient.create({ url, caFile: ca, token: adminToken });
@@ -493,4 +497,37 @@ export async function startComputeNode(
     throw new Error(`${err.message}\n${node.stderr()}`);
   });
   return node;
+}
+
+/**
+ * Three clustered orchestrators, `a`, `b` and `c`, with data directories
+ * under `root` (JetStream keeps its quorum with one of them gone; two could
+ * not). They share one PKI, copied into each data directory before the first
+ * start, as docs/orchestrator.md tells operators; `prepare` runs first, on the
+ * three directories (to mount one, say). `args(i)` adds settings to the i-th.
+ */
+export async function startThreeOrchestrators(
+  t: Test,
+  root: string,
+  args: (i: number) => string[] = () => [],
+  prepare: (dirs: string[]) => Promise<void> = async () => {},
+): Promise<{ a: OrchestratorHandle; b: OrchestratorHandle; c: OrchestratorHandle }> {
+  const shared = path.join(root, "pki");
+  await initPki(shared, { trustDomain: "shoal.local" });
+  const dirs = ["a", "b", "c"].map((n) => path.join(root, n));
+  await prepare(dirs);
+  for (const dir of dirs) await fs.cp(shared, path.join(dir, "pki"), { recursive: true });
+  const ports: number[] = [];
+  for (const _ of dirs) ports.push(await freePort());
+  const clusterArgs = (i: number) => [
+    ...["-c", "Orchestrator.Cluster.Name=shoal-test", "-c", "Orchestrator.Cluster.Host=127.0.0.1"],
+    ...["-c", `Orchestrator.Cluster.Port=${ports[i]}`],
+    ...["-c", `Orchestrator.Cluster.Peers=${ports.filter((_, j) => j !== i).map((p) => `127.0.0.1:${p}`)}`],
+    ...args(i),
+  ];
+  const [a, b, c] = await Promise.all(dirs.map((dir, i) => startOrchestrator(t, dir, clusterArgs(i))));
+  if (!a || !b || !c) throw new Error("three orchestrators expected");
+  // Printed just after the API line startOrchestrator waits for: it may not be read yet.
+  await a.proc.waitFor(/cluster shoal-test, 3 copies/);
+  return { a, b, c };
 }
