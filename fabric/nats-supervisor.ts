@@ -249,8 +249,18 @@ export class NatsSupervisor {
     });
   }
 
+  /**
+   * Writes the server's config file, unless it holds exactly this already: a
+   * server started again on a full disk (JetStreamWatchdog) needs no new file.
+   */
+  async #writeConfig(users: BrokerUsers): Promise<void> {
+    const text = this.#render(users);
+    const current = await fs.readFile(this.#configFile, "utf8").catch(() => undefined);
+    if (current !== text) await writeFileAtomic(this.#configFile, text, 0o600);
+  }
+
   async #spawn(): Promise<void> {
-    await writeFileAtomic(this.#configFile, this.#render(this.#users), 0o600);
+    await this.#writeConfig(this.#users);
     const serverPath = this.#o.serverPath ?? "nats-server";
     const notFound = (err?: NodeJS.ErrnoException) =>
       new NatsServerError(
@@ -379,7 +389,7 @@ export class NatsSupervisor {
         // Chosen by nats-server (`-1`): keep them across restarts and reloads.
         this.#port = port;
         this.#routePort = routePort;
-        await writeFileAtomic(this.#configFile, this.#render(this.#users), 0o600);
+        await this.#writeConfig(this.#users);
       }
     } catch (err) {
       child.kill("SIGKILL");
@@ -460,7 +470,7 @@ export class NatsSupervisor {
     if (this.#closing) return;
     this.#logExclusions(users);
     this.#users = users;
-    await writeFileAtomic(this.#configFile, this.#render(users), 0o600);
+    await this.#writeConfig(users);
     const running = this.#running;
     if (!running?.child.pid) return; // a restart picks the new file up
     let timer: NodeJS.Timeout | undefined;

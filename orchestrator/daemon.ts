@@ -49,7 +49,7 @@ import {
 } from "./external-nats.js";
 import { FabricLink } from "./fabric-link.js";
 import { brokerIdentities, InventoryWatcher } from "./inventory-watch.js";
-import { JETSTREAM_PROBE_TIMEOUT_MS, JetStreamWatchdog } from "./jetstream-watchdog.js";
+import { JETSTREAM_LOW_DISK, JETSTREAM_PROBE_TIMEOUT_MS, JetStreamWatchdog } from "./jetstream-watchdog.js";
 import { JobCollector } from "./job-collector.js";
 import { jobRequirements, parseSubmittedJob } from "./job-requirements.js";
 import { JobService } from "./job-service.js";
@@ -310,17 +310,6 @@ export class Orchestrator {
       opened = await buckets();
     }
     const [store, authStore, shared, pendingEnrollments, leases, sharedResults, sharedModules] = opened;
-    if (supervisor && !cluster) {
-      // A cluster's servers answer JetStream's questions through its meta leader: no local probe.
-      const jsm = await jetstreamManager(fabric.nc, { timeout: JETSTREAM_PROBE_TIMEOUT_MS });
-      const watchdog = new JetStreamWatchdog({
-        probe: () => jsm.getAccountInfo(),
-        restart: (reason) => supervisor.restart(reason),
-        log: this.#log.child({ component: "jetstream-watchdog" }),
-      });
-      watchdog.start();
-      this.#cleanups.push(async () => watchdog.stop());
-    }
     const metrics = new OrchestratorMetrics(store);
     if (supervisor) {
       // The pid file and a count follow the server when it is started again (after a crash, or by the watchdog).
@@ -342,11 +331,24 @@ export class Orchestrator {
       store.close();
     });
     const logs = new LogStore(dataDir);
-    const disk = new DiskSpace(
-      dataDir,
-      parseByteSize(c.Orchestrator.Storage.MinFree),
-      "Orchestrator.Storage.MinFree",
-    );
+    const minFree = parseByteSize(c.Orchestrator.Storage.MinFree);
+    const disk = new DiskSpace(dataDir, minFree, "Orchestrator.Storage.MinFree");
+    if (supervisor) {
+      const jsm = await jetstreamManager(fabric.nc, { timeout: JETSTREAM_PROBE_TIMEOUT_MS });
+      // In a cluster only a server whose own disk is (nearly) full is started again.
+      const nearlyFull =
+        minFree >= JETSTREAM_LOW_DISK
+          ? disk
+          : new DiskSpace(dataDir, JETSTREAM_LOW_DISK, "the least JetStream is left");
+      const watchdog = new JetStreamWatchdog({
+        probe: () => jsm.getAccountInfo(),
+        restart: (reason) => supervisor.restart(reason),
+        log: this.#log.child({ component: "jetstream-watchdog" }),
+        ...(cluster ? { cause: () => nearlyFull.shortfall() } : {}),
+      });
+      watchdog.start();
+      this.#cleanups.push(async () => watchdog.stop());
+    }
     const shortfall = () => disk.shortfall();
     const results = new ResultsStore(dataDir, sharedResults, { shortfall });
     const modules = new ModuleStore(dataDir, sharedModules);
