@@ -349,8 +349,9 @@ export class KvTable<T> {
         this.#failed.set(key, r.reason);
         retried++;
         retryError = r.reason;
-        // Retry with the next flush unless a newer value has replaced it.
-        if (!this.#dirty.has(key)) this.#dirty.set(key, value);
+        // Retry with the next flush unless a newer value has replaced it, waiting (dirty)
+        // or already in a later batch: the retry would overwrite that value.
+        if (!this.#dirty.has(key) && !this.#queued.has(key)) this.#dirty.set(key, value);
       }
     }
     if (retried > 0) {

@@ -7,6 +7,7 @@ import { silentLogger } from "../core/index.js";
 import type { ExecutionRecord, JobEvent, JobRecord } from "../orchestrator/records.js";
 import { BUCKETS, StateStore } from "../orchestrator/state-store.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
+import { withFailingPublish } from "./helpers/failing-js.js";
 import { testNodeService } from "./helpers/node-service.js";
 import { eventually, executionRecord, jobRecord } from "./helpers/records.js";
 
@@ -346,6 +347,25 @@ t.test("a job's flush reports its own records' failure, not another job's writte
   t.equal(small.status, "fulfilled", "the one stored is not");
   t.ok(await store.jobs.stored("j-small"));
   t.equal(await store.jobs.stored("j-huge"), undefined);
+});
+
+t.test("a failed write's retry never overwrites a newer value of its key written meanwhile", async (t) => {
+  let slow = true;
+  const js = await freshJetStream(t, "shoal-state-retry-");
+  // The first write of j-1 fails after 300 ms; the one made meanwhile goes through.
+  const store = await StateStore.open(
+    withFailingPublish(js, (subject) => (slow && subject === "$KV.shoal-jobs.j-1" ? 300 : undefined)),
+    silentLogger,
+  );
+  t.teardown(() => store.close());
+  store.putJob(jobRecord("j-1", 1, { StateMessage: "first" }));
+  await new Promise((r) => setTimeout(r, 50));
+  slow = false;
+  store.putJob(jobRecord("j-1", 1, { StateMessage: "second" }));
+  // The first fails at 300 ms; its retry, 250 ms later, would land after the second.
+  await new Promise((r) => setTimeout(r, 900));
+  await store.flush();
+  t.equal((await store.jobs.stored("j-1"))?.StateMessage, "second");
 });
 
 /** The stores of two orchestrators of a cluster, orch-a and orch-b, on one JetStream; `open` opens more. */
