@@ -62,6 +62,29 @@ export interface JobServiceOptions {
   shortfall?: () => Promise<string | undefined>;
   /** Most jobs one listing looks at. @default LIST_SCAN_LIMIT */
   listScanLimit?: number;
+  /** How long a submission may wait on the store. @default SUBMIT_STORE_TIMEOUT_MS */
+  storeTimeoutMs?: number;
+}
+
+/**
+ * How long a submission waits for its module and its job to be stored before
+ * it is answered 503 (and the job withdrawn): below the CLI's 30 s, so that a
+ * client hears "not stored" rather than nothing. Writes queue behind each
+ * other, and while JetStream does not answer each waits out its own timeout.
+ */
+export const SUBMIT_STORE_TIMEOUT_MS = 20_000;
+
+/** `work`, or a rejection with `timeout` once `deadline` (epoch ms) has passed; `work`'s own later failure is dropped. */
+function byDeadline<T>(work: Promise<T>, deadline: number): Promise<T> {
+  work.catch(() => {});
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(
+      () => reject(new Error("the store did not answer in time")),
+      Math.max(0, deadline - Date.now()),
+    );
+  });
+  return Promise.race([work, late]).finally(() => clearTimeout(timer));
 }
 
 /**
@@ -134,9 +157,10 @@ export class JobService {
     const short = await this.#o.shortfall?.();
     if (short !== undefined) throw diskFull(short);
     const release = this.#o.modules.pin(parsed.namedModules.map((m) => m.digest));
+    const deadline = Date.now() + (this.#o.storeTimeoutMs ?? SUBMIT_STORE_TIMEOUT_MS);
     try {
-      await this.#storeModules(parsed);
-      return await this.#store(parsed, submitter);
+      await this.#storeModules(parsed, deadline);
+      return await this.#store(parsed, submitter, deadline);
     } finally {
       release();
     }
@@ -146,10 +170,10 @@ export class JobService {
    * Stores the job's inline modules (before the job, which names them), and
    * checks that the modules it names by digest are stored.
    */
-  async #storeModules(parsed: ParsedJob): Promise<void> {
+  async #storeModules(parsed: ParsedJob, deadline: number): Promise<void> {
     const { modules } = this.#o;
     try {
-      for (const [digest, bytes] of parsed.modules) await modules.put(digest, bytes);
+      for (const [digest, bytes] of parsed.modules) await byDeadline(modules.put(digest, bytes), deadline);
     } catch (cause) {
       throw new OrchestratorError(
         ORCHESTRATOR_CODES.SHOAL_ORCH_STATE_STORE,
@@ -172,7 +196,7 @@ export class JobService {
     }
   }
 
-  async #store(parsed: ParsedJob, submitter: Submitter): Promise<JobView> {
+  async #store(parsed: ParsedJob, submitter: Submitter, deadline: number): Promise<JobView> {
     const now = Date.now();
     const job: JobRecord = {
       ID: `j-${randomUUID()}`,
@@ -198,7 +222,7 @@ export class JobService {
       Message: `submitted by ${submitter.sub}`,
     });
     try {
-      await this.#o.store.flushJob(job.ID);
+      await byDeadline(this.#o.store.flushJob(job.ID), deadline);
     } catch (cause) {
       this.#o.store.withdrawJob(job.ID);
       throw storeUnavailable(`job ${job.ID} could not be stored durably`, cause);

@@ -18,6 +18,7 @@ import { ResultsStore } from "../orchestrator/results-store.js";
 import { StateStore } from "../orchestrator/state-store.js";
 import { apiCaller } from "./helpers/api-call.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
+import { withFailingPublish } from "./helpers/failing-js.js";
 import { testNodeService } from "./helpers/node-service.js";
 import { freshPki } from "./helpers/pki.js";
 import { eventually, jobRecord } from "./helpers/records.js";
@@ -53,13 +54,15 @@ async function startApi(
     makeNodes = (s) => testNodeService(t, s),
     api: more = {},
     listScanLimit,
-    failPublish = () => false,
+    failPublish = () => undefined,
+    storeTimeoutMs,
   }: {
     makeNodes?: (store: StateStore) => NodeService;
     api?: Pick<ApiOptions, "timeouts" | "maxConnsPerClient">;
     listScanLimit?: number;
-    /** Whether the state store's write to `subject` fails (as a JetStream that does not answer). */
-    failPublish?: (subject: string) => boolean;
+    /** After how long (ms) the state store's write to `subject` fails, as to a JetStream that does not answer; undefined: it goes through. */
+    failPublish?: (subject: string) => number | undefined;
+    storeTimeoutMs?: number;
   } = {},
 ) {
   const dir = await tempDir(t, "shoal-api-");
@@ -67,15 +70,7 @@ async function startApi(
   const nc = await connect({ servers: url });
   t.teardown(() => nc.close());
   const js = jetstream(nc);
-  const failing = new Proxy(js, {
-    get: (target, prop, receiver) =>
-      prop === "publish"
-        ? (subject: string, ...rest: unknown[]) =>
-            failPublish(subject)
-              ? Promise.reject(new Error("timeout"))
-              : (target.publish as (...a: unknown[]) => unknown).call(target, subject, ...rest)
-        : Reflect.get(target, prop, receiver),
-  });
+  const failing = withFailingPublish(js, failPublish);
   const store = await StateStore.open(failing, silentLogger);
   const logs = new LogStore(dir);
   const results = new ResultsStore(dir);
@@ -98,6 +93,7 @@ async function startApi(
     parseSpec: parseSubmittedJob,
     dispatch,
     ...(listScanLimit ? { listScanLimit } : {}),
+    ...(storeTimeoutMs ? { storeTimeoutMs } : {}),
   });
   const nodes = makeNodes(store);
   const { pki } = await freshPki(t);
@@ -490,28 +486,41 @@ t.test("a state store that fails is a 503 the caller may retry, not an internal 
   t.equal(job.json.error.code, "SHOAL_ORCH_STATE_STORE");
 });
 
-t.test("a job the store could not take is not kept, and no retry of its write stores it later", async (t) => {
-  let down = true;
-  const { call, nc, store } = await startApi(t, {
-    failPublish: (subject) => down && subject.startsWith("$KV.shoal-jobs."),
-  });
-  const job = await call("PUT", "/api/v1/orchestrator/jobs", { Job: spec() });
-  t.equal(job.status, 503);
-  t.equal(job.json.error.code, "SHOAL_ORCH_STATE_STORE");
-  t.match(job.json.error.message, /^job j-\S+ could not be stored durably$/);
-  const jobId = job.json.error.message.split(" ")[1];
-  t.equal(store.jobs.get(jobId), undefined, "not in memory");
-  t.same((await call("GET", "/api/v1/orchestrator/jobs")).json.Items, [], "not listed");
+/**
+ * A submission whose job write fails after `failsAfterMs` (the submission's
+ * deadline is 300 ms): answered 503 by then, the job neither kept nor stored
+ * later by the table's retry, which the test lets through once the answer came.
+ */
+for (const { failsAfterMs, what } of [
+  { failsAfterMs: 0, what: "a job the store could not take" },
+  { failsAfterMs: 1500, what: "a job the store is slow to take (answered by the deadline)" },
+]) {
+  t.test(`${what} is not kept, and no retry of its write stores it later`, async (t) => {
+    let down = true;
+    const { call, nc, store } = await startApi(t, {
+      failPublish: (subject) => (down && subject.startsWith("$KV.shoal-jobs.") ? failsAfterMs : undefined),
+      storeTimeoutMs: 300,
+    });
+    const t0 = Date.now();
+    const job = await call("PUT", "/api/v1/orchestrator/jobs", { Job: spec() });
+    t.ok(Date.now() - t0 < 1400, "answered before a slow write failed");
+    t.equal(job.status, 503);
+    t.equal(job.json.error.code, "SHOAL_ORCH_STATE_STORE");
+    t.match(job.json.error.message, /^job j-\S+ could not be stored durably$/);
+    const jobId = job.json.error.message.split(" ")[1];
+    t.equal(store.jobs.get(jobId), undefined, "not in memory");
+    t.same((await call("GET", "/api/v1/orchestrator/jobs")).json.Items, [], "not listed");
 
-  // The store answers again: the failed write is retried (every 250 ms), and the job's removal after it.
-  down = false;
-  await new Promise((r) => setTimeout(r, 600));
-  await store.flush();
-  const reopened = await StateStore.open(jetstream(nc), silentLogger);
-  t.teardown(() => reopened.close());
-  t.equal(reopened.jobs.get(jobId), undefined, "not in KV");
-  t.same(reopened.history(jobId), [], "nor its history");
-});
+    // The store answers again: the failed write would be retried 250 ms after it failed.
+    down = false;
+    await new Promise((r) => setTimeout(r, failsAfterMs + 600));
+    await store.flush();
+    const reopened = await StateStore.open(jetstream(nc), silentLogger);
+    t.teardown(() => reopened.close());
+    t.equal(reopened.jobs.get(jobId), undefined, "not in KV");
+    t.same(reopened.history(jobId), [], "nor its history");
+  });
+}
 
 /** Resolves with how long (ms) until the server closed the connection, and what it last sent. */
 function whenClosed(socket: net.Socket): Promise<{ afterMs: number; said: string }> {
