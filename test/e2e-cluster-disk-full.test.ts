@@ -87,7 +87,16 @@ if (skip) {
       await fs.rm(filler);
       stored.push(await storedAt(c, "C"));
       for (const id of stored) {
-        const job = await waitUntil(`C reads ${id}`, () => getJob(c, id).catch(() => undefined), 60_000, 500);
+        // Queued by its owner once the store took the write (a job submitted late may still be Pending).
+        const job = await waitUntil(
+          `C reads ${id} Queued`,
+          async () => {
+            const j = await getJob(c, id).catch(() => undefined);
+            return j?.State === "Queued" ? j : undefined;
+          },
+          60_000,
+          500,
+        );
         t.equal(job.State, "Queued", `${id} is kept`);
       }
       for (const [name, o] of [
