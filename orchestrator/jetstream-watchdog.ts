@@ -84,7 +84,7 @@ export class JetStreamWatchdog {
     if (this.#busy) return;
     this.#busy = true;
     try {
-      const [answered, cause] = await Promise.all([
+      const [failed, cause] = await Promise.all([
         this.#o.probe().then(
           () => undefined,
           (err: unknown) => ({ err }),
@@ -92,7 +92,7 @@ export class JetStreamWatchdog {
         this.#o.cause?.(),
       ]);
       if (cause !== undefined) this.#cause = { text: cause, at: Date.now() };
-      if (answered === undefined) {
+      if (failed === undefined) {
         this.#failures = 0;
         return;
       }
@@ -102,7 +102,7 @@ export class JetStreamWatchdog {
       const recent = this.#cause && Date.now() - this.#cause.at <= memory ? this.#cause.text : undefined;
       const blamed = this.#o.cause === undefined || recent !== undefined;
       this.#o.log.warn(
-        { err: answered.err, failures, limit, ...(recent ? { cause: recent } : {}) },
+        { err: failed.err, failures, limit, ...(recent ? { cause: recent } : {}) },
         blamed ? "JetStream does not answer" : "JetStream does not answer; nothing points to this server",
       );
       if (failures >= limit && blamed) {
