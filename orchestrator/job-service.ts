@@ -74,7 +74,7 @@ export interface JobServiceOptions {
  */
 export const SUBMIT_STORE_TIMEOUT_MS = 20_000;
 
-/** `work`, or a rejection with `timeout` once `deadline` (epoch ms) has passed; `work`'s own later failure is dropped. */
+/** `work`, or a rejection once `deadline` (epoch ms) has passed; `work`'s own later failure is then dropped. */
 function byDeadline<T>(work: Promise<T>, deadline: number): Promise<T> {
   work.catch(() => {});
   let timer: NodeJS.Timeout | undefined;
