@@ -5,7 +5,7 @@ import path from "node:path";
 import { promisify } from "node:util";
 import t from "tap";
 import type { ApiResponseError } from "../cli/api-client.js";
-import { type OrchestratorHandle, startThreeOrchestrators, tempDir, waitUntil } from "./helpers/cluster.js";
+import { type OrchestratorHandle, startOrchestratorCluster, tempDir, waitUntil } from "./helpers/cluster.js";
 import { getJob, scrapeMetrics, submitJob, wasmEngine, writeSpec } from "./helpers/e2e-jobs.js";
 import { fillBut, smallDisk, whySmallDisksCannot } from "./helpers/small-disk.js";
 
@@ -29,9 +29,10 @@ if (skip) {
     "a clustered orchestrator whose disk fills starts its own server again; the others go on",
     async (t) => {
       const root = await tempDir(t, "shoal-cluster-disk-");
-      const { a, b, c } = await startThreeOrchestrators(
+      const { a, b, c } = await startOrchestratorCluster(
         t,
         root,
+        ["a", "b", "c"],
         // Nothing kept free: the disk fills up for real.
         () => ["-c", "Orchestrator.Storage.MinFree=0"],
         (dirs) => smallDisk(t, dirs[2]!, "16m"),

@@ -3,9 +3,9 @@ import { promises as fs } from "node:fs";
 import path from "node:path";
 import { calculateJwkThumbprint, exportJWK, generateKeyPair, SignJWT } from "jose";
 import t from "tap";
-import { initPki, revokedIdentities } from "../pki/index.js";
+import { revokedIdentities } from "../pki/index.js";
 import { apiCaller } from "./helpers/api-call.js";
-import { freePort, startComputeNode, startOrchestrator, tempDir, waitUntil } from "./helpers/cluster.js";
+import { startComputeNode, startOrchestratorCluster, tempDir, waitUntil } from "./helpers/cluster.js";
 import {
   buildWasm,
   SMALL_NODE,
@@ -31,20 +31,7 @@ t.test(
   "two clustered orchestrators: a node at B runs A's job, B reads and stops it, A's token works at B",
   async (t) => {
     const root = await tempDir(t, "shoal-cluster-");
-    const shared = path.join(root, "pki");
-    await initPki(shared, { trustDomain: "shoal.local" });
-    const [dirA, dirB] = [path.join(root, "a"), path.join(root, "b")];
-    for (const dir of [dirA, dirB]) await fs.cp(shared, path.join(dir, "pki"), { recursive: true });
-    // JetStream clustering needs every server's routes configured up front: pick two free ports (tiny race accepted).
-    const [portA, portB] = [await freePort(), await freePort()];
-    const clusterArgs = (own: number, peer: number) => [
-      ...["-c", "Orchestrator.Cluster.Name=shoal-test", "-c", "Orchestrator.Cluster.Host=127.0.0.1"],
-      ...["-c", `Orchestrator.Cluster.Port=${own}`, "-c", `Orchestrator.Cluster.Peers=127.0.0.1:${peer}`],
-    ];
-    const [a, b] = await Promise.all([
-      startOrchestrator(t, dirA, clusterArgs(portA, portB)),
-      startOrchestrator(t, dirB, clusterArgs(portB, portA)),
-    ]);
+    const { a, b } = await startOrchestratorCluster(t, root, ["a", "b"]);
     t.match(a.proc.stdout(), /Routes \(mTLS\):\s+nats-route:\/\/\S+ \(cluster shoal-test, 2 copies/);
     // The operator is told two give no fault tolerance.
     await a.proc.waitFor(/two orchestrators tolerate no loss/, 10_000);
@@ -203,12 +190,12 @@ t.test(
     await waitUntil(
       "B's broker no longer admits node-1",
       async () =>
-        (await fs.readFile(path.join(dirB, "nats", "nats.conf"), "utf8")).includes(userLine)
+        (await fs.readFile(path.join(b.dataDir, "nats", "nats.conf"), "utf8")).includes(userLine)
           ? undefined
           : true,
       15_000,
     );
-    t.notMatch(await fs.readFile(path.join(dirA, "nats", "nats.conf"), "utf8"), userLine, "nor A's");
+    t.notMatch(await fs.readFile(path.join(a.dataDir, "nats", "nats.conf"), "utf8"), userLine, "nor A's");
     await waitUntil(
       "B's PKI bars node-1 from enrolling again",
       async () =>

@@ -7,7 +7,7 @@ import { apiCaller } from "./helpers/api-call.js";
 import {
   killLeftoverNats,
   startComputeNode,
-  startThreeOrchestrators,
+  startOrchestratorCluster,
   tempDir,
   waitUntil,
 } from "./helpers/cluster.js";
@@ -32,7 +32,10 @@ import {
 /** Three clustered orchestrators with `lease`. */
 async function startCluster(t: Test, lease: string) {
   const root = await tempDir(t, "shoal-takeover-");
-  const cluster = await startThreeOrchestrators(t, root, () => ["-c", `Orchestrator.Cluster.Lease=${lease}`]);
+  const cluster = await startOrchestratorCluster(t, root, ["a", "b", "c"], () => [
+    "-c",
+    `Orchestrator.Cluster.Lease=${lease}`,
+  ]);
   t.match(cluster.a.proc.stdout(), /cluster shoal-test, 3 copies/);
   return { root, ...cluster };
 }

@@ -500,23 +500,26 @@ export async function startComputeNode(
 }
 
 /**
- * Three clustered orchestrators, `a`, `b` and `c`, with data directories
- * under `root` (JetStream keeps its quorum with one of them gone; two could
- * not). They share one PKI, copied into each data directory before the first
- * start, as docs/orchestrator.md tells operators; `prepare` runs first, on the
- * three directories (to mount one, say). `args(i)` adds settings to the i-th.
+ * Clustered orchestrators, one per name, with data directories `root/<name>`
+ * (three keep JetStream's quorum with one of them gone; two cannot). They
+ * share one PKI, copied into each data directory before the first start, as
+ * docs/orchestrator.md tells operators; `prepare` runs first, on the
+ * directories (to mount one, say). `args(i)` adds settings to the i-th.
+ * Resolves once the first has printed its cluster banner.
  */
-export async function startThreeOrchestrators(
+export async function startOrchestratorCluster<N extends string>(
   t: Test,
   root: string,
+  names: readonly N[],
   args: (i: number) => string[] = () => [],
   prepare: (dirs: string[]) => Promise<void> = async () => {},
-): Promise<{ a: OrchestratorHandle; b: OrchestratorHandle; c: OrchestratorHandle }> {
+): Promise<Record<N, OrchestratorHandle>> {
   const shared = path.join(root, "pki");
   await initPki(shared, { trustDomain: "shoal.local" });
-  const dirs = ["a", "b", "c"].map((n) => path.join(root, n));
+  const dirs = names.map((n) => path.join(root, n));
   await prepare(dirs);
   for (const dir of dirs) await fs.cp(shared, path.join(dir, "pki"), { recursive: true });
+  // JetStream clustering needs every server's routes configured up front.
   const ports: number[] = [];
   for (const _ of dirs) ports.push(await freePort());
   const clusterArgs = (i: number) => [
@@ -525,9 +528,8 @@ export async function startThreeOrchestrators(
     ...["-c", `Orchestrator.Cluster.Peers=${ports.filter((_, j) => j !== i).map((p) => `127.0.0.1:${p}`)}`],
     ...args(i),
   ];
-  const [a, b, c] = await Promise.all(dirs.map((dir, i) => startOrchestrator(t, dir, clusterArgs(i))));
-  if (!a || !b || !c) throw new Error("three orchestrators expected");
+  const started = await Promise.all(dirs.map((dir, i) => startOrchestrator(t, dir, clusterArgs(i))));
   // Printed just after the API line startOrchestrator waits for: it may not be read yet.
-  await a.proc.waitFor(/cluster shoal-test, 3 copies/);
-  return { a, b, c };
+  await started[0]!.proc.waitFor(new RegExp(`cluster shoal-test, ${names.length} copies`));
+  return Object.fromEntries(names.map((n, i) => [n, started[i]!])) as Record<N, OrchestratorHandle>;
 }
