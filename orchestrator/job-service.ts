@@ -334,8 +334,9 @@ export class JobService {
     let replaying = true;
     let closed = false;
     const stopLogs = this.#o.logs.follow(id, (e) => (replaying ? buffered.push(e) : onEntry(e)));
+    // While the stored lines are read, the end waits for them (checked once they are sent).
     const stopJob = this.#o.store.watchJob(id, (change) => {
-      if (change.type === "job" && TERMINAL_JOB_STATES.has(change.job.State)) end();
+      if (!replaying && change.type === "job" && TERMINAL_JOB_STATES.has(change.job.State)) end();
     });
     const end = () => {
       if (closed) return;
@@ -350,7 +351,9 @@ export class JobService {
       for (const e of stored) onEntry(e);
       for (const e of buffered) if (!seen.has(`${e.ExecutionID}/${e.Stream}/${e.Seq}`)) onEntry(e);
       replaying = false;
-      if (TERMINAL_JOB_STATES.has(this.#require(id).State)) end();
+      // A job removed meanwhile has ended too.
+      const job = this.#o.store.jobs.get(id);
+      if (!job || TERMINAL_JOB_STATES.has(job.State)) end();
     });
     return () => {
       closed = true;
