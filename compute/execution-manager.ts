@@ -2,7 +2,7 @@ import { randomUUID } from "node:crypto";
 import { type Dirent, promises as fs } from "node:fs";
 import path from "node:path";
 import type { JobSpec, Logger } from "../core/index.js";
-import type { MessageBody, Submitter } from "../fabric/index.js";
+import { type MessageBody, RESULT_LOG_TAIL_BYTES, type Submitter } from "../fabric/index.js";
 import { COMPUTE_CODES, ComputeError } from "./errors.js";
 import {
   type CollectedFile,
@@ -92,7 +92,11 @@ export interface ExecutionManagerOptions {
   spool: ResultSpool;
   runner: ExecutionRunner;
   log: Logger;
-  /** Batched output: one call per stream per flush. `seq` counts up per execution from 0. */
+  /**
+   * Batched output: one call per stream per flush. `seq` counts up per execution
+   * from 0. What is left when the execution ends, up to RESULT_LOG_TAIL_BYTES,
+   * goes in its result (`logs`) instead.
+   */
   onLog(executionId: string, stream: "stdout" | "stderr", seq: number, data: Uint8Array): void;
   /**
    * The execution's outcome, ready to be sent. `stored` resolves once its spool
@@ -149,17 +153,38 @@ class LogBatcher {
   }
 
   flush(): void {
+    for (const [stream, seq, data] of this.#take()) this.emit(stream, seq, data);
+  }
+
+  /**
+   * The execution ended: what is pending becomes the result's last lines when it
+   * is at most `maxBytes`; more is sent as usual, and there are none.
+   */
+  finish(maxBytes: number): LogTail {
+    if (this.#bytes > maxBytes) {
+      this.flush();
+      return [];
+    }
+    return this.#take().map(([stream, seq, data]) => ({ stream, seq, data: data.toString("base64") }));
+  }
+
+  /** The pending output, one numbered batch per stream that has some; nothing is pending after. */
+  #take(): [stream: "stdout" | "stderr", seq: number, data: Buffer][] {
     clearTimeout(this.#timer);
     this.#timer = undefined;
+    const batches: [stream: "stdout" | "stderr", seq: number, data: Buffer][] = [];
     for (const stream of ["stdout", "stderr"] as const) {
       const parts = this.#pending[stream];
       if (parts.length === 0) continue;
       this.#pending[stream] = [];
-      this.emit(stream, this.#seq++, Buffer.concat(parts));
+      batches.push([stream, this.#seq++, Buffer.concat(parts)]);
     }
     this.#bytes = 0;
+    return batches;
   }
 }
+
+type LogTail = NonNullable<MessageBody<"result">["logs"]>;
 
 /**
  * Runs executions: one fresh work directory each, `DATA-DIR/executions/w-<uuid>/`
@@ -448,9 +473,9 @@ export class ExecutionManager {
       outcome = { ...failedOutcome(executionId, describeFailure(err)), files: [] };
     } finally {
       clearTimeout(timer);
-      batcher.flush();
     }
     if (entry.stop?.kind === "cancel") {
+      batcher.flush();
       await retireAfter();
       log.info({ reason: entry.stop.message }, "execution cancelled");
       this.#running.delete(executionId);
@@ -458,7 +483,8 @@ export class ExecutionManager {
       return;
     }
     if (entry.stop) outcome = { ...outcome, state: "Failed", error: entry.stop.message, files: [] };
-    const { files, ...rest } = outcome;
+    const tail = batcher.finish(RESULT_LOG_TAIL_BYTES);
+    const { files, ...rest } = { ...outcome, ...(tail.length > 0 ? { logs: tail } : {}) };
     let started: { entry: SpooledResult; stored: Promise<void> };
     try {
       started = await this.#o.spool.begin(jobId, { ...rest, executionId }, files);

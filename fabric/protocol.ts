@@ -35,6 +35,21 @@ const Submitter = T.Object({
 });
 export type Submitter = Static<typeof Submitter>;
 
+/**
+ * Most output bytes a `result` carries as its last log lines (`logs`): what was
+ * not streamed yet when the execution ended, if no more than this; else it is
+ * streamed as `logs` messages first. @default 8 KiB
+ */
+export const RESULT_LOG_TAIL_BYTES = 8 * 1024;
+
+/** One batch of an execution's output: `seq` counts up from 0 across both streams. */
+const LogLine = {
+  stream: T.Union([T.Literal("stdout"), T.Literal("stderr")]),
+  seq: T.Integer({ minimum: 0 }),
+  /** base64 */
+  data: T.String(),
+};
+
 export const Approval = T.Union([T.Literal("APPROVED"), T.Literal("PENDING"), T.Literal("REJECTED")]);
 export type Approval = Static<typeof Approval>;
 
@@ -107,13 +122,7 @@ export const BODY_SCHEMAS = {
     state: T.Union([T.Literal("Running"), T.Literal("Failed"), T.Literal("Cancelled")]),
     error: T.Optional(T.String()),
   }),
-  logs: T.Object({
-    executionId: T.String(),
-    stream: T.Union([T.Literal("stdout"), T.Literal("stderr")]),
-    seq: T.Integer({ minimum: 0 }),
-    /** base64 */
-    data: T.String(),
-  }),
+  logs: T.Object({ executionId: T.String(), ...LogLine }),
   /** One chunk of one result file; `sha256` is of the decoded `data`, and the envelope signs it all. */
   "result-chunk": T.Object({
     executionId: T.String(),
@@ -139,6 +148,19 @@ export const BODY_SCHEMAS = {
         sha256: T.String(),
         chunks: T.Array(T.String()),
       }),
+    ),
+    /**
+     * The output not streamed yet when the execution ended (at most
+     * RESULT_LOG_TAIL_BYTES), so a short execution's output costs no `logs`
+     * message of its own and is acknowledged with the result.
+     */
+    logs: T.Optional(
+      T.Array(
+        T.Object({ ...LogLine, data: T.String({ maxLength: Math.ceil(RESULT_LOG_TAIL_BYTES / 3) * 4 }) }),
+        {
+          maxItems: 2,
+        },
+      ),
     ),
   }),
   "result-reply": T.Object({ stored: T.Boolean(), reason: T.Optional(T.String()) }),

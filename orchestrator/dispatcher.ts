@@ -522,6 +522,9 @@ export class Dispatcher implements JobDispatch {
     body: MessageBody<"result">,
   ): Promise<MessageBody<"result-reply"> | undefined> {
     return this.#resultOrder.run(body.executionId, async () => {
+      // The output the node had not streamed yet: stored (once) by every orchestrator, as
+      // `logs` are, and before the execution ends, so followers see it before the end.
+      for (const line of body.logs ?? []) this.handleLogs(nodeId, { executionId: body.executionId, ...line });
       const known = this.#o.store.executions.get(body.executionId);
       if (known ? !this.#o.store.isMine(known.JobID) : await this.#o.isForeign?.(body.executionId)) {
         await this.#o.results.discardStaged(body.executionId);

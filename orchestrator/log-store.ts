@@ -25,6 +25,11 @@ export class LogStore {
   readonly #maxStreamBytes: number;
   /** Bytes stored per `<execution>/<stream>`, against `maxStreamBytes`. */
   readonly #stored = new Map<string, number>();
+  /**
+   * The highest `Seq` taken per execution: a node numbers its lines in the order it
+   * sends them, so one at or below it is a repeat (a result resent with its last lines).
+   */
+  readonly #lastSeq = new Map<string, number>();
 
   /**
    * `maxStreamBytes`: most bytes of one execution's stdout, and of its
@@ -43,9 +48,12 @@ export class LogStore {
 
   /**
    * Stores and fans out a line. Past the stream's cap nothing is kept: the
-   * first line dropped resolves to "capped", the later ones to "dropped".
+   * first line dropped resolves to "capped", the later ones to "dropped". A line
+   * numbered at or below one already taken of its execution is a repeat: not stored.
    */
-  async append(jobId: string, entry: LogEntry): Promise<"stored" | "capped" | "dropped"> {
+  async append(jobId: string, entry: LogEntry): Promise<"stored" | "capped" | "dropped" | "repeated"> {
+    if (entry.Seq <= (this.#lastSeq.get(entry.ExecutionID) ?? -1)) return "repeated";
+    this.#lastSeq.set(entry.ExecutionID, entry.Seq);
     const key = `${entry.ExecutionID}/${entry.Stream}`;
     const before = this.#stored.get(key) ?? 0;
     const stored = before + Buffer.byteLength(entry.Data);
@@ -87,8 +95,10 @@ export class LogStore {
 
   /** Removes the job's stored lines (after any append under way) and what was counted of its executions'. */
   async remove(jobId: string, executionIds: readonly string[] = []): Promise<void> {
-    for (const id of executionIds)
+    for (const id of executionIds) {
+      this.#lastSeq.delete(id);
       for (const stream of ["stdout", "stderr"]) this.#stored.delete(`${id}/${stream}`);
+    }
     await this.#tails.get(jobId);
     await fs.rm(this.#file(jobId), { force: true });
   }

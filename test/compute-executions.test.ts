@@ -16,6 +16,7 @@ import {
   type SpooledResult,
 } from "../compute/index.js";
 import { type JobSpec, parseJobSpec, silentLogger } from "../core/index.js";
+import { RESULT_LOG_TAIL_BYTES } from "../fabric/index.js";
 import { workDirsInUse } from "./helpers/compute-standin.js";
 
 const root = await fs.mkdtemp(path.join(os.tmpdir(), "shoal-executions-"));
@@ -327,3 +328,92 @@ t.test("output carried in a manifest is cut to fit its JSON budget", async (t) =
   t.ok(JSON.stringify(fitted.text).length <= 62);
   t.ok(JSON.stringify(`${fitted.text}\u0001`).length > 62, "as much as fits");
 });
+
+t.test(
+  "output not streamed yet when an execution ends rides in its result, up to RESULT_LOG_TAIL_BYTES; more is streamed",
+  async (t) => {
+    const dir = path.join(root, "tail");
+    const spool = new ResultSpool(path.join(dir, "spool"));
+    await spool.init();
+    const streamed: { stream: string; seq: number; text: string }[] = [];
+    const results = new Map<string, SpooledResult>();
+    /** What each execution writes: [stream, text, pause after it (ms)]. */
+    const scripts = new Map<string, [stream: "stdout" | "stderr", text: string, pauseMs: number][]>();
+    let finished: () => void = () => {};
+    const manager = new ExecutionManager({
+      root: path.join(dir, "executions"),
+      spool,
+      runner: async (ctx) => {
+        for (const [stream, text, pauseMs] of scripts.get(ctx.executionId)!) {
+          ctx.onLog(stream, Buffer.from(text));
+          await new Promise((r) => setTimeout(r, pauseMs));
+        }
+        return { ...failedOutcome(ctx.executionId, "unused"), state: "Completed", exitCode: 0, files: [] };
+      },
+      log: silentLogger,
+      onLog: (_id, stream, seq, data) => streamed.push({ stream, seq, text: Buffer.from(data).toString() }),
+      onResult: (e, stored) =>
+        void stored.then(() => {
+          results.set(e.result.executionId, e);
+          finished();
+        }),
+      onCancelled: () => {},
+      logFlushMs: 50,
+    });
+    t.teardown(() => manager.drain(1000));
+    const run = async (
+      executionId: string,
+      script: [stream: "stdout" | "stderr", text: string, pauseMs: number][],
+    ) => {
+      scripts.set(executionId, script);
+      streamed.length = 0;
+      const done = new Promise<void>((resolve) => {
+        finished = resolve;
+      });
+      manager.start({ jobId: "j", executionId, spec, submitter, timeoutMs: 30_000 });
+      await done;
+      const logs = results.get(executionId)!.result.logs;
+      return {
+        streamed: [...streamed],
+        tail: logs?.map((l) => ({ ...l, data: Buffer.from(l.data, "base64").toString() })),
+      };
+    };
+
+    const short = await run("e-short", [
+      ["stdout", "out\n", 0],
+      ["stderr", "err\n", 0],
+    ]);
+    t.same(short.streamed, [], "a short execution's output costs no log message");
+    t.same(short.tail, [
+      { stream: "stdout", seq: 0, data: "out\n" },
+      { stream: "stderr", seq: 1, data: "err\n" },
+    ]);
+
+    const full = "x".repeat(RESULT_LOG_TAIL_BYTES);
+    const atLimit = await run("e-limit", [["stdout", full, 0]]);
+    t.same(atLimit.streamed, [], "exactly RESULT_LOG_TAIL_BYTES still rides in the result");
+    t.equal(atLimit.tail?.[0]?.data, full);
+
+    const over = await run("e-over", [["stdout", `${full}y`, 0]]);
+    t.same(
+      over.streamed,
+      [{ stream: "stdout", seq: 0, text: `${full}y` }],
+      "one byte more is streamed as before",
+    );
+    t.equal(over.tail, undefined, "and the result carries none");
+
+    const later = await run("e-later", [
+      ["stdout", "early\n", 200],
+      ["stdout", "late\n", 0],
+    ]);
+    t.same(later.streamed, [{ stream: "stdout", seq: 0, text: "early\n" }], "what was flushed while it ran");
+    t.same(later.tail, [{ stream: "stdout", seq: 1, data: "late\n" }], "the rest, numbered after it");
+
+    const onDisk = (await spool.list()).find((e) => e.result.executionId === "e-short");
+    t.same(
+      onDisk?.result.logs,
+      results.get("e-short")?.result.logs,
+      "the last lines are spooled with the result",
+    );
+  },
+);

@@ -408,3 +408,47 @@ t.test("in a cluster, lines heard before their execution's record are stored onc
   await new Promise((r) => setTimeout(r, 50));
   t.equal((await logs.read("j-later")).length, 2, "kept lines are stored once");
 });
+
+t.test(
+  "a result's last lines are stored before its execution ends, and once when it is sent again",
+  async (t) => {
+    const { store, logs, dispatcher } = await dispatcherWithNode(t);
+    store.putJob(jobRecord("j-tail", Date.now()));
+    dispatcher.enqueue("j-tail");
+    await eventually("the execution runs on n1", () =>
+      store.executionsOf("j-tail").some((e) => e.State === "Running" && e.NodeID === "n1"),
+    );
+    const execution = store.executionsOf("j-tail")[0]!;
+    const b64 = (text: string) => Buffer.from(text).toString("base64");
+    dispatcher.handleLogs("n1", {
+      executionId: execution.ID,
+      stream: "stdout",
+      seq: 0,
+      data: b64("streamed\n"),
+    });
+    const statesSeen: string[] = [];
+    const stop = logs.follow("j-tail", () => statesSeen.push(store.executions.get(execution.ID)!.State));
+    t.teardown(stop);
+    const result: MessageBody<"result"> = {
+      ...resultMessages(execution.ID, []).manifest,
+      files: [],
+      logs: [
+        { stream: "stdout", seq: 1, data: b64("last\n") },
+        { stream: "stderr", seq: 2, data: b64("warning\n") },
+      ],
+    };
+    t.same(await dispatcher.handleResult("n1", result), { stored: true });
+    t.same(statesSeen, ["Running", "Running"], "followers get the last lines while the execution still runs");
+    t.equal(store.executions.get(execution.ID)?.State, "Completed");
+    t.same(await dispatcher.handleResult("n1", result), { stored: true }, "a resend is acknowledged");
+    t.same(
+      (await logs.read("j-tail")).map((l) => [l.Seq, l.Stream, l.Data]),
+      [
+        [0, "stdout", "streamed\n"],
+        [1, "stdout", "last\n"],
+        [2, "stderr", "warning\n"],
+      ],
+      "each line once, in order",
+    );
+  },
+);
