@@ -680,7 +680,7 @@ export class ComputeNode {
     spec: ReturnType<typeof parseJobSpec>,
     submitter: MessageBody<"bid">["submitter"],
     resources: MessageBody<"bid">["resources"],
-  ): Promise<{ accept: boolean; reason?: string; busy?: boolean }> {
+  ): Promise<{ accept: boolean; reason?: string; busy?: boolean; lowDisk?: string }> {
     // Inputs, work files and the result's spool entry need room: a job taken now would fail half-way.
     const short = await this.#disk!.shortfall();
     if (short !== undefined) {
@@ -690,7 +690,7 @@ export class ComputeNode {
         { shortfall: short },
         "declining jobs: the disk is short of room",
       );
-      return { accept: false, reason: `no room on the node: ${short}` };
+      return { accept: false, reason: `no room on the node: ${short}`, lowDisk: short };
     }
     const demand = jobDemand(spec, submitter, resources);
     const commandRealPath = demand.command === undefined ? undefined : await realPathOf(demand.command);

@@ -107,6 +107,11 @@ export const BODY_SCHEMAS = {
      * told to cancel has not ended yet): asking again shortly may succeed.
      */
     busy: T.Optional(T.Boolean()),
+    /**
+     * Refused because the node's disk is short of room (what is short): a passing
+     * condition, so the node may be asked again for the job once heard from after it.
+     */
+    lowDisk: T.Optional(T.String()),
   }),
   run: T.Object({
     jobId: T.String(),

@@ -130,8 +130,11 @@ export class Dispatcher implements JobDispatch {
    */
   readonly #reserved = new Map<string, { jobId: string; nodeId: string; resources: Resources }>();
   readonly #deadlines = new Map<string, NodeJS.Timeout>();
-  /** Nodes that left a bid unanswered and have not been heard from since (see {@link nodeSeen}). */
-  readonly #unanswered = new Set<string>();
+  /**
+   * Nodes that left a bid unanswered, or declined it short of disk, and have not
+   * been heard from since (see {@link nodeSeen}).
+   */
+  readonly #askWhenSeen = new Set<string>();
   /** Why the result of an active execution could not be stored here (last attempt), for its timeout's message. */
   readonly #unstored = new Map<string, string>();
   readonly #queueTimers = new Map<string, NodeJS.Timeout>();
@@ -338,12 +341,12 @@ export class Dispatcher implements JobDispatch {
   }
 
   /**
-   * A node was heard from (a heartbeat): if a bid to it went unanswered, the
-   * jobs that wait may be placed there again (scheduler.ts), so the queue is
-   * looked at once, not at every heartbeat.
+   * A node was heard from (a heartbeat): if a bid to it went unanswered, or was
+   * declined short of disk, the jobs that wait may be placed there again
+   * (scheduler.ts), so the queue is looked at once, not at every heartbeat.
    */
   nodeSeen(nodeId: string): void {
-    if (this.#unanswered.delete(nodeId)) this.#scheduleReexamine();
+    if (this.#askWhenSeen.delete(nodeId)) this.#scheduleReexamine();
   }
 
   /**
@@ -684,7 +687,7 @@ export class Dispatcher implements JobDispatch {
     execution: ExecutionRecord,
     requirements: JobRequirements,
     unanswered = (err: Error) => {
-      this.#unanswered.add(execution.NodeID);
+      this.#askWhenSeen.add(execution.NodeID);
       this.#failBeforeStart(execution, `bid request failed: ${err.message}`, { Unanswered: true });
     },
   ): Promise<void> {
@@ -713,7 +716,13 @@ export class Dispatcher implements JobDispatch {
       if (this.#closed || this.#o.store.executions.get(execution.ID)?.State !== "AskForBid") return;
     }
     if (!bid.accept) {
-      this.#endExecution(e, "BidRejected", bid.reason ? `bid rejected: ${bid.reason}` : "bid rejected");
+      if (bid.lowDisk !== undefined) this.#askWhenSeen.add(e.NodeID);
+      this.#endExecution(
+        e,
+        "BidRejected",
+        bid.reason ? `bid rejected: ${bid.reason}` : "bid rejected",
+        bid.lowDisk === undefined ? {} : { ShortOfDisk: true },
+      );
       return;
     }
     e = this.#setExecution(e, "BidAccepted", "bid accepted");

@@ -24,7 +24,7 @@ export const placeJob: PlaceFn = ({ job, executions, nodes, allocated }): Placem
       id: e.ID,
       nodeId: e.NodeID,
       state: e.State,
-      ...(e.Unanswered ? { unansweredAt: e.ModifyTime } : {}),
+      ...(e.Unanswered || e.ShortOfDisk ? { askAgainAfter: e.ModifyTime } : {}),
     })),
     nodes: nodes.map((n) => ({
       id: n.ID,

@@ -70,6 +70,11 @@ export interface ExecutionRecord {
    * once it is seen after that (scheduler.ts).
    */
   Unanswered?: boolean;
+  /**
+   * Set on a `BidRejected` that the node declined for want of disk room: a passing
+   * condition, so it too may be asked again once seen after that (scheduler.ts).
+   */
+  ShortOfDisk?: boolean;
   ExitCode?: number;
   Stdout?: string;
   Stderr?: string;

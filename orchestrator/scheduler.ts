@@ -49,7 +49,7 @@ export interface SchedulerNode {
   engines: readonly string[];
   /** Set while the node reports its disk short of room: what is short. */
   lowDisk?: string;
-  /** Its last register or heartbeat (ms): a node that did not answer a bid may be asked again once seen after it. */
+  /** Its last register or heartbeat (ms): a node that declined a bid for a passing reason may be asked again once seen after it. */
   lastSeen?: number;
 }
 
@@ -57,8 +57,11 @@ export interface SchedulerExecution {
   id: string;
   nodeId: string;
   state: ExecutionState;
-  /** A `BidRejected` whose node did not answer the bid (it did not decline): when that was. */
-  unansweredAt?: number;
+  /**
+   * A `BidRejected` for a passing reason (the node did not answer the bid, or its
+   * disk was short of room): when that was; the node is asked again once seen after it.
+   */
+  askAgainAfter?: number;
 }
 
 export interface SchedulerJob {
@@ -183,14 +186,14 @@ export function schedule(input: ScheduleInput): SchedulePlan {
       });
     }
     // A node that declined is not asked again for this job. One that did not answer (it was
-    // reconnecting, say) is, once it has been seen since: else a job placed on a single node
-    // at that moment could never run.
+    // reconnecting, say) or was short of disk is, once it has been seen since: else a job
+    // placed on a single node at that moment could never run.
     const declined = new Set(
       current
         .filter(
           (e) =>
             e.state === ExecutionState.BidRejected &&
-            (e.unansweredAt === undefined || (byId.get(e.nodeId)?.lastSeen ?? 0) <= e.unansweredAt),
+            (e.askAgainAfter === undefined || (byId.get(e.nodeId)?.lastSeen ?? 0) <= e.askAgainAfter),
         )
         .map((e) => e.nodeId),
     );

@@ -253,6 +253,7 @@ if (skip) {
       /^bid rejected: no room on the node: .*\/n1 has \d+\.\d MiB free, less than Compute.Storage.MinFree \(2\.0 MiB\)$/,
     );
     t.match(node.stderr(), /declining jobs: the disk is short of room/);
+    t.equal(declined.Executions[0]?.ShortOfDisk, true, "a passing decline: the node may be asked again");
   });
 
   t.test(

@@ -326,6 +326,41 @@ t.test(
 );
 
 t.test(
+  "a node that declined short of disk is asked again once heard from; one that declined outright is not",
+  async (t) => {
+    for (const lowDisk of ["n1 has 1.0 MiB free", undefined]) {
+      let calls = 0;
+      const { store, nodes, dispatcher } = await dispatcherWithNode(t, async () =>
+        calls++ === 0
+          ? { accept: false, reason: "no room on the node", ...(lowDisk === undefined ? {} : { lowDisk }) }
+          : { accept: true, started: true },
+      );
+      store.putJob(jobRecord("j-1", Date.now()));
+      dispatcher.enqueue("j-1");
+      await eventually("the job is queued", () => store.jobs.get("j-1")?.State === "Queued");
+      t.match(store.executionsOf("j-1")[0], {
+        State: "BidRejected",
+        StateMessage: "bid rejected: no room on the node",
+        ...(lowDisk === undefined ? {} : { ShortOfDisk: true }),
+      });
+      await new Promise((r) => setTimeout(r, 5)); // heard from after the decline
+      nodes.heartbeat("n1", {});
+      dispatcher.nodeSeen("n1");
+      if (lowDisk === undefined) {
+        await new Promise((r) => setTimeout(r, 200));
+        t.equal(calls, 1, "declined outright: not asked again");
+        t.equal(store.jobs.get("j-1")?.State, "Queued");
+      } else {
+        await eventually("the job runs on n1", () =>
+          store.executionsOf("j-1").some((e) => e.State === "Running" && e.NodeID === "n1"),
+        );
+        t.equal(calls, 2, "short of disk: asked again after its heartbeat");
+      }
+    }
+  },
+);
+
+t.test(
   "a node flipping its disk condition in every message changes its record once per heartbeat interval",
   async (t) => {
     const { store, nodes } = await dispatcherWithNode(t);

@@ -104,7 +104,7 @@ t.test("a batch job goes to the least loaded matching node, ties broken by id", 
 t.test("a node that declined is not asked again; one that did not answer is, once seen since", async (t) => {
   const plan = (lastSeen: number, execution: SchedulerExecution) =>
     schedule({ job: job(spec()), executions: [execution], nodes: [node("a", { lastSeen })], now: 0 });
-  const unanswered = { ...ex("e1", "a", "BidRejected"), unansweredAt: 100 };
+  const unanswered = { ...ex("e1", "a", "BidRejected"), askAgainAfter: 100 };
   t.equal(plan(100, unanswered).decision, "queue", "not seen since: not asked yet");
   t.match(plan(100, unanswered).reason, /a: declined the job/);
   t.same(
