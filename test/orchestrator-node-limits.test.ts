@@ -62,10 +62,12 @@ t.test("log lines of one execution's stream stop at the cap", async (t) => {
   t.equal(await logs.append("j-1", line("e-1", "stdout", 2, "9")), "capped", "the first line past it");
   t.equal(await logs.append("j-1", line("e-1", "stdout", 3, "")), "dropped", "and every later one");
   t.equal(
-    await logs.append("j-1", line("e-1", "stderr", 0, "stderr")),
+    await logs.append("j-1", line("e-1", "stderr", 4, "stderr")),
     "stored",
-    "each stream has its own cap",
+    "each stream has its own cap (a node numbers both streams' lines in one sequence)",
   );
+  t.equal(await logs.append("j-1", line("e-1", "stderr", 4, "stderr")), "repeated", "a line taken before");
+  t.equal(await logs.append("j-1", line("e-1", "stdout", 1, "678")), "repeated", "or numbered below one");
   t.equal(await logs.append("j-1", line("e-2", "stdout", 0, "e-2")), "stored", "and each execution");
   t.same(
     (await logs.read("j-1")).map((e) => e.Data),
@@ -75,9 +77,9 @@ t.test("log lines of one execution's stream stop at the cap", async (t) => {
 
   await logs.remove("j-1", ["e-1"]);
   t.equal(
-    await logs.append("j-1", line("e-1", "stdout", 4, "new")),
+    await logs.append("j-1", line("e-1", "stdout", 0, "new")),
     "stored",
-    "a removed job's counts go with it",
+    "a removed job's counts and numbers go with it",
   );
 });
 
