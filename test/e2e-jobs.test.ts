@@ -131,6 +131,8 @@ t.test("orchestrator and compute nodes run batch, ops and queued jobs", async (t
     // `logs --follow` ends when the job reaches a final state (fed by the store's changes).
     const logs = await runShoal(t, ["job", "logs", id, "--follow", ...api]);
     t.equal(logs.code, 0, logs.stderr);
+    // The short output came in the result (no logs message): streamed before the end.
+    t.match(logs.stdout, /hello from wasm\n/);
     const final = JSON.parse((await runShoal(t, ["job", "describe", id, "--output", "json", ...api])).stdout);
     t.equal(final.State, "Completed");
     t.equal(final.Executions[0].NodeID, "n3");
