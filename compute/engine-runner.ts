@@ -14,11 +14,14 @@ import type { ExecutionOutcome, ExecutionRunner } from "./execution-manager.js";
 
 /**
  * Largest JSON-encoded stdout (and, separately, stderr) carried in a `result`
- * manifest, so that the manifest's envelope stays under the broker's 1 MiB
- * payload limit however the bytes escape. The whole output (up to the
+ * manifest, in UTF-8 bytes, so that the manifest's envelope stays under the
+ * broker's 1 MiB payload limit however the bytes escape or encode: two of these,
+ * the list of files (MAX_RESULT_MANIFEST_JSON_BYTES) and the last log lines
+ * (RESULT_LOG_TAIL_BYTES, base64), a third larger again in the envelope's
+ * base64url, leave room for the rest of the envelope. The whole output (up to the
  * engine's cap) was already streamed as `logs`.
  */
-export const MAX_RESULT_OUTPUT_JSON_CHARS = 192 * 1024;
+export const MAX_RESULT_OUTPUT_JSON_BYTES = 176 * 1024;
 
 export interface EngineRunnerOptions {
   /** `Compute.Engines.Exec.Allow`, resolved at start-up; empty turns exec off. */
@@ -39,22 +42,27 @@ export interface EngineRunner {
   close(): Promise<void>;
 }
 
-/** `text` cut so that its JSON encoding is at most `maxChars`; whether it was cut. */
-export function fitForManifest(text: string, maxChars: number): { text: string; cut: boolean } {
-  if (JSON.stringify(text).length <= maxChars) return { text, cut: false };
+/**
+ * `text` cut so that its JSON encoding is at most `maxBytes` in UTF-8 (what a
+ * message carries: a character past ASCII is two to four bytes, an escaped
+ * control character six); whether it was cut.
+ */
+export function fitForManifest(text: string, maxBytes: number): { text: string; cut: boolean } {
+  const fits = (s: string) => Buffer.byteLength(JSON.stringify(s)) <= maxBytes;
+  if (fits(text)) return { text, cut: false };
   let lo = 0;
   let hi = text.length;
   while (lo < hi) {
     const mid = Math.ceil((lo + hi) / 2);
-    if (JSON.stringify(text.slice(0, mid)).length <= maxChars) lo = mid;
+    if (fits(text.slice(0, mid))) lo = mid;
     else hi = mid - 1;
   }
   return { text: text.slice(0, lo), cut: true };
 }
 
 function outcomeOf(result: EngineRunResult): Omit<ExecutionOutcome, "files"> {
-  const stdout = fitForManifest(result.stdout.toString("utf8"), MAX_RESULT_OUTPUT_JSON_CHARS);
-  const stderr = fitForManifest(result.stderr.toString("utf8"), MAX_RESULT_OUTPUT_JSON_CHARS);
+  const stdout = fitForManifest(result.stdout.toString("utf8"), MAX_RESULT_OUTPUT_JSON_BYTES);
+  const stderr = fitForManifest(result.stderr.toString("utf8"), MAX_RESULT_OUTPUT_JSON_BYTES);
   const ok = result.exitCode === 0 && !result.error;
   return {
     state: ok ? "Completed" : "Failed",

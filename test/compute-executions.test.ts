@@ -327,6 +327,8 @@ t.test("output carried in a manifest is cut to fit its JSON budget", async (t) =
   t.ok(fitted.cut);
   t.ok(JSON.stringify(fitted.text).length <= 62);
   t.ok(JSON.stringify(`${fitted.text}\u0001`).length > 62, "as much as fits");
+  // Measured in UTF-8 bytes, as a message carries it: each of these is three.
+  t.same(fitForManifest("漢".repeat(10), 20), { text: "漢".repeat(6), cut: true });
 });
 
 t.test(

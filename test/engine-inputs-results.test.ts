@@ -4,7 +4,7 @@ import { mkdir, mkdtemp, readFile, rm, stat, symlink, writeFile } from "node:fs/
 import os from "node:os";
 import path from "node:path";
 import t from "tap";
-import { collectResults, MAX_RESULT_MANIFEST_JSON_CHARS, prepareInputs } from "../compute/engines/index.js";
+import { collectResults, MAX_RESULT_MANIFEST_JSON_BYTES, prepareInputs } from "../compute/engines/index.js";
 import { type InputSource, parseJobSpec } from "../core/index.js";
 
 const root = await mkdtemp(path.join(os.tmpdir(), "shoal-io-"));
@@ -226,7 +226,7 @@ t.test("results: the list of files fits in one signed result message", async (t)
     chunks: f.chunks.map((c) => c.sha256),
   }));
   t.ok(
-    JSON.stringify(manifest).length <= MAX_RESULT_MANIFEST_JSON_CHARS,
+    Buffer.byteLength(JSON.stringify(manifest)) <= MAX_RESULT_MANIFEST_JSON_BYTES,
     "and their list is within the limit",
   );
 });

@@ -5,13 +5,17 @@ import os from "node:os";
 import path from "node:path";
 import { CompactSign, compactVerify } from "jose";
 import t from "tap";
+import { fitForManifest, MAX_RESULT_OUTPUT_JSON_BYTES } from "../compute/engine-runner.js";
+import { MAX_RESULT_MANIFEST_JSON_BYTES } from "../compute/engines/index.js";
 import {
   broadcastAudience,
+  DEFAULT_MAX_ENVELOPE_BYTES,
   EnvelopeSigner,
   EnvelopeVerifier,
   FABRIC_CODES,
   type MessageBody,
   PeerCertificateCache,
+  RESULT_LOG_TAIL_BYTES,
   ReplayGuard,
   subjects,
 } from "../fabric/index.js";
@@ -359,3 +363,44 @@ t.test("a verifier refuses a flooding sender's envelopes, not the others'", asyn
     message: /more than its share of a crowded replay cache/,
   });
 });
+
+t.test(
+  "the largest result a node can make fits in one envelope, whatever its output's characters",
+  async (t) => {
+    const { verifier } = orchestratorVerifier();
+    // Each character of CJK text is three UTF-8 bytes; a control character is six escaped.
+    const cjk = fitForManifest("漢".repeat(300_000), MAX_RESULT_OUTPUT_JSON_BYTES);
+    const control = fitForManifest("\u0001".repeat(300_000), MAX_RESULT_OUTPUT_JSON_BYTES);
+    t.ok(cjk.cut && control.cut);
+    // Result files up to their list's budget: 1000 entries, each as long as fits.
+    const digest = "0".repeat(64);
+    const entry = (i: number, width: number) => ({
+      name: `${i}`.padStart(width, "é"),
+      size: 2 ** 30,
+      sha256: digest,
+      chunks: [digest, digest, digest, digest],
+    });
+    let width = 1;
+    const list = (w: number) => Array.from({ length: 1000 }, (_, i) => entry(i, w));
+    while (Buffer.byteLength(JSON.stringify(list(width + 1))) <= MAX_RESULT_MANIFEST_JSON_BYTES) width++;
+    const tail = "A".repeat(Math.ceil(RESULT_LOG_TAIL_BYTES / 3) * 4);
+    const result: MessageBody<"result"> = {
+      executionId: `e-${"0".repeat(36)}`,
+      state: "Failed",
+      exitCode: -1,
+      error: "SHOAL_ENGINE_OUTPUT_LIMIT: the program wrote more than 64 MiB to one stream",
+      stdout: cjk.text,
+      stderr: control.text,
+      stdoutTruncated: true,
+      stderrTruncated: true,
+      files: list(width),
+      logs: [
+        { stream: "stdout", seq: 1_000_000, data: tail },
+        { stream: "stderr", seq: 1_000_001, data: tail },
+      ],
+    };
+    const token = signer(n1).sign("result", ORCH, result);
+    t.ok(token.length <= DEFAULT_MAX_ENVELOPE_BYTES, `${token.length} bytes`);
+    t.equal(verifier.verify(token, { subject: subjects.computeOut("n1", "result") }).kind, "result");
+  },
+);

@@ -13,11 +13,12 @@ export const DEFAULT_RESULT_MAX_TOTAL_BYTES = MAX_RESULT_TOTAL_BYTES;
 export const DEFAULT_RESULT_MAX_FILES = 1000;
 /**
  * Largest JSON list of result files (names, sizes, digests of each file and
- * chunk) in a `result` manifest: with stdout and stderr (at most 192 KiB of
- * JSON each) the signed manifest, a third larger in base64url, stays within
- * one NATS message (1 MiB), and so does the execution record that keeps it.
+ * chunk) in a `result` manifest, in UTF-8 bytes: with stdout and stderr (at most
+ * 176 KiB of JSON each, MAX_RESULT_OUTPUT_JSON_BYTES) the signed manifest, a
+ * third larger in base64url, stays within one NATS message (1 MiB), and so does
+ * the execution record that keeps it.
  */
-export const MAX_RESULT_MANIFEST_JSON_CHARS = 384 * 1024;
+export const MAX_RESULT_MANIFEST_JSON_BYTES = 384 * 1024;
 /** Size of the chunks results travel in (each signed with its digest). @default 256 KiB */
 export const DEFAULT_RESULT_CHUNK_BYTES = 256 * 1024;
 
@@ -193,11 +194,11 @@ function add(
   }
   // The entry as the manifest will carry it: name, size, and the hex SHA-256 of the file and of each chunk.
   const digests = 1 + Math.ceil(size / limits.chunkBytes);
-  budget.manifest += JSON.stringify({ name, size }).length + digests * 67 + 24;
-  if (budget.manifest > MAX_RESULT_MANIFEST_JSON_CHARS) {
+  budget.manifest += Buffer.byteLength(JSON.stringify({ name, size })) + digests * 67 + 24;
+  if (budget.manifest > MAX_RESULT_MANIFEST_JSON_BYTES) {
     throw new EngineError(
       ENGINE_CODES.SHOAL_RESULT_TOO_LARGE,
-      `the list of ${budget.files} result files is more than ${formatBytes(MAX_RESULT_MANIFEST_JSON_CHARS)} as JSON (names and digests): a signed result travels in one NATS message`,
+      `the list of ${budget.files} result files is more than ${formatBytes(MAX_RESULT_MANIFEST_JSON_BYTES)} as JSON (names and digests): a signed result travels in one NATS message`,
       { fix: "return fewer files (e.g. one archive of them) or shorter names" },
     );
   }
