@@ -169,10 +169,10 @@ class LogBatcher {
   }
 
   /** The pending output, one numbered batch per stream that has some; nothing is pending after. */
-  #take(): [stream: "stdout" | "stderr", seq: number, data: Buffer][] {
+  #take(): OutputBatch[] {
     clearTimeout(this.#timer);
     this.#timer = undefined;
-    const batches: [stream: "stdout" | "stderr", seq: number, data: Buffer][] = [];
+    const batches: OutputBatch[] = [];
     for (const stream of ["stdout", "stderr"] as const) {
       const parts = this.#pending[stream];
       if (parts.length === 0) continue;
@@ -184,6 +184,7 @@ class LogBatcher {
   }
 }
 
+type OutputBatch = [stream: "stdout" | "stderr", seq: number, data: Buffer];
 type LogTail = NonNullable<MessageBody<"result">["logs"]>;
 
 /**
