@@ -1034,34 +1034,46 @@ export class ComputeNode {
     }
   }
 
-  /** Publishes every chunk of a spooled result, then requests the manifest's acknowledgement. */
+  /**
+   * Sends a spooled result ({@link #send}). One that can never go as it is — its
+   * files rotted on disk, or it is larger than the broker accepts — is replaced
+   * in the spool by a failure saying why, and that is sent instead: the
+   * orchestrator learns the execution's fate, and the result stops holding up
+   * the node's later ones.
+   */
   async #deliver(pending: PendingDelivery): Promise<MessageBody<"result-reply">> {
-    const identity = this.#identity!;
-    let { entry } = pending;
+    const { entry } = pending;
     const executionId = entry.result.executionId;
     try {
-      for (const file of entry.result.files) {
-        for (const [index, digest] of file.chunks.entries()) {
-          const data = await this.#spool!.readChunk(executionId, digest);
-          await this.#messenger!.publishSignedInTurn(
-            subjects.computeOut(identity.id, "result-chunk"),
-            "result-chunk",
-            this.#audience(),
-            { executionId, file: file.name, index, sha256: digest, data: data.toString("base64") },
-          );
-        }
-        await this.#fabric!.flush();
-      }
+      return await this.#send(entry);
     } catch (err) {
-      if (!isShoalError(err, COMPUTE_CODES.SHOAL_COMPUTE_SPOOL)) throw err;
-      // The files rotted on disk: report the execution as failed rather than send what does not verify.
-      this.#log.error({ executionId, err }, "spooled result files are corrupt; reporting a failure instead");
-      entry = await this.#spool!.put(
-        entry.jobId,
-        failedOutcome(executionId, `the node lost the result files: ${(err as Error).message}`),
-        [],
-      );
-      pending.entry = entry;
+      const why = isShoalError(err, COMPUTE_CODES.SHOAL_COMPUTE_SPOOL)
+        ? `the node lost the result files: ${err.message}`
+        : isShoalError(err, "SHOAL_NATS_MAX_PAYLOAD")
+          ? `the result cannot be sent: ${err.message} (${err.fix})`
+          : undefined;
+      if (why === undefined) throw err;
+      this.#log.error({ executionId, err }, "the spooled result cannot be sent; reporting a failure instead");
+      pending.entry = await this.#spool!.put(entry.jobId, failedOutcome(executionId, why), []);
+      return this.#send(pending.entry);
+    }
+  }
+
+  /** Publishes every chunk of a spooled result, then requests the manifest's acknowledgement. */
+  async #send(entry: SpooledResult): Promise<MessageBody<"result-reply">> {
+    const identity = this.#identity!;
+    const executionId = entry.result.executionId;
+    for (const file of entry.result.files) {
+      for (const [index, digest] of file.chunks.entries()) {
+        const data = await this.#spool!.readChunk(executionId, digest);
+        await this.#messenger!.publishSignedInTurn(
+          subjects.computeOut(identity.id, "result-chunk"),
+          "result-chunk",
+          this.#audience(),
+          { executionId, file: file.name, index, sha256: digest, data: data.toString("base64") },
+        );
+      }
+      await this.#fabric!.flush();
     }
     const env = await this.#messenger!.requestSigned(
       subjects.computeOut(identity.id, "result"),

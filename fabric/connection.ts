@@ -18,6 +18,7 @@ import {
 } from "@nats-io/transport-node";
 import { FileReadError, type Logger, silentLogger } from "../core/index.js";
 import { parseSpiffeId } from "../pki/index.js";
+import { DEFAULT_MAX_ENVELOPE_BYTES } from "./envelope.js";
 import {
   BrokerAuthorizationError,
   BrokerUnreachableError,
@@ -69,6 +70,25 @@ export type FabricStatus =
   | { readonly type: "slow-consumer"; readonly subject: string; readonly pending: number }
   | { readonly type: "error"; readonly error: FabricError }
   | { readonly type: "closed"; readonly error: FabricError | undefined };
+
+/**
+ * The smallest `max_payload` a broker of the fabric may have: the largest
+ * message a daemon sends (a result with all the output a node keeps, a chunk
+ * of a module or of result files) is signed to just under 1 MiB, nats-server's
+ * default. A smaller limit would make such a message unsendable for good.
+ */
+const MIN_BROKER_MAX_PAYLOAD = DEFAULT_MAX_ENVELOPE_BYTES;
+
+const RAISE_MAX_PAYLOAD = `set \`max_payload: ${MIN_BROKER_MAX_PAYLOAD}\` (1 MiB) or more in the configuration of every NATS server of the fabric and reload them`;
+
+/** The broker `server` says in its INFO that it accepts messages of at most `maxPayload` bytes, too few. */
+function brokerPayloadTooSmall(server: string, maxPayload: number): FabricError {
+  return new FabricError(
+    FABRIC_CODES.SHOAL_NATS_MAX_PAYLOAD,
+    `the NATS server ${server} accepts messages of at most ${maxPayload} bytes; the fabric needs ${MIN_BROKER_MAX_PAYLOAD}`,
+    { fix: RAISE_MAX_PAYLOAD, details: { server, maxPayload, required: MIN_BROKER_MAX_PAYLOAD } },
+  );
+}
 
 /** Maps any NATS client error to the fabric error that explains it. */
 export function toFabricError(
@@ -266,6 +286,11 @@ export async function connectFabric(options: FabricConnectOptions): Promise<Fabr
       },
     );
   }
+  const maxPayload = nc.info?.max_payload ?? 0;
+  if (maxPayload < MIN_BROKER_MAX_PAYLOAD) {
+    await nc.close();
+    throw brokerPayloadTooSmall(nc.getServer(), maxPayload);
+  }
   return new FabricConnection(nc, options, parsed.id, material);
 }
 
@@ -329,6 +354,11 @@ export class FabricConnection {
           this.#connected = true;
           clearTimeout(this.#diagnoseTimer);
           this.#log.info({ server: s.server }, "reconnected to the fabric");
+          // Another server of an operator's cluster may be configured differently.
+          if ((this.nc.info?.max_payload ?? 0) < MIN_BROKER_MAX_PAYLOAD) {
+            const error = brokerPayloadTooSmall(s.server, this.nc.info?.max_payload ?? 0);
+            this.#log.error({ code: error.code, details: error.details, fix: error.fix }, error.message);
+          }
           this.#status.push({ type: "reconnected", server: s.server });
           break;
         case "staleConnection":
@@ -378,7 +408,23 @@ export class FabricConnection {
 
   /** Publishes without waiting; a refusal by the broker arrives as an `error` status. */
   publish(subject: string, data: Payload): void {
+    this.#checkSize(subject, data);
     this.nc.publish(subject, data);
+  }
+
+  /**
+   * Throws `SHOAL_NATS_MAX_PAYLOAD` for a message larger than the broker
+   * accepts, which no retry can send (nats.js would throw an untyped error).
+   */
+  #checkSize(subject: string, data: Payload): void {
+    const maxPayload = this.nc.info?.max_payload;
+    const bytes = typeof data === "string" ? Buffer.byteLength(data) : data.length;
+    if (maxPayload === undefined || bytes <= maxPayload) return;
+    throw new FabricError(
+      FABRIC_CODES.SHOAL_NATS_MAX_PAYLOAD,
+      `a ${bytes}-byte message on ${subject} is larger than the ${maxPayload} bytes the NATS server ${this.nc.getServer()} accepts`,
+      { fix: RAISE_MAX_PAYLOAD, details: { subject, bytes, maxPayload, server: this.nc.getServer() } },
+    );
   }
 
   /**
@@ -387,6 +433,7 @@ export class FabricConnection {
    */
   async publishConfirmed(subject: string, data: Payload): Promise<void> {
     const mark = this.#violations.length;
+    this.#checkSize(subject, data);
     this.nc.publish(subject, data);
     await this.flush();
     await new Promise((r) => setImmediate(r));
@@ -416,6 +463,7 @@ export class FabricConnection {
 
   /** A request with its reply on this identity's inbox; failures are typed. */
   async request(subject: string, data: Payload, timeoutMs = 10_000): Promise<Msg> {
+    this.#checkSize(subject, data);
     try {
       return await this.nc.request(subject, data, { timeout: timeoutMs });
     } catch (err) {

@@ -24,6 +24,8 @@ export const FABRIC_CODES = defineCodes("fabric", {
   SHOAL_NATS_REQUEST_TIMEOUT: "A request got no reply in time.",
   SHOAL_NATS_NO_RESPONDERS: "A request went to a subject nobody listens on.",
   SHOAL_NATS_CLOSED: "The NATS connection is closed or draining.",
+  SHOAL_NATS_MAX_PAYLOAD:
+    "The broker's max_payload is below the 1 MiB a fabric message may need, or a message exceeded it.",
   SHOAL_NATS_SERVER_NOT_FOUND: "The nats-server binary cannot be found or executed.",
   SHOAL_NATS_SERVER_START: "The supervised nats-server exited or failed before it was ready.",
   SHOAL_NATS_SERVER_RELOAD: "The supervised nats-server refused a configuration reload.",

@@ -63,8 +63,10 @@ export class FabricMessenger {
   }
 
   /**
-   * Waits for its turn, then publishes as {@link publishSigned}: for a sender
-   * that can wait and would otherwise queue much (the chunks of a large result).
+   * Waits for its turn, then signs and publishes: for a sender that can wait
+   * and would otherwise queue much (the chunks of a large result). Unlike
+   * {@link publishSigned}, a publish that fails rejects, so the sender can tell
+   * a message that will never go (`SHOAL_NATS_MAX_PAYLOAD`) from one that went.
    */
   async publishSignedInTurn<K extends MessageKind>(
     subject: string,
@@ -73,7 +75,7 @@ export class FabricMessenger {
     body: MessageBody<K>,
   ): Promise<void> {
     await this.#pacer?.turn();
-    this.#publish(subject, kind, aud, body);
+    this.connection.publish(subject, this.signer.sign(kind, aud, body));
   }
 
   #publish<K extends MessageKind>(subject: string, kind: K, aud: string, body: MessageBody<K>): void {

@@ -5,7 +5,7 @@ import os from "node:os";
 import path from "node:path";
 import { promisify } from "node:util";
 import t from "tap";
-import { ComputeNode, type ComputeNodeEvent } from "../compute/index.js";
+import { ComputeNode, type ComputeNodeEvent, ResultSpool } from "../compute/index.js";
 import { computeConfig, OrchestratorStandIn } from "./helpers/compute-standin.js";
 import { startTestFabric, type TestIdentity } from "./helpers/nats.js";
 
@@ -143,6 +143,43 @@ t.test("a result the orchestrator keeps refusing is dropped after the limit", as
   t.match(dropped, { executionId: "exec-x", reason: /no longer wanted/ });
   t.same(await spoolEntries(dataDir), []);
 });
+
+t.test(
+  "a spooled result larger than the broker accepts is reported as failed and does not hold up later ones",
+  async (t) => {
+    const identity = await fabric.identity("compute", "node-oversized");
+    const dataDir = path.join(root, "oversized");
+    // As a node before the byte budgets could spool it (1.5 MiB of output), oldest first.
+    const spool = new ResultSpool(path.join(dataDir, "spool"));
+    await fs.mkdir(path.join(dataDir, "spool"), { recursive: true, mode: 0o700 });
+    const outcome = (executionId: string, stdout: string) => ({
+      executionId,
+      state: "Completed" as const,
+      exitCode: 0,
+      stdout,
+      stderr: "",
+      stdoutTruncated: false,
+      stderrTruncated: false,
+    });
+    await spool.put("job-o", outcome("exec-o1", "\u00e9".repeat(768 * 1024)), []);
+    await new Promise((r) => setTimeout(r, 10));
+    await spool.put("job-o", outcome("exec-o2", "small\n"), []);
+    orch.resultReply = () => ({ stored: true });
+    const { until } = await startNode(identity, dataDir);
+    const failed = await orch.next("result", (b) => b.executionId === "exec-o1", 10_000);
+    t.match(
+      failed.body,
+      { state: "Failed", stdout: "", error: /max_payload/ },
+      "the orchestrator learns the execution failed, and why",
+    );
+    const later = await orch.next("result", (b) => b.executionId === "exec-o2", 10_000);
+    t.equal(later.body.stdout, "small\n", "the later result is delivered");
+    // In the spool's order: the failure in place of the first, then the second.
+    await until((e) => e.type === "result-acknowledged" && e.executionId === "exec-o1");
+    await until((e) => e.type === "result-acknowledged" && e.executionId === "exec-o2");
+    t.same(await spoolEntries(dataDir), [], "both leave the spool");
+  },
+);
 
 t.test("a second node on the same data directory is refused", async (t) => {
   const identity = await fabric.identity("compute", "node-lock");

@@ -207,6 +207,25 @@ t.test("orchestrator on an operator-run nats-server", async (t) => {
   );
   foreign.child.kill("SIGTERM");
 
+  // A server whose max_payload is below the 1 MiB a result may take: refused at once, not when the first large result is stuck.
+  const small = await startOperatorServer(
+    t,
+    dir,
+    "small",
+    (tls) =>
+      `${tls}\nmax_payload: 524288\ninclude "${INCLUDE}"\njetstream { store_dir: "${path.join(dir, "js-small")}" }`,
+  );
+  await t.rejects(
+    dial(small.url),
+    {
+      code: "SHOAL_NATS_MAX_PAYLOAD",
+      details: { maxPayload: 524288, required: 1048576 },
+      fix: /max_payload: 1048576.*every NATS server/,
+    },
+    "a server whose max_payload is too small is named, with the size to set",
+  );
+  small.child.kill("SIGTERM");
+
   // The operator's real server: Shoal's block included, JetStream on.
   const server = await startOperatorServer(
     t,

@@ -231,3 +231,40 @@ t.test("sends still waiting their turn when the connection closes are dropped qu
     "at debug, not a warning each",
   );
 });
+
+t.test("a message larger than the broker's max_payload is refused with its own code", async (t) => {
+  const lines: { level: number; msg: string; err?: { code?: string } }[] = [];
+  const logger = pino({ level: "debug" }, { write: (line: string) => lines.push(JSON.parse(line)) });
+  const sender = await messenger(n1, [orch], undefined, logger);
+  const maxPayload = sender.connection.nc.info!.max_payload;
+  t.equal(maxPayload, 1024 * 1024, "the supervised broker allows 1 MiB");
+  const body = { executionId: "e1", stream: "stdout" as const, seq: 0, data: "x".repeat(maxPayload) };
+  const subject = subjects.computeOut("n1", "logs");
+  const tooLarge = { code: FABRIC_CODES.SHOAL_NATS_MAX_PAYLOAD, details: { subject, maxPayload } };
+  await t.rejects(
+    sender.publishSignedInTurn(subject, "logs", orch.spiffeId, body),
+    tooLarge,
+    "in turn: rejects",
+  );
+  await t.rejects(
+    sender.requestSigned(subjects.computeOut("n1", "result"), "result", orch.spiffeId, {
+      ...resultMessages("e1", []).manifest,
+      stdout: "x".repeat(maxPayload),
+    }),
+    { code: FABRIC_CODES.SHOAL_NATS_MAX_PAYLOAD },
+    "a request: rejects",
+  );
+  sender.publishSigned(subject, "logs", orch.spiffeId, body);
+  const warned = lines.find((l) => l.msg === "cannot publish");
+  t.equal(warned?.level, 40, "fire and forget: a warning");
+  t.equal(warned?.err?.code, FABRIC_CODES.SHOAL_NATS_MAX_PAYLOAD, "naming the code");
+  // The connection is still good for messages that fit.
+  let seen: (seq: number) => void = () => {};
+  const arrived = new Promise<number>((resolve) => {
+    seen = resolve;
+  });
+  const sub = await orchestrator.subscribeVerified(subject, (env) => seen((env.body as { seq: number }).seq));
+  t.teardown(() => sub.unsubscribe());
+  sender.publishSigned(subject, "logs", orch.spiffeId, { ...body, seq: 7, data: "fits" });
+  t.equal(await arrived, 7);
+});
