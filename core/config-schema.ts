@@ -260,6 +260,18 @@ export const ConfigSchema = Type.Object(
               minimum: 0,
               description: "How many times a failed execution is retried on another node.",
             }),
+            MaxUnfinishedJobs: Type.Integer({
+              default: 10_000,
+              minimum: 0,
+              description:
+                "Jobs not yet ended (Pending, Queued, Running) the orchestrator holds at most, counting every orchestrator's in a cluster; past it new jobs are refused (HTTP 429) until some end; 0 sets no limit.",
+            }),
+            MaxUnfinishedJobsPerSubmitter: Type.Integer({
+              default: 1_000,
+              minimum: 0,
+              description:
+                "Jobs not yet ended that one submitter may have at most, so one user cannot fill the queue for everyone; past it their new jobs are refused (HTTP 429); 0 sets no limit.",
+            }),
           },
           "Job scheduling.",
         ),

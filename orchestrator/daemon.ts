@@ -479,6 +479,10 @@ export class Orchestrator {
       parseSpec: parseSubmittedJob,
       dispatch: dispatcher,
       shortfall,
+      maxUnfinished: {
+        all: c.Orchestrator.Scheduler.MaxUnfinishedJobs,
+        perSubmitter: c.Orchestrator.Scheduler.MaxUnfinishedJobsPerSubmitter,
+      },
       ...(owner ? { owner } : {}),
     });
     this.#jobs = jobs;

@@ -20,6 +20,8 @@ export const ORCHESTRATOR_CODES = defineCodes("orchestrator", {
   SHOAL_ORCH_SHUTTING_DOWN: "The orchestrator is shutting down and takes no new work.",
   SHOAL_ORCH_STATE_STORE: "The JetStream KV state store cannot be reached or written.",
   SHOAL_ORCH_DATA_DIR: "The data directory cannot be created or used.",
+  SHOAL_ORCH_JOB_LIMIT:
+    "Too many jobs have not ended yet (Orchestrator.Scheduler.MaxUnfinishedJobs in all, or MaxUnfinishedJobsPerSubmitter of this submitter): no new job is taken until some end (HTTP 429).",
   SHOAL_ORCH_DISK_FULL:
     "The data directory's file system has less free space than Orchestrator.Storage.MinFree: no new job is taken (HTTP 507).",
   SHOAL_ORCH_CLUSTER_QUORUM:
@@ -86,6 +88,13 @@ export function shuttingDown(): OrchestratorError {
     503,
     { fix: "retry once it is back up" },
   );
+}
+
+/** `why` says which limit of unfinished jobs is reached; a 429 the caller may retry once jobs end. */
+export function jobLimit(why: string, key: string): OrchestratorError {
+  return new OrchestratorError(ORCHESTRATOR_CODES.SHOAL_ORCH_JOB_LIMIT, `no new job taken: ${why}`, 429, {
+    fix: `retry once some of them have ended (\`shoal job list --state Queued\`; stop those no longer wanted with \`shoal job stop ID\`), or the operator raises ${key} (0 sets no limit)`,
+  });
 }
 
 /** `shortfall` says how little room is left (DiskSpace); a 507 the caller may retry later. */

@@ -4,6 +4,7 @@ import { type JobSpec, JobSpecError, type Logger } from "../core/index.js";
 import type { Submitter } from "../fabric/protocol.js";
 import {
   diskFull,
+  jobLimit,
   jobNotFound,
   ORCHESTRATOR_CODES,
   OrchestratorError,
@@ -60,6 +61,11 @@ export interface JobServiceOptions {
   owner?: string;
   /** What room is missing on the data directory's disk (DiskSpace), if any: new jobs are refused while something is. */
   shortfall?: () => Promise<string | undefined>;
+  /**
+   * Most jobs that have not ended, in all (`Orchestrator.Scheduler.MaxUnfinishedJobs`)
+   * and of one submitter (`...PerSubmitter`); 0 or absent sets no limit.
+   */
+  maxUnfinished?: { all: number; perSubmitter: number };
   /** Most jobs one listing looks at. @default LIST_SCAN_LIMIT */
   listScanLimit?: number;
   /** How long a submission may wait on the store. @default SUBMIT_STORE_TIMEOUT_MS */
@@ -153,6 +159,7 @@ export class JobService {
    */
   async submit(raw: unknown, submitter: Submitter): Promise<JobView> {
     if (!this.#accepting) throw shuttingDown();
+    this.#checkUnfinished(submitter);
     const parsed = this.#o.parseSpec(raw);
     const short = await this.#o.shortfall?.();
     if (short !== undefined) throw diskFull(short);
@@ -196,7 +203,31 @@ export class JobService {
     }
   }
 
+  /**
+   * Refuses a job past a limit of unfinished jobs (429). Checked on arrival, so a
+   * refused job's module is not stored, and again just before the job is put,
+   * in the same turn of the event loop, so submissions that waited on the store
+   * together cannot pass the limit between them.
+   */
+  #checkUnfinished(submitter: Submitter): void {
+    const { all = 0, perSubmitter = 0 } = this.#o.maxUnfinished ?? {};
+    const { store } = this.#o;
+    if (perSubmitter > 0 && store.unfinishedJobCountOf(submitter.sub) >= perSubmitter) {
+      throw jobLimit(
+        `${submitter.sub} has ${perSubmitter} jobs that have not ended, the most one submitter may have`,
+        "Orchestrator.Scheduler.MaxUnfinishedJobsPerSubmitter",
+      );
+    }
+    if (all > 0 && store.unfinishedJobCount() >= all) {
+      throw jobLimit(
+        `${all} jobs have not ended, the most the orchestrator takes`,
+        "Orchestrator.Scheduler.MaxUnfinishedJobs",
+      );
+    }
+  }
+
   async #store(parsed: ParsedJob, submitter: Submitter, deadline: number): Promise<JobView> {
+    this.#checkUnfinished(submitter);
     const now = Date.now();
     const job: JobRecord = {
       ID: `j-${randomUUID()}`,

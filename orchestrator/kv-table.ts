@@ -206,6 +206,13 @@ export class KvTable<T> {
     return new Map([...tally.counts.keys()].map((key) => [key, tally.counts.get(key)]));
   }
 
+  /** How many rows have `key` in the tally named `name`. */
+  count(name: string, key: string): number {
+    const tally = this.#tallies.get(name);
+    if (!tally) throw new Error(`the ${this.#bucket} table keeps no tally ${name}`);
+    return tally.counts.get(key);
+  }
+
   #grouping(name: string): Grouping<T> {
     const grouping = this.#groups.get(name);
     if (!grouping) throw new Error(`the ${this.#bucket} table keeps no grouping ${name}`);

@@ -47,6 +47,9 @@ function parsePage(rest: string): { writer: string | undefined; page: number } |
   return { writer: dot < 0 ? undefined : rest.slice(0, dot), page };
 }
 
+/** The `submitter` tally's key of the jobs that ended (no submitter is named with nothing). */
+const ENDED = "";
+
 /** A change the API's watchers and the dispatcher react to. */
 export type StateChange =
   | { type: "job"; job: JobRecord }
@@ -131,8 +134,12 @@ export class StateStore {
       open<JobRecord>(BUCKETS.jobs, true, {
         // Listed newest first (JobService.list).
         rank: (job) => job.CreateTime,
-        // Counted at each scrape (OrchestratorMetrics).
-        tallies: { state: (job) => job.State },
+        tallies: {
+          // Counted at each scrape (OrchestratorMetrics).
+          state: (job) => job.State,
+          // Checked at each submission (JobService, Orchestrator.Scheduler.MaxUnfinishedJobs*).
+          submitter: (job) => (TERMINAL_JOB_STATES.has(job.State) ? ENDED : job.Submitter.sub),
+        },
         // Read at each takeover round (JobTakeover).
         groups: {
           owner: (job) =>
@@ -325,6 +332,16 @@ export class StateStore {
   /** The orchestrators named as the owner of a job that has not ended. */
   ownersOfUnfinishedJobs(): string[] {
     return this.jobs.groups("owner");
+  }
+
+  /** How many jobs have not ended: every orchestrator's, in a cluster. */
+  unfinishedJobCount(): number {
+    return this.jobs.size - this.jobs.count("submitter", ENDED);
+  }
+
+  /** How many jobs `sub` submitted that have not ended: on every orchestrator, in a cluster. */
+  unfinishedJobCountOf(sub: string): number {
+    return sub === ENDED ? 0 : this.jobs.count("submitter", sub);
   }
 
   /** The jobs that have not ended and name `owner` as their owner, in no order. */

@@ -56,6 +56,7 @@ async function startApi(
     listScanLimit,
     failPublish = () => undefined,
     storeTimeoutMs,
+    maxUnfinished,
   }: {
     makeNodes?: (store: StateStore) => NodeService;
     api?: Pick<ApiOptions, "timeouts" | "maxConnsPerClient">;
@@ -63,6 +64,7 @@ async function startApi(
     /** After how long (ms) the state store's write to `subject` fails, as to a JetStream that does not answer; undefined: it goes through. */
     failPublish?: (subject: string) => number | undefined;
     storeTimeoutMs?: number;
+    maxUnfinished?: { all: number; perSubmitter: number };
   } = {},
 ) {
   const dir = await tempDir(t, "shoal-api-");
@@ -94,6 +96,7 @@ async function startApi(
     dispatch,
     ...(listScanLimit ? { listScanLimit } : {}),
     ...(storeTimeoutMs ? { storeTimeoutMs } : {}),
+    ...(maxUnfinished ? { maxUnfinished } : {}),
   });
   const nodes = makeNodes(store);
   const { pki } = await freshPki(t);
@@ -433,6 +436,66 @@ t.test("jobs are listed newest first, a page at a time, each job once", async (t
     ["j-new", ...listed.filter((id) => id !== gone)],
     "the order is rebuilt from KV",
   );
+});
+
+t.test("jobs that have not ended are limited per submitter and in all (429)", async (t) => {
+  const { call, jobs, store, enqueued, modules } = await startApi(t, {
+    maxUnfinished: { all: 3, perSubmitter: 2 },
+  });
+  const submit = () => call("PUT", "/api/v1/orchestrator/jobs", { Job: spec() });
+  const first = await submit();
+  t.equal((await submit()).status, 201);
+  // Its own module, to see that a refused job stores nothing.
+  const module = Buffer.from([0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00]);
+  const third = await call("PUT", "/api/v1/orchestrator/jobs", {
+    Job: spec(
+      {},
+      {
+        Engine: {
+          Type: "wasm",
+          Params: { EntryModule: { Type: "inline", Params: { Content: module.toString("base64") } } },
+        },
+      },
+    ),
+  });
+  t.equal(third.status, 429, "the submitter's third unfinished job is refused");
+  t.match(third.json.error, {
+    code: "SHOAL_ORCH_JOB_LIMIT",
+    message: /anonymous has 2 jobs that have not ended/,
+    fix: /Orchestrator\.Scheduler\.MaxUnfinishedJobsPerSubmitter/,
+  });
+  t.notOk(await modules.has(moduleDigest(module)), "its module was not stored");
+  t.equal(store.jobs.size, 2, "nor the job");
+  t.equal(enqueued.length, 2);
+
+  // Another submitter has room of their own, up to the limit in all.
+  const bob = { sub: "bob", namespace: "default", method: "password" };
+  await jobs.submit(spec(), bob);
+  await t.rejects(
+    jobs.submit(spec(), bob),
+    {
+      code: "SHOAL_ORCH_JOB_LIMIT",
+      status: 429,
+      message: /3 jobs have not ended/,
+      fix: /MaxUnfinishedJobs\b/,
+    },
+    "past the limit in all, whoever submits",
+  );
+
+  // A job that ends makes room.
+  await call("POST", `/api/v1/orchestrator/jobs/${first.json.JobID}/stop`, { Reason: "no longer wanted" });
+  t.equal(store.jobs.get(first.json.JobID)?.State, "Stopped");
+  t.equal((await submit()).status, 201, "room again once a job ended");
+  t.equal((await submit()).status, 429);
+});
+
+t.test("submissions that arrive together cannot pass the limit between them", async (t) => {
+  const { call, store } = await startApi(t, { maxUnfinished: { all: 0, perSubmitter: 2 } });
+  const replies = await Promise.all(
+    Array.from({ length: 5 }, () => call("PUT", "/api/v1/orchestrator/jobs", { Job: spec() })),
+  );
+  t.same(replies.map((r) => r.status).sort(), [201, 201, 429, 429, 429], "two taken, three refused");
+  t.equal(store.jobs.size, 2);
 });
 
 t.test("a state store that fails is a 503 the caller may retry, not an internal error", async (t) => {
