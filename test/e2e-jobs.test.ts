@@ -26,7 +26,11 @@ function withCustomSection(module: Buffer, bytes: number): Buffer {
  */
 t.test("orchestrator and compute nodes run batch, ops and queued jobs", async (t) => {
   const dir = await tempDir(t);
-  const orch = await startOrchestrator(t, path.join(dir, "orch"));
+  // Subtests run one job at a time; the queued job's subtest reaches this limit on purpose.
+  const orch = await startOrchestrator(t, path.join(dir, "orch"), [
+    "-c",
+    "Orchestrator.Scheduler.MaxUnfinishedJobsPerSubmitter=2",
+  ]);
   const { api } = orch;
   const startNode = (id: string, labels: string) =>
     startComputeNode(t, orch, path.join(dir, id), id, ["-c", `Compute.Labels=${labels}`]);
@@ -127,6 +131,16 @@ t.test("orchestrator and compute nodes run batch, ops and queued jobs", async (t
     t.equal(submitted.code, 0, submitted.stderr);
     const id = submitted.stdout.trim();
     t.equal((await getJob(orch, id)).State, "Queued");
+    // A second queued job is the submitter's limit of unfinished jobs: a third is refused.
+    const unlabelled = path.join(dir, "zone-c-unlabelled.yaml");
+    await fs.writeFile(unlabelled, (await fs.readFile(spec, "utf8")).replace(/^Labels: .*\n/m, ""));
+    const second = await runShoal(t, ["job", "run", unlabelled, ...api]);
+    t.equal(second.code, 0, second.stderr);
+    const refused = await runShoal(t, ["job", "run", unlabelled, ...api]);
+    t.not(refused.code, 0, "a job past the submitter's limit is refused");
+    t.match(refused.stderr, /SHOAL_ORCH_JOB_LIMIT[\s\S]*MaxUnfinishedJobsPerSubmitter/);
+    const stopped = await runShoal(t, ["job", "stop", second.stdout.trim(), ...api]);
+    t.equal(stopped.code, 0, stopped.stderr);
     await startNode("n3", "env=lab,zone=c");
     // `logs --follow` ends when the job reaches a final state (fed by the store's changes).
     const logs = await runShoal(t, ["job", "logs", id, "--follow", ...api]);
