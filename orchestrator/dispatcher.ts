@@ -1,5 +1,5 @@
 import { randomUUID } from "node:crypto";
-import { type Logger, LogThrottle } from "../core/index.js";
+import { type Logger, LogThrottle, Tally } from "../core/index.js";
 import type { MessageBody, Resources } from "../fabric/protocol.js";
 import { jobConflict } from "./errors.js";
 import type { JobDispatch } from "./job-service.js";
@@ -102,6 +102,9 @@ const BUSY_BID_PAUSE_MS = 100;
 const EARLY_LOG_MS = 5000;
 const EARLY_LOG_BYTES = 4 << 20;
 
+/** Submitters whose last placement the fair queue order remembers, at most. */
+const SERVED_SUBMITTERS = 10_000;
+
 const ACTIVE: ReadonlySet<ExecutionState> = new Set(["AskForBid", "BidAccepted", "Running"]);
 
 function isActive(e: ExecutionRecord): boolean {
@@ -138,8 +141,15 @@ export class Dispatcher implements JobDispatch {
   /** Why the result of an active execution could not be stored here (last attempt), for its timeout's message. */
   readonly #unstored = new Map<string, string>();
   readonly #queueTimers = new Map<string, NodeJS.Timeout>();
-  /** Queued jobs in submission order, re-examined whenever capacity or nodes change. */
+  /** Queued jobs in submission order, re-examined whenever capacity or nodes change (in {@link #fairOrder}). */
   readonly #queue = new Set<string>();
+  /**
+   * When each submitter last had an execution placed here, as a count of
+   * placements; least recently served first, the oldest forgotten past
+   * SERVED_SUBMITTERS (one forgotten counts as never served).
+   */
+  readonly #lastServed = new Map<string, number>();
+  #placements = 0;
   #reexamine: NodeJS.Immediate | undefined;
   #closed = false;
   /**
@@ -642,6 +652,10 @@ export class Dispatcher implements JobDispatch {
 
   #launch(job: JobRecord, nodeId: string, requirements: JobRequirements): void {
     const now = Date.now();
+    this.#lastServed.delete(job.Submitter.sub);
+    this.#lastServed.set(job.Submitter.sub, ++this.#placements);
+    if (this.#lastServed.size > SERVED_SUBMITTERS)
+      this.#lastServed.delete(this.#lastServed.keys().next().value!);
     const execution: ExecutionRecord = {
       ID: `e-${randomUUID()}`,
       JobID: job.ID,
@@ -904,8 +918,30 @@ export class Dispatcher implements JobDispatch {
     if (this.#reexamine || this.#queue.size === 0 || this.#closed) return;
     this.#reexamine = setImmediate(() => {
       this.#reexamine = undefined;
-      for (const id of [...this.#queue]) this.#evaluate(id);
+      for (const id of this.#fairOrder()) this.#evaluate(id);
     });
+  }
+
+  /**
+   * The queued jobs in the order they may take capacity that came free: those
+   * of the submitter with the fewest executions active here first, then of the
+   * one served least recently, then in submission order. So a submitter's
+   * backlog holds back another's job for one of its own at most, not for all
+   * of them; one submitter's jobs keep their order.
+   */
+  #fairOrder(): string[] {
+    const ids = [...this.#queue];
+    if (ids.length < 2) return ids;
+    const submitterOf = (jobId: string) => this.#o.store.jobs.get(jobId)?.Submitter.sub ?? "";
+    const active = new Tally();
+    for (const { jobId } of this.#reserved.values()) active.add(submitterOf(jobId));
+    return ids
+      .map((id, position) => {
+        const sub = submitterOf(id);
+        return { id, active: active.get(sub), served: this.#lastServed.get(sub) ?? 0, position };
+      })
+      .sort((a, b) => a.active - b.active || a.served - b.served || a.position - b.position)
+      .map(({ id }) => id);
   }
 
   #reserve(e: ExecutionRecord): void {

@@ -35,6 +35,7 @@ async function dispatcherWithNode(
   t: Test,
   bid: Bid = async () => ({ accept: true, started: true }),
   extra: Partial<DispatcherOptions> = {},
+  cpu?: number,
 ) {
   const dir = await tempDir(t, "shoal-dispatch-");
   const nc = await connect({ servers: await startJetStream(t, path.join(dir, "js")) });
@@ -68,19 +69,19 @@ async function dispatcherWithNode(
     ...extra,
   });
   t.teardown(() => dispatcher.close());
-  await join(nodes, "n1");
+  await join(nodes, "n1", cpu);
   return { dir, store, nodes, logs, dispatcher, cancelled };
 }
 
-/** Registers and approves a node with room for a few small jobs. */
-async function join(nodes: ReturnType<typeof testNodeService>, id: string): Promise<void> {
+/** Registers and approves a node with room for a few small jobs (20 of the default 100m CPU). */
+async function join(nodes: ReturnType<typeof testNodeService>, id: string, cpu = 2): Promise<void> {
   nodes.register(
     id,
     {
       nodeId: id,
       chainPem: "",
       labels: {},
-      capacity: { cpu: 2, memory: 1 << 30 },
+      capacity: { cpu, memory: 1 << 30 },
       engines: ["wasm"],
       version: "test",
       executions: [],
@@ -487,3 +488,66 @@ t.test(
     );
   },
 );
+
+/** A dispatcher whose one node holds `slots` executions of the default 100m CPU, and jobs submitted by name. */
+async function fairQueue(t: Test, slots: number) {
+  const { store, dispatcher } = await dispatcherWithNode(t, undefined, {}, slots / 10 + 0.05);
+  const now = Date.now();
+  let submitted = 0;
+  const runningOn = (id: string) => store.executionsOf(id).find((e) => e.State === "Running");
+  return {
+    state: (id: string) => store.jobs.get(id)?.State,
+    runningOn,
+    submit(id: string, sub: string) {
+      store.putJob(
+        jobRecord(id, now + submitted++, { Submitter: { sub, namespace: "default", method: "password" } }),
+      );
+      dispatcher.enqueue(id);
+    },
+    async complete(id: string) {
+      const e = runningOn(id)!;
+      t.same(await dispatcher.handleResult(e.NodeID, resultMessages(e.ID, []).manifest), { stored: true });
+    },
+  };
+}
+
+t.test(
+  "capacity that comes free goes to the submitter served least, not to the longest backlog",
+  async (t) => {
+    const { submit, complete, runningOn, state } = await fairQueue(t, 1);
+    submit("j-a1", "alice");
+    await eventually("alice's first job runs", () => runningOn("j-a1") !== undefined);
+    submit("j-a2", "alice");
+    submit("j-a3", "alice");
+    submit("j-b1", "bob");
+    t.same(["j-a2", "j-a3", "j-b1"].map(state), ["Queued", "Queued", "Queued"], "the node is full");
+
+    await complete("j-a1");
+    await eventually("a queued job runs", () => ["j-a2", "j-b1"].some((id) => runningOn(id)));
+    t.ok(runningOn("j-b1"), "bob's job goes before alice's backlog");
+    t.equal(state("j-a2"), "Queued");
+    await complete("j-b1");
+    await eventually("alice's next job runs", () => runningOn("j-a2") !== undefined);
+    t.equal(state("j-a3"), "Queued", "alice's jobs keep their order");
+  },
+);
+
+t.test("a submitter with fewer executions running goes first, even if served more recently", async (t) => {
+  const { submit, complete, runningOn, state } = await fairQueue(t, 3);
+  for (const [id, sub] of [
+    ["j-b1", "bob"],
+    ["j-b2", "bob"],
+    ["j-a1", "alice"],
+  ] as const) {
+    submit(id, sub);
+    await eventually(`${id} runs`, () => runningOn(id) !== undefined);
+  }
+  submit("j-b3", "bob");
+  submit("j-a2", "alice");
+  t.same(["j-b3", "j-a2"].map(state), ["Queued", "Queued"], "the node is full");
+  // Alice was served last, but now runs nothing while bob runs two.
+  await complete("j-a1");
+  await eventually("a queued job runs", () => ["j-b3", "j-a2"].some((id) => runningOn(id)));
+  t.ok(runningOn("j-a2"), "alice's job goes first");
+  t.equal(state("j-b3"), "Queued");
+});
