@@ -12,7 +12,11 @@
  *   (the executions table's grouping by node), beside scanning every
  *   execution, as the dispatcher did before;
  * - the heap the loaded records take per job, for sizing an orchestrator:
- *   jobs are kept for `Orchestrator.JobGC.Threshold` (24 h by default).
+ *   jobs are kept for `Orchestrator.JobGC.Threshold` (24 h by default);
+ * - a sweep of the job collector over them all (the one that also gathers
+ *   the modules they name, every 5 minutes): the longest the event loop waited
+ *   during it, beside the sweep's whole time, which it waited before the
+ *   sweep gave it turns.
  *
  *   npm run bench:state [-- JOBS=20000]
  */
@@ -26,7 +30,11 @@ import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { connect } from "@nats-io/transport-node";
 import { silentLogger } from "../core/index.js";
+import { JobCollector } from "../orchestrator/job-collector.js";
+import { LogStore } from "../orchestrator/log-store.js";
+import { ModuleStore } from "../orchestrator/module-store.js";
 import { type JobRecord, TERMINAL_EXECUTION_STATES } from "../orchestrator/records.js";
+import { ResultsStore } from "../orchestrator/results-store.js";
 import { BUCKETS, StateStore } from "../orchestrator/state-store.js";
 
 const JOBS = Number(process.argv[2] ?? 20_000);
@@ -179,6 +187,35 @@ const nodeIndexed = time(onNode, 1000);
 const nodeScanned = time(onNodeScanned, 20);
 if (onNode().length !== onNodeScanned().length) throw new Error("the two reads of a node disagree");
 
+// A collector that keeps every job (MaxJobs = all of them): its first sweep reads each job twice, for
+// the ones to remove and for the modules they name. Meanwhile, the longest gap between two turns of the loop.
+const [logs, results, modules] = [new LogStore(dir), new ResultsStore(dir), new ModuleStore(dir)];
+await Promise.all([logs.init(), results.init(), modules.init()]);
+const collector = new JobCollector({
+  store,
+  logs,
+  results,
+  modules,
+  log: silentLogger,
+  thresholdMs: 0,
+  maxJobs: store.jobs.size,
+});
+let longestStall = 0;
+let sweeping = true;
+const ticks = (async () => {
+  for (let last = performance.now(); sweeping; ) {
+    await new Promise((r) => setImmediate(r));
+    const now = performance.now();
+    longestStall = Math.max(longestStall, now - last);
+    last = now;
+  }
+})();
+const sweepStart = performance.now();
+if ((await collector.sweep()) !== 0) throw new Error("the sweep removed jobs");
+const sweepMs = performance.now() - sweepStart;
+sweeping = false;
+await ticks;
+
 const row = (what: string, value: string, baseline: string, ratio: string) =>
   console.log(`${what.padEnd(46)} ${value.padStart(12)} ${baseline.padStart(14)} ${ratio.padStart(8)}`);
 const ms = (x: number) => `${x < 10 ? x.toFixed(2) : x.toFixed(0)} ms`;
@@ -191,6 +228,12 @@ row(
   ms(nodeIndexed),
   ms(nodeScanned),
   (nodeScanned / nodeIndexed).toFixed(0),
+);
+row(
+  "collector sweep: longest wait of the loop",
+  ms(longestStall),
+  ms(sweepMs),
+  (sweepMs / longestStall).toFixed(0),
 );
 row("heap per job (job, execution, history)", `${(heapPerJob / 1024).toFixed(1)} KiB`, "", "");
 row(`  at 1 job/s kept 24 h (86,400 jobs)`, `${((heapPerJob * 86_400) / 2 ** 20).toFixed(0)} MiB`, "", "");
