@@ -148,52 +148,73 @@ export async function followBucket(
 export const READ_IDLE_CHECK_MS = 1000;
 
 /**
+ * Most messages of a bucket a read asks the server for at a time: 32 MiB at
+ * the very most (a value is one NATS message, 1 MiB), half of what nats-server
+ * holds for a client that does not keep up (`max_pending`, 64 MiB by default);
+ * a few hundred KiB for job records. (Asking by bytes instead, nats.js 3.4
+ * topped up with requests smaller than a record, which the server refused.)
+ */
+export const READ_BATCH_MESSAGES = 32;
+
+/**
  * The current value of every key of a bucket (deleted and purged keys left
- * out), streamed by one ordered consumer that delivers the last message of
- * each key's subject, as `kv.keys()` streams the keys. A direct get per key
- * read 60,000 keys in 15 s here, and all sent at once, the last of them
- * waited out their timeout.
+ * out), read by one ordered consumer that delivers the last message of each
+ * key's subject. A direct get per key read 60,000 keys in 15 s here, and all
+ * sent at once, the last of them waited out their timeout.
  *
- * The read ends at the message after which nothing is pending, or on the
- * consumer's idle heartbeat (30 s, set by nats.js). When what was pending is
- * purged before it is delivered (a job collection elsewhere in the cluster),
- * no such message comes: every `idleCheckMs` without a message the consumer
- * is asked, and the read ends once nothing is pending and everything it
- * delivered has been read.
+ * The consumer pulls `batchMessages` at a time. A push consumer (as `kv.keys()`
+ * uses) was sent everything at once: with the four buckets of 100,000 jobs
+ * read together at an orchestrator's start, the server held over 64 MiB for
+ * the connection, dropped messages ("Slow Consumer Detected"), and the read,
+ * ended by the consumer's next heartbeat 30 s later, had loaded a third of the
+ * jobs.
+ *
+ * The read ends at the message after which nothing is pending. When what was
+ * pending is purged before it is delivered (a job collection elsewhere in the
+ * cluster), no such message comes: every `idleCheckMs` without a message the
+ * consumer is asked, and the read ends once nothing is pending and everything
+ * it delivered has been read.
  */
 export async function readBucket(
   js: JetStreamClient,
   bucket: string,
   idleCheckMs = READ_IDLE_CHECK_MS,
+  batchMessages = READ_BATCH_MESSAGES,
 ): Promise<(KvChange & { value: Uint8Array })[]> {
   const prefix = `$KV.${bucket}.`;
-  const consumer = await js.consumers.getPushConsumer(`KV_${bucket}`, {
+  const consumer = await js.consumers.get(`KV_${bucket}`, {
     filter_subjects: `${prefix}>`,
     deliver_policy: DeliverPolicy.LastPerSubject,
   });
   if ((await consumer.info()).num_pending === 0) return [];
-  const messages = await consumer.consume();
-  // A heartbeat means the server has nothing more to deliver (kv.keys() ends on it too).
-  void (async () => {
-    for await (const s of messages.status()) if (s.type === "heartbeat") messages.stop();
-  })();
+  const messages = await consumer.consume({ max_messages: batchMessages });
   /** The last message read: its consumer (an ordered consumer is replaced after a gap) and its delivery number. */
   let last = { consumer: "", delivery: 0 };
   let checked = last;
+  /** One question at a time: at short intervals they would crowd out the pulls. */
+  let asking = false;
   const idle = setInterval(() => {
     if (last !== checked) {
       checked = last;
       return;
     }
-    void consumer.info().then(
-      ({ name, num_pending, delivered }) => {
-        // Nothing to deliver, and nothing delivered that was not read (a purge moves `stream_seq` on).
-        const allRead =
-          delivered.consumer_seq === 0 || (name === last.consumer && delivered.consumer_seq <= last.delivery);
-        if (num_pending === 0 && allRead) messages.stop();
-      },
-      () => {}, // asked again at the next check
-    );
+    if (asking) return;
+    asking = true;
+    void consumer
+      .info()
+      .then(
+        ({ name, num_pending, delivered }) => {
+          // Nothing to deliver, and nothing delivered that was not read (a purge moves `stream_seq` on).
+          const allRead =
+            delivered.consumer_seq === 0 ||
+            (name === last.consumer && delivered.consumer_seq <= last.delivery);
+          if (num_pending === 0 && allRead) messages.stop();
+        },
+        () => {}, // asked again at the next check
+      )
+      .finally(() => {
+        asking = false;
+      });
   }, idleCheckMs);
   const current = new Map<string, KvChange & { value: Uint8Array }>();
   try {

@@ -1,4 +1,6 @@
 import "reflect-metadata";
+import { promises as fs } from "node:fs";
+import path from "node:path";
 import { type ConsumerMessages, type JetStreamClient, type JsMsg, jetstream } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import { connect } from "@nats-io/transport-node";
@@ -202,19 +204,46 @@ t.test("a bucket is read whole in one stream: each key's last value, no deleted 
   t.equal((await readBucket(js, "follow", 1)).length, many, "idle checks do not cut it short");
 });
 
-/** `js` whose push consumers' `consume` is `consume(real)`. */
+t.test("a read slower than the server sends is not cut short: it asks for a little at a time", async (t) => {
+  // nats-server drops messages for a client once it holds max_pending bytes for it (64 MiB by
+  // default; 256 KiB here), as it did for an orchestrator loading 100,000 jobs in four buckets at once.
+  const dir = await tempDir(t, "shoal-follow-pending-");
+  const conf = path.join(dir, "pending.conf");
+  await fs.writeFile(conf, "max_pending: 262144\nmax_payload: 65536\n");
+  const nc = await connect({ servers: await startJetStream(t, path.join(dir, "js"), ["-c", conf]) });
+  t.teardown(() => nc.close());
+  const js = jetstream(nc);
+  const kv = await new Kvm(js).create("pending", { history: 1 });
+  const keys = 2000;
+  const value = "x".repeat(4096); // 8 MiB in all, more than the socket's buffers take
+  for (let i = 0; i < keys; i += 250) {
+    await Promise.all(Array.from({ length: 250 }, (_, k) => kv.put(`k${i + k}`, value)));
+  }
+  // The read gets 20 ms of the event loop in every 120: the socket is drained slowly.
+  const busy = setInterval(() => {
+    const until = performance.now() + 100;
+    while (performance.now() < until);
+  }, 20);
+  t.teardown(() => clearInterval(busy));
+  const read = await readBucket(js, "pending");
+  clearInterval(busy);
+  t.equal(read.length, keys, "every key");
+});
+
+/** `js` whose consumers' `consume(options)` is `consume(real)`. */
 function withConsume(
   js: JetStreamClient,
   consume: (real: () => Promise<ConsumerMessages>) => Promise<ConsumerMessages>,
 ): JetStreamClient {
   const consumers = new Proxy(js.consumers, {
     get: (target, prop) =>
-      prop === "getPushConsumer"
-        ? async (...args: Parameters<JetStreamClient["consumers"]["getPushConsumer"]>) => {
-            const consumer = await target.getPushConsumer(...args);
+      prop === "get"
+        ? async (...args: Parameters<JetStreamClient["consumers"]["get"]>) => {
+            const consumer = await target.get(...args);
             return new Proxy(consumer, {
               get: (c, name) => {
-                if (name === "consume") return () => consume(() => c.consume());
+                if (name === "consume")
+                  return (options: Parameters<typeof c.consume>[0]) => consume(() => c.consume(options));
                 const value = Reflect.get(c, name) as unknown;
                 return typeof value === "function" ? value.bind(c) : value;
               },

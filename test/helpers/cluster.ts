@@ -76,8 +76,8 @@ export async function tempDir(t: Test, prefix = "shoal-e2e-"): Promise<string> {
  * caller dials whatever holds the port. Resolves at "Server is ready";
  * rejects with the server's log if it exits first.
  */
-export async function startJetStream(t: Test, dir: string): Promise<string> {
-  const child = spawnTied("nats-server", ["-js", "-a", "127.0.0.1", "-p", "-1", "-sd", dir], {
+export async function startJetStream(t: Test, dir: string, extraArgs: string[] = []): Promise<string> {
+  const child = spawnTied("nats-server", ["-js", "-a", "127.0.0.1", "-p", "-1", "-sd", dir, ...extraArgs], {
     stdio: ["ignore", "ignore", "pipe"],
   });
   const exited = new Promise<number | null>((resolve) => child.once("exit", resolve));
