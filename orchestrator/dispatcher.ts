@@ -1,5 +1,5 @@
 import { randomUUID } from "node:crypto";
-import { type Logger, LogThrottle, Tally } from "../core/index.js";
+import { type JobSpec, jobEngines, type Logger, LogThrottle, Tally } from "../core/index.js";
 import type { MessageBody, Resources } from "../fabric/protocol.js";
 import { jobConflict } from "./errors.js";
 import type { JobDispatch } from "./job-service.js";
@@ -102,6 +102,13 @@ const BUSY_BID_PAUSE_MS = 100;
 const EARLY_LOG_MS = 5000;
 const EARLY_LOG_BYTES = 4 << 20;
 
+/** What {@link Dispatcher} works out once per stored spec. */
+interface SpecFacts {
+  requirements: JobRequirements;
+  /** Equal for jobs that fit on exactly the same nodes when neither has run anywhere yet. */
+  likeness: string;
+}
+
 /** Submitters whose last placement the fair queue order remembers, at most. */
 const SERVED_SUBMITTERS = 10_000;
 
@@ -150,6 +157,8 @@ export class Dispatcher implements JobDispatch {
    */
   readonly #lastServed = new Map<string, number>();
   #placements = 0;
+  /** Each stored spec's {@link #factsOf}. */
+  readonly #specFacts = new WeakMap<object, SpecFacts>();
   #reexamine: NodeJS.Immediate | undefined;
   #closed = false;
   /**
@@ -601,21 +610,26 @@ export class Dispatcher implements JobDispatch {
 
   // ---- placement ------------------------------------------------------------------------------
 
-  #evaluate(jobId: string): void {
+  /** `full`: during a pass over the queue, the likenesses of jobs that found no room in it. */
+  #evaluate(jobId: string, full?: Set<string>): void {
     if (this.#closed) return;
     const job = this.#o.store.jobs.get(jobId);
     if (!job || TERMINAL_JOB_STATES.has(job.State) || !this.#o.store.isMine(jobId)) {
       this.#unqueue(jobId);
       return;
     }
-    let requirements: JobRequirements;
+    let spec: SpecFacts;
     try {
-      requirements = this.#o.requirements(job);
+      spec = this.#factsOf(job);
     } catch (err) {
       this.#finishJob(job, "Failed", `cannot read the job's requirements: ${(err as Error).message}`);
       return;
     }
+    const { requirements } = spec;
     const executions = this.#o.store.executionsOf(jobId);
+    // A job that has run nowhere yet is excluded from no node: it fits exactly where its like ones fit.
+    const likeable = full !== undefined && executions.length === 0;
+    if (likeable && full.has(spec.likeness)) return; // still queued, as it was
     const active = executions.filter(isActive);
     const completed = executions.filter((e) => e.State === "Completed").length;
     const firstPlacement = executions.length === 0;
@@ -634,6 +648,7 @@ export class Dispatcher implements JobDispatch {
       current = { ...job, Count: placement.nodes.length };
       this.#o.store.putJob(current);
     }
+    if (likeable && placement.nodes.length === 0) full.add(spec.likeness);
     for (const nodeId of placement.nodes) this.#launch(current, nodeId, requirements);
     const stillWanted = wanted === "all" ? placement.nodes.length === 0 : placement.nodes.length < wanted;
     if (stillWanted) {
@@ -918,8 +933,32 @@ export class Dispatcher implements JobDispatch {
     if (this.#reexamine || this.#queue.size === 0 || this.#closed) return;
     this.#reexamine = setImmediate(() => {
       this.#reexamine = undefined;
-      for (const id of this.#fairOrder()) this.#evaluate(id);
+      const full = new Set<string>();
+      for (const id of this.#fairOrder()) this.#evaluate(id, full);
     });
+  }
+
+  /**
+   * A job's requirements and its likeness, computed once per stored spec (a
+   * job's spec does not change). The likeness is what decides whether a job
+   * with no executions yet fits somewhere: its type, the room it asks for, its
+   * engines and its label constraints. Within one pass over the queue room
+   * only shrinks (placements are made, nothing is given back), so once such a
+   * job found no node, the like jobs after it are not looked at: a backlog of
+   * 10,000 like jobs costs one placement per pass, not 10,000 (~9 µs each
+   * with 10 nodes). Throws what `requirements` throws.
+   */
+  #factsOf(job: JobRecord): SpecFacts {
+    const spec = job.Spec as JobSpec;
+    let facts = this.#specFacts.get(spec);
+    if (facts === undefined) {
+      const requirements = this.#o.requirements(job);
+      const { cpu, memory } = requirements.resources;
+      const likeness = JSON.stringify([job.Type, cpu, memory, jobEngines(spec), spec.Constraints ?? []]);
+      facts = { requirements, likeness };
+      this.#specFacts.set(spec, facts);
+    }
+    return facts;
   }
 
   /**

@@ -551,3 +551,53 @@ t.test("a submitter with fewer executions running goes first, even if served mor
   t.ok(runningOn("j-a2"), "alice's job goes first");
   t.equal(state("j-b3"), "Queued");
 });
+
+t.test(
+  "a pass over a backlog of like jobs looks for room once, and still places a job of another kind",
+  async (t) => {
+    const placed: string[] = [];
+    const { store, dispatcher } = await dispatcherWithNode(
+      t,
+      undefined,
+      {
+        place: (input) => {
+          placed.push(input.job.ID);
+          return placeJob(input);
+        },
+      },
+      0.16,
+    );
+    const now = Date.now();
+    const submit = (id: string, cpu: string) => {
+      const record = jobRecord(id, now + placed.length);
+      const spec = record.Spec as { Tasks: { Resources: object }[] };
+      const Spec = {
+        ...spec,
+        Tasks: spec.Tasks.map((task) => ({ ...task, Resources: { CPU: cpu, Memory: "64Mi" } })),
+      };
+      store.putJob({ ...record, Spec });
+      dispatcher.enqueue(id);
+    };
+    const state = (id: string) => store.jobs.get(id)?.State;
+    submit("j-run", "100m");
+    submit("j-fill", "50m");
+    await eventually("both run", () => state("j-run") === "Running" && state("j-fill") === "Running");
+    const like = Array.from({ length: 20 }, (_, i) => `j-like-${i}`);
+    for (const id of like) submit(id, "100m");
+    submit("j-small", "50m");
+    t.ok(
+      [...like, "j-small"].every((id) => state(id) === "Queued"),
+      "the node is full",
+    );
+
+    placed.length = 0;
+    const fill = store.executionsOf("j-fill")[0]!;
+    await dispatcher.handleResult("n1", resultMessages(fill.ID, []).manifest);
+    await eventually("the small job runs in the room that came free", () => state("j-small") === "Running");
+    t.ok(
+      like.every((id) => state(id) === "Queued"),
+      "no like job fits",
+    );
+    t.same(placed, ["j-like-0", "j-small"], "the first like job was looked at, the others not");
+  },
+);
