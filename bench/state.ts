@@ -21,14 +21,12 @@
  *   npm run bench:state [-- JOBS=20000]
  */
 import "reflect-metadata";
-import { spawn } from "node:child_process";
 import { randomUUID } from "node:crypto";
 import { promises as fs } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { jetstream } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
-import { connect } from "@nats-io/transport-node";
 import { silentLogger } from "../core/index.js";
 import { JobCollector } from "../orchestrator/job-collector.js";
 import { LogStore } from "../orchestrator/log-store.js";
@@ -36,27 +34,15 @@ import { ModuleStore } from "../orchestrator/module-store.js";
 import { type JobRecord, TERMINAL_EXECUTION_STATES } from "../orchestrator/records.js";
 import { ResultsStore } from "../orchestrator/results-store.js";
 import { BUCKETS, StateStore } from "../orchestrator/state-store.js";
+import { startBenchJetStream } from "./jetstream-server.js";
 
 const JOBS = Number(process.argv[2] ?? 20_000);
 const gc = (globalThis as { gc?: () => void }).gc;
 if (!gc) throw new Error("run with node --expose-gc (npm run bench:state does)");
 
 const dir = await fs.mkdtemp(path.join(os.tmpdir(), "shoal-bench-state-"));
-const server = spawn(
-  "nats-server",
-  ["-js", "-a", "127.0.0.1", "-p", "-1", "-sd", dir, "-ports_file_dir", dir],
-  {
-    stdio: "ignore",
-  },
-);
-let url = "";
-for (let i = 0; i < 100 && !url; i++) {
-  await new Promise((r) => setTimeout(r, 50));
-  const ports = await fs.readFile(path.join(dir, `nats-server_${server.pid}.ports`), "utf8").catch(() => "");
-  url = (JSON.parse(ports || "{}") as { nats?: string[] }).nats?.[0] ?? "";
-}
-const nc = await connect({ servers: url });
-const js = jetstream(nc);
+const server = await startBenchJetStream(dir);
+const js = jetstream(server.nc);
 
 // A finished job's records, as an orchestrator writes them for `job run --wasm`.
 const writer = await StateStore.open(js, silentLogger);
@@ -239,7 +225,5 @@ row("heap per job (job, execution, history)", `${(heapPerJob / 1024).toFixed(1)}
 row(`  at 1 job/s kept 24 h (86,400 jobs)`, `${((heapPerJob * 86_400) / 2 ** 20).toFixed(0)} MiB`, "", "");
 
 store.close();
-await nc.close();
-server.kill();
-await new Promise((r) => server.once("exit", r));
+await server.stop();
 await fs.rm(dir, { recursive: true, force: true });
