@@ -81,8 +81,10 @@ const MIN_BROKER_MAX_PAYLOAD = DEFAULT_MAX_ENVELOPE_BYTES;
 
 const RAISE_MAX_PAYLOAD = `set \`max_payload: ${MIN_BROKER_MAX_PAYLOAD}\` (1 MiB) or more in the configuration of every NATS server of the fabric and reload them`;
 
-/** The broker `server` says in its INFO that it accepts messages of at most `maxPayload` bytes, too few. */
-function brokerPayloadTooSmall(server: string, maxPayload: number): FabricError {
+/** Why the server `nc` is connected to cannot carry the fabric's messages (its INFO's `max_payload`), if it cannot. */
+function payloadTooSmall(nc: NatsConnection, server: string): FabricError | undefined {
+  const maxPayload = nc.info?.max_payload ?? 0;
+  if (maxPayload >= MIN_BROKER_MAX_PAYLOAD) return undefined;
   return new FabricError(
     FABRIC_CODES.SHOAL_NATS_MAX_PAYLOAD,
     `the NATS server ${server} accepts messages of at most ${maxPayload} bytes; the fabric needs ${MIN_BROKER_MAX_PAYLOAD}`,
@@ -286,10 +288,10 @@ export async function connectFabric(options: FabricConnectOptions): Promise<Fabr
       },
     );
   }
-  const maxPayload = nc.info?.max_payload ?? 0;
-  if (maxPayload < MIN_BROKER_MAX_PAYLOAD) {
+  const tooSmall = payloadTooSmall(nc, nc.getServer());
+  if (tooSmall) {
     await nc.close();
-    throw brokerPayloadTooSmall(nc.getServer(), maxPayload);
+    throw tooSmall;
   }
   return new FabricConnection(nc, options, parsed.id, material);
 }
@@ -350,17 +352,20 @@ export class FabricConnection {
         case "reconnecting":
           this.#status.push({ type: "reconnecting" });
           break;
-        case "reconnect":
+        case "reconnect": {
           this.#connected = true;
           clearTimeout(this.#diagnoseTimer);
           this.#log.info({ server: s.server }, "reconnected to the fabric");
           // Another server of an operator's cluster may be configured differently.
-          if ((this.nc.info?.max_payload ?? 0) < MIN_BROKER_MAX_PAYLOAD) {
-            const error = brokerPayloadTooSmall(s.server, this.nc.info?.max_payload ?? 0);
-            this.#log.error({ code: error.code, details: error.details, fix: error.fix }, error.message);
-          }
+          const tooSmall = payloadTooSmall(this.nc, s.server);
+          if (tooSmall)
+            this.#log.error(
+              { code: tooSmall.code, details: tooSmall.details, fix: tooSmall.fix },
+              tooSmall.message,
+            );
           this.#status.push({ type: "reconnected", server: s.server });
           break;
+        }
         case "staleConnection":
           this.#status.push({ type: "stale" });
           break;

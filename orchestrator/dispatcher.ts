@@ -618,18 +618,18 @@ export class Dispatcher implements JobDispatch {
       this.#unqueue(jobId);
       return;
     }
-    let spec: SpecFacts;
+    let facts: SpecFacts;
     try {
-      spec = this.#factsOf(job);
+      facts = this.#factsOf(job);
     } catch (err) {
       this.#finishJob(job, "Failed", `cannot read the job's requirements: ${(err as Error).message}`);
       return;
     }
-    const { requirements } = spec;
+    const { requirements, likeness } = facts;
     const executions = this.#o.store.executionsOf(jobId);
     // A job that has run nowhere yet is excluded from no node: it fits exactly where its like ones fit.
     const likeable = full !== undefined && executions.length === 0;
-    if (likeable && full.has(spec.likeness)) return; // still queued, as it was
+    if (likeable && full.has(likeness)) return; // still queued, as it was
     const active = executions.filter(isActive);
     const completed = executions.filter((e) => e.State === "Completed").length;
     const firstPlacement = executions.length === 0;
@@ -648,7 +648,7 @@ export class Dispatcher implements JobDispatch {
       current = { ...job, Count: placement.nodes.length };
       this.#o.store.putJob(current);
     }
-    if (likeable && placement.nodes.length === 0) full.add(spec.likeness);
+    if (likeable && placement.nodes.length === 0) full.add(likeness);
     for (const nodeId of placement.nodes) this.#launch(current, nodeId, requirements);
     const stillWanted = wanted === "all" ? placement.nodes.length === 0 : placement.nodes.length < wanted;
     if (stillWanted) {

@@ -201,16 +201,19 @@ export class KvTable<T> {
 
   /** How many rows have each key of the tally named `name` (the table's `tallies` option), kept as rows change. */
   tally(name: string): ReadonlyMap<string, number> {
-    const tally = this.#tallies.get(name);
-    if (!tally) throw new Error(`the ${this.#bucket} table keeps no tally ${name}`);
-    return new Map([...tally.counts.keys()].map((key) => [key, tally.counts.get(key)]));
+    const { counts } = this.#tally(name);
+    return new Map([...counts.keys()].map((key) => [key, counts.get(key)]));
   }
 
   /** How many rows have `key` in the tally named `name`. */
   count(name: string, key: string): number {
+    return this.#tally(name).counts.get(key);
+  }
+
+  #tally(name: string): { of: (row: T) => string; counts: Tally } {
     const tally = this.#tallies.get(name);
     if (!tally) throw new Error(`the ${this.#bucket} table keeps no tally ${name}`);
-    return tally.counts.get(key);
+    return tally;
   }
 
   #grouping(name: string): Grouping<T> {
