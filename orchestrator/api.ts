@@ -216,11 +216,27 @@ function limitConnsPerClient(server: HttpsServer, max: number, log: Logger): voi
   });
 }
 
+/** Resolves when `out` can take more again, or is closed. */
+function room(out: PassThrough): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      out.off("drain", done);
+      out.off("close", done);
+      resolve();
+    };
+    out.on("drain", done);
+    out.on("close", done);
+  });
+}
+
 /** Streams objects as NDJSON until `end` is called or the client goes away. */
 function ndjson(req: FastifyRequest, reply: FastifyReply) {
   const out = new PassThrough();
   let stop: () => void = () => {};
-  req.raw.on("close", () => stop());
+  req.raw.on("close", () => {
+    stop();
+    out.destroy();
+  });
   reply.header("content-type", "application/x-ndjson").header("cache-control", "no-cache");
   return {
     stream: out,
@@ -228,6 +244,23 @@ function ndjson(req: FastifyRequest, reply: FastifyReply) {
     end: () => out.end(),
     onClose: (fn: () => void) => {
       stop = fn;
+    },
+    /**
+     * Sends each item as it comes, taking the next only when the client has
+     * room for it, then ends. A failure cuts the response short (the client
+     * sees it end without its final line) and rejects.
+     */
+    async sendAll(items: AsyncIterable<unknown>): Promise<void> {
+      try {
+        for await (const item of items) {
+          if (out.destroyed) return;
+          if (!out.write(`${JSON.stringify(item)}\n`)) await room(out);
+        }
+        out.end();
+      } catch (err) {
+        out.destroy();
+        throw err;
+      }
     },
   };
 }
@@ -392,19 +425,13 @@ export function buildApi(o: ApiOptions): FastifyInstance {
     { schema: { params: JobIdParams, querystring: FollowQuery } },
     async (req, reply) => {
       const id = (req.params as { id: string }).id;
+      const gone = new AbortController();
+      const lines = (req.query as { follow?: boolean }).follow
+        ? o.jobs.followLogs(id, gone.signal)
+        : o.jobs.logs(id);
       const s = ndjson(req, reply);
-      if ((req.query as { follow?: boolean }).follow) {
-        s.onClose(
-          o.jobs.followLogs(
-            id,
-            (e) => s.write(e),
-            () => s.end(),
-          ),
-        );
-      } else {
-        for (const e of await o.jobs.logs(id)) s.write(e);
-        s.end();
-      }
+      s.onClose(() => gone.abort());
+      void s.sendAll(lines).catch((err) => req.log.error({ err, job: id }, "cannot stream the job's logs"));
       return reply.send(s.stream);
     },
   );

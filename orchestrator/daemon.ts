@@ -331,6 +331,8 @@ export class Orchestrator {
       store.close();
     });
     const logs = new LogStore(dataDir);
+    // On a stop, the lines taken are written before the state is flushed.
+    this.#cleanups.push(() => logs.settled());
     const minFree = parseByteSize(c.Orchestrator.Storage.MinFree);
     const disk = new DiskSpace(dataDir, minFree, "Orchestrator.Storage.MinFree");
     if (supervisor) {

@@ -217,15 +217,12 @@ export class JobCollector {
     if (store.isMine(job.ID) || due <= now) await this.#purge(job.ID, executions);
     else this.#orphans.set(job.ID, { due, executions });
     store.forgetJob(job.ID);
-    await this.#removeFiles(
-      job.ID,
-      executions.map((e) => e.ID),
-    );
+    await this.#removeFiles(job.ID);
   }
 
   /** Removes this disk's copies of the job's logs and result files. */
-  async #removeFiles(jobId: string, executionIds: readonly string[] = []): Promise<void> {
-    await Promise.all([this.#o.logs.remove(jobId, executionIds), this.#o.results.removeLocal(jobId)]);
+  async #removeFiles(jobId: string): Promise<void> {
+    await Promise.all([this.#o.logs.remove(jobId), this.#o.results.removeLocal(jobId)]);
   }
 
   /** Purges the job from JetStream: its shared result files first, since the execution records name them. */

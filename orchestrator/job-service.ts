@@ -349,48 +349,37 @@ export class JobService {
     };
   }
 
-  async logs(id: string): Promise<LogEntry[]> {
+  /** The job's stored lines, read as the caller takes them. */
+  logs(id: string): AsyncGenerator<LogEntry> {
     this.#require(id);
-    return this.#o.logs.read(id);
+    return this.#o.logs.lines(id);
   }
 
   /**
-   * Calls `onEntry` for stored lines and then live ones until the job is
-   * final (`onEnd`). Lines that arrive while the stored ones are read are
-   * buffered, so none is lost or repeated.
+   * The job's stored lines and then each new one, until the job is final
+   * (or removed) and every line stored before that is given, or until
+   * `cancelled` is aborted (its client went away).
    */
-  followLogs(id: string, onEntry: (e: LogEntry) => void, onEnd: () => void): () => void {
+  followLogs(id: string, cancelled: AbortSignal): AsyncGenerator<LogEntry> {
     this.#require(id);
-    const buffered: LogEntry[] = [];
-    let replaying = true;
-    let closed = false;
-    const stopLogs = this.#o.logs.follow(id, (e) => (replaying ? buffered.push(e) : onEntry(e)));
-    // While the stored lines are read, the end waits for them (checked once they are sent).
-    const stopJob = this.#o.store.watchJob(id, (change) => {
-      if (!replaying && change.type === "job" && TERMINAL_JOB_STATES.has(change.job.State)) end();
-    });
-    const end = () => {
-      if (closed) return;
-      closed = true;
-      stopLogs();
-      stopJob();
-      onEnd();
-    };
-    void this.#o.logs.read(id).then((stored) => {
-      if (closed) return;
-      const seen = new Set(stored.map((e) => `${e.ExecutionID}/${e.Stream}/${e.Seq}`));
-      for (const e of stored) onEntry(e);
-      for (const e of buffered) if (!seen.has(`${e.ExecutionID}/${e.Stream}/${e.Seq}`)) onEntry(e);
-      replaying = false;
-      // A job removed meanwhile has ended too.
+    return this.#followLogs(id, cancelled);
+  }
+
+  async *#followLogs(id: string, cancelled: AbortSignal): AsyncGenerator<LogEntry> {
+    const ended = new AbortController();
+    const isFinal = () => {
       const job = this.#o.store.jobs.get(id);
-      if (!job || TERMINAL_JOB_STATES.has(job.State)) end();
-    });
-    return () => {
-      closed = true;
-      stopLogs();
-      stopJob();
+      return !job || TERMINAL_JOB_STATES.has(job.State);
     };
+    const stopJob = this.#o.store.watchJob(id, () => {
+      if (isFinal()) ended.abort();
+    });
+    try {
+      if (isFinal()) ended.abort();
+      yield* this.#o.logs.follow(id, ended.signal, cancelled);
+    } finally {
+      stopJob();
+    }
   }
 
   /** The stored result files of each execution of the job. */

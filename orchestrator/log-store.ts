@@ -1,5 +1,6 @@
 import { EventEmitter } from "node:events";
 import { promises as fs } from "node:fs";
+import type { FileHandle } from "node:fs/promises";
 import path from "node:path";
 import { MAX_OUTPUT_STREAM_BYTES, modifiedTimes } from "../core/index.js";
 
@@ -13,33 +14,95 @@ export interface LogEntry {
   Data: string;
 }
 
+/** Jobs whose counts (see {@link LogStore}) are kept in memory; others are read again from their file when needed. */
+export const COUNTED_JOBS = 1000;
+
+/** Bytes read from a log file at a time. */
+const READ_CHUNK_BYTES = 64 * 1024;
+
+const NEWLINE = 0x0a;
+
+/** A stored line; undefined for an empty or torn one (see {@link LogStore}). */
+function parseLine(text: string): LogEntry | undefined {
+  try {
+    return text.length > 0 ? (JSON.parse(text) as LogEntry) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 /**
- * Execution logs, kept in `DATA-DIR/logs/<job>.ndjson` for later and fanned
- * out live to followers (`job logs --follow`) as they arrive.
+ * The complete lines of `file` from byte `offset`, each with the offset
+ * after it; a line still being written is left for a later read.
+ */
+async function* linesOf(file: FileHandle, offset: number): AsyncGenerator<{ entry: LogEntry; next: number }> {
+  let position = offset;
+  // The start of a line not ended in the chunks read so far.
+  let parts: Buffer[] = [];
+  for (;;) {
+    // A new buffer each time: the parts kept are views of the last ones.
+    const chunk = Buffer.allocUnsafe(READ_CHUNK_BYTES);
+    const { bytesRead } = await file.read(chunk, 0, READ_CHUNK_BYTES, position);
+    if (bytesRead === 0) return;
+    const read = chunk.subarray(0, bytesRead);
+    let start = 0;
+    for (let end = read.indexOf(NEWLINE); end >= 0; end = read.indexOf(NEWLINE, start)) {
+      const text =
+        parts.length === 0
+          ? read.toString("utf8", start, end)
+          : Buffer.concat([...parts, read.subarray(start, end)]).toString("utf8");
+      parts = [];
+      start = end + 1;
+      const entry = parseLine(text);
+      if (entry) yield { entry, next: position + start };
+    }
+    if (start < bytesRead) parts.push(read.subarray(start));
+    position += bytesRead;
+  }
+}
+
+/** What is counted of one job's stored lines: the repeat check and the per-stream caps use them. */
+interface Counts {
+  /** The highest `Seq` taken per execution. */
+  lastSeq: Map<string, number>;
+  /** Bytes stored per `<execution>/<stream>`; infinite once a line was dropped for the cap. */
+  bytes: Map<string, number>;
+}
+
+/**
+ * Execution logs, kept in `DATA-DIR/logs/<job>.ndjson`. Readers stream the
+ * file, and followers read it as it grows, so neither holds a job's output
+ * in memory nor gets ahead of what its client takes.
+ *
+ * Each line is checked against the job's counts: a line numbered at or below
+ * one taken of its execution is a repeat (a result resent with its last
+ * lines), and each execution's stdout and stderr are capped. The counts are
+ * worked out from the job's file when it is first written to (after a
+ * restart, too) and kept for the {@link COUNTED_JOBS} jobs written to last.
  */
 export class LogStore {
   readonly #dir: string;
-  readonly #emitter = new EventEmitter();
-  /** Appends per job are chained so lines keep their order. */
+  /** Emits the job's id when a line of it is written. */
+  readonly #grown = new EventEmitter();
+  /** Appends per job are chained so lines keep their order and are checked one at a time. */
   readonly #tails = new Map<string, Promise<void>>();
   readonly #maxStreamBytes: number;
-  /** Bytes stored per `<execution>/<stream>`, against `maxStreamBytes`. */
-  readonly #stored = new Map<string, number>();
-  /**
-   * The highest `Seq` taken per execution: a node numbers its lines in the order it
-   * sends them, so one at or below it is a repeat (a result resent with its last lines).
-   */
-  readonly #lastSeq = new Map<string, number>();
+  readonly #countedJobs: number;
+  /** Counts of the jobs written to last, least recent first. */
+  readonly #counts = new Map<string, Counts>();
+  /** Jobs whose file may end in part of a line (a write that failed, or a crash): the next line starts on a new one. */
+  readonly #torn = new Set<string>();
 
   /**
    * `maxStreamBytes`: most bytes of one execution's stdout, and of its
    * stderr, stored; a node keeps and streams no more ({@link MAX_OUTPUT_STREAM_BYTES}),
    * so lines past it come from a node that ignores its limits and are dropped.
    */
-  constructor(dataDir: string, maxStreamBytes = MAX_OUTPUT_STREAM_BYTES) {
+  constructor(dataDir: string, maxStreamBytes = MAX_OUTPUT_STREAM_BYTES, countedJobs = COUNTED_JOBS) {
     this.#dir = path.join(dataDir, "logs");
-    this.#emitter.setMaxListeners(0);
+    this.#grown.setMaxListeners(0);
     this.#maxStreamBytes = maxStreamBytes;
+    this.#countedJobs = countedJobs;
   }
 
   async init(): Promise<void> {
@@ -47,43 +110,150 @@ export class LogStore {
   }
 
   /**
-   * Stores and fans out a line. Past the stream's cap nothing is kept: the
-   * first line dropped resolves to "capped", the later ones to "dropped". A line
-   * numbered at or below one already taken of its execution is a repeat: not stored.
+   * Stores a line. Past the stream's cap nothing is kept: the first line
+   * dropped resolves to "capped", the later ones to "dropped". A line numbered
+   * at or below one already taken of its execution is a repeat: not stored.
    */
-  async append(jobId: string, entry: LogEntry): Promise<"stored" | "capped" | "dropped" | "repeated"> {
-    if (entry.Seq <= (this.#lastSeq.get(entry.ExecutionID) ?? -1)) return "repeated";
-    this.#lastSeq.set(entry.ExecutionID, entry.Seq);
-    const key = `${entry.ExecutionID}/${entry.Stream}`;
-    const before = this.#stored.get(key) ?? 0;
-    const stored = before + Buffer.byteLength(entry.Data);
-    if (stored > this.#maxStreamBytes) {
-      this.#stored.set(key, Number.POSITIVE_INFINITY);
-      return before === Number.POSITIVE_INFINITY ? "dropped" : "capped";
-    }
-    this.#stored.set(key, stored);
-    this.#emitter.emit(jobId, entry);
-    const prev = this.#tails.get(jobId) ?? Promise.resolve();
-    const next = prev.then(() =>
-      fs.appendFile(this.#file(jobId), `${JSON.stringify(entry)}\n`, { mode: 0o600 }),
+  append(jobId: string, entry: LogEntry): Promise<"stored" | "capped" | "dropped" | "repeated"> {
+    const next = (this.#tails.get(jobId) ?? Promise.resolve()).then(() => this.#store(jobId, entry));
+    const settled = next.then(
+      () => {},
+      () => {},
     );
-    const settled = next.catch(() => {});
     this.#tails.set(jobId, settled);
     void settled.then(() => {
       if (this.#tails.get(jobId) === settled) this.#tails.delete(jobId);
     });
-    await next;
+    return next;
+  }
+
+  async #store(jobId: string, entry: LogEntry): Promise<"stored" | "capped" | "dropped" | "repeated"> {
+    const counts = await this.#countsOf(jobId);
+    const lastSeq = counts.lastSeq.get(entry.ExecutionID) ?? -1;
+    if (entry.Seq <= lastSeq) return "repeated";
+    const key = `${entry.ExecutionID}/${entry.Stream}`;
+    const before = counts.bytes.get(key) ?? 0;
+    counts.lastSeq.set(entry.ExecutionID, entry.Seq);
+    const after = before + Buffer.byteLength(entry.Data);
+    if (after > this.#maxStreamBytes) {
+      counts.bytes.set(key, Number.POSITIVE_INFINITY);
+      return before === Number.POSITIVE_INFINITY ? "dropped" : "capped";
+    }
+    counts.bytes.set(key, after);
+    const torn = this.#torn.has(jobId);
+    try {
+      await fs.appendFile(this.#file(jobId), `${torn ? "\n" : ""}${JSON.stringify(entry)}\n`, {
+        mode: 0o600,
+      });
+      this.#torn.delete(jobId);
+    } catch (err) {
+      // Not stored, so not counted: the line may come again (in a resent result).
+      counts.lastSeq.set(entry.ExecutionID, lastSeq);
+      counts.bytes.set(key, before);
+      this.#torn.add(jobId);
+      throw err;
+    }
+    this.#grown.emit(jobId);
     return "stored";
   }
 
-  /** Every stored line of the job, oldest first. */
-  async read(jobId: string): Promise<LogEntry[]> {
+  /** The job's counts: kept ones (now the most recent), else worked out from its file. */
+  async #countsOf(jobId: string): Promise<Counts> {
+    const kept = this.#counts.get(jobId);
+    this.#counts.delete(jobId);
+    const counts = kept ?? (await this.#count(jobId));
+    this.#counts.set(jobId, counts);
+    for (const [other] of this.#counts) {
+      if (this.#counts.size <= this.#countedJobs) break;
+      // A job with appends under way keeps its counts: they are in use.
+      if (!this.#tails.has(other)) this.#counts.delete(other);
+    }
+    return counts;
+  }
+
+  async #count(jobId: string): Promise<Counts> {
+    const counts: Counts = { lastSeq: new Map(), bytes: new Map() };
+    let end = 0;
+    for await (const { entry, next } of this.#readFrom(jobId, 0)) {
+      counts.lastSeq.set(entry.ExecutionID, Math.max(entry.Seq, counts.lastSeq.get(entry.ExecutionID) ?? -1));
+      const key = `${entry.ExecutionID}/${entry.Stream}`;
+      counts.bytes.set(key, (counts.bytes.get(key) ?? 0) + Buffer.byteLength(entry.Data));
+      end = next;
+    }
+    // No append is under way (this runs in the job's chain): bytes past the last line are a torn one.
+    const size = (await fs.stat(this.#file(jobId)).catch(() => undefined))?.size ?? 0;
+    if (size > end) this.#torn.add(jobId);
+    return counts;
+  }
+
+  /** Every stored line of the job, oldest first, read from its file as the caller takes them. */
+  async *lines(jobId: string): AsyncGenerator<LogEntry> {
     await this.#tails.get(jobId);
-    const text = await fs.readFile(this.#file(jobId), "utf8").catch(() => "");
-    return text
-      .split("\n")
-      .filter((l) => l.length > 0)
-      .map((l) => JSON.parse(l) as LogEntry);
+    for await (const { entry } of this.#readFrom(jobId, 0)) yield entry;
+  }
+
+  /**
+   * The job's stored lines and then each new one as it is written, until
+   * `ended` is aborted (the job is final): the lines appended before that are
+   * read too, then the iteration ends. It ends at once when `cancelled` is
+   * aborted. Reads no further ahead than the caller takes.
+   */
+  async *follow(jobId: string, ended: AbortSignal, cancelled?: AbortSignal): AsyncGenerator<LogEntry> {
+    let offset = 0;
+    let file: FileHandle | undefined;
+    try {
+      while (!cancelled?.aborted) {
+        // Listening before reading: a line written during the read is not missed.
+        let stop = () => {};
+        const grown = new Promise<void>((resolve) => {
+          stop = () => {
+            this.#grown.off(jobId, stop);
+            ended.removeEventListener("abort", stop);
+            cancelled?.removeEventListener("abort", stop);
+            resolve();
+          };
+          this.#grown.on(jobId, stop);
+          ended.addEventListener("abort", stop);
+          cancelled?.addEventListener("abort", stop);
+        });
+        const last = ended.aborted;
+        try {
+          if (last) await this.#tails.get(jobId);
+          file ??= await this.#open(jobId);
+          if (file) {
+            for await (const line of linesOf(file, offset)) {
+              offset = line.next;
+              yield line.entry;
+            }
+          }
+          if (last) return;
+          await grown;
+        } finally {
+          stop();
+        }
+      }
+    } finally {
+      await file?.close();
+    }
+  }
+
+  /** The job's file, open for reading; undefined when it has no lines yet. */
+  async #open(jobId: string): Promise<FileHandle | undefined> {
+    return fs.open(this.#file(jobId), "r").catch((err: NodeJS.ErrnoException) => {
+      if (err.code === "ENOENT") return undefined;
+      throw err;
+    });
+  }
+
+  /** The complete lines of the job's file from byte `offset`, each with the offset after it (see {@link #linesOf}). */
+  async *#readFrom(jobId: string, offset: number): AsyncGenerator<{ entry: LogEntry; next: number }> {
+    const file = await this.#open(jobId);
+    if (!file) return;
+    try {
+      yield* linesOf(file, offset);
+    } finally {
+      await file.close();
+    }
   }
 
   /** The jobs with stored lines, each with when its lines were last written (ms since the epoch). */
@@ -93,20 +263,17 @@ export class LogStore {
     return new Map([...times].map(([n, at]) => [n.slice(0, -".ndjson".length), at]));
   }
 
-  /** Removes the job's stored lines (after any append under way) and what was counted of its executions'. */
-  async remove(jobId: string, executionIds: readonly string[] = []): Promise<void> {
-    for (const id of executionIds) {
-      this.#lastSeq.delete(id);
-      for (const stream of ["stdout", "stderr"]) this.#stored.delete(`${id}/${stream}`);
-    }
+  /** Removes the job's stored lines (after any append under way) and its counts. */
+  async remove(jobId: string): Promise<void> {
     await this.#tails.get(jobId);
+    this.#counts.delete(jobId);
+    this.#torn.delete(jobId);
     await fs.rm(this.#file(jobId), { force: true });
   }
 
-  /** Calls `listener` for each new line of the job; returns the unsubscribe function. */
-  follow(jobId: string, listener: (entry: LogEntry) => void): () => void {
-    this.#emitter.on(jobId, listener);
-    return () => this.#emitter.off(jobId, listener);
+  /** Resolves when every append made so far is written (or failed). */
+  async settled(): Promise<void> {
+    await Promise.all(this.#tails.values());
   }
 
   #file(jobId: string): string {

@@ -1,5 +1,8 @@
 import "reflect-metadata";
+import { promises as fs } from "node:fs";
+import https from "node:https";
 import net from "node:net";
+import path from "node:path";
 import tls from "node:tls";
 import { jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
@@ -11,7 +14,7 @@ import { moduleDigest, silentLogger, wasmJobSpec } from "../core/index.js";
 import { type ApiOptions, buildApi } from "../orchestrator/api.js";
 import { parseSubmittedJob } from "../orchestrator/job-requirements.js";
 import { type JobDispatch, JobService } from "../orchestrator/job-service.js";
-import { LogStore } from "../orchestrator/log-store.js";
+import { type LogEntry, LogStore } from "../orchestrator/log-store.js";
 import { ModuleStore } from "../orchestrator/module-store.js";
 import { NodeService } from "../orchestrator/node-service.js";
 import { ResultsStore } from "../orchestrator/results-store.js";
@@ -57,8 +60,10 @@ async function startApi(
     failPublish = () => undefined,
     storeTimeoutMs,
     maxUnfinished,
+    makeLogs = (dir) => new LogStore(dir),
   }: {
     makeNodes?: (store: StateStore) => NodeService;
+    makeLogs?: (dir: string) => LogStore;
     api?: Pick<ApiOptions, "timeouts" | "maxConnsPerClient">;
     listScanLimit?: number;
     /** After how long (ms) the state store's write to `subject` fails, as to a JetStream that does not answer; undefined: it goes through. */
@@ -74,7 +79,7 @@ async function startApi(
   const js = jetstream(nc);
   const failing = withFailingPublish(js, failPublish);
   const store = await StateStore.open(failing, silentLogger);
-  const logs = new LogStore(dir);
+  const logs = makeLogs(dir);
   const results = new ResultsStore(dir);
   const modules = new ModuleStore(dir);
   await Promise.all([logs.init(), results.init(), modules.init()]);
@@ -118,7 +123,7 @@ async function startApi(
   t.teardown(caller.close);
   const call = (method: string, path: string, body?: unknown) => caller.call(method, path, { body });
 
-  return { call, nc, store, jobs, nodes, enqueued, modules, port, pki };
+  return { call, nc, store, jobs, nodes, enqueued, modules, port, pki, dir };
 }
 
 t.test("the API validates every body and answers errors with code, message, fix and field", async (t) => {
@@ -685,4 +690,60 @@ t.test("one client address holds at most API.MaxConnsPerClient connections", asy
   const again = await connect();
   t.equal(again.up, true, "one closed, one more may come");
   for (const c of [...held, again]) c.socket.destroy();
+});
+
+/** A log store that counts the lines its readers have taken. */
+class CountingLogStore extends LogStore {
+  taken = 0;
+
+  override async *lines(jobId: string): AsyncGenerator<LogEntry> {
+    for await (const line of super.lines(jobId)) {
+      this.taken++;
+      yield line;
+    }
+  }
+}
+
+t.test("a job's logs are read as the client takes them, never all ahead of it", async (t) => {
+  let logs: CountingLogStore | undefined;
+  const { store, port, pki, dir } = await startApi(t, {
+    makeLogs: (d) => {
+      logs = new CountingLogStore(d);
+      return logs;
+    },
+  });
+  store.putJob(jobRecord("j-big", Date.now(), { State: "Completed" }));
+  // 32 MiB of stored lines: far more than the buffers on the way hold (about 4 MiB here).
+  const LINES = 32_000;
+  const data = "x".repeat(1000);
+  const text = Array.from({ length: LINES }, (_, i) =>
+    JSON.stringify({ Time: i, ExecutionID: "e-1", Stream: "stdout", Seq: i, Data: data }),
+  );
+  await fs.writeFile(path.join(dir, "logs", "j-big.ndjson"), `${text.join("\n")}\n`);
+
+  const res = await new Promise<import("node:http").IncomingMessage>((resolve, reject) =>
+    https
+      .get(`https://127.0.0.1:${port}/api/v1/orchestrator/jobs/j-big/logs`, { ca: pki.caCertPem }, resolve)
+      .on("error", reject),
+  );
+  t.equal(res.statusCode, 200);
+  res.pause();
+  await new Promise((r) => setTimeout(r, 1000));
+  const takenWhilePaused = logs!.taken;
+  t.ok(
+    takenWhilePaused < 12_000,
+    `a client that does not read holds the reading back (${takenWhilePaused} lines read)`,
+  );
+  let received = 0;
+  let tail = "";
+  res.setEncoding("utf8");
+  res.on("data", (chunk: string) => {
+    const parts = (tail + chunk).split("\n");
+    tail = parts.pop()!;
+    received += parts.length;
+  });
+  res.resume();
+  await new Promise((r) => res.on("end", r));
+  t.equal(received, LINES, "then every line comes");
+  t.equal(logs!.taken, LINES);
 });

@@ -15,7 +15,7 @@ import { ResultsStore } from "../orchestrator/results-store.js";
 import { StateStore } from "../orchestrator/state-store.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
 import { testNodeService } from "./helpers/node-service.js";
-import { eventually, jobRecord, resultMessages } from "./helpers/records.js";
+import { eventually, jobRecord, resultMessages, storedLines } from "./helpers/records.js";
 
 /**
  * A node that sends result chunks for an execution and never its manifest
@@ -429,11 +429,14 @@ t.test("in a cluster, lines heard before their execution's record are stored onc
     ModifyTime: now,
   };
   store.putExecution(e);
-  t.same(await logs.read("j-later"), [], "nothing is stored before the record is followed");
+  t.same(await storedLines(logs, "j-later"), [], "nothing is stored before the record is followed");
   dispatcher.observe(e);
-  await eventually("the kept lines are stored", async () => (await logs.read("j-later")).length === 2);
+  await eventually(
+    "the kept lines are stored",
+    async () => (await storedLines(logs, "j-later")).length === 2,
+  );
   t.same(
-    (await logs.read("j-later")).map((l) => [l.Seq, l.Data]),
+    (await storedLines(logs, "j-later")).map((l) => [l.Seq, l.Data]),
     [
       [0, "first\n"],
       [1, "second\n"],
@@ -442,7 +445,7 @@ t.test("in a cluster, lines heard before their execution's record are stored onc
   );
   dispatcher.observe(e);
   await new Promise((r) => setTimeout(r, 50));
-  t.equal((await logs.read("j-later")).length, 2, "kept lines are stored once");
+  t.equal((await storedLines(logs, "j-later")).length, 2, "kept lines are stored once");
 });
 
 t.test(
@@ -462,9 +465,17 @@ t.test(
       seq: 0,
       data: b64("streamed\n"),
     });
-    const statesSeen: string[] = [];
-    const stop = logs.follow("j-tail", () => statesSeen.push(store.executions.get(execution.ID)!.State));
-    t.teardown(stop);
+    // A follower ended by the execution's end (as JobService ends one at the job's) gets every line.
+    const ended = new AbortController();
+    const stopWatch = store.watchAll((change) => {
+      if (change.type === "execution" && change.execution.State === "Completed") ended.abort();
+    });
+    t.teardown(stopWatch);
+    const followed = (async () => {
+      const seen: string[] = [];
+      for await (const line of logs.follow("j-tail", ended.signal)) seen.push(line.Data);
+      return seen;
+    })();
     const result: MessageBody<"result"> = {
       ...resultMessages(execution.ID, []).manifest,
       files: [],
@@ -474,11 +485,15 @@ t.test(
       ],
     };
     t.same(await dispatcher.handleResult("n1", result), { stored: true });
-    t.same(statesSeen, ["Running", "Running"], "followers get the last lines while the execution still runs");
+    t.same(
+      await followed,
+      ["streamed\n", "last\n", "warning\n"],
+      "the follower gets the last lines, then ends",
+    );
     t.equal(store.executions.get(execution.ID)?.State, "Completed");
     t.same(await dispatcher.handleResult("n1", result), { stored: true }, "a resend is acknowledged");
     t.same(
-      (await logs.read("j-tail")).map((l) => [l.Seq, l.Stream, l.Data]),
+      (await storedLines(logs, "j-tail")).map((l) => [l.Seq, l.Stream, l.Data]),
       [
         [0, "stdout", "streamed\n"],
         [1, "stdout", "last\n"],

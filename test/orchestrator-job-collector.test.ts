@@ -20,7 +20,7 @@ import type { JobState } from "../orchestrator/records.js";
 import { RESULTS_BUCKET, ResultsStore } from "../orchestrator/results-store.js";
 import { BUCKETS, StateStore } from "../orchestrator/state-store.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
-import { eventually, executionRecord, jobRecord, resultMessages } from "./helpers/records.js";
+import { eventually, executionRecord, jobRecord, resultMessages, storedLines } from "./helpers/records.js";
 
 /**
  * Job garbage collection against a real nats-server: orchestrators of a
@@ -150,7 +150,7 @@ t.test(
     t.notOk(b.store.jobs.has("j-old"));
     t.same(b.store.executionsOf("j-old"), []);
     t.same(b.store.history("j-old"), []);
-    t.same(await b.logs.read("j-old"), [], "B's copy of its logs is removed");
+    t.same(await storedLines(b.logs, "j-old"), [], "B's copy of its logs is removed");
     t.ok(await inKv(BUCKETS.jobs, "j-old"), "but only its owner purges it");
     t.ok(await inKv(BUCKETS.events, "j-old.orch-a.0"), "its history too (A's page of it)");
     t.equal(await objects(), 2, "its result file stays in the object store (a chunk and a description)");
@@ -167,7 +167,7 @@ t.test(
     t.equal(await objects(), 0, "its result file is purged from the object store");
     t.equal(await b.results.open("j-old", executionId, file), undefined);
     t.notOk(await exists(path.join(a.dir, "results", "j-old")), "A's result files are removed");
-    t.same(await a.logs.read("j-old"), [], "A's logs are removed");
+    t.same(await storedLines(a.logs, "j-old"), [], "A's logs are removed");
 
     for (const o of [a, b]) {
       t.same([...o.store.jobs.values()].map((j) => j.ID).sort(), ["j-queued", "j-recent", "j-running"]);
@@ -234,9 +234,9 @@ t.test("files of jobs no longer stored, untouched for the threshold, are removed
   t.ok(await exists(path.join(a.dir, "results", "j-gone")));
   t.equal(await a.collector.removeStrays(Date.now() + THRESHOLD), 1);
   t.notOk(await exists(path.join(a.dir, "results", "j-gone")));
-  t.same(await a.logs.read("j-gone"), []);
+  t.same(await storedLines(a.logs, "j-gone"), []);
   t.ok(await exists(path.join(a.dir, "results", "j-kept")), "a stored job's files stay");
-  t.equal((await a.logs.read("j-kept")).length, 1);
+  t.equal((await storedLines(a.logs, "j-kept")).length, 1);
   t.ok(await exists(path.join(a.dir, "results", ".staging")), "and so does the staging area");
 });
 
@@ -326,7 +326,7 @@ t.test("sweeps come often enough for the limit; strays wait an hour without a th
   await a.logs.append("j-gone", { Time: ENDED, ExecutionID: "e-1", Stream: "stdout", Seq: 0, Data: "x" });
   t.equal(await a.collector.removeStrays(Date.now() + STRAY_GRACE_MS - 60_000), 0, "recent files stay");
   t.equal(await a.collector.removeStrays(Date.now() + STRAY_GRACE_MS), 1);
-  t.same(await a.logs.read("j-gone"), []);
+  t.same(await storedLines(a.logs, "j-gone"), []);
 });
 
 t.test("kthSmallest is the k-th value of the sorted array, whatever the order and the repeats", async (t) => {

@@ -1,4 +1,5 @@
 import "reflect-metadata";
+import { promises as fs } from "node:fs";
 import path from "node:path";
 import { jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
@@ -8,60 +9,123 @@ import { JobService, type JobServiceOptions } from "../orchestrator/job-service.
 import { type LogEntry, LogStore } from "../orchestrator/log-store.js";
 import { StateStore } from "../orchestrator/state-store.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
-import { jobRecord } from "./helpers/records.js";
+import { jobRecord, storedLines } from "./helpers/records.js";
 
-/** A log store whose reads wait for `open()`: the stored lines are being read while the test acts. */
-class SlowLogStore extends LogStore {
-  open: () => void = () => {};
-  readonly #gate = new Promise<void>((resolve) => {
-    this.open = resolve;
-  });
-
-  override async read(jobId: string): Promise<LogEntry[]> {
-    await this.#gate;
-    return super.read(jobId);
-  }
-}
+const line = (
+  Seq: number,
+  Data: string,
+  ExecutionID = "e-1",
+  Stream: LogEntry["Stream"] = "stdout",
+): LogEntry => ({
+  Time: Date.now(),
+  ExecutionID,
+  Stream,
+  Seq,
+  Data,
+});
 
 t.test(
-  "a job that ends while its stored lines are read still gets them all streamed before the end",
+  "a follower gets the stored lines, the live ones, and then the end once the job is final",
   async (t) => {
     const dir = await tempDir(t, "shoal-job-logs-");
     const nc = await connect({ servers: await startJetStream(t, path.join(dir, "js")) });
     t.teardown(() => nc.close());
     const store = await StateStore.open(jetstream(nc), silentLogger);
     t.teardown(() => store.close());
-    const logs = new SlowLogStore(dir);
+    const logs = new LogStore(dir);
     await logs.init();
-    const line = (Seq: number, Data: string): LogEntry => ({
-      Time: Date.now(),
-      ExecutionID: "e-1",
-      Stream: "stdout",
-      Seq,
-      Data,
-    });
     await logs.append("j-1", line(0, "stored\n"));
     const job = jobRecord("j-1", Date.now(), { State: "Running" });
     store.putJob(job);
     // followLogs needs only the store and the log store.
     const jobs = new JobService({ store, logs, log: silentLogger } as unknown as JobServiceOptions);
 
-    const seen: string[] = [];
-    const ended = new Promise<void>((resolve) =>
-      jobs.followLogs(
-        "j-1",
-        (e) => seen.push(e.Data),
-        () => {
-          seen.push("(end)");
-          resolve();
-        },
-      ),
-    );
-    await logs.append("j-1", line(1, "live\n"));
+    const follower = jobs.followLogs("j-1", new AbortController().signal);
+    t.equal((await follower.next()).value?.Data, "stored\n");
+    // The job ends while the follower waits: a line stored before the end is still given.
+    const appended = logs.append("j-1", line(1, "live\n"));
     store.putJob({ ...job, State: "Completed" });
-    t.same(seen, [], "nothing is sent before the stored lines");
-    logs.open();
-    await ended;
-    t.same(seen, ["stored\n", "live\n", "(end)"]);
+    await appended;
+    const rest: string[] = [];
+    for await (const e of follower) rest.push(e.Data);
+    t.same(rest, ["live\n"], "then the iteration ends");
+
+    // Lines taken just before the job ended are still being written when a follower starts.
+    store.putJob({ ...job, ID: "j-3", State: "Running" });
+    const last = [logs.append("j-3", line(0, "a\n")), logs.append("j-3", line(1, "b\n"))];
+    store.putJob({ ...job, ID: "j-3", State: "Completed" });
+    const late: string[] = [];
+    for await (const e of jobs.followLogs("j-3", new AbortController().signal)) late.push(e.Data);
+    t.same(late, ["a\n", "b\n"], "a follower of a job just ended waits for its lines being written");
+    await Promise.all(last);
+
+    const cancelled = new AbortController();
+    store.putJob({ ...job, ID: "j-2", State: "Running" });
+    const quiet = jobs.followLogs("j-2", cancelled.signal);
+    const waiting = quiet.next();
+    cancelled.abort();
+    t.same(await waiting, { value: undefined, done: true }, "a follower whose client went away ends at once");
   },
 );
+
+t.test(
+  "the repeat check and the caps hold across a restart, and for jobs whose counts were let go",
+  async (t) => {
+    const dir = await tempDir(t, "shoal-job-logs-");
+    const first = new LogStore(dir, 10);
+    await first.init();
+    t.equal(await first.append("j-1", line(0, "123456")), "stored");
+    t.equal(await first.append("j-1", line(1, "78")), "stored");
+
+    const restarted = new LogStore(dir, 10, 1);
+    await restarted.init();
+    t.equal(await restarted.append("j-1", line(1, "78")), "repeated", "a resent line is not stored twice");
+    t.equal(
+      await restarted.append("j-1", line(2, "901")),
+      "capped",
+      "the bytes stored before count against the cap",
+    );
+    t.equal(
+      await restarted.append("j-1", line(3, "12", "e-1", "stderr")),
+      "stored",
+      "each stream has its own",
+    );
+    // One job's counts are kept: j-2's push j-1's out, which are then read from its file again.
+    t.equal(await restarted.append("j-2", line(0, "x", "e-2")), "stored");
+    t.equal(await restarted.append("j-1", line(3, "12", "e-1", "stderr")), "repeated");
+    t.same(
+      (await storedLines(restarted, "j-1")).map((e) => e.Data),
+      ["123456", "78", "12"],
+    );
+  },
+);
+
+t.test("lines longer than a read, and a torn last line, are read back right", async (t) => {
+  const dir = await tempDir(t, "shoal-job-logs-");
+  const logs = new LogStore(dir);
+  await logs.init();
+  const long = "x".repeat(150_000);
+  await logs.append("j-1", line(0, "short\n"));
+  await logs.append("j-1", line(1, long));
+  await logs.append("j-1", line(2, "after\n"));
+  t.same(
+    (await storedLines(logs, "j-1")).map((e) => e.Data),
+    ["short\n", long, "after\n"],
+  );
+
+  // A crash in the middle of a write leaves half a line at the end of the file.
+  await fs.appendFile(path.join(dir, "logs", "j-1.ndjson"), '{"Time":1,"Execu');
+  const restarted = new LogStore(dir);
+  await restarted.init();
+  t.same(
+    (await storedLines(restarted, "j-1")).map((e) => e.Seq),
+    [0, 1, 2],
+    "the torn line is not read",
+  );
+  t.equal(await restarted.append("j-1", line(3, "next\n")), "stored");
+  t.same(
+    (await storedLines(restarted, "j-1")).map((e) => e.Data),
+    ["short\n", long, "after\n", "next\n"],
+    "the next line starts on a line of its own",
+  );
+});

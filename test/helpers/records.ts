@@ -1,6 +1,7 @@
 import { createHash } from "node:crypto";
 import { separateModules, wasmJobSpec } from "../../core/index.js";
 import type { MessageBody } from "../../fabric/protocol.js";
+import type { LogEntry, LogStore } from "../../orchestrator/log-store.js";
 import type { ExecutionRecord, JobRecord } from "../../orchestrator/records.js";
 
 /** The smallest WebAssembly module: its header. */
@@ -85,4 +86,11 @@ export function resultMessages(
     ],
   } as MessageBody<"result">;
   return { chunks, manifest };
+}
+
+/** Every line the log store holds of the job, oldest first. */
+export async function storedLines(logs: LogStore, jobId: string): Promise<LogEntry[]> {
+  const lines: LogEntry[] = [];
+  for await (const line of logs.lines(jobId)) lines.push(line);
+  return lines;
 }
