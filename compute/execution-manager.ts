@@ -4,6 +4,7 @@ import path from "node:path";
 import type { JobSpec, Logger } from "../core/index.js";
 import { type MessageBody, RESULT_LOG_TAIL_BYTES, type Submitter } from "../fabric/index.js";
 import { COMPUTE_CODES, ComputeError } from "./errors.js";
+import { killLeftoverProcesses } from "./leftover-processes.js";
 import {
   type CollectedFile,
   isSafeExecutionId,
@@ -218,10 +219,18 @@ export class ExecutionManager {
   /**
    * Turns the work directories left by a previous process (it crashed or was
    * killed mid-run) into spooled Failed results, so the orchestrator learns
-   * what happened once the node is back. Returns what it spooled.
+   * what happened once the node is back, after killing what those executions
+   * left running in them. Returns what it spooled.
    */
   async recover(): Promise<SpooledResult[]> {
     const root = await this.#root();
+    const killed = await killLeftoverProcesses(root);
+    if (killed.length > 0) {
+      this.#o.log.warn(
+        { processGroups: killed },
+        "killed programs that executions interrupted by a restart left running",
+      );
+    }
     const recovered: SpooledResult[] = [];
     for (const name of await fs.readdir(root)) {
       const workDir = path.join(root, name);

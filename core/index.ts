@@ -12,5 +12,6 @@ export * from "./job-spec-states.js";
 export * from "./log-throttle.js";
 export * from "./logger.js";
 export * from "./node-labels.js";
+export * from "./processes.js";
 export * from "./tally.js";
 export * from "./version.js";

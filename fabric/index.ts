@@ -71,7 +71,6 @@ export {
 export { ExternalAuthorization, type ExternalAuthorizationOptions } from "./nats-external.js";
 export { type ClientRejection, type NatsLogLevel, type NatsLogLine, parseNatsLogLine } from "./nats-log.js";
 export { NatsSupervisor, type NatsSupervisorOptions, type NatsSupervisorStatus } from "./nats-supervisor.js";
-export { dieWithParentLauncher } from "./parent-death.js";
 export {
   algForKey,
   type EnvelopeAlg,

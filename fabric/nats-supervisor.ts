@@ -2,7 +2,7 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { promises as fs } from "node:fs";
 import path from "node:path";
 import { createInterface } from "node:readline";
-import { type Logger, silentLogger, writeFileAtomic } from "../core/index.js";
+import { dieWithParentLauncher, type Logger, silentLogger, writeFileAtomic } from "../core/index.js";
 import {
   type BrokerIdentity,
   type BrokerUsers,
@@ -14,7 +14,6 @@ import { FABRIC_CODES, NatsServerError } from "./errors.js";
 import type { NatsClusterState } from "./nats-cluster.js";
 import { type NatsServerState, renderNatsConfig } from "./nats-config.js";
 import { type ClientRejection, parseNatsLogLine } from "./nats-log.js";
-import { dieWithParentLauncher } from "./parent-death.js";
 import { StatusStream } from "./status-stream.js";
 
 export interface NatsSupervisorOptions {

@@ -7,7 +7,14 @@ import { type JetStreamClient, jetstream, jetstreamManager } from "@nats-io/jets
 import { Objm } from "@nats-io/obj";
 import type { FastifyInstance } from "fastify";
 import { loadPolicies } from "../auth/index.js";
-import { DiskSpace, type Logger, parseByteSize, parseDuration, type ShoalConfig } from "../core/index.js";
+import {
+  DiskSpace,
+  isRunning,
+  type Logger,
+  parseByteSize,
+  parseDuration,
+  type ShoalConfig,
+} from "../core/index.js";
 import {
   connectFabric,
   ExternalAuthorization,
@@ -768,8 +775,8 @@ async function killLeftoverServer(natsDir: string, log: Logger): Promise<void> {
   if (!cmdline.includes(path.join(natsDir, "nats.conf"))) return;
   log.warn({ pid }, "stopping a nats-server left by a previous run");
   process.kill(pid, "SIGTERM");
-  for (let i = 0; i < 100 && (await exists(`/proc/${pid}`)); i++) {
+  for (let i = 0; i < 100 && (await isRunning(pid)); i++) {
     await new Promise((r) => setTimeout(r, 50));
   }
-  if (await exists(`/proc/${pid}`)) process.kill(pid, "SIGKILL");
+  if (await isRunning(pid)) process.kill(pid, "SIGKILL");
 }

@@ -1,5 +1,5 @@
 import "reflect-metadata";
-import { execFile } from "node:child_process";
+import { execFile, spawn } from "node:child_process";
 import { promises as fs } from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -17,6 +17,7 @@ import {
 } from "../compute/index.js";
 import { type JobSpec, parseJobSpec, silentLogger } from "../core/index.js";
 import { RESULT_LOG_TAIL_BYTES } from "../fabric/index.js";
+import { sleepRunning, waitUntil } from "./helpers/cluster.js";
 import { workDirsInUse } from "./helpers/compute-standin.js";
 
 const root = await fs.mkdtemp(path.join(os.tmpdir(), "shoal-executions-"));
@@ -287,6 +288,47 @@ t.test("work directories left by a crash become failed results; stray directorie
     (await spool.list()).map((e) => e.result.executionId),
     ["e-crashed"],
   );
+});
+
+t.test("programs left running in a work directory are killed at recovery, and nothing else", async (t) => {
+  const { dir, manager } = await setup(t, "recover-programs");
+  const workDir = path.join(dir, "executions", "w-left");
+  await fs.mkdir(workDir, { recursive: true });
+  await fs.writeFile(
+    path.join(workDir, "execution.json"),
+    JSON.stringify({ jobId: "j-left", executionId: "e-left" }),
+  );
+  const start = (args: string[], cwd: string) => {
+    const child = spawn(args[0]!, args.slice(1), { cwd, detached: true, stdio: "ignore" });
+    t.teardown(() => {
+      try {
+        process.kill(-child.pid!, "SIGKILL");
+      } catch {
+        // ESRCH: killed by the test, or by the recovery.
+      }
+    });
+    return child;
+  };
+  const running = async (...args: string[]) =>
+    (await Promise.all(args.map(sleepRunning))).filter(Boolean).length;
+  start(["sleep", "300.71"], workDir);
+  // A program that started another and died (as an exec program does with its node).
+  const shell = start(["sh", "-c", "sleep 300.72 & exec sleep 300.73"], workDir);
+  start(["sleep", "300.74"], dir);
+  await waitUntil(
+    "the programs run",
+    async () => (await running("300.71", "300.72", "300.73", "300.74")) === 4 || undefined,
+  );
+  shell.kill("SIGKILL");
+  await waitUntil("the shell's program is gone", async () => (await running("300.73")) === 0 || undefined);
+
+  await manager.recover();
+  await waitUntil(
+    "what ran in the work directory is killed",
+    async () => (await running("300.71", "300.72")) === 0 || undefined,
+    5000,
+  );
+  t.equal(await running("300.74"), 1, "a program elsewhere runs on");
 });
 
 t.test(

@@ -2,6 +2,7 @@ import "reflect-metadata";
 import { promises as fs } from "node:fs";
 import path from "node:path";
 import t, { type Test } from "tap";
+import { isRunning } from "../core/index.js";
 import { runShoal, startComputeNode, startOrchestrator, tempDir } from "./helpers/cluster.js";
 import {
   buildWasm,
@@ -193,12 +194,6 @@ t.test("timeouts, stop, the exec allow-list and SIGTERM, with real processes", a
     }
     orch.proc.child.kill("SIGTERM");
     t.match(await orch.proc.exited, { code: 0 }, orch.proc.stderr().slice(-1000));
-    t.notOk(
-      await fs.access(`/proc/${natsPid}`).then(
-        () => true,
-        () => false,
-      ),
-      "the supervised nats-server stopped with it",
-    );
+    t.notOk(await isRunning(natsPid), "the supervised nats-server stopped with it");
   });
 });

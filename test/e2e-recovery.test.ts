@@ -2,8 +2,16 @@ import "reflect-metadata";
 import { promises as fs } from "node:fs";
 import path from "node:path";
 import t from "tap";
+import { isRunning } from "../core/index.js";
 import type { JobEvent, JobRecord } from "../orchestrator/index.js";
-import { runShoal, startComputeNode, startOrchestrator, tempDir } from "./helpers/cluster.js";
+import {
+  runShoal,
+  sleepRunning,
+  startComputeNode,
+  startOrchestrator,
+  tempDir,
+  waitUntil,
+} from "./helpers/cluster.js";
 import {
   buildWasm,
   sleepWat,
@@ -18,7 +26,9 @@ import {
  * Crashes end to end with real processes: a compute node SIGKILLed while it
  * runs an execution (rescheduled on the other node, the job completes), and
  * the orchestrator SIGKILLed and restarted on the same data directory while
- * a job runs (the job completes, nothing stored is lost). The jobs sleep
+ * a job runs (the job completes, nothing stored is lost), and a node
+ * SIGKILLed while it runs an exec program (none of it outlives the node's
+ * restart). The jobs sleep
  * (WASI poll_oneoff) so they are predictably still running when the kill
  * lands, whatever the machine's load.
  */
@@ -75,13 +85,7 @@ t.test("a SIGKILLed compute node or orchestrator loses no job", async (t) => {
       "-c",
       port,
     ]);
-    t.notOk(
-      await fs.access(`/proc/${natsPid}`).then(
-        () => true,
-        () => false,
-      ),
-      "the nats-server left by the killed orchestrator was stopped",
-    );
+    t.notOk(await isRunning(natsPid), "the nats-server left by the killed orchestrator was stopped");
     const job = await waitForJob(orch, id, "ends", (j) =>
       ["Completed", "Failed", "Stopped"].includes(j.State),
     );
@@ -105,3 +109,52 @@ t.test("a SIGKILLed compute node or orchestrator loses no job", async (t) => {
     t.match(events.at(-1), { Type: "JobStateUpdate", State: "Completed" });
   });
 });
+
+t.test(
+  "a compute node killed mid-job takes its exec program with it, and kills what that left running when it starts again",
+  async (t) => {
+    const dir = await tempDir(t);
+    // Long enough for the node to be back before its execution is taken for lost.
+    const orch = await startOrchestrator(t, path.join(dir, "orch"), [
+      "-c",
+      "Orchestrator.NodeManager.DisconnectTimeout=60s",
+    ]);
+    const exec = ["-c", "Compute.Engines.Exec.Allow=/bin/sh", "-c", "Compute.Labels=exec=yes"];
+    const n3Dir = path.join(dir, "n3");
+    const n3 = await startComputeNode(t, orch, n3Dir, "n3", exec);
+    // The shell leaves one sleep behind and becomes the other (exec keeps its parent-death signal).
+    const engine = `{Type: exec, Params: {Command: /bin/sh, Arguments: ["-c", "sleep 300.251 & exec sleep 300.501"]}}`;
+    const spec = await writeSpec(
+      dir,
+      "exec-node-kill",
+      engine,
+      "",
+      "Constraints: [{Key: exec, Operator: exists}]",
+    );
+    const id = await submitJob(orch, spec);
+    await waitForRunning(orch, id);
+    await waitUntil(
+      "both sleeps run",
+      async () => ((await sleepRunning("300.251")) && (await sleepRunning("300.501"))) || undefined,
+    );
+    n3.child.kill("SIGKILL");
+    await n3.exited;
+    await waitUntil(
+      "the program dies with its node",
+      async () => !(await sleepRunning("300.501")) || undefined,
+      5000,
+    );
+    t.ok(await sleepRunning("300.251"), "what it started runs on while the node is down");
+    await startComputeNode(t, orch, n3Dir, "n3", exec);
+    await waitUntil(
+      "the node kills it when it starts again",
+      async () => !(await sleepRunning("300.251")) || undefined,
+      5000,
+    );
+    const job = await waitForJob(orch, id, "ends", (j) =>
+      ["Completed", "Failed", "Stopped"].includes(j.State),
+    );
+    t.equal(job.State, "Failed");
+    t.match(job.StateMessage, /the compute node stopped while the execution ran/);
+  },
+);

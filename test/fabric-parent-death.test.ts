@@ -3,14 +3,9 @@ import { spawn } from "node:child_process";
 import { promises as fs } from "node:fs";
 import path from "node:path";
 import t from "tap";
-import { dieWithParentLauncher, FABRIC_CODES, NatsSupervisor } from "../fabric/index.js";
+import { dieWithParentLauncher, isRunning } from "../core/index.js";
+import { FABRIC_CODES, NatsSupervisor } from "../fabric/index.js";
 import { tempDir } from "./helpers/cluster.js";
-
-const alive = (pid: number) =>
-  fs.access(`/proc/${pid}`).then(
-    () => true,
-    () => false,
-  );
 
 const noLauncher =
   (await dieWithParentLauncher()).length === 0 &&
@@ -38,11 +33,11 @@ t.test("a SIGKILLed supervisor takes its nats-server with it", { skip: noLaunche
   const [pidText, dir] = line.split(" ");
   const natsPid = Number(pidText);
   t.teardown(() => fs.rm(dir!, { recursive: true, force: true }));
-  t.ok(await alive(natsPid), "nats-server runs");
+  t.ok(await isRunning(natsPid), "nats-server runs");
   child.kill("SIGKILL");
   let gone = false;
   for (let i = 0; i < 100 && !gone; i++) {
-    gone = !(await alive(natsPid));
+    gone = !(await isRunning(natsPid));
     if (!gone) await new Promise((r) => setTimeout(r, 100));
   }
   if (!gone) process.kill(natsPid, "SIGKILL");

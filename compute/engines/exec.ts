@@ -2,7 +2,7 @@ import { spawn } from "node:child_process";
 import { promises as fs, constants as fsConstants } from "node:fs";
 import os from "node:os";
 import { performance } from "node:perf_hooks";
-import { isUnsafeExecEnvName, type Task } from "../../core/index.js";
+import { dieWithParentLauncher, isUnsafeExecEnvName, type Task } from "../../core/index.js";
 import { ENGINE_CODES, EngineError, ExecNotAllowedError } from "./errors.js";
 import type { ExecAllowList } from "./exec-allow-list.js";
 import { BaseExecutor, type EngineRunRequest, type EngineRunResult, stopFailure } from "./executor.js";
@@ -28,7 +28,10 @@ export interface ExecExecutorOptions {
  * matter. No shell; the environment is only PATH=/usr/bin:/bin, the task's
  * Env (minus loader variables), SHOAL_INPUTS and SHOAL_OUTPUTS; cwd is the
  * work directory. The program leads its own process group, which is killed
- * as a whole on timeout, cancel, and after it exits (stray children).
+ * as a whole on timeout, cancel, and after it exits (stray children). It is
+ * started through `setpriv --pdeathsig SIGKILL` where util-linux has it, so it
+ * dies with the node even when the node is SIGKILLed; what it started and left
+ * running then is killed when the node starts again (ExecutionManager.recover).
  * Memory is capped with RLIMIT_AS via prlimit when /usr/bin/prlimit exists;
  * there is no CPU or file-system isolation — allow-list only trusted programs.
  */
@@ -71,10 +74,15 @@ export class ExecExecutor extends BaseExecutor {
       SHOAL_INPUTS: req.inputsDir,
       SHOAL_OUTPUTS: req.outputsDir,
     };
-    const limited = await isExecutable(PRLIMIT_PATH);
-    const [file, args] = limited
-      ? [PRLIMIT_PATH, [`--as=${req.limits.maxMemoryBytes}`, "--", real, ...params.Arguments]]
-      : [real, params.Arguments];
+    // The program dies with the node, even a SIGKILLed one; prlimit (then the program) is exec'd in its place.
+    const [file, ...args] = [
+      ...(await dieWithParentLauncher("SIGKILL")),
+      ...((await isExecutable(PRLIMIT_PATH))
+        ? [PRLIMIT_PATH, `--as=${req.limits.maxMemoryBytes}`, "--"]
+        : []),
+      real,
+      ...params.Arguments,
+    ] as [string, ...string[]];
 
     const stdout = new OutputCapture(req.limits.maxStdoutBytes, (c) => req.onLog?.("stdout", c));
     const stderr = new OutputCapture(req.limits.maxStderrBytes, (c) => req.onLog?.("stderr", c));

@@ -6,7 +6,7 @@ import os from "node:os";
 import path from "node:path";
 import type { Test } from "tap";
 import { ApiClient } from "../../cli/api-client.js";
-import { dieWithParentLauncher } from "../../fabric/index.js";
+import { dieWithParentLauncher } from "../../core/index.js";
 import { initPki, openPki, type Pki, writeIssued } from "../../pki/index.js";
 
 const ROOT = path.resolve(import.meta.dirname, "..", "..");
@@ -532,4 +532,13 @@ export async function startOrchestratorCluster<N extends string>(
   // Printed just after the API line startOrchestrator waits for: it may not be read yet.
   await started[0]!.proc.waitFor(new RegExp(`cluster shoal-test, ${names.length} copies`));
   return Object.fromEntries(names.map((n, i) => [n, started[i]!])) as Record<N, OrchestratorHandle>;
+}
+
+/** Whether a process runs `sleep ARG` (a zombie, whose command line is empty, does not). */
+export async function sleepRunning(arg: string): Promise<boolean> {
+  const pids = (await fs.readdir("/proc")).filter((name) => /^\d+$/.test(name));
+  const lines = await Promise.all(
+    pids.map((pid) => fs.readFile(`/proc/${pid}/cmdline`, "utf8").catch(() => "")),
+  );
+  return lines.some((line) => line.endsWith(`sleep\0${arg}\0`));
 }
