@@ -404,7 +404,7 @@ export function buildApi(o: ApiOptions): FastifyInstance {
     { schema: { params: JobIdParams, querystring: FollowQuery } },
     async (req, reply) => {
       const id = (req.params as { id: string }).id;
-      if (!(req.query as { follow?: boolean }).follow) return { Items: o.jobs.history(id) };
+      if (!(req.query as { follow?: boolean }).follow) return { Items: await o.jobs.history(id) };
       const s = ndjson(req, reply);
       s.onClose(
         o.jobs.follow(

@@ -301,7 +301,7 @@ export class JobService {
     return this.#o.store.executionsOf(id);
   }
 
-  history(id: string): JobEvent[] {
+  history(id: string): Promise<JobEvent[]> {
     this.#require(id);
     return this.#o.store.history(id);
   }
@@ -329,6 +329,8 @@ export class JobService {
   follow(id: string, onEvent: (e: JobEvent) => void, onEnd: (job: JobView) => void): () => void {
     this.#require(id);
     let done = false;
+    /** Events that came while the history so far was read. */
+    let buffered: JobEvent[] | undefined = [];
     const finish = () => {
       if (done) return;
       done = true;
@@ -338,11 +340,26 @@ export class JobService {
     };
     const unsubscribe = this.#o.store.watchJob(id, (change) => {
       if (done) return;
-      if (change.type === "event") onEvent(change.event);
-      if (change.type === "job" && TERMINAL_JOB_STATES.has(change.job.State)) finish();
+      if (change.type === "event") {
+        if (buffered) buffered.push(change.event);
+        else onEvent(change.event);
+      }
+      if (!buffered && change.type === "job" && TERMINAL_JOB_STATES.has(change.job.State)) finish();
     });
-    for (const e of this.#o.store.history(id)) onEvent(e);
-    if (TERMINAL_JOB_STATES.has(this.#require(id).State)) finish();
+    const replay = (stored: JobEvent[]) => {
+      if (done) return;
+      // The history holds the events appended while it was read (the same objects): each is sent once.
+      const seen = new Set(stored);
+      for (const e of stored) onEvent(e);
+      for (const e of buffered ?? []) if (!seen.has(e)) onEvent(e);
+      buffered = undefined;
+      const job = this.#o.store.jobs.get(id);
+      if (!job || TERMINAL_JOB_STATES.has(job.State)) finish();
+    };
+    this.#o.store.history(id).then(replay, (err: unknown) => {
+      this.#o.log.error({ err, job: id }, "cannot read the job's history; following what comes next");
+      replay([]);
+    });
     return () => {
       done = true;
       unsubscribe();

@@ -35,6 +35,12 @@ export interface KvTableOptions<T> {
   groups?: Record<string, (row: T) => string | undefined>;
   /** Counts the rows by a key of each, under each tally's name, for {@link KvTable.tally}. */
   tallies?: Record<string, (row: T) => string>;
+  /**
+   * Only the keys are read at open ({@link KvTable.storedKeys}), not the
+   * values: rows come into memory as they are written or followed, or with
+   * {@link KvTable.load}, and leave it with {@link KvTable.release}.
+   */
+  lazy?: boolean;
 }
 
 /** Which changes of other writers a shared table applies, and what to do after. */
@@ -103,11 +109,46 @@ export class KvTable<T> {
         table.#follower ? table.#apply(table.#follower, change) : table.#early.push(change),
       );
     }
-    for (const { key, revision, value } of await readBucket(options.js, options.bucket)) {
-      table.#setRow(key, JSON.parse(Buffer.from(value).toString("utf8")) as T);
+    const lazy = options.lazy === true;
+    for (const { key, revision, value } of await readBucket(
+      options.js,
+      options.bucket,
+      undefined,
+      undefined,
+      lazy,
+    )) {
+      if (!lazy) table.#setRow(key, parse<T>(value));
       table.#revisions.set(key, revision);
     }
     return table;
+  }
+
+  /** The keys this table knows to be stored, in memory or not (see the `lazy` option). */
+  storedKeys(): IterableIterator<string> {
+    return this.#revisions.keys();
+  }
+
+  /**
+   * Reads the stored values of `keys` that are not in memory into it, a
+   * batch of requests at a time (a row written or followed meanwhile is kept).
+   */
+  async load(keys: readonly string[]): Promise<void> {
+    const missing = keys.filter((key) => !this.#rows.has(key));
+    for (let i = 0; i < missing.length; i += LOAD_BATCH) {
+      const batch = missing.slice(i, i + LOAD_BATCH);
+      const entries = await Promise.all(batch.map((key) => this.storedEntry(key)));
+      batch.forEach((key, j) => {
+        const entry = entries[j];
+        if (!entry || this.#rows.has(key)) return;
+        this.#setRow(key, entry.value);
+        this.#revisions.set(key, Math.max(entry.revision, this.#revisions.get(key) ?? 0));
+      });
+    }
+  }
+
+  /** Drops the row from memory only: it stays stored, and known (see {@link storedKeys}). */
+  release(key: string): void {
+    this.#deleteRow(key);
   }
 
   /** Applies the other writers' changes (of a shared table) as `follower` decides, until {@link close}. */
@@ -123,7 +164,7 @@ export class KvTable<T> {
 
   #apply(follower: KvFollower<T>, { key, revision, value: data }: KvChange): void {
     if (revision <= (this.#revisions.get(key) ?? 0)) return;
-    const value = data === undefined ? undefined : (JSON.parse(Buffer.from(data).toString("utf8")) as T);
+    const value = data === undefined ? undefined : parse<T>(data);
     if (!follower.accept(key, value)) return;
     const previous = this.#rows.get(key);
     this.#revisions.set(key, revision);
@@ -409,4 +450,11 @@ function isWrongRevision(err: unknown): boolean {
     (err.code === JetStreamApiCodes.StreamWrongLastSequence ||
       err.code === JetStreamApiCodes.StreamWrongLastSequenceUnknown)
   );
+}
+
+/** Stored values read at a time by {@link KvTable.load}. */
+const LOAD_BATCH = 256;
+
+function parse<T>(data: Uint8Array): T {
+  return JSON.parse(Buffer.from(data).toString("utf8")) as T;
 }

@@ -47,6 +47,13 @@ function parsePage(rest: string): { writer: string | undefined; page: number } |
   return { writer: dot < 0 ? undefined : rest.slice(0, dot), page };
 }
 
+/**
+ * How long a job's history stays in memory after the job ended: events that
+ * come after the end (an execution cancelled, a late node) still go onto its
+ * last page. Later, {@link StateStore.history} reads the pages from KV.
+ */
+export const HISTORY_KEPT_MS = 60_000;
+
 /** The `submitter` tally's key of the jobs that ended (no submitter is named with nothing). */
 const ENDED = "";
 
@@ -68,6 +75,10 @@ export class StateStore {
   readonly #pages = new Map<string, Set<string>>();
   /** How many pages of each job's history this orchestrator wrote. */
   readonly #ownPages = new Map<string, number>();
+  /** Jobs with a history stored whole under their id (before pages). */
+  readonly #wholeHistories = new Set<string>();
+  /** Jobs that ended, with when, oldest first: their history leaves memory {@link HISTORY_KEPT_MS} later. */
+  readonly #ended = new Map<string, number>();
   #acting: () => boolean = () => true;
   readonly #log: Logger;
 
@@ -82,7 +93,7 @@ export class StateStore {
   ) {
     this.#log = log;
     this.#emitter.setMaxListeners(0);
-    for (const key of events.keys()) this.#indexPage(key);
+    for (const key of events.storedKeys()) this.#indexPage(key);
   }
 
   /**
@@ -113,7 +124,7 @@ export class StateStore {
     const open = async <T>(
       bucket: string,
       followed: boolean,
-      more: Pick<KvTableOptions<T>, "onConflict" | "rank" | "groups" | "tallies"> = {},
+      more: Pick<KvTableOptions<T>, "onConflict" | "rank" | "groups" | "tallies" | "lazy"> = {},
     ) =>
       KvTable.open<T>(
         await kvm.create(bucket, { history: 1, replicas: options.replicas ?? 1 }),
@@ -125,6 +136,7 @@ export class StateStore {
           ...(more.rank ? { rank: more.rank } : {}),
           ...(more.groups ? { groups: more.groups } : {}),
           ...(more.tallies ? { tallies: more.tallies } : {}),
+          ...(more.lazy ? { lazy: true } : {}),
           ...(cluster && followed
             ? { shared: true, ...(more.onConflict ? { onConflict: more.onConflict } : {}) }
             : {}),
@@ -161,9 +173,15 @@ export class StateStore {
       }),
       // Nodes are shared by every orchestrator, each keeping its own view of their health.
       open<NodeRecord>(BUCKETS.nodes, false),
-      open<JobEvent[]>(BUCKETS.events, true),
+      // Only the keys: the histories of jobs that ended are read when asked for.
+      open<JobEvent[]>(BUCKETS.events, true, { lazy: true }),
     ]);
     store = new StateStore(jobs, executions, nodes, events, options.owner, log);
+    await events.load(
+      [...jobs.values()]
+        .filter((job) => !TERMINAL_JOB_STATES.has(job.State))
+        .flatMap((job) => store!.#historyKeys(job.ID)),
+    );
     if (cluster) store.#followOthers();
     return store;
   }
@@ -233,6 +251,7 @@ export class StateStore {
     if (!this.#writable(job.ID)) return;
     this.jobs.put(job.ID, job);
     this.#emitJob(job);
+    if (TERMINAL_JOB_STATES.has(job.State)) this.#jobEnded(job.ID, job.ModifyTime);
   }
 
   putExecution(execution: ExecutionRecord): void {
@@ -252,6 +271,8 @@ export class StateStore {
 
   appendEvent(event: JobEvent): void {
     if (!this.#writable(event.JobID)) return;
+    this.#releaseEnded(event.Time);
+    // The last page is not in memory once the job ended a while ago: the event starts a new one.
     const pages = this.#ownPages.get(event.JobID) ?? 0;
     const lastKey = pageKey(event.JobID, this.owner, pages - 1);
     const last = pages > 0 ? this.events.get(lastKey) : undefined;
@@ -315,11 +336,22 @@ export class StateStore {
 
   /**
    * The job's events: in the order written, and when several orchestrators
-   * wrote pages (a takeover), merged by time.
+   * wrote pages (a takeover), merged by time. Pages not in memory (the job
+   * ended a while ago) are read from KV; the rest is taken from memory after
+   * that, in the same turn, so an event appended meanwhile is in it once.
    */
-  history(jobId: string): JobEvent[] {
+  async history(jobId: string): Promise<JobEvent[]> {
     const keys = this.#historyKeys(jobId);
-    const events = keys.flatMap((key) => this.events.get(key) ?? []);
+    const read = new Map<string, JobEvent[]>();
+    await Promise.all(
+      keys
+        .filter((key) => !this.events.has(key))
+        .map(async (key) => {
+          const page = await this.events.stored(key);
+          if (page) read.set(key, page);
+        }),
+    );
+    const events = keys.flatMap((key) => this.events.get(key) ?? read.get(key) ?? []);
     const writers = new Set(keys.slice(1).map((key) => parsePage(key.slice(jobId.length + 1))?.writer));
     // A stable sort: each writer's events keep their order.
     return writers.size > 1 ? events.sort((a, b) => a.Time - b.Time) : events;
@@ -359,8 +391,33 @@ export class StateStore {
     for (const e of this.executionsOf(jobId)) this.executions.forget(e.ID);
     this.jobs.forget(jobId);
     for (const key of this.#historyKeys(jobId)) this.events.forget(key);
+    this.#dropIndex(jobId);
+  }
+
+  #dropIndex(jobId: string): void {
     this.#pages.delete(jobId);
     this.#ownPages.delete(jobId);
+    this.#wholeHistories.delete(jobId);
+    this.#ended.delete(jobId);
+  }
+
+  /** Notes that the job ended `at`: its history leaves memory {@link HISTORY_KEPT_MS} later. */
+  #jobEnded(jobId: string, at: number): void {
+    if (this.#ended.has(jobId)) return;
+    this.#ended.set(jobId, at);
+    this.#releaseEnded(at);
+  }
+
+  /** Lets go of the histories of the jobs that ended {@link HISTORY_KEPT_MS} before `now`. */
+  #releaseEnded(now: number): void {
+    for (const [jobId, at] of this.#ended) {
+      if (now - at < HISTORY_KEPT_MS) return;
+      this.#ended.delete(jobId);
+      const job = this.jobs.get(jobId);
+      if (job && TERMINAL_JOB_STATES.has(job.State)) {
+        for (const key of this.#historyKeys(jobId)) this.events.release(key);
+      }
+    }
   }
 
   /**
@@ -370,10 +427,9 @@ export class StateStore {
    * would run twice). The job has no executions yet.
    */
   withdrawJob(jobId: string): void {
-    for (const key of this.#historyKeys(jobId)) if (this.events.has(key)) this.events.delete(key);
+    for (const key of this.#historyKeys(jobId)) this.events.delete(key);
     this.jobs.delete(jobId);
-    this.#pages.delete(jobId);
-    this.#ownPages.delete(jobId);
+    this.#dropIndex(jobId);
   }
 
   /** Removes the job, its executions and its history from KV, leaving no delete markers. */
@@ -450,7 +506,9 @@ export class StateStore {
     this.jobs.follow({
       accept: (id, job) => (job ? !this.#isOwner(job) : foreignJob(id)),
       applied: (_id, job) => {
-        if (job) this.#emitJob(job);
+        if (!job) return;
+        this.#emitJob(job);
+        if (TERMINAL_JOB_STATES.has(job.State)) this.#jobEnded(job.ID, job.ModifyTime);
       },
     });
     this.executions.follow({
@@ -490,13 +548,17 @@ export class StateStore {
       ...parsePage(key.slice(jobId.length + 1))!,
     }));
     pages.sort((a, b) => (a.writer ?? "").localeCompare(b.writer ?? "") || a.page - b.page);
-    return [jobId, ...pages.map((p) => p.key)];
+    return [...(this.#wholeHistories.has(jobId) ? [jobId] : []), ...pages.map((p) => p.key)];
   }
 
   #indexPage(key: string): void {
     const jobId = jobOfPage(key);
     // A key without a page is a whole history stored before pages: history() reads it first.
-    const parsed = key === jobId ? undefined : parsePage(key.slice(jobId.length + 1));
+    if (key === jobId) {
+      this.#wholeHistories.add(jobId);
+      return;
+    }
+    const parsed = parsePage(key.slice(jobId.length + 1));
     if (!parsed) return;
     let pages = this.#pages.get(jobId);
     if (!pages) {

@@ -586,7 +586,7 @@ for (const { failsAfterMs, what } of [
     const reopened = await StateStore.open(jetstream(nc), silentLogger);
     t.teardown(() => reopened.close());
     t.equal(reopened.jobs.get(jobId), undefined, "not in KV");
-    t.same(reopened.history(jobId), [], "nor its history");
+    t.same(await reopened.history(jobId), [], "nor its history");
   });
 }
 

@@ -149,7 +149,7 @@ t.test(
     t.equal(await b.collector.sweep(expiredAt), 1, "B forgets A's expired job");
     t.notOk(b.store.jobs.has("j-old"));
     t.same(b.store.executionsOf("j-old"), []);
-    t.same(b.store.history("j-old"), []);
+    t.same(await b.store.history("j-old"), []);
     t.same(await storedLines(b.logs, "j-old"), [], "B's copy of its logs is removed");
     t.ok(await inKv(BUCKETS.jobs, "j-old"), "but only its owner purges it");
     t.ok(await inKv(BUCKETS.events, "j-old.orch-a.0"), "its history too (A's page of it)");

@@ -4,8 +4,9 @@ import { Kvm } from "@nats-io/kv";
 import { connect } from "@nats-io/transport-node";
 import t, { type Test } from "tap";
 import { silentLogger } from "../core/index.js";
+import { JobService, type JobServiceOptions } from "../orchestrator/job-service.js";
 import type { ExecutionRecord, JobEvent, JobRecord } from "../orchestrator/records.js";
-import { BUCKETS, StateStore } from "../orchestrator/state-store.js";
+import { BUCKETS, HISTORY_KEPT_MS, StateStore } from "../orchestrator/state-store.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
 import { withFailingPublish } from "./helpers/failing-js.js";
 import { testNodeService } from "./helpers/node-service.js";
@@ -50,7 +51,7 @@ t.test("state survives a reconnect: memory first, KV behind, coalesced writes", 
   t.equal(again.jobs.get("j-1")?.State, "Running");
   t.notOk(again.jobs.has("j-2"), "a deleted key stays deleted");
   t.same(
-    again.history("j-1").map((e) => e.State),
+    (await again.history("j-1")).map((e) => e.State),
     ["Queued", "Running"],
   );
   t.same(
@@ -123,7 +124,7 @@ t.test(
     );
     t.equal(b.jobs.get("j-a")?.State, "Running");
     t.same(
-      b.history("j-a").map((e) => e.State),
+      (await b.history("j-a")).map((e) => e.State),
       ["Pending", "Running"],
     );
     b.putJob({ ...job("j-b", 4), Orchestrator: "orch-b" });
@@ -165,7 +166,7 @@ t.test(
       undefined,
       "a claim on a changed record is refused",
     );
-    t.match(winner.history("j-1").at(-1)?.Message ?? "", /taken over by orch-\w from orch-a/);
+    t.match((await winner.history("j-1")).at(-1)?.Message ?? "", /taken over by orch-\w from orch-a/);
 
     // A missed the takeover: its next write of the job record is refused by KV (compare-and-set on the
     // revision it last saw), the new owner's record is read back and A no longer counts the job as its own.
@@ -237,12 +238,12 @@ t.test("a long history is stored in pages, read back in order and followed by th
     if (i % 500 === 499) await a.flush();
   }
   await a.flush();
-  const times = (store: StateStore) => store.history(id).map((e) => e.Time - start);
+  const times = async (store: StateStore) => (await store.history(id)).map((e) => e.Time - start);
   const expected = Array.from({ length: total }, (_, i) => i);
-  t.same(times(a), expected);
-  await eventually("B follows the whole history", () => b.history(id).length === total);
-  t.same(times(b), expected, "in order at B");
-  t.same(times(await open("orch-c")), expected, "and after a restart");
+  t.same(await times(a), expected);
+  await eventually("B follows the whole history", async () => (await b.history(id)).length === total);
+  t.same(await times(b), expected, "in order at B");
+  t.same(await times(await open("orch-c")), expected, "and after a restart");
 });
 
 t.test("a new owner whose copy of the history lags does not overwrite the old owner's events", async (t) => {
@@ -261,7 +262,7 @@ t.test("a new owner whose copy of the history lags does not overwrite the old ow
   a.appendEvent(event(2, "A"));
   await a.flush();
   const b = await open("orch-b");
-  t.equal(b.history("j-1").length, 2, "B loaded the history so far");
+  t.equal((await b.history("j-1")).length, 2, "B loaded the history so far");
   // B stops following (its history copy lags from here); A records one more event.
   b.close();
   a.appendEvent(event(3, "A"));
@@ -273,7 +274,7 @@ t.test("a new owner whose copy of the history lags does not overwrite the old ow
 
   const c = await open("orch-c");
   t.same(
-    c.history("j-1").map((e) => e.Message.split(":")[0]),
+    (await c.history("j-1")).map((e) => e.Message.split(":")[0]),
     ["event 1 by A", "event 2 by A", "event 3 by A", "taken over by orch-b from orch-a", "event 20000 by B"],
     "every event of both owners is stored, in time order",
   );
@@ -305,12 +306,95 @@ t.test("a history stored whole, before pages, is read first and removed with the
   store.appendEvent(event(3, "Completed"));
   await store.flush();
   t.same(
-    store.history("j-1").map((e) => e.State),
+    (await store.history("j-1")).map((e) => e.State),
     ["Pending", "Running", "Completed"],
   );
   await store.purgeJob("j-1", []);
   t.equal(await kv.get("j-1"), null, "the whole history is purged");
   t.equal(await kv.get("j-1.0"), null, "and so is the page");
+});
+
+t.test(
+  "a history is kept in memory while its job runs, and read from KV once it ended a while ago",
+  async (t) => {
+    const js = await freshJetStream(t, "shoal-state-lazy-");
+    const store = await StateStore.open(js, silentLogger);
+    const t0 = Date.now();
+    let ended = store.setJobState(jobRecord("j-ended", t0, { State: "Pending" }), "Running", "placed", t0);
+    ended = store.setJobState(ended, "Completed", "done", t0 + 1);
+    store.setJobState(jobRecord("j-running", t0, { State: "Pending" }), "Running", "placed", t0);
+    await store.flush();
+    t.ok(store.events.has("j-ended.0"), "an ended job's history stays a while");
+
+    // An event a while later lets it go.
+    store.appendEvent({
+      Time: t0 + HISTORY_KEPT_MS + 2,
+      JobID: "j-running",
+      Type: "JobStateUpdate",
+      State: "Running",
+      Message: "still",
+    });
+    t.notOk(store.events.has("j-ended.0"), "then it leaves memory");
+    t.same(
+      (await store.history("j-ended")).map((e) => e.State),
+      ["Running", "Completed"],
+      "and is read from KV when asked for",
+    );
+    // An event after that goes onto a page of its own.
+    store.appendEvent({
+      Time: t0 + HISTORY_KEPT_MS + 3,
+      JobID: "j-ended",
+      Type: "JobStateUpdate",
+      State: "Completed",
+      Message: "late",
+    });
+    await store.flush();
+    t.same(
+      (await store.history("j-ended")).map((e) => e.Message),
+      ["placed", "done", "late"],
+    );
+    t.ok(store.events.has("j-ended.1"));
+
+    // A restart reads only the histories of jobs that have not ended.
+    const again = await StateStore.open(js, silentLogger);
+    t.ok(again.events.has("j-running.0"), "a running job's history is in memory");
+    t.notOk(again.events.has("j-ended.0"), "an ended job's is not");
+    t.same(
+      (await again.history("j-ended")).map((e) => e.Message),
+      ["placed", "done", "late"],
+    );
+    again.appendEvent({
+      Time: t0 + HISTORY_KEPT_MS + 4,
+      JobID: "j-running",
+      Type: "JobStateUpdate",
+      State: "Running",
+      Message: "after restart",
+    });
+    t.same(
+      (await again.history("j-running")).map((e) => e.Message),
+      ["placed", "still", "after restart"],
+    );
+    t.ok(again.events.has("j-running.0") && !again.events.has("j-running.1"), "onto the same page");
+  },
+);
+
+t.test("a follower of a job's history gets each event once, those of the read included", async (t) => {
+  const store = await StateStore.open(await freshJetStream(t, "shoal-state-follow-"), silentLogger);
+  const jobs = new JobService({ store, log: silentLogger } as unknown as JobServiceOptions);
+  let job = store.setJobState(jobRecord("j-1", 1, { State: "Pending" }), "Queued", "waiting", 2);
+  const seen: string[] = [];
+  const ended = new Promise<string>((resolve) =>
+    jobs.follow(
+      "j-1",
+      (e) => seen.push(e.Message),
+      (j) => resolve(j.State),
+    ),
+  );
+  // While the history so far is read.
+  job = store.setJobState(job, "Running", "placed", 3);
+  store.setJobState(job, "Completed", "done", 4);
+  t.equal(await ended, "Completed");
+  t.same(seen, ["waiting", "placed", "done"]);
 });
 
 t.test("a value too large for a NATS message fails its flush once, and no later write", async (t) => {
