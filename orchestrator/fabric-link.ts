@@ -75,6 +75,9 @@ export interface FabricLinkOptions {
 
 const NODE_ID = /^[a-z0-9][a-z0-9_-]{0,62}$/;
 
+/** How long a stop waits for the node messages being handled. */
+export const CLOSE_GRACE_MS = 5000;
+
 /**
  * The orchestrator's side of the fabric: one subscription to every node's
  * `.out.>` subjects, where each message is a signed envelope verified against
@@ -99,6 +102,8 @@ export class FabricLink implements NodeChannel {
   readonly #moduleBytes: RateLimit;
   readonly #moduleMaxWaitMs: number;
   readonly #complaints = new LogThrottle();
+  /** The messages being handled: a stop lets them finish (see {@link close}). */
+  readonly #handling = new Set<Promise<void>>();
 
   private constructor(o: FabricLinkOptions, signer: EnvelopeSigner) {
     this.#o = o;
@@ -145,15 +150,31 @@ export class FabricLink implements NodeChannel {
           this.#o.log.error({ err }, "subscription failed");
           return;
         }
-        void this.#handle(msg).catch((e) =>
-          this.#o.log.error({ err: e, subject: msg.subject }, "message handling failed"),
-        );
+        const handling: Promise<void> = this.#handle(msg)
+          .catch((e) => this.#o.log.error({ err: e, subject: msg.subject }, "message handling failed"))
+          .then(() => {
+            this.#handling.delete(handling);
+          });
+        this.#handling.add(handling);
       },
     });
   }
 
+  /**
+   * Takes no more messages, and lets those being handled finish for up to
+   * {@link CLOSE_GRACE_MS}: a result being stored is answered, so its node
+   * need not send it again to the next orchestrator.
+   */
   async close(): Promise<void> {
     this.#sub?.unsubscribe();
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      Promise.all(this.#handling),
+      new Promise((resolve) => {
+        timer = setTimeout(resolve, CLOSE_GRACE_MS);
+      }),
+    ]);
+    clearTimeout(timer);
   }
 
   async bid(nodeId: string, body: MessageBody<"bid">): Promise<MessageBody<"bid-reply">> {

@@ -32,7 +32,9 @@ t.test(
   async (t) => {
     const root = await tempDir(t, "shoal-cluster-");
     const { a, b } = await startOrchestratorCluster(t, root, ["a", "b"]);
-    t.match(a.proc.stdout(), /Routes \(mTLS\):\s+nats-route:\/\/\S+ \(cluster shoal-test, 2 copies/);
+    t.ok(
+      await a.proc.waitFor(/Routes \(mTLS\):\s+nats-route:\/\/\S+ \(cluster shoal-test, 2 copies/, 10_000),
+    );
     // The operator is told two give no fault tolerance.
     await a.proc.waitFor(/two orchestrators tolerate no loss/, 10_000);
     t.equal(a.pki.rootFingerprint, b.pki.rootFingerprint, "one CA for the cluster");

@@ -1,4 +1,5 @@
 import { createHash } from "node:crypto";
+import { once } from "node:events";
 import { createWriteStream, promises as fs } from "node:fs";
 import path from "node:path";
 import { pipeline } from "node:stream/promises";
@@ -72,7 +73,9 @@ async function streamLogs(api: ApiClient, id: string, followLive: boolean): Prom
   for await (const entry of api.stream<LogEntry>(`/api/v1/orchestrator/jobs/${id}/logs`, {
     query: { follow: followLive || undefined },
   })) {
-    (entry.Stream === "stderr" ? process.stderr : process.stdout).write(entry.Data);
+    const out = entry.Stream === "stderr" ? process.stderr : process.stdout;
+    // The reader sets the pace (a pager, a slow pipe): the stream waits rather than filling memory.
+    if (!out.write(entry.Data)) await once(out, "drain");
   }
 }
 
