@@ -67,6 +67,81 @@ interface Counts {
   lastSeq: Map<string, number>;
   /** Bytes stored per `<execution>/<stream>`; infinite once a line was dropped for the cap. */
   bytes: Map<string, number>;
+  /** The size of the job's file. */
+  size: number;
+}
+
+/** A line as it is written: where it starts in the job's file, and the offset after it. */
+interface WrittenLine {
+  entry: LogEntry;
+  start: number;
+  next: number;
+}
+
+/**
+ * Most bytes of lines a follower holds in memory while it has not taken
+ * them; past it, it reads them from the file instead, when it gets to them.
+ */
+export const FOLLOWER_QUEUE_BYTES = 1024 * 1024;
+
+/**
+ * The lines of one job written while a follower listens, queued in memory
+ * up to {@link FOLLOWER_QUEUE_BYTES}; `next()` also ends when a signal aborts.
+ */
+class WrittenLines {
+  readonly #queue: WrittenLine[] = [];
+  #head = 0;
+  #bytes = 0;
+  #overflow = false;
+  #wake: () => void = () => {};
+  readonly #close: () => void;
+  readonly #signals: AbortSignal[];
+
+  constructor(emitter: EventEmitter, jobId: string, signals: AbortSignal[]) {
+    this.#signals = signals;
+    const onLine = (line: WrittenLine) => {
+      if (this.#overflow) return;
+      this.#queue.push(line);
+      this.#bytes += line.next - line.start;
+      if (this.#bytes > FOLLOWER_QUEUE_BYTES) {
+        this.#overflow = true;
+        this.#queue.length = 0;
+        this.#head = 0;
+      }
+      this.#wake();
+    };
+    const onAbort = () => this.#wake();
+    emitter.on(jobId, onLine);
+    for (const s of signals) s.addEventListener("abort", onAbort);
+    this.#close = () => {
+      emitter.off(jobId, onLine);
+      for (const s of signals) s.removeEventListener("abort", onAbort);
+    };
+  }
+
+  /** The next line written; "overflow" once more came than may be queued; "aborted" once a signal is. */
+  async next(): Promise<WrittenLine | "overflow" | "aborted"> {
+    for (;;) {
+      if (this.#head < this.#queue.length) {
+        const line = this.#queue[this.#head++]!;
+        this.#bytes -= line.next - line.start;
+        if (this.#head === this.#queue.length) {
+          this.#queue.length = 0;
+          this.#head = 0;
+        }
+        return line;
+      }
+      if (this.#overflow) return "overflow";
+      if (this.#signals.some((s) => s.aborted)) return "aborted";
+      await new Promise<void>((resolve) => {
+        this.#wake = resolve;
+      });
+    }
+  }
+
+  close(): void {
+    this.#close();
+  }
 }
 
 /**
@@ -82,8 +157,8 @@ interface Counts {
  */
 export class LogStore {
   readonly #dir: string;
-  /** Emits the job's id when a line of it is written. */
-  readonly #grown = new EventEmitter();
+  /** Emits each line written ({@link WrittenLine}) under its job's id. */
+  readonly #written = new EventEmitter();
   /** Appends per job are chained so lines keep their order and are checked one at a time. */
   readonly #tails = new Map<string, Promise<void>>();
   readonly #maxStreamBytes: number;
@@ -100,7 +175,7 @@ export class LogStore {
    */
   constructor(dataDir: string, maxStreamBytes = MAX_OUTPUT_STREAM_BYTES, countedJobs = COUNTED_JOBS) {
     this.#dir = path.join(dataDir, "logs");
-    this.#grown.setMaxListeners(0);
+    this.#written.setMaxListeners(0);
     this.#maxStreamBytes = maxStreamBytes;
     this.#countedJobs = countedJobs;
   }
@@ -141,19 +216,20 @@ export class LogStore {
     }
     counts.bytes.set(key, after);
     const torn = this.#torn.has(jobId);
+    const text = `${torn ? "\n" : ""}${JSON.stringify(entry)}\n`;
     try {
-      await fs.appendFile(this.#file(jobId), `${torn ? "\n" : ""}${JSON.stringify(entry)}\n`, {
-        mode: 0o600,
-      });
+      await fs.appendFile(this.#file(jobId), text, { mode: 0o600 });
       this.#torn.delete(jobId);
     } catch (err) {
-      // Not stored, so not counted: the line may come again (in a resent result).
-      counts.lastSeq.set(entry.ExecutionID, lastSeq);
-      counts.bytes.set(key, before);
+      // Not stored, so not counted (the line may come again, in a resent result): the
+      // counts are worked out again from the file, which may now end in part of it.
+      this.#counts.delete(jobId);
       this.#torn.add(jobId);
       throw err;
     }
-    this.#grown.emit(jobId);
+    const start = counts.size + (torn ? 1 : 0);
+    counts.size += Buffer.byteLength(text);
+    this.#written.emit(jobId, { entry, start, next: counts.size } satisfies WrittenLine);
     return "stored";
   }
 
@@ -172,7 +248,7 @@ export class LogStore {
   }
 
   async #count(jobId: string): Promise<Counts> {
-    const counts: Counts = { lastSeq: new Map(), bytes: new Map() };
+    const counts: Counts = { lastSeq: new Map(), bytes: new Map(), size: 0 };
     let end = 0;
     for await (const { entry, next } of this.#readFrom(jobId, 0)) {
       counts.lastSeq.set(entry.ExecutionID, Math.max(entry.Seq, counts.lastSeq.get(entry.ExecutionID) ?? -1));
@@ -181,8 +257,8 @@ export class LogStore {
       end = next;
     }
     // No append is under way (this runs in the job's chain): bytes past the last line are a torn one.
-    const size = (await fs.stat(this.#file(jobId)).catch(() => undefined))?.size ?? 0;
-    if (size > end) this.#torn.add(jobId);
+    counts.size = (await fs.stat(this.#file(jobId)).catch(() => undefined))?.size ?? 0;
+    if (counts.size > end) this.#torn.add(jobId);
     return counts;
   }
 
@@ -204,20 +280,9 @@ export class LogStore {
     try {
       while (!cancelled?.aborted) {
         // Listening before reading: a line written during the read is not missed.
-        let stop = () => {};
-        const grown = new Promise<void>((resolve) => {
-          stop = () => {
-            this.#grown.off(jobId, stop);
-            ended.removeEventListener("abort", stop);
-            cancelled?.removeEventListener("abort", stop);
-            resolve();
-          };
-          this.#grown.on(jobId, stop);
-          ended.addEventListener("abort", stop);
-          cancelled?.addEventListener("abort", stop);
-        });
-        const last = ended.aborted;
+        const written = new WrittenLines(this.#written, jobId, [ended, ...(cancelled ? [cancelled] : [])]);
         try {
+          const last = ended.aborted;
           if (last) await this.#tails.get(jobId);
           file ??= await this.#open(jobId);
           if (file) {
@@ -227,9 +292,18 @@ export class LogStore {
             }
           }
           if (last) return;
-          await grown;
+          // Caught up with the file: the lines written from now on come from memory,
+          // until the follower falls behind (then from the file again) or the end.
+          for (;;) {
+            const line = await written.next();
+            if (typeof line === "string") break;
+            if (line.next <= offset) continue; // read from the file already
+            if (line.start !== offset) break; // a line between (a torn one): the file has it
+            offset = line.next;
+            yield line.entry;
+          }
         } finally {
-          stop();
+          written.close();
         }
       }
     } finally {

@@ -6,7 +6,7 @@ import { connect } from "@nats-io/transport-node";
 import t from "tap";
 import { silentLogger } from "../core/index.js";
 import { JobService, type JobServiceOptions } from "../orchestrator/job-service.js";
-import { type LogEntry, LogStore } from "../orchestrator/log-store.js";
+import { FOLLOWER_QUEUE_BYTES, type LogEntry, LogStore } from "../orchestrator/log-store.js";
 import { StateStore } from "../orchestrator/state-store.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
 import { jobRecord, storedLines } from "./helpers/records.js";
@@ -127,5 +127,31 @@ t.test("lines longer than a read, and a torn last line, are read back right", as
     (await storedLines(restarted, "j-1")).map((e) => e.Data),
     ["short\n", long, "after\n", "next\n"],
     "the next line starts on a line of its own",
+  );
+});
+
+t.test("a follower that falls behind reads what it missed from the file, each line once", async (t) => {
+  const dir = await tempDir(t, "shoal-job-logs-");
+  const logs = new LogStore(dir);
+  await logs.init();
+  const ended = new AbortController();
+  const follower = logs.follow("j-1", ended.signal);
+  const first = follower.next();
+  await logs.append("j-1", line(0, "first\n"));
+  t.equal((await first).value?.Data, "first\n", "a caught-up follower gets a line as it is written");
+  // Written while the follower takes nothing: more than it may hold in memory (each of
+  // its own execution, whose output is capped at 1 MiB).
+  const data = "x".repeat(1000);
+  const count = Math.ceil((2 * FOLLOWER_QUEUE_BYTES) / data.length);
+  const stored = await Promise.all(
+    Array.from({ length: count }, (_, i) => logs.append("j-1", line(i + 1, data, `e-${i}`))),
+  );
+  t.same(new Set(stored), new Set(["stored"]));
+  ended.abort();
+  const seqs: number[] = [];
+  for await (const e of follower) seqs.push(e.Seq);
+  t.same(
+    seqs,
+    Array.from({ length: count }, (_, i) => i + 1),
   );
 });
