@@ -249,16 +249,26 @@ export class LogStore {
 
   async #count(jobId: string): Promise<Counts> {
     const counts: Counts = { lastSeq: new Map(), bytes: new Map(), size: 0 };
-    let end = 0;
-    for await (const { entry, next } of this.#readFrom(jobId, 0)) {
-      counts.lastSeq.set(entry.ExecutionID, Math.max(entry.Seq, counts.lastSeq.get(entry.ExecutionID) ?? -1));
-      const key = `${entry.ExecutionID}/${entry.Stream}`;
-      counts.bytes.set(key, (counts.bytes.get(key) ?? 0) + Buffer.byteLength(entry.Data));
-      end = next;
+    // A job's first line: no file yet, nothing more to ask.
+    const file = await this.#open(jobId);
+    if (!file) return counts;
+    try {
+      let end = 0;
+      for await (const { entry, next } of linesOf(file, 0)) {
+        counts.lastSeq.set(
+          entry.ExecutionID,
+          Math.max(entry.Seq, counts.lastSeq.get(entry.ExecutionID) ?? -1),
+        );
+        const key = `${entry.ExecutionID}/${entry.Stream}`;
+        counts.bytes.set(key, (counts.bytes.get(key) ?? 0) + Buffer.byteLength(entry.Data));
+        end = next;
+      }
+      // No append is under way (this runs in the job's chain): bytes past the last line are a torn one.
+      counts.size = (await file.stat()).size;
+      if (counts.size > end) this.#torn.add(jobId);
+    } finally {
+      await file.close();
     }
-    // No append is under way (this runs in the job's chain): bytes past the last line are a torn one.
-    counts.size = (await fs.stat(this.#file(jobId)).catch(() => undefined))?.size ?? 0;
-    if (counts.size > end) this.#torn.add(jobId);
     return counts;
   }
 
