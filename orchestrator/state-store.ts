@@ -518,7 +518,9 @@ export class StateStore {
       },
     });
     this.events.follow({
-      accept: (key) => foreignJob(jobOfPage(key)),
+      // A page known here but not in memory is of a job that ended a while ago: readers
+      // fetch it from KV, and nobody follows that job any more (sending its whole page again).
+      accept: (key) => foreignJob(jobOfPage(key)) && (this.events.has(key) || !this.#knownPage(key)),
       applied: (key, events, previous) => {
         this.#indexPage(key);
         for (const event of (events ?? []).slice(previous?.length ?? 0)) this.#emitEvent(event);
@@ -549,6 +551,12 @@ export class StateStore {
     }));
     pages.sort((a, b) => (a.writer ?? "").localeCompare(b.writer ?? "") || a.page - b.page);
     return [...(this.#wholeHistories.has(jobId) ? [jobId] : []), ...pages.map((p) => p.key)];
+  }
+
+  /** Whether the `shoal-events` key is one this orchestrator knows (see {@link #indexPage}). */
+  #knownPage(key: string): boolean {
+    const jobId = jobOfPage(key);
+    return key === jobId ? this.#wholeHistories.has(jobId) : (this.#pages.get(jobId)?.has(key) ?? false);
   }
 
   #indexPage(key: string): void {

@@ -397,6 +397,50 @@ t.test("a follower of a job's history gets each event once, those of the read in
   t.same(seen, ["waiting", "placed", "done"]);
 });
 
+t.test("in a cluster, a late event on a history let go is read from KV, not sent again whole", async (t) => {
+  const open = await clusterStores(t, "shoal-state-late-");
+  const a = await open("orch-a");
+  const b = await open("orch-b");
+  const t0 = Date.now();
+  let ended = a.setJobState(
+    { ...jobRecord("j-a", t0, { State: "Pending" }), Orchestrator: "orch-a" },
+    "Running",
+    "placed",
+    t0,
+  );
+  ended = a.setJobState(ended, "Completed", "done", t0 + 1);
+  await a.flush();
+  await eventually(
+    "B follows the end",
+    () => b.jobs.get("j-a")?.State === "Completed" && b.events.has("j-a.orch-a.0"),
+  );
+  // B lets the history go with its next event a while later.
+  b.putJob({ ...jobRecord("j-b", t0), Orchestrator: "orch-b" });
+  b.appendEvent({
+    Time: t0 + HISTORY_KEPT_MS + 2,
+    JobID: "j-b",
+    Type: "JobStateUpdate",
+    State: "Running",
+    Message: "b",
+  });
+  t.notOk(b.events.has("j-a.orch-a.0"));
+  const sent: string[] = [];
+  b.watchJob("j-a", (c) => {
+    if (c.type === "event") sent.push(c.event.Message);
+  });
+  a.appendEvent({
+    Time: t0 + 2,
+    JobID: "j-a",
+    Type: "ExecutionStateUpdate",
+    State: "Cancelled",
+    Message: "late",
+  });
+  await a.flush();
+  await eventually("B reads the late event", async () => (await b.history("j-a")).length === 3);
+  t.same(sent, [], "the page is not sent to B's watchers again");
+  t.notOk(b.events.has("j-a.orch-a.0"), "nor kept in B's memory");
+});
+
 t.test("a value too large for a NATS message fails its flush once, and no later write", async (t) => {
   const store = await StateStore.open(await freshJetStream(t, "shoal-state-large-"), silentLogger);
   store.putJob(tooLarge("j-huge"));
