@@ -352,7 +352,9 @@ export class StateStore {
         }),
     );
     const events = keys.flatMap((key) => this.events.get(key) ?? read.get(key) ?? []);
-    const writers = new Set(keys.slice(1).map((key) => parsePage(key.slice(jobId.length + 1))?.writer));
+    const writers = new Set(
+      keys.filter((key) => key !== jobId).map((key) => parsePage(key.slice(jobId.length + 1))?.writer),
+    );
     // A stable sort: each writer's events keep their order.
     return writers.size > 1 ? events.sort((a, b) => a.Time - b.Time) : events;
   }

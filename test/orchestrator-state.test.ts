@@ -280,6 +280,31 @@ t.test("a new owner whose copy of the history lags does not overwrite the old ow
   );
 });
 
+t.test("the pages of two owners are merged by time, whichever owner's come first by name", async (t) => {
+  const open = await clusterStores(t, "shoal-state-merge-");
+  const a = await open("orch-a");
+  const start = Date.now() - 10_000;
+  const event = (time: number, message: string): JobEvent => ({
+    Time: time,
+    JobID: "j-1",
+    Type: "JobStateUpdate",
+    State: "Running",
+    Message: message,
+  });
+  a.putJob(jobRecord("j-1", start, { Orchestrator: "orch-a", State: "Running" }));
+  a.appendEvent(event(start + 1, "A early"));
+  a.appendEvent(event(start + 30_000, "A late"));
+  await a.flush();
+  const b = await open("orch-b");
+  t.ok(await b.claimJob("j-1", () => true, "the test"));
+  b.appendEvent(event(start + 20_000, "B"));
+  await b.flush();
+  t.same(
+    (await (await open("orch-c")).history("j-1")).map((e) => e.Message.split(":")[0]),
+    ["A early", "taken over by orch-b from orch-a", "B", "A late"],
+  );
+});
+
 /** A JetStream client on a fresh server of the test's own. */
 async function freshJetStream(t: Test, prefix: string) {
   const nc = await connect({ servers: await startJetStream(t, await tempDir(t, prefix)) });
