@@ -1,7 +1,7 @@
 import { randomUUID } from "node:crypto";
 import { type Dirent, promises as fs } from "node:fs";
 import path from "node:path";
-import type { JobSpec, Logger } from "../core/index.js";
+import { type JobSpec, type Logger, within } from "../core/index.js";
 import { type MessageBody, RESULT_LOG_TAIL_BYTES, type Submitter } from "../fabric/index.js";
 import { COMPUTE_CODES, ComputeError } from "./errors.js";
 import { killLeftoverProcesses } from "./leftover-processes.js";
@@ -312,12 +312,7 @@ export class ExecutionManager {
       await this.#dropReady();
       return;
     }
-    let timer: NodeJS.Timeout | undefined;
-    const grace = new Promise<void>((resolve) => {
-      timer = setTimeout(resolve, graceMs);
-    });
-    await Promise.race([all(), grace]);
-    clearTimeout(timer);
+    await within(all(), graceMs);
     for (const entry of this.#running.values()) {
       this.#stop(entry, {
         kind: "shutdown",

@@ -15,3 +15,4 @@ export * from "./node-labels.js";
 export * from "./processes.js";
 export * from "./tally.js";
 export * from "./version.js";
+export * from "./within.js";

@@ -2,7 +2,7 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { promises as fs } from "node:fs";
 import path from "node:path";
 import { createInterface } from "node:readline";
-import { dieWithParentLauncher, type Logger, silentLogger, writeFileAtomic } from "../core/index.js";
+import { dieWithParentLauncher, type Logger, silentLogger, within, writeFileAtomic } from "../core/index.js";
 import {
   type BrokerIdentity,
   type BrokerUsers,
@@ -379,9 +379,7 @@ export class NatsSupervisor {
       const port = await ready;
       // Without JetStream, nats-server opens the route listener just after "Server is ready".
       if (this.#o.cluster) {
-        let wait: NodeJS.Timeout | undefined;
-        await Promise.race([routeListener, new Promise((r) => (wait = setTimeout(r, 5000)))]);
-        clearTimeout(wait);
+        await within(routeListener, 5000);
       }
       const routePort = this.#routePort === undefined ? undefined : (routeListenPort ?? this.#routePort);
       if (port !== this.#port || routePort !== this.#routePort) {

@@ -1,7 +1,7 @@
 import { promises as fs } from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
 import type { Msg, Subscription } from "@nats-io/transport-node";
-import { type JobSpec, type Logger, LogThrottle, storedModules } from "../core/index.js";
+import { type JobSpec, type Logger, LogThrottle, storedModules, within } from "../core/index.js";
 import {
   broadcastAudience,
   EnvelopeSigner,
@@ -167,14 +167,7 @@ export class FabricLink implements NodeChannel {
    */
   async close(): Promise<void> {
     this.#sub?.unsubscribe();
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([
-      Promise.all(this.#handling),
-      new Promise((resolve) => {
-        timer = setTimeout(resolve, CLOSE_GRACE_MS);
-      }),
-    ]);
-    clearTimeout(timer);
+    await within(Promise.all(this.#handling), CLOSE_GRACE_MS);
   }
 
   async bid(nodeId: string, body: MessageBody<"bid">): Promise<MessageBody<"bid-reply">> {

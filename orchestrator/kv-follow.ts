@@ -1,5 +1,5 @@
 import { DeliverPolicy, type JetStreamClient } from "@nats-io/jetstream";
-import type { Logger } from "../core/index.js";
+import { type Logger, within } from "../core/index.js";
 import { nextStored } from "./stored-messages.js";
 
 /** One change of a KV bucket as its stream carries it; `value` undefined: deleted or purged. */
@@ -97,6 +97,11 @@ export async function followBucket(
   let behindAt: number | undefined;
   let checking = false;
   const checkMs = o.checkMs ?? 2000;
+  // Each read is given up after checkMs. A read the stream's leader answers waits the
+  // whole JetStream timeout (15 s in a cluster) while a new leader is being elected after
+  // a server loss, and a check stuck on it held up every check behind it: measured in the
+  // takeover proof, reads waiting 15 s each and another orchestrator's copy of a job
+  // lagging over 10 s. The abandoned request ends by itself; the next check asks again.
   const check = async () => {
     const next = await within(nextStored(jsm, stream, `${prefix}>`, delivered), checkMs).catch(
       () => undefined,
@@ -236,21 +241,4 @@ export async function readBucket(
     messages.stop();
   }
   return [...current.values()];
-}
-
-/**
- * `read`, or undefined once `ms` have passed. A read the stream's leader
- * answers waits the whole JetStream timeout (15 s in a cluster) while a new
- * leader is being elected after a server loss, and a check stuck on it held
- * up every check behind it: measured in the takeover proof, reads waiting
- * 15 s each and another orchestrator's copy of a job lagging over 10 s. The
- * abandoned request ends by itself; the next check asks again.
- */
-function within<T>(read: Promise<T>, ms: number): Promise<T | undefined> {
-  let timer: NodeJS.Timeout | undefined;
-  const late = new Promise<undefined>((resolve) => {
-    timer = setTimeout(resolve, ms, undefined);
-  });
-  read.catch(() => {}); // an abandoned read's later failure is nobody's concern
-  return Promise.race([read, late]).finally(() => clearTimeout(timer));
 }

@@ -2,7 +2,7 @@ import { spawn } from "node:child_process";
 import { promises as fs, constants as fsConstants } from "node:fs";
 import os from "node:os";
 import { performance } from "node:perf_hooks";
-import { dieWithParentLauncher, isUnsafeExecEnvName, type Task } from "../../core/index.js";
+import { dieWithParentLauncher, isUnsafeExecEnvName, type Task, within } from "../../core/index.js";
 import { ENGINE_CODES, EngineError, ExecNotAllowedError } from "./errors.js";
 import type { ExecAllowList } from "./exec-allow-list.js";
 import { BaseExecutor, type EngineRunRequest, type EngineRunResult, stopFailure } from "./executor.js";
@@ -168,13 +168,6 @@ async function closePipes(...streams: NodeJS.ReadableStream[]): Promise<void> {
         s.once("close", () => resolve());
       }),
   );
-  let timer: NodeJS.Timeout | undefined;
-  await Promise.race([
-    Promise.all(ended),
-    new Promise<void>((resolve) => {
-      timer = setTimeout(resolve, PIPE_CLOSE_GRACE_MS);
-    }),
-  ]);
-  clearTimeout(timer);
+  await within(Promise.all(ended), PIPE_CLOSE_GRACE_MS);
   for (const s of streams) (s as unknown as { destroy(): void }).destroy();
 }
