@@ -20,7 +20,7 @@ import { Session } from "node:inspector";
 import os from "node:os";
 import path from "node:path";
 import { ComputeNode } from "../compute/index.js";
-import { createLogger, loadConfig, wasmJobSpec } from "../core/index.js";
+import { createLogger, loadConfig, procStat, wasmJobSpec } from "../core/index.js";
 import { connectFabric } from "../fabric/index.js";
 import { openPki, writeIssued } from "../pki/index.js";
 import { BENCH_ADMIN_PASSWORD, startBenchOrchestrator } from "./loopback-orchestrator.js";
@@ -132,8 +132,7 @@ while (latencies.length < JOBS && performance.now() - latencyStart < BUDGET_MS) 
 
 /** CPU time (user + system, ms) of a process, or of one of its threads, from /proc (Linux). */
 async function cpuMs(stat: string): Promise<number> {
-  const text = await fs.readFile(stat, "utf8");
-  const fields = text.slice(text.lastIndexOf(")") + 2).split(" ");
+  const fields = (await procStat(stat)) ?? [];
   return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100; // utime, stime in 1/100 s
 }
 const natsPid = (await fs.readFile(`${dir}/orch/nats/nats-server.pid`, "utf8")).trim();

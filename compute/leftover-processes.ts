@@ -1,5 +1,6 @@
 import { promises as fs } from "node:fs";
 import path from "node:path";
+import { procStat } from "../core/index.js";
 
 /**
  * Kills the process groups of programs still running in a directory under
@@ -31,10 +32,8 @@ export async function killLeftoverProcesses(root: string): Promise<number[]> {
   return killed;
 }
 
-/** The process group of `pid` (a number, or "self"), from /proc; undefined once the process is gone. */
+/** The process group of `pid` (a number, or "self"); undefined once the process is gone. */
 async function processGroupOf(pid: string): Promise<number | undefined> {
-  const stat = await fs.readFile(`/proc/${pid}/stat`, "utf8").catch(() => undefined);
-  // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, so fields are counted after its last ")".
-  const pgrp = stat?.slice(stat.lastIndexOf(")") + 2).split(" ")[2];
-  return pgrp === undefined ? undefined : Number(pgrp);
+  const group = (await procStat(`/proc/${pid}/stat`))?.[2];
+  return group === undefined ? undefined : Number(group);
 }

@@ -27,9 +27,18 @@ export function dieWithParentLauncher(signal: ParentDeathSignal = "SIGTERM"): Pr
   return probe;
 }
 
+/**
+ * The fields of a `/proc/.../stat` file from the state on (`[0]` state, `[2]`
+ * process group, `[11]` utime, `[12]` stime); undefined once the process is gone.
+ */
+export async function procStat(file: string): Promise<string[] | undefined> {
+  const stat = await readFile(file, "utf8").catch(() => undefined);
+  // "pid (comm) state ...": comm may hold spaces and parentheses, so fields are counted after its last ")".
+  return stat?.slice(stat.lastIndexOf(")") + 2).split(" ");
+}
+
 /** Whether process `pid` runs: false once it is gone, or a zombie its parent (or pid 1) has not reaped yet. */
 export async function isRunning(pid: number): Promise<boolean> {
-  const stat = await readFile(`/proc/${pid}/stat`, "utf8").catch(() => undefined);
-  // "pid (comm) state ...": comm may hold spaces and parentheses.
-  return stat !== undefined && stat[stat.lastIndexOf(")") + 2] !== "Z";
+  const state = (await procStat(`/proc/${pid}/stat`))?.[0];
+  return state !== undefined && state !== "Z";
 }

@@ -1,5 +1,5 @@
 import "reflect-metadata";
-import { existsSync, readFileSync, realpathSync } from "node:fs";
+import { existsSync, realpathSync } from "node:fs";
 import { mkdir, mkdtemp, rm, symlink } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
@@ -10,7 +10,7 @@ import {
   ExecExecutor,
   ExecNotAllowedError,
 } from "../compute/engines/index.js";
-import { parseJobSpec, type Task } from "../core/index.js";
+import { isRunning, parseJobSpec, type Task } from "../core/index.js";
 
 const root = await mkdtemp(path.join(os.tmpdir(), "shoal-exec-"));
 t.teardown(() => rm(root, { recursive: true, force: true }));
@@ -41,23 +41,15 @@ async function request(tk: Task, over: Partial<EngineRunRequest> = {}): Promise<
 
 const never = new AbortController().signal;
 
-/** Gone, or a zombie waiting for a reaper (pid 1 in a container may never reap it). */
-function isDead(pid: number): boolean {
-  try {
-    return readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]!.startsWith("Z");
-  } catch {
-    return true;
-  }
-}
-
 /**
  * Whether `pid` is dead within a second: the group's SIGKILL is sent at once,
  * but the result comes when the direct child is gone, and another process of
  * the group may still be on its way out (seen once on a loaded CI).
  */
 async function diesSoon(pid: number): Promise<boolean> {
-  for (let i = 0; i < 100 && !isDead(pid); i++) await new Promise((r) => setTimeout(r, 10));
-  return isDead(pid);
+  // A zombie waiting for a reaper (pid 1 in a container may never reap it) counts as dead.
+  for (let i = 0; i < 100 && (await isRunning(pid)); i++) await new Promise((r) => setTimeout(r, 10));
+  return !(await isRunning(pid));
 }
 const exec = new ExecExecutor({
   allow: await ExecAllowList.resolve([

@@ -4,7 +4,7 @@ import type { IncomingHttpHeaders } from "node:http";
 import https from "node:https";
 import path from "node:path";
 import { promisify } from "node:util";
-import { loadJobSpecFile } from "../../core/index.js";
+import { loadJobSpecFile, procStat } from "../../core/index.js";
 import type { JobView } from "../../orchestrator/index.js";
 import { type OrchestratorHandle, waitUntil } from "./cluster.js";
 
@@ -131,9 +131,7 @@ export async function waitForRunning(orch: OrchestratorHandle, id: string) {
 async function threadTicks(pid: number): Promise<Map<string, number>> {
   const ticks = new Map<string, number>();
   for (const tid of await fs.readdir(`/proc/${pid}/task`)) {
-    const stat = await fs.readFile(`/proc/${pid}/task/${tid}/stat`, "utf8").catch(() => "");
-    // Fields after the command name "(...)": state is field 3, utime 14, stime 15.
-    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    const fields = (await procStat(`/proc/${pid}/task/${tid}/stat`)) ?? [];
     if (fields.length > 12) ticks.set(tid, Number(fields[11]) + Number(fields[12]));
   }
   return ticks;
