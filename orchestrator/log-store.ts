@@ -61,6 +61,9 @@ async function* linesOf(file: FileHandle, offset: number): AsyncGenerator<{ entr
   }
 }
 
+/** The `<execution>/<stream>` a line belongs to, as {@link Counts} counts bytes. */
+const streamOf = (entry: LogEntry) => `${entry.ExecutionID}/${entry.Stream}`;
+
 /** What is counted of one job's stored lines: the repeat check and the per-stream caps use them. */
 interface Counts {
   /** The highest `Seq` taken per execution. */
@@ -146,8 +149,10 @@ class WrittenLines {
 
 /**
  * Execution logs, kept in `DATA-DIR/logs/<job>.ndjson`. Readers stream the
- * file, and followers read it as it grows, so neither holds a job's output
- * in memory nor gets ahead of what its client takes.
+ * file; followers take new lines from memory while they keep up and from the
+ * file when they fall behind. Neither holds more than
+ * {@link FOLLOWER_QUEUE_BYTES} of a job's output in memory, nor gets further
+ * ahead than its client takes.
  *
  * Each line is checked against the job's counts: a line numbered at or below
  * one taken of its execution is a repeat (a result resent with its last
@@ -206,7 +211,7 @@ export class LogStore {
     const counts = await this.#countsOf(jobId);
     const lastSeq = counts.lastSeq.get(entry.ExecutionID) ?? -1;
     if (entry.Seq <= lastSeq) return "repeated";
-    const key = `${entry.ExecutionID}/${entry.Stream}`;
+    const key = streamOf(entry);
     const before = counts.bytes.get(key) ?? 0;
     counts.lastSeq.set(entry.ExecutionID, entry.Seq);
     const after = before + Buffer.byteLength(entry.Data);
@@ -259,7 +264,7 @@ export class LogStore {
           entry.ExecutionID,
           Math.max(entry.Seq, counts.lastSeq.get(entry.ExecutionID) ?? -1),
         );
-        const key = `${entry.ExecutionID}/${entry.Stream}`;
+        const key = streamOf(entry);
         counts.bytes.set(key, (counts.bytes.get(key) ?? 0) + Buffer.byteLength(entry.Data));
         end = next;
       }
@@ -275,7 +280,13 @@ export class LogStore {
   /** Every stored line of the job, oldest first, read from its file as the caller takes them. */
   async *lines(jobId: string): AsyncGenerator<LogEntry> {
     await this.#tails.get(jobId);
-    for await (const { entry } of this.#readFrom(jobId, 0)) yield entry;
+    const file = await this.#open(jobId);
+    if (!file) return;
+    try {
+      for await (const { entry } of linesOf(file, 0)) yield entry;
+    } finally {
+      await file.close();
+    }
   }
 
   /**
@@ -327,17 +338,6 @@ export class LogStore {
       if (err.code === "ENOENT") return undefined;
       throw err;
     });
-  }
-
-  /** The complete lines of the job's file from byte `offset`, each with the offset after it (see {@link #linesOf}). */
-  async *#readFrom(jobId: string, offset: number): AsyncGenerator<{ entry: LogEntry; next: number }> {
-    const file = await this.#open(jobId);
-    if (!file) return;
-    try {
-      yield* linesOf(file, offset);
-    } finally {
-      await file.close();
-    }
   }
 
   /** The jobs with stored lines, each with when its lines were last written (ms since the epoch). */
