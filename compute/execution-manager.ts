@@ -1,5 +1,5 @@
 import { randomUUID } from "node:crypto";
-import { type Dirent, promises as fs } from "node:fs";
+import { constants, type Dirent, promises as fs } from "node:fs";
 import path from "node:path";
 import { type JobSpec, type Logger, within } from "../core/index.js";
 import { type MessageBody, RESULT_LOG_TAIL_BYTES, type Submitter } from "../fabric/index.js";
@@ -447,11 +447,13 @@ export class ExecutionManager {
       // (only the directory's removal does): it only has to outlive a crash of this
       // process, and one not written yet (or cut short) reads as no marker (docs/compute.md
       // "Durability"). Neither fsynced nor renamed into place, for the same reason; a
-      // directory given back holds an empty one, written over in place (no new inode).
+      // directory given back holds an empty one, written over in place (no new inode)
+      // and without O_TRUNC: ext4 flushes a file truncated to nothing by its open when it
+      // is closed (auto_da_alloc), a disk write per execution.
       marked = fs
         .writeFile(path.join(workDir, MARKER), JSON.stringify({ jobId, executionId }), {
           mode: 0o600,
-          flag: "w",
+          flag: constants.O_WRONLY | constants.O_CREAT,
         })
         .catch((err: unknown) =>
           log.warn(

@@ -30,6 +30,8 @@ export interface SpooledResult {
 }
 
 const MANIFEST_SUFFIX = ".json";
+/** Spare manifests kept for reuse: about the results a busy node has unacknowledged at once. */
+const MAX_SPARES = 64;
 /** Where an entry kept its manifest before manifests moved up beside the chunk directories. */
 const LEGACY_MANIFEST = "manifest.json";
 const CHUNKS = "chunks";
@@ -65,6 +67,15 @@ function sha256Hex(data: Uint8Array): string {
  * replied `stored: true`. Most results have no files: their entry is one file,
  * no directory to create and remove.
  *
+ * A manifest taken out of the spool is kept as a spare (`.spare-N.tmp`, up to
+ * MAX_SPARES) while there is room, and a later manifest is written over a
+ * spare's bytes, in place, then renamed into place: no inode is created or
+ * freed and no file is truncated to nothing per result. On this kind of disk
+ * (ext4 without a journal) each of those costs: a new file's inode is looked
+ * for past every inode freed in the last 30 s, and a file truncated to nothing
+ * and written again is flushed when it is closed (`auto_da_alloc`). Spares
+ * count as temporary files: a restart sweeps them.
+ *
  * Nothing is fsynced: an entry survives a crash of the node's process (the
  * kernel holds the bytes before the result is sent), not necessarily a crash
  * of the machine. After one, an entry may be missing (the orchestrator then
@@ -76,6 +87,11 @@ function sha256Hex(data: Uint8Array): string {
  */
 export class ResultSpool {
   readonly #root: string;
+  /** Spare manifest files, ready to be written over (see the class comment). */
+  readonly #spares: string[] = [];
+  /** Manifests being renamed into spares. */
+  #sparing = 0;
+  #spareNames = 0;
 
   /** @param root the spool directory, normally `DATA-DIR/spool` */
   constructor(root: string) {
@@ -179,16 +195,45 @@ export class ResultSpool {
     return entry;
   }
 
-  #writeManifest(entry: SpooledResult): Promise<void> {
-    return writeFileAtomic(this.#manifest(entry.result.executionId), JSON.stringify(entry), 0o600, {
-      fsync: false,
-    });
+  /**
+   * Writes an entry's manifest atomically: over a spare's bytes then renamed
+   * into place, or, with no spare, through a new temporary file.
+   */
+  async #writeManifest(entry: SpooledResult): Promise<void> {
+    const manifest = this.#manifest(entry.result.executionId);
+    const data = Buffer.from(JSON.stringify(entry));
+    const spare = this.#spares.pop();
+    if (spare !== undefined) {
+      try {
+        await overwrite(spare, data);
+        await fs.rename(spare, manifest);
+        return;
+      } catch {
+        await fs.rm(spare, { force: true }).catch(() => {});
+      }
+    }
+    await writeFileAtomic(manifest, data, 0o600, { fsync: false });
+  }
+
+  /** Takes a manifest out of the spool: kept as a spare while there is room, else unlinked. */
+  async #retireManifest(manifest: string): Promise<void> {
+    if (this.#spares.length + this.#sparing >= MAX_SPARES) return unlinkIfPresent(manifest);
+    const spare = path.join(this.#root, `.spare-${this.#spareNames++}.tmp`);
+    this.#sparing++;
+    try {
+      await fs.rename(manifest, spare);
+      this.#spares.push(spare);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+    } finally {
+      this.#sparing--;
+    }
   }
 
   /**
    * Every complete entry, oldest first. Chunk directories without a manifest
-   * (a crash while spooling or removing) and temporary files of interrupted
-   * manifest writes are removed; an entry of the older layout
+   * (a crash while spooling or removing), temporary files of interrupted
+   * manifest writes and spares of an earlier process are removed; an entry of the older layout
    * (`<executionId>/manifest.json`) gets its manifest moved up; an unreadable
    * manifest is reported by `onBroken` and its entry left in place for the operator.
    */
@@ -204,7 +249,7 @@ export class ResultSpool {
     for (const d of dirents) {
       const where = path.join(this.#root, d.name);
       if (d.isFile() && d.name.startsWith(".") && d.name.endsWith(".tmp")) {
-        await fs.rm(where, { force: true });
+        if (!this.#spares.includes(where)) await fs.rm(where, { force: true });
       } else if (d.isDirectory() && isSafeExecutionId(d.name) && !ids.has(d.name)) {
         const moved = await fs.rename(path.join(where, LEGACY_MANIFEST), this.#manifest(d.name)).then(
           () => true,
@@ -274,7 +319,7 @@ export class ResultSpool {
   async remove(executionId: string, { chunks = true }: { chunks?: boolean } = {}): Promise<void> {
     this.#assertId(executionId);
     const manifest = this.#manifest(executionId);
-    await this.#io(manifest, () => unlinkIfPresent(manifest));
+    await this.#io(manifest, () => this.#retireManifest(manifest));
     if (!chunks) return;
     const dir = path.join(this.#root, executionId);
     await this.#io(dir, () => fs.rm(dir, { recursive: true, force: true }));
@@ -304,6 +349,20 @@ export class ResultSpool {
         { cause: err, fix: "check the data directory's permissions and free space" },
       );
     }
+  }
+}
+
+/**
+ * Writes `data` over `file`'s bytes from its start and cuts what is left
+ * after them: never truncated to nothing first (see ResultSpool on auto_da_alloc).
+ */
+async function overwrite(file: string, data: Buffer): Promise<void> {
+  const handle = await fs.open(file, "r+");
+  try {
+    await handle.write(data, 0, data.length, 0);
+    await handle.truncate(data.length);
+  } finally {
+    await handle.close();
   }
 }
 

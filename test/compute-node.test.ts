@@ -11,6 +11,7 @@ import { ComputeNode, type ComputeNodeEvent } from "../compute/index.js";
 import { EnvelopeSigner, type MessageBody, subjects } from "../fabric/index.js";
 import { computeConfig, OrchestratorStandIn, workDirsInUse } from "./helpers/compute-standin.js";
 import { startTestFabric, type TestIdentity } from "./helpers/nats.js";
+import { spoolEntries } from "./helpers/records.js";
 
 const repo = path.resolve(import.meta.dirname, "..");
 const root = await fs.mkdtemp(path.join(os.tmpdir(), "shoal-compute-node-"));
@@ -332,7 +333,7 @@ t.test(
     t.equal(file.size, whole.length);
 
     await until((e) => e.type === "result-acknowledged" && e.executionId === b.executionId);
-    t.same(await fs.readdir(path.join(dataDir, "spool")), [], "acknowledged results leave the spool");
+    t.same(await spoolEntries(path.join(dataDir, "spool")), [], "acknowledged results leave the spool");
     // Removed right after the result is spooled, off the result's path.
     let left = await workDirsInUse(path.join(dataDir, "executions"));
     for (let i = 0; i < 100 && left.length > 0; i++) {

@@ -8,6 +8,7 @@ import t from "tap";
 import { ComputeNode, type ComputeNodeEvent, ResultSpool } from "../compute/index.js";
 import { computeConfig, OrchestratorStandIn } from "./helpers/compute-standin.js";
 import { startTestFabric, type TestIdentity } from "./helpers/nats.js";
+import { spoolEntries } from "./helpers/records.js";
 
 const repo = path.resolve(import.meta.dirname, "..");
 const root = await fs.mkdtemp(path.join(os.tmpdir(), "shoal-compute-delivery-"));
@@ -60,10 +61,6 @@ async function startNode(identity: TestIdentity, dataDir: string) {
   return { node, until };
 }
 
-async function spoolEntries(dataDir: string): Promise<string[]> {
-  return (await fs.readdir(path.join(dataDir, "spool"))).sort();
-}
-
 t.test("an unacknowledged result stays in the spool and is sent again after a restart", async (t) => {
   const identity = await fabric.identity("compute", "node-restart");
   const dataDir = path.join(root, "restart");
@@ -74,11 +71,19 @@ t.test("an unacknowledged result stays in the spool and is sent again after a re
   await orch.request("node-restart", "run", { ...ids, spec: spec("kept\n"), submitter, timeoutMs: 30_000 });
   await first.until((e) => e.type === "result-spooled");
   await orch.next("result", (b) => b.executionId === "exec-r");
-  t.same(await spoolEntries(dataDir), ["exec-r", "exec-r.json"], "kept while unacknowledged");
+  t.same(
+    await spoolEntries(path.join(dataDir, "spool")),
+    ["exec-r", "exec-r.json"],
+    "kept while unacknowledged",
+  );
   const manifest = JSON.parse(await fs.readFile(path.join(dataDir, "spool", "exec-r.json"), "utf8"));
   t.equal(manifest.result.state, "Completed");
   await first.node.close();
-  t.same(await spoolEntries(dataDir), ["exec-r", "exec-r.json"], "still there after the node stopped");
+  t.same(
+    await spoolEntries(path.join(dataDir, "spool")),
+    ["exec-r", "exec-r.json"],
+    "still there after the node stopped",
+  );
 
   orch.resultReply = () => ({ stored: true });
   const second = await startNode(identity, dataDir);
@@ -91,7 +96,7 @@ t.test("an unacknowledged result stays in the spool and is sent again after a re
   await second.until((e) => e.type === "result-acknowledged" && e.executionId === "exec-r");
   const resent = await orch.next("result", (b) => b.executionId === "exec-r");
   t.equal(resent.body.files[0]?.name, "outputs/out.txt");
-  t.same(await spoolEntries(dataDir), [], "removed once stored");
+  t.same(await spoolEntries(path.join(dataDir, "spool")), [], "removed once stored");
 });
 
 t.test(
@@ -119,7 +124,7 @@ t.test(
     const reg = await orch.next("register", (b) => b.nodeId === "node-reconnect");
     t.same(reg.body.executions, [{ executionId: "exec-c", state: "Completed" }]);
     await until((e) => e.type === "result-acknowledged" && e.executionId === "exec-c");
-    t.same(await spoolEntries(dataDir), []);
+    t.same(await spoolEntries(path.join(dataDir, "spool")), []);
   },
 );
 
@@ -141,7 +146,7 @@ t.test("a result the orchestrator keeps refusing is dropped after the limit", as
   });
   const dropped = await until((e) => e.type === "result-refused" && e.dropped);
   t.match(dropped, { executionId: "exec-x", reason: /no longer wanted/ });
-  t.same(await spoolEntries(dataDir), []);
+  t.same(await spoolEntries(path.join(dataDir, "spool")), []);
 });
 
 t.test(
@@ -177,7 +182,7 @@ t.test(
     // In the spool's order: the failure in place of the first, then the second.
     await until((e) => e.type === "result-acknowledged" && e.executionId === "exec-o1");
     await until((e) => e.type === "result-acknowledged" && e.executionId === "exec-o2");
-    t.same(await spoolEntries(dataDir), [], "both leave the spool");
+    t.same(await spoolEntries(path.join(dataDir, "spool")), [], "both leave the spool");
   },
 );
 
@@ -225,6 +230,6 @@ t.test(
     t.same((await orch.request("node-asked-again", "bid", bid)).body, { accept: true, started: true });
     t.notOk(node.running().includes("exec-a"), "the finished execution is not started again");
     await until((e) => e.type === "result-acknowledged" && e.executionId === "exec-a");
-    t.same(await spoolEntries(dataDir), [], "its one result is delivered");
+    t.same(await spoolEntries(path.join(dataDir, "spool")), [], "its one result is delivered");
   },
 );

@@ -5,6 +5,7 @@ import os from "node:os";
 import path from "node:path";
 import t, { type Test } from "tap";
 import { ResultSpool } from "../compute/index.js";
+import { spoolEntries } from "./helpers/records.js";
 
 const sha = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
 
@@ -53,7 +54,7 @@ t.test("put then list and read back every chunk; remove forgets it", async (t) =
   await spool.remove("exec-1");
   await spool.remove("exec-1");
   t.same(await spool.list(), []);
-  t.same(await fs.readdir(spool.root), [], "manifest and chunks gone");
+  t.same(await spoolEntries(spool.root), [], "manifest and chunks gone");
 });
 
 t.test(
@@ -85,6 +86,36 @@ t.test(
   },
 );
 
+t.test(
+  "a removed manifest is kept as a spare and written over by the next entry: no inode made or freed",
+  async (t) => {
+    const spool = await tempSpool(t);
+    const inode = async (id: string) => (await fs.stat(path.join(spool.root, `${id}.json`))).ino;
+    const long = { ...outcome("exec-1"), stdout: "x".repeat(5000) };
+    await (await spool.begin("job-1", long, [])).stored;
+    const first = await inode("exec-1");
+    await spool.remove("exec-1", { chunks: false });
+    t.same(await spoolEntries(spool.root), [], "the entry is gone");
+    t.equal((await spool.list()).length, 0, "a spare is never an entry");
+    t.same(await fs.readdir(spool.root), [".spare-0.tmp"], "nor swept as a leftover while kept");
+    t.equal((await fs.stat(path.join(spool.root, ".spare-0.tmp"))).ino, first, "the manifest's own file");
+
+    // Shorter than the spare's bytes: what is left of them is cut.
+    const bare = await spool.begin("job-2", outcome("exec-2"), []);
+    await bare.stored;
+    t.equal(await inode("exec-2"), first, "the spare's inode holds the next manifest");
+    t.same(await spool.list(), [bare.entry], "whole and exact");
+    t.equal((await fs.stat(path.join(spool.root, "exec-2.json"))).mode & 0o777, 0o600, "still private");
+    t.same(await fs.readdir(spool.root), ["exec-2.json"], "the spare was used up");
+
+    // A restart forgets its spares and sweeps them with the other temporary files.
+    await spool.remove("exec-2", { chunks: false });
+    t.equal((await fs.readdir(spool.root)).length, 1, "one spare");
+    t.same(await new ResultSpool(spool.root).list(), []);
+    t.same(await fs.readdir(spool.root), [], "swept");
+  },
+);
+
 t.test("an entry without a manifest (crash while spooling) is swept, not sent", async (t) => {
   const spool = await tempSpool(t);
   await fs.mkdir(path.join(spool.root, "exec-half", "chunks"), { recursive: true });
@@ -108,7 +139,7 @@ t.test("an entry spooled with its manifest inside its directory (older layout) i
     "its chunks stay where they were",
   );
   await spool.remove("exec-old");
-  t.same(await fs.readdir(spool.root), []);
+  t.same(await spoolEntries(spool.root), []);
 });
 
 t.test(
@@ -120,7 +151,7 @@ t.test(
     const broken: string[] = [];
     t.same(await spool.list((id) => broken.push(id)), []);
     t.same(broken, [], "not reported as broken: it was never written");
-    t.same(await fs.readdir(spool.root), [], "manifest and chunks removed");
+    t.same(await spoolEntries(spool.root), [], "manifest and chunks removed");
   },
 );
 

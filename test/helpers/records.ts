@@ -1,4 +1,5 @@
 import { createHash } from "node:crypto";
+import { promises as fs } from "node:fs";
 import { separateModules, wasmJobSpec } from "../../core/index.js";
 import type { MessageBody } from "../../fabric/protocol.js";
 import type { LogEntry, LogStore } from "../../orchestrator/log-store.js";
@@ -93,4 +94,12 @@ export async function storedLines(logs: LogStore, jobId: string): Promise<LogEnt
   const lines: LogEntry[] = [];
   for await (const line of logs.lines(jobId)) lines.push(line);
   return lines;
+}
+
+/**
+ * What a result spool directory holds, sorted, but the spare manifests it
+ * keeps for reuse (`.spare-N.tmp`, see ResultSpool): the entries and their leftovers.
+ */
+export async function spoolEntries(spoolDir: string): Promise<string[]> {
+  return (await fs.readdir(spoolDir)).filter((name) => !/^\.spare-\d+\.tmp$/.test(name)).sort();
 }
