@@ -15,14 +15,15 @@
  */
 import "reflect-metadata";
 import { promises as fs } from "node:fs";
-import { Agent, request } from "node:https";
 import { Session } from "node:inspector";
 import os from "node:os";
 import path from "node:path";
+import { Worker } from "node:worker_threads";
 import { ComputeNode } from "../compute/index.js";
 import { createLogger, loadConfig, procStat, wasmJobSpec } from "../core/index.js";
 import { connectFabric } from "../fabric/index.js";
 import { openPki, writeIssued } from "../pki/index.js";
+import { apiClient, type ClientsRequest, type ClientsResult, type ClientsSetup } from "./jobs-clients.js";
 import { BENCH_ADMIN_PASSWORD, startBenchOrchestrator } from "./loopback-orchestrator.js";
 
 const JOBS = Number(process.argv[2] ?? 500);
@@ -80,25 +81,14 @@ for (let i = 0; i < 2000; i++) {
 }
 echo.unsubscribe();
 
-const agent = new Agent({ ca: await fs.readFile(ep.caFile), keepAlive: true });
-let token = "";
-const call = (method: string, p: string, body?: unknown) =>
-  new Promise<string>((resolve, reject) => {
-    const headers: Record<string, string> = token ? { authorization: `Bearer ${token}` } : {};
-    if (body) headers["content-type"] = "application/json";
-    const req = request(`${ep.apiUrl}/api/v1/${p}`, { method, agent, headers }, (res) => {
-      let text = "";
-      res.on("data", (d) => {
-        text += d;
-      });
-      res.on("end", () => resolve(text));
-    });
-    req.on("error", reject);
-    req.end(body === undefined ? undefined : JSON.stringify(body));
-  });
+const api = apiClient(ep.apiUrl, await fs.readFile(ep.caFile));
 // Jobs are submitted as the admin (anonymous callers may only read).
-token = JSON.parse(
-  await call("POST", "auth/password", { username: "admin", password: BENCH_ADMIN_PASSWORD }),
+const token = (
+  JSON.parse(
+    await api.call("POST", "auth/password", { username: "admin", password: BENCH_ADMIN_PASSWORD }),
+  ) as {
+    Token: string;
+  }
 ).Token;
 const spec = wasmJobSpec({ name: "bench", module: await fs.readFile("dist/wasm/hello.wasm") });
 
@@ -108,27 +98,23 @@ interface HistoryEvent {
   State: string;
 }
 
-/** Submits one job and waits for its final state on the streaming history endpoint. */
-async function runOne(): Promise<{ id: string; ms: number; submitted: number; seen: number }> {
-  const submitted = Date.now();
-  const t0 = performance.now();
-  const { JobID } = JSON.parse(await call("PUT", "orchestrator/jobs", { Job: spec })) as { JobID: string };
-  const text = await call("GET", `orchestrator/jobs/${JobID}/history?follow=true`);
-  const last = JSON.parse(text.trim().split("\n").at(-1)!) as { Job: { State: string } };
-  if (last.Job.State !== "Completed") throw new Error(`job ${JobID} ended ${last.Job.State}`);
-  return { id: JobID, ms: performance.now() - t0, submitted, seen: Date.now() };
-}
+// The clients run on a thread of their own (bench/jobs-clients.ts), one phase per message.
+const clients = new Worker(new URL("./jobs-clients.ts", import.meta.url), {
+  workerData: { apiUrl: ep.apiUrl, ca: await fs.readFile(ep.caFile), token, spec } satisfies ClientsSetup,
+});
+const phase = (r: ClientsRequest) =>
+  new Promise<ClientsResult>((resolve, reject) => {
+    clients.once("message", (m: ClientsResult | { error: string }) =>
+      "error" in m ? reject(new Error(m.error)) : resolve(m),
+    );
+    clients.postMessage(r);
+  });
 
-for (let i = 0; i < 20; i++) await runOne(); // warm-up (JIT, connections, the module cache)
+await phase({ clients: 1, jobs: 20, budgetMs: BUDGET_MS }); // warm-up (JIT, connections, the module cache)
 
-const latencies: number[] = [];
-const sampled: Awaited<ReturnType<typeof runOne>>[] = [];
-const latencyStart = performance.now();
-while (latencies.length < JOBS && performance.now() - latencyStart < BUDGET_MS) {
-  const r = await runOne();
-  latencies.push(r.ms);
-  if (sampled.length < 100) sampled.push(r);
-}
+const sequential = await phase({ clients: 1, jobs: JOBS, budgetMs: BUDGET_MS });
+const latencies = sequential.runs.map((r) => r.ms);
+const sampled = sequential.runs.slice(0, 100);
 
 /** CPU time (user + system, ms) of a process, or of one of its threads, from /proc (Linux). */
 async function cpuMs(stat: string): Promise<number> {
@@ -143,8 +129,6 @@ const cpuNow = async () => ({
 });
 
 const CLIENTS = 32;
-let started = 0;
-let finished = 0;
 // BENCH_PROFILE=FILE: a CPU profile of the main thread during the sustained phase only.
 const profiler = process.env.BENCH_PROFILE ? new Session() : undefined;
 const post = (method: string, params?: object) =>
@@ -157,17 +141,9 @@ if (profiler) {
   await post("Profiler.start");
 }
 const cpuBefore = await cpuNow();
-const start = performance.now();
-await Promise.all(
-  Array.from({ length: CLIENTS }, async () => {
-    while (started < JOBS && performance.now() - start < BUDGET_MS) {
-      started++;
-      await runOne();
-      finished++;
-    }
-  }),
-);
-const throughput = finished / ((performance.now() - start) / 1000);
+const sustained = await phase({ clients: CLIENTS, jobs: JOBS, budgetMs: BUDGET_MS });
+const finished = sustained.runs.length;
+const throughput = finished / (sustained.elapsedMs / 1000);
 const cpuAfter = await cpuNow();
 if (profiler) {
   const { profile } = (await post("Profiler.stop")) as { profile: object };
@@ -184,7 +160,7 @@ const stages = {
   seen: [] as number[],
 };
 for (const r of sampled) {
-  const { Items } = JSON.parse(await call("GET", `orchestrator/jobs/${r.id}/history`)) as {
+  const { Items } = JSON.parse(await api.call("GET", `orchestrator/jobs/${r.id}/history`)) as {
     Items: HistoryEvent[];
   };
   const at = (type: string, state: string) => Items.find((e) => e.Type === type && e.State === state)?.Time;
@@ -251,7 +227,7 @@ row(
 );
 
 // Where the CPU of the sustained phase went, per job: this process (orchestrator, 4 nodes,
-// their WASM worker threads and the HTTPS client) and the broker. 2 cores / total = the ceiling.
+// their WASM worker threads and the HTTPS clients' thread) and the broker. 2 cores / total = the ceiling.
 const cpuTotal = cpuPerJob("process") + cpuPerJob("nats");
 row("CPU per job (sustained phase):", "", "", "");
 row("  this process, all threads", ms(cpuPerJob("process")), "", "");
@@ -264,8 +240,9 @@ row(
   "",
 );
 
+await clients.terminate();
 await fabric.close();
-agent.destroy();
+api.agent.destroy();
 for (const n of nodes) await n.close();
 await orch.close();
 await fs.rm(dir, { recursive: true, force: true });
