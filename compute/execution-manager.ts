@@ -207,6 +207,13 @@ export class ExecutionManager {
    * `outputs/` and no marker or an empty one.
    */
   readonly #ready: string[] = [];
+  /**
+   * The marker of each work directory that has one, kept open as long as the
+   * directory is: an execution writes it with one call and the directory's
+   * return empties it with one, where opening and closing it each time took
+   * six (each a turn on a libuv thread and a wake-up of the event loop).
+   */
+  readonly #markers = new Map<string, fs.FileHandle>();
   #preparing = 0;
   /** Directories of running executions that may be given back (workDirReusable). */
   #returning = 0;
@@ -326,7 +333,7 @@ export class ExecutionManager {
   async #dropReady(): Promise<void> {
     this.#draining = true;
     await Promise.all(this.#unsettled);
-    await Promise.all(this.#ready.splice(0).map((dir) => removeWorkDir(dir)));
+    await Promise.all(this.#ready.splice(0).map((dir) => this.#removeWorkDir(dir)));
   }
 
   /**
@@ -351,7 +358,7 @@ export class ExecutionManager {
       !this.#draining && this.#ready.length < (this.#o.idleWorkDirs ?? DEFAULT_IDLE_WORK_DIRS);
     try {
       if (workDir !== undefined && reuse && room() && (await asMade(workDir))) {
-        await fs.truncate(path.join(workDir, MARKER), 0);
+        await this.#markers.get(workDir)?.truncate(0);
         if (room()) {
           this.#ready.push(workDir);
           return;
@@ -362,8 +369,48 @@ export class ExecutionManager {
     } finally {
       if (returning) this.#returning--;
     }
-    await removeWorkDir(workDir);
+    await this.#removeWorkDir(workDir);
     this.#prepare();
+  }
+
+  /**
+   * Writes a work directory's marker (its file opened once, see #markers).
+   * Over an empty one, from its start: never truncated by the open, as ext4
+   * flushes a file truncated to nothing by its open when it is closed
+   * (auto_da_alloc), a disk write per execution.
+   */
+  async #mark(workDir: string, data: Buffer): Promise<void> {
+    let marker = this.#markers.get(workDir);
+    if (!marker) {
+      marker = await fs.open(path.join(workDir, MARKER), constants.O_WRONLY | constants.O_CREAT, 0o600);
+      this.#markers.set(workDir, marker);
+    }
+    await marker.write(data, 0, data.length, 0);
+  }
+
+  /**
+   * Removes a work directory (its marker closed first) with one call per entry
+   * the manager made (marker, `inputs/`, `outputs/`; one made ahead and never
+   * used has no marker, and takes the fallback); only when something else is
+   * left in it (inputs, a program's output) the whole tree with fs.rm, which
+   * reads every directory and stats every entry first. Never fails: a leftover
+   * is swept by recover().
+   */
+  async #removeWorkDir(workDir: string | undefined): Promise<void> {
+    if (workDir === undefined) return;
+    const marker = this.#markers.get(workDir);
+    this.#markers.delete(workDir);
+    await marker?.close().catch(() => {});
+    try {
+      await Promise.all([
+        fs.unlink(path.join(workDir, MARKER)),
+        fs.rmdir(path.join(workDir, INPUTS)),
+        fs.rmdir(path.join(workDir, OUTPUTS)),
+      ]);
+      await fs.rmdir(workDir);
+    } catch {
+      await fs.rm(workDir, { recursive: true, force: true }).catch(() => {});
+    }
   }
 
   async #makeWorkDir(): Promise<string> {
@@ -447,20 +494,14 @@ export class ExecutionManager {
       // (only the directory's removal does): it only has to outlive a crash of this
       // process, and one not written yet (or cut short) reads as no marker (docs/compute.md
       // "Durability"). Neither fsynced nor renamed into place, for the same reason; a
-      // directory given back holds an empty one, written over in place (no new inode)
-      // and without O_TRUNC: ext4 flushes a file truncated to nothing by its open when it
-      // is closed (auto_da_alloc), a disk write per execution.
-      marked = fs
-        .writeFile(path.join(workDir, MARKER), JSON.stringify({ jobId, executionId }), {
-          mode: 0o600,
-          flag: constants.O_WRONLY | constants.O_CREAT,
-        })
-        .catch((err: unknown) =>
+      // directory given back holds an empty one, written over in place (no new inode).
+      marked = this.#mark(workDir, Buffer.from(JSON.stringify({ jobId, executionId }))).catch(
+        (err: unknown) =>
           log.warn(
             { err },
             "cannot write the work directory's marker; a crash would go unreported by this node",
           ),
-        );
+      );
       log.info({ workDir }, "execution started");
       outcome = await this.#o.runner({
         jobId,
@@ -542,27 +583,6 @@ async function asMade(workDir: string): Promise<boolean> {
   ]);
   const made = (d: Dirent) => (d.name === MARKER ? d.isFile() : MADE_DIRS.has(d.name) && d.isDirectory());
   return inputs.length === 0 && outputs.length === 0 && top.every(made);
-}
-
-/**
- * Removes a work directory with one call per entry the manager made (marker,
- * `inputs/`, `outputs/`; one made ahead and never used has no marker, and
- * takes the fallback); only when something else is left in it (inputs, a
- * program's output) the whole tree with fs.rm, which reads every directory and
- * stats every entry first. Never fails: a leftover is swept by recover().
- */
-async function removeWorkDir(workDir: string | undefined): Promise<void> {
-  if (workDir === undefined) return;
-  try {
-    await Promise.all([
-      fs.unlink(path.join(workDir, MARKER)),
-      fs.rmdir(path.join(workDir, INPUTS)),
-      fs.rmdir(path.join(workDir, OUTPUTS)),
-    ]);
-    await fs.rmdir(workDir);
-  } catch {
-    await fs.rm(workDir, { recursive: true, force: true }).catch(() => {});
-  }
 }
 
 /** A Failed outcome with no output, for executions that never produced one. */

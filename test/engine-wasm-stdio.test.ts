@@ -47,6 +47,19 @@ t.test(
   },
 );
 
+t.test("given what each stream holds, only a stream with output is emptied", async (t) => {
+  const dir = await tempDir(t);
+  const pool = new StdioPool(1);
+  const set = await pool.acquire(dir);
+  writeSync(set.stdout, "hello\n");
+  pool.release(set, [6, 0]); // stderr read to its end and found empty
+  await until(() => pool.idle === 1);
+  const again = await pool.acquire(dir);
+  t.equal(fstatSync(again.stdout).size, 0, "stdout emptied");
+  t.equal(fstatSync(again.stderr).size, 0, "stderr still empty");
+  await pool.close();
+});
+
 t.test("a set that cannot be made fails whole, closing what it opened", async (t) => {
   const pool = new StdioPool();
   await t.rejects(pool.acquire(path.join(await tempDir(t), "missing")), { code: "ENOENT" });

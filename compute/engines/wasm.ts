@@ -103,6 +103,8 @@ export class WasmExecutor extends BaseExecutor {
     let stopReason: StopReason | undefined;
     let outcome: WasmWorkerMessage | undefined;
     let workerError: Error | undefined;
+    /** What each stream holds, once read to its end after the module ended. */
+    let sizes: [number, number] | undefined;
     try {
       const data: WasmWorkerData = {
         module,
@@ -157,9 +159,10 @@ export class WasmExecutor extends BaseExecutor {
       signal.removeEventListener("abort", onAbort);
       await draining;
       await drain(true);
+      sizes = [spools[0]!.offset, spools[1]!.offset];
     } finally {
       // The module no longer runs (it answered, or its thread is gone).
-      this.#stdio.release(stdio);
+      this.#stdio.release(stdio, sizes);
     }
     const result = capturedStreams(stdout, stderr, started);
     const failure = failureOf(stopReason, outcome, workerError, req);
