@@ -238,18 +238,31 @@ export class LogStore {
     return "stored";
   }
 
+  /**
+   * Says the job was just created here: it has no lines, so its first one is
+   * stored without looking for its file (one file-system call fewer per job).
+   */
+  created(jobId: string): void {
+    if (!this.#counts.has(jobId)) this.#keep(jobId, { lastSeq: new Map(), bytes: new Map(), size: 0 });
+  }
+
   /** The job's counts: kept ones (now the most recent), else worked out from its file. */
   async #countsOf(jobId: string): Promise<Counts> {
     const kept = this.#counts.get(jobId);
     this.#counts.delete(jobId);
     const counts = kept ?? (await this.#count(jobId));
+    this.#keep(jobId, counts);
+    return counts;
+  }
+
+  /** Keeps a job's counts as the most recent, letting the least recent go past the limit. */
+  #keep(jobId: string, counts: Counts): void {
     this.#counts.set(jobId, counts);
     for (const [other] of this.#counts) {
       if (this.#counts.size <= this.#countedJobs) break;
       // A job with appends under way keeps its counts: they are in use.
       if (!this.#tails.has(other)) this.#counts.delete(other);
     }
-    return counts;
   }
 
   async #count(jobId: string): Promise<Counts> {

@@ -8,6 +8,8 @@ import { objectChunks, objectInfo, purgeObject } from "./stored-objects.js";
 export const MODULES_BUCKET = "shoal-modules";
 
 const DIGEST = /^sha256:([0-9a-f]{64})$/;
+/** Local copies a ModuleStore remembers having, at most. */
+const LOCAL_KNOWN = 10_000;
 
 /** The hex of a `sha256:HEX` digest, or undefined for anything else (so it can name a file). */
 function hexOf(digest: string): string | undefined {
@@ -35,6 +37,12 @@ export class ModuleStore {
   readonly #pinned = new Tally();
   /** Digests no job named at the previous {@link collect}. */
   #unnamed = new Set<string>();
+  /**
+   * Hex digests whose local copy this store wrote or found, until it removes
+   * it: a job submitted with a module already here does not look for its file
+   * again (one file-system call per job). Forgotten whole past LOCAL_KNOWN.
+   */
+  readonly #local = new Set<string>();
 
   constructor(dataDir: string, shared?: SharedObjects) {
     this.#dir = path.join(dataDir, "modules");
@@ -131,6 +139,7 @@ export class ModuleStore {
   async remove(digest: string): Promise<void> {
     const hex = hexOf(digest);
     if (!hex) return;
+    this.#local.delete(hex);
     await fs.rm(this.#file(hex), { force: true });
     if (this.#shared) await purgeObject(this.#shared.jsm, MODULES_BUCKET, hex);
   }
@@ -141,15 +150,22 @@ export class ModuleStore {
 
   /** Writes the local copy of the bytes `content` gives (atomically) unless it exists. */
   async #writeLocal(hex: string, content: () => Promise<Uint8Array>): Promise<void> {
+    if (this.#local.has(hex)) return;
     const under = this.#copying.get(hex);
     if (under) return under;
     const target = this.#file(hex);
-    if (await isFile(target)) return;
-    const copy = (async () => writeFileAtomic(target, await content(), 0o600))().finally(() =>
-      this.#copying.delete(hex),
-    );
+    if (await isFile(target)) return this.#known(hex);
+    const copy = (async () => {
+      await writeFileAtomic(target, await content(), 0o600);
+      this.#known(hex);
+    })().finally(() => this.#copying.delete(hex));
     this.#copying.set(hex, copy);
     return copy;
+  }
+
+  #known(hex: string): void {
+    if (this.#local.size >= LOCAL_KNOWN) this.#local.clear();
+    this.#local.add(hex);
   }
 
   /** Makes sure this disk has the module, copying it from the cluster's object store; false when nowhere. */

@@ -100,6 +100,20 @@ t.test(
   },
 );
 
+t.test("a job created here has no lines to count: its first line does not look for its file", async (t) => {
+  const dir = await tempDir(t, "shoal-job-logs-");
+  const logs = new LogStore(dir);
+  await logs.init();
+  await logs.append("j-old", line(0, "kept\n"));
+  logs.created("j-old");
+  t.equal(await logs.append("j-old", line(0, "kept\n")), "repeated", "counts already kept stay");
+
+  // A file the store would count (were it not told the job is new) is not read.
+  await fs.writeFile(path.join(dir, "logs", "j-new.ndjson"), `${JSON.stringify(line(5, "other\n"))}\n`);
+  logs.created("j-new");
+  t.equal(await logs.append("j-new", line(0, "first\n")), "stored", "numbered from nothing");
+});
+
 t.test("lines longer than a read, and a torn last line, are read back right", async (t) => {
   const dir = await tempDir(t, "shoal-job-logs-");
   const logs = new LogStore(dir);

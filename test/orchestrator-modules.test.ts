@@ -67,6 +67,12 @@ t.test("a module is stored once, read in parts, and copied from the cluster's ob
   await fs.writeFile(path.join(root, "b", "modules", `${digest.slice(7)}.wasm.abc.tmp`), "half");
   await b.store.init();
   t.same(await fs.readdir(path.join(root, "b", "modules")), [`${digest.slice(7)}.wasm`]);
+
+  // A store remembers the copies it has, and forgets one it removes: put again, it is written again.
+  await a.store.remove(digest);
+  t.same(await fs.readdir(path.join(root, "a", "modules")), []);
+  await a.store.put(digest, module);
+  t.same(await fs.readdir(path.join(root, "a", "modules")), [`${digest.slice(7)}.wasm`], "written again");
 });
 
 t.test("a module goes when no job named it at two collections in a row, unless pinned", async (t) => {
