@@ -99,9 +99,12 @@ if (skip) {
       );
       t.equal(job.Executions[0]?.Stdout, "upper: wrote /outputs/out.txt\n", "what the run printed is kept");
       t.same(job.Executions[0]?.Results, [], "no files");
-      // Once the failure is acknowledged nothing is left behind: the disk is free for the next job.
+      // Once the failure is acknowledged nothing is left behind but the spare manifests kept
+      // for reuse (see ResultSpool): the disk is free for the next job.
       await waitUntil("the spool is empty", async () =>
-        (await filesUnder(path.join(nodeDir, "spool"))).length === 0 ? true : undefined,
+        (await filesUnder(path.join(nodeDir, "spool"))).every((f) => /^\.spare-\d+\.tmp$/.test(f))
+          ? true
+          : undefined,
       );
       const hello = await submitJob(orch, "configs/jobs/hello.yaml");
       await waitForJob(orch, hello, "completes on the same node", (j) => j.State === "Completed");
