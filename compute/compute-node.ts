@@ -60,6 +60,12 @@ export const DEFAULT_REQUEST_TIMEOUT_MS = 10_000;
 export const DEFAULT_BID_RESERVATION_MS = 60_000;
 /** A result refused (`stored: false`) this many times is dropped from the spool. */
 export const MAX_RESULT_REFUSALS = 3;
+/**
+ * Results a node has sent and not yet had answered, at most: each waits for
+ * the orchestrator's durable write before its answer, so one at a time capped
+ * a node near 1 / (that round trip) results a second.
+ */
+export const DELIVERY_WINDOW = 16;
 /** Longest pause between retries (registration, result delivery, first connection). @default 30 s */
 export const MAX_RETRY_BACKOFF_MS = 30_000;
 /** While the broker has not admitted a new identity, the "still waiting" warning repeats at most this often. @default 5 min */
@@ -974,64 +980,102 @@ export class ComputeNode {
     );
   }
 
-  /** Sends spooled results one at a time, oldest first, until each is acknowledged or refused for good. */
+  /**
+   * Sends spooled results, oldest first, up to {@link DELIVERY_WINDOW} at once,
+   * until each is acknowledged or refused for good. A delivery that fails
+   * (no answer, no connection) holds back new sends for a backoff that doubles
+   * up to MAX_RETRY_BACKOFF_MS; the result is tried again after it.
+   */
   async #deliveryLoop(): Promise<void> {
-    let delay = this.#o.retryBaseMs ?? 500;
+    const base = this.#o.retryBaseMs ?? 500;
+    let delay = base;
+    let retryAt = 0;
+    const inFlight = new Map<string, Promise<void>>();
     // Runs on while closing, so results spooled by the drain still get their chance.
     while (this.#phase === "running" || this.#phase === "closing") {
-      const next = this.#deliveries.values().next();
-      if (next.done || !this.#canDeliver()) {
-        await this.#sleep(MAX_RETRY_BACKOFF_MS);
+      const wait = retryAt - Date.now();
+      if (!this.#canDeliver() || wait > 0) {
+        await this.#sleep(wait > 0 ? wait : MAX_RETRY_BACKOFF_MS);
         continue;
       }
-      const pending = next.value;
-      const executionId = pending.entry.result.executionId;
-      try {
-        const reply = await this.#deliver(pending);
-        delay = this.#o.retryBaseMs ?? 500;
-        if (reply.stored) {
-          this.#deliveries.delete(executionId);
-          // The next result need not wait for this removal (slow where freeing disk blocks is).
-          const removal = this.#unspool(pending).then(
-            () => {
-              this.#log.info({ executionId }, "result acknowledged");
-              this.#emit({ type: "result-acknowledged", executionId });
-            },
-            (err) => this.#log.warn({ executionId, err }, "acknowledged result not removed from the spool"),
-          );
-          this.#removals.add(removal);
-          void removal.finally(() => this.#removals.delete(removal));
-          this.#wake();
-          continue;
-        }
-        pending.refusals++;
-        const reason = reply.reason ?? "no reason given";
-        const dropped = pending.refusals >= MAX_RESULT_REFUSALS;
-        this.#log.warn(
-          { executionId, reason, refusals: pending.refusals, dropped },
-          "result refused by the orchestrator",
-        );
-        if (dropped) {
-          this.#deliveries.delete(executionId);
-          await this.#unspool(pending);
-          this.#emit({ type: "result-refused", executionId, reason, dropped });
-          this.#wake();
-          continue;
-        }
-        this.#emit({ type: "result-refused", executionId, reason, dropped });
-        // Move it to the back so one refused result does not hold up the others.
-        this.#deliveries.delete(executionId);
-        this.#deliveries.set(executionId, pending);
-      } catch (err) {
-        const code = (err as { code?: string }).code;
-        this.#log.warn(
-          { executionId, code, reason: (err as Error).message },
-          "result not delivered; will retry",
-        );
+      const pending =
+        inFlight.size < DELIVERY_WINDOW ? this.#nextDelivery((id) => inFlight.has(id)) : undefined;
+      if (!pending) {
+        await this.#sleep(MAX_RETRY_BACKOFF_MS); // woken by a new result or an answer
+        continue;
       }
-      await this.#sleep(jitter(delay));
-      delay = Math.min(delay * 2, MAX_RETRY_BACKOFF_MS);
+      const executionId = pending.entry.result.executionId;
+      const sent = this.#deliverOnce(pending).then((ok) => {
+        if (ok) delay = base;
+        else {
+          retryAt = Date.now() + jitter(delay);
+          delay = Math.min(delay * 2, MAX_RETRY_BACKOFF_MS);
+        }
+      });
+      inFlight.set(
+        executionId,
+        sent.finally(() => {
+          inFlight.delete(executionId);
+          this.#wake();
+        }),
+      );
     }
+    await Promise.all(inFlight.values());
+  }
+
+  /** The oldest result waiting for delivery that `sending` does not name. */
+  #nextDelivery(sending: (executionId: string) => boolean): PendingDelivery | undefined {
+    for (const [executionId, pending] of this.#deliveries) if (!sending(executionId)) return pending;
+    return undefined;
+  }
+
+  /**
+   * Sends one result and acts on the answer: acknowledged, it leaves the spool
+   * (off the next sends' path); refused, it goes to the back of the queue, or
+   * is dropped after MAX_RESULT_REFUSALS. False when it could not be sent or is
+   * to be sent again.
+   */
+  async #deliverOnce(pending: PendingDelivery): Promise<boolean> {
+    const executionId = pending.entry.result.executionId;
+    let reply: MessageBody<"result-reply">;
+    try {
+      reply = await this.#deliver(pending);
+    } catch (err) {
+      const code = (err as { code?: string }).code;
+      this.#log.warn(
+        { executionId, code, reason: (err as Error).message },
+        "result not delivered; will retry",
+      );
+      return false;
+    }
+    if (reply.stored) {
+      this.#deliveries.delete(executionId);
+      // The next result need not wait for this removal (slow where freeing disk blocks is).
+      const removal = this.#unspool(pending).then(
+        () => {
+          this.#log.info({ executionId }, "result acknowledged");
+          this.#emit({ type: "result-acknowledged", executionId });
+        },
+        (err) => this.#log.warn({ executionId, err }, "acknowledged result not removed from the spool"),
+      );
+      this.#removals.add(removal);
+      void removal.finally(() => this.#removals.delete(removal));
+      return true;
+    }
+    pending.refusals++;
+    const reason = reply.reason ?? "no reason given";
+    const dropped = pending.refusals >= MAX_RESULT_REFUSALS;
+    this.#log.warn(
+      { executionId, reason, refusals: pending.refusals, dropped },
+      "result refused by the orchestrator",
+    );
+    this.#deliveries.delete(executionId);
+    if (dropped) await this.#unspool(pending);
+    // Else to the back, so one refused result does not hold up the others.
+    else this.#deliveries.set(executionId, pending);
+    this.#emit({ type: "result-refused", executionId, reason, dropped });
+    // A refusal kept for another try backs off like a failure: the orchestrator's store may be failing.
+    return dropped;
   }
 
   /**

@@ -5,7 +5,7 @@ import os from "node:os";
 import path from "node:path";
 import { promisify } from "node:util";
 import t from "tap";
-import { ComputeNode, type ComputeNodeEvent, ResultSpool } from "../compute/index.js";
+import { ComputeNode, type ComputeNodeEvent, failedOutcome, ResultSpool } from "../compute/index.js";
 import { computeConfig, OrchestratorStandIn } from "./helpers/compute-standin.js";
 import { startTestFabric, type TestIdentity } from "./helpers/nats.js";
 import { spoolEntries } from "./helpers/records.js";
@@ -179,12 +179,35 @@ t.test(
     );
     const later = await orch.next("result", (b) => b.executionId === "exec-o2", 10_000);
     t.equal(later.body.stdout, "small\n", "the later result is delivered");
-    // In the spool's order: the failure in place of the first, then the second.
-    await until((e) => e.type === "result-acknowledged" && e.executionId === "exec-o1");
-    await until((e) => e.type === "result-acknowledged" && e.executionId === "exec-o2");
+    // Both acknowledged, the failure in place of the first (sent side by side: in either order).
+    const acknowledged = new Set<string>();
+    await until((e) => {
+      if (e.type === "result-acknowledged") acknowledged.add(e.executionId);
+      return acknowledged.has("exec-o1") && acknowledged.has("exec-o2");
+    });
     t.same(await spoolEntries(path.join(dataDir, "spool")), [], "both leave the spool");
   },
 );
+
+t.test("results are sent side by side, each without waiting for the answer to another", async (t) => {
+  const identity = await fabric.identity("compute", "node-window");
+  const dataDir = path.join(root, "window");
+  const spool = new ResultSpool(path.join(dataDir, "spool"));
+  await spool.init();
+  const ids = ["exec-w1", "exec-w2", "exec-w3"];
+  for (const executionId of ids) {
+    await spool.put("job-w", { ...failedOutcome(executionId, "kept"), state: "Completed", exitCode: 0 }, []);
+  }
+  // Never answered: one result at a time, the node would send the first again and again.
+  orch.resultReply = () => undefined;
+  t.teardown(() => {
+    orch.resultReply = () => ({ stored: true });
+  });
+  await startNode(identity, dataDir);
+  for (const executionId of ids) {
+    t.ok(await orch.next("result", (b) => b.executionId === executionId, 5000), `${executionId} sent`);
+  }
+});
 
 t.test("a second node on the same data directory is refused", async (t) => {
   const identity = await fabric.identity("compute", "node-lock");
