@@ -338,13 +338,19 @@ export class KvTable<T> {
     if (this.#scheduled) return;
     this.#scheduled = new Promise<void>((resolve) => {
       setImmediate(() => {
-        this.#scheduled = undefined;
-        const batch = this.#dirty;
-        this.#dirty = new Map();
-        for (const key of batch.keys()) this.#queued.add(key);
         // Batches are written one after another so a key's later value never
-        // overtakes an earlier one.
-        this.#flushing = this.#flushing.then(() => this.#write(batch));
+        // overtakes an earlier one. A batch takes what is dirty when its turn
+        // comes, not when it was scheduled (group commit): what is written
+        // while the batch before it is being stored joins it, so under load
+        // writes wait for one batch at most instead of queueing behind a
+        // chain of small batches, one round trip each.
+        this.#flushing = this.#flushing.then(() => {
+          this.#scheduled = undefined;
+          const batch = this.#dirty;
+          this.#dirty = new Map();
+          for (const key of batch.keys()) this.#queued.add(key);
+          return this.#write(batch);
+        });
         this.#flushing.then(resolve, resolve);
       });
     });

@@ -8,7 +8,7 @@ import { JobService, type JobServiceOptions } from "../orchestrator/job-service.
 import type { ExecutionRecord, JobEvent, JobRecord } from "../orchestrator/records.js";
 import { BUCKETS, HISTORY_KEPT_MS, StateStore } from "../orchestrator/state-store.js";
 import { startJetStream, tempDir } from "./helpers/cluster.js";
-import { withFailingPublish } from "./helpers/failing-js.js";
+import { withFailingPublish, withSlowPublish } from "./helpers/failing-js.js";
 import { testNodeService } from "./helpers/node-service.js";
 import { eventually, executionRecord, jobRecord } from "./helpers/records.js";
 
@@ -59,6 +59,29 @@ t.test("state survives a reconnect: memory first, KV behind, coalesced writes", 
     ["e-1"],
     "the job → executions index is rebuilt",
   );
+});
+
+t.test("writes made while a batch is being stored join the next batch, not a batch each", async (t) => {
+  const url = await startJetStream(t, await tempDir(t, "shoal-state-"));
+  const nc = await connect({ servers: url });
+  t.teardown(() => nc.close());
+  const js = jetstream(nc);
+  // Each write takes 50 ms, as under load: far longer than a turn of the event loop.
+  const store = await StateStore.open(withSlowPublish(js, 50), silentLogger);
+  t.teardown(() => store.close());
+  const jsm = await js.jetstreamManager();
+  const writes = async () => (await jsm.streams.info("KV_shoal-jobs")).state.last_seq;
+  const before = await writes();
+  const j = job("j-1", 1);
+  store.putJob(j);
+  await new Promise((r) => setImmediate(r)); // the first batch is on its way
+  for (let i = 0; i < 10; i++) {
+    store.putJob({ ...j, StateMessage: `change ${i}` });
+    await new Promise((r) => setImmediate(r));
+  }
+  await store.flush();
+  t.equal(store.jobs.get("j-1")?.StateMessage, "change 9");
+  t.equal((await writes()) - before, 2, "the first value, then the last: not one batch per turn (11)");
 });
 
 function running(id: string, jobId: string): ExecutionRecord {

@@ -21,3 +21,16 @@ export function withFailingPublish(
         : Reflect.get(target, prop, receiver),
   });
 }
+
+/** `js`, whose publishes (the KV writes) go through `ms` later, as to a slow JetStream. */
+export function withSlowPublish(js: JetStreamClient, ms: number): JetStreamClient {
+  return new Proxy(js, {
+    get: (target, prop, receiver) =>
+      prop === "publish"
+        ? async (...args: unknown[]) => {
+            await new Promise((r) => setTimeout(r, ms));
+            return (target.publish as (...a: unknown[]) => unknown).apply(target, args);
+          }
+        : Reflect.get(target, prop, receiver),
+  });
+}
