@@ -66,6 +66,11 @@ export const MAX_RESULT_REFUSALS = 3;
  * a node near 1 / (that round trip) results a second.
  */
 export const DELIVERY_WINDOW = 16;
+/**
+ * Of those, results with files, at most: the orchestrator stages each one's
+ * chunks (up to the byte budget of a result) until its manifest comes.
+ */
+export const DELIVERY_WINDOW_WITH_FILES = 2;
 /** Longest pause between retries (registration, result delivery, first connection). @default 30 s */
 export const MAX_RETRY_BACKOFF_MS = 30_000;
 /** While the broker has not admitted a new identity, the "still waiting" warning repeats at most this often. @default 5 min */
@@ -981,7 +986,9 @@ export class ComputeNode {
   }
 
   /**
-   * Sends spooled results, oldest first, up to {@link DELIVERY_WINDOW} at once,
+   * Sends spooled results, oldest first, up to {@link DELIVERY_WINDOW} at once
+   * ({@link DELIVERY_WINDOW_WITH_FILES} of them with files; a result without
+   * files may go past one with files that waits for its turn),
    * until each is acknowledged or refused for good. A delivery that fails
    * (no answer, no connection) holds back new sends for a backoff that doubles
    * up to MAX_RETRY_BACKOFF_MS; the result is tried again after it.
@@ -991,6 +998,7 @@ export class ComputeNode {
     let delay = base;
     let retryAt = 0;
     const inFlight = new Map<string, Promise<void>>();
+    let withFiles = 0;
     // Runs on while closing, so results spooled by the drain still get their chance.
     while (this.#phase === "running" || this.#phase === "closing") {
       const wait = retryAt - Date.now();
@@ -999,12 +1007,16 @@ export class ComputeNode {
         continue;
       }
       const pending =
-        inFlight.size < DELIVERY_WINDOW ? this.#nextDelivery((id) => inFlight.has(id)) : undefined;
+        inFlight.size < DELIVERY_WINDOW
+          ? this.#nextDelivery((id) => inFlight.has(id), withFiles < DELIVERY_WINDOW_WITH_FILES)
+          : undefined;
       if (!pending) {
         await this.#sleep(MAX_RETRY_BACKOFF_MS); // woken by a new result or an answer
         continue;
       }
       const executionId = pending.entry.result.executionId;
+      const files = pending.entry.result.files.length > 0;
+      if (files) withFiles++;
       const sent = this.#deliverOnce(pending).then((ok) => {
         if (ok) delay = base;
         else {
@@ -1016,6 +1028,7 @@ export class ComputeNode {
         executionId,
         sent.finally(() => {
           inFlight.delete(executionId);
+          if (files) withFiles--;
           this.#wake();
         }),
       );
@@ -1023,9 +1036,11 @@ export class ComputeNode {
     await Promise.all(inFlight.values());
   }
 
-  /** The oldest result waiting for delivery that `sending` does not name. */
-  #nextDelivery(sending: (executionId: string) => boolean): PendingDelivery | undefined {
-    for (const [executionId, pending] of this.#deliveries) if (!sending(executionId)) return pending;
+  /** The oldest result waiting for delivery that `sending` does not name; with files only when `files`. */
+  #nextDelivery(sending: (executionId: string) => boolean, files: boolean): PendingDelivery | undefined {
+    for (const [executionId, pending] of this.#deliveries) {
+      if (!sending(executionId) && (files || pending.entry.result.files.length === 0)) return pending;
+    }
     return undefined;
   }
 

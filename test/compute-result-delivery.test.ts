@@ -1,5 +1,6 @@
 import "reflect-metadata";
 import { execFile } from "node:child_process";
+import { createHash } from "node:crypto";
 import { promises as fs } from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -207,6 +208,46 @@ t.test("results are sent side by side, each without waiting for the answer to an
   for (const executionId of ids) {
     t.ok(await orch.next("result", (b) => b.executionId === executionId, 5000), `${executionId} sent`);
   }
+});
+
+t.test("at most two results with files are in flight; one without goes past those waiting", async (t) => {
+  const identity = await fabric.identity("compute", "node-window-files");
+  const dataDir = path.join(root, "window-files");
+  const spool = new ResultSpool(path.join(dataDir, "spool"));
+  await spool.init();
+  const data = Buffer.from("result bytes\n");
+  const digest = createHash("sha256").update(data).digest("hex");
+  const file = {
+    name: "outputs/out.txt",
+    size: data.length,
+    sha256: digest,
+    chunks: [{ sha256: digest, data }],
+  };
+  const completed = (executionId: string) => ({
+    ...failedOutcome(executionId, ""),
+    state: "Completed" as const,
+    exitCode: 0,
+  });
+  for (const executionId of ["exec-f1", "exec-f2", "exec-f3"])
+    await spool.put("job-f", completed(executionId), [file]);
+  await spool.put("job-f", completed("exec-plain"), []);
+  orch.resultReply = () => undefined; // never answered: the first two are sent again and again
+  t.teardown(() => {
+    orch.resultReply = () => ({ stored: true });
+  });
+  await startNode(identity, dataDir);
+  t.ok(
+    await orch.next("result", (b) => b.executionId === "exec-plain", 5000),
+    "the result without files is sent",
+  );
+  await new Promise((r) => setTimeout(r, 1000));
+  const sent = new Set(
+    orch.received
+      .filter((e) => e.kind === "result")
+      .map((e) => (e.body as { executionId: string }).executionId),
+  );
+  t.ok(sent.has("exec-f1") && sent.has("exec-f2"), "the two oldest with files are sent");
+  t.notOk(sent.has("exec-f3"), "the third waits for one of them");
 });
 
 t.test("a second node on the same data directory is refused", async (t) => {
