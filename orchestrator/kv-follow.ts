@@ -185,9 +185,11 @@ export const READ_BATCH_MESSAGES = 32;
 export async function readBucket(
   js: JetStreamClient,
   bucket: string,
-  idleCheckMs = READ_IDLE_CHECK_MS,
-  batchMessages = READ_BATCH_MESSAGES,
-  keysOnly = false,
+  {
+    idleCheckMs = READ_IDLE_CHECK_MS,
+    batchMessages = READ_BATCH_MESSAGES,
+    keysOnly = false,
+  }: { idleCheckMs?: number; batchMessages?: number; keysOnly?: boolean } = {},
 ): Promise<(KvChange & { value: Uint8Array })[]> {
   const prefix = `$KV.${bucket}.`;
   const consumer = await js.consumers.get(`KV_${bucket}`, {

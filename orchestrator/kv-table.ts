@@ -110,13 +110,7 @@ export class KvTable<T> {
       );
     }
     const lazy = options.lazy === true;
-    for (const { key, revision, value } of await readBucket(
-      options.js,
-      options.bucket,
-      undefined,
-      undefined,
-      lazy,
-    )) {
+    for (const { key, revision, value } of await readBucket(options.js, options.bucket, { keysOnly: lazy })) {
       if (!lazy) table.#setRow(key, parse<T>(value));
       table.#revisions.set(key, revision);
     }

@@ -201,7 +201,11 @@ t.test("a bucket is read whole in one stream: each key's last value, no deleted 
     "each with its own value",
   );
   // Asked every millisecond whether anything is still to come, the read still waits for all of it.
-  t.equal((await readBucket(js, "follow", 1)).length, many, "idle checks do not cut it short");
+  t.equal(
+    (await readBucket(js, "follow", { idleCheckMs: 1 })).length,
+    many,
+    "idle checks do not cut it short",
+  );
 });
 
 t.test("a read slower than the server sends is not cut short: it asks for a little at a time", async (t) => {
@@ -269,7 +273,7 @@ t.test(
       return consume();
     });
     const started = performance.now();
-    t.same(await readBucket(purged, "follow", 200), [], "nothing is left");
+    t.same(await readBucket(purged, "follow", { idleCheckMs: 200 }), [], "nothing is left");
     t.ok(performance.now() - started < 5_000, "ended by the idle check, not the 30 s heartbeat");
   },
 );
@@ -305,5 +309,9 @@ t.test("a read whose messages are delivered but not read yet is not ended by the
       },
     });
   });
-  t.equal((await readBucket(slow, "follow", 5)).length, 20, "every key, though checks came in between");
+  t.equal(
+    (await readBucket(slow, "follow", { idleCheckMs: 5 })).length,
+    20,
+    "every key, though checks came in between",
+  );
 });
