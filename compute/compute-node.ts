@@ -1017,7 +1017,13 @@ export class ComputeNode {
       const executionId = pending.entry.result.executionId;
       const files = pending.entry.result.files.length > 0;
       if (files) withFiles++;
-      const sent = this.#deliverOnce(pending).then((ok) => {
+      const sent = this.#deliverOnce(pending).then(undefined, (err: unknown) => {
+        // Not the send (#deliverOnce catches that) but the removal of a dropped result's spool
+        // entry: never an unhandled rejection; the entry stays on disk for the next start.
+        this.#log.warn({ executionId, err }, "a dropped result's spool entry was not removed");
+        return false;
+      });
+      const paced = sent.then((ok) => {
         if (ok) delay = base;
         else {
           retryAt = Date.now() + jitter(delay);
@@ -1026,7 +1032,7 @@ export class ComputeNode {
       });
       inFlight.set(
         executionId,
-        sent.finally(() => {
+        paced.finally(() => {
           inFlight.delete(executionId);
           if (files) withFiles--;
           this.#wake();
