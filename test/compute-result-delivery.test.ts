@@ -150,6 +150,37 @@ t.test("a result the orchestrator keeps refusing is dropped after the limit", as
   t.same(await spoolEntries(path.join(dataDir, "spool")), []);
 });
 
+t.test("a dropped result whose spool entry cannot be removed is logged; the node carries on", async (t) => {
+  const identity = await fabric.identity("compute", "node-stuck");
+  const dataDir = path.join(root, "stuck");
+  const spoolDir = path.join(dataDir, "spool");
+  const spool = new ResultSpool(spoolDir);
+  await spool.init();
+  await spool.put("job-s", { ...failedOutcome("exec-stuck", ""), state: "Completed", exitCode: 0 }, []);
+  // Immutable: not even root may rename or unlink in it (permissions would not stop root).
+  const immutable = await promisify(execFile)("chattr", ["+i", spoolDir]).then(
+    () => true,
+    (err: Error) => {
+      t.plan(0, `the file system has no immutable flag (chattr: ${err.message.trim()})`);
+      return false;
+    },
+  );
+  if (!immutable) return;
+  t.teardown(() => promisify(execFile)("chattr", ["-i", spoolDir]));
+  orch.resultReply = () => ({ stored: false, reason: "not wanted" });
+  t.teardown(() => {
+    orch.resultReply = () => ({ stored: true });
+  });
+  const { node } = await startNode(identity, dataDir);
+  for (let i = 0; i < 3; i++) await orch.next("result", (b) => b.executionId === "exec-stuck", 10_000);
+  const stopped = await Promise.race([
+    node.closed(),
+    new Promise((r) => setTimeout(() => r("running"), 500)),
+  ]);
+  t.equal(stopped, "running", "no unhandled rejection stopped the node");
+  t.same(await spoolEntries(spoolDir), ["exec-stuck.json"], "the entry stays for the next start");
+});
+
 t.test(
   "a spooled result larger than the broker accepts is reported as failed and does not hold up later ones",
   async (t) => {
