@@ -1017,13 +1017,7 @@ export class ComputeNode {
       const executionId = pending.entry.result.executionId;
       const files = pending.entry.result.files.length > 0;
       if (files) withFiles++;
-      const sent = this.#deliverOnce(pending).then(undefined, (err: unknown) => {
-        // Not the send (#deliverOnce catches that) but the removal of a dropped result's spool
-        // entry: never an unhandled rejection; the entry stays on disk for the next start.
-        this.#log.warn({ executionId, err }, "a dropped result's spool entry was not removed");
-        return false;
-      });
-      const paced = sent.then((ok) => {
+      const paced = this.#deliverOnce(pending).then((ok) => {
         if (ok) delay = base;
         else {
           retryAt = Date.now() + jitter(delay);
@@ -1054,7 +1048,8 @@ export class ComputeNode {
    * Sends one result and acts on the answer: acknowledged, it leaves the spool
    * (off the next sends' path); refused, it goes to the back of the queue, or
    * is dropped after MAX_RESULT_REFUSALS. False when it could not be sent or is
-   * to be sent again.
+   * to be sent again. Never rejects: each delivery runs on its own, with no
+   * caller to catch it.
    */
   async #deliverOnce(pending: PendingDelivery): Promise<boolean> {
     const executionId = pending.entry.result.executionId;
@@ -1091,7 +1086,15 @@ export class ComputeNode {
       "result refused by the orchestrator",
     );
     this.#deliveries.delete(executionId);
-    if (dropped) await this.#unspool(pending);
+    if (dropped) {
+      try {
+        await this.#unspool(pending);
+      } catch (err) {
+        // The entry stays on disk, for the next start.
+        this.#log.warn({ executionId, err }, "a dropped result's spool entry was not removed");
+        return false;
+      }
+    }
     // Else to the back, so one refused result does not hold up the others.
     else this.#deliveries.set(executionId, pending);
     this.#emit({ type: "result-refused", executionId, reason, dropped });
