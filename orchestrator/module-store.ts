@@ -88,7 +88,7 @@ export class ModuleStore {
   async has(digest: string): Promise<boolean> {
     const hex = hexOf(digest);
     if (!hex) return false;
-    if (await isFile(this.#file(hex))) return true;
+    if (await this.#hasLocal(hex)) return true;
     if (!this.#shared) return false;
     const info = await objectInfo(this.#shared.jsm, MODULES_BUCKET, hex);
     return info !== undefined && !info.deleted;
@@ -150,17 +150,24 @@ export class ModuleStore {
 
   /** Writes the local copy of the bytes `content` gives (atomically) unless it exists. */
   async #writeLocal(hex: string, content: () => Promise<Uint8Array>): Promise<void> {
-    if (this.#local.has(hex)) return;
     const under = this.#copying.get(hex);
     if (under) return under;
+    if (await this.#hasLocal(hex)) return;
     const target = this.#file(hex);
-    if (await isFile(target)) return this.#known(hex);
     const copy = (async () => {
       await writeFileAtomic(target, await content(), 0o600);
       this.#known(hex);
     })().finally(() => this.#copying.delete(hex));
     this.#copying.set(hex, copy);
     return copy;
+  }
+
+  /** Whether this disk has the module: known to, or its file found (and then known). */
+  async #hasLocal(hex: string): Promise<boolean> {
+    if (this.#local.has(hex)) return true;
+    if (!(await isFile(this.#file(hex)))) return false;
+    this.#known(hex);
+    return true;
   }
 
   #known(hex: string): void {
@@ -170,7 +177,7 @@ export class ModuleStore {
 
   /** Makes sure this disk has the module, copying it from the cluster's object store; false when nowhere. */
   async #ensureLocal(hex: string): Promise<boolean> {
-    if (await isFile(this.#file(hex))) return true;
+    if (await this.#hasLocal(hex)) return true;
     const shared = this.#shared;
     if (!shared) return false;
     const info = await objectInfo(shared.jsm, MODULES_BUCKET, hex);
