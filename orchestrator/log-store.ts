@@ -74,6 +74,9 @@ interface Counts {
   size: number;
 }
 
+/** The counts of a job with no lines. */
+const noCounts = (): Counts => ({ lastSeq: new Map(), bytes: new Map(), size: 0 });
+
 /** A line as it is written: where it starts in the job's file, and the offset after it. */
 interface WrittenLine {
   entry: LogEntry;
@@ -243,7 +246,7 @@ export class LogStore {
    * stored without looking for its file (one file-system call fewer per job).
    */
   created(jobId: string): void {
-    if (!this.#counts.has(jobId)) this.#keep(jobId, { lastSeq: new Map(), bytes: new Map(), size: 0 });
+    if (!this.#counts.has(jobId)) this.#keep(jobId, noCounts());
   }
 
   /** The job's counts: kept ones (now the most recent), else worked out from its file. */
@@ -266,7 +269,7 @@ export class LogStore {
   }
 
   async #count(jobId: string): Promise<Counts> {
-    const counts: Counts = { lastSeq: new Map(), bytes: new Map(), size: 0 };
+    const counts = noCounts();
     // A job's first line: no file yet, nothing more to ask.
     const file = await this.#open(jobId);
     if (!file) return counts;
