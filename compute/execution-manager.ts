@@ -1,5 +1,5 @@
 import { randomUUID } from "node:crypto";
-import { constants, type Dirent, promises as fs } from "node:fs";
+import { constants, type Dirent, promises as fs, ftruncateSync, opendirSync, writeSync } from "node:fs";
 import path from "node:path";
 import { type JobSpec, type Logger, within } from "../core/index.js";
 import { type MessageBody, RESULT_LOG_TAIL_BYTES, type Submitter } from "../fabric/index.js";
@@ -357,8 +357,9 @@ export class ExecutionManager {
     const room = () =>
       !this.#draining && this.#ready.length < (this.#o.idleWorkDirs ?? DEFAULT_IDLE_WORK_DIRS);
     try {
-      if (workDir !== undefined && reuse && room() && (await asMade(workDir))) {
-        await this.#markers.get(workDir)?.truncate(0);
+      if (workDir !== undefined && reuse && room() && asMade(workDir)) {
+        const marker = this.#markers.get(workDir);
+        if (marker) ftruncateSync(marker.fd, 0);
         if (room()) {
           this.#ready.push(workDir);
           return;
@@ -377,7 +378,10 @@ export class ExecutionManager {
    * Writes a work directory's marker (its file opened once, see #markers).
    * Over an empty one, from its start: never truncated by the open, as ext4
    * flushes a file truncated to nothing by its open when it is closed
-   * (auto_da_alloc), a disk write per execution.
+   * (auto_da_alloc), a disk write per execution. The write, and the
+   * truncation when the directory is given back, are synchronous: each takes
+   * a few microseconds, its libuv round trip ten times that (docs/compute.md,
+   * "Small file-system calls").
    */
   async #mark(workDir: string, data: Buffer): Promise<void> {
     let marker = this.#markers.get(workDir);
@@ -385,7 +389,7 @@ export class ExecutionManager {
       marker = await fs.open(path.join(workDir, MARKER), constants.O_WRONLY | constants.O_CREAT, 0o600);
       this.#markers.set(workDir, marker);
     }
-    await marker.write(data, 0, data.length, 0);
+    writeSync(marker.fd, data, 0, data.length, 0);
   }
 
   /**
@@ -572,17 +576,32 @@ export class ExecutionManager {
 }
 
 /**
- * Whether a work directory holds only what the manager made: its marker (a
- * regular file), and `inputs/` and `outputs/` with nothing in them.
+ * Whether every entry of `dir` passes `ok`, reading no further than the first
+ * that does not: a directory a program filled is not listed whole.
  */
-async function asMade(workDir: string): Promise<boolean> {
-  const [top, inputs, outputs] = await Promise.all([
-    fs.readdir(workDir, { withFileTypes: true }),
-    fs.readdir(path.join(workDir, INPUTS)),
-    fs.readdir(path.join(workDir, OUTPUTS)),
-  ]);
+function everyEntry(dir: string, ok: (d: Dirent) => boolean): boolean {
+  const listing = opendirSync(dir);
+  try {
+    for (let d = listing.readSync(); d !== null; d = listing.readSync()) if (!ok(d)) return false;
+    return true;
+  } finally {
+    listing.closeSync();
+  }
+}
+
+/**
+ * Whether a work directory holds only what the manager made: its marker (a
+ * regular file), and `inputs/` and `outputs/` with nothing in them. Read
+ * synchronously (docs/compute.md, "Small file-system calls").
+ */
+function asMade(workDir: string): boolean {
   const made = (d: Dirent) => (d.name === MARKER ? d.isFile() : MADE_DIRS.has(d.name) && d.isDirectory());
-  return inputs.length === 0 && outputs.length === 0 && top.every(made);
+  const nothing = () => false;
+  return (
+    everyEntry(workDir, made) &&
+    everyEntry(path.join(workDir, INPUTS), nothing) &&
+    everyEntry(path.join(workDir, OUTPUTS), nothing)
+  );
 }
 
 /** A Failed outcome with no output, for executions that never produced one. */

@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import { promises as fs } from "node:fs";
+import { closeSync, promises as fs, ftruncateSync, openSync, renameSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { unlinkIfPresent, writeFileAtomic } from "../core/index.js";
 import type { MessageBody } from "../fabric/index.js";
@@ -74,7 +74,9 @@ function sha256Hex(data: Uint8Array): string {
  * (ext4 without a journal) each of those costs: a new file's inode is looked
  * for past every inode freed in the last 30 s, and a file truncated to nothing
  * and written again is flushed when it is closed (`auto_da_alloc`). Spares
- * count as temporary files: a restart sweeps them.
+ * count as temporary files: a restart sweeps them. Writing over a spare and
+ * the renames are synchronous calls: each takes a few microseconds, its
+ * libuv round trip ten times that (docs/compute.md, "Small file-system calls").
  *
  * Nothing is fsynced: an entry survives a crash of the node's process (the
  * kernel holds the bytes before the result is sent), not necessarily a crash
@@ -89,8 +91,6 @@ export class ResultSpool {
   readonly #root: string;
   /** Spare manifest files, ready to be written over (see the class comment). */
   readonly #spares: string[] = [];
-  /** Manifests being renamed into spares. */
-  #sparing = 0;
   #spareNames = 0;
 
   /** @param root the spool directory, normally `DATA-DIR/spool` */
@@ -205,8 +205,8 @@ export class ResultSpool {
     const spare = this.#spares.pop();
     if (spare !== undefined) {
       try {
-        await overwrite(spare, data);
-        await fs.rename(spare, manifest);
+        overwrite(spare, data);
+        renameSync(spare, manifest);
         return;
       } catch {
         await fs.rm(spare, { force: true }).catch(() => {});
@@ -217,16 +217,13 @@ export class ResultSpool {
 
   /** Takes a manifest out of the spool: kept as a spare while there is room, else unlinked. */
   async #retireManifest(manifest: string): Promise<void> {
-    if (this.#spares.length + this.#sparing >= MAX_SPARES) return unlinkIfPresent(manifest);
+    if (this.#spares.length >= MAX_SPARES) return unlinkIfPresent(manifest);
     const spare = path.join(this.#root, `.spare-${this.#spareNames++}.tmp`);
-    this.#sparing++;
     try {
-      await fs.rename(manifest, spare);
+      renameSync(manifest, spare);
       this.#spares.push(spare);
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
-    } finally {
-      this.#sparing--;
     }
   }
 
@@ -356,13 +353,13 @@ export class ResultSpool {
  * Writes `data` over `file`'s bytes from its start and cuts what is left
  * after them: never truncated to nothing first (see ResultSpool on auto_da_alloc).
  */
-async function overwrite(file: string, data: Buffer): Promise<void> {
-  const handle = await fs.open(file, "r+");
+function overwrite(file: string, data: Buffer): void {
+  const fd = openSync(file, "r+");
   try {
-    await handle.write(data, 0, data.length, 0);
-    await handle.truncate(data.length);
+    writeFileSync(fd, data);
+    ftruncateSync(fd, data.length);
   } finally {
-    await handle.close();
+    closeSync(fd);
   }
 }
 

@@ -1,4 +1,4 @@
-import { closeSync, ftruncate, open as openCallback } from "node:fs";
+import { closeSync, ftruncateSync, open as openCallback } from "node:fs";
 import path from "node:path";
 import { promisify } from "node:util";
 import { unlinkIfPresent } from "../../core/index.js";
@@ -7,7 +7,6 @@ import { unlinkIfPresent } from "../../core/index.js";
 export const DEFAULT_WASM_IDLE_STDIO = 8;
 
 const openFd = promisify(openCallback);
-const truncateFd = promisify(ftruncate);
 
 /** The host descriptors behind a WASM execution's descriptors 0, 1 and 2. */
 export interface StdioSet {
@@ -38,8 +37,6 @@ export interface StdioSet {
 export class StdioPool {
   readonly #idle: StdioSet[] = [];
   readonly #maxIdle: number;
-  /** Sets being emptied, awaited by {@link close}. */
-  readonly #emptying = new Set<Promise<void>>();
   #closed = false;
   #created = 0;
 
@@ -79,24 +76,26 @@ export class StdioPool {
    * Takes a set back after its execution (the module no longer runs): emptied
    * for reuse, or closed. `sizes`: what stdout and stderr hold, when read to
    * their end; a stream known to be empty is not truncated (one call fewer).
+   * Emptied synchronously: a truncation of a file in the page cache takes a
+   * few microseconds, its libuv round trip ten times that (docs/compute.md,
+   * "Small file-system calls").
    */
   release(set: StdioSet, sizes?: readonly [stdout: number, stderr: number]): void {
-    const written = [set.stdout, set.stderr].filter((_, i) => sizes?.[i] !== 0);
-    const emptying = Promise.all(written.map((fd) => truncateFd(fd, 0))).then(
-      () => {
-        if (this.#closed || this.#idle.length >= this.#maxIdle) closeSet(set);
-        else this.#idle.push(set);
-      },
-      () => closeSet(set),
-    );
-    this.#emptying.add(emptying);
-    void emptying.finally(() => this.#emptying.delete(emptying));
+    try {
+      [set.stdout, set.stderr].forEach((fd, i) => {
+        if (sizes?.[i] !== 0) ftruncateSync(fd, 0);
+      });
+    } catch {
+      closeSet(set);
+      return;
+    }
+    if (this.#closed || this.#idle.length >= this.#maxIdle) closeSet(set);
+    else this.#idle.push(set);
   }
 
-  /** Closes every idle set, after the ones being emptied. */
-  async close(): Promise<void> {
+  /** Closes every idle set; a set given back later is closed then. */
+  close(): void {
     this.#closed = true;
-    await Promise.all(this.#emptying);
     for (const set of this.#idle.splice(0)) closeSet(set);
   }
 }

@@ -80,7 +80,7 @@ export class WasmExecutor extends BaseExecutor {
 
   protected override async release(): Promise<void> {
     await this.#pool.close();
-    await this.#stdio.close();
+    this.#stdio.close();
   }
 
   protected async execute(req: EngineRunRequest, signal: AbortSignal): Promise<EngineRunResult> {
