@@ -36,6 +36,42 @@ t.test("the pool reuses a healthy worker and replaces a killed or retired one", 
   await t.rejects(pool.acquire(), { code: "SHOAL_ENGINE_CLOSED" });
 });
 
+t.test(
+  "an execution waiting for a busy worker takes the first one given back, and only after growAfterMs a new one",
+  async (t) => {
+    const pool = new WasmWorkerPool({ warm: 1, growAfterMs: 400 });
+    t.teardown(() => pool.close());
+    await pool.start();
+    const first = await pool.acquire();
+    const waiting = pool.acquire();
+    await new Promise((r) => setTimeout(r, 50));
+    t.equal(pool.size, 1, "no worker is started while the wait is shorter than growAfterMs");
+    pool.release(first);
+    t.equal(await waiting, first, "the worker given back serves the waiting execution");
+    t.equal(pool.size, 1);
+    const grown = await pool.acquire();
+    t.not(grown, first, "past growAfterMs another worker is started for it");
+    t.equal(pool.size, 2);
+    t.ok(grown.alive);
+  },
+);
+
+t.test("closing the pool refuses the executions waiting for a worker at once", async (t) => {
+  const pool = new WasmWorkerPool({ warm: 1, growAfterMs: 60_000 });
+  await pool.start();
+  await pool.acquire();
+  const waiting = pool.acquire().then(
+    () => "served",
+    (err: { code?: string }) => err.code,
+  );
+  await pool.close();
+  const outcome = await Promise.race([
+    waiting,
+    new Promise((r) => setTimeout(() => r("still waiting"), 2000)),
+  ]);
+  t.equal(outcome, "SHOAL_ENGINE_CLOSED");
+});
+
 // Memory and a mutable global both count up from their initial values: a
 // second run that saw the first run's instance would exit with 2.
 const COUNTER = `(module ${PROC_EXIT} (memory (export "memory") 1) (global $g (mut i32) (i32.const 0))

@@ -16,6 +16,13 @@ export const DEFAULT_WASM_WARM_WORKERS = 2;
 export const DEFAULT_WASM_IDLE_MS = 30_000;
 /** A worker is retired after this many executions, bounding whatever one could leave behind. @default 1000 */
 export const DEFAULT_WASM_RUNS_PER_WORKER = 1000;
+/**
+ * How long an execution waits for a busy worker before the pool starts
+ * another for it: about what starting one takes here (20–70 ms of wall time,
+ * ~70 ms of CPU), so a busy worker that is done sooner serves it instead.
+ * @default 25 ms
+ */
+export const DEFAULT_WASM_GROW_AFTER_MS = 25;
 
 /** The JS heap of a worker; WebAssembly memory is capped separately (capModuleMemory). */
 const RESOURCE_LIMITS = { maxOldGenerationSizeMb: 64, maxYoungGenerationSizeMb: 16, stackSizeMb: 4 };
@@ -27,6 +34,21 @@ export interface WasmWorkerPoolOptions {
   idleMs?: number;
   /** @default DEFAULT_WASM_RUNS_PER_WORKER */
   runsPerWorker?: number;
+  /** @default DEFAULT_WASM_GROW_AFTER_MS */
+  growAfterMs?: number;
+}
+
+/** A worker handed to a waiting execution; `started`: a new one started for it. */
+interface Handed {
+  worker: PooledWasmWorker;
+  started: boolean;
+}
+
+/** An execution waiting for a worker: the first worker given back, or a new one after growAfterMs. */
+interface Waiter {
+  take(handed: Handed): void;
+  refuse(err: Error): void;
+  grow: NodeJS.Timeout;
 }
 
 /**
@@ -105,19 +127,26 @@ export class PooledWasmWorker {
  * Warm worker threads for the WASM engine, so an execution does not pay for
  * starting a thread and loading the worker script (tens of milliseconds from
  * dist/, about a second under a TypeScript loader). `warm` workers are started
- * at once and replaced when one is killed; more are started when every worker
- * is busy, and those are stopped again after `idleMs` without work. Isolation
- * is per execution, not per thread: each run gets a fresh WASI and a fresh
- * instance (see wasm-worker.ts), and a worker that was killed, died or ran
- * `runsPerWorker` executions is never reused.
+ * at once and replaced when one is killed. When every worker is busy, an
+ * execution takes the first one given back, and only once it has waited
+ * `growAfterMs` is another started for it: a burst of short executions is
+ * served by the workers there are, where starting one per execution in the
+ * burst cost more CPU than the executions. Workers beyond the warm ones are
+ * stopped again after `idleMs` without work. Isolation is per execution, not
+ * per thread: each run gets a fresh WASI and a fresh instance (see
+ * wasm-worker.ts), and a worker that was killed, died or ran `runsPerWorker`
+ * executions is never reused.
  */
 export class WasmWorkerPool {
   readonly #warm: number;
   readonly #idleMs: number;
   readonly #runsPerWorker: number;
+  readonly #growAfterMs: number;
   readonly #idle: PooledWasmWorker[] = [];
   /** Workers handed out and not given back yet. */
   readonly #busy = new Set<PooledWasmWorker>();
+  /** Executions waiting for a worker, longest first. */
+  readonly #waiters: Waiter[] = [];
   #closed = false;
   #pruner: NodeJS.Timeout | undefined;
 
@@ -125,6 +154,7 @@ export class WasmWorkerPool {
     this.#warm = o.warm ?? DEFAULT_WASM_WARM_WORKERS;
     this.#idleMs = o.idleMs ?? DEFAULT_WASM_IDLE_MS;
     this.#runsPerWorker = o.runsPerWorker ?? DEFAULT_WASM_RUNS_PER_WORKER;
+    this.#growAfterMs = o.growAfterMs ?? DEFAULT_WASM_GROW_AFTER_MS;
   }
 
   /** Starts the warm workers and waits until they are loaded. */
@@ -140,30 +170,37 @@ export class WasmWorkerPool {
     return this.#idle.length;
   }
 
-  /** A ready worker for one execution: an idle one, else a new one. Give it back with {@link release}. */
+  /** Workers now, idle and busy (for tests and status). */
+  get size(): number {
+    return this.#idle.length + this.#busy.size;
+  }
+
+  /**
+   * A ready worker for one execution: an idle one, else the first one given
+   * back, else (after growAfterMs) a new one. Give it back with {@link release}.
+   */
   async acquire(): Promise<PooledWasmWorker> {
-    for (let worker = this.#idle.pop(); worker; worker = this.#idle.pop()) {
+    for (;;) {
+      if (this.#closed)
+        throw new EngineError(ENGINE_CODES.SHOAL_ENGINE_CLOSED, "the WASM worker pool is closed");
+      const idle = this.#idle.pop();
+      const { worker, started } = idle ? { worker: idle, started: false } : await this.#wait();
       this.#busy.add(worker);
-      await worker.ready.catch(() => {});
+      try {
+        await worker.ready;
+      } catch (cause) {
+        this.#busy.delete(worker);
+        if (!started) continue;
+        throw new EngineError(ENGINE_CODES.SHOAL_ENGINE_START_FAILED, "cannot start a WASM worker thread", {
+          cause,
+        });
+      }
       if (worker.alive && !this.#closed) return worker;
       this.#busy.delete(worker);
     }
-    if (this.#closed)
-      throw new EngineError(ENGINE_CODES.SHOAL_ENGINE_CLOSED, "the WASM worker pool is closed");
-    const worker = new PooledWasmWorker();
-    this.#busy.add(worker);
-    try {
-      await worker.ready;
-      return worker;
-    } catch (cause) {
-      this.#busy.delete(worker);
-      throw new EngineError(ENGINE_CODES.SHOAL_ENGINE_START_FAILED, "cannot start a WASM worker thread", {
-        cause,
-      });
-    }
   }
 
-  /** Takes a worker back: reused if it is healthy, else dropped and replaced. */
+  /** Takes a worker back: to the longest waiting execution or the idle ones if it is healthy, else dropped and replaced. */
   release(worker: PooledWasmWorker): void {
     this.#busy.delete(worker);
     if (this.#closed || !worker.alive || worker.runs >= this.#runsPerWorker) {
@@ -173,21 +210,51 @@ export class WasmWorkerPool {
     }
     worker.idleSince = Date.now();
     this.#idle.push(worker);
+    this.#serve();
   }
 
-  /** Stops every worker; busy ones are killed (their runs fail). */
+  /** Stops every worker; busy ones are killed (their runs fail), waiting executions refused. */
   async close(): Promise<void> {
     this.#closed = true;
     clearInterval(this.#pruner);
+    for (const waiter of this.#waiters.splice(0)) {
+      clearTimeout(waiter.grow);
+      waiter.refuse(new EngineError(ENGINE_CODES.SHOAL_ENGINE_CLOSED, "the WASM worker pool is closed"));
+    }
     const all = [...this.#idle.splice(0), ...this.#busy];
     this.#busy.clear();
     await Promise.all(all.map((w) => w.kill()));
+  }
+
+  /** Waits for a worker given back, or starts a new one after growAfterMs. */
+  #wait(): Promise<Handed> {
+    return new Promise<Handed>((take, refuse) => {
+      const waiter: Waiter = {
+        take,
+        refuse,
+        grow: setTimeout(() => {
+          this.#waiters.splice(this.#waiters.indexOf(waiter), 1);
+          take({ worker: new PooledWasmWorker(), started: true });
+        }, this.#growAfterMs),
+      };
+      this.#waiters.push(waiter);
+    });
+  }
+
+  /** Hands idle workers to waiting executions, longest waiting first. */
+  #serve(): void {
+    while (this.#waiters.length > 0 && this.#idle.length > 0) {
+      const waiter = this.#waiters.shift()!;
+      clearTimeout(waiter.grow);
+      waiter.take({ worker: this.#idle.pop()!, started: false });
+    }
   }
 
   #refill(): void {
     while (!this.#closed && this.#idle.length + this.#busy.size < this.#warm) {
       this.#idle.unshift(new PooledWasmWorker());
     }
+    this.#serve();
   }
 
   /** Stops workers idle for longer than idleMs, down to the warm ones; the oldest idle go first. */
