@@ -339,7 +339,7 @@ export class Orchestrator {
     });
     const logs = new LogStore(dataDir);
     // On a stop, the lines taken are written before the state is flushed.
-    this.#cleanups.push(() => logs.settled());
+    this.#cleanups.push(() => logs.close());
     const minFree = parseByteSize(c.Orchestrator.Storage.MinFree);
     const disk = new DiskSpace(dataDir, minFree, "Orchestrator.Storage.MinFree");
     if (supervisor) {

@@ -259,7 +259,6 @@ export class JobService {
       throw storeUnavailable(`job ${job.ID} could not be stored durably`, cause);
     }
     this.#o.log.info({ job: job.ID, type: job.Type, submitter: submitter.sub }, "job submitted");
-    this.#o.logs.created(job.ID);
     this.#o.dispatch.enqueue(job.ID);
     return { ...job, Executions: [] };
   }

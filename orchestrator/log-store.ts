@@ -1,9 +1,8 @@
 import { EventEmitter } from "node:events";
-import { closeSync, promises as fs, open as openCallback, openSync, writeFileSync } from "node:fs";
+import { closeSync, promises as fs, openSync, writeFileSync } from "node:fs";
 import type { FileHandle } from "node:fs/promises";
 import path from "node:path";
-import { promisify } from "node:util";
-import { MAX_OUTPUT_STREAM_BYTES, modifiedTimes } from "../core/index.js";
+import { MAX_OUTPUT_STREAM_BYTES } from "../core/index.js";
 
 /** One line of an execution's output, as `GET .../logs` streams it (NDJSON). */
 export interface LogEntry {
@@ -15,15 +14,23 @@ export interface LogEntry {
   Data: string;
 }
 
-/** Jobs whose counts (see {@link LogStore}) are kept in memory; others are read again from their file when needed. */
+/** Jobs whose counts (see {@link LogStore}) are kept in memory; others are worked out again from their lines. */
 export const COUNTED_JOBS = 1000;
+
+/** A segment takes no more lines past this size; the next line starts a new one. */
+export const SEGMENT_BYTES = 64 * 1024 * 1024;
 
 /** Bytes read from a log file at a time. */
 const READ_CHUNK_BYTES = 64 * 1024;
 
 const NEWLINE = 0x0a;
 
-const openFd = promisify(openCallback);
+/** `segment-<n>.ndjson`: lines of any jobs, each naming its job. */
+const SEGMENT_NAME = /^segment-(\d{1,15})\.ndjson$/;
+/** `<job>.ndjson`: one job's lines, as stores before segments kept them; moved into a segment at start. */
+const LEGACY_SUFFIX = ".ndjson";
+/** How a segment line starts: the job's id, as a JSON string. */
+const JOB_PREFIX = /^\{"JobID":("(?:[^"\\]|\\.)*")/;
 
 /** A stored line; undefined for an empty or torn one (see {@link LogStore}). */
 function parseLine(text: string): LogEntry | undefined {
@@ -34,32 +41,65 @@ function parseLine(text: string): LogEntry | undefined {
   }
 }
 
+/** The job a segment line names; undefined for a torn one. */
+function jobOf(text: string): string | undefined {
+  const quoted = JOB_PREFIX.exec(text)?.[1];
+  if (quoted === undefined) return undefined;
+  try {
+    const id: unknown = JSON.parse(quoted);
+    return typeof id === "string" ? id : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The line (without its newline) that records the removal of a job's lines. */
+const removal = (jobId: string) => JSON.stringify({ JobID: jobId, Removed: true });
+
+/** A segment line's entry, without the job's id it carries; undefined for a torn one. */
+function parseSegmentLine(text: string): LogEntry | undefined {
+  const line = parseLine(text) as (LogEntry & { JobID?: unknown; Removed?: unknown }) | undefined;
+  if (!line || line.Removed !== undefined) return undefined;
+  const { JobID: _job, ...entry } = line;
+  return entry;
+}
+
 /**
- * The complete lines of `file` from byte `offset`, each with the offset
- * after it; a line still being written is left for a later read.
+ * The complete lines of `file` from byte `offset` to `end`, each with where
+ * it starts and the offset after it; a line not ended with a newline (still
+ * being written, or torn) is left out.
  */
-async function* linesOf(file: FileHandle, offset: number): AsyncGenerator<{ entry: LogEntry; next: number }> {
+async function* linesOf(
+  file: FileHandle,
+  offset: number,
+  end = Number.POSITIVE_INFINITY,
+): AsyncGenerator<{ text: string; start: number; next: number }> {
   let position = offset;
   // The start of a line not ended in the chunks read so far.
   let parts: Buffer[] = [];
-  for (;;) {
+  let partStart = offset;
+  while (position < end) {
     // A new buffer each time: the parts kept are views of the last ones.
-    const chunk = Buffer.allocUnsafe(READ_CHUNK_BYTES);
-    const { bytesRead } = await file.read(chunk, 0, READ_CHUNK_BYTES, position);
+    const want = Math.min(READ_CHUNK_BYTES, end - position);
+    const chunk = Buffer.allocUnsafe(want);
+    const { bytesRead } = await file.read(chunk, 0, want, position);
     if (bytesRead === 0) return;
     const read = chunk.subarray(0, bytesRead);
-    let start = 0;
-    for (let end = read.indexOf(NEWLINE); end >= 0; end = read.indexOf(NEWLINE, start)) {
+    let from = 0;
+    for (let nl = read.indexOf(NEWLINE); nl >= 0; nl = read.indexOf(NEWLINE, from)) {
       const text =
         parts.length === 0
-          ? read.toString("utf8", start, end)
-          : Buffer.concat([...parts, read.subarray(start, end)]).toString("utf8");
+          ? read.toString("utf8", from, nl)
+          : Buffer.concat([...parts, read.subarray(from, nl)]).toString("utf8");
+      const start = parts.length === 0 ? position + from : partStart;
       parts = [];
-      start = end + 1;
-      const entry = parseLine(text);
-      if (entry) yield { entry, next: position + start };
+      from = nl + 1;
+      yield { text, start, next: position + from };
     }
-    if (start < bytesRead) parts.push(read.subarray(start));
+    if (from < bytesRead) {
+      if (parts.length === 0) partStart = position + from;
+      parts.push(read.subarray(from));
+    }
     position += bytesRead;
   }
 }
@@ -73,18 +113,54 @@ interface Counts {
   lastSeq: Map<string, number>;
   /** Bytes stored per `<execution>/<stream>`; infinite once a line was dropped for the cap. */
   bytes: Map<string, number>;
-  /** The size of the job's file. */
-  size: number;
 }
 
 /** The counts of a job with no lines. */
-const noCounts = (): Counts => ({ lastSeq: new Map(), bytes: new Map(), size: 0 });
+const noCounts = (): Counts => ({ lastSeq: new Map(), bytes: new Map() });
 
-/** A line as it is written: where it starts in the job's file, and the offset after it. */
+/**
+ * Where a job's stored lines are, in order: for each, its segment and its
+ * bytes `[start, next)` there (the newline included), three numbers in one
+ * array (an object per line cost ~150 bytes of heap).
+ */
+class Places {
+  readonly #n: number[] = [];
+
+  get length(): number {
+    return this.#n.length / 3;
+  }
+
+  push(segment: number, start: number, next: number): void {
+    this.#n.push(segment, start, next);
+  }
+
+  segment(i: number): number {
+    return this.#n[3 * i]!;
+  }
+
+  start(i: number): number {
+    return this.#n[3 * i + 1]!;
+  }
+
+  next(i: number): number {
+    return this.#n[3 * i + 2]!;
+  }
+}
+
+/** A line as it is written: its entry, its number among the job's lines, and its size. */
 interface WrittenLine {
   entry: LogEntry;
-  start: number;
-  next: number;
+  index: number;
+  bytes: number;
+}
+
+/** A segment file: the jobs with lines in it, and whether it holds a removal's record. */
+interface Segment {
+  file: string;
+  live: Set<string>;
+  removals: boolean;
+  /** Open for reading while it is read from; closed when the segment is deleted. */
+  reader?: Promise<FileHandle>;
 }
 
 /**
@@ -111,7 +187,7 @@ class WrittenLines {
     const onLine = (line: WrittenLine) => {
       if (this.#overflow) return;
       this.#queue.push(line);
-      this.#bytes += line.next - line.start;
+      this.#bytes += line.bytes;
       if (this.#bytes > FOLLOWER_QUEUE_BYTES) {
         this.#overflow = true;
         this.#queue.length = 0;
@@ -133,7 +209,7 @@ class WrittenLines {
     for (;;) {
       if (this.#head < this.#queue.length) {
         const line = this.#queue[this.#head++]!;
-        this.#bytes -= line.next - line.start;
+        this.#bytes -= line.bytes;
         if (this.#head === this.#queue.length) {
           this.#queue.length = 0;
           this.#head = 0;
@@ -154,17 +230,35 @@ class WrittenLines {
 }
 
 /**
- * Execution logs, kept in `DATA-DIR/logs/<job>.ndjson`. Readers stream the
- * file; followers take new lines from memory while they keep up and from the
- * file when they fall behind. Neither holds more than
- * {@link FOLLOWER_QUEUE_BYTES} of a job's output in memory, nor gets further
- * ahead than its client takes.
+ * Execution logs, kept in `DATA-DIR/logs/segment-<n>.ndjson`: append-only
+ * files that take the lines of every job, each line naming its job
+ * (`{"JobID":...}` then the entry's fields), one segment after another of up
+ * to {@link SEGMENT_BYTES}. Where each job's lines are is kept in memory, and
+ * found again at start by reading the segments through. A file per job cost a
+ * new inode per job, which ext4 without a journal allocates by passing over
+ * every inode freed in the last minute or so: 11% of all CPU in bench:jobs'
+ * sustained phase, and more the more jobs were removed.
+ *
+ * Readers read a job's lines from the segments; followers take new lines
+ * from memory while they keep up and from the segments when they fall behind.
+ * Neither holds more than {@link FOLLOWER_QUEUE_BYTES} of a job's output in
+ * memory, nor gets further ahead than its client takes.
+ *
+ * A removed job's lines stay in their segments, which are deleted once no
+ * job with lines there is left; a removal is recorded with a line of its own
+ * (`"Removed":true`), so a restart does not find the job again. A segment
+ * holding such a record goes only when every older segment has gone.
  *
  * Each line is checked against the job's counts: a line numbered at or below
  * one taken of its execution is a repeat (a result resent with its last
  * lines), and each execution's stdout and stderr are capped. The counts are
- * worked out from the job's file when it is first written to (after a
+ * worked out from the job's lines when it is first written to (after a
  * restart, too) and kept for the {@link COUNTED_JOBS} jobs written to last.
+ *
+ * A write that fails (a full disk) may leave part of a line at the end of its
+ * segment: the next line starts a new segment, and the torn one is never read.
+ * Lines are written with synchronous calls (docs/compute.md, "Small
+ * file-system calls"); a new segment is created once per SEGMENT_BYTES.
  */
 export class LogStore {
   readonly #dir: string;
@@ -174,25 +268,96 @@ export class LogStore {
   readonly #tails = new Map<string, Promise<void>>();
   readonly #maxStreamBytes: number;
   readonly #countedJobs: number;
+  readonly #segmentBytes: number;
   /** Counts of the jobs written to last, least recent first. */
   readonly #counts = new Map<string, Counts>();
-  /** Jobs whose file may end in part of a line (a write that failed, or a crash): the next line starts on a new one. */
-  readonly #torn = new Set<string>();
+  /** Every stored line of each job, in order, and when the job's lines were last written (ms). */
+  readonly #jobs = new Map<string, { places: Places; lastWrite: number }>();
+  /** The segments, oldest first. */
+  readonly #segments = new Map<number, Segment>();
+  /** The segment lines are appended to, while it takes them: its number, descriptor and size. */
+  #active: { segment: number; fd: number; size: number } | undefined;
+  #nextSegment = 1;
 
   /**
    * `maxStreamBytes`: most bytes of one execution's stdout, and of its
    * stderr, stored; a node keeps and streams no more ({@link MAX_OUTPUT_STREAM_BYTES}),
    * so lines past it come from a node that ignores its limits and are dropped.
    */
-  constructor(dataDir: string, maxStreamBytes = MAX_OUTPUT_STREAM_BYTES, countedJobs = COUNTED_JOBS) {
+  constructor(
+    dataDir: string,
+    maxStreamBytes = MAX_OUTPUT_STREAM_BYTES,
+    countedJobs = COUNTED_JOBS,
+    segmentBytes = SEGMENT_BYTES,
+  ) {
     this.#dir = path.join(dataDir, "logs");
     this.#written.setMaxListeners(0);
     this.#maxStreamBytes = maxStreamBytes;
     this.#countedJobs = countedJobs;
+    this.#segmentBytes = segmentBytes;
   }
 
+  /**
+   * Finds the lines of every job in the segments, and moves the files of
+   * stores before segments (`<job>.ndjson`) into a new one. Segments no job
+   * has lines in any more are deleted.
+   */
   async init(): Promise<void> {
     await fs.mkdir(this.#dir, { recursive: true, mode: 0o700 });
+    const names = await fs.readdir(this.#dir);
+    const numbered = names
+      .map((name) => ({ name, n: Number(SEGMENT_NAME.exec(name)?.[1] ?? Number.NaN) }))
+      .filter(({ n }) => Number.isSafeInteger(n))
+      .sort((a, b) => a.n - b.n);
+    for (const { n } of numbered) await this.#scan(n);
+    this.#nextSegment = (numbered.at(-1)?.n ?? 0) + 1;
+    for (const name of names) {
+      if (name.endsWith(LEGACY_SUFFIX) && !SEGMENT_NAME.test(name)) {
+        await this.#migrate(name.slice(0, -LEGACY_SUFFIX.length), path.join(this.#dir, name));
+      }
+    }
+    await this.#sweep();
+  }
+
+  /** Reads one segment through: the places of its lines, and the removals it records. */
+  async #scan(n: number): Promise<void> {
+    const file = this.#segmentFile(n);
+    const segment: Segment = { file, live: new Set(), removals: false };
+    this.#segments.set(n, segment);
+    const handle = await fs.open(file, "r");
+    try {
+      const { mtimeMs } = await handle.stat();
+      for await (const { text, start, next } of linesOf(handle, 0)) {
+        const jobId = jobOf(text);
+        if (jobId === undefined) continue;
+        if (text === removal(jobId)) {
+          this.#forget(jobId);
+          segment.removals = true;
+          continue;
+        }
+        const job = this.#jobs.get(jobId) ?? { places: new Places(), lastWrite: 0 };
+        this.#jobs.set(jobId, job);
+        job.places.push(n, start, next);
+        job.lastWrite = Math.max(job.lastWrite, mtimeMs);
+        segment.live.add(jobId);
+      }
+    } finally {
+      await handle.close();
+    }
+  }
+
+  /** Moves a job's file from before segments into the active segment, then deletes it. */
+  async #migrate(jobId: string, file: string): Promise<void> {
+    const handle = await fs.open(file, "r");
+    try {
+      for await (const { text } of linesOf(handle, 0)) {
+        const entry = parseLine(text);
+        if (entry) this.#write(jobId, entry);
+      }
+    } finally {
+      await handle.close();
+    }
+    await fs.rm(file, { force: true });
   }
 
   /**
@@ -219,58 +384,68 @@ export class LogStore {
     if (entry.Seq <= lastSeq) return "repeated";
     const key = streamOf(entry);
     const before = counts.bytes.get(key) ?? 0;
-    counts.lastSeq.set(entry.ExecutionID, entry.Seq);
     const after = before + Buffer.byteLength(entry.Data);
     if (after > this.#maxStreamBytes) {
+      counts.lastSeq.set(entry.ExecutionID, entry.Seq);
       counts.bytes.set(key, Number.POSITIVE_INFINITY);
       return before === Number.POSITIVE_INFINITY ? "dropped" : "capped";
     }
+    // Not counted unless stored: the line may come again, in a resent result.
+    const written = this.#write(jobId, entry);
+    counts.lastSeq.set(entry.ExecutionID, entry.Seq);
     counts.bytes.set(key, after);
-    const torn = this.#torn.has(jobId);
-    const text = `${torn ? "\n" : ""}${JSON.stringify(entry)}\n`;
-    try {
-      await this.#appendText(jobId, text, counts.size > 0);
-      this.#torn.delete(jobId);
-    } catch (err) {
-      // Not stored, so not counted (the line may come again, in a resent result): the
-      // counts are worked out again from the file, which may now end in part of it.
-      this.#counts.delete(jobId);
-      this.#torn.add(jobId);
-      throw err;
-    }
-    const start = counts.size + (torn ? 1 : 0);
-    counts.size += Buffer.byteLength(text);
-    this.#written.emit(jobId, { entry, start, next: counts.size } satisfies WrittenLine);
+    this.#written.emit(jobId, written satisfies WrittenLine);
     return "stored";
   }
 
   /**
-   * Appends to the job's file: opened, written and closed synchronously when
-   * it exists (`exists`: it has bytes), as each call takes a few microseconds
-   * and its libuv round trip ten times that (docs/compute.md, "Small
-   * file-system calls"); a new file is opened on a libuv thread, since
-   * creating it may take the file system longer (ext4 without a journal
-   * looks for a free inode past every one freed recently).
+   * Appends the job's line to the active segment (a new one when there is
+   * none, or it is full) and records where it is. A failed write leaves the
+   * segment: the line is not stored, and the next starts a new segment.
    */
-  async #appendText(jobId: string, text: string, exists: boolean): Promise<void> {
-    const file = this.#file(jobId);
-    const fd = exists ? openSync(file, "a", 0o600) : await openFd(file, "a", 0o600);
+  #write(jobId: string, entry: LogEntry): WrittenLine {
+    const text = `${JSON.stringify({ JobID: jobId, ...entry })}\n`;
+    const bytes = Buffer.byteLength(text);
+    const active = this.#activeFor(bytes);
     try {
-      writeFileSync(fd, text);
-    } finally {
-      closeSync(fd);
+      writeFileSync(active.fd, text);
+    } catch (err) {
+      this.#leaveActive();
+      throw err;
     }
+    const job = this.#jobs.get(jobId) ?? { places: new Places(), lastWrite: 0 };
+    this.#jobs.set(jobId, job);
+    job.places.push(active.segment, active.size, active.size + bytes);
+    job.lastWrite = Date.now();
+    active.size += bytes;
+    this.#segments.get(active.segment)!.live.add(jobId);
+    return { entry, index: job.places.length - 1, bytes };
   }
 
-  /**
-   * Says the job was just created here: it has no lines, so its first one is
-   * stored without looking for its file (one file-system call fewer per job).
-   */
-  created(jobId: string): void {
-    if (!this.#counts.has(jobId)) this.#keep(jobId, noCounts());
+  /** The active segment, with room for `bytes` more unless it is empty. */
+  #activeFor(bytes: number): { segment: number; fd: number; size: number } {
+    if (this.#active && this.#active.size > 0 && this.#active.size + bytes > this.#segmentBytes) {
+      this.#leaveActive();
+      void this.#sweep();
+    }
+    if (!this.#active) {
+      const segment = this.#nextSegment++;
+      const file = this.#segmentFile(segment);
+      const fd = openSync(file, "a", 0o600);
+      this.#segments.set(segment, { file, live: new Set(), removals: false });
+      this.#active = { segment, fd, size: 0 };
+    }
+    return this.#active;
   }
 
-  /** The job's counts: kept ones (now the most recent), else worked out from its file. */
+  /** Stops appending to the active segment; the next line starts a new one. */
+  #leaveActive(): void {
+    if (!this.#active) return;
+    closeSync(this.#active.fd);
+    this.#active = undefined;
+  }
+
+  /** The job's counts: kept ones (now the most recent), else worked out from its lines. */
   async #countsOf(jobId: string): Promise<Counts> {
     const kept = this.#counts.get(jobId);
     this.#counts.delete(jobId);
@@ -291,39 +466,54 @@ export class LogStore {
 
   async #count(jobId: string): Promise<Counts> {
     const counts = noCounts();
-    // A job's first line: no file yet, nothing more to ask.
-    const file = await this.#open(jobId);
-    if (!file) return counts;
-    try {
-      let end = 0;
-      for await (const { entry, next } of linesOf(file, 0)) {
-        counts.lastSeq.set(
-          entry.ExecutionID,
-          Math.max(entry.Seq, counts.lastSeq.get(entry.ExecutionID) ?? -1),
-        );
-        const key = streamOf(entry);
-        counts.bytes.set(key, (counts.bytes.get(key) ?? 0) + Buffer.byteLength(entry.Data));
-        end = next;
-      }
-      // No append is under way (this runs in the job's chain): bytes past the last line are a torn one.
-      counts.size = (await file.stat()).size;
-      if (counts.size > end) this.#torn.add(jobId);
-    } finally {
-      await file.close();
+    for await (const entry of this.#read(jobId, 0)) {
+      counts.lastSeq.set(entry.ExecutionID, Math.max(entry.Seq, counts.lastSeq.get(entry.ExecutionID) ?? -1));
+      const key = streamOf(entry);
+      counts.bytes.set(key, (counts.bytes.get(key) ?? 0) + Buffer.byteLength(entry.Data));
     }
     return counts;
   }
 
-  /** Every stored line of the job, oldest first, read from its file as the caller takes them. */
+  /**
+   * The job's lines from its `from`-th, oldest first, as the caller takes
+   * them: lines next to each other in a segment are read together.
+   */
+  async *#read(jobId: string, from: number): AsyncGenerator<LogEntry> {
+    const places = this.#jobs.get(jobId)?.places;
+    if (!places) return;
+    for (let i = from; i < places.length; ) {
+      const segment = places.segment(i);
+      const start = places.start(i);
+      let last = i;
+      while (
+        last + 1 < places.length &&
+        places.segment(last + 1) === segment &&
+        places.start(last + 1) === places.next(last) &&
+        places.next(last + 1) - start <= READ_CHUNK_BYTES
+      )
+        last++;
+      const reader = await this.#reader(segment);
+      // The job was removed while it was read, and its segment deleted.
+      if (!reader) return;
+      for await (const { text } of linesOf(reader, start, places.next(last))) {
+        const entry = parseSegmentLine(text);
+        if (entry) yield entry;
+      }
+      i = last + 1;
+    }
+  }
+
+  async #reader(n: number): Promise<FileHandle | undefined> {
+    const segment = this.#segments.get(n);
+    if (!segment) return undefined;
+    segment.reader ??= fs.open(segment.file, "r");
+    return segment.reader;
+  }
+
+  /** Every stored line of the job, oldest first, read as the caller takes them. */
   async *lines(jobId: string): AsyncGenerator<LogEntry> {
     await this.#tails.get(jobId);
-    const file = await this.#open(jobId);
-    if (!file) return;
-    try {
-      for await (const { entry } of linesOf(file, 0)) yield entry;
-    } finally {
-      await file.close();
-    }
+    yield* this.#read(jobId, 0);
   }
 
   /**
@@ -333,71 +523,106 @@ export class LogStore {
    * aborted. Reads no further ahead than the caller takes.
    */
   async *follow(jobId: string, ended: AbortSignal, cancelled?: AbortSignal): AsyncGenerator<LogEntry> {
-    let offset = 0;
-    let file: FileHandle | undefined;
-    try {
-      while (!cancelled?.aborted) {
-        // Listening before reading: a line written during the read is not missed.
-        const written = new WrittenLines(this.#written, jobId, [ended, ...(cancelled ? [cancelled] : [])]);
-        try {
-          const last = ended.aborted;
-          if (last) await this.#tails.get(jobId);
-          file ??= await this.#open(jobId);
-          if (file) {
-            for await (const line of linesOf(file, offset)) {
-              offset = line.next;
-              yield line.entry;
-            }
+    let taken = 0;
+    while (!cancelled?.aborted) {
+      // Listening before reading: a line written during the read is not missed.
+      const written = new WrittenLines(this.#written, jobId, [ended, ...(cancelled ? [cancelled] : [])]);
+      try {
+        const last = ended.aborted;
+        if (last) await this.#tails.get(jobId);
+        const stored = this.#jobs.get(jobId)?.places.length ?? 0;
+        if (taken < stored) {
+          for await (const entry of this.#read(jobId, taken)) {
+            taken++;
+            yield entry;
+            if (taken === stored) break;
           }
-          if (last) return;
-          // Caught up with the file: the lines written from now on come from memory,
-          // until the follower falls behind (then from the file again) or the end.
-          for (;;) {
-            const line = await written.next();
-            if (typeof line === "string") break;
-            if (line.next <= offset) continue; // read from the file already
-            if (line.start !== offset) break; // a line between (a torn one): the file has it
-            offset = line.next;
-            yield line.entry;
-          }
-        } finally {
-          written.close();
         }
+        if (last) return;
+        // Caught up with the segments: the lines written from now on come from memory,
+        // until the follower falls behind (then from the segments again) or the end.
+        for (;;) {
+          const line = await written.next();
+          if (typeof line === "string") break;
+          if (line.index < taken) continue; // read already
+          if (line.index !== taken) break; // a line between: read it from its segment
+          taken++;
+          yield line.entry;
+        }
+      } finally {
+        written.close();
       }
-    } finally {
-      await file?.close();
     }
-  }
-
-  /** The job's file, open for reading; undefined when it has no lines yet. */
-  async #open(jobId: string): Promise<FileHandle | undefined> {
-    return fs.open(this.#file(jobId), "r").catch((err: NodeJS.ErrnoException) => {
-      if (err.code === "ENOENT") return undefined;
-      throw err;
-    });
   }
 
   /** The jobs with stored lines, each with when its lines were last written (ms since the epoch). */
   async jobs(): Promise<Map<string, number>> {
-    const names = (await fs.readdir(this.#dir)).filter((n) => n.endsWith(".ndjson"));
-    const times = await modifiedTimes(this.#dir, names);
-    return new Map([...times].map(([n, at]) => [n.slice(0, -".ndjson".length), at]));
+    return new Map([...this.#jobs].map(([id, job]) => [id, job.lastWrite]));
   }
 
-  /** Removes the job's stored lines (after any append under way) and its counts. */
+  /**
+   * Removes the job's stored lines (after any append under way) and its
+   * counts: recorded in the active segment, and the segments no job has
+   * lines in any more deleted.
+   */
   async remove(jobId: string): Promise<void> {
     await this.#tails.get(jobId);
     this.#counts.delete(jobId);
-    this.#torn.delete(jobId);
-    await fs.rm(this.#file(jobId), { force: true });
+    if (!this.#jobs.has(jobId)) return;
+    const active = this.#activeFor(0);
+    const text = `${removal(jobId)}\n`;
+    try {
+      writeFileSync(active.fd, text);
+    } catch (err) {
+      this.#leaveActive();
+      throw err;
+    }
+    active.size += Buffer.byteLength(text);
+    this.#segments.get(active.segment)!.removals = true;
+    this.#forget(jobId);
+    await this.#sweep();
   }
 
-  /** Resolves when every append made so far is written (or failed). */
-  async settled(): Promise<void> {
+  /** Drops the job's places, and its name from the segments it had lines in. */
+  #forget(jobId: string): void {
+    const places = this.#jobs.get(jobId)?.places;
+    for (let i = 0; i < (places?.length ?? 0); i++)
+      this.#segments.get(places!.segment(i))?.live.delete(jobId);
+    this.#jobs.delete(jobId);
+  }
+
+  /**
+   * Deletes the segments (but the active one) that no job has lines in, a
+   * segment recording removals only once every older one has gone (it keeps
+   * their lines from being found again).
+   */
+  async #sweep(): Promise<void> {
+    let oldest = true;
+    for (const [n, segment] of [...this.#segments]) {
+      if (!this.#segments.has(n)) continue; // deleted by a sweep under way
+      const done = n !== this.#active?.segment && segment.live.size === 0 && (oldest || !segment.removals);
+      if (!done) {
+        oldest = false;
+        continue;
+      }
+      this.#segments.delete(n);
+      const reader = segment.reader;
+      segment.reader = undefined;
+      await reader?.then((r) => r.close()).catch(() => {});
+      await fs.rm(segment.file, { force: true });
+    }
+  }
+
+  /** Closes the files once every append made so far is written (or failed); a later append opens a new segment. */
+  async close(): Promise<void> {
     await Promise.all(this.#tails.values());
+    this.#leaveActive();
+    const readers = [...this.#segments.values()].map((s) => s.reader);
+    for (const segment of this.#segments.values()) segment.reader = undefined;
+    await Promise.all(readers.map((r) => r?.then((h) => h.close()).catch(() => {})));
   }
 
-  #file(jobId: string): string {
-    return path.join(this.#dir, `${jobId}.ndjson`);
+  #segmentFile(n: number): string {
+    return path.join(this.#dir, `segment-${n}.ndjson`);
   }
 }

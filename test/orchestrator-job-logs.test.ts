@@ -90,7 +90,7 @@ t.test(
       "stored",
       "each stream has its own",
     );
-    // One job's counts are kept: j-2's push j-1's out, which are then read from its file again.
+    // One job's counts are kept: j-2's push j-1's out, which are then worked out from its lines again.
     t.equal(await restarted.append("j-2", line(0, "x", "e-2")), "stored");
     t.equal(await restarted.append("j-1", line(3, "12", "e-1", "stderr")), "repeated");
     t.same(
@@ -100,18 +100,139 @@ t.test(
   },
 );
 
-t.test("a job created here has no lines to count: its first line does not look for its file", async (t) => {
+const logFiles = async (dir: string) => (await fs.readdir(path.join(dir, "logs"))).sort();
+
+t.test("the lines of many jobs go into one segment, each job's read back in its order", async (t) => {
   const dir = await tempDir(t, "shoal-job-logs-");
   const logs = new LogStore(dir);
+  t.teardown(() => logs.close());
   await logs.init();
-  await logs.append("j-old", line(0, "kept\n"));
-  logs.created("j-old");
-  t.equal(await logs.append("j-old", line(0, "kept\n")), "repeated", "counts already kept stay");
+  const jobs = Array.from({ length: 50 }, (_, i) => `j-${i}`);
+  for (let seq = 0; seq < 3; seq++) {
+    await Promise.all(jobs.map((id) => logs.append(id, line(seq, `${id} line ${seq}\n`))));
+  }
+  t.same(await logFiles(dir), ["segment-1.ndjson"], "no file per job");
+  for (const id of ["j-0", "j-17", "j-49"]) {
+    t.same(
+      (await storedLines(logs, id)).map((e) => e.Data),
+      [0, 1, 2].map((seq) => `${id} line ${seq}\n`),
+    );
+  }
+  t.same([...(await logs.jobs()).keys()].sort(), [...jobs].sort());
+  t.same(Object.keys((await storedLines(logs, "j-3"))[0]!).sort(), [
+    "Data",
+    "ExecutionID",
+    "Seq",
+    "Stream",
+    "Time",
+  ]);
+});
 
-  // A file the store would count (were it not told the job is new) is not read.
-  await fs.writeFile(path.join(dir, "logs", "j-new.ndjson"), `${JSON.stringify(line(5, "other\n"))}\n`);
-  logs.created("j-new");
-  t.equal(await logs.append("j-new", line(0, "first\n")), "stored", "numbered from nothing");
+t.test("a full segment is left for a new one, and a restart finds every line again", async (t) => {
+  const dir = await tempDir(t, "shoal-job-logs-");
+  const logs = new LogStore(dir, undefined, undefined, 300);
+  t.teardown(() => logs.close());
+  await logs.init();
+  for (let seq = 0; seq < 6; seq++) {
+    await logs.append("j-a", line(seq, `a${seq}`));
+    await logs.append("j-b", line(seq, `b${seq}`, "e-2"));
+  }
+  t.ok((await logFiles(dir)).length > 2, "lines past 300 bytes start new segments");
+  const restarted = new LogStore(dir);
+  t.teardown(() => restarted.close());
+  await restarted.init();
+  t.same(
+    (await storedLines(restarted, "j-a")).map((e) => e.Data),
+    ["a0", "a1", "a2", "a3", "a4", "a5"],
+  );
+  t.same(
+    (await storedLines(restarted, "j-b")).map((e) => e.Data),
+    ["b0", "b1", "b2", "b3", "b4", "b5"],
+  );
+  t.equal(await restarted.append("j-a", line(5, "a5")), "repeated", "counted from the segments");
+});
+
+t.test(
+  "a removed job's lines are gone, after a restart too, and a segment goes once no job has lines in it",
+  async (t) => {
+    const dir = await tempDir(t, "shoal-job-logs-");
+    const logs = new LogStore(dir);
+    t.teardown(() => logs.close());
+    await logs.init();
+    await logs.append("j-gone", line(0, "gone\n"));
+    await logs.append("j-kept", line(0, "kept\n", "e-2"));
+    await logs.remove("j-gone");
+    t.same(await storedLines(logs, "j-gone"), []);
+    t.same([...(await logs.jobs()).keys()], ["j-kept"]);
+    await logs.close();
+
+    const restarted = new LogStore(dir);
+    t.teardown(() => restarted.close());
+    await restarted.init();
+    t.same(await storedLines(restarted, "j-gone"), [], "the removal is recorded in the segment");
+    t.same(
+      (await storedLines(restarted, "j-kept")).map((e) => e.Data),
+      ["kept\n"],
+    );
+    t.equal(await restarted.append("j-gone", line(0, "again\n")), "stored", "counted from nothing");
+    await restarted.remove("j-gone");
+    t.same(
+      await logFiles(dir),
+      ["segment-1.ndjson", "segment-2.ndjson"],
+      "a job still has lines in the first",
+    );
+    await restarted.remove("j-kept");
+    t.same(await logFiles(dir), ["segment-2.ndjson"], "deleted once no job has lines in it");
+
+    const again = new LogStore(dir);
+    t.teardown(() => again.close());
+    await again.init();
+    t.same(await logFiles(dir), [], "a segment of removals only, all older ones gone, is deleted at start");
+    t.same([...(await again.jobs()).keys()], []);
+  },
+);
+
+t.test(
+  "a segment recording a removal stays while an older segment holds the removed job's lines",
+  async (t) => {
+    const dir = await tempDir(t, "shoal-job-logs-");
+    // Room for two lines of ~95 bytes a segment, or one and a removal's record.
+    const logs = new LogStore(dir, undefined, undefined, 200);
+    t.teardown(() => logs.close());
+    await logs.init();
+    await logs.append("j-a", line(0, "a"));
+    await logs.append("j-b", line(0, "b")); // segment 1: a, b
+    await logs.append("j-c", line(0, "c")); // segment 2: c
+    await logs.remove("j-b"); // recorded in segment 2
+    await logs.append("j-d", line(0, "d")); // segment 3
+    await logs.remove("j-c"); // recorded in segment 3: no job has lines in segment 2 now
+    t.same(await logFiles(dir), ["segment-1.ndjson", "segment-2.ndjson", "segment-3.ndjson"]);
+    await logs.close();
+    const restarted = new LogStore(dir);
+    t.teardown(() => restarted.close());
+    await restarted.init();
+    t.same([...(await restarted.jobs()).keys()].sort(), ["j-a", "j-d"], "j-b's removal still holds");
+  },
+);
+
+t.test("a job's file from a store before segments is moved into one at start", async (t) => {
+  const dir = await tempDir(t, "shoal-job-logs-");
+  await fs.mkdir(path.join(dir, "logs"), { recursive: true });
+  await fs.writeFile(
+    path.join(dir, "logs", "j-old.ndjson"),
+    `${JSON.stringify(line(0, "one\n"))}\n${JSON.stringify(line(1, "two\n"))}\n{"Time":1,"Execu`,
+  );
+  const logs = new LogStore(dir);
+  t.teardown(() => logs.close());
+  await logs.init();
+  t.same(await logFiles(dir), ["segment-1.ndjson"], "the job's file is gone");
+  t.same(
+    (await storedLines(logs, "j-old")).map((e) => e.Data),
+    ["one\n", "two\n"],
+    "its torn line left out",
+  );
+  t.equal(await logs.append("j-old", line(1, "two\n")), "repeated");
+  t.equal(await logs.append("j-old", line(2, "three\n")), "stored");
 });
 
 t.test("lines longer than a read, and a torn last line, are read back right", async (t) => {
@@ -127,8 +248,8 @@ t.test("lines longer than a read, and a torn last line, are read back right", as
     ["short\n", long, "after\n"],
   );
 
-  // A crash in the middle of a write leaves half a line at the end of the file.
-  await fs.appendFile(path.join(dir, "logs", "j-1.ndjson"), '{"Time":1,"Execu');
+  // A crash in the middle of a write leaves half a line at the end of the segment.
+  await fs.appendFile(path.join(dir, "logs", "segment-1.ndjson"), '{"JobID":"j-1","Time":1,"Execu');
   const restarted = new LogStore(dir);
   await restarted.init();
   t.same(
@@ -144,7 +265,7 @@ t.test("lines longer than a read, and a torn last line, are read back right", as
   );
 });
 
-t.test("a follower that falls behind reads what it missed from the file, each line once", async (t) => {
+t.test("a follower that falls behind reads what it missed from the segments, each line once", async (t) => {
   const dir = await tempDir(t, "shoal-job-logs-");
   const logs = new LogStore(dir);
   await logs.init();
