@@ -278,6 +278,8 @@ export class LogStore {
   /** The segment lines are appended to, while it takes them: its number, descriptor and size. */
   #active: { segment: number; fd: number; size: number } | undefined;
   #nextSegment = 1;
+  /** The sweep under way, if any (see #sweep). */
+  #sweeping: Promise<void> = Promise.resolve();
 
   /**
    * `maxStreamBytes`: most bytes of one execution's stdout, and of its
@@ -426,7 +428,7 @@ export class LogStore {
   #activeFor(bytes: number): { segment: number; fd: number; size: number } {
     if (this.#active && this.#active.size > 0 && this.#active.size + bytes > this.#segmentBytes) {
       this.#leaveActive();
-      void this.#sweep();
+      void this.#sweep(); // never fails
     }
     if (!this.#active) {
       const segment = this.#nextSegment++;
@@ -596,26 +598,37 @@ export class LogStore {
    * segment recording removals only once every older one has gone (it keeps
    * their lines from being found again).
    */
-  async #sweep(): Promise<void> {
+  #sweep(): Promise<void> {
+    this.#sweeping = this.#sweeping.then(() => this.#sweepOnce());
+    return this.#sweeping;
+  }
+
+  /** One sweep (they run one at a time); never fails: a segment that cannot be deleted is kept, and tried again. */
+  async #sweepOnce(): Promise<void> {
     let oldest = true;
     for (const [n, segment] of [...this.#segments]) {
-      if (!this.#segments.has(n)) continue; // deleted by a sweep under way
       const done = n !== this.#active?.segment && segment.live.size === 0 && (oldest || !segment.removals);
-      if (!done) {
-        oldest = false;
-        continue;
+      if (done) {
+        const reader = segment.reader;
+        segment.reader = undefined;
+        await reader?.then((r) => r.close()).catch(() => {});
+        const deleted = await fs.rm(segment.file, { force: true }).then(
+          () => true,
+          () => false,
+        );
+        if (deleted) {
+          this.#segments.delete(n);
+          continue;
+        }
       }
-      this.#segments.delete(n);
-      const reader = segment.reader;
-      segment.reader = undefined;
-      await reader?.then((r) => r.close()).catch(() => {});
-      await fs.rm(segment.file, { force: true });
+      oldest = false;
     }
   }
 
   /** Closes the files once every append made so far is written (or failed); a later append opens a new segment. */
   async close(): Promise<void> {
     await Promise.all(this.#tails.values());
+    await this.#sweeping;
     this.#leaveActive();
     const readers = [...this.#segments.values()].map((s) => s.reader);
     for (const segment of this.#segments.values()) segment.reader = undefined;
