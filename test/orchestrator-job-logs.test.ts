@@ -1,6 +1,8 @@
 import "reflect-metadata";
+import { execFile } from "node:child_process";
 import { promises as fs } from "node:fs";
 import path from "node:path";
+import { promisify } from "node:util";
 import { jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import t from "tap";
@@ -212,6 +214,36 @@ t.test(
     t.teardown(() => restarted.close());
     await restarted.init();
     t.same([...(await restarted.jobs()).keys()].sort(), ["j-a", "j-d"], "j-b's removal still holds");
+  },
+);
+
+t.test(
+  "a segment that cannot be deleted is kept, with no failure, and deleted at a later sweep",
+  async (t) => {
+    const dir = await tempDir(t, "shoal-job-logs-");
+    // Room for one line of ~95 bytes a segment, or one and a removal's record.
+    const logs = new LogStore(dir, undefined, undefined, 150);
+    t.teardown(() => logs.close());
+    await logs.init();
+    await logs.append("j-a", line(0, "a")); // segment 1
+    await logs.append("j-b", line(0, "b")); // segment 2
+    const logsDir = path.join(dir, "logs");
+    // Immutable: not even root may unlink in it (permissions would not stop root).
+    const chattr = (flag: string) => promisify(execFile)("chattr", [flag, logsDir]);
+    const immutable = await chattr("+i").then(
+      () => true,
+      (err: Error) => {
+        t.plan(0, `the file system has no immutable flag (chattr: ${err.message.trim()})`);
+        return false;
+      },
+    );
+    if (!immutable) return;
+    t.teardown(() => chattr("-i"));
+    await logs.remove("j-a"); // recorded in segment 2; segment 1 cannot be deleted
+    t.same(await logFiles(dir), ["segment-1.ndjson", "segment-2.ndjson"]);
+    await chattr("-i");
+    await logs.remove("j-b");
+    t.same(await logFiles(dir), ["segment-2.ndjson"], "tried again at the next sweep");
   },
 );
 
