@@ -2,7 +2,7 @@ import { EventEmitter } from "node:events";
 import { closeSync, promises as fs, openSync, writeFileSync } from "node:fs";
 import type { FileHandle } from "node:fs/promises";
 import path from "node:path";
-import { MAX_OUTPUT_STREAM_BYTES } from "../core/index.js";
+import { MAX_OUTPUT_STREAM_BYTES, writeFileAtomic } from "../core/index.js";
 
 /** One line of an execution's output, as `GET .../logs` streams it (NDJSON). */
 export interface LogEntry {
@@ -27,6 +27,8 @@ const NEWLINE = 0x0a;
 
 /** `segment-<n>.ndjson`: lines of any jobs, each naming its job. */
 const SEGMENT_NAME = /^segment-(\d{1,15})\.ndjson$/;
+/** `segment-<n>.index`: where each line of a segment left is (see SegmentIndex). */
+const INDEX_NAME = /^segment-(\d{1,15})\.index$/;
 /** `<job>.ndjson`: one job's lines, as stores before segments kept them; moved into a segment at start. */
 const LEGACY_SUFFIX = ".ndjson";
 /** How a segment line starts: the job's id, as a JSON string. */
@@ -154,6 +156,40 @@ interface WrittenLine {
   bytes: number;
 }
 
+/** A segment's lines in order, as its index keeps them: `[job, start, next]` for a line, `[job]` for a removal. */
+type IndexRecord = [string, number, number] | [string];
+
+/** A segment's index: its records, for a segment of `size` bytes. */
+interface SegmentIndex {
+  size: number;
+  records: IndexRecord[];
+}
+
+/** The records of a segment file, read through. */
+async function recordsOf(file: string): Promise<IndexRecord[]> {
+  const records: IndexRecord[] = [];
+  const handle = await fs.open(file, "r");
+  try {
+    for await (const { text, start, next } of linesOf(handle, 0)) {
+      const jobId = jobOf(text);
+      if (jobId !== undefined) records.push(text === removal(jobId) ? [jobId] : [jobId, start, next]);
+    }
+  } finally {
+    await handle.close();
+  }
+  return records;
+}
+
+/** A segment's index when it is there, whole, and made for the segment as it is (`size`); else undefined. */
+async function readIndex(file: string, size: number): Promise<IndexRecord[] | undefined> {
+  try {
+    const index = JSON.parse(await fs.readFile(file, "utf8")) as SegmentIndex;
+    return index.size === size && Array.isArray(index.records) ? index.records : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 /** A segment file: the jobs with lines in it, and whether it holds a removal's record. */
 interface Segment {
   file: string;
@@ -234,7 +270,9 @@ class WrittenLines {
  * files that take the lines of every job, each line naming its job
  * (`{"JobID":...}` then the entry's fields), one segment after another of up
  * to {@link SEGMENT_BYTES}. Where each job's lines are is kept in memory, and
- * found again at start by reading the segments through. A file per job cost a
+ * found again at start from each segment's index (`segment-<n>.index`, written
+ * once the segment is left), or by reading through a segment that has none
+ * matching it (the last one of a process that crashed). A file per job cost a
  * new inode per job, which ext4 without a journal allocates by passing over
  * every inode freed in the last minute or so: 11% of all CPU in bench:jobs'
  * sustained phase, and more the more jobs were removed.
@@ -278,6 +316,8 @@ export class LogStore {
   /** The segment lines are appended to, while it takes them: its number, descriptor and size. */
   #active: { segment: number; fd: number; size: number } | undefined;
   #nextSegment = 1;
+  /** The index writes under way (see #index). */
+  #indexing: Promise<void> = Promise.resolve();
   /** The sweep under way, if any (see #sweep). */
   #sweeping: Promise<void> = Promise.resolve();
 
@@ -300,9 +340,11 @@ export class LogStore {
   }
 
   /**
-   * Finds the lines of every job in the segments, and moves the files of
+   * Finds the lines of every job in the segments (from each one's index, or
+   * by reading it through when it has none yet), and moves the files of
    * stores before segments (`<job>.ndjson`) into a new one. Segments no job
-   * has lines in any more are deleted.
+   * has lines in any more are deleted, and so are temporary files of index
+   * writes a crash interrupted.
    */
   async init(): Promise<void> {
     await fs.mkdir(this.#dir, { recursive: true, mode: 0o700 });
@@ -311,41 +353,66 @@ export class LogStore {
       .map((name) => ({ name, n: Number(SEGMENT_NAME.exec(name)?.[1] ?? Number.NaN) }))
       .filter(({ n }) => Number.isSafeInteger(n))
       .sort((a, b) => a.n - b.n);
-    for (const { n } of numbered) await this.#scan(n);
+    for (const { n } of numbered) await this.#load(n);
     this.#nextSegment = (numbered.at(-1)?.n ?? 0) + 1;
+    const segments = new Set(numbered.map(({ n }) => n));
     for (const name of names) {
-      if (name.endsWith(LEGACY_SUFFIX) && !SEGMENT_NAME.test(name)) {
+      const indexOf = Number(INDEX_NAME.exec(name)?.[1] ?? Number.NaN);
+      const stray =
+        (name.startsWith(".") && name.endsWith(".tmp")) ||
+        (Number.isSafeInteger(indexOf) && !segments.has(indexOf));
+      if (stray) await fs.rm(path.join(this.#dir, name), { force: true });
+      else if (name.endsWith(LEGACY_SUFFIX) && !SEGMENT_NAME.test(name)) {
         await this.#migrate(name.slice(0, -LEGACY_SUFFIX.length), path.join(this.#dir, name));
       }
     }
     await this.#sweep();
   }
 
-  /** Reads one segment through: the places of its lines, and the removals it records. */
-  async #scan(n: number): Promise<void> {
+  /**
+   * One segment's lines and removals, from its index when that matches it,
+   * else read through (the segment a stopped process appended to last): its
+   * index is then written, as nothing is appended to it again.
+   */
+  async #load(n: number): Promise<void> {
     const file = this.#segmentFile(n);
+    const { size, mtimeMs } = await fs.stat(file);
+    let records = await readIndex(this.#indexFile(n), size);
+    if (!records) {
+      records = await recordsOf(file);
+      this.#index(n, { size, records });
+    }
     const segment: Segment = { file, live: new Set(), removals: false };
     this.#segments.set(n, segment);
-    const handle = await fs.open(file, "r");
-    try {
-      const { mtimeMs } = await handle.stat();
-      for await (const { text, start, next } of linesOf(handle, 0)) {
-        const jobId = jobOf(text);
-        if (jobId === undefined) continue;
-        if (text === removal(jobId)) {
-          this.#forget(jobId);
-          segment.removals = true;
-          continue;
-        }
-        const job = this.#jobs.get(jobId) ?? { places: new Places(), lastWrite: 0 };
-        this.#jobs.set(jobId, job);
-        job.places.push(n, start, next);
-        job.lastWrite = Math.max(job.lastWrite, mtimeMs);
-        segment.live.add(jobId);
+    for (const [jobId, start, next] of records) {
+      if (start === undefined || next === undefined) {
+        this.#forget(jobId);
+        segment.removals = true;
+        continue;
       }
-    } finally {
-      await handle.close();
+      const job = this.#jobs.get(jobId) ?? { places: new Places(), lastWrite: 0 };
+      this.#jobs.set(jobId, job);
+      job.places.push(n, start, next);
+      job.lastWrite = Math.max(job.lastWrite, mtimeMs);
+      segment.live.add(jobId);
     }
+  }
+
+  /**
+   * Writes a segment's index (records read from it when not given), after
+   * the ones under way. Never fails: a segment without an index is read
+   * through at the next start instead.
+   */
+  #index(n: number, index?: SegmentIndex): void {
+    const file = this.#segmentFile(n);
+    this.#indexing = this.#indexing.then(async () => {
+      try {
+        const made = index ?? { size: (await fs.stat(file)).size, records: await recordsOf(file) };
+        await writeFileAtomic(this.#indexFile(n), JSON.stringify(made), 0o600, { fsync: false });
+      } catch {
+        // Read through at the next start.
+      }
+    });
   }
 
   /** Moves a job's file from before segments into the active segment, then deletes it. */
@@ -444,6 +511,7 @@ export class LogStore {
   #leaveActive(): void {
     if (!this.#active) return;
     closeSync(this.#active.fd);
+    this.#index(this.#active.segment);
     this.#active = undefined;
   }
 
@@ -605,6 +673,8 @@ export class LogStore {
 
   /** One sweep (they run one at a time); never fails: a segment that cannot be deleted is kept, and tried again. */
   async #sweepOnce(): Promise<void> {
+    // An index being written is not left behind by its segment's deletion.
+    await this.#indexing;
     let oldest = true;
     for (const [n, segment] of [...this.#segments]) {
       const done = n !== this.#active?.segment && segment.live.size === 0 && (oldest || !segment.removals);
@@ -612,10 +682,14 @@ export class LogStore {
         const reader = segment.reader;
         segment.reader = undefined;
         await reader?.then((r) => r.close()).catch(() => {});
-        const deleted = await fs.rm(segment.file, { force: true }).then(
-          () => true,
-          () => false,
-        );
+        // The index first: an index without its segment is never read.
+        const deleted = await fs
+          .rm(this.#indexFile(n), { force: true })
+          .then(() => fs.rm(segment.file, { force: true }))
+          .then(
+            () => true,
+            () => false,
+          );
         if (deleted) {
           this.#segments.delete(n);
           continue;
@@ -630,6 +704,7 @@ export class LogStore {
     await Promise.all(this.#tails.values());
     await this.#sweeping;
     this.#leaveActive();
+    await this.#indexing;
     const readers = [...this.#segments.values()].map((s) => s.reader);
     for (const segment of this.#segments.values()) segment.reader = undefined;
     await Promise.all(readers.map((r) => r?.then((h) => h.close()).catch(() => {})));
@@ -637,5 +712,9 @@ export class LogStore {
 
   #segmentFile(n: number): string {
     return path.join(this.#dir, `segment-${n}.ndjson`);
+  }
+
+  #indexFile(n: number): string {
+    return path.join(this.#dir, `segment-${n}.index`);
   }
 }

@@ -102,7 +102,11 @@ t.test(
   },
 );
 
-const logFiles = async (dir: string) => (await fs.readdir(path.join(dir, "logs"))).sort();
+/** The log segments (`.ndjson`) in `dir`'s store, sorted; `kind: "index"` for their indexes. */
+const logFiles = async (dir: string, kind: "segment" | "index" = "segment") =>
+  (await fs.readdir(path.join(dir, "logs")))
+    .filter((n) => n.endsWith(kind === "segment" ? ".ndjson" : ".index"))
+    .sort();
 
 t.test("the lines of many jobs go into one segment, each job's read back in its order", async (t) => {
   const dir = await tempDir(t, "shoal-job-logs-");
@@ -244,6 +248,56 @@ t.test(
     await chattr("-i");
     await logs.remove("j-b");
     t.same(await logFiles(dir), ["segment-2.ndjson"], "tried again at the next sweep");
+  },
+);
+
+t.test("a segment left is indexed, and a restart reads the index rather than the segment", async (t) => {
+  const dir = await tempDir(t, "shoal-job-logs-");
+  const logs = new LogStore(dir, undefined, undefined, 200);
+  await logs.init();
+  for (let seq = 0; seq < 3; seq++) await logs.append("j-a", line(seq, `a${seq}`));
+  await logs.close();
+  t.same(await logFiles(dir), ["segment-1.ndjson", "segment-2.ndjson"]);
+  t.same(
+    await logFiles(dir, "index"),
+    ["segment-1.index", "segment-2.index"],
+    "each segment left, at close too",
+  );
+  // Lines the segments no longer name a job in: only their indexes still know whose they are.
+  for (const name of await logFiles(dir)) {
+    const file = path.join(dir, "logs", name);
+    await fs.writeFile(file, (await fs.readFile(file, "utf8")).replaceAll('{"JobID":', '{"JobXX":'));
+  }
+  const restarted = new LogStore(dir);
+  t.teardown(() => restarted.close());
+  await restarted.init();
+  t.same(
+    (await storedLines(restarted, "j-a")).map((e) => e.Data),
+    ["a0", "a1", "a2"],
+  );
+});
+
+t.test(
+  "an index that does not match its segment's size is not trusted: the segment is read through",
+  async (t) => {
+    const dir = await tempDir(t, "shoal-job-logs-");
+    const logs = new LogStore(dir);
+    await logs.init();
+    await logs.append("j-a", line(0, "a0"));
+    await logs.close();
+    // A line the index does not know of (an index left from before a crash's last writes).
+    await fs.appendFile(
+      path.join(dir, "logs", "segment-1.ndjson"),
+      `${JSON.stringify({ JobID: "j-b", ...line(0, "b0", "e-2") })}\n`,
+    );
+    const restarted = new LogStore(dir);
+    t.teardown(() => restarted.close());
+    await restarted.init();
+    t.same([...(await restarted.jobs()).keys()].sort(), ["j-a", "j-b"]);
+    t.same(
+      (await storedLines(restarted, "j-b")).map((e) => e.Data),
+      ["b0"],
+    );
   },
 );
 
