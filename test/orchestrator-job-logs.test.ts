@@ -5,7 +5,7 @@ import path from "node:path";
 import { promisify } from "node:util";
 import { jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
-import t from "tap";
+import t, { type Test } from "tap";
 import { silentLogger } from "../core/index.js";
 import { JobService, type JobServiceOptions } from "../orchestrator/job-service.js";
 import { FOLLOWER_QUEUE_BYTES, type LogEntry, LogStore } from "../orchestrator/log-store.js";
@@ -102,6 +102,15 @@ t.test(
   },
 );
 
+/** A log store in a new directory, closed at the test's end; `segmentBytes` as LogStore takes it. */
+async function openStore(t: Test, segmentBytes?: number): Promise<{ dir: string; logs: LogStore }> {
+  const dir = await tempDir(t, "shoal-job-logs-");
+  const logs = new LogStore(dir, undefined, undefined, segmentBytes);
+  t.teardown(() => logs.close());
+  await logs.init();
+  return { dir, logs };
+}
+
 /** The log segments (`.ndjson`) in `dir`'s store, sorted; `kind: "index"` for their indexes. */
 const logFiles = async (dir: string, kind: "segment" | "index" = "segment") =>
   (await fs.readdir(path.join(dir, "logs")))
@@ -109,10 +118,7 @@ const logFiles = async (dir: string, kind: "segment" | "index" = "segment") =>
     .sort();
 
 t.test("the lines of many jobs go into one segment, each job's read back in its order", async (t) => {
-  const dir = await tempDir(t, "shoal-job-logs-");
-  const logs = new LogStore(dir);
-  t.teardown(() => logs.close());
-  await logs.init();
+  const { dir, logs } = await openStore(t);
   const jobs = Array.from({ length: 50 }, (_, i) => `j-${i}`);
   for (let seq = 0; seq < 3; seq++) {
     await Promise.all(jobs.map((id) => logs.append(id, line(seq, `${id} line ${seq}\n`))));
@@ -135,10 +141,7 @@ t.test("the lines of many jobs go into one segment, each job's read back in its 
 });
 
 t.test("a full segment is left for a new one, and a restart finds every line again", async (t) => {
-  const dir = await tempDir(t, "shoal-job-logs-");
-  const logs = new LogStore(dir, undefined, undefined, 300);
-  t.teardown(() => logs.close());
-  await logs.init();
+  const { dir, logs } = await openStore(t, 300);
   for (let seq = 0; seq < 6; seq++) {
     await logs.append("j-a", line(seq, `a${seq}`));
     await logs.append("j-b", line(seq, `b${seq}`, "e-2"));
@@ -161,10 +164,7 @@ t.test("a full segment is left for a new one, and a restart finds every line aga
 t.test(
   "a removed job's lines are gone, after a restart too, and a segment goes once no job has lines in it",
   async (t) => {
-    const dir = await tempDir(t, "shoal-job-logs-");
-    const logs = new LogStore(dir);
-    t.teardown(() => logs.close());
-    await logs.init();
+    const { dir, logs } = await openStore(t);
     await logs.append("j-gone", line(0, "gone\n"));
     await logs.append("j-kept", line(0, "kept\n", "e-2"));
     await logs.remove("j-gone");
@@ -201,11 +201,8 @@ t.test(
 t.test(
   "a segment recording a removal stays while an older segment holds the removed job's lines",
   async (t) => {
-    const dir = await tempDir(t, "shoal-job-logs-");
     // Room for two lines of ~95 bytes a segment, or one and a removal's record.
-    const logs = new LogStore(dir, undefined, undefined, 200);
-    t.teardown(() => logs.close());
-    await logs.init();
+    const { dir, logs } = await openStore(t, 200);
     await logs.append("j-a", line(0, "a"));
     await logs.append("j-b", line(0, "b")); // segment 1: a, b
     await logs.append("j-c", line(0, "c")); // segment 2: c
@@ -224,11 +221,8 @@ t.test(
 t.test(
   "a segment that cannot be deleted is kept, with no failure, and deleted at a later sweep",
   async (t) => {
-    const dir = await tempDir(t, "shoal-job-logs-");
     // Room for one line of ~95 bytes a segment, or one and a removal's record.
-    const logs = new LogStore(dir, undefined, undefined, 150);
-    t.teardown(() => logs.close());
-    await logs.init();
+    const { dir, logs } = await openStore(t, 150);
     await logs.append("j-a", line(0, "a")); // segment 1
     await logs.append("j-b", line(0, "b")); // segment 2
     const logsDir = path.join(dir, "logs");
