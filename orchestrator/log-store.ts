@@ -201,7 +201,7 @@ interface Segment {
 
 /**
  * Most bytes of lines a follower holds in memory while it has not taken
- * them; past it, it reads them from the file instead, when it gets to them.
+ * them; past it, it reads them from the segments instead, when it gets to them.
  */
 export const FOLLOWER_QUEUE_BYTES = 1024 * 1024;
 
@@ -415,13 +415,23 @@ export class LogStore {
     });
   }
 
-  /** Moves a job's file from before segments into the active segment, then deletes it. */
+  /**
+   * Moves a job's file from before segments into the active segment, then
+   * deletes it. A line the segments hold already (a start that a crash cut
+   * short moved it) is not moved again: the store these files come from took
+   * each execution's lines in the order of their numbers.
+   */
   async #migrate(jobId: string, file: string): Promise<void> {
+    const counts = await this.#countsOf(jobId);
     const handle = await fs.open(file, "r");
     try {
       for await (const { text } of linesOf(handle, 0)) {
         const entry = parseLine(text);
-        if (entry) this.#write(jobId, entry);
+        if (!entry || entry.Seq <= (counts.lastSeq.get(entry.ExecutionID) ?? -1)) continue;
+        this.#write(jobId, entry);
+        counts.lastSeq.set(entry.ExecutionID, entry.Seq);
+        const key = streamOf(entry);
+        counts.bytes.set(key, (counts.bytes.get(key) ?? 0) + Buffer.byteLength(entry.Data));
       }
     } finally {
       await handle.close();

@@ -315,6 +315,29 @@ t.test("a job's file from a store before segments is moved into one at start", a
   t.equal(await logs.append("j-old", line(2, "three\n")), "stored");
 });
 
+t.test("a job's file whose move a crash cut short is moved on, each line once", async (t) => {
+  const dir = await tempDir(t, "shoal-job-logs-");
+  await fs.mkdir(path.join(dir, "logs"), { recursive: true });
+  const old = [line(0, "one\n"), line(1, "two\n")];
+  await fs.writeFile(
+    path.join(dir, "logs", "j-old.ndjson"),
+    old.map((e) => `${JSON.stringify(e)}\n`).join(""),
+  );
+  // The first line was moved into a segment before the crash; the file was not deleted yet.
+  await fs.writeFile(
+    path.join(dir, "logs", "segment-1.ndjson"),
+    `${JSON.stringify({ JobID: "j-old", ...old[0] })}\n`,
+  );
+  const logs = new LogStore(dir);
+  t.teardown(() => logs.close());
+  await logs.init();
+  t.same(
+    (await storedLines(logs, "j-old")).map((e) => e.Data),
+    ["one\n", "two\n"],
+  );
+  t.same(await logFiles(dir), ["segment-1.ndjson", "segment-2.ndjson"], "the job's file is gone");
+});
+
 t.test("lines longer than a read, and a torn last line, are read back right", async (t) => {
   const dir = await tempDir(t, "shoal-job-logs-");
   const logs = new LogStore(dir);
