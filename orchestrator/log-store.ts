@@ -120,6 +120,13 @@ interface Counts {
 /** The counts of a job with no lines. */
 const noCounts = (): Counts => ({ lastSeq: new Map(), bytes: new Map() });
 
+/** Counts one stored line of a job. */
+function countLine(counts: Counts, entry: LogEntry): void {
+  counts.lastSeq.set(entry.ExecutionID, Math.max(entry.Seq, counts.lastSeq.get(entry.ExecutionID) ?? -1));
+  const key = streamOf(entry);
+  counts.bytes.set(key, (counts.bytes.get(key) ?? 0) + Buffer.byteLength(entry.Data));
+}
+
 /**
  * Where a job's stored lines are, in order: for each, its segment and its
  * bytes `[start, next)` there (the newline included), three numbers in one
@@ -429,9 +436,7 @@ export class LogStore {
         const entry = parseLine(text);
         if (!entry || entry.Seq <= (counts.lastSeq.get(entry.ExecutionID) ?? -1)) continue;
         this.#write(jobId, entry);
-        counts.lastSeq.set(entry.ExecutionID, entry.Seq);
-        const key = streamOf(entry);
-        counts.bytes.set(key, (counts.bytes.get(key) ?? 0) + Buffer.byteLength(entry.Data));
+        countLine(counts, entry);
       }
     } finally {
       await handle.close();
@@ -483,22 +488,32 @@ export class LogStore {
    * segment: the line is not stored, and the next starts a new segment.
    */
   #write(jobId: string, entry: LogEntry): WrittenLine {
-    const text = `${JSON.stringify({ JobID: jobId, ...entry })}\n`;
+    const { segment, start, bytes } = this.#append(`${JSON.stringify({ JobID: jobId, ...entry })}\n`);
+    const job = this.#jobs.get(jobId) ?? { places: new Places(), lastWrite: 0 };
+    this.#jobs.set(jobId, job);
+    job.places.push(segment, start, start + bytes);
+    job.lastWrite = Date.now();
+    this.#segments.get(segment)!.live.add(jobId);
+    return { entry, index: job.places.length - 1, bytes };
+  }
+
+  /**
+   * Appends `text` to the active segment and returns where it went. A line
+   * the segment has no room left for starts a new one (`roll`; a removal's
+   * record always goes in the active segment), and so does a write that fails.
+   */
+  #append(text: string, roll = true): { segment: number; start: number; bytes: number } {
     const bytes = Buffer.byteLength(text);
-    const active = this.#activeFor(bytes);
+    const active = this.#activeFor(roll ? bytes : 0);
     try {
       writeFileSync(active.fd, text);
     } catch (err) {
       this.#leaveActive();
       throw err;
     }
-    const job = this.#jobs.get(jobId) ?? { places: new Places(), lastWrite: 0 };
-    this.#jobs.set(jobId, job);
-    job.places.push(active.segment, active.size, active.size + bytes);
-    job.lastWrite = Date.now();
+    const start = active.size;
     active.size += bytes;
-    this.#segments.get(active.segment)!.live.add(jobId);
-    return { entry, index: job.places.length - 1, bytes };
+    return { segment: active.segment, start, bytes };
   }
 
   /** The active segment, with room for `bytes` more unless it is empty. */
@@ -546,11 +561,7 @@ export class LogStore {
 
   async #count(jobId: string): Promise<Counts> {
     const counts = noCounts();
-    for await (const entry of this.#read(jobId, 0)) {
-      counts.lastSeq.set(entry.ExecutionID, Math.max(entry.Seq, counts.lastSeq.get(entry.ExecutionID) ?? -1));
-      const key = streamOf(entry);
-      counts.bytes.set(key, (counts.bytes.get(key) ?? 0) + Buffer.byteLength(entry.Data));
-    }
+    for await (const entry of this.#read(jobId, 0)) countLine(counts, entry);
     return counts;
   }
 
@@ -649,16 +660,8 @@ export class LogStore {
     await this.#tails.get(jobId);
     this.#counts.delete(jobId);
     if (!this.#jobs.has(jobId)) return;
-    const active = this.#activeFor(0);
-    const text = `${removal(jobId)}\n`;
-    try {
-      writeFileSync(active.fd, text);
-    } catch (err) {
-      this.#leaveActive();
-      throw err;
-    }
-    active.size += Buffer.byteLength(text);
-    this.#segments.get(active.segment)!.removals = true;
+    const { segment } = this.#append(`${removal(jobId)}\n`, false);
+    this.#segments.get(segment)!.removals = true;
     this.#forget(jobId);
     await this.#sweep();
   }
