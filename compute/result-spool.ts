@@ -72,8 +72,8 @@ function sha256Hex(data: Uint8Array): string {
  * spare's bytes, in place, then renamed into place: no inode is created or
  * freed and no file is truncated to nothing per result. On this kind of disk
  * (ext4 without a journal) each of those costs: a new file's inode is looked
- * for past every inode freed in the last 30 s, and a file truncated to nothing
- * and written again is flushed when it is closed (`auto_da_alloc`). Spares
+ * for past every inode freed in the last minute or so, and a file truncated to
+ * nothing and written again is flushed when it is closed (`auto_da_alloc`). Spares
  * count as temporary files: a restart sweeps them. Writing over a spare and
  * the renames are synchronous calls: each takes a few microseconds, its
  * libuv round trip ten times that (docs/compute.md, "Small file-system calls").
