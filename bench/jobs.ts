@@ -87,7 +87,8 @@ for (let i = 0; i < 2000; i++) {
 }
 echo.unsubscribe();
 
-const api = apiClient(ep.apiUrl, await fs.readFile(ep.caFile));
+const ca = await fs.readFile(ep.caFile);
+const api = apiClient(ep.apiUrl, ca);
 // Jobs are submitted as the admin (anonymous callers may only read).
 const token = (
   JSON.parse(
@@ -106,7 +107,7 @@ interface HistoryEvent {
 
 // The clients run on a thread of their own (bench/jobs-clients.ts), one phase per message.
 const clients = new Worker(new URL("./jobs-clients.ts", import.meta.url), {
-  workerData: { apiUrl: ep.apiUrl, ca: await fs.readFile(ep.caFile), token, spec } satisfies ClientsSetup,
+  workerData: { apiUrl: ep.apiUrl, ca, token, spec } satisfies ClientsSetup,
 });
 const phase = (r: ClientsRequest) =>
   new Promise<ClientsResult>((resolve, reject) => {
