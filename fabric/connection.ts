@@ -484,6 +484,14 @@ export class FabricConnection {
     }
   }
 
+  /**
+   * True once {@link close} was called or the connection closed: while it
+   * drains, publishes are refused though nats.js does not call it closed yet.
+   */
+  isClosing(): boolean {
+    return this.#closing !== undefined || this.nc.isClosed();
+  }
+
   /** Drains (delivers what is buffered, unsubscribes) then closes. Idempotent. */
   close(): Promise<FabricError | undefined> {
     if (!this.#closing) {

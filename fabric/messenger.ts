@@ -82,8 +82,8 @@ export class FabricMessenger {
     try {
       this.connection.publish(subject, this.signer.sign(kind, aud, body));
     } catch (err) {
-      // Sends that waited their turn past a close are expected to fail: not worth a warning each.
-      this.#log[this.connection.nc.isClosed() ? "debug" : "warn"]({ kind, err }, "cannot publish");
+      // Sends that waited their turn past a close (or into its drain) are expected to fail: not worth a warning each.
+      this.#log[this.connection.isClosing() ? "debug" : "warn"]({ kind, err }, "cannot publish");
     }
   }
 

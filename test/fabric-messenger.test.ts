@@ -232,6 +232,33 @@ t.test("sends still waiting their turn when the connection closes are dropped qu
   );
 });
 
+t.test("sends refused while the connection drains on close are logged at debug too", async (t) => {
+  const lines: { level: number; msg: string }[] = [];
+  const logger = pino({ level: "debug" }, { write: (line: string) => lines.push(JSON.parse(line)) });
+  const sender = await messenger(n1, [orch], undefined, logger);
+  let closed = false;
+  const closing = sender.connection.close().then(() => (closed = true));
+  // Once its subscriptions are drained, nats.js refuses publishes for a round
+  // trip more before it calls the connection closed: send through all of it.
+  for (let seq = 0; !closed && seq < 100_000; seq++) {
+    sender.publishSigned(subjects.computeOut("n1", "logs"), "logs", orch.spiffeId, {
+      executionId: "e1",
+      stream: "stdout",
+      seq,
+      data: "",
+    });
+    await new Promise((r) => setImmediate(r));
+  }
+  await closing;
+  const refused = lines.filter((l) => l.msg === "cannot publish");
+  t.ok(refused.length > 0, "some sends were refused");
+  t.same(
+    refused.filter((l) => l.level !== 20),
+    [],
+    "every refusal at debug",
+  );
+});
+
 t.test("a message larger than the broker's max_payload is refused with its own code", async (t) => {
   const lines: { level: number; msg: string; err?: { code?: string } }[] = [];
   const logger = pino({ level: "debug" }, { write: (line: string) => lines.push(JSON.parse(line)) });
