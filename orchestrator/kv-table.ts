@@ -41,6 +41,14 @@ export interface KvTableOptions<T> {
    * {@link KvTable.load}, and leave it with {@link KvTable.release}.
    */
   lazy?: boolean;
+  /**
+   * Under load, a changed row waits up to this long for a
+   * {@link KvTable.flush} that names it before it is written (write-behind):
+   * the changes a row goes through meanwhile cost one write, not one each.
+   * "Under load" is while a batch is being written: a row changed while
+   * none is goes with the next batch, as it does without this option.
+   */
+  holdMs?: number;
 }
 
 /** Which changes of other writers a shared table applies, and what to do after. */
@@ -78,6 +86,12 @@ export class KvTable<T> {
   #follower: KvFollower<T> | undefined;
   /** Keys changed since the last flush started; `undefined` marks a delete. */
   #dirty = new Map<string, T | undefined>();
+  readonly #holdMs: number | undefined;
+  /** Whether a batch is being written now: load, for the `holdMs` option. */
+  #writing = false;
+  /** Changed keys that wait for a flush naming them, or until `until` (see the `holdMs` option), oldest first. */
+  readonly #held = new Map<string, { value: T | undefined; until: number }>();
+  #holdTimer: NodeJS.Timeout | undefined;
   #flushing: Promise<void> = Promise.resolve();
   #scheduled: Promise<void> | undefined;
   /** Keys whose last write failed, with its error (until written again, or forgotten). */
@@ -91,6 +105,7 @@ export class KvTable<T> {
     this.#jsm = options.jsm;
     this.#log = log;
     this.#onConflict = options.onConflict;
+    this.#holdMs = options.holdMs;
     this.#order = options.rank ? new OrderedKeys(options.rank) : undefined;
     this.#groups = new Map(
       Object.entries(options.groups ?? {}).map(([name, of]) => [name, new Grouping(of)]),
@@ -277,17 +292,56 @@ export class KvTable<T> {
     for (const { of, counts } of this.#tallies.values()) counts.remove(of(previous));
   }
 
-  /** Sets `key` in memory now and in KV with the next flush. */
+  /** Sets `key` in memory now and in KV with the next batch (or when its hold ends, see the `holdMs` option). */
   put(key: string, value: T): void {
     this.#setRow(key, value);
-    this.#dirty.set(key, value);
-    this.#schedule();
+    this.#changed(key, value);
   }
 
   delete(key: string): void {
     this.#deleteRow(key);
-    this.#dirty.set(key, undefined);
-    this.#schedule();
+    this.#changed(key, undefined);
+  }
+
+  #changed(key: string, value: T | undefined): void {
+    const held = this.#held.get(key);
+    if (held) {
+      held.value = value;
+    } else if (this.#holdMs === undefined || !this.#writing || this.#dirty.has(key)) {
+      this.#dirty.set(key, value);
+      this.#schedule();
+    } else {
+      this.#held.set(key, { value, until: performance.now() + this.#holdMs });
+      this.#holdTimer ??= setTimeout(() => this.#holdEnded(), this.#holdMs).unref();
+    }
+  }
+
+  /** Sends the held keys whose hold has ended with the next batch, and waits for the next to end. */
+  #holdEnded(): void {
+    this.#holdTimer = undefined;
+    const now = performance.now();
+    const due: string[] = [];
+    for (const [key, { until }] of this.#held) {
+      if (until > now) {
+        this.#holdTimer = setTimeout(() => this.#holdEnded(), until - now).unref();
+        break;
+      }
+      due.push(key);
+    }
+    this.#release(due);
+  }
+
+  /** Sends these held keys (every held key: `undefined`) with the next batch. */
+  #release(keys: Iterable<string> | undefined): void {
+    let released = false;
+    for (const key of keys ?? [...this.#held.keys()]) {
+      const held = this.#held.get(key);
+      if (!held) continue;
+      this.#held.delete(key);
+      this.#dirty.set(key, held.value);
+      released = true;
+    }
+    if (released) this.#schedule();
   }
 
   /** Drops the key from memory only; the bucket keeps it (see {@link purge}). */
@@ -304,6 +358,9 @@ export class KvTable<T> {
    * before it are sent first, so none of them brings the key back.
    */
   async purge(key: string): Promise<void> {
+    // `key` may end in the `>` wildcard (the keys under a prefix).
+    const prefix = key.endsWith(">") ? key.slice(0, -1) : undefined;
+    this.#release(prefix === undefined ? [key] : [...this.#held.keys()].filter((k) => k.startsWith(prefix)));
     await this.#settled();
     await this.#jsm.streams.purge(`KV_${this.#bucket}`, { filter: `$KV.${this.#bucket}.${key}` });
   }
@@ -315,7 +372,9 @@ export class KvTable<T> {
    * A caller that names its keys is not failed by other keys' writes.
    */
   async flush(keys?: Iterable<string>): Promise<void> {
-    const watched = keys ? [...keys] : [...this.#dirty.keys(), ...this.#queued.keys()];
+    const named = keys ? [...keys] : undefined;
+    this.#release(named);
+    const watched = named ?? [...this.#dirty.keys(), ...this.#queued.keys()];
     await this.#settled();
     for (const key of watched) {
       if (this.#failed.has(key)) throw this.#failed.get(key);
@@ -343,7 +402,10 @@ export class KvTable<T> {
           const batch = this.#dirty;
           this.#dirty = new Map();
           for (const key of batch.keys()) this.#queued.add(key);
-          return this.#write(batch);
+          this.#writing = true;
+          return this.#write(batch).finally(() => {
+            this.#writing = false;
+          });
         });
         this.#flushing.then(resolve, resolve);
       });
@@ -402,7 +464,8 @@ export class KvTable<T> {
         retryError = r.reason;
         // Retry with the next flush unless a newer value has replaced it, waiting (dirty)
         // or already in a later batch: the retry would overwrite that value.
-        if (!this.#dirty.has(key) && !this.#queued.has(key)) this.#dirty.set(key, value);
+        if (!this.#dirty.has(key) && !this.#queued.has(key) && !this.#held.has(key))
+          this.#dirty.set(key, value);
       }
     }
     if (retried > 0) {

@@ -35,6 +35,20 @@ export const BUCKETS = {
  */
 export const HISTORY_PAGE_EVENTS = 64;
 
+/**
+ * Under load, how long a change of a job, an execution or a history page may
+ * wait before it is written to KV, unless a flush names it first: a job's
+ * submission is flushed before the API answers, a result before the node is
+ * told it is stored, a stop before it is answered. The states a job goes
+ * through in between (placed, bid accepted, running) are then written within
+ * this time, or with the next flush of the job: a job that ends sooner costs
+ * five KV writes, not ten. A crash loses at most this much of those states,
+ * and the job is then placed again (docs/orchestrator.md, start-up step 3).
+ * While no batch is being written, a change goes with the next one (see
+ * {@link KvTableOptions.holdMs}).
+ */
+export const JOB_WRITE_HOLD_MS = 250;
+
 /** Page `page` of a job's history written by `writer` (an orchestrator of a cluster; none for a single one). */
 const pageKey = (jobId: string, writer: string | undefined, page: number) =>
   writer === undefined ? `${jobId}.${page}` : `${jobId}.${writer}.${page}`;
@@ -114,17 +128,20 @@ export class StateStore {
        * the new owner's record kept (fencing).
        */
       owner?: string;
+      /** @default JOB_WRITE_HOLD_MS */
+      holdMs?: number;
     } = {},
   ): Promise<StateStore> {
     const kvm = new Kvm(js);
     const jsm = await js.jetstreamManager();
     const cluster = options.owner !== undefined;
+    const holdMs = options.holdMs ?? JOB_WRITE_HOLD_MS;
     let store: StateStore | undefined;
     // In a cluster the job buckets follow the other orchestrators' writes; job records are fenced.
     const open = async <T>(
       bucket: string,
       followed: boolean,
-      more: Pick<KvTableOptions<T>, "onConflict" | "rank" | "groups" | "tallies" | "lazy"> = {},
+      more: Pick<KvTableOptions<T>, "onConflict" | "rank" | "groups" | "tallies" | "lazy" | "holdMs"> = {},
     ) =>
       KvTable.open<T>(
         await kvm.create(bucket, { history: 1, replicas: options.replicas ?? 1 }),
@@ -137,6 +154,7 @@ export class StateStore {
           ...(more.groups ? { groups: more.groups } : {}),
           ...(more.tallies ? { tallies: more.tallies } : {}),
           ...(more.lazy ? { lazy: true } : {}),
+          ...(more.holdMs ? { holdMs: more.holdMs } : {}),
           ...(cluster && followed
             ? { shared: true, ...(more.onConflict ? { onConflict: more.onConflict } : {}) }
             : {}),
@@ -144,6 +162,7 @@ export class StateStore {
       );
     const [jobs, executions, nodes, events] = await Promise.all([
       open<JobRecord>(BUCKETS.jobs, true, {
+        holdMs,
         // Listed newest first (JobService.list).
         rank: (job) => job.CreateTime,
         tallies: {
@@ -164,6 +183,7 @@ export class StateStore {
         },
       }),
       open<ExecutionRecord>(BUCKETS.executions, true, {
+        holdMs,
         tallies: { state: (e) => e.State },
         groups: {
           job: (e) => e.JobID,
@@ -174,7 +194,7 @@ export class StateStore {
       // Nodes are shared by every orchestrator, each keeping its own view of their health.
       open<NodeRecord>(BUCKETS.nodes, false),
       // Only the keys: the histories of jobs that ended are read when asked for.
-      open<JobEvent[]>(BUCKETS.events, true, { lazy: true }),
+      open<JobEvent[]>(BUCKETS.events, true, { lazy: true, holdMs }),
     ]);
     store = new StateStore(jobs, executions, nodes, events, options.owner, log);
     await events.load(
@@ -429,9 +449,14 @@ export class StateStore {
    * would run twice). The job has no executions yet.
    */
   withdrawJob(jobId: string): void {
-    for (const key of this.#historyKeys(jobId)) this.events.delete(key);
+    const pages = this.#historyKeys(jobId);
+    for (const key of pages) this.events.delete(key);
     this.jobs.delete(jobId);
     this.#dropIndex(jobId);
+    // Sent with the next batch, not held: the fewer the moments the job is stored, the better.
+    // A failure is retried as any write's; nobody waits for these.
+    void this.jobs.flush([jobId]).catch(() => {});
+    void this.events.flush(pages).catch(() => {});
   }
 
   /** Removes the job, its executions and its history from KV, leaving no delete markers. */

@@ -61,7 +61,7 @@ t.test("state survives a reconnect: memory first, KV behind, coalesced writes", 
   );
 });
 
-t.test("writes made while a batch is being stored join the next batch, not a batch each", async (t) => {
+t.test("flushes made while a batch is being stored join the next batch, not a batch each", async (t) => {
   const url = await startJetStream(t, await tempDir(t, "shoal-state-"));
   const nc = await connect({ servers: url });
   t.teardown(() => nc.close());
@@ -74,14 +74,154 @@ t.test("writes made while a batch is being stored join the next batch, not a bat
   const before = await writes();
   const j = job("j-1", 1);
   store.putJob(j);
-  await new Promise((r) => setImmediate(r)); // the first batch is on its way
+  const flushes = [store.flushJob("j-1")]; // the first batch is on its way
   for (let i = 0; i < 10; i++) {
-    store.putJob({ ...j, StateMessage: `change ${i}` });
     await new Promise((r) => setImmediate(r));
+    store.putJob({ ...j, StateMessage: `change ${i}` });
+    flushes.push(store.flushJob("j-1"));
   }
-  await store.flush();
+  await Promise.all(flushes);
   t.equal(store.jobs.get("j-1")?.StateMessage, "change 9");
   t.equal((await writes()) - before, 2, "the first value, then the last: not one batch per turn (11)");
+});
+
+/** How many writes each job bucket's stream has taken. */
+async function bucketWrites(js: ReturnType<typeof jetstream>): Promise<() => Promise<number>> {
+  const jsm = await js.jetstreamManager();
+  return async () => {
+    let sum = 0;
+    for (const bucket of [BUCKETS.jobs, BUCKETS.executions, BUCKETS.events]) {
+      sum += (await jsm.streams.info(`KV_${bucket}`)).state.last_seq;
+    }
+    return sum;
+  };
+}
+
+/**
+ * Puts load on the store's three job tables: a job, its execution and its
+ * history page being written (each write slowed by the store's JetStream),
+ * three writes. Resolves, once the batches are on their way, to their flush.
+ */
+async function underLoad(store: StateStore, id: string): Promise<{ done: Promise<void> }> {
+  store.putJob(job(id, 0));
+  store.putExecution(running(`e-${id}`, id));
+  store.appendEvent({ Time: 0, JobID: id, Type: "JobStateUpdate", State: "Pending", Message: "load" });
+  const done = store.flushJob(id);
+  await new Promise((r) => setImmediate(r));
+  return { done };
+}
+
+t.test(
+  "under load, a change waits for a flush that names its job, the hold's end or a flush of all",
+  async (t) => {
+    const url = await startJetStream(t, await tempDir(t, "shoal-state-"));
+    const nc = await connect({ servers: url });
+    t.teardown(() => nc.close());
+    const js = jetstream(nc);
+    const writes = await bucketWrites(js);
+    const store = await StateStore.open(withSlowPublish(js, 100), silentLogger, { holdMs: 60_000 });
+    t.teardown(() => store.close());
+    const before = await writes();
+    const load = await underLoad(store, "load");
+    let j1 = job("j-1", 1);
+    store.putJob(j1);
+    for (const state of ["Queued", "Running"] as const) {
+      await new Promise((r) => setImmediate(r));
+      j1 = store.setJobState(j1, state, state);
+    }
+    await load.done;
+    await new Promise((r) => setTimeout(r, 150));
+    t.equal(await writes(), before + 3, "only the load was written: the changes made meanwhile are held");
+    t.equal(store.jobs.get("j-1")?.State, "Running", "memory has the changes at once");
+    const flushed = store.flushJob("j-1");
+    await new Promise((r) => setImmediate(r));
+    store.putJob(job("j-2", 2)); // while the job's flush is written
+    await flushed;
+    t.equal(await writes(), before + 5, "the job's flush wrote its record and its history page, once each");
+    t.equal((await store.jobs.stored("j-1"))?.State, "Running", "the last value");
+    t.notOk(await store.jobs.stored("j-2"), "the other job's change still waits");
+    await store.flush();
+    t.equal((await store.jobs.stored("j-2"))?.ID, "j-2", "a flush of all wrote it");
+
+    store.putJob(job("j-3", 3)); // no batch being written: no load
+    await eventually(
+      "the idle change is written",
+      async () => (await store.jobs.stored("j-3")) !== undefined,
+    );
+    t.equal((await store.jobs.stored("j-3"))?.ID, "j-3", "without load, a change goes with the next batch");
+
+    const short = await StateStore.open(withSlowPublish(js, 100), silentLogger, { holdMs: 50 });
+    t.teardown(() => short.close());
+    await underLoad(short, "load-2");
+    short.putJob(job("j-4", 4));
+    await eventually(
+      "the held change is written",
+      async () => (await short.jobs.stored("j-4")) !== undefined,
+    );
+    t.equal((await short.jobs.stored("j-4"))?.ID, "j-4", "written when the hold ended, with no flush");
+  },
+);
+
+t.test("under load, a job that ends within the hold costs five KV writes, not ten", async (t) => {
+  const url = await startJetStream(t, await tempDir(t, "shoal-state-"));
+  const nc = await connect({ servers: url });
+  t.teardown(() => nc.close());
+  const js = jetstream(nc);
+  const writes = await bucketWrites(js);
+  const store = await StateStore.open(withSlowPublish(js, 100), silentLogger, { holdMs: 60_000 });
+  t.teardown(() => store.close());
+  const before = await writes();
+  // As the dispatcher goes: submitted (flushed before 201), placed, bid accepted and running, ended (flushed).
+  let j = job("j-1", 1);
+  store.putJob(j);
+  store.appendEvent({
+    Time: 1,
+    JobID: "j-1",
+    Type: "JobStateUpdate",
+    State: "Pending",
+    Message: "submitted",
+  });
+  await store.flushJob("j-1");
+  t.equal(await writes(), before + 2, "submitted: the record and the history page");
+  const placed = await underLoad(store, "load-1");
+  j = store.setJobState(j, "Running", "placed");
+  store.putExecution({ ...running("e-1", "j-1"), State: "AskForBid" });
+  await placed.done;
+  const bid = await underLoad(store, "load-2");
+  let e = store.setExecutionState(store.executions.get("e-1")!, "BidAccepted", "bid accepted");
+  e = store.setExecutionState(e, "Running", "running");
+  await bid.done;
+  store.setExecutionState(e, "Completed", "exit code 0");
+  store.setJobState(j, "Completed", "done");
+  await store.flushJob("j-1");
+  t.equal(
+    await writes(),
+    before + 2 + 3 + 3 + 3,
+    "the two loads, and at the end the job's record, execution and history page, once each",
+  );
+  const nc2 = await connect({ servers: url });
+  t.teardown(() => nc2.close());
+  const again = await StateStore.open(jetstream(nc2), silentLogger);
+  t.same(
+    (await again.history("j-1")).map((ev) => ev.State),
+    ["Pending", "Running", "BidAccepted", "Running", "Completed", "Completed"],
+    "every state is in the stored history",
+  );
+});
+
+t.test("a purge sends the key's held write first, so the write does not bring the key back", async (t) => {
+  const url = await startJetStream(t, await tempDir(t, "shoal-state-"));
+  const nc = await connect({ servers: url });
+  t.teardown(() => nc.close());
+  const store = await StateStore.open(withSlowPublish(jetstream(nc), 100), silentLogger, { holdMs: 60_000 });
+  t.teardown(() => store.close());
+  await underLoad(store, "load");
+  store.putJob(job("j-1", 1));
+  store.setJobState(store.jobs.get("j-1")!, "Running", "placed");
+  await store.purgeJob("j-1", []);
+  await store.flush();
+  t.notOk(await store.jobs.stored("j-1"), "the record is gone");
+  t.notOk(await store.events.stored("j-1.0"), "and its history page (a wildcard purge)");
 });
 
 function running(id: string, jobId: string): ExecutionRecord {
