@@ -1,8 +1,8 @@
 /**
  * The HTTPS clients of bench/jobs.ts, on a worker thread of their own: a
  * user's client runs on its own machine, not on the orchestrator's event loop,
- * so the bench keeps its clients' TLS, HTTP and JSON work off the thread the
- * orchestrator and the nodes share. Their CPU still counts in the process's.
+ * so the bench keeps its clients' TLS, HTTP and JSON work off the
+ * orchestrator's thread. Their CPU still counts in the process's.
  *
  * The main thread sends one {@link ClientsRequest} per phase and gets a
  * {@link ClientsResult} back.

@@ -1,8 +1,9 @@
 /**
  * Job throughput and latency: submit → Completed of a trivial WASM job over
- * the HTTPS API, with an orchestrator and 4 compute nodes (in this process,
- * talking over the real mTLS fabric), beside the raw NATS request/reply RTT
- * of the same broker measured in the same run.
+ * the HTTPS API, with an orchestrator and 4 compute nodes (in this process:
+ * the orchestrator on the main thread, the nodes on a worker thread of their
+ * own, talking over the real mTLS fabric), beside the raw NATS request/reply
+ * RTT of the same broker measured in the same run.
  *
  * Also the median time of each stage of a job (from its history events), so
  * the total can be explained: submit → placed, the bid round trip (it carries the run),
@@ -19,8 +20,7 @@ import { Session } from "node:inspector";
 import os from "node:os";
 import path from "node:path";
 import { Worker } from "node:worker_threads";
-import { ComputeNode } from "../compute/index.js";
-import { createLogger, loadConfig, procStat, wasmJobSpec } from "../core/index.js";
+import { createLogger, procStat, wasmJobSpec } from "../core/index.js";
 import { connectFabric } from "../fabric/index.js";
 import { openPki, writeIssued } from "../pki/index.js";
 import {
@@ -30,6 +30,7 @@ import {
   type ClientsSetup,
   type JobRun,
 } from "./jobs-clients.js";
+import type { NodesSetup } from "./jobs-nodes.js";
 import { BENCH_ADMIN_PASSWORD, startBenchOrchestrator } from "./loopback-orchestrator.js";
 
 const JOBS = Number(process.argv[2] ?? 500);
@@ -40,28 +41,24 @@ const logger = createLogger({ level: "error" });
 
 const { orch, ep } = await startBenchOrchestrator(`${dir}/orch`, logger);
 const pki = await openPki(ep.pkiDir);
-const nodes: ComputeNode[] = [];
 for (let i = 0; i < NODES; i++) {
   const prefix = `${dir}/n${i}/identity`;
   await fs.mkdir(path.dirname(prefix), { recursive: true });
   await writeIssued(prefix, await pki.issue({ role: "compute", id: `n${i}` }));
 }
 await new Promise((r) => setTimeout(r, 1500)); // the broker picks up the new identities
-for (let i = 0; i < NODES; i++) {
-  const c = await loadConfig({
-    env: {},
-    overrides: [
-      `DataDir=${dir}/n${i}`,
-      `Compute.Orchestrators=${ep.natsUrl}`,
-      `Compute.TLS.CACert=${ep.caFile}`,
-      `Compute.TLS.ClientCert=${dir}/n${i}/identity.crt`,
-      `Compute.TLS.ClientKey=${dir}/n${i}/identity.key`,
-    ],
-  });
-  const node = new ComputeNode({ config: c, logger });
-  await node.start();
-  nodes.push(node);
-}
+const nodesThread = new Worker(new URL("./jobs-nodes.ts", import.meta.url), {
+  workerData: {
+    dirs: Array.from({ length: NODES }, (_, i) => `${dir}/n${i}`),
+    natsUrl: ep.natsUrl,
+    caFile: ep.caFile,
+  } satisfies NodesSetup,
+});
+await new Promise<void>((resolve, reject) =>
+  nodesThread.once("message", (m: { ready?: true; error?: string }) =>
+    m.error ? reject(new Error(m.error)) : resolve(),
+  ),
+);
 
 // Baseline: raw NATS request/reply RTT over an mTLS connection to the same broker.
 const idPrefix = `${dir}/bench-rtt`;
@@ -236,12 +233,12 @@ row(
 );
 stageRows(together);
 
-// Where the CPU of the sustained phase went, per job: this process (orchestrator, 4 nodes,
-// their WASM worker threads and the HTTPS clients' thread) and the broker. 2 cores / total = the ceiling.
+// Where the CPU of the sustained phase went, per job: this process (the orchestrator, the 4 nodes'
+// thread, their WASM worker threads and the HTTPS clients' thread) and the broker. 2 cores / total = the ceiling.
 const cpuTotal = cpuPerJob("process") + cpuPerJob("nats");
 row("CPU per job (sustained phase):", "", "", "");
 row("  this process, all threads", ms(cpuPerJob("process")), "", "");
-row("    of which its main thread", ms(cpuPerJob("main")), "", "");
+row("    of which its main thread (orchestrator)", ms(cpuPerJob("main")), "", "");
 row("  nats-server", ms(cpuPerJob("nats")), "", "");
 row(
   `  total → ${os.availableParallelism()}-core ceiling`,
@@ -253,6 +250,8 @@ row(
 await clients.terminate();
 await fabric.close();
 api.agent.destroy();
-for (const n of nodes) await n.close();
+nodesThread.postMessage("close");
+await new Promise((r) => nodesThread.once("message", r));
+await nodesThread.terminate();
 await orch.close();
 await fs.rm(dir, { recursive: true, force: true });
