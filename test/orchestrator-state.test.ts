@@ -85,16 +85,28 @@ t.test("flushes made while a batch is being stored join the next batch, not a ba
   t.equal((await writes()) - before, 2, "the first value, then the last: not one batch per turn (11)");
 });
 
-/** How many writes each job bucket's stream has taken. */
-async function bucketWrites(js: ReturnType<typeof jetstream>): Promise<() => Promise<number>> {
+/**
+ * A store on a JetStream of its own whose writes each take 100 ms (a batch is
+ * written long enough to put load on its table, see {@link underLoad}) and
+ * whose held changes wait up to a minute; `writes` counts the writes the job
+ * buckets have taken.
+ */
+async function slowStore(t: Test) {
+  const url = await startJetStream(t, await tempDir(t, "shoal-state-"));
+  const nc = await connect({ servers: url });
+  t.teardown(() => nc.close());
+  const js = jetstream(nc);
   const jsm = await js.jetstreamManager();
-  return async () => {
+  const store = await StateStore.open(withSlowPublish(js, 100), silentLogger, { holdMs: 60_000 });
+  t.teardown(() => store.close());
+  const writes = async () => {
     let sum = 0;
     for (const bucket of [BUCKETS.jobs, BUCKETS.executions, BUCKETS.events]) {
       sum += (await jsm.streams.info(`KV_${bucket}`)).state.last_seq;
     }
     return sum;
   };
+  return { url, js, store, writes };
 }
 
 /**
@@ -114,13 +126,7 @@ async function underLoad(store: StateStore, id: string): Promise<{ done: Promise
 t.test(
   "under load, a change waits for a flush that names its job, the hold's end or a flush of all",
   async (t) => {
-    const url = await startJetStream(t, await tempDir(t, "shoal-state-"));
-    const nc = await connect({ servers: url });
-    t.teardown(() => nc.close());
-    const js = jetstream(nc);
-    const writes = await bucketWrites(js);
-    const store = await StateStore.open(withSlowPublish(js, 100), silentLogger, { holdMs: 60_000 });
-    t.teardown(() => store.close());
+    const { js, store, writes } = await slowStore(t);
     const before = await writes();
     const load = await underLoad(store, "load");
     let j1 = job("j-1", 1);
@@ -163,13 +169,7 @@ t.test(
 );
 
 t.test("under load, a job that ends within the hold costs five KV writes, not ten", async (t) => {
-  const url = await startJetStream(t, await tempDir(t, "shoal-state-"));
-  const nc = await connect({ servers: url });
-  t.teardown(() => nc.close());
-  const js = jetstream(nc);
-  const writes = await bucketWrites(js);
-  const store = await StateStore.open(withSlowPublish(js, 100), silentLogger, { holdMs: 60_000 });
-  t.teardown(() => store.close());
+  const { url, store, writes } = await slowStore(t);
   const before = await writes();
   // As the dispatcher goes: submitted (flushed before 201), placed, bid accepted and running, ended (flushed).
   let j = job("j-1", 1);
@@ -210,11 +210,7 @@ t.test("under load, a job that ends within the hold costs five KV writes, not te
 });
 
 t.test("a purge sends the key's held write first, so the write does not bring the key back", async (t) => {
-  const url = await startJetStream(t, await tempDir(t, "shoal-state-"));
-  const nc = await connect({ servers: url });
-  t.teardown(() => nc.close());
-  const store = await StateStore.open(withSlowPublish(jetstream(nc), 100), silentLogger, { holdMs: 60_000 });
-  t.teardown(() => store.close());
+  const { store } = await slowStore(t);
   await underLoad(store, "load");
   store.putJob(job("j-1", 1));
   store.setJobState(store.jobs.get("j-1")!, "Running", "placed");
