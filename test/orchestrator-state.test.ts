@@ -209,6 +209,27 @@ t.test("under load, a job that ends within the hold costs five KV writes, not te
   );
 });
 
+t.test("under load, a withdrawn job's deletes are not held: they go with the next batch", async (t) => {
+  const { store } = await slowStore(t);
+  store.putJob(job("j-1", 1));
+  store.appendEvent({
+    Time: 1,
+    JobID: "j-1",
+    Type: "JobStateUpdate",
+    State: "Pending",
+    Message: "submitted",
+  });
+  await store.flushJob("j-1");
+  await underLoad(store, "load");
+  store.withdrawJob("j-1");
+  await eventually(
+    "the withdrawn job is deleted",
+    async () => (await store.jobs.stored("j-1")) === undefined,
+  );
+  t.notOk(await store.jobs.stored("j-1"), "the record is deleted, within the minute the store holds changes");
+  t.notOk(await store.events.stored("j-1.0"), "and its history page");
+});
+
 t.test("a purge sends the key's held write first, so the write does not bring the key back", async (t) => {
   const { store } = await slowStore(t);
   await underLoad(store, "load");
