@@ -20,8 +20,10 @@ import { Session } from "node:inspector";
 import os from "node:os";
 import path from "node:path";
 import { Worker } from "node:worker_threads";
+import { jetstreamManager } from "@nats-io/jetstream";
 import { createLogger, procStat, wasmJobSpec } from "../core/index.js";
 import { connectFabric } from "../fabric/index.js";
+import { BUCKETS } from "../orchestrator/state-store.js";
 import { openPki, writeIssued } from "../pki/index.js";
 import {
   apiClient,
@@ -116,7 +118,19 @@ const phase = (r: ClientsRequest) =>
 
 await phase({ clients: 1, jobs: 20, budgetMs: BUDGET_MS }); // warm-up (JIT, connections, the module cache)
 
+const jsm = await jetstreamManager(fabric.nc);
+/** The writes the job buckets (jobs, executions, history pages) have taken so far. */
+async function kvWrites(): Promise<number> {
+  let n = 0;
+  for (const bucket of [BUCKETS.jobs, BUCKETS.executions, BUCKETS.events]) {
+    n += (await jsm.streams.info(`KV_${bucket}`)).state.last_seq;
+  }
+  return n;
+}
+
+const writesBefore = await kvWrites();
 const sequential = await phase({ clients: 1, jobs: JOBS, budgetMs: BUDGET_MS });
+const writesAlone = ((await kvWrites()) - writesBefore) / sequential.runs.length;
 const latencies = sequential.runs.map((r) => r.ms);
 const sampled = sequential.runs.slice(0, 100);
 
@@ -145,8 +159,11 @@ if (profiler) {
   await post("Profiler.start");
 }
 const cpuBefore = await cpuNow();
+const writesBetween = await kvWrites();
 const sustained = await phase({ clients: CLIENTS, jobs: JOBS, budgetMs: BUDGET_MS });
 const finished = sustained.runs.length;
+// Every job ended with a flush of all its records, so nothing of these jobs is still held.
+const writesTogether = ((await kvWrites()) - writesBetween) / finished;
 const throughput = finished / (sustained.elapsedMs / 1000);
 const cpuAfter = await cpuNow();
 if (profiler) {
@@ -214,6 +231,7 @@ const stageRows = (stages: Awaited<ReturnType<typeof stagesOf>>) => {
   }
 };
 stageRows(alone);
+row("  KV writes per job (jobs, executions, history)", writesAlone.toFixed(1), "", "");
 row(
   `sustained, ${CLIENTS} clients, ${NODES} nodes (${finished} jobs)`,
   `${throughput.toFixed(0)} jobs/s`,
@@ -232,6 +250,7 @@ row(
   "",
 );
 stageRows(together);
+row("  KV writes per job (write-behind under load)", writesTogether.toFixed(1), "", "");
 
 // Where the CPU of the sustained phase went, per job: this process (the orchestrator, the 4 nodes'
 // thread, their WASM worker threads and the HTTPS clients' thread) and the broker. 2 cores / total = the ceiling.

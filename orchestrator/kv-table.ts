@@ -45,8 +45,9 @@ export interface KvTableOptions<T> {
    * Under load, a changed row waits up to this long for a
    * {@link KvTable.flush} that names it before it is written (write-behind):
    * the changes a row goes through meanwhile cost one write, not one each.
-   * "Under load" is while a batch is being written: a row changed while
-   * none is goes with the next batch, as it does without this option.
+   * "Under load" is while a batch of several rows is being written: a row
+   * changed while none is, or while a batch of one row is (the changes of a
+   * single job at a time), goes with the next batch, as without this option.
    */
   holdMs?: number;
 }
@@ -87,8 +88,8 @@ export class KvTable<T> {
   /** Keys changed since the last flush started; `undefined` marks a delete. */
   #dirty = new Map<string, T | undefined>();
   readonly #holdMs: number | undefined;
-  /** Whether a batch is being written now: load, for the `holdMs` option. */
-  #writing = false;
+  /** Whether a batch of several rows is being written now: load, for the `holdMs` option. */
+  #underLoad = false;
   /** Changed keys that wait for a flush naming them, or until `until` (see the `holdMs` option), oldest first. */
   readonly #held = new Map<string, { value: T | undefined; until: number }>();
   #holdTimer: NodeJS.Timeout | undefined;
@@ -307,7 +308,7 @@ export class KvTable<T> {
     const held = this.#held.get(key);
     if (held) {
       held.value = value;
-    } else if (this.#holdMs === undefined || !this.#writing || this.#dirty.has(key)) {
+    } else if (this.#holdMs === undefined || !this.#underLoad || this.#dirty.has(key)) {
       this.#dirty.set(key, value);
       this.#schedule();
     } else {
@@ -402,9 +403,9 @@ export class KvTable<T> {
           const batch = this.#dirty;
           this.#dirty = new Map();
           for (const key of batch.keys()) this.#queued.add(key);
-          this.#writing = true;
+          this.#underLoad = batch.size > 1;
           return this.#write(batch).finally(() => {
-            this.#writing = false;
+            this.#underLoad = false;
           });
         });
         this.#flushing.then(resolve, resolve);

@@ -44,8 +44,8 @@ export const HISTORY_PAGE_EVENTS = 64;
  * this time, or with the next flush of the job: a job that ends sooner costs
  * five KV writes, not ten. A crash loses at most this much of those states,
  * and the job is then placed again (docs/orchestrator.md, start-up step 3).
- * While no batch is being written, a change goes with the next one (see
- * {@link KvTableOptions.holdMs}).
+ * While no batch of several rows is being written (a single job at a time),
+ * a change goes with the next batch (see {@link KvTableOptions.holdMs}).
  */
 export const JOB_WRITE_HOLD_MS = 250;
 

@@ -110,15 +110,19 @@ async function slowStore(t: Test) {
 }
 
 /**
- * Puts load on the store's three job tables: a job, its execution and its
- * history page being written (each write slowed by the store's JetStream),
- * three writes. Resolves, once the batches are on their way, to their flush.
+ * Puts load on the store's three job tables: two jobs, their executions and
+ * their history pages being written (each write slowed by the store's
+ * JetStream), six writes in batches of two. Resolves, once the batches are on
+ * their way, to their flush.
  */
 async function underLoad(store: StateStore, id: string): Promise<{ done: Promise<void> }> {
-  store.putJob(job(id, 0));
-  store.putExecution(running(`e-${id}`, id));
-  store.appendEvent({ Time: 0, JobID: id, Type: "JobStateUpdate", State: "Pending", Message: "load" });
-  const done = store.flushJob(id);
+  const ids = [`${id}-a`, `${id}-b`];
+  for (const jobId of ids) {
+    store.putJob(job(jobId, 0));
+    store.putExecution(running(`e-${jobId}`, jobId));
+    store.appendEvent({ Time: 0, JobID: jobId, Type: "JobStateUpdate", State: "Pending", Message: "load" });
+  }
+  const done = Promise.all(ids.map((jobId) => store.flushJob(jobId))).then(() => {});
   await new Promise((r) => setImmediate(r));
   return { done };
 }
@@ -137,14 +141,14 @@ t.test(
     }
     await load.done;
     await new Promise((r) => setTimeout(r, 150));
-    t.equal(await writes(), before + 3, "only the load was written: the changes made meanwhile are held");
+    t.equal(await writes(), before + 6, "only the load was written: the changes made meanwhile are held");
     t.equal(store.jobs.get("j-1")?.State, "Running", "memory has the changes at once");
-    const flushed = store.flushJob("j-1");
-    await new Promise((r) => setImmediate(r));
-    store.putJob(job("j-2", 2)); // while the job's flush is written
-    await flushed;
-    t.equal(await writes(), before + 5, "the job's flush wrote its record and its history page, once each");
+    await store.flushJob("j-1");
+    t.equal(await writes(), before + 8, "the job's flush wrote its record and its history page, once each");
     t.equal((await store.jobs.stored("j-1"))?.State, "Running", "the last value");
+    const load2 = await underLoad(store, "load-2");
+    store.putJob(job("j-2", 2));
+    await load2.done;
     t.notOk(await store.jobs.stored("j-2"), "the other job's change still waits");
     await store.flush();
     t.equal((await store.jobs.stored("j-2"))?.ID, "j-2", "a flush of all wrote it");
@@ -155,6 +159,17 @@ t.test(
       async () => (await store.jobs.stored("j-3")) !== undefined,
     );
     t.equal((await store.jobs.stored("j-3"))?.ID, "j-3", "without load, a change goes with the next batch");
+
+    store.putJob(job("j-5", 5));
+    const one = store.flushJob("j-5");
+    await new Promise((r) => setImmediate(r)); // a batch of one row is being written
+    store.putJob(job("j-6", 6));
+    await one;
+    await eventually(
+      "the change made during a batch of one row is written",
+      async () => (await store.jobs.stored("j-6")) !== undefined,
+    );
+    t.equal((await store.jobs.stored("j-6"))?.ID, "j-6", "a batch of one row (one job at a time) is no load");
 
     const short = await StateStore.open(withSlowPublish(js, 100), silentLogger, { holdMs: 50 });
     t.teardown(() => short.close());
@@ -196,7 +211,7 @@ t.test("under load, a job that ends within the hold costs five KV writes, not te
   await store.flushJob("j-1");
   t.equal(
     await writes(),
-    before + 2 + 3 + 3 + 3,
+    before + 2 + 6 + 6 + 3,
     "the two loads, and at the end the job's record, execution and history page, once each",
   );
   const nc2 = await connect({ servers: url });
