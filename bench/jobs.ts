@@ -56,11 +56,12 @@ const nodesThread = new Worker(new URL("./jobs-nodes.ts", import.meta.url), {
     caFile: ep.caFile,
   } satisfies NodesSetup,
 });
-await new Promise<void>((resolve, reject) =>
+await new Promise<void>((resolve, reject) => {
+  nodesThread.once("error", reject);
   nodesThread.once("message", (m: { ready?: true; error?: string }) =>
     m.error ? reject(new Error(m.error)) : resolve(),
-  ),
-);
+  );
+});
 
 // Baseline: raw NATS request/reply RTT over an mTLS connection to the same broker.
 const idPrefix = `${dir}/bench-rtt`;
