@@ -167,9 +167,10 @@ export class KvTable<T> {
     for (const change of this.#early.splice(0)) this.#apply(follower, change);
   }
 
-  /** Stops following other writers. */
+  /** Stops following other writers, and the hold's timer: {@link flush} first to write what is held. */
   close(): void {
     this.#stopFollowing?.();
+    clearTimeout(this.#holdTimer);
   }
 
   #apply(follower: KvFollower<T>, { key, revision, value: data }: KvChange): void {
