@@ -105,7 +105,17 @@ export class ModuleStore {
   ): Promise<{ size: number; data: Buffer } | undefined> {
     const hex = hexOf(digest);
     if (!hex || !(await this.#ensureLocal(hex))) return undefined;
-    const file = await fs.open(this.#file(hex), "r");
+    let file: fs.FileHandle;
+    try {
+      file = await fs.open(this.#file(hex), "r");
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+      // A copy this store knew of was deleted by hand: forgotten, it is looked for again (or copied
+      // again from the cluster's object store), and the next submission of the module writes it.
+      this.#local.delete(hex);
+      if (!(await this.#ensureLocal(hex))) return undefined;
+      file = await fs.open(this.#file(hex), "r");
+    }
     try {
       const { size } = await file.stat();
       const data = Buffer.alloc(Math.max(0, Math.min(length, size - offset)));

@@ -73,7 +73,30 @@ t.test("a module is stored once, read in parts, and copied from the cluster's ob
   t.same(await fs.readdir(path.join(root, "a", "modules")), []);
   await a.store.put(digest, module);
   t.same(await fs.readdir(path.join(root, "a", "modules")), [`${digest.slice(7)}.wasm`], "written again");
+
+  // A copy deleted by hand: a read makes it again from the object store.
+  await fs.rm(path.join(root, "b", "modules", `${digest.slice(7)}.wasm`));
+  t.ok((await b.store.read(digest, 0, 10))?.data.equals(module.subarray(0, 10)), "read, copied again");
 });
+
+t.test(
+  "a module file deleted by hand is not taken for present: the next submission writes it again",
+  async (t) => {
+    const root = await tempDir(t, "shoal-modules-");
+    const store = new ModuleStore(root);
+    await store.init();
+    const module = moduleOf(1000, 3);
+    const digest = moduleDigest(module);
+    await store.put(digest, module);
+    const file = path.join(root, "modules", `${digest.slice(7)}.wasm`);
+    await fs.rm(file);
+    t.equal(await store.read(digest, 0, 10), undefined, "not stored: the node is told so");
+    t.notOk(await store.has(digest), "and a submission naming it by digest is refused");
+    await store.put(digest, module);
+    t.ok((await fs.readFile(file)).equals(module), "a submission with the module writes the file again");
+    t.ok((await store.read(digest, 0, 10))?.data.equals(module.subarray(0, 10)));
+  },
+);
 
 t.test("a module goes when no job named it at two collections in a row, unless pinned", async (t) => {
   const root = await tempDir(t, "shoal-modules-");
