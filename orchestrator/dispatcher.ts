@@ -347,6 +347,8 @@ export class Dispatcher implements JobDispatch {
       );
       // Lost the race (the owner wrote, or it finished): let the store follow that change, then look again.
       if (!claimed) await new Promise((r) => setTimeout(r, STOP_CLAIM_PAUSE_MS));
+      // Won it: unless a concurrent claim overwrote this one (isMine then says so).
+      else await this.#o.store.confirmClaims([jobId]);
     }
     const job = this.#o.store.jobs.get(jobId);
     if (!job || TERMINAL_JOB_STATES.has(job.State)) return;

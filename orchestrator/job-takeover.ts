@@ -46,7 +46,9 @@ export interface JobTakeoverOptions {
  * everyone a full lease, and wall clocks need not agree), is presumed gone,
  * and the unfinished jobs it owns are claimed, each by compare-and-set on
  * the job record ({@link StateStore.claimJob}, so two claimants never both
- * win), and taken up through the same recovery path a restart uses.
+ * win; read back by {@link StateStore.confirmClaims}, as nats-server 2.9 can let
+ * two concurrent ones through in a cluster), and taken up through the same
+ * recovery path a restart uses.
  *
  * Fencing: an orchestrator whose last renewal is a whole lease old may have
  * been presumed gone, so it stops acting on its jobs ({@link acting} fences
@@ -222,8 +224,13 @@ export class JobTakeover {
       );
       if (job) taken.push(id);
     }
-    if (taken.length === 0) return;
-    this.#o.log.warn({ jobs: taken }, "took over the jobs of an orchestrator whose lease expired");
-    this.#o.adopt(taken, "a takeover");
+    const kept = await store.confirmClaims(taken);
+    if (kept.length < taken.length) {
+      const lost = taken.filter((id) => !kept.includes(id));
+      this.#o.log.warn({ jobs: lost }, "claims overwritten by another orchestrator's: its jobs now");
+    }
+    if (kept.length === 0) return;
+    this.#o.log.warn({ jobs: kept }, "took over the jobs of an orchestrator whose lease expired");
+    this.#o.adopt(kept, "a takeover");
   }
 }

@@ -49,6 +49,16 @@ export const HISTORY_PAGE_EVENTS = 64;
  */
 export const JOB_WRITE_HOLD_MS = 250;
 
+/**
+ * How long after its claims an orchestrator reads the claimed records back
+ * ({@link StateStore.confirmClaims}). nats-server before 2.9.21 checks a
+ * compare-and-set's revision before replicating the write, not as part of it
+ * (nats-io/nats-server#4320): in a clustered stream, two claims of one
+ * revision sent within milliseconds of each other can both succeed, the
+ * later overwriting the earlier. Any such write has landed well within this.
+ */
+export const CLAIM_SETTLE_MS = 500;
+
 /** Page `page` of a job's history written by `writer` (an orchestrator of a cluster; none for a single one). */
 const pageKey = (jobId: string, writer: string | undefined, page: number) =>
   writer === undefined ? `${jobId}.${page}` : `${jobId}.${writer}.${page}`;
@@ -239,6 +249,20 @@ export class StateStore {
    * the job as now owned, or undefined (not stored, refused by `canTake`, or
    * another orchestrator changed it first).
    */
+  /**
+   * Of the jobs this orchestrator just claimed ({@link claimJob}), those
+   * whose stored record still names it once {@link CLAIM_SETTLE_MS} has
+   * passed: a claim another orchestrator's concurrent write overwrote is let
+   * go (its record, read back, names the other owner). A record that cannot
+   * be read back is kept as claimed.
+   */
+  async confirmClaims(jobIds: readonly string[], settleMs = CLAIM_SETTLE_MS): Promise<string[]> {
+    if (jobIds.length === 0) return [];
+    await new Promise((resolve) => setTimeout(resolve, settleMs));
+    const now = await Promise.all(jobIds.map((id) => this.refreshJob(id).catch(() => this.jobs.get(id))));
+    return jobIds.filter((_, i) => now[i]?.Orchestrator === this.owner);
+  }
+
   async claimJob(
     jobId: string,
     canTake: (job: JobRecord) => boolean,

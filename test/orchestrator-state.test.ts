@@ -329,6 +329,25 @@ t.test(
   },
 );
 
+t.test("a claim that a concurrent claim overwrote is let go once read back", async (t) => {
+  const open = await clusterStores(t, "shoal-state-claim-");
+  const a = await open("orch-a");
+  a.putJob({ ...job("j-1", 1), Orchestrator: "orch-a" });
+  await a.flush();
+  a.close();
+  const [b, c] = await Promise.all([open("orch-b"), open("orch-c")]);
+  const canTake = (stored: JobRecord) => stored.Orchestrator === "orch-a";
+  t.ok(await b.claimJob("j-1", canTake, "test"), "B's claim succeeds");
+  // What nats-server 2.9 lets happen in a cluster (nats-io/nats-server#4320): C's claim of the
+  // same revision also succeeds, and lands after B's.
+  const stored = await c.jobs.storedEntry("j-1");
+  t.ok(await c.jobs.compareAndSet("j-1", { ...stored!.value, Orchestrator: "orch-c" }, stored!.revision));
+  t.same(await b.confirmClaims(["j-1"], 0), [], "read back, B's claim is let go");
+  t.notOk(b.isMine("j-1"), "and B no longer acts on it");
+  t.equal(b.jobs.get("j-1")?.Orchestrator, "orch-c");
+  t.same(await c.confirmClaims(["j-1"], 0), ["j-1"], "C's write is the last: C keeps it");
+});
+
 t.test(
   "takeover: of two claimants exactly one wins (compare-and-set), and the old owner is fenced",
   async (t) => {
