@@ -183,20 +183,19 @@ t.test(
   },
 );
 
+/** Stores `j` as a submission does: the record and its first history event, flushed. */
+async function submitted(store: StateStore, j: JobRecord): Promise<void> {
+  store.putJob(j);
+  store.appendEvent({ Time: 1, JobID: j.ID, Type: "JobStateUpdate", State: "Pending", Message: "submitted" });
+  await store.flushJob(j.ID);
+}
+
 t.test("under load, a job that ends within the hold costs five KV writes, not ten", async (t) => {
   const { url, store, writes } = await slowStore(t);
   const before = await writes();
   // As the dispatcher goes: submitted (flushed before 201), placed, bid accepted and running, ended (flushed).
   let j = job("j-1", 1);
-  store.putJob(j);
-  store.appendEvent({
-    Time: 1,
-    JobID: "j-1",
-    Type: "JobStateUpdate",
-    State: "Pending",
-    Message: "submitted",
-  });
-  await store.flushJob("j-1");
+  await submitted(store, j);
   t.equal(await writes(), before + 2, "submitted: the record and the history page");
   const placed = await underLoad(store, "load-1");
   j = store.setJobState(j, "Running", "placed");
@@ -226,15 +225,7 @@ t.test("under load, a job that ends within the hold costs five KV writes, not te
 
 t.test("under load, a withdrawn job's deletes are not held: they go with the next batch", async (t) => {
   const { store } = await slowStore(t);
-  store.putJob(job("j-1", 1));
-  store.appendEvent({
-    Time: 1,
-    JobID: "j-1",
-    Type: "JobStateUpdate",
-    State: "Pending",
-    Message: "submitted",
-  });
-  await store.flushJob("j-1");
+  await submitted(store, job("j-1", 1));
   await underLoad(store, "load");
   store.withdrawJob("j-1");
   await eventually(
