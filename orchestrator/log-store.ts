@@ -172,6 +172,13 @@ interface SegmentIndex {
   records: IndexRecord[];
 }
 
+/** Closes the segment's reader, if open (a later read opens it again); never fails. */
+async function closeReader(segment: Segment): Promise<void> {
+  const reader = segment.reader;
+  segment.reader = undefined;
+  await reader?.then((r) => r.close()).catch(() => {});
+}
+
 /** The records of a segment file, read through. */
 async function recordsOf(file: string): Promise<IndexRecord[]> {
   const records: IndexRecord[] = [];
@@ -397,8 +404,7 @@ export class LogStore {
         segment.removals = true;
         continue;
       }
-      const job = this.#jobs.get(jobId) ?? { places: new Places(), lastWrite: 0 };
-      this.#jobs.set(jobId, job);
+      const job = this.#job(jobId);
       job.places.push(n, start, next);
       job.lastWrite = Math.max(job.lastWrite, mtimeMs);
       segment.live.add(jobId);
@@ -489,12 +495,21 @@ export class LogStore {
    */
   #write(jobId: string, entry: LogEntry): WrittenLine {
     const { segment, start, bytes } = this.#append(`${JSON.stringify({ JobID: jobId, ...entry })}\n`);
-    const job = this.#jobs.get(jobId) ?? { places: new Places(), lastWrite: 0 };
-    this.#jobs.set(jobId, job);
+    const job = this.#job(jobId);
     job.places.push(segment, start, start + bytes);
     job.lastWrite = Date.now();
     this.#segments.get(segment)!.live.add(jobId);
     return { entry, index: job.places.length - 1, bytes };
+  }
+
+  /** The job's places and last write, made empty when it has none yet. */
+  #job(jobId: string): { places: Places; lastWrite: number } {
+    let job = this.#jobs.get(jobId);
+    if (!job) {
+      job = { places: new Places(), lastWrite: 0 };
+      this.#jobs.set(jobId, job);
+    }
+    return job;
   }
 
   /**
@@ -692,9 +707,7 @@ export class LogStore {
     for (const [n, segment] of [...this.#segments]) {
       const done = n !== this.#active?.segment && segment.live.size === 0 && (oldest || !segment.removals);
       if (done) {
-        const reader = segment.reader;
-        segment.reader = undefined;
-        await reader?.then((r) => r.close()).catch(() => {});
+        await closeReader(segment);
         // The index first: an index without its segment is never read.
         const deleted = await fs
           .rm(this.#indexFile(n), { force: true })
@@ -718,9 +731,7 @@ export class LogStore {
     await this.#sweeping;
     this.#leaveActive();
     await this.#indexing;
-    const readers = [...this.#segments.values()].map((s) => s.reader);
-    for (const segment of this.#segments.values()) segment.reader = undefined;
-    await Promise.all(readers.map((r) => r?.then((h) => h.close()).catch(() => {})));
+    await Promise.all([...this.#segments.values()].map(closeReader));
   }
 
   #segmentFile(n: number): string {
