@@ -156,8 +156,8 @@ const cpuNow = async () => ({
 const CLIENTS = 64;
 /**
  * Jobs run at the sustained phase's concurrency before it is measured: at the load's
- * onset the nodes' WASM pools grow to it (27 worker threads in 64 clients' first
- * second, ~70 ms of CPU each) and V8 optimizes the paths of concurrent work. The
+ * onset the nodes' WASM pools grow to it (27 worker threads, most in 64 clients'
+ * first second, ~70 ms of CPU each) and V8 optimizes the paths of concurrent work. The
  * phase measures the steady state; the onset's rate is printed beside it.
  */
 const ONSET_JOBS = 1000;
