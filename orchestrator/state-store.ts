@@ -249,20 +249,6 @@ export class StateStore {
    * the job as now owned, or undefined (not stored, refused by `canTake`, or
    * another orchestrator changed it first).
    */
-  /**
-   * Of the jobs this orchestrator just claimed ({@link claimJob}), those
-   * whose stored record still names it once {@link CLAIM_SETTLE_MS} has
-   * passed: a claim another orchestrator's concurrent write overwrote is let
-   * go (its record, read back, names the other owner). A record that cannot
-   * be read back is kept as claimed.
-   */
-  async confirmClaims(jobIds: readonly string[], settleMs = CLAIM_SETTLE_MS): Promise<string[]> {
-    if (jobIds.length === 0) return [];
-    await new Promise((resolve) => setTimeout(resolve, settleMs));
-    const now = await Promise.all(jobIds.map((id) => this.refreshJob(id).catch(() => this.jobs.get(id))));
-    return jobIds.filter((_, i) => now[i]?.Orchestrator === this.owner);
-  }
-
   async claimJob(
     jobId: string,
     canTake: (job: JobRecord) => boolean,
@@ -284,6 +270,20 @@ export class StateStore {
       Message: `taken over by ${this.owner} from ${stored.value.Orchestrator ?? "no owner"}: ${why}`,
     });
     return job;
+  }
+
+  /**
+   * Of the jobs this orchestrator just claimed ({@link claimJob}), those
+   * whose stored record still names it once {@link CLAIM_SETTLE_MS} has
+   * passed: a claim another orchestrator's concurrent write overwrote is let
+   * go (its record, read back, names the other owner). A record that cannot
+   * be read back is kept as claimed.
+   */
+  async confirmClaims(jobIds: readonly string[], settleMs = CLAIM_SETTLE_MS): Promise<string[]> {
+    if (jobIds.length === 0) return [];
+    await new Promise((resolve) => setTimeout(resolve, settleMs));
+    const now = await Promise.all(jobIds.map((id) => this.refreshJob(id).catch(() => this.jobs.get(id))));
+    return jobIds.filter((_, i) => now[i]?.Orchestrator === this.owner);
   }
 
   /** Stops following the other orchestrators' writes. */
