@@ -9,6 +9,7 @@
  */
 import { Agent, request } from "node:https";
 import { isMainThread, parentPort, workerData } from "node:worker_threads";
+import { threadStatFile } from "./thread-stat.js";
 
 export interface ClientsSetup {
   apiUrl: string;
@@ -39,6 +40,8 @@ export interface ClientsResult {
   runs: JobRun[];
   /** Wall time of the phase, ms. */
   elapsedMs: number;
+  /** The clients' thread's /proc stat file, for its CPU time. */
+  threadStat: string;
 }
 
 /** One HTTPS call to the API; resolves to the response's text. */
@@ -97,7 +100,7 @@ async function runPhase(call: ApiCall, spec: unknown, r: ClientsRequest): Promis
       }
     }),
   );
-  return { runs, elapsedMs: performance.now() - start };
+  return { runs, elapsedMs: performance.now() - start, threadStat: threadStatFile() };
 }
 
 if (!isMainThread && parentPort) {

@@ -5,7 +5,7 @@
  * bench/jobs-clients.ts does the clients'). They talk to the orchestrator
  * over the real mTLS fabric; their CPU still counts in the process's.
  *
- * Started with a {@link NodesSetup}; posts `{ ready: true }` (or
+ * Started with a {@link NodesSetup}; posts `{ ready: true, threadStat }` (or
  * `{ error }`), then closes the nodes at the first message and posts
  * `{ closed: true }`.
  */
@@ -13,6 +13,7 @@ import "reflect-metadata";
 import { isMainThread, parentPort, workerData } from "node:worker_threads";
 import { ComputeNode } from "../compute/index.js";
 import { createLogger, loadConfig } from "../core/index.js";
+import { threadStatFile } from "./thread-stat.js";
 
 export interface NodesSetup {
   /** Each node's DataDir, with its identity.crt and identity.key in it. */
@@ -42,7 +43,7 @@ if (!isMainThread && parentPort) {
       await node.start();
       nodes.push(node);
     }
-    port.postMessage({ ready: true });
+    port.postMessage({ ready: true, threadStat: threadStatFile() });
   } catch (err) {
     port.postMessage({ error: String(err) });
   }

@@ -57,10 +57,10 @@ const nodesThread = new Worker(new URL("./jobs-nodes.ts", import.meta.url), {
     caFile: ep.caFile,
   } satisfies NodesSetup,
 });
-await new Promise<void>((resolve, reject) => {
+const nodesStat = await new Promise<string>((resolve, reject) => {
   nodesThread.once("error", reject);
-  nodesThread.once("message", (m: { ready?: true; error?: string }) =>
-    m.error ? reject(new Error(m.error)) : resolve(),
+  nodesThread.once("message", (m: { threadStat: string } | { error: string }) =>
+    "error" in m ? reject(new Error(m.error)) : resolve(m.threadStat),
   );
 });
 
@@ -118,7 +118,8 @@ const phase = (r: ClientsRequest) =>
     clients.postMessage(r);
   });
 
-await phase({ clients: 1, jobs: 20, budgetMs: BUDGET_MS }); // warm-up (JIT, connections, the module cache)
+// warm-up (JIT, connections, the module cache)
+const { threadStat: clientsStat } = await phase({ clients: 1, jobs: 20, budgetMs: BUDGET_MS });
 
 const jsm = await jetstreamManager(fabric.nc);
 /** The writes the job buckets (jobs, executions, history pages) have taken so far. */
@@ -145,6 +146,8 @@ const natsPid = (await fs.readFile(`${dir}/orch/nats/nats-server.pid`, "utf8")).
 const cpuNow = async () => ({
   process: await cpuMs("/proc/self/stat"),
   main: await cpuMs(`/proc/self/task/${process.pid}/stat`),
+  nodes: await cpuMs(nodesStat),
+  clients: await cpuMs(clientsStat),
   nats: await cpuMs(`/proc/${natsPid}/stat`),
 });
 
@@ -279,6 +282,14 @@ const cpuTotal = cpuPerJob("process") + cpuPerJob("nats");
 row("CPU per job (sustained phase):", "", "", "");
 row("  this process, all threads", ms(cpuPerJob("process")), "", "");
 row("    of which its main thread (orchestrator)", ms(cpuPerJob("main")), "", "");
+row(`    the ${NODES} nodes' thread`, ms(cpuPerJob("nodes")), "", "");
+row("    the clients' thread", ms(cpuPerJob("clients")), "", "");
+row(
+  "    the rest (WASM workers, GC, libuv pool)",
+  ms(cpuPerJob("process") - cpuPerJob("main") - cpuPerJob("nodes") - cpuPerJob("clients")),
+  "",
+  "",
+);
 row("  nats-server", ms(cpuPerJob("nats")), "", "");
 row(
   `  total → ${os.availableParallelism()}-core ceiling`,
