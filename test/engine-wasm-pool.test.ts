@@ -1,8 +1,9 @@
 import "reflect-metadata";
-import { existsSync, readdirSync, readlinkSync } from "node:fs";
+import { closeSync, existsSync, openSync, readdirSync, readlinkSync } from "node:fs";
 import path from "node:path";
 import t from "tap";
 import { WasmExecutor, WasmModuleCache, WasmWorkerPool } from "../compute/engines/index.js";
+import type { WasmWorkerData, WasmWorkerMessage } from "../compute/engines/wasm-worker.js";
 import { LOOP, MiB, PROC_EXIT, repo, wasmFixtures, wasmTask } from "./helpers/wasm-fixtures.js";
 
 const fx = await wasmFixtures(t);
@@ -53,6 +54,48 @@ t.test(
     t.not(grown, first, "past growAfterMs another worker is started for it");
     t.equal(pool.size, 2);
     t.ok(grown.alive);
+  },
+);
+
+t.test(
+  "an execution whose wait outlasts growAfterMs while a busy worker has answered, unread, takes that worker",
+  async (t) => {
+    const pool = new WasmWorkerPool({ warm: 1, growAfterMs: 20 });
+    t.teardown(() => pool.close());
+    await pool.start();
+    const req = await fx.request(wasmTask(hello));
+    const nul = openSync("/dev/null", "r+");
+    t.teardown(() => closeSync(nul));
+    const data: WasmWorkerData = {
+      module: await new WasmModuleCache().get(hello, req.limits.maxMemoryBytes, "_start"),
+      args: ["hello"],
+      env: {},
+      preopens: { "/inputs": req.inputsDir, "/outputs": req.outputsDir },
+      stdin: nul,
+      stdout: nul,
+      stderr: nul,
+      entrypoint: "_start",
+      maxMemoryBytes: req.limits.maxMemoryBytes,
+    };
+    const first = await pool.acquire();
+    const waiting = pool.acquire();
+    // This thread sends the execution and stays busy for longer than growAfterMs while the
+    // worker answers. Busy in a setImmediate callback (the check phase), the loop's next
+    // turn runs the waiting execution's timer (the timers phase) before it reads the
+    // answer (the poll phase).
+    const { ran } = await new Promise<{ ran: Promise<WasmWorkerMessage> }>((resolve) =>
+      setImmediate(() => {
+        const ran = first.run(data);
+        const since = Date.now();
+        while ((!first.answered || Date.now() - since < 100) && Date.now() - since < 10_000);
+        resolve({ ran });
+      }),
+    );
+    t.ok(first.answered, "the worker answered while this thread was busy");
+    t.same(await ran, { exitCode: 0 });
+    pool.release(first);
+    t.equal(await waiting, first, "the waiting execution takes the worker that answered");
+    t.equal(pool.size, 1, "no worker was started for it");
   },
 );
 

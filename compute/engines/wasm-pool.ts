@@ -57,6 +57,8 @@ interface Waiter {
  */
 export class PooledWasmWorker {
   readonly #worker: Worker;
+  /** [0] is 1 from when an execution is sent until the worker knows its outcome (shared with the thread). */
+  readonly #executing = new Int32Array(new SharedArrayBuffer(4));
   readonly ready: Promise<void>;
   #pending: { resolve: (m: WasmWorkerMessage) => void; reject: (e: Error) => void } | undefined;
   #dead: Error | undefined;
@@ -66,6 +68,7 @@ export class PooledWasmWorker {
   constructor() {
     this.#worker = new Worker(WORKER_SOURCE, {
       eval: true,
+      workerData: this.#executing.buffer,
       execArgv: [],
       stdout: true,
       stderr: true,
@@ -106,6 +109,15 @@ export class PooledWasmWorker {
     return this.#dead === undefined;
   }
 
+  /**
+   * True while the outcome of an execution is known to the thread but not yet
+   * read here: the worker is as good as given back, once this thread's event
+   * loop gets to its answer.
+   */
+  get answered(): boolean {
+    return this.#pending !== undefined && Atomics.load(this.#executing, 0) === 0;
+  }
+
   /** Runs one execution; rejects if the worker dies (or is killed) before it answers. */
   run(data: WasmWorkerData): Promise<WasmWorkerMessage> {
     if (this.#dead) return Promise.reject(this.#dead);
@@ -113,6 +125,7 @@ export class PooledWasmWorker {
     this.runs++;
     return new Promise((resolve, reject) => {
       this.#pending = { resolve, reject };
+      Atomics.store(this.#executing, 0, 1);
       this.#worker.postMessage(data);
     });
   }
@@ -129,9 +142,10 @@ export class PooledWasmWorker {
  * dist/, about a second under a TypeScript loader). `warm` workers are started
  * at once and replaced when one is killed. When every worker is busy, an
  * execution takes the first one given back, and only once it has waited
- * `growAfterMs` is another started for it: a burst of short executions is
- * served by the workers there are, where starting one per execution in the
- * burst cost more CPU than the executions. Workers beyond the warm ones are
+ * `growAfterMs` (and no busy worker has already answered, unread) is another
+ * started for it: a burst of short executions is served by the workers there
+ * are, where starting one per execution in the burst cost more CPU than the
+ * executions. Workers beyond the warm ones are
  * stopped again after `idleMs` without work. Isolation is per execution, not
  * per thread: each run gets a fresh WASI and a fresh instance (see
  * wasm-worker.ts), and a worker that was killed, died or ran `runsPerWorker`
@@ -226,17 +240,28 @@ export class WasmWorkerPool {
     await Promise.all(all.map((w) => w.kill()));
   }
 
-  /** Waits for a worker given back, or starts a new one after growAfterMs. */
+  /**
+   * Waits for a worker given back, or starts a new one after growAfterMs. Not
+   * while a busy worker has already answered: after this thread was busy for
+   * longer than growAfterMs, the timers of the executions waiting meanwhile
+   * fire before their answers are read, and each would start a thread that
+   * the answers make unnecessary a moment later. Each answered worker counts
+   * for one waiter, the longest waiting first.
+   */
   #wait(): Promise<Handed> {
     return new Promise<Handed>((take, refuse) => {
-      const waiter: Waiter = {
-        take,
-        refuse,
-        grow: setTimeout(() => {
-          this.#waiters.splice(this.#waiters.indexOf(waiter), 1);
-          take({ worker: new PooledWasmWorker(), started: true });
-        }, this.#growAfterMs),
+      const grow = () => {
+        let answered = 0;
+        for (const w of this.#busy) if (w.answered) answered++;
+        const index = this.#waiters.indexOf(waiter);
+        if (index < answered) {
+          waiter.grow = setTimeout(grow, this.#growAfterMs);
+          return;
+        }
+        this.#waiters.splice(index, 1);
+        take({ worker: new PooledWasmWorker(), started: true });
       };
+      const waiter: Waiter = { take, refuse, grow: setTimeout(grow, this.#growAfterMs) };
       this.#waiters.push(waiter);
     });
   }

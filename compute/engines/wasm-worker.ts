@@ -45,7 +45,7 @@ export type WasmWorkerReply = { ready: true } | WasmWorkerMessage;
  */
 export function wasmWorkerMain(): void {
   const { WASI } = require("node:wasi") as typeof import("node:wasi");
-  const { parentPort } = require("node:worker_threads") as typeof import("node:worker_threads");
+  const { parentPort, workerData } = require("node:worker_threads") as typeof import("node:worker_threads");
   type WasiSyscalls = Record<string, (...args: number[]) => number>;
   /** WASI's "no error" and "not supported", and the first descriptor after stdio (where the preopens start). */
   const ESUCCESS = 0;
@@ -227,8 +227,12 @@ export function wasmWorkerMain(): void {
   };
 
   const port = parentPort!;
+  // Set by the parent when it sends an execution, cleared here once its outcome is known.
+  const executing = new Int32Array(workerData as SharedArrayBuffer);
   port.on("message", (data: WasmWorkerData) => {
-    port.postMessage(run(data) satisfies WasmWorkerReply);
+    const outcome = run(data);
+    Atomics.store(executing, 0, 0);
+    port.postMessage(outcome satisfies WasmWorkerReply);
   });
   port.postMessage({ ready: true } satisfies WasmWorkerReply);
 }
