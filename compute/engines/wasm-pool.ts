@@ -145,11 +145,10 @@ export class PooledWasmWorker {
  * `growAfterMs` (and no busy worker has already answered, unread) is another
  * started for it: a burst of short executions is served by the workers there
  * are, where starting one per execution in the burst cost more CPU than the
- * executions. Workers beyond the warm ones are
- * stopped again after `idleMs` without work. Isolation is per execution, not
- * per thread: each run gets a fresh WASI and a fresh instance (see
- * wasm-worker.ts), and a worker that was killed, died or ran `runsPerWorker`
- * executions is never reused.
+ * executions. Workers beyond the warm ones are stopped again after `idleMs`
+ * without work. Isolation is per execution, not per thread: each run gets a
+ * fresh WASI and a fresh instance (see wasm-worker.ts), and a worker that was
+ * killed, died or ran `runsPerWorker` executions is never reused.
  */
 export class WasmWorkerPool {
   readonly #warm: number;
