@@ -16,6 +16,7 @@
  * sustained phase follows ONSET_JOBS jobs at its concurrency, measured apart.
  */
 import "reflect-metadata";
+import { generateKeyPairSync, sign, verify } from "node:crypto";
 import { promises as fs } from "node:fs";
 import { Session } from "node:inspector";
 import os from "node:os";
@@ -165,6 +166,26 @@ const CLIENTS = 64;
  */
 const ONSET_JOBS = 1000;
 const onset = await phase({ clients: CLIENTS, jobs: ONSET_JOBS, budgetMs: BUDGET_MS });
+/**
+ * The machine's speed at the moment, before and after the sustained phase: the wall
+ * time of one P-256 verify (the fabric's commonest costly call), in µs, on this
+ * thread while the phases rest. This shared machine's speed drifts by ±20% from one hour to
+ * the next, and the phase's rate follows it: runs compare by this figure.
+ */
+const probeKey = generateKeyPairSync("ec", { namedCurve: "P-256" });
+const probeData = Buffer.from("probe");
+const probeSignature = sign("sha256", probeData, probeKey.privateKey);
+function verifyMicros(times = 1000): number {
+  const start = performance.now();
+  for (let i = 0; i < times; i++) verify("sha256", probeData, probeKey.publicKey, probeSignature);
+  return ((performance.now() - start) * 1000) / times;
+}
+/** Waits out a phase's trailing work (results given back, spools emptied), then probes. */
+async function speedAtRest(): Promise<number> {
+  await new Promise((r) => setTimeout(r, 500));
+  return verifyMicros();
+}
+const speedBefore = await speedAtRest();
 // BENCH_PROFILE=FILE: a CPU profile of the main thread during the sustained phase only.
 const profiler = process.env.BENCH_PROFILE ? new Session() : undefined;
 const post = (method: string, params?: object) =>
@@ -214,6 +235,7 @@ async function stagesOf(runs: readonly JobRun[]) {
 const alone = await stagesOf(sampled);
 const middle = Math.max(0, Math.floor(sustained.runs.length / 2) - 50);
 const together = await stagesOf(sustained.runs.slice(middle, middle + 100));
+const speedAfter = await speedAtRest();
 
 const pct = (xs: number[], p: number) =>
   xs.length === 0
@@ -269,6 +291,12 @@ row(
 );
 stageRows(together);
 row("  KV writes per job (write-behind under load)", writesTogether.toFixed(1), "", "");
+row(
+  "  machine speed: one P-256 verify, before/after",
+  `${speedBefore.toFixed(0)} / ${speedAfter.toFixed(0)} µs`,
+  "",
+  "",
+);
 row(
   `  before it, the load's onset (${onset.runs.length} jobs)`,
   `${(onset.runs.length / (onset.elapsedMs / 1000)).toFixed(0)} jobs/s`,
