@@ -174,10 +174,11 @@ const CLIENTS = 64;
 const ONSET_JOBS = 1000;
 const onset = await phase({ clients: CLIENTS, jobs: ONSET_JOBS, budgetMs: BUDGET_MS });
 /**
- * The machine's speed at the moment, before and after the sustained phase: the wall
- * time of one P-256 verify (the fabric's commonest costly call), in µs, on this
- * thread while the phases rest. This shared machine's speed drifts by ±20% from one hour to
- * the next, and the phase's rate follows it: runs compare by this figure.
+ * The machine's speed at the moment, before and after the sustained phase: the
+ * wall time of one P-256 verify (the fabric's commonest costly call), in µs, on
+ * this thread while the phases rest. This shared machine's speed drifts by ±20%
+ * from one hour to the next, and the phase's rate follows it: runs compare by
+ * this figure.
  */
 const probeKey = generateKeyPairSync("ec", { namedCurve: "P-256" });
 const probeData = Buffer.from("probe");
